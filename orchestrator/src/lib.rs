@@ -1,0 +1,1 @@
+//! cairn's control plane. It owns every decision and never touches disk data.

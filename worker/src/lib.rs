@@ -1,0 +1,10 @@
+//! cairn's data plane: reads VM disk images, stores them in a content-addressed repository,
+//! restores and verifies them. It holds no state between steps and never reads the event log.
+//!
+//! - [`source`]: where disk bytes come from and go to (raw files, qemu-nbd exports).
+//! - [`nbd`]: our NBD client (newstyle, structured replies, block status).
+//! - [`repo`]: the repository format and its operations (backup, restore, verify, forget, gc).
+
+pub mod nbd;
+pub mod repo;
+pub mod source;
