@@ -1,1 +1,45 @@
-fn main() {}
+//! The `cairn` binary: command-line front end. It parses arguments, sets up logging and calls
+//! into the worker (data plane) and orchestrator (control plane) libraries.
+
+mod progress;
+mod repo_cmd;
+mod units;
+
+use clap::{Parser, Subcommand};
+
+/// cairn: backup and recovery of KVM/QEMU virtual machines.
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with a repository folder directly: backup, restore, verify, forget, gc.
+    Repo {
+        #[command(subcommand)]
+        command: repo_cmd::RepoCommand,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Repo { command } => repo_cmd::run(command),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}

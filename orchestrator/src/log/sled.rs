@@ -1,0 +1,819 @@
+//! The event log on sled 0.34, for the single-machine mode (`cairn up`) and for tests.
+//!
+//! Layout, one sled tree each (integers big-endian so that byte order is numeric order):
+//!
+//! | tree         | key                              | value                                   |
+//! |--------------|----------------------------------|-----------------------------------------|
+//! | `events`     | global seq (u64)                 | encoded envelope (version byte + postcard) |
+//! | `aggregates` | aggregate key ++ version (u64)   | global seq (u64)                        |
+//! | `heads`      | aggregate key                    | current version (u64)                   |
+//! | `commands`   | command id (16 bytes)            | first seq (u64) ++ event count (u32)    |
+//! | `meta`       | `layout`, `last_seq`, `last_hash`| layout name, u64, BLAKE3 hash of the last event's bytes |
+//!
+//! The aggregate key is a kind byte, a length byte and the id bytes, so that one aggregate's
+//! key is never a prefix of another's.
+//!
+//! **Appends.** One append at a time per process (the `commit` mutex; sled allows one
+//! process per database), each a single sled transaction over all five trees that re-checks
+//! the expected version, the command index and the chain tip, so an append is all or nothing,
+//! also across a crash (sled recovers a transaction's writes together or not at all). After
+//! the commit the appender waits until the events are durable: one `flush_async` (write +
+//! fsync) at a time, and every appender whose events a running flush already covers just
+//! waits for it (group commit). Only then is the durable sequence number raised, which is
+//! what readers and tails see.
+//!
+//! **Damaged tail on open.** Open checks that the last event decodes, that its hash is the
+//! chain tip in `meta` and that it links to the event before it. If not, open fails with
+//! [`Error::CorruptTail`] naming the event, and changes nothing. It never truncates: sled's
+//! transactions are recovered whole or not at all, so a half-written append cannot appear
+//! after a crash; a damaged last event is therefore damage or tampering, not an interrupted
+//! write, and it (like the events before it) may have been acknowledged. Dropping it would
+//! silently lose acknowledged history, so an operator decides (verify, restore from backup).
+//!
+//! Blocking sled work (commits, reads, chain verification) runs on tokio's blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use ::sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree,
+};
+use ::sled::{Db, Transactional, Tree};
+use cairn_schemas::{Aggregate, Envelope};
+use tokio::sync::watch;
+
+use super::{
+    AppendRequest, Error, EventLog, NextBatch, StoredEvent, Tail, TailSource, validate,
+};
+
+/// Name of this on-disk layout, stored in `meta` and checked on open.
+const LAYOUT: &[u8] = b"cairn-event-log-sled/1";
+const META_LAYOUT: &[u8] = b"layout";
+const META_LAST_SEQ: &[u8] = b"last_seq";
+const META_LAST_HASH: &[u8] = b"last_hash";
+/// Events per read when a tail catches up.
+const TAIL_BATCH: usize = 1024;
+
+/// Where and how to open a [`SledLog`].
+#[derive(Debug, Clone)]
+pub struct SledLogConfig {
+    /// Directory of the sled database (created if missing).
+    pub path: PathBuf,
+    /// sled's page cache size in bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+impl SledLogConfig {
+    /// Defaults for `path`: a 256 MiB cache.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            cache_capacity_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SledLogStats {
+    /// Appends committed (not counting idempotent repeats or conflicts).
+    pub n_appends: u64,
+    /// Flushes (fsyncs) done; fewer than appends when group commit kicks in.
+    pub n_flushes: u64,
+}
+
+/// The sled event log. A cheap handle: clones share one database.
+#[derive(Clone)]
+pub struct SledLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SledLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledLog")
+            .field("path", &self.inner.path)
+            .field("durable_seq", &*self.inner.durable.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by every handle. Dropped (and the database closed, after a final flush by
+/// sled) when the last [`SledLog`] handle goes; tails hold only a `Weak` and end then.
+struct Inner {
+    path: PathBuf,
+    db: Db,
+    events: Tree,
+    aggregates: Tree,
+    heads: Tree,
+    commands: Tree,
+    meta: Tree,
+    /// Held by the appender that is committing; makes appends of this process one at a time,
+    /// so sled's optimistic transactions never have to re-run.
+    commit: Mutex<()>,
+    /// Highest sequence number committed to sled (durable or not).
+    committed_seq: AtomicU64,
+    /// Held by the appender that is flushing; the others wait here and usually find their
+    /// events flushed by it.
+    flush: tokio::sync::Mutex<()>,
+    /// Highest sequence number known durable. Readers see events up to here. Sent after each
+    /// flush; tails subscribe to it.
+    durable: watch::Sender<u64>,
+    n_appends: AtomicU64,
+    n_flushes: AtomicU64,
+}
+
+fn storage(context: impl Into<String>, err: ::sled::Error) -> Error {
+    Error::Storage {
+        context: context.into(),
+        source: Box::new(err),
+    }
+}
+
+fn be_u64(bytes: &[u8], what: &str) -> Result<u64, Error> {
+    let array: [u8; 8] = bytes.try_into().map_err(|_| Error::Storage {
+        context: format!("reading {what}"),
+        source: format!("expected 8 bytes, found {}", bytes.len()).into(),
+    })?;
+    Ok(u64::from_be_bytes(array))
+}
+
+/// Kind byte ++ id length ++ id bytes. Stable: it is part of the on-disk layout.
+fn aggregate_key(aggregate: &Aggregate) -> Vec<u8> {
+    let kind: u8 = match aggregate {
+        Aggregate::Group(_) => 1,
+        Aggregate::Vm(_) => 2,
+        Aggregate::Job(_) => 3,
+        Aggregate::Node(_) => 4,
+    };
+    let id = aggregate.id_bytes();
+    let mut key = Vec::with_capacity(2 + id.len() + 8);
+    key.push(kind);
+    // Ids are at most 64 bytes (node names), so the length fits in a byte.
+    key.push(id.len() as u8);
+    key.extend_from_slice(id);
+    key
+}
+
+/// What a commit did.
+enum Committed {
+    /// New events were stored.
+    Appended(Vec<StoredEvent>),
+    /// The command was appended before, as events `first_seq..first_seq + count`.
+    Duplicate { first_seq: u64, count: u32 },
+}
+
+/// Why a commit transaction gave up (all checked again inside the transaction).
+enum Refusal {
+    Conflict { actual: u64 },
+    Duplicate { first_seq: u64, count: u32 },
+    TipMoved,
+    Corrupt(String),
+}
+
+fn tx_u64(tree: &TransactionalTree, key: &[u8]) -> Result<Option<u64>, ConflictableTransactionError<Refusal>> {
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(bytes) => match <[u8; 8]>::try_from(bytes.as_ref()) {
+            Ok(array) => Ok(Some(u64::from_be_bytes(array))),
+            Err(_) => Err(ConflictableTransactionError::Abort(Refusal::Corrupt(format!(
+                "value of {:?} has {} bytes, expected 8",
+                String::from_utf8_lossy(key),
+                bytes.len()
+            )))),
+        },
+    }
+}
+
+fn parse_command_entry(bytes: &[u8]) -> Option<(u64, u32)> {
+    if bytes.len() != 12 {
+        return None;
+    }
+    let first_seq = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+    let count = u32::from_be_bytes(bytes[8..].try_into().ok()?);
+    Some((first_seq, count))
+}
+
+impl SledLog {
+    /// Opens (or creates) the log. Blocking: call it at startup or from `spawn_blocking`.
+    ///
+    /// Fails with [`Error::CorruptTail`] if the last event is damaged (see the module docs).
+    pub fn open(config: SledLogConfig) -> Result<Self, Error> {
+        let path_text = config.path.display().to_string();
+        let db = ::sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity_bytes)
+            .open()
+            .map_err(|err| storage(format!("opening {path_text}"), err))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|err| storage(format!("opening tree {name} of {path_text}"), err))
+        };
+        let (events, aggregates, heads, commands, meta) = (
+            tree("events")?,
+            tree("aggregates")?,
+            tree("heads")?,
+            tree("commands")?,
+            tree("meta")?,
+        );
+        match meta.get(META_LAYOUT).map_err(|err| storage("reading meta", err))? {
+            Some(layout) if layout.as_ref() == LAYOUT => {}
+            Some(layout) => {
+                return Err(Error::Storage {
+                    context: format!("opening {path_text}"),
+                    source: format!(
+                        "unknown layout {:?}, this build reads {:?}",
+                        String::from_utf8_lossy(&layout),
+                        String::from_utf8_lossy(LAYOUT)
+                    )
+                    .into(),
+                });
+            }
+            None => {
+                if !events.is_empty() {
+                    return Err(Error::CorruptTail {
+                        path: path_text,
+                        seq: 0,
+                        detail: "events exist but the meta tree has no layout entry".into(),
+                    });
+                }
+                meta.insert(META_LAYOUT, LAYOUT)
+                    .map_err(|err| storage("writing meta", err))?;
+            }
+        }
+
+        let last_seq = check_tail(&path_text, &events, &meta)?;
+        let (durable, _) = watch::channel(last_seq);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: config.path,
+                db,
+                events,
+                aggregates,
+                heads,
+                commands,
+                meta,
+                commit: Mutex::new(()),
+                committed_seq: AtomicU64::new(last_seq),
+                flush: tokio::sync::Mutex::new(()),
+                durable,
+                n_appends: AtomicU64::new(0),
+                n_flushes: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Where the log lives.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> SledLogStats {
+        SledLogStats {
+            n_appends: self.inner.n_appends.load(Ordering::Relaxed),
+            n_flushes: self.inner.n_flushes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs blocking sled work on tokio's blocking pool; a panic there is re-raised here.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Inner) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let inner = Arc::clone(&self.inner);
+        match tokio::task::spawn_blocking(move || work(&inner)).await {
+            Ok(result) => result,
+            Err(err) => match err.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(err) => Err(Error::Storage {
+                    context: "running a blocking task".into(),
+                    source: Box::new(err),
+                }),
+            },
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn events_tree(&self) -> &Tree {
+        &self.inner.events
+    }
+}
+
+/// Checks the last event on open; returns the last sequence number.
+fn check_tail(path: &str, events: &Tree, meta: &Tree) -> Result<u64, Error> {
+    let corrupt = |seq, detail: String| Error::CorruptTail {
+        path: path.to_owned(),
+        seq,
+        detail,
+    };
+    let meta_last = meta
+        .get(META_LAST_SEQ)
+        .map_err(|err| storage("reading meta", err))?
+        .map(|bytes| be_u64(&bytes, "meta last_seq"))
+        .transpose()?
+        .unwrap_or(0);
+    let tree_last = events
+        .last()
+        .map_err(|err| storage("reading the last event", err))?;
+    let (tree_last_seq, last_bytes) = match tree_last {
+        None if meta_last == 0 => return Ok(0),
+        None => {
+            return Err(corrupt(
+                meta_last,
+                format!("the log records {meta_last} events but holds none"),
+            ));
+        }
+        Some((key, bytes)) => (be_u64(&key, "an event key")?, bytes),
+    };
+    if tree_last_seq != meta_last {
+        return Err(corrupt(
+            tree_last_seq.max(meta_last),
+            format!("the last stored event is {tree_last_seq} but the log records {meta_last}"),
+        ));
+    }
+    let envelope = cairn_schemas::decode(&last_bytes)
+        .map_err(|err| corrupt(tree_last_seq, format!("it does not decode: {err}")))?;
+    let tip = meta
+        .get(META_LAST_HASH)
+        .map_err(|err| storage("reading meta", err))?;
+    if tip.as_deref() != Some(blake3::hash(&last_bytes).as_bytes().as_slice()) {
+        return Err(corrupt(
+            tree_last_seq,
+            "its bytes do not hash to the chain tip recorded in meta (changed after it was stored)"
+                .into(),
+        ));
+    }
+    let expected_prev = if tree_last_seq == 1 {
+        [0u8; 32]
+    } else {
+        match events
+            .get((tree_last_seq - 1).to_be_bytes())
+            .map_err(|err| storage("reading an event", err))?
+        {
+            Some(prev) => *blake3::hash(&prev).as_bytes(),
+            None => {
+                return Err(corrupt(
+                    tree_last_seq - 1,
+                    "the event before the last one is missing".into(),
+                ));
+            }
+        }
+    };
+    if envelope.prev_hash != expected_prev {
+        return Err(corrupt(
+            tree_last_seq,
+            format!(
+                "its prev_hash does not match event {} (one of the two was changed)",
+                tree_last_seq - 1
+            ),
+        ));
+    }
+    Ok(tree_last_seq)
+}
+
+impl Inner {
+    /// Commits one append (blocking). The caller waits for durability afterwards.
+    fn commit(&self, request: AppendRequest) -> Result<Committed, Error> {
+        // A poisoned lock only means another appender panicked; the state it guards is in
+        // sled, which the transaction below checks again, so carry on.
+        let _guard = self.commit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let agg_key = aggregate_key(&request.aggregate);
+
+        // Outside the transaction (we hold the commit lock, so nothing changes meanwhile):
+        // the quick refusals, then the events with their final places and hashes, so the
+        // transaction below only checks and writes.
+        if let Some(command) = request.command {
+            if let Some(entry) = self
+                .commands
+                .get(command.as_bytes())
+                .map_err(|err| storage("reading the command index", err))?
+            {
+                let (first_seq, count) = parse_command_entry(&entry).ok_or_else(|| Error::Storage {
+                    context: format!("reading the command index entry of {command}"),
+                    source: "malformed entry".into(),
+                })?;
+                return Ok(Committed::Duplicate { first_seq, count });
+            }
+        }
+        let actual = self
+            .heads
+            .get(&agg_key)
+            .map_err(|err| storage("reading the aggregate head", err))?
+            .map(|bytes| be_u64(&bytes, "an aggregate head"))
+            .transpose()?
+            .unwrap_or(0);
+        if actual != request.expected_version {
+            return Err(Error::Conflict {
+                aggregate: request.aggregate,
+                expected: request.expected_version,
+                actual,
+            });
+        }
+        let last_seq = self
+            .meta
+            .get(META_LAST_SEQ)
+            .map_err(|err| storage("reading meta", err))?
+            .map(|bytes| be_u64(&bytes, "meta last_seq"))
+            .transpose()?
+            .unwrap_or(0);
+        let mut prev_hash = [0u8; 32];
+        if let Some(tip) = self
+            .meta
+            .get(META_LAST_HASH)
+            .map_err(|err| storage("reading meta", err))?
+        {
+            prev_hash.copy_from_slice(tip.as_ref().get(..32).unwrap_or(&[0; 32]));
+        }
+
+        let n_events = request.events.len();
+        let first_seq = last_seq + 1;
+        let mut rows = Vec::with_capacity(n_events);
+        let mut stored = Vec::with_capacity(n_events);
+        for (idx, event) in request.events.into_iter().enumerate() {
+            let seq = first_seq + idx as u64;
+            let version = request.expected_version + 1 + idx as u64;
+            let envelope = Envelope {
+                event_id: event.event_id,
+                aggregate: request.aggregate.clone(),
+                aggregate_version: version,
+                recorded_at: request.recorded_at,
+                actor: event.actor,
+                correlation: event.correlation,
+                causation: event.causation,
+                command: request.command,
+                traceparent: event.traceparent,
+                prev_hash,
+                payload: event.payload,
+            };
+            let bytes = cairn_schemas::encode(&envelope);
+            prev_hash = *blake3::hash(&bytes).as_bytes();
+            let mut index_key = agg_key.clone();
+            index_key.extend_from_slice(&version.to_be_bytes());
+            rows.push((seq.to_be_bytes(), index_key, bytes));
+            stored.push(StoredEvent { seq, envelope });
+        }
+        let last_new_seq = first_seq + n_events as u64 - 1;
+        let new_version = request.expected_version + n_events as u64;
+        let command_entry = request.command.map(|command| {
+            let mut entry = Vec::with_capacity(12);
+            entry.extend_from_slice(&first_seq.to_be_bytes());
+            // An append never holds anywhere near 4 billion events.
+            entry.extend_from_slice(&(n_events as u32).to_be_bytes());
+            (command, entry)
+        });
+
+        let outcome = (
+            &self.events,
+            &self.aggregates,
+            &self.heads,
+            &self.commands,
+            &self.meta,
+        )
+            .transaction(|(events, aggregates, heads, commands, meta)| {
+                // Check again what was read above, so that the transaction alone guarantees
+                // that exactly one of two appends with the same expected version wins.
+                if let Some((command, _)) = &command_entry {
+                    if let Some(entry) = commands.get(command.as_bytes())? {
+                        let (first_seq, count) = parse_command_entry(&entry).ok_or_else(|| {
+                            ConflictableTransactionError::Abort(Refusal::Corrupt(format!(
+                                "malformed command index entry of {command}"
+                            )))
+                        })?;
+                        return Err(ConflictableTransactionError::Abort(Refusal::Duplicate {
+                            first_seq,
+                            count,
+                        }));
+                    }
+                }
+                let head = tx_u64(heads, &agg_key)?.unwrap_or(0);
+                if head != request.expected_version {
+                    return Err(ConflictableTransactionError::Abort(Refusal::Conflict {
+                        actual: head,
+                    }));
+                }
+                if tx_u64(meta, META_LAST_SEQ)?.unwrap_or(0) != last_seq {
+                    return Err(ConflictableTransactionError::Abort(Refusal::TipMoved));
+                }
+                for (seq_key, index_key, bytes) in &rows {
+                    events.insert(seq_key.as_slice(), bytes.as_slice())?;
+                    aggregates.insert(index_key.as_slice(), seq_key.as_slice())?;
+                }
+                heads.insert(agg_key.as_slice(), &new_version.to_be_bytes())?;
+                meta.insert(META_LAST_SEQ, &last_new_seq.to_be_bytes())?;
+                meta.insert(META_LAST_HASH, &prev_hash)?;
+                if let Some((command, entry)) = &command_entry {
+                    commands.insert(command.as_bytes(), entry.as_slice())?;
+                }
+                Ok(())
+            });
+        match outcome {
+            Ok(()) => {
+                self.committed_seq.fetch_max(last_new_seq, Ordering::SeqCst);
+                self.n_appends.fetch_add(1, Ordering::Relaxed);
+                Ok(Committed::Appended(stored))
+            }
+            Err(TransactionError::Storage(err)) => Err(storage("committing an append", err)),
+            Err(TransactionError::Abort(refusal)) => match refusal {
+                Refusal::Conflict { actual } => Err(Error::Conflict {
+                    aggregate: request.aggregate,
+                    expected: request.expected_version,
+                    actual,
+                }),
+                Refusal::Duplicate { first_seq, count } => {
+                    Ok(Committed::Duplicate { first_seq, count })
+                }
+                Refusal::TipMoved => Err(Error::Storage {
+                    context: "committing an append".into(),
+                    source: "the log's last sequence moved under the commit lock: is another \
+                             process writing to this database?"
+                        .into(),
+                }),
+                Refusal::Corrupt(detail) => Err(Error::Storage {
+                    context: "committing an append".into(),
+                    source: detail.into(),
+                }),
+            },
+        }
+    }
+
+    /// Reads stored events `from..=to`, at most `limit` (blocking).
+    fn read_range(&self, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+        if from > to || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(limit.min((to - from + 1) as usize).min(64 * 1024));
+        for item in self
+            .events
+            .range(from.to_be_bytes()..=to.to_be_bytes())
+            .take(limit)
+        {
+            let (key, bytes) = item.map_err(|err| storage("reading events", err))?;
+            let seq = be_u64(&key, "an event key")?;
+            let envelope =
+                cairn_schemas::decode(&bytes).map_err(|source| Error::Decode { seq, source })?;
+            out.push(StoredEvent { seq, envelope });
+        }
+        Ok(out)
+    }
+
+    /// Every durable event of one aggregate (blocking).
+    fn read_aggregate(&self, aggregate: &Aggregate) -> Result<Vec<StoredEvent>, Error> {
+        let durable = *self.durable.borrow();
+        let mut out = Vec::new();
+        for item in self.aggregates.scan_prefix(aggregate_key(aggregate)) {
+            let (_, seq_bytes) = item.map_err(|err| storage("reading the aggregate index", err))?;
+            let seq = be_u64(&seq_bytes, "an aggregate index entry")?;
+            if seq > durable {
+                // Versions grow with sequence numbers: the rest is not durable yet either.
+                break;
+            }
+            let bytes = self
+                .events
+                .get(seq.to_be_bytes())
+                .map_err(|err| storage("reading an event", err))?
+                .ok_or_else(|| Error::ChainBroken {
+                    seq,
+                    event_id: None,
+                    detail: format!("event is missing, but {aggregate} lists it"),
+                })?;
+            let envelope =
+                cairn_schemas::decode(&bytes).map_err(|source| Error::Decode { seq, source })?;
+            out.push(StoredEvent { seq, envelope });
+        }
+        Ok(out)
+    }
+
+    /// The hash chain walk of [`EventLog::verify_chain`] (blocking).
+    ///
+    /// Link `k` holds when event `k`'s `prev_hash` is the hash of event `k - 1`'s bytes
+    /// (zeros for `k = 1`); link `n + 1` holds when the chain tip in `meta` is the hash of
+    /// event `n`. Changing the bytes of one event `j` breaks link `j + 1`, and also link `j`
+    /// when the change hits `j`'s own `prev_hash`. So at the first broken link `k`: if link
+    /// `k + 1` holds, event `k - 1` was changed; otherwise event `k` was.
+    fn verify_chain(&self) -> Result<u64, Error> {
+        let anchor_seq = self
+            .meta
+            .get(META_LAST_SEQ)
+            .map_err(|err| storage("reading meta", err))?
+            .map(|bytes| be_u64(&bytes, "meta last_seq"))
+            .transpose()?
+            .unwrap_or(0);
+        let anchor_hash = self
+            .meta
+            .get(META_LAST_HASH)
+            .map_err(|err| storage("reading meta", err))?
+            .map(|bytes| bytes.to_vec())
+            .unwrap_or_else(|| vec![0; 32]);
+
+        let changed = |seq: u64, event_id, detail: &str| Error::ChainBroken {
+            seq,
+            event_id,
+            detail: detail.to_owned(),
+        };
+        // The first broken link: (k, id of event k - 1, id of event k).
+        let mut first_broken: Option<(u64, Option<_>, Option<_>)> = None;
+        let resolve = |(k, id_before, id_k): (u64, Option<_>, Option<_>), next_link_ok: bool| {
+            if next_link_ok && k > 1 {
+                changed(
+                    k - 1,
+                    id_before,
+                    &format!("its bytes no longer hash to the prev_hash stored in event {k}"),
+                )
+            } else {
+                changed(
+                    k,
+                    id_k,
+                    "its prev_hash does not match the event before it, and its own hash does \
+                     not match the event after it",
+                )
+            }
+        };
+        let mut prev_hash = [0u8; 32];
+        let mut prev_id = None;
+        let mut expected_seq = 1u64;
+        // Events are immutable once stored, so walking up to the tip read above is consistent
+        // while appends go on.
+        for item in self.events.range(..=anchor_seq.to_be_bytes()) {
+            let (key, bytes) = item.map_err(|err| storage("reading events", err))?;
+            let seq = be_u64(&key, "an event key")?;
+            if seq != expected_seq {
+                if let Some(broken) = first_broken {
+                    return Err(resolve(broken, false));
+                }
+                return Err(changed(expected_seq, None, "the event is missing"));
+            }
+            let decoded = cairn_schemas::decode(&bytes);
+            let link_ok = matches!(&decoded, Ok(envelope) if envelope.prev_hash == prev_hash);
+            let event_id = decoded.as_ref().ok().map(|envelope| envelope.event_id);
+            if let Some(broken) = first_broken {
+                return Err(resolve(broken, link_ok));
+            }
+            if let Err(err) = &decoded {
+                // Bytes that do not decode were certainly changed; nothing earlier was found.
+                return Err(changed(seq, None, &format!("it does not decode: {err}")));
+            }
+            if !link_ok {
+                first_broken = Some((seq, prev_id, event_id));
+            }
+            prev_hash = *blake3::hash(&bytes).as_bytes();
+            prev_id = event_id;
+            expected_seq += 1;
+        }
+        let n_events = expected_seq - 1;
+        if n_events != anchor_seq {
+            if let Some(broken) = first_broken {
+                return Err(resolve(broken, false));
+            }
+            return Err(changed(expected_seq, None, "the event is missing"));
+        }
+        let anchor_ok = anchor_hash.as_slice() == prev_hash.as_slice();
+        if let Some(broken) = first_broken {
+            return Err(resolve(broken, anchor_ok));
+        }
+        if !anchor_ok {
+            return Err(changed(
+                n_events,
+                prev_id,
+                "its bytes no longer hash to the chain tip recorded in meta",
+            ));
+        }
+        Ok(n_events)
+    }
+}
+
+impl SledLog {
+    /// Returns once every event up to `seq` is durable, flushing if nobody else is.
+    async fn wait_durable(&self, seq: u64) -> Result<(), Error> {
+        let inner = &self.inner;
+        if *inner.durable.borrow() >= seq {
+            return Ok(());
+        }
+        let _flushing = inner.flush.lock().await;
+        // The flush we waited for may have covered us.
+        if *inner.durable.borrow() >= seq {
+            return Ok(());
+        }
+        // Everything committed so far is in sled's buffers, and the flush writes and fsyncs
+        // all of it; read the mark before flushing so that it never claims more.
+        let covered = inner.committed_seq.load(Ordering::SeqCst);
+        inner
+            .db
+            .flush_async()
+            .await
+            .map_err(|err| storage("flushing appended events to disk", err))?;
+        inner.n_flushes.fetch_add(1, Ordering::Relaxed);
+        inner.durable.send_if_modified(|durable| {
+            let raised = covered > *durable;
+            *durable = (*durable).max(covered);
+            raised
+        });
+        Ok(())
+    }
+}
+
+impl EventLog for SledLog {
+    async fn append(&self, request: AppendRequest) -> Result<Vec<StoredEvent>, Error> {
+        validate(&request)?;
+        let committed = self.blocking(move |inner| inner.commit(request)).await?;
+        let stored = match committed {
+            Committed::Appended(stored) => stored,
+            Committed::Duplicate { first_seq, count } => {
+                let last = first_seq + u64::from(count) - 1;
+                let stored = self
+                    .blocking(move |inner| inner.read_range(first_seq, last, count as usize))
+                    .await?;
+                if stored.len() != count as usize {
+                    return Err(Error::ChainBroken {
+                        seq: first_seq + stored.len() as u64,
+                        event_id: None,
+                        detail: "the event is missing, but the command index lists it".into(),
+                    });
+                }
+                stored
+            }
+        };
+        // The first append of a repeated command may still be flushing: wait for it too.
+        if let Some(last) = stored.last() {
+            self.wait_durable(last.seq).await?;
+        }
+        Ok(stored)
+    }
+
+    async fn read_from(&self, from_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+        let durable = *self.inner.durable.borrow();
+        let from_seq = from_seq.max(1);
+        self.blocking(move |inner| inner.read_range(from_seq, durable, limit))
+            .await
+    }
+
+    async fn read_aggregate(&self, aggregate: &Aggregate) -> Result<Vec<StoredEvent>, Error> {
+        let aggregate = aggregate.clone();
+        self.blocking(move |inner| inner.read_aggregate(&aggregate))
+            .await
+    }
+
+    async fn last_seq(&self) -> Result<u64, Error> {
+        Ok(*self.inner.durable.borrow())
+    }
+
+    fn tail(&self, from_seq: u64) -> Tail {
+        Tail::new(Box::new(SledTail {
+            inner: Arc::downgrade(&self.inner),
+            durable: self.inner.durable.subscribe(),
+            next_seq: from_seq.max(1),
+        }))
+    }
+
+    async fn verify_chain(&self) -> Result<u64, Error> {
+        self.blocking(|inner| inner.verify_chain()).await
+    }
+}
+
+/// A tail of a [`SledLog`]: re-reads the log whenever the durable mark moves past what it has
+/// returned. Holds only a `Weak` so it never keeps the database open.
+struct SledTail {
+    inner: Weak<Inner>,
+    durable: watch::Receiver<u64>,
+    /// The next sequence number to return.
+    next_seq: u64,
+}
+
+impl TailSource for SledTail {
+    fn next_batch(&mut self) -> NextBatch<'_> {
+        Box::pin(async move {
+            loop {
+                // Mark the current value seen before reading, so an append that becomes
+                // durable after this line wakes `changed()` below.
+                let durable = *self.durable.borrow_and_update();
+                if durable >= self.next_seq {
+                    let Some(inner) = self.inner.upgrade() else {
+                        return Ok(None);
+                    };
+                    let from = self.next_seq;
+                    let batch = tokio::task::spawn_blocking(move || {
+                        inner.read_range(from, durable, TAIL_BATCH)
+                    })
+                    .await
+                    .map_err(|err| Error::Storage {
+                        context: "reading events for a tail".into(),
+                        source: Box::new(err),
+                    })??;
+                    if let Some(last) = batch.last() {
+                        self.next_seq = last.seq + 1;
+                        return Ok(Some(batch));
+                    }
+                    return Err(Error::ChainBroken {
+                        seq: from,
+                        event_id: None,
+                        detail: format!("the event is missing, but the log is durable up to {durable}"),
+                    });
+                }
+                if self.durable.changed().await.is_err() {
+                    // The log was dropped.
+                    return Ok(None);
+                }
+            }
+        })
+    }
+}

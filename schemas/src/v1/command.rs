@@ -1,0 +1,112 @@
+//! Commands: requests to change something, which the orchestrator's `decide` accepts (turning
+//! them into events) or rejects. Every command carries a [`CommandId`]; a command id seen
+//! twice is processed once.
+//!
+//! Ids of things a command creates (group, job) are chosen by the caller (the API edge), so
+//! that `decide` needs no randomness and a retried command creates the same thing.
+
+use serde::{Deserialize, Serialize};
+
+use super::domain::{BackupMode, RecoveryTarget, VmInventory};
+use super::policy::GroupPolicy;
+use crate::ids::{CommandId, GroupId, JobId, NodeId, RecoveryPointId, VmId};
+
+/// A command to the orchestrator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create a protection group.
+    CreateGroup {
+        /// Id of the new group.
+        group: GroupId,
+        /// Display name.
+        name: String,
+        /// Member VMs.
+        members: Vec<VmId>,
+        /// Policy.
+        policy: GroupPolicy,
+    },
+    /// Replace a group's member list.
+    ChangeGroupMembers {
+        /// The group.
+        group: GroupId,
+        /// The complete new member list.
+        members: Vec<VmId>,
+    },
+    /// Replace a group's policy.
+    ChangeGroupPolicy {
+        /// The group.
+        group: GroupId,
+        /// The new policy.
+        policy: GroupPolicy,
+    },
+    /// Stop protecting a group's VMs.
+    DeleteGroup {
+        /// The group.
+        group: GroupId,
+        /// Also delete its recovery points (soft delete with a grace period).
+        delete_recovery_points: bool,
+    },
+    /// Back up a VM now.
+    RequestBackup {
+        /// Id of the new job.
+        job: JobId,
+        /// The VM.
+        vm: VmId,
+        /// Incremental or express full.
+        mode: BackupMode,
+    },
+    /// Check (and repair) a VM's replica now.
+    RequestConsistencyCheck {
+        /// Id of the new job.
+        job: JobId,
+        /// The VM.
+        vm: VmId,
+    },
+    /// Restore a recovery point.
+    RequestRestore {
+        /// Id of the new job.
+        job: JobId,
+        /// The VM the recovery point belongs to.
+        vm: VmId,
+        /// The recovery point.
+        rp: RecoveryPointId,
+        /// Where to write.
+        target: RecoveryTarget,
+    },
+    /// Cancel a job.
+    CancelJob {
+        /// The job.
+        job: JobId,
+        /// Why, for humans.
+        reason: String,
+    },
+    /// A worker announces itself.
+    RegisterNode {
+        /// The node.
+        node: NodeId,
+        /// Its hypervisor cluster.
+        cluster: String,
+        /// The worker's version.
+        worker_version: String,
+    },
+    /// A worker reports every VM on its node.
+    ReportInventory {
+        /// The node.
+        node: NodeId,
+        /// Its VMs.
+        vms: Vec<VmInventory>,
+    },
+}
+
+/// A command with its id and origin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandEnvelope {
+    /// The command's id; retries reuse it.
+    pub id: CommandId,
+    /// Who issued it (`user:alice`, `node:kvm-01`, `system:scheduler`); recorded in its events.
+    pub actor: String,
+    /// W3C trace context of the span that issued it.
+    pub traceparent: Option<String>,
+    /// The command.
+    pub command: Command,
+}

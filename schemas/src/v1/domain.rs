@@ -1,0 +1,219 @@
+//! Domain types shared by events, commands and steps: disk descriptions, data source states,
+//! job kinds and states, recovery targets, failure classes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{DiskId, NodeId, RecoveryPointId, VmId};
+
+/// Format of a disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ImageFormat {
+    /// Raw image (or a block device).
+    Raw,
+    /// QEMU copy-on-write v2.
+    Qcow2,
+    /// Hyper-V VHDX.
+    Vhdx,
+    /// Legacy VHD (VPC).
+    Vhd,
+}
+
+/// One disk of a VM as the hypervisor reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// The disk's name within its VM.
+    pub disk: DiskId,
+    /// Virtual size in bytes.
+    pub size_bytes: u64,
+    /// Image format.
+    pub format: ImageFormat,
+    /// Path of the image on its node (or the QEMU block node name for live VMs).
+    pub image_path: String,
+}
+
+/// Power state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PowerState {
+    /// Running.
+    Running,
+    /// Stopped (offline backups read the images directly).
+    Stopped,
+    /// Paused or suspended.
+    Paused,
+}
+
+/// One VM in a node's inventory report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInventory {
+    /// cairn's id for the VM (the worker derives or remembers it; the hypervisor UUID is not
+    /// guaranteed to be v7).
+    pub vm: VmId,
+    /// The hypervisor's name for the VM.
+    pub name: String,
+    /// Its disks.
+    pub disks: Vec<DiskInfo>,
+    /// Its power state.
+    pub power: PowerState,
+}
+
+/// Protection state of one VM disk (data source), as MABS defines it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DataSourceState {
+    /// Member of a group, no replica yet.
+    PendingReplicaCreation,
+    /// The first full copy is being made.
+    InitialReplication,
+    /// The replica is consistent; backups are incremental.
+    Protected,
+    /// The replica cannot be trusted (crash mid-backup, lost change tracking, failed check,
+    /// damaged chunks); a consistency check repairs it. Retention is paused meanwhile.
+    ReplicaInconsistent,
+}
+
+/// How a backup reads a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BackupMode {
+    /// Read only the blocks that the change-tracking bitmap marks as changed.
+    Incremental,
+    /// Read everything (no valid bitmap, or scheduled express full), store only what changed.
+    ExpressFull,
+}
+
+/// Where a recovery writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecoveryTarget {
+    /// Over the original VM's disks (the VM must be stopped).
+    OriginalVm,
+    /// New images on another host (or the same one) at `path`, in `format`.
+    AlternateHost {
+        /// Node that writes the images.
+        node: NodeId,
+        /// Folder for the new images.
+        path: String,
+        /// Image format to write.
+        format: ImageFormat,
+    },
+    /// Copy of the recovery point's disks as files in a folder.
+    CopyToFolder {
+        /// Node that writes the files.
+        node: NodeId,
+        /// Target folder.
+        path: String,
+    },
+    /// Single files and folders out of one disk's filesystems.
+    ItemLevel {
+        /// Node that writes the files.
+        node: NodeId,
+        /// Disk to read from.
+        disk: DiskId,
+        /// Paths inside the guest filesystems, e.g. `part2:/etc/fstab`.
+        items: Vec<String>,
+        /// Target folder; extracted paths never escape it.
+        path: String,
+    },
+}
+
+/// What a job does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobKind {
+    /// First full copy of a VM's disks.
+    InitialReplication,
+    /// A synchronization (incremental) or express full backup.
+    Backup {
+        /// How the disks are read.
+        mode: BackupMode,
+    },
+    /// Compare the replica with the source and repair it.
+    ConsistencyCheck,
+    /// Restore a recovery point.
+    Recovery {
+        /// The recovery point to restore.
+        rp: RecoveryPointId,
+        /// Where to write.
+        target: RecoveryTarget,
+    },
+    /// Re-hash a VM's stored chunks and mark damaged recovery points.
+    Verify,
+    /// Remove recovery points past retention.
+    Prune,
+    /// Delete chunks that no recovery point references any more.
+    GarbageCollect,
+    /// Copy a recovery point to the offsite repository.
+    OffsiteCopy {
+        /// The recovery point to copy.
+        rp: RecoveryPointId,
+    },
+}
+
+/// Why a job was requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JobReason {
+    /// The group's schedule asked for it.
+    Scheduled,
+    /// An operator or a script asked for it.
+    Manual,
+    /// A replica became inconsistent and the policy repairs automatically.
+    ReplicaInconsistent,
+}
+
+/// Why a queued job waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaitReason {
+    /// The node already runs its maximum of parallel backups.
+    NodeBusy,
+    /// The node's worker is not heartbeating.
+    NodeOffline,
+    /// The repository is out of space.
+    StorageFull,
+    /// The shared volume already runs its maximum of parallel backups.
+    VolumeBusy,
+    /// Another job holds the VM (e.g. a restore while a backup runs).
+    VmBusy,
+}
+
+/// Lifecycle state of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JobState {
+    /// Requested for a later time.
+    Scheduled,
+    /// Waiting for a slot (see [`WaitReason`]).
+    Queued,
+    /// Steps are running.
+    Running,
+    /// A step failed retryably and waits for its next attempt.
+    Retrying,
+    /// Done, all steps succeeded.
+    Succeeded,
+    /// Done, a step failed permanently or retries ran out.
+    Failed,
+    /// Done, cancelled on request.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job is over.
+    pub const fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// Whether a failed step may succeed if tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FailureClass {
+    /// Transient (node busy, network, lock held): retry with backoff.
+    Retryable,
+    /// Will fail again (VM gone, bad image, permission): do not retry.
+    Permanent,
+}
+
+/// Consistency level a recovery point actually has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Consistency {
+    /// The guest agent froze the filesystems (application/file consistent).
+    Application,
+    /// As after a power loss.
+    Crash,
+}

@@ -1,0 +1,343 @@
+//! Events: facts the orchestrator recorded, one enum per aggregate kind, wrapped in [`Event`].
+//!
+//! Events are past tense and never rejected: a state machine's `apply` must accept every
+//! event its `decide` ever produced, including those of older versions.
+
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::AggregateKind;
+use super::domain::{
+    Consistency, DataSourceState, DiskInfo, FailureClass, JobKind, JobReason, VmInventory,
+    WaitReason,
+};
+use super::policy::GroupPolicy;
+use super::step::{PlannedStep, StepResult, StepSpec};
+use crate::ids::{DiskId, GroupId, NodeId, RecoveryPointId, StepId, VmId};
+
+/// Events of a protection group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupEvent {
+    /// The group was created.
+    GroupCreated {
+        /// Display name.
+        name: String,
+        /// Member VMs.
+        members: Vec<VmId>,
+        /// Its policy.
+        policy: GroupPolicy,
+    },
+    /// VMs joined or left the group.
+    GroupMembersChanged {
+        /// VMs that joined.
+        added: Vec<VmId>,
+        /// VMs that left (their recovery points stay until retention removes them).
+        removed: Vec<VmId>,
+    },
+    /// The policy was replaced.
+    GroupPolicyChanged {
+        /// The new policy.
+        policy: GroupPolicy,
+    },
+    /// The group was deleted.
+    GroupDeleted {
+        /// Whether its recovery points are to be deleted too (after the grace period).
+        delete_recovery_points: bool,
+    },
+}
+
+/// Events of a VM (data source).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmEvent {
+    /// A worker reported the VM for the first time.
+    VmDiscovered {
+        /// The node that hosts it.
+        node: NodeId,
+        /// The hypervisor's name for it.
+        name: String,
+        /// Its disks.
+        disks: Vec<DiskInfo>,
+    },
+    /// The VM now runs on another node of the same cluster.
+    VmMoved {
+        /// Previous node.
+        from: NodeId,
+        /// New node.
+        to: NodeId,
+    },
+    /// The VM is gone from the inventory.
+    VmRemoved,
+    /// A disk changed size.
+    DiskResized {
+        /// The disk.
+        disk: DiskId,
+        /// Previous size in bytes.
+        old_size_bytes: u64,
+        /// New size in bytes.
+        new_size_bytes: u64,
+    },
+    /// A disk's change-tracking bitmap is missing or invalid; the next backup reads
+    /// everything.
+    ChangeTrackingLost {
+        /// The disk.
+        disk: DiskId,
+        /// Why, for humans.
+        reason: String,
+    },
+    /// A disk's protection state changed.
+    DataSourceStateChanged {
+        /// The disk.
+        disk: DiskId,
+        /// The new state.
+        state: DataSourceState,
+        /// Why, for humans.
+        reason: String,
+    },
+}
+
+/// A disk of a committed recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedDisk {
+    /// The disk.
+    pub disk: DiskId,
+    /// The recovery point whose chunks this disk's index builds on, if any.
+    pub parent_rp: Option<RecoveryPointId>,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes written to the repository.
+    pub bytes_stored: u64,
+}
+
+/// Events of a job and its steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobEvent {
+    /// Someone or something asked for the job.
+    JobRequested {
+        /// What to do.
+        kind: JobKind,
+        /// The VM.
+        vm: VmId,
+        /// The protection group it runs for, if any.
+        group: Option<GroupId>,
+        /// Why.
+        reason: JobReason,
+        /// Not before this time (Unix milliseconds); `None` = now.
+        not_before: Option<u64>,
+    },
+    /// The job waits for a slot.
+    JobQueued {
+        /// What it waits for; `None` = just its turn.
+        wait: Option<WaitReason>,
+    },
+    /// The job got its slot and its plan.
+    JobStarted {
+        /// The node that runs its steps.
+        node: NodeId,
+        /// Its steps.
+        plan: Vec<PlannedStep>,
+    },
+    /// A step attempt was sent to a worker.
+    StepDispatched {
+        /// The step.
+        step: StepId,
+        /// The attempt, from 1.
+        attempt: u32,
+        /// The node it was sent to.
+        node: NodeId,
+        /// Exactly what was sent.
+        spec: StepSpec,
+    },
+    /// The worker began the attempt.
+    StepStarted {
+        /// The step.
+        step: StepId,
+        /// The attempt.
+        attempt: u32,
+    },
+    /// The worker reported progress (recorded sparsely, not for every heartbeat).
+    StepProgressed {
+        /// The step.
+        step: StepId,
+        /// The attempt.
+        attempt: u32,
+        /// Bytes done.
+        bytes_done: u64,
+        /// Bytes in total.
+        bytes_total: u64,
+    },
+    /// The attempt succeeded.
+    StepSucceeded {
+        /// The step.
+        step: StepId,
+        /// The attempt.
+        attempt: u32,
+        /// What it produced.
+        result: StepResult,
+    },
+    /// The attempt failed.
+    StepFailed {
+        /// The step.
+        step: StepId,
+        /// The attempt.
+        attempt: u32,
+        /// Whether it may be retried.
+        class: FailureClass,
+        /// What went wrong.
+        message: String,
+    },
+    /// The attempt's heartbeats stopped.
+    StepTimedOut {
+        /// The step.
+        step: StepId,
+        /// The attempt.
+        attempt: u32,
+    },
+    /// The step will be tried again.
+    StepRetryScheduled {
+        /// The step.
+        step: StepId,
+        /// The next attempt's number.
+        attempt: u32,
+        /// When (Unix milliseconds).
+        at: u64,
+    },
+    /// Someone asked to cancel the job.
+    JobCancelRequested {
+        /// Why, for humans.
+        reason: String,
+    },
+    /// All steps succeeded.
+    JobSucceeded,
+    /// The job failed.
+    JobFailed {
+        /// Why, for humans.
+        reason: String,
+    },
+    /// The job was cancelled.
+    JobCancelled,
+    /// A backup's recovery point is complete and may be restored.
+    RecoveryPointCommitted {
+        /// The VM.
+        vm: VmId,
+        /// The new recovery point.
+        rp: RecoveryPointId,
+        /// Its disks.
+        disks: Vec<CommittedDisk>,
+        /// Consistency level reached.
+        consistency: Consistency,
+        /// Point in time the recovery point represents (snapshot time, Unix milliseconds).
+        taken_at: u64,
+    },
+}
+
+/// Events of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeEvent {
+    /// A worker registered (first time or after being lost).
+    NodeRegistered {
+        /// The hypervisor cluster it belongs to; VMs move only within a cluster.
+        cluster: String,
+        /// The worker's version.
+        worker_version: String,
+    },
+    /// The worker stopped heartbeating.
+    NodeHeartbeatLost {
+        /// Last heartbeat seen (Unix milliseconds).
+        last_seen: u64,
+    },
+    /// The worker reported its VMs.
+    NodeInventoryReported {
+        /// Every VM on the node.
+        vms: Vec<VmInventory>,
+    },
+}
+
+/// Any event, by aggregate kind. The payload of an [`Envelope`](super::Envelope).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// A protection group's event.
+    Group(GroupEvent),
+    /// A VM's event.
+    Vm(VmEvent),
+    /// A job's event.
+    Job(JobEvent),
+    /// A node's event.
+    Node(NodeEvent),
+}
+
+impl Event {
+    /// The kind of aggregate this event belongs to; the envelope's aggregate must match.
+    pub const fn aggregate_kind(&self) -> AggregateKind {
+        match self {
+            Event::Group(_) => AggregateKind::Group,
+            Event::Vm(_) => AggregateKind::Vm,
+            Event::Job(_) => AggregateKind::Job,
+            Event::Node(_) => AggregateKind::Node,
+        }
+    }
+
+    /// The variant's name, e.g. `StepDispatched`, for logs and metrics.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Event::Group(event) => match event {
+                GroupEvent::GroupCreated { .. } => "GroupCreated",
+                GroupEvent::GroupMembersChanged { .. } => "GroupMembersChanged",
+                GroupEvent::GroupPolicyChanged { .. } => "GroupPolicyChanged",
+                GroupEvent::GroupDeleted { .. } => "GroupDeleted",
+            },
+            Event::Vm(event) => match event {
+                VmEvent::VmDiscovered { .. } => "VmDiscovered",
+                VmEvent::VmMoved { .. } => "VmMoved",
+                VmEvent::VmRemoved => "VmRemoved",
+                VmEvent::DiskResized { .. } => "DiskResized",
+                VmEvent::ChangeTrackingLost { .. } => "ChangeTrackingLost",
+                VmEvent::DataSourceStateChanged { .. } => "DataSourceStateChanged",
+            },
+            Event::Job(event) => match event {
+                JobEvent::JobRequested { .. } => "JobRequested",
+                JobEvent::JobQueued { .. } => "JobQueued",
+                JobEvent::JobStarted { .. } => "JobStarted",
+                JobEvent::StepDispatched { .. } => "StepDispatched",
+                JobEvent::StepStarted { .. } => "StepStarted",
+                JobEvent::StepProgressed { .. } => "StepProgressed",
+                JobEvent::StepSucceeded { .. } => "StepSucceeded",
+                JobEvent::StepFailed { .. } => "StepFailed",
+                JobEvent::StepTimedOut { .. } => "StepTimedOut",
+                JobEvent::StepRetryScheduled { .. } => "StepRetryScheduled",
+                JobEvent::JobCancelRequested { .. } => "JobCancelRequested",
+                JobEvent::JobSucceeded => "JobSucceeded",
+                JobEvent::JobFailed { .. } => "JobFailed",
+                JobEvent::JobCancelled => "JobCancelled",
+                JobEvent::RecoveryPointCommitted { .. } => "RecoveryPointCommitted",
+            },
+            Event::Node(event) => match event {
+                NodeEvent::NodeRegistered { .. } => "NodeRegistered",
+                NodeEvent::NodeHeartbeatLost { .. } => "NodeHeartbeatLost",
+                NodeEvent::NodeInventoryReported { .. } => "NodeInventoryReported",
+            },
+        }
+    }
+}
+
+impl From<GroupEvent> for Event {
+    fn from(event: GroupEvent) -> Self {
+        Event::Group(event)
+    }
+}
+
+impl From<VmEvent> for Event {
+    fn from(event: VmEvent) -> Self {
+        Event::Vm(event)
+    }
+}
+
+impl From<JobEvent> for Event {
+    fn from(event: JobEvent) -> Self {
+        Event::Job(event)
+    }
+}
+
+impl From<NodeEvent> for Event {
+    fn from(event: NodeEvent) -> Self {
+        Event::Node(event)
+    }
+}

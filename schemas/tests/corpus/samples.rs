@@ -1,0 +1,677 @@
+//! Samples of every event, step spec, worker report and command variant with fixed ids and
+//! times. `examples/write_corpus.rs` writes their encoding once into `tests/corpus/v1/`;
+//! `tests/corpus.rs` checks that the checked-in bytes still decode to exactly these values.
+//!
+//! Shared by the example and the test through `#[path]`, so it is not part of the library.
+//! Do not change a sample whose file is checked in: the file is the frozen truth, this code
+//! only describes it. New variants get new samples (and new files).
+
+#![allow(dead_code)] // reason: the example and the test each use a part of it
+
+use cairn_schemas::*;
+
+/// One corpus entry.
+pub struct Sample {
+    /// File name inside `tests/corpus/v1/`.
+    pub file: String,
+    /// The value the file must decode to.
+    pub value: Value,
+}
+
+/// A value of one of the encoded kinds.
+#[derive(Debug, PartialEq)]
+pub enum Value {
+    Event(Envelope),
+    Spec(StepSpec),
+    Report(Report),
+    Command(CommandEnvelope),
+}
+
+impl Value {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Value::Event(v) => encode(v),
+            Value::Spec(v) => encode_spec(v),
+            Value::Report(v) => encode_report(v),
+            Value::Command(v) => encode_command(v),
+        }
+    }
+
+    /// Decodes `bytes` as the same kind as `self`.
+    pub fn decode_like(&self, bytes: &[u8]) -> Result<Value, CodecError> {
+        Ok(match self {
+            Value::Event(_) => Value::Event(decode(bytes)?),
+            Value::Spec(_) => Value::Spec(decode_spec(bytes)?),
+            Value::Report(_) => Value::Report(decode_report(bytes)?),
+            Value::Command(_) => Value::Command(decode_command(bytes)?),
+        })
+    }
+}
+
+/// Index and name of an event variant. Exhaustive on purpose: a new variant does not compile
+/// until it gets an index here, and `N_EVENT_VARIANTS` makes the test demand a sample for it.
+pub fn event_variant(event: &Event) -> (usize, &'static str) {
+    match event {
+        Event::Group(GroupEvent::GroupCreated { .. }) => (0, "group_created"),
+        Event::Group(GroupEvent::GroupMembersChanged { .. }) => (1, "group_members_changed"),
+        Event::Group(GroupEvent::GroupPolicyChanged { .. }) => (2, "group_policy_changed"),
+        Event::Group(GroupEvent::GroupDeleted { .. }) => (3, "group_deleted"),
+        Event::Vm(VmEvent::VmDiscovered { .. }) => (4, "vm_discovered"),
+        Event::Vm(VmEvent::VmMoved { .. }) => (5, "vm_moved"),
+        Event::Vm(VmEvent::VmRemoved) => (6, "vm_removed"),
+        Event::Vm(VmEvent::DiskResized { .. }) => (7, "disk_resized"),
+        Event::Vm(VmEvent::ChangeTrackingLost { .. }) => (8, "change_tracking_lost"),
+        Event::Vm(VmEvent::DataSourceStateChanged { .. }) => (9, "data_source_state_changed"),
+        Event::Job(JobEvent::JobRequested { .. }) => (10, "job_requested"),
+        Event::Job(JobEvent::JobQueued { .. }) => (11, "job_queued"),
+        Event::Job(JobEvent::JobStarted { .. }) => (12, "job_started"),
+        Event::Job(JobEvent::StepDispatched { .. }) => (13, "step_dispatched"),
+        Event::Job(JobEvent::StepStarted { .. }) => (14, "step_started"),
+        Event::Job(JobEvent::StepProgressed { .. }) => (15, "step_progressed"),
+        Event::Job(JobEvent::StepSucceeded { .. }) => (16, "step_succeeded"),
+        Event::Job(JobEvent::StepFailed { .. }) => (17, "step_failed"),
+        Event::Job(JobEvent::StepTimedOut { .. }) => (18, "step_timed_out"),
+        Event::Job(JobEvent::StepRetryScheduled { .. }) => (19, "step_retry_scheduled"),
+        Event::Job(JobEvent::JobCancelRequested { .. }) => (20, "job_cancel_requested"),
+        Event::Job(JobEvent::JobSucceeded) => (21, "job_succeeded"),
+        Event::Job(JobEvent::JobFailed { .. }) => (22, "job_failed"),
+        Event::Job(JobEvent::JobCancelled) => (23, "job_cancelled"),
+        Event::Job(JobEvent::RecoveryPointCommitted { .. }) => (24, "recovery_point_committed"),
+        Event::Node(NodeEvent::NodeRegistered { .. }) => (25, "node_registered"),
+        Event::Node(NodeEvent::NodeHeartbeatLost { .. }) => (26, "node_heartbeat_lost"),
+        Event::Node(NodeEvent::NodeInventoryReported { .. }) => (27, "node_inventory_reported"),
+    }
+}
+
+/// Number of event variants; bump it together with `event_variant`.
+pub const N_EVENT_VARIANTS: usize = 28;
+
+/// Index and name of a step work variant (exhaustive, see `event_variant`).
+pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
+    match work {
+        StepWork::Snapshot { .. } => (0, "snapshot"),
+        StepWork::Transfer { .. } => (1, "transfer"),
+        StepWork::ReleaseSnapshot { .. } => (2, "release_snapshot"),
+        StepWork::CommitRecoveryPoint { .. } => (3, "commit_recovery_point"),
+        StepWork::Restore { .. } => (4, "restore"),
+    }
+}
+
+/// Number of step work variants.
+pub const N_WORK_VARIANTS: usize = 5;
+
+/// Index and name of a report variant, by body and, for successes, by result kind.
+pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
+    match body {
+        ReportBody::Started => (0, "started"),
+        ReportBody::Progress { .. } => (1, "progress"),
+        ReportBody::Succeeded { result } => match result {
+            StepResult::Snapshot { .. } => (2, "succeeded_snapshot"),
+            StepResult::Transfer { .. } => (3, "succeeded_transfer"),
+            StepResult::ReleaseSnapshot => (4, "succeeded_release_snapshot"),
+            StepResult::CommitRecoveryPoint => (5, "succeeded_commit_recovery_point"),
+            StepResult::Restore { .. } => (6, "succeeded_restore"),
+        },
+        ReportBody::Failed { .. } => (7, "failed"),
+    }
+}
+
+/// Number of report variants.
+pub const N_REPORT_VARIANTS: usize = 8;
+
+/// Index and name of a command variant.
+pub fn command_variant(command: &Command) -> (usize, &'static str) {
+    match command {
+        Command::CreateGroup { .. } => (0, "create_group"),
+        Command::ChangeGroupMembers { .. } => (1, "change_group_members"),
+        Command::ChangeGroupPolicy { .. } => (2, "change_group_policy"),
+        Command::DeleteGroup { .. } => (3, "delete_group"),
+        Command::RequestBackup { .. } => (4, "request_backup"),
+        Command::RequestConsistencyCheck { .. } => (5, "request_consistency_check"),
+        Command::RequestRestore { .. } => (6, "request_restore"),
+        Command::CancelJob { .. } => (7, "cancel_job"),
+        Command::RegisterNode { .. } => (8, "register_node"),
+        Command::ReportInventory { .. } => (9, "report_inventory"),
+    }
+}
+
+/// Number of command variants.
+pub const N_COMMAND_VARIANTS: usize = 10;
+
+const T0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+fn rand(tag: u8) -> [u8; 10] {
+    [tag, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, tag]
+}
+
+fn group() -> GroupId {
+    GroupId::new_v7(T0, rand(1))
+}
+fn vm() -> VmId {
+    VmId::new_v7(T0, rand(2))
+}
+fn job() -> JobId {
+    JobId::new_v7(T0 + 1, rand(3))
+}
+fn step(n: u8) -> StepId {
+    StepId::new_v7(T0 + 2, rand(0x40 + n))
+}
+fn rp() -> RecoveryPointId {
+    RecoveryPointId::new_v7(T0 + 3, rand(5))
+}
+fn parent_rp() -> RecoveryPointId {
+    RecoveryPointId::new_v7(T0 - 86_400_000, rand(6))
+}
+fn node() -> NodeId {
+    NodeId::new("kvm-01.lab").unwrap()
+}
+fn other_node() -> NodeId {
+    NodeId::new("kvm-02").unwrap()
+}
+fn disk(name: &str) -> DiskId {
+    DiskId::new(name).unwrap()
+}
+
+fn disk_info(name: &str, format: ImageFormat) -> DiskInfo {
+    DiskInfo {
+        disk: disk(name),
+        size_bytes: 107_374_182_400,
+        format,
+        image_path: format!("/var/lib/libvirt/images/web-01-{name}.img"),
+    }
+}
+
+/// A policy that sets every optional part, so the corpus covers them.
+fn full_policy() -> GroupPolicy {
+    GroupPolicy {
+        repository: "local".into(),
+        retention_days: 14,
+        recovery_points: Schedule {
+            times: vec![TimeOfDay::hm(8, 0), TimeOfDay::hm(20, 30)],
+            days: Weekdays::WORKDAYS,
+        },
+        sync: SyncFrequency::EveryMinutes(30),
+        express_full: Schedule {
+            times: vec![TimeOfDay::hm(23, 0)],
+            days: Weekdays::WEEKEND,
+        },
+        consistency_check: ConsistencyCheckPolicy {
+            when_inconsistent: true,
+            window: Some(ConsistencyCheckWindow {
+                start: TimeOfDay::hm(1, 0),
+                max_duration_minutes: 240,
+                days: Weekdays::ALL,
+            }),
+        },
+        replica_creation: ReplicaCreation::At {
+            unix_millis: T0 + 3_600_000,
+        },
+        online: Some(OnlineProtection {
+            repository: "azure-offsite".into(),
+            daily_days: 30,
+            weekly_weeks: 8,
+            monthly_months: 12,
+            yearly_years: 3,
+        }),
+        limits: Limits {
+            backups_per_node: 4,
+            backups_per_volume: 2,
+            recoveries: 8,
+        },
+        consistency: ConsistencyWanted::ApplicationWithCrashFallback,
+        chunk_size: 65_536,
+    }
+}
+
+fn transfer_spec() -> StepSpec {
+    StepSpec {
+        step: step(2),
+        attempt: 2,
+        job: job(),
+        partition: 4,
+        epoch: 17,
+        node: node(),
+        vm: vm(),
+        work: StepWork::Transfer {
+            source: disk_info("vda", ImageFormat::Qcow2).into(),
+            snapshot: "cairn-snap-1".into(),
+            repository: "/srv/cairn/repo".into(),
+            rp: rp(),
+            parent_rp: Some(parent_rp()),
+            change_tracking: Some("cairn-bitmap-7".into()),
+            chunk_size: 65_536,
+        },
+    }
+}
+
+fn specs() -> Vec<StepSpec> {
+    let base = transfer_spec();
+    let with = |n: u8, work: StepWork| StepSpec {
+        step: step(n),
+        work,
+        ..base.clone()
+    };
+    vec![
+        with(
+            1,
+            StepWork::Snapshot {
+                vm_name: "web-01".into(),
+                disks: vec![
+                    disk_info("vda", ImageFormat::Qcow2).into(),
+                    disk_info("vdb", ImageFormat::Raw).into(),
+                ],
+                consistency: ConsistencyWanted::CrashOnly,
+            },
+        ),
+        base.clone(),
+        with(
+            3,
+            StepWork::ReleaseSnapshot {
+                snapshot: "cairn-snap-1".into(),
+            },
+        ),
+        with(
+            4,
+            StepWork::CommitRecoveryPoint {
+                repository: "/srv/cairn/repo".into(),
+                rp: rp(),
+                disks: vec![disk("vda"), disk("vdb")],
+                consistency: Consistency::Crash,
+            },
+        ),
+        with(
+            5,
+            StepWork::Restore {
+                disk: disk("vdb"),
+                repository: "/srv/cairn/repo".into(),
+                rp: parent_rp(),
+                target_path: "/restore/web-01-vdb.vhdx".into(),
+                target_format: ImageFormat::Vhdx,
+            },
+        ),
+    ]
+}
+
+fn report_bodies() -> Vec<ReportBody> {
+    vec![
+        ReportBody::Started,
+        ReportBody::Progress {
+            bytes_done: 1 << 30,
+            bytes_total: 100 << 30,
+        },
+        ReportBody::Succeeded {
+            result: StepResult::Snapshot {
+                snapshot: "cairn-snap-1".into(),
+                consistency: Consistency::Application,
+                tracking: vec![DiskTracking {
+                    disk: disk("vda"),
+                    bitmap: "cairn-bitmap-8".into(),
+                }],
+            },
+        },
+        ReportBody::Succeeded {
+            result: StepResult::Transfer {
+                disk: disk("vda"),
+                bytes_read: 5 << 30,
+                bytes_stored: 1 << 30,
+                incremental: true,
+            },
+        },
+        ReportBody::Succeeded {
+            result: StepResult::ReleaseSnapshot,
+        },
+        ReportBody::Succeeded {
+            result: StepResult::CommitRecoveryPoint,
+        },
+        ReportBody::Succeeded {
+            result: StepResult::Restore {
+                disk: disk("vdb"),
+                bytes_written: 100 << 30,
+            },
+        },
+        ReportBody::Failed {
+            class: FailureClass::Retryable,
+            message: "NBD connection reset by peer".into(),
+        },
+    ]
+}
+
+fn events() -> Vec<Event> {
+    let plan = vec![
+        PlannedStep {
+            step: step(1),
+            kind: StepKind::Snapshot,
+            after: vec![],
+            always: false,
+        },
+        PlannedStep {
+            step: step(2),
+            kind: StepKind::Transfer { disk: disk("vda") },
+            after: vec![step(1)],
+            always: false,
+        },
+        PlannedStep {
+            step: step(3),
+            kind: StepKind::ReleaseSnapshot,
+            after: vec![step(2)],
+            always: true,
+        },
+        PlannedStep {
+            step: step(4),
+            kind: StepKind::CommitRecoveryPoint,
+            after: vec![step(3)],
+            always: false,
+        },
+        PlannedStep {
+            step: step(5),
+            kind: StepKind::Restore { disk: disk("vdb") },
+            after: vec![],
+            always: false,
+        },
+    ];
+    vec![
+        GroupEvent::GroupCreated {
+            name: "Web servers".into(),
+            members: vec![vm()],
+            policy: full_policy(),
+        }
+        .into(),
+        GroupEvent::GroupMembersChanged {
+            added: vec![VmId::new_v7(T0 + 10, rand(7))],
+            removed: vec![vm()],
+        }
+        .into(),
+        GroupEvent::GroupPolicyChanged {
+            policy: GroupPolicy::with_defaults("local"),
+        }
+        .into(),
+        GroupEvent::GroupDeleted {
+            delete_recovery_points: true,
+        }
+        .into(),
+        VmEvent::VmDiscovered {
+            node: node(),
+            name: "web-01".into(),
+            disks: vec![
+                disk_info("vda", ImageFormat::Qcow2),
+                disk_info("vdb", ImageFormat::Raw),
+            ],
+        }
+        .into(),
+        VmEvent::VmMoved {
+            from: node(),
+            to: other_node(),
+        }
+        .into(),
+        VmEvent::VmRemoved.into(),
+        VmEvent::DiskResized {
+            disk: disk("vdb"),
+            old_size_bytes: 10 << 30,
+            new_size_bytes: 20 << 30,
+        }
+        .into(),
+        VmEvent::ChangeTrackingLost {
+            disk: disk("vda"),
+            reason: "bitmap cairn-bitmap-7 is inconsistent after host crash".into(),
+        }
+        .into(),
+        VmEvent::DataSourceStateChanged {
+            disk: disk("vda"),
+            state: DataSourceState::ReplicaInconsistent,
+            reason: "change tracking lost".into(),
+        }
+        .into(),
+        JobEvent::JobRequested {
+            kind: JobKind::Recovery {
+                rp: rp(),
+                target: RecoveryTarget::ItemLevel {
+                    node: other_node(),
+                    disk: disk("vda"),
+                    items: vec!["part2:/etc/fstab".into(), "part2:/home".into()],
+                    path: "/restore/items".into(),
+                },
+            },
+            vm: vm(),
+            group: Some(group()),
+            reason: JobReason::Manual,
+            not_before: Some(T0 + 60_000),
+        }
+        .into(),
+        JobEvent::JobQueued {
+            wait: Some(WaitReason::NodeBusy),
+        }
+        .into(),
+        JobEvent::JobStarted { node: node(), plan }.into(),
+        JobEvent::StepDispatched {
+            step: step(2),
+            attempt: 2,
+            node: node(),
+            spec: transfer_spec(),
+        }
+        .into(),
+        JobEvent::StepStarted {
+            step: step(2),
+            attempt: 2,
+        }
+        .into(),
+        JobEvent::StepProgressed {
+            step: step(2),
+            attempt: 2,
+            bytes_done: 3 << 30,
+            bytes_total: 100 << 30,
+        }
+        .into(),
+        JobEvent::StepSucceeded {
+            step: step(2),
+            attempt: 2,
+            result: StepResult::Transfer {
+                disk: disk("vda"),
+                bytes_read: 5 << 30,
+                bytes_stored: 1 << 30,
+                incremental: false,
+            },
+        }
+        .into(),
+        JobEvent::StepFailed {
+            step: step(2),
+            attempt: 1,
+            class: FailureClass::Permanent,
+            message: "image /var/lib/libvirt/images/web-01-vda.img: not a qcow2 file".into(),
+        }
+        .into(),
+        JobEvent::StepTimedOut {
+            step: step(2),
+            attempt: 1,
+        }
+        .into(),
+        JobEvent::StepRetryScheduled {
+            step: step(2),
+            attempt: 2,
+            at: T0 + 5_000,
+        }
+        .into(),
+        JobEvent::JobCancelRequested {
+            reason: "maintenance window".into(),
+        }
+        .into(),
+        JobEvent::JobSucceeded.into(),
+        JobEvent::JobFailed {
+            reason: "step transfer vda failed permanently".into(),
+        }
+        .into(),
+        JobEvent::JobCancelled.into(),
+        JobEvent::RecoveryPointCommitted {
+            vm: vm(),
+            rp: rp(),
+            disks: vec![
+                CommittedDisk {
+                    disk: disk("vda"),
+                    parent_rp: Some(parent_rp()),
+                    bytes_read: 5 << 30,
+                    bytes_stored: 1 << 30,
+                },
+                CommittedDisk {
+                    disk: disk("vdb"),
+                    parent_rp: None,
+                    bytes_read: 10 << 30,
+                    bytes_stored: 2 << 30,
+                },
+            ],
+            consistency: Consistency::Application,
+            taken_at: T0 + 2,
+        }
+        .into(),
+        NodeEvent::NodeRegistered {
+            cluster: "lab".into(),
+            worker_version: "0.1.0".into(),
+        }
+        .into(),
+        NodeEvent::NodeHeartbeatLost {
+            last_seen: T0 + 30_000,
+        }
+        .into(),
+        NodeEvent::NodeInventoryReported {
+            vms: vec![VmInventory {
+                vm: vm(),
+                name: "web-01".into(),
+                disks: vec![disk_info("vda", ImageFormat::Qcow2)],
+                power: PowerState::Running,
+            }],
+        }
+        .into(),
+    ]
+}
+
+fn aggregate_for(event: &Event) -> Aggregate {
+    match event.aggregate_kind() {
+        AggregateKind::Group => Aggregate::Group(group()),
+        AggregateKind::Vm => Aggregate::Vm(vm()),
+        AggregateKind::Job => Aggregate::Job(job()),
+        AggregateKind::Node => Aggregate::Node(node()),
+    }
+}
+
+fn commands() -> Vec<Command> {
+    vec![
+        Command::CreateGroup {
+            group: group(),
+            name: "Web servers".into(),
+            members: vec![vm()],
+            policy: full_policy(),
+        },
+        Command::ChangeGroupMembers {
+            group: group(),
+            members: vec![],
+        },
+        Command::ChangeGroupPolicy {
+            group: group(),
+            policy: GroupPolicy::with_defaults("local"),
+        },
+        Command::DeleteGroup {
+            group: group(),
+            delete_recovery_points: false,
+        },
+        Command::RequestBackup {
+            job: job(),
+            vm: vm(),
+            mode: BackupMode::ExpressFull,
+        },
+        Command::RequestConsistencyCheck {
+            job: job(),
+            vm: vm(),
+        },
+        Command::RequestRestore {
+            job: job(),
+            vm: vm(),
+            rp: rp(),
+            target: RecoveryTarget::AlternateHost {
+                node: other_node(),
+                path: "/var/lib/libvirt/images/restored".into(),
+                format: ImageFormat::Qcow2,
+            },
+        },
+        Command::CancelJob {
+            job: job(),
+            reason: "wrong VM".into(),
+        },
+        Command::RegisterNode {
+            node: node(),
+            cluster: "lab".into(),
+            worker_version: "0.1.0".into(),
+        },
+        Command::ReportInventory {
+            node: node(),
+            vms: vec![VmInventory {
+                vm: vm(),
+                name: "db-01".into(),
+                disks: vec![disk_info("sda", ImageFormat::Vhdx)],
+                power: PowerState::Stopped,
+            }],
+        },
+    ]
+}
+
+/// Every sample, in a fixed order.
+pub fn samples() -> Vec<Sample> {
+    let mut out = Vec::new();
+    for (idx, payload) in events().into_iter().enumerate() {
+        let idx = idx as u64;
+        let (_, name) = event_variant(&payload);
+        // Alternate present and absent optional fields so both encodings are covered.
+        let full = idx % 2 == 0;
+        let envelope = Envelope {
+            event_id: EventId::new_v7(T0 + 1_000 + idx, rand(0x80 + idx as u8)),
+            aggregate: aggregate_for(&payload),
+            aggregate_version: idx + 1,
+            recorded_at: T0 + 1_000 + idx,
+            actor: if full { "user:alice" } else { "system:scheduler" }.into(),
+            correlation: full.then(job),
+            causation: full.then(|| EventId::new_v7(T0 + 999, rand(0x7f))),
+            command: full.then(|| CommandId::new_v7(T0 + 998, rand(0x7e))),
+            traceparent: full
+                .then(|| "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            prev_hash: if full { [0xab; 32] } else { [0; 32] },
+            payload,
+        };
+        out.push(Sample {
+            file: format!("event_{name}.bin"),
+            value: Value::Event(envelope),
+        });
+    }
+    for spec in specs() {
+        let (_, name) = work_variant(&spec.work);
+        out.push(Sample {
+            file: format!("spec_{name}.bin"),
+            value: Value::Spec(spec),
+        });
+    }
+    for (idx, body) in report_bodies().into_iter().enumerate() {
+        let (_, name) = report_variant(&body);
+        out.push(Sample {
+            file: format!("report_{name}.bin"),
+            value: Value::Report(Report {
+                step: step(idx as u8),
+                attempt: 1 + idx as u32,
+                job: job(),
+                partition: 4,
+                epoch: 17,
+                node: node(),
+                body,
+            }),
+        });
+    }
+    for (idx, command) in commands().into_iter().enumerate() {
+        let (_, name) = command_variant(&command);
+        out.push(Sample {
+            file: format!("command_{name}.bin"),
+            value: Value::Command(CommandEnvelope {
+                id: CommandId::new_v7(T0 + 2_000 + idx as u64, rand(0xc0 + idx as u8)),
+                actor: "user:alice".into(),
+                traceparent: (idx % 2 == 0)
+                    .then(|| "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+                command,
+            }),
+        });
+    }
+    out
+}
