@@ -27,7 +27,7 @@
 #   CHURN_DISK      path of churn-disk [../shared/bench/churn-disk beside the repository]
 #   CHURN_PERCENT   percent of the image churn-disk overwrites [1]
 #   CHURN_SEED      churn-disk seed [1]
-#   CAIRN           cairn binary [target/release/cairn in this repository]
+#   CAIRN           cairn binary [target/release/cairn in this repository, or under $CARGO_TARGET_DIR]
 #   CAIRN_INIT_ARGS extra arguments for `cairn repo init` [none: the repository defaults]
 #   BORG_EXTRACT_ARGS extra arguments for `borg extract` [--sparse: holes for all-zero chunks]
 #   SYNC_AFTER      1 includes a `sync -f` in every timed step [1]
@@ -58,7 +58,8 @@ KEEP=${KEEP:-0}
 OUT=${OUT:-$repo_root/ops/bench/results.md}
 CHURN_PERCENT=${CHURN_PERCENT:-1}
 CHURN_SEED=${CHURN_SEED:-1}
-CAIRN=${CAIRN:-$repo_root/target/release/cairn}
+cargo_target=${CARGO_TARGET_DIR:-$repo_root/target}
+CAIRN=${CAIRN:-$cargo_target/release/cairn}
 CAIRN_INIT_ARGS=${CAIRN_INIT_ARGS:-}
 BORG_EXTRACT_ARGS=${BORG_EXTRACT_ARGS---sparse}
 SYNC_AFTER=${SYNC_AFTER:-1}
@@ -130,7 +131,7 @@ if has_tool cairn; then
   if [[ $force_build == 1 || ! -x $CAIRN ]]; then
     log "building cairn (cargo build --release -p cairn)"
     (cd "$repo_root" && cargo build --release -p cairn >&2)
-    CAIRN=$repo_root/target/release/cairn
+    CAIRN=$cargo_target/release/cairn
   fi
   [[ -x $CAIRN ]] || die "no cairn binary at $CAIRN"
   cairn_version=$("$CAIRN" --version 2>/dev/null | head -n1 | sed 's/^cairn //' || true)
@@ -300,9 +301,10 @@ run_restic() {
   drop_outputs restic
 }
 
-json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+# json_field FILE FIELD: a field of the JSON object a cairn command printed ('' when absent).
+json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], ""))' "$1" "$2"; }
 
-cairn_bytes_read_full='' cairn_bytes_stored_full='' cairn_bytes_read_incr='' cairn_bytes_stored_incr='' cairn_stats=''
+cairn_bytes_read_full='' cairn_bytes_stored_full='' cairn_bytes_read_incr='' cairn_bytes_stored_incr='' cairn_bytes_written_restore='' cairn_stats=''
 run_cairn() {
   local base=$work/cairn repo img rp
   img=$(fresh_image cairn)
@@ -320,12 +322,14 @@ run_cairn() {
   cairn_bytes_read_incr=$(json_field "$logs/cairn_incr.out" bytes_read)
   cairn_bytes_stored_incr=$(json_field "$logs/cairn_incr.out" bytes_stored)
   rp=$(json_field "$logs/cairn_incr.out" rp)
+  [[ -n $rp ]] || die "cairn: the incremental backup's --json output has no rp: $(cat "$logs/cairn_incr.out")"
   mkdir -p "$base/restore"
   measure cairn_restore "$base" "$CAIRN" repo restore "$repo" --disk "$DISK_ID" --rp "$rp" \
-    --to "$base/restore/disk.raw" --format raw
+    --to "$base/restore/disk.raw" --format raw --json
+  cairn_bytes_written_restore=$(json_field "$logs/cairn_restore.out" bytes_written)
   check_restore cairn "$base/restore/disk.raw" "$img"
   cairn_stats=$("$CAIRN" repo stats "$repo" --json 2>/dev/null || true)
-  note[cairn]="\`cairn repo init${CAIRN_INIT_ARGS:+ $CAIRN_INIT_ARGS}\` (unencrypted), \`cairn repo backup --json\`, \`cairn repo restore --rp RP --format raw\`"
+  note[cairn]="\`cairn repo init${CAIRN_INIT_ARGS:+ $CAIRN_INIT_ARGS}\` (unencrypted), \`cairn repo backup --json\`, \`cairn repo restore --rp RP --format raw --json\`"
   drop_outputs cairn
 }
 
@@ -465,7 +469,7 @@ EOF
   if has_tool cairn; then
     cat <<EOF
 
-cairn's own counters: full backup read $(val "$cairn_bytes_read_full") bytes and stored $(val "$cairn_bytes_stored_full") bytes; incremental read $(val "$cairn_bytes_read_incr") bytes and stored $(val "$cairn_bytes_stored_incr") bytes.
+cairn's own counters: full backup read $(val "$cairn_bytes_read_full") bytes and stored $(val "$cairn_bytes_stored_full") bytes; incremental read $(val "$cairn_bytes_read_incr") bytes and stored $(val "$cairn_bytes_stored_incr") bytes; restore wrote $(val "$cairn_bytes_written_restore") bytes.
 EOF
     if [[ -n $cairn_stats ]]; then
       # shellcheck disable=SC2016 # markdown backticks, not a command substitution

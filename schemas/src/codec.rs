@@ -83,13 +83,12 @@ fn decode_strict<T: DeserializeOwned>(
     version: u8,
     body: &[u8],
 ) -> Result<T, CodecError> {
-    let (value, rest) = postcard::take_from_bytes::<T>(body).map_err(|source| {
-        CodecError::Malformed {
+    let (value, rest) =
+        postcard::take_from_bytes::<T>(body).map_err(|source| CodecError::Malformed {
             what,
             version,
             source,
-        }
-    })?;
+        })?;
     if !rest.is_empty() {
         return Err(CodecError::TrailingBytes {
             what,
@@ -205,7 +204,10 @@ mod tests {
         bytes[0] = 2;
         let err = decode(&bytes).unwrap_err();
         assert!(matches!(err, CodecError::UnknownVersion { version: 2, .. }));
-        assert!(err.to_string().contains("unknown format version 2"), "{err}");
+        assert!(
+            err.to_string().contains("unknown format version 2"),
+            "{err}"
+        );
 
         let mut bytes = encode(&sample());
         bytes.push(0);
@@ -229,7 +231,8 @@ mod tests {
         });
         let err = decode(&encode(&envelope)).unwrap_err();
         assert!(
-            err.to_string().contains("carries a group event (GroupDeleted)"),
+            err.to_string()
+                .contains("carries a group event (GroupDeleted)"),
             "{err}"
         );
     }

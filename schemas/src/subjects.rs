@@ -105,7 +105,10 @@ mod tests {
             let group = GroupId::new_v7(1_700_000_000_000 + u64::from(idx), rand);
             counts[usize::from(partition_of(&group, n))] += 1;
         }
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
         let one = NonZeroU16::new(1).unwrap();
         assert_eq!(partition_of(&group, one), 0);
     }

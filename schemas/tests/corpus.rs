@@ -79,7 +79,11 @@ fn every_variant_has_a_sample() {
     assert_eq!(events, all(samples::N_EVENT_VARIANTS), "event variants");
     assert_eq!(works, all(samples::N_WORK_VARIANTS), "step work variants");
     assert_eq!(reports, all(samples::N_REPORT_VARIANTS), "report variants");
-    assert_eq!(commands, all(samples::N_COMMAND_VARIANTS), "command variants");
+    assert_eq!(
+        commands,
+        all(samples::N_COMMAND_VARIANTS),
+        "command variants"
+    );
 }
 
 #[test]

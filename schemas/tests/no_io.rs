@@ -53,7 +53,10 @@ fn depends_only_on_serde_postcard_uuid_thiserror() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     let deps = dependencies(&manifest);
-    assert!(!deps.is_empty(), "parser found no dependencies in {manifest}");
+    assert!(
+        !deps.is_empty(),
+        "parser found no dependencies in {manifest}"
+    );
     let unexpected: Vec<_> = deps
         .iter()
         .filter(|dep| !ALLOWED_DEPENDENCIES.contains(&dep.as_str()))

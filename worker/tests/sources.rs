@@ -14,8 +14,12 @@ use cairn_worker::source::{
 const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 16 * MIB;
 /// `(offset, len)` of the data written into the test disk; everything else is a hole.
-const DATA: &[(u64, u64)] =
-    &[(0, MIB), (5 * MIB, MIB / 2), (12 * MIB + 4096, 65536), (DISK_SIZE - 65536, 65536)];
+const DATA: &[(u64, u64)] = &[
+    (0, MIB),
+    (5 * MIB, MIB / 2),
+    (12 * MIB + 4096, 65536),
+    (DISK_SIZE - 65536, 65536),
+];
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -77,7 +81,15 @@ fn read_all(source: &mut dyn Source) -> Vec<u8> {
 }
 
 fn images_identical(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
-    let out = qemu_img(&["compare", "-f", a_fmt, "-F", b_fmt, a.to_str().unwrap(), b.to_str().unwrap()]);
+    let out = qemu_img(&[
+        "compare",
+        "-f",
+        a_fmt,
+        "-F",
+        b_fmt,
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
     assert!(out.contains("identical"), "{out}");
 }
 
@@ -86,8 +98,18 @@ fn formats() -> Vec<(&'static str, &'static str, Vec<&'static str>, ImageFormat)
     vec![
         ("src.qcow2", "qcow2", vec![], ImageFormat::Qcow2),
         ("src.vhdx", "vhdx", vec![], ImageFormat::Vhdx),
-        ("src.vhd", "vpc", vec!["-o", "force_size=on"], ImageFormat::Vpc),
-        ("src-fixed.vhd", "vpc", vec!["-o", "subformat=fixed,force_size=on"], ImageFormat::Vpc),
+        (
+            "src.vhd",
+            "vpc",
+            vec!["-o", "force_size=on"],
+            ImageFormat::Vpc,
+        ),
+        (
+            "src-fixed.vhd",
+            "vpc",
+            vec!["-o", "subformat=fixed,force_size=on"],
+            ImageFormat::Vpc,
+        ),
     ]
 }
 
@@ -104,14 +126,26 @@ fn every_format_reads_like_the_raw_original_with_and_without_a_format_hint() {
         for hint in [None, Some(format)] {
             let mut source = open_source(&path, hint).unwrap();
             assert_eq!(source.size(), DISK_SIZE, "{}", path.display());
-            assert!(source.describe().contains(path.to_str().unwrap()), "{}", source.describe());
-            assert!(read_all(source.as_mut()) == expected, "{} differs", path.display());
+            assert!(
+                source.describe().contains(path.to_str().unwrap()),
+                "{}",
+                source.describe()
+            );
+            assert!(
+                read_all(source.as_mut()) == expected,
+                "{} differs",
+                path.display()
+            );
             let extents = source.extents(0, DISK_SIZE).unwrap();
             assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), DISK_SIZE);
             // Whatever a format calls zero must read as zeros.
             for e in extents.iter().filter(|e| e.kind == ExtentKind::Zero) {
                 let range = e.offset as usize..(e.offset + e.len) as usize;
-                assert!(expected[range].iter().all(|&b| b == 0), "{} {e:?}", path.display());
+                assert!(
+                    expected[range].iter().all(|&b| b == 0),
+                    "{} {e:?}",
+                    path.display()
+                );
             }
         }
     }
@@ -126,19 +160,36 @@ fn sparse_qcow2_and_raw_report_zero_extents_where_unwritten() {
         let mut source = open_source(path, None).unwrap();
         let extents = source.extents(0, DISK_SIZE).unwrap();
         let kind_at = |off: u64| {
-            extents.iter().find(|e| e.offset <= off && off < e.offset + e.len).unwrap().kind
+            extents
+                .iter()
+                .find(|e| e.offset <= off && off < e.offset + e.len)
+                .unwrap()
+                .kind
         };
         for &(offset, len) in DATA {
-            assert_eq!(kind_at(offset), ExtentKind::Data, "{} at {offset}", path.display());
+            assert_eq!(
+                kind_at(offset),
+                ExtentKind::Data,
+                "{} at {offset}",
+                path.display()
+            );
             assert_eq!(kind_at(offset + len - 1), ExtentKind::Data);
         }
         for off in [2 * MIB, 4 * MIB, 8 * MIB, 14 * MIB] {
-            assert_eq!(kind_at(off), ExtentKind::Zero, "{} at {off}", path.display());
+            assert_eq!(
+                kind_at(off),
+                ExtentKind::Zero,
+                "{} at {off}",
+                path.display()
+            );
         }
         // A sub-range is answered exactly.
         let part = source.extents(3 * MIB, MIB).unwrap();
         assert_eq!(part.len(), 1);
-        assert_eq!((part[0].offset, part[0].len, part[0].kind), (3 * MIB, MIB, ExtentKind::Zero));
+        assert_eq!(
+            (part[0].offset, part[0].len, part[0].kind),
+            (3 * MIB, MIB, ExtentKind::Zero)
+        );
         // Out of range.
         assert!(source.extents(DISK_SIZE - 512, 1024).is_err());
         let mut buf = [0u8; 1024];
@@ -186,7 +237,10 @@ fn create_sink_writes_images_qemu_img_finds_identical() {
         }
         images_identical(&raw, "raw", &out, qemu_fmt);
         let info = qemu_img(&["info", "--output=json", out.to_str().unwrap()]);
-        assert!(info.contains(&format!("\"virtual-size\": {DISK_SIZE}")), "{info}");
+        assert!(
+            info.contains(&format!("\"virtual-size\": {DISK_SIZE}")),
+            "{info}"
+        );
         if format == ImageFormat::Qcow2 {
             // Zero extents were not written as data: the file stays small.
             let len = std::fs::metadata(&out).unwrap().len();
@@ -195,7 +249,9 @@ fn create_sink_writes_images_qemu_img_finds_identical() {
         let err = create_sink(&out, format, DISK_SIZE).err().unwrap();
         assert!(err.to_string().contains("refusing to overwrite"), "{err}");
     }
-    let err = create_sink(&dir.path().join("odd.qcow2"), ImageFormat::Qcow2, 1000).err().unwrap();
+    let err = create_sink(&dir.path().join("odd.qcow2"), ImageFormat::Qcow2, 1000)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("not a multiple of 512"), "{err}");
     assert!(!dir.path().join("odd.qcow2").exists());
 }
@@ -246,38 +302,77 @@ fn bad_inputs_give_clear_errors_naming_the_path() {
         assert!(matches!(err, Error::Io { .. }), "{err}");
         assert_names_path(&err, &missing);
     }
-    assert!(matches!(open_sink(&missing, None).err().unwrap(), Error::Io { .. }));
+    assert!(matches!(
+        open_sink(&missing, None).err().unwrap(),
+        Error::Io { .. }
+    ));
 
     let text = dir.path().join("notes.txt");
     let words = "these are not the sectors you are looking for\n";
     std::fs::write(&text, words).unwrap();
     let err = open_source(&text, None).err().unwrap();
-    let expected = format!("not a disk image: size {} is not a multiple of 512", words.len());
+    let expected = format!(
+        "not a disk image: size {} is not a multiple of 512",
+        words.len()
+    );
     assert!(err.to_string().contains(&expected), "{err}");
     assert_names_path(&err, &text);
 
     let vmdk = dir.path().join("disk.vmdk");
     qemu_img(&["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "16M"]);
     let err = open_source(&vmdk, None).err().unwrap();
-    assert!(matches!(err, Error::UnsupportedFormat { format: "VMDK", .. }), "{err}");
+    assert!(
+        matches!(err, Error::UnsupportedFormat { format: "VMDK", .. }),
+        "{err}"
+    );
     assert_names_path(&err, &vmdk);
 
-    let full = dir.path().join("full.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", full.to_str().unwrap(), "16M"]);
+    // qemu itself would open this and read zeros past the end of the file.
+    let raw = make_raw(dir.path());
+    let full = convert(&raw, "qcow2", &[], "full.qcow2");
     let truncated = dir.path().join("truncated.qcow2");
     std::fs::write(&truncated, &std::fs::read(&full).unwrap()[..1024]).unwrap();
-    let err = open_source(&truncated, None).err().unwrap();
-    assert!(matches!(err, Error::Tool { program: "qemu-nbd", .. }), "{err}");
-    assert_names_path(&err, &truncated);
-    assert!(err.to_string().contains("qemu-nbd: "), "no qemu-nbd message in: {err}");
+    for hint in [None, Some(ImageFormat::Qcow2)] {
+        let err = open_source(&truncated, hint).err().unwrap();
+        assert!(
+            err.to_string().contains("corrupt or truncated qcow2"),
+            "{err}"
+        );
+        assert_names_path(&err, &truncated);
+    }
 
-    // A raw file opened as qcow2: qemu-nbd's refusal comes through.
-    let raw = make_raw(dir.path());
-    let err = open_source(&raw, Some(ImageFormat::Qcow2)).err().unwrap();
+    // A qcow2 with a broken header that qemu-nbd refuses: its message comes through.
+    let mut broken = std::fs::read(&full).unwrap();
+    broken[4..8].copy_from_slice(&9u32.to_be_bytes()); // version 9
+    let bad_version = dir.path().join("version9.qcow2");
+    std::fs::write(&bad_version, &broken).unwrap();
+    let err = open_source(&bad_version, None).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            Error::Tool {
+                program: "qemu-nbd",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_names_path(&err, &bad_version);
+    assert!(
+        err.to_string().contains("qemu-nbd: "),
+        "no qemu-nbd message in: {err}"
+    );
+
+    // A raw file opened as VHDX: qemu-nbd's refusal comes through.
+    let err = open_source(&raw, Some(ImageFormat::Vhdx)).err().unwrap();
     assert!(matches!(err, Error::Tool { .. }), "{err}");
 
     let err = open_source(dir.path(), None).err().unwrap();
-    assert!(err.to_string().contains("not a regular file or block device"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("not a regular file or block device"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -314,8 +409,8 @@ fn dirty_bitmap_context_lists_exactly_the_changed_clusters() {
     opts.bitmaps = vec!["bm0".to_string()];
     let mut server = QemuNbd::start(&disk, &opts).unwrap();
     let bitmap = nbd::dirty_bitmap_context("bm0");
-    let connect =
-        ConnectOptions::new(EXPORT_NAME).with_meta_contexts([BASE_ALLOCATION.into(), bitmap.clone()]);
+    let connect = ConnectOptions::new(EXPORT_NAME)
+        .with_meta_contexts([BASE_ALLOCATION.into(), bitmap.clone()]);
     let mut client = server.connect(&connect).unwrap();
     assert!(client.info().read_only());
     let dirty: Vec<StatusExtent> = client
@@ -342,7 +437,8 @@ fn qemu_nbd_processes_and_sockets_are_cleaned_up() {
     qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "16M"]);
 
     // Read-only: stopped with SIGTERM on drop.
-    let mut server = QemuNbd::start(&disk, &QemuNbdOptions::new(ImageFormat::Qcow2, false)).unwrap();
+    let mut server =
+        QemuNbd::start(&disk, &QemuNbdOptions::new(ImageFormat::Qcow2, false)).unwrap();
     let pid = server.pid().unwrap();
     let socket = server.socket_path().to_path_buf();
     let client = server.connect(&ConnectOptions::new(EXPORT_NAME)).unwrap();
@@ -352,7 +448,10 @@ fn qemu_nbd_processes_and_sockets_are_cleaned_up() {
     let client = server.connect(&ConnectOptions::new(EXPORT_NAME)).unwrap();
     drop(client);
     drop(server);
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "qemu-nbd {pid} still there");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "qemu-nbd {pid} still there"
+    );
     assert!(!socket.parent().unwrap().exists());
 
     // Writable: exits by itself once the client disconnects.
@@ -374,7 +473,14 @@ fn large_reads_and_writes_are_split_and_pipelined_correctly() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.qcow2");
     let size = 80 * MIB;
-    qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        disk.to_str().unwrap(),
+        &size.to_string(),
+    ]);
     let data = pattern(7, (70 * MIB) as usize);
     {
         let mut sink = open_sink(&disk, None).unwrap();

@@ -25,9 +25,11 @@ impl Progress for Bar {
         self.bar.set_length(total);
         self.bar.set_position(0);
         self.bar.set_style(
-            ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         self.bar.set_message(what.to_string());
     }

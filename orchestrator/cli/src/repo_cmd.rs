@@ -130,28 +130,56 @@ fn rate(bytes: u64, started: Instant) -> String {
 /// Runs a repo command; returns the process exit code.
 pub fn run(command: RepoCommand) -> Result<i32> {
     match command {
-        RepoCommand::Init { dir, chunk_size, encrypt, common } => {
-            let key_file = if encrypt { common.key_file.as_deref() } else { None };
+        RepoCommand::Init {
+            dir,
+            chunk_size,
+            encrypt,
+            common,
+        } => {
+            let key_file = if encrypt {
+                common.key_file.as_deref()
+            } else {
+                None
+            };
             if !encrypt && common.key_file.is_some() {
-                bail!("--key-file without --encrypt: add --encrypt to create an encrypted repository");
+                bail!(
+                    "--key-file without --encrypt: add --encrypt to create an encrypted repository"
+                );
             }
             let repo = Repository::init(&dir, chunk_size, key_file)?;
             if common.json {
-                println!("{}", json!({"repository": dir, "id": repo.config.id, "chunk_size": repo.config.chunk_size, "encrypted": encrypt}));
+                println!(
+                    "{}",
+                    json!({"repository": dir, "id": repo.config.id, "chunk_size": repo.config.chunk_size, "encrypted": encrypt})
+                );
             } else {
                 println!(
                     "created repository {} (chunk size {}, {})",
                     dir.display(),
                     human(repo.config.chunk_size as u64),
-                    if encrypt { "encrypted" } else { "not encrypted" }
+                    if encrypt {
+                        "encrypted"
+                    } else {
+                        "not encrypted"
+                    }
                 );
             }
         }
-        RepoCommand::Backup { dir, source: image, disk, format, common } => {
+        RepoCommand::Backup {
+            dir,
+            source: image,
+            disk,
+            format,
+            common,
+        } => {
             let repo = open(&dir, &common)?;
             let mut source = source::open_source(&image, format)?;
             let started = Instant::now();
-            let opts = BackupOptions { disk, now_ms: now_ms(), threads: 0 };
+            let opts = BackupOptions {
+                disk,
+                now_ms: now_ms(),
+                threads: 0,
+            };
             let summary = repo::backup(&repo, source.as_mut(), &opts, &Bar::new(!common.json))?;
             if common.json {
                 let mut value = serde_json::to_value(&summary)?;
@@ -167,7 +195,10 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                     summary.chunks_unchanged,
                     summary.chunks_zero,
                     if summary.chunks_reused > 0 {
-                        format!(", {} recovered from an interrupted backup", summary.chunks_reused)
+                        format!(
+                            ", {} recovered from an interrupted backup",
+                            summary.chunks_reused
+                        )
                     } else {
                         String::new()
                     },
@@ -175,7 +206,15 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                 );
             }
         }
-        RepoCommand::Restore { dir, disk, rp, to, format, delta, common } => {
+        RepoCommand::Restore {
+            dir,
+            disk,
+            rp,
+            to,
+            format,
+            delta,
+            common,
+        } => {
             let repo = open(&dir, &common)?;
             let header = repo::restore::resolve(&repo, &disk, rp.as_deref())?;
             let mut sink = if delta {
@@ -185,7 +224,12 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                 source::create_sink(&to, format, header.disk_size)?
             };
             let started = Instant::now();
-            let opts = RestoreOptions { disk, rp: Some(header.rp.clone()), delta, threads: 0 };
+            let opts = RestoreOptions {
+                disk,
+                rp: Some(header.rp.clone()),
+                delta,
+                threads: 0,
+            };
             let summary = repo::restore(&repo, &opts, sink.as_mut(), &Bar::new(!common.json));
             drop(sink);
             let summary = match summary {
@@ -204,7 +248,12 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                 value["seconds"] = json!(started.elapsed().as_secs_f64());
                 println!("{value}");
             } else {
-                println!("restored recovery point {} of disk {} to {}", summary.rp, summary.disk, to.display());
+                println!(
+                    "restored recovery point {} of disk {} to {}",
+                    summary.rp,
+                    summary.disk,
+                    to.display()
+                );
                 if delta {
                     println!(
                         "wrote {} ({} chunks differed, {} already right) in {}",
@@ -214,7 +263,12 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                         rate(summary.disk_size, started)
                     );
                 } else {
-                    println!("wrote {} of a {} disk in {}", human(summary.bytes_written), human(summary.disk_size), rate(summary.disk_size, started));
+                    println!(
+                        "wrote {} of a {} disk in {}",
+                        human(summary.bytes_written),
+                        human(summary.disk_size),
+                        rate(summary.disk_size, started)
+                    );
                 }
             }
         }
@@ -226,7 +280,10 @@ pub fn run(command: RepoCommand) -> Result<i32> {
             } else if rps.is_empty() {
                 println!("no recovery points");
             } else {
-                println!("{:<36}  {:<20}  {:<24}  {:>10}  {:>10}  {:>10}  index", "recovery point", "disk", "created (UTC)", "size", "read", "stored");
+                println!(
+                    "{:<36}  {:<20}  {:<24}  {:>10}  {:>10}  {:>10}  index",
+                    "recovery point", "disk", "created (UTC)", "size", "read", "stored"
+                );
                 for rp in rps {
                     println!(
                         "{:<36}  {:<20}  {:<24}  {:>10}  {:>10}  {:>10}  {}",
@@ -247,38 +304,74 @@ pub fn run(command: RepoCommand) -> Result<i32> {
             if common.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                println!("checked {} chunks ({})", report.chunks_checked, human(report.bytes_checked));
+                println!(
+                    "checked {} chunks ({})",
+                    report.chunks_checked,
+                    human(report.bytes_checked)
+                );
                 for d in &report.disks {
                     if let Some(err) = &d.error {
                         println!("disk {}: not verified: {err}", d.disk);
                         continue;
                     }
                     if d.damaged_rps.is_empty() {
-                        println!("disk {}: {} recovery points, all intact", d.disk, d.recovery_points);
+                        println!(
+                            "disk {}: {} recovery points, all intact",
+                            d.disk, d.recovery_points
+                        );
                     }
                     for rp in &d.damaged_rps {
-                        println!("disk {}: recovery point {} DAMAGED: {}", d.disk, rp.rp, rp.reason);
+                        println!(
+                            "disk {}: recovery point {} DAMAGED: {}",
+                            d.disk, rp.rp, rp.reason
+                        );
                         for c in &rp.damaged_chunks {
-                            println!("    chunk {} at position {} (offset {}): {}", c.id, c.pos, c.pos * repo.config.chunk_size as u64, c.reason);
+                            println!(
+                                "    chunk {} at position {} (offset {}): {}",
+                                c.id,
+                                c.pos,
+                                c.pos * repo.config.chunk_size as u64,
+                                c.reason
+                            );
                         }
                         if rp.n_damaged_chunks as usize > rp.damaged_chunks.len() {
-                            println!("    ... and {} more", rp.n_damaged_chunks as usize - rp.damaged_chunks.len());
+                            println!(
+                                "    ... and {} more",
+                                rp.n_damaged_chunks as usize - rp.damaged_chunks.len()
+                            );
                         }
                     }
                 }
-                println!("{}", if report.ok { "repository verified: no damage" } else { "DAMAGE FOUND" });
+                println!(
+                    "{}",
+                    if report.ok {
+                        "repository verified: no damage"
+                    } else {
+                        "DAMAGE FOUND"
+                    }
+                );
             }
             if !report.ok {
                 return Ok(3);
             }
         }
-        RepoCommand::Forget { dir, disk, keep_last, common } => {
+        RepoCommand::Forget {
+            dir,
+            disk,
+            keep_last,
+            common,
+        } => {
             let repo = open(&dir, &common)?;
             let summary = repo::maintenance::forget(&repo, &disk, keep_last)?;
             if common.json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
-                println!("disk {}: kept {}, forgot {} recovery points", summary.disk, summary.kept.len(), summary.removed.len());
+                println!(
+                    "disk {}: kept {}, forgot {} recovery points",
+                    summary.disk,
+                    summary.kept.len(),
+                    summary.removed.len()
+                );
                 for rp in &summary.removed {
                     println!("    forgot {rp}");
                 }
@@ -298,7 +391,10 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                         Some(why) => println!("disk {}: skipped: {why}", d.disk),
                         None => println!(
                             "disk {}: {} packs deleted, {} rewritten, {} freed",
-                            d.disk, d.packs_deleted, d.packs_rewritten, human(d.bytes_freed)
+                            d.disk,
+                            d.packs_deleted,
+                            d.packs_rewritten,
+                            human(d.bytes_freed)
                         ),
                     }
                 }
@@ -313,12 +409,19 @@ pub fn run(command: RepoCommand) -> Result<i32> {
             } else {
                 println!("disks            {}", stats.disks);
                 println!("recovery points  {}", stats.recovery_points);
-                println!("packs            {} ({})", stats.packs, human(stats.pack_bytes));
+                println!(
+                    "packs            {} ({})",
+                    stats.packs,
+                    human(stats.pack_bytes)
+                );
                 println!("indexes          {}", human(stats.index_bytes));
                 println!("logical size     {}", human(stats.logical_bytes));
                 println!("data reduction   {:.1}x", stats.reduction_ratio);
                 println!("chunk size       {}", human(stats.chunk_size as u64));
-                println!("encrypted        {}", if stats.encrypted { "yes" } else { "no" });
+                println!(
+                    "encrypted        {}",
+                    if stats.encrypted { "yes" } else { "no" }
+                );
             }
         }
     }
@@ -326,7 +429,12 @@ pub fn run(command: RepoCommand) -> Result<i32> {
 }
 
 fn format_from_name(path: &Path) -> ImageFormat {
-    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("qcow2") => ImageFormat::Qcow2,
         Some("vhdx") => ImageFormat::Vhdx,
         _ => ImageFormat::Raw,
@@ -348,5 +456,10 @@ pub fn format_ms(ms: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

@@ -31,7 +31,9 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 
-use cairn_schemas::{Aggregate, AggregateKind, CodecError, CommandId, Envelope, Event, EventId, JobId};
+use cairn_schemas::{
+    Aggregate, AggregateKind, CodecError, CommandId, Envelope, Event, EventId, JobId,
+};
 
 pub use self::sled::{SledLog, SledLogConfig, SledLogStats};
 

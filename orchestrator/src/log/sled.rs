@@ -36,16 +36,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use ::sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionalTree,
-};
+use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use ::sled::{Db, Transactional, Tree};
 use cairn_schemas::{Aggregate, Envelope};
 use tokio::sync::watch;
 
-use super::{
-    AppendRequest, Error, EventLog, NextBatch, StoredEvent, Tail, TailSource, validate,
-};
+use super::{AppendRequest, Error, EventLog, NextBatch, StoredEvent, Tail, TailSource, validate};
 
 /// Name of this on-disk layout, stored in `meta` and checked on open.
 const LAYOUT: &[u8] = b"cairn-event-log-sled/1";
@@ -171,16 +167,21 @@ enum Refusal {
     Corrupt(String),
 }
 
-fn tx_u64(tree: &TransactionalTree, key: &[u8]) -> Result<Option<u64>, ConflictableTransactionError<Refusal>> {
+fn tx_u64(
+    tree: &TransactionalTree,
+    key: &[u8],
+) -> Result<Option<u64>, ConflictableTransactionError<Refusal>> {
     match tree.get(key)? {
         None => Ok(None),
         Some(bytes) => match <[u8; 8]>::try_from(bytes.as_ref()) {
             Ok(array) => Ok(Some(u64::from_be_bytes(array))),
-            Err(_) => Err(ConflictableTransactionError::Abort(Refusal::Corrupt(format!(
-                "value of {:?} has {} bytes, expected 8",
-                String::from_utf8_lossy(key),
-                bytes.len()
-            )))),
+            Err(_) => Err(ConflictableTransactionError::Abort(Refusal::Corrupt(
+                format!(
+                    "value of {:?} has {} bytes, expected 8",
+                    String::from_utf8_lossy(key),
+                    bytes.len()
+                ),
+            ))),
         },
     }
 }
@@ -216,7 +217,10 @@ impl SledLog {
             tree("commands")?,
             tree("meta")?,
         );
-        match meta.get(META_LAYOUT).map_err(|err| storage("reading meta", err))? {
+        match meta
+            .get(META_LAYOUT)
+            .map_err(|err| storage("reading meta", err))?
+        {
             Some(layout) if layout.as_ref() == LAYOUT => {}
             Some(layout) => {
                 return Err(Error::Storage {
@@ -377,7 +381,10 @@ impl Inner {
     fn commit(&self, request: AppendRequest) -> Result<Committed, Error> {
         // A poisoned lock only means another appender panicked; the state it guards is in
         // sled, which the transaction below checks again, so carry on.
-        let _guard = self.commit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = self
+            .commit
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let agg_key = aggregate_key(&request.aggregate);
 
         // Outside the transaction (we hold the commit lock, so nothing changes meanwhile):
@@ -389,10 +396,11 @@ impl Inner {
                 .get(command.as_bytes())
                 .map_err(|err| storage("reading the command index", err))?
             {
-                let (first_seq, count) = parse_command_entry(&entry).ok_or_else(|| Error::Storage {
-                    context: format!("reading the command index entry of {command}"),
-                    source: "malformed entry".into(),
-                })?;
+                let (first_seq, count) =
+                    parse_command_entry(&entry).ok_or_else(|| Error::Storage {
+                        context: format!("reading the command index entry of {command}"),
+                        source: "malformed entry".into(),
+                    })?;
                 return Ok(Committed::Duplicate { first_seq, count });
             }
         }
@@ -806,7 +814,9 @@ impl TailSource for SledTail {
                     return Err(Error::ChainBroken {
                         seq: from,
                         event_id: None,
-                        detail: format!("the event is missing, but the log is durable up to {durable}"),
+                        detail: format!(
+                            "the event is missing, but the log is durable up to {durable}"
+                        ),
                     });
                 }
                 if self.durable.changed().await.is_err() {

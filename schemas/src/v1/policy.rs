@@ -187,7 +187,9 @@ pub enum PolicyError {
         minute_of_day: u16,
     },
     /// A weekday set has bit 7 set.
-    #[error("{field}: weekday bits {bits:#04x} use bit 7, only bits 0 (Monday) to 6 (Sunday) exist")]
+    #[error(
+        "{field}: weekday bits {bits:#04x} use bit 7, only bits 0 (Monday) to 6 (Sunday) exist"
+    )]
     BadDays {
         /// Which schedule.
         field: &'static str,
@@ -198,7 +200,9 @@ pub enum PolicyError {
     #[error("recovery_points must name at least one time and one day")]
     NoRecoveryPoints,
     /// The synchronization interval is not one MABS offers.
-    #[error("sync: every {0} minutes is not allowed, use one of 15, 30, 45, 60, 120, 240, 360, 720, 1440")]
+    #[error(
+        "sync: every {0} minutes is not allowed, use one of 15, 30, 45, 60, 120, 240, 360, 720, 1440"
+    )]
     BadSyncFrequency(u16),
     /// A limit is 0.
     #[error("limits.{0} must be at least 1")]
@@ -318,7 +322,8 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let base = GroupPolicy::with_defaults("local");
-        let cases: Vec<(Box<dyn Fn(&mut GroupPolicy)>, PolicyError)> = vec![
+        type Change = Box<dyn Fn(&mut GroupPolicy)>;
+        let cases: Vec<(Change, PolicyError)> = vec![
             (
                 Box::new(|p| p.retention_days = 0),
                 PolicyError::ZeroRetention,

@@ -624,7 +624,12 @@ pub fn samples() -> Vec<Sample> {
             aggregate: aggregate_for(&payload),
             aggregate_version: idx + 1,
             recorded_at: T0 + 1_000 + idx,
-            actor: if full { "user:alice" } else { "system:scheduler" }.into(),
+            actor: if full {
+                "user:alice"
+            } else {
+                "system:scheduler"
+            }
+            .into(),
             correlation: full.then(job),
             causation: full.then(|| EventId::new_v7(T0 + 999, rand(0x7f))),
             command: full.then(|| CommandId::new_v7(T0 + 998, rand(0x7e))),

@@ -62,8 +62,9 @@ struct Pending {
     len: u64,
     /// Reads: index in the caller's buffer of byte `offset`.
     buf_start: usize,
-    /// Reads: `(start, end)` of every content chunk received.
+    /// Reads: `(start, end)` of every content chunk received, and their total length.
     content: Vec<(u64, u64)>,
+    covered: u64,
     /// Block status: `(context id, descriptors)` per chunk.
     status: Vec<(u32, Vec<(u64, u32)>)>,
     /// The first error the server reported for this request.
@@ -79,6 +80,7 @@ impl Pending {
             len,
             buf_start,
             content: Vec::new(),
+            covered: 0,
             status: Vec::new(),
             error: None,
         }
@@ -108,6 +110,20 @@ impl Pending {
         }
     }
 
+    /// Records a content chunk. More bytes than requested means chunks overlap; catching that
+    /// here also bounds `content` against a server that never sends the final chunk.
+    fn add_content(&mut self, start: u64, len: u64) -> Result<(), Error> {
+        self.covered += len;
+        if self.covered > self.len {
+            return Err(Error::Protocol(format!(
+                "read reply for [{}, +{}) has overlapping chunks ({} bytes)",
+                self.offset, self.len, self.covered
+            )));
+        }
+        self.content.push((start, start + len));
+        Ok(())
+    }
+
     /// On the final chunk of a successful read: the content chunks must cover the request
     /// exactly once.
     fn check_read_complete(&mut self) -> Result<(), Error> {
@@ -122,7 +138,11 @@ impl Pending {
                     "read reply for [{}, +{}) {} at offset {pos}",
                     self.offset,
                     self.len,
-                    if start < pos { "has overlapping chunks" } else { "has a gap" }
+                    if start < pos {
+                        "has overlapping chunks"
+                    } else {
+                        "has a gap"
+                    }
                 )));
             }
             pos = end;
@@ -149,17 +169,20 @@ enum Payload<'a> {
 impl Client {
     /// Connects to a Unix socket and negotiates.
     pub fn connect_unix(path: &Path, opts: &ConnectOptions) -> Result<Client, Error> {
-        let stream = UnixStream::connect(path)
-            .map_err(|source| Error::Io { doing: "connecting to the Unix socket", source })?;
+        let stream = UnixStream::connect(path).map_err(|source| Error::Io {
+            doing: "connecting to the Unix socket",
+            source,
+        })?;
         Client::from_unix_stream(stream, opts)
     }
 
     /// Connects over TCP (first address that answers) and negotiates.
     pub fn connect_tcp(addr: impl ToSocketAddrs, opts: &ConnectOptions) -> Result<Client, Error> {
         let mut last = None;
-        let addrs = addr
-            .to_socket_addrs()
-            .map_err(|source| Error::Io { doing: "resolving the server address", source })?;
+        let addrs = addr.to_socket_addrs().map_err(|source| Error::Io {
+            doing: "resolving the server address",
+            source,
+        })?;
         for a in addrs {
             match TcpStream::connect_timeout(&a, opts.timeout) {
                 Ok(stream) => return Client::from_conn(Box::new(stream), opts),
@@ -195,7 +218,9 @@ impl Client {
         };
         let info = negotiated.info;
         let min = u64::from(info.min_block);
-        let cap = u64::from(info.max_payload).min(MAX_REQUEST).min(u64::from(opts.request_size));
+        let cap = u64::from(info.max_payload)
+            .min(MAX_REQUEST)
+            .min(u64::from(opts.request_size));
         let piece = (cap / min * min).max(min);
         Ok(Client {
             wire,
@@ -249,7 +274,13 @@ impl Client {
         if len == 0 {
             return Ok(());
         }
-        self.transfer(proto::CMD_WRITE, offset, len, self.piece, Payload::Write(data))
+        self.transfer(
+            proto::CMD_WRITE,
+            offset,
+            len,
+            self.piece,
+            Payload::Write(data),
+        )
     }
 
     /// Makes `[offset, offset + len)` read as zeros, letting the server deallocate (no
@@ -268,7 +299,10 @@ impl Client {
             let piece = MAX_ZEROES_REQUEST / min * min;
             match self.transfer(proto::CMD_WRITE_ZEROES, offset, len, piece, Payload::None) {
                 Ok(()) => return Ok(()),
-                Err(Error::Command { errno: proto::ENOTSUP | proto::EOVERFLOW, .. }) => {
+                Err(Error::Command {
+                    errno: proto::ENOTSUP | proto::EOVERFLOW,
+                    ..
+                }) => {
                     tracing::debug!("NBD write-zeroes refused; writing zeros instead");
                 }
                 Err(e) => return Err(e),
@@ -331,7 +365,11 @@ impl Client {
             for (dlen, flags) in descriptors {
                 match out.last_mut() {
                     Some(last) if last.flags == flags => last.len += dlen,
-                    _ => out.push(StatusExtent { offset: pos, len: dlen, flags }),
+                    _ => out.push(StatusExtent {
+                        offset: pos,
+                        len: dlen,
+                        flags,
+                    }),
                 }
                 pos += dlen;
             }
@@ -351,7 +389,11 @@ impl Client {
     }
 
     fn usable(&self) -> Result<(), Error> {
-        if self.broken || self.disconnected { Err(Error::Broken) } else { Ok(()) }
+        if self.broken || self.disconnected {
+            Err(Error::Broken)
+        } else {
+            Ok(())
+        }
     }
 
     /// Bounds and alignment of a request against the export.
@@ -362,7 +404,11 @@ impl Client {
             Some(end) if end <= size => {
                 let min = u64::from(self.info.min_block);
                 if offset % min != 0 || (len % min != 0 && end != size) {
-                    return Err(Error::Unaligned { offset, len, min_block: self.info.min_block });
+                    return Err(Error::Unaligned {
+                        offset,
+                        len,
+                        min_block: self.info.min_block,
+                    });
                 }
                 Ok(())
             }
@@ -392,7 +438,13 @@ impl Client {
                     _ => &[],
                 };
                 let cookie = self.send(command, offset + sent, n, data)?;
-                pending.push(Pending::new(cookie, command, offset + sent, n, sent as usize));
+                pending.push(Pending::new(
+                    cookie,
+                    command,
+                    offset + sent,
+                    n,
+                    sent as usize,
+                ));
                 sent += n;
             }
             if pending.is_empty() {
@@ -483,9 +535,14 @@ impl Client {
                 }
                 Ok(Some(i))
             }
-            ReplyStart::Structured { flags, reply_type, cookie } => {
+            ReplyStart::Structured {
+                flags,
+                reply_type,
+                cookie,
+            } => {
                 let mut len_bytes = [0u8; 4];
-                self.wire.read_exact(&mut len_bytes, "reading a reply chunk header")?;
+                self.wire
+                    .read_exact(&mut len_bytes, "reading a reply chunk header")?;
                 let len = u32::from_be_bytes(len_bytes);
                 if !self.structured {
                     return Err(Error::Protocol(
@@ -500,7 +557,9 @@ impl Client {
                     return Ok(Some(i));
                 }
                 if reply_type == proto::REPLY_TYPE_NONE {
-                    return Err(Error::Protocol("NBD_REPLY_TYPE_NONE without the DONE flag".into()));
+                    return Err(Error::Protocol(
+                        "NBD_REPLY_TYPE_NONE without the DONE flag".into(),
+                    ));
                 }
                 Ok(None)
             }
@@ -524,7 +583,9 @@ impl Client {
         match reply_type {
             proto::REPLY_TYPE_NONE => {
                 if len != 0 {
-                    return Err(Error::Protocol(format!("NBD_REPLY_TYPE_NONE with {len} bytes")));
+                    return Err(Error::Protocol(format!(
+                        "NBD_REPLY_TYPE_NONE with {len} bytes"
+                    )));
                 }
             }
             proto::REPLY_TYPE_OFFSET_DATA => {
@@ -540,15 +601,18 @@ impl Client {
                 let data_len = u64::from(len - 8);
                 p.check_inside(start, data_len, "data chunk")?;
                 let at = p.buf_start + (start - p.offset) as usize;
-                self.wire.read_exact(&mut buf[at..at + data_len as usize], "reading read data")?;
-                p.content.push((start, start + data_len));
+                self.wire
+                    .read_exact(&mut buf[at..at + data_len as usize], "reading read data")?;
+                p.add_content(start, data_len)?;
             }
             proto::REPLY_TYPE_OFFSET_HOLE => {
                 if p.command != proto::CMD_READ {
                     return Err(wrong_command("hole"));
                 }
                 if len != 12 {
-                    return Err(Error::Protocol(format!("hole chunk of {len} bytes, not 12")));
+                    return Err(Error::Protocol(format!(
+                        "hole chunk of {len} bytes, not 12"
+                    )));
                 }
                 let mut b = [0u8; 12];
                 self.wire.read_exact(&mut b, "reading a hole chunk")?;
@@ -560,17 +624,20 @@ impl Client {
                 p.check_inside(start, hole_len, "hole chunk")?;
                 let at = p.buf_start + (start - p.offset) as usize;
                 buf[at..at + hole_len as usize].fill(0);
-                p.content.push((start, start + hole_len));
+                p.add_content(start, hole_len)?;
             }
             proto::REPLY_TYPE_BLOCK_STATUS => {
                 if p.command != proto::CMD_BLOCK_STATUS {
                     return Err(wrong_command("block status"));
                 }
                 if len > proto::MAX_BLOCK_STATUS_CHUNK {
-                    return Err(Error::Protocol(format!("block status chunk of {len} bytes")));
+                    return Err(Error::Protocol(format!(
+                        "block status chunk of {len} bytes"
+                    )));
                 }
                 let mut payload = vec![0u8; len as usize];
-                self.wire.read_exact(&mut payload, "reading a block status chunk")?;
+                self.wire
+                    .read_exact(&mut payload, "reading a block status chunk")?;
                 let (id, descriptors) =
                     proto::parse_block_status(&payload, p.len).map_err(Error::Protocol)?;
                 if !self.contexts.iter().any(|c| c.id == id) {
@@ -590,7 +657,8 @@ impl Client {
                     return Err(Error::Protocol(format!("error chunk of {len} bytes")));
                 }
                 let mut payload = vec![0u8; len as usize];
-                self.wire.read_exact(&mut payload, "reading an error chunk")?;
+                self.wire
+                    .read_exact(&mut payload, "reading an error chunk")?;
                 let chunk = proto::parse_error_chunk(t, &payload).map_err(Error::Protocol)?;
                 if let Some(at) = chunk.offset {
                     p.check_inside(at, 1, "error offset")?;
@@ -604,9 +672,14 @@ impl Client {
 }
 
 fn find(pending: &[Pending], cookie: u64) -> Result<usize, Error> {
-    pending.iter().position(|p| p.cookie == cookie).ok_or_else(|| {
-        Error::Protocol(format!("reply for cookie {cookie:#x}, which matches no request in flight"))
-    })
+    pending
+        .iter()
+        .position(|p| p.cookie == cookie)
+        .ok_or_else(|| {
+            Error::Protocol(format!(
+                "reply for cookie {cookie:#x}, which matches no request in flight"
+            ))
+        })
 }
 
 impl Drop for Client {

@@ -56,20 +56,31 @@ pub(crate) fn negotiate(wire: &mut Wire, opts: &ConnectOptions) -> Result<Negoti
     match header.reply_type {
         proto::REP_ACK => structured = true,
         t if t & proto::REP_ERR_BIT != 0 && opts.meta_contexts.is_empty() => {}
-        t if t & proto::REP_ERR_BIT != 0 => return Err(refused(proto::OPT_STRUCTURED_REPLY, t, &payload)),
+        t if t & proto::REP_ERR_BIT != 0 => {
+            return Err(refused(proto::OPT_STRUCTURED_REPLY, t, &payload));
+        }
         t => return Err(unexpected_reply(proto::OPT_STRUCTURED_REPLY, t)),
     }
 
-    let contexts =
-        if opts.meta_contexts.is_empty() { Vec::new() } else { set_meta_contexts(wire, opts)? };
+    let contexts = if opts.meta_contexts.is_empty() {
+        Vec::new()
+    } else {
+        set_meta_contexts(wire, opts)?
+    };
 
     let info = go(wire, opts, no_zeroes)?;
-    Ok(Negotiated { info, structured, contexts })
+    Ok(Negotiated {
+        info,
+        structured,
+        contexts,
+    })
 }
 
 fn check_options(opts: &ConnectOptions) -> Result<(), Error> {
     if opts.export_name.len() > proto::MAX_STRING {
-        return Err(Error::InvalidOption("export name longer than 4096 bytes".to_string()));
+        return Err(Error::InvalidOption(
+            "export name longer than 4096 bytes".to_string(),
+        ));
     }
     for name in &opts.meta_contexts {
         if name.is_empty() || name.len() > proto::MAX_STRING || !name.contains(':') {
@@ -79,10 +90,14 @@ fn check_options(opts: &ConnectOptions) -> Result<(), Error> {
         }
     }
     if opts.pipeline_depth == 0 {
-        return Err(Error::InvalidOption("pipeline depth must be at least 1".to_string()));
+        return Err(Error::InvalidOption(
+            "pipeline depth must be at least 1".to_string(),
+        ));
     }
     if opts.request_size == 0 {
-        return Err(Error::InvalidOption("request size must be positive".to_string()));
+        return Err(Error::InvalidOption(
+            "request size must be positive".to_string(),
+        ));
     }
     Ok(())
 }
@@ -97,7 +112,9 @@ fn set_meta_contexts(wire: &mut Wire, opts: &ConnectOptions) -> Result<Vec<MetaC
             proto::REP_META_CONTEXT => {
                 let (id, name) = proto::parse_meta_context(&payload).map_err(Error::Protocol)?;
                 if granted.iter().any(|c| c.id == id) {
-                    return Err(Error::Protocol(format!("meta context id {id} granted twice")));
+                    return Err(Error::Protocol(format!(
+                        "meta context id {id} granted twice"
+                    )));
                 }
                 granted.push(MetaContext { id, name });
             }
@@ -125,7 +142,11 @@ fn go(wire: &mut Wire, opts: &ConnectOptions, no_zeroes: bool) -> Result<ExportI
         match header.reply_type {
             proto::REP_INFO => match proto::parse_info(&payload).map_err(Error::Protocol)? {
                 Info::Export { size, flags } => export = Some((size, flags)),
-                Info::BlockSize { min, preferred, max } => sizes = Some((min, preferred, max)),
+                Info::BlockSize {
+                    min,
+                    preferred,
+                    max,
+                } => sizes = Some((min, preferred, max)),
                 Info::Other(_) => {}
             },
             proto::REP_ACK => break,
@@ -138,7 +159,13 @@ fn go(wire: &mut Wire, opts: &ConnectOptions, no_zeroes: bool) -> Result<ExportI
         Error::Protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT".to_string())
     })?;
     let (min_block, preferred_block, max_payload) = sizes.unwrap_or((1, 4096, DEFAULT_MAX_PAYLOAD));
-    Ok(ExportInfo { size, flags, min_block, preferred_block, max_payload })
+    Ok(ExportInfo {
+        size,
+        flags,
+        min_block,
+        preferred_block,
+        max_payload,
+    })
 }
 
 /// For servers that predate `NBD_OPT_GO`: no error reporting, no size constraints.

@@ -19,10 +19,10 @@
 
 mod client;
 mod handshake;
-mod wire;
 pub mod proto;
 #[cfg(test)]
 mod tests;
+mod wire;
 
 use std::time::Duration;
 
@@ -133,7 +133,10 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("NBD server did not answer within {timeout:?} while {doing}")]
-    Timeout { doing: &'static str, timeout: Duration },
+    Timeout {
+        doing: &'static str,
+        timeout: Duration,
+    },
     #[error("NBD server closed the connection while {doing}")]
     Closed { doing: &'static str },
     #[error("NBD server broke the protocol: {0}")]
@@ -141,7 +144,11 @@ pub enum Error {
     #[error("NBD server does not support {0}")]
     Unsupported(&'static str),
     #[error("NBD server refused {option}: {reason}{}", fmt_message(.message))]
-    Refused { option: &'static str, reason: &'static str, message: String },
+    Refused {
+        option: &'static str,
+        reason: &'static str,
+        message: String,
+    },
     #[error("NBD server did not grant meta context {0:?}")]
     ContextNotGranted(String),
     #[error(
@@ -149,14 +156,24 @@ pub enum Error {
         proto::errno_name(*.errno),
         fmt_message(.message)
     )]
-    Command { command: &'static str, offset: u64, len: u64, errno: u32, message: String },
+    Command {
+        command: &'static str,
+        offset: u64,
+        len: u64,
+        errno: u32,
+        message: String,
+    },
     #[error("NBD request of {len} bytes at offset {offset} is outside the export of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error(
         "NBD request of {len} bytes at offset {offset} is not aligned to the server's minimum \
          block size {min_block}"
     )]
-    Unaligned { offset: u64, len: u64, min_block: u32 },
+    Unaligned {
+        offset: u64,
+        len: u64,
+        min_block: u32,
+    },
     #[error("the NBD export is read-only")]
     ReadOnly,
     #[error("meta context {0:?} was not selected on this connection")]
@@ -168,5 +185,9 @@ pub enum Error {
 }
 
 fn fmt_message(message: &str) -> String {
-    if message.is_empty() { String::new() } else { format!(" ({message})") }
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(" ({message})")
+    }
 }

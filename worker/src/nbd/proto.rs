@@ -7,7 +7,7 @@
 /// Values are from the NBD protocol document (doc/proto.md of the reference implementation).
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-pub const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
@@ -194,7 +194,9 @@ pub fn parse_option_reply_header(
 ) -> Result<OptionReplyHeader, String> {
     let magic = be_u64(&b[0..8]);
     if magic != OPTION_REPLY_MAGIC {
-        return Err(format!("option reply has magic {magic:#x}, expected {OPTION_REPLY_MAGIC:#x}"));
+        return Err(format!(
+            "option reply has magic {magic:#x}, expected {OPTION_REPLY_MAGIC:#x}"
+        ));
     }
     let header = OptionReplyHeader {
         option: be_u32(&b[8..12]),
@@ -218,32 +220,58 @@ pub fn parse_option_reply_header(
 /// Export information from NBD_REP_INFO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Info {
-    Export { size: u64, flags: u16 },
-    BlockSize { min: u32, preferred: u32, max: u32 },
+    Export {
+        size: u64,
+        flags: u16,
+    },
+    BlockSize {
+        min: u32,
+        preferred: u32,
+        max: u32,
+    },
     /// A type we did not ask for or do not know; the spec says to ignore it.
     Other(u16),
 }
 
 pub fn parse_info(payload: &[u8]) -> Result<Info, String> {
     if payload.len() < 2 {
-        return Err(format!("NBD_REP_INFO of {} bytes is too short", payload.len()));
+        return Err(format!(
+            "NBD_REP_INFO of {} bytes is too short",
+            payload.len()
+        ));
     }
     let info_type = be_u16(payload);
     match info_type {
         INFO_EXPORT => {
             if payload.len() != 12 {
-                return Err(format!("NBD_INFO_EXPORT has {} bytes, expected 12", payload.len()));
+                return Err(format!(
+                    "NBD_INFO_EXPORT has {} bytes, expected 12",
+                    payload.len()
+                ));
             }
-            Ok(Info::Export { size: be_u64(&payload[2..10]), flags: be_u16(&payload[10..12]) })
+            Ok(Info::Export {
+                size: be_u64(&payload[2..10]),
+                flags: be_u16(&payload[10..12]),
+            })
         }
         INFO_BLOCK_SIZE => {
             if payload.len() != 14 {
-                return Err(format!("NBD_INFO_BLOCK_SIZE has {} bytes, expected 14", payload.len()));
+                return Err(format!(
+                    "NBD_INFO_BLOCK_SIZE has {} bytes, expected 14",
+                    payload.len()
+                ));
             }
-            let (min, preferred, max) =
-                (be_u32(&payload[2..6]), be_u32(&payload[6..10]), be_u32(&payload[10..14]));
+            let (min, preferred, max) = (
+                be_u32(&payload[2..6]),
+                be_u32(&payload[6..10]),
+                be_u32(&payload[10..14]),
+            );
             validate_block_sizes(min, preferred, max)?;
-            Ok(Info::BlockSize { min, preferred, max })
+            Ok(Info::BlockSize {
+                min,
+                preferred,
+                max,
+            })
         }
         other => Ok(Info::Other(other)),
     }
@@ -253,13 +281,19 @@ pub fn parse_info(payload: &[u8]) -> Result<Info, String> {
 /// at most 64 KiB, and a maximum payload that is at least the minimum.
 pub fn validate_block_sizes(min: u32, preferred: u32, max: u32) -> Result<(), String> {
     if !min.is_power_of_two() || min > 65536 {
-        return Err(format!("minimum block size {min} is not a power of two up to 65536"));
+        return Err(format!(
+            "minimum block size {min} is not a power of two up to 65536"
+        ));
     }
     if !preferred.is_power_of_two() || preferred < min {
-        return Err(format!("preferred block size {preferred} is not a power of two >= {min}"));
+        return Err(format!(
+            "preferred block size {preferred} is not a power of two >= {min}"
+        ));
     }
     if max < min {
-        return Err(format!("maximum payload {max} is smaller than the minimum block size {min}"));
+        return Err(format!(
+            "maximum payload {max} is smaller than the minimum block size {min}"
+        ));
     }
     Ok(())
 }
@@ -267,7 +301,10 @@ pub fn validate_block_sizes(min: u32, preferred: u32, max: u32) -> Result<(), St
 /// NBD_REP_META_CONTEXT payload: context id and name.
 pub fn parse_meta_context(payload: &[u8]) -> Result<(u32, String), String> {
     if payload.len() < 5 || payload.len() > 4 + MAX_STRING {
-        return Err(format!("NBD_REP_META_CONTEXT of {} bytes is malformed", payload.len()));
+        return Err(format!(
+            "NBD_REP_META_CONTEXT of {} bytes is malformed",
+            payload.len()
+        ));
     }
     let id = be_u32(payload);
     let name = std::str::from_utf8(&payload[4..])
@@ -290,16 +327,26 @@ pub fn encode_request(flags: u16, command: u16, cookie: u64, offset: u64, len: u
 /// The first 16 bytes of any reply, which is enough to tell simple from structured replies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyStart {
-    Simple { error: u32, cookie: u64 },
+    Simple {
+        error: u32,
+        cookie: u64,
+    },
     /// The 4-byte payload length follows on the wire.
-    Structured { flags: u16, reply_type: u16, cookie: u64 },
+    Structured {
+        flags: u16,
+        reply_type: u16,
+        cookie: u64,
+    },
 }
 
 pub fn parse_reply_start(b: &[u8; 16]) -> Result<ReplyStart, String> {
     let magic = be_u32(&b[0..4]);
     let cookie = be_u64(&b[8..16]);
     match magic {
-        SIMPLE_REPLY_MAGIC => Ok(ReplyStart::Simple { error: be_u32(&b[4..8]), cookie }),
+        SIMPLE_REPLY_MAGIC => Ok(ReplyStart::Simple {
+            error: be_u32(&b[4..8]),
+            cookie,
+        }),
         STRUCTURED_REPLY_MAGIC => Ok(ReplyStart::Structured {
             flags: be_u16(&b[4..6]),
             reply_type: be_u16(&b[6..8]),
@@ -322,7 +369,10 @@ pub struct ErrorChunk {
 
 pub fn parse_error_chunk(reply_type: u16, payload: &[u8]) -> Result<ErrorChunk, String> {
     if payload.len() < 6 {
-        return Err(format!("error chunk of {} bytes is too short", payload.len()));
+        return Err(format!(
+            "error chunk of {} bytes is too short",
+            payload.len()
+        ));
     }
     let errno = be_u32(payload);
     let msg_len = be_u16(&payload[4..6]) as usize;
@@ -336,7 +386,10 @@ pub fn parse_error_chunk(reply_type: u16, payload: &[u8]) -> Result<ErrorChunk, 
     let rest = &payload[6 + msg_len..];
     let offset = if reply_type == REPLY_TYPE_ERROR_OFFSET {
         if rest.len() != 8 {
-            return Err(format!("NBD_REPLY_TYPE_ERROR_OFFSET has {} trailing bytes", rest.len()));
+            return Err(format!(
+                "NBD_REPLY_TYPE_ERROR_OFFSET has {} trailing bytes",
+                rest.len()
+            ));
         }
         Some(be_u64(rest))
     } else {
@@ -345,14 +398,21 @@ pub fn parse_error_chunk(reply_type: u16, payload: &[u8]) -> Result<ErrorChunk, 
     if errno == 0 {
         return Err("error chunk carries error value 0".to_string());
     }
-    Ok(ErrorChunk { errno, message, offset })
+    Ok(ErrorChunk {
+        errno,
+        message,
+        offset,
+    })
 }
 
 /// Parses a NBD_REPLY_TYPE_BLOCK_STATUS payload into its context id and `(length, flags)`
 /// descriptors, checked against the request `[0, request_len)`: every length is non-zero, the
 /// descriptors before the last one end strictly inside the request, and the last one — which the
 /// spec allows to run past the request — is cut at the request end.
-pub fn parse_block_status(payload: &[u8], request_len: u64) -> Result<(u32, Vec<(u64, u32)>), String> {
+pub fn parse_block_status(
+    payload: &[u8],
+    request_len: u64,
+) -> Result<(u32, Vec<(u64, u32)>), String> {
     if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
         return Err(format!(
             "block status chunk of {} bytes is not 4 + a positive multiple of 8",
@@ -397,14 +457,25 @@ mod tests {
     #[test]
     fn option_reply_header_checks_magic_option_and_length() {
         let ok = parse_option_reply_header(&option_reply(OPT_GO, REP_ACK, 0), OPT_GO).unwrap();
-        assert_eq!(ok, OptionReplyHeader { option: OPT_GO, reply_type: REP_ACK, len: 0 });
+        assert_eq!(
+            ok,
+            OptionReplyHeader {
+                option: OPT_GO,
+                reply_type: REP_ACK,
+                len: 0
+            }
+        );
         let err = parse_option_reply_header(&option_reply(OPT_ABORT, REP_ACK, 0), OPT_GO);
         assert!(err.unwrap_err().contains("NBD_OPT_GO"));
         let err = parse_option_reply_header(&option_reply(OPT_GO, REP_ACK, 1 << 20), OPT_GO);
         assert!(err.unwrap_err().contains("too long"));
         let mut bad = option_reply(OPT_GO, REP_ACK, 0);
         bad[7] ^= 0xff;
-        assert!(parse_option_reply_header(&bad, OPT_GO).unwrap_err().contains("magic"));
+        assert!(
+            parse_option_reply_header(&bad, OPT_GO)
+                .unwrap_err()
+                .contains("magic")
+        );
     }
 
     #[test]
@@ -414,7 +485,10 @@ mod tests {
         export.extend_from_slice(&(TFLAG_HAS_FLAGS | TFLAG_READ_ONLY).to_be_bytes());
         assert_eq!(
             parse_info(&export).unwrap(),
-            Info::Export { size: 1 << 30, flags: TFLAG_HAS_FLAGS | TFLAG_READ_ONLY }
+            Info::Export {
+                size: 1 << 30,
+                flags: TFLAG_HAS_FLAGS | TFLAG_READ_ONLY
+            }
         );
         assert!(parse_info(&export[..11]).is_err());
 
@@ -427,7 +501,11 @@ mod tests {
         };
         assert_eq!(
             parse_info(&block(1, 4096, 32 << 20)).unwrap(),
-            Info::BlockSize { min: 1, preferred: 4096, max: 32 << 20 }
+            Info::BlockSize {
+                min: 1,
+                preferred: 4096,
+                max: 32 << 20
+            }
         );
         assert!(parse_info(&block(3, 4096, 32 << 20)).is_err());
         assert!(parse_info(&block(1 << 17, 1 << 17, 32 << 20)).is_err());
@@ -459,7 +537,13 @@ mod tests {
         b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         b[4..8].copy_from_slice(&5u32.to_be_bytes());
         b[8..16].copy_from_slice(&7u64.to_be_bytes());
-        assert_eq!(parse_reply_start(&b).unwrap(), ReplyStart::Simple { error: 5, cookie: 7 });
+        assert_eq!(
+            parse_reply_start(&b).unwrap(),
+            ReplyStart::Simple {
+                error: 5,
+                cookie: 7
+            }
+        );
         b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
         b[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
         b[6..8].copy_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
@@ -486,7 +570,12 @@ mod tests {
         assert_eq!((e.errno, e.message.as_str(), e.offset), (5, "bad", None));
         assert!(parse_error_chunk(REPLY_TYPE_ERROR_OFFSET, &p).is_err());
         p.extend_from_slice(&42u64.to_be_bytes());
-        assert_eq!(parse_error_chunk(REPLY_TYPE_ERROR_OFFSET, &p).unwrap().offset, Some(42));
+        assert_eq!(
+            parse_error_chunk(REPLY_TYPE_ERROR_OFFSET, &p)
+                .unwrap()
+                .offset,
+            Some(42)
+        );
         // Message length running past the payload.
         let mut q = 5u32.to_be_bytes().to_vec();
         q.extend_from_slice(&100u16.to_be_bytes());
@@ -506,19 +595,21 @@ mod tests {
 
     #[test]
     fn block_status_descriptors_are_validated_and_clamped() {
-        let (ctx, d) = parse_block_status(&status_payload(2, &[(4096, 0), (8192, 3)]), 1 << 20)
-            .unwrap();
+        let (ctx, d) =
+            parse_block_status(&status_payload(2, &[(4096, 0), (8192, 3)]), 1 << 20).unwrap();
         assert_eq!((ctx, d), (2, vec![(4096, 0), (8192, 3)]));
         // The last descriptor may run past the request; it is cut at the end.
-        let (_, d) = parse_block_status(&status_payload(1, &[(4096, 0), (1 << 30, 3)]), 65536)
-            .unwrap();
+        let (_, d) =
+            parse_block_status(&status_payload(1, &[(4096, 0), (1 << 30, 3)]), 65536).unwrap();
         assert_eq!(d, vec![(4096, 0), (61440, 3)]);
         // A descriptor that starts at or after the request end is a protocol violation.
         let err = parse_block_status(&status_payload(1, &[(65536, 0), (512, 3)]), 65536);
         assert!(err.unwrap_err().contains("past the request end"));
-        assert!(parse_block_status(&status_payload(1, &[(0, 0)]), 65536)
-            .unwrap_err()
-            .contains("length 0"));
+        assert!(
+            parse_block_status(&status_payload(1, &[(0, 0)]), 65536)
+                .unwrap_err()
+                .contains("length 0")
+        );
         assert!(parse_block_status(&status_payload(1, &[]), 65536).is_err());
         assert!(parse_block_status(&[0, 0, 0, 1, 0, 0, 0, 1, 0], 65536).is_err());
     }
@@ -527,7 +618,10 @@ mod tests {
     fn meta_context_reply_parses() {
         let mut p = 7u32.to_be_bytes().to_vec();
         p.extend_from_slice(b"base:allocation");
-        assert_eq!(parse_meta_context(&p).unwrap(), (7, "base:allocation".to_string()));
+        assert_eq!(
+            parse_meta_context(&p).unwrap(),
+            (7, "base:allocation".to_string())
+        );
         assert!(parse_meta_context(&p[..4]).is_err());
     }
 }

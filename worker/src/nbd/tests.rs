@@ -3,6 +3,7 @@
 //! hang. (Tests against the real qemu-nbd live in `worker/tests/sources.rs`.)
 
 use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
@@ -11,9 +12,26 @@ use std::time::Duration;
 use super::proto::*;
 use super::*;
 
+/// A server-side socket of either kind.
+trait FakeStream: Read + Write + Send {
+    fn set_timeout(&self, timeout: Duration);
+}
+
+impl FakeStream for UnixStream {
+    fn set_timeout(&self, timeout: Duration) {
+        self.set_read_timeout(Some(timeout)).unwrap();
+    }
+}
+
+impl FakeStream for TcpStream {
+    fn set_timeout(&self, timeout: Duration) {
+        self.set_read_timeout(Some(timeout)).unwrap();
+    }
+}
+
 /// Server side of one connection.
 struct Fake {
-    s: UnixStream,
+    s: Box<dyn FakeStream>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -30,10 +48,14 @@ impl Fake {
     fn greet(&mut self) -> Io<()> {
         self.s.write_all(&NBDMAGIC.to_be_bytes())?;
         self.s.write_all(&IHAVEOPT.to_be_bytes())?;
-        self.s.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+        self.s
+            .write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
         let mut flags = [0u8; 4];
         self.s.read_exact(&mut flags)?;
-        assert_eq!(u32::from_be_bytes(flags), FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        assert_eq!(
+            u32::from_be_bytes(flags),
+            FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES
+        );
         Ok(())
     }
 
@@ -119,13 +141,23 @@ impl Fake {
     fn data(&mut self, done: bool, cookie: u64, offset: u64, data: &[u8]) -> Io<()> {
         let mut p = offset.to_be_bytes().to_vec();
         p.extend_from_slice(data);
-        self.chunk(if done { REPLY_FLAG_DONE } else { 0 }, REPLY_TYPE_OFFSET_DATA, cookie, &p)
+        self.chunk(
+            if done { REPLY_FLAG_DONE } else { 0 },
+            REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            &p,
+        )
     }
 
     fn hole(&mut self, done: bool, cookie: u64, offset: u64, len: u32) -> Io<()> {
         let mut p = offset.to_be_bytes().to_vec();
         p.extend_from_slice(&len.to_be_bytes());
-        self.chunk(if done { REPLY_FLAG_DONE } else { 0 }, REPLY_TYPE_OFFSET_HOLE, cookie, &p)
+        self.chunk(
+            if done { REPLY_FLAG_DONE } else { 0 },
+            REPLY_TYPE_OFFSET_HOLE,
+            cookie,
+            &p,
+        )
     }
 
     fn status(&mut self, done: bool, cookie: u64, ctx: u32, descs: &[(u32, u32)]) -> Io<()> {
@@ -134,7 +166,12 @@ impl Fake {
             p.extend_from_slice(&l.to_be_bytes());
             p.extend_from_slice(&f.to_be_bytes());
         }
-        self.chunk(if done { REPLY_FLAG_DONE } else { 0 }, REPLY_TYPE_BLOCK_STATUS, cookie, &p)
+        self.chunk(
+            if done { REPLY_FLAG_DONE } else { 0 },
+            REPLY_TYPE_BLOCK_STATUS,
+            cookie,
+            &p,
+        )
     }
 
     fn done(&mut self, cookie: u64) -> Io<()> {
@@ -150,7 +187,7 @@ impl Fake {
 
     /// Blocks until the client closes the connection (or 10 s pass).
     fn wait_closed(&mut self) {
-        let _ = self.s.set_read_timeout(Some(Duration::from_secs(10)));
+        self.s.set_timeout(Duration::from_secs(10));
         let mut sink = Vec::new();
         let _ = self.s.read_to_end(&mut sink);
     }
@@ -162,6 +199,19 @@ struct Server {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Runs `script` on the first connection accepted by `accept`.
+fn serve(
+    accept: impl FnOnce() -> Box<dyn FakeStream> + Send + 'static,
+    script: impl FnOnce(&mut Fake) -> Io<()> + Send + 'static,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let s = accept();
+        s.set_timeout(Duration::from_secs(10));
+        let mut fake = Fake { s };
+        let _ = script(&mut fake);
+    })
+}
+
 impl Server {
     /// Runs `script` on the first connection. I/O errors in the script (the client went away)
     /// end it quietly; assertion failures surface in `join`.
@@ -169,13 +219,12 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let listener = UnixListener::bind(&socket).unwrap();
-        let thread = std::thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut fake = Fake { s };
-            let _ = script(&mut fake);
-        });
-        Server { _dir: dir, socket, thread: Some(thread) }
+        let thread = serve(move || Box::new(listener.accept().unwrap().0), script);
+        Server {
+            _dir: dir,
+            socket,
+            thread: Some(thread),
+        }
     }
 
     fn connect(&self, opts: &ConnectOptions) -> Result<Client, Error> {
@@ -210,7 +259,13 @@ fn reads_reassemble_out_of_order_data_and_hole_chunks() {
     let mut c = server.connect(&opts()).unwrap();
     assert_eq!(c.size(), 1 << 20);
     assert!(c.structured_replies());
-    assert_eq!(c.meta_contexts(), &[MetaContext { id: 1, name: BASE_ALLOCATION.into() }]);
+    assert_eq!(
+        c.meta_contexts(),
+        &[MetaContext {
+            id: 1,
+            name: BASE_ALLOCATION.into()
+        }]
+    );
     let mut buf = vec![0xffu8; 8192];
     c.read_at(4096, &mut buf).unwrap();
     assert!(buf[..2048].iter().all(|&b| b == 0xab));
@@ -226,7 +281,12 @@ fn pipelined_reads_accept_replies_in_any_order() {
         f.negotiate(1 << 20, &[])?;
         let reqs: Vec<Request> = (0..4).map(|_| f.read_request()).collect::<Io<_>>()?;
         for r in reqs.iter().rev() {
-            f.data(true, r.cookie, r.offset, &vec![(r.offset / 4096) as u8; r.len as usize])?;
+            f.data(
+                true,
+                r.cookie,
+                r.offset,
+                &vec![(r.offset / 4096) as u8; r.len as usize],
+            )?;
         }
         f.wait_closed();
         Ok(())
@@ -327,6 +387,24 @@ fn read_reply_that_leaves_a_gap_is_rejected() {
 }
 
 #[test]
+fn overlapping_read_chunks_are_rejected() {
+    let server = Server::start(|f| {
+        f.negotiate(1 << 20, &[])?;
+        let r = f.read_request()?;
+        f.data(false, r.cookie, r.offset, &[1u8; 4096])?;
+        f.hole(false, r.cookie, r.offset, 4096)?;
+        f.wait_closed();
+        Ok(())
+    });
+    let mut c = server.connect(&opts().with_meta_contexts([])).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = c.read_at(0, &mut buf).unwrap_err();
+    assert!(err.to_string().contains("overlapping"), "{err}");
+    drop(c);
+    server.join();
+}
+
+#[test]
 fn block_status_descriptor_past_the_request_end_is_rejected() {
     let server = Server::start(|f| {
         f.negotiate(1 << 20, &[(BASE_ALLOCATION, 1)])?;
@@ -366,12 +444,27 @@ fn block_status_follows_short_answers_and_clamps_the_last_descriptor() {
     assert_eq!(
         extents,
         vec![
-            StatusExtent { offset: 0, len: 4096, flags: 0 },
-            StatusExtent { offset: 4096, len: 65536, flags: 3 },
-            StatusExtent { offset: 69632, len: (1 << 20) - 69632, flags: 0 },
+            StatusExtent {
+                offset: 0,
+                len: 4096,
+                flags: 0
+            },
+            StatusExtent {
+                offset: 4096,
+                len: 65536,
+                flags: 3
+            },
+            StatusExtent {
+                offset: 69632,
+                len: (1 << 20) - 69632,
+                flags: 0
+            },
         ]
     );
-    assert!(matches!(c.block_status("base:other", 0, 4096), Err(Error::NoSuchContext(_))));
+    assert!(matches!(
+        c.block_status("base:other", 0, 4096),
+        Err(Error::NoSuchContext(_))
+    ));
     drop(c);
     server.join();
 }
@@ -463,7 +556,10 @@ fn refused_export_carries_the_server_message() {
     });
     let err = server.connect(&ConnectOptions::new("nope")).unwrap_err();
     assert!(matches!(err, Error::Refused { .. }), "{err}");
-    assert!(err.to_string().contains("export 'nope' not present"), "{err}");
+    assert!(
+        err.to_string().contains("export 'nope' not present"),
+        "{err}"
+    );
     server.join();
 }
 
@@ -476,7 +572,10 @@ fn ungranted_meta_context_fails_the_connection() {
     let o = opts().with_meta_contexts([BASE_ALLOCATION.to_string(), dirty_bitmap_context("x")]);
     // The fake answers GO after the abort; the client must fail before that.
     let err = server.connect(&o).unwrap_err();
-    assert!(matches!(err, Error::ContextNotGranted(ref n) if n == "qemu:dirty-bitmap:x"), "{err}");
+    assert!(
+        matches!(err, Error::ContextNotGranted(ref n) if n == "qemu:dirty-bitmap:x"),
+        "{err}"
+    );
     server.join();
 }
 
@@ -503,10 +602,43 @@ fn requests_outside_the_export_or_on_read_only_exports_are_refused_locally() {
     let mut c = server.connect(&ConnectOptions::new("img")).unwrap();
     assert_eq!((c.info().min_block, c.info().max_payload), (512, 1 << 20));
     let mut buf = vec![0u8; 4096];
-    assert!(matches!(c.read_at((1 << 20) - 512, &mut buf), Err(Error::OutOfRange { .. })));
-    assert!(matches!(c.read_at(100, &mut buf), Err(Error::Unaligned { .. })));
+    assert!(matches!(
+        c.read_at((1 << 20) - 512, &mut buf),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        c.read_at(100, &mut buf),
+        Err(Error::Unaligned { .. })
+    ));
     assert!(matches!(c.write_at(0, &buf), Err(Error::ReadOnly)));
     assert!(matches!(c.write_zeroes(0, 4096), Err(Error::ReadOnly)));
     drop(c);
     server.join();
+}
+
+#[test]
+fn tcp_connections_work_like_unix_ones() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let thread = serve(
+        move || Box::new(listener.accept().unwrap().0),
+        |f| {
+            f.negotiate(1 << 20, &[])?;
+            let r = f.read_request()?;
+            f.data(true, r.cookie, r.offset, &vec![9u8; r.len as usize])?;
+            let w = f.read_request()?;
+            assert_eq!((w.command, w.len), (CMD_WRITE_ZEROES, 65536));
+            f.simple(0, w.cookie)?;
+            let d = f.read_request()?;
+            assert_eq!(d.command, CMD_DISC);
+            Ok(())
+        },
+    );
+    let mut c = Client::connect_tcp(addr, &ConnectOptions::new("img")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    c.read_at(8192, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 9));
+    c.write_zeroes(0, 65536).unwrap();
+    c.disconnect().unwrap();
+    thread.join().unwrap();
 }

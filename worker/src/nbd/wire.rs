@@ -48,8 +48,10 @@ impl Wire {
         if timeout.is_zero() {
             return Err(Error::InvalidOption("timeout must be positive".to_string()));
         }
-        conn.set_timeouts(timeout)
-            .map_err(|source| Error::Io { doing: "setting socket timeouts", source })?;
+        conn.set_timeouts(timeout).map_err(|source| Error::Io {
+            doing: "setting socket timeouts",
+            source,
+        })?;
         Ok(Wire { conn, timeout })
     }
 
@@ -67,9 +69,10 @@ impl Wire {
 
     fn map(&self, e: io::Error, doing: &'static str) -> Error {
         match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                Error::Timeout { doing, timeout: self.timeout }
-            }
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout {
+                doing,
+                timeout: self.timeout,
+            },
             io::ErrorKind::UnexpectedEof
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionReset => Error::Closed { doing },

@@ -74,10 +74,16 @@ struct Batch {
 }
 
 enum Outcome {
-    Zero { parent_present: bool },
+    Zero {
+        parent_present: bool,
+    },
     Unchanged(ChunkRef),
     Reused(u64, PackEntry),
-    New { id: ChunkId, blob: Vec<u8>, raw_len: u32 },
+    New {
+        id: ChunkId,
+        blob: Vec<u8>,
+        raw_len: u32,
+    },
 }
 
 struct Processed {
@@ -122,25 +128,40 @@ pub fn backup(
         None => true,
         Some(p) => p.disk_size != size || p.chain_depth + 1 >= repo.config.full_every,
     };
-    let chain_depth = if full_index { 0 } else { parent_header.as_ref().map_or(0, |p| p.chain_depth + 1) };
+    let chain_depth = if full_index {
+        0
+    } else {
+        parent_header.as_ref().map_or(0, |p| p.chain_depth + 1)
+    };
 
     // Chunks made durable by an interrupted backup: packs that no index references.
-    let referenced: HashSet<u64> = catalog.indexes.iter().flat_map(|i| i.header.packs.iter().copied()).collect();
+    let referenced: HashSet<u64> = catalog
+        .indexes
+        .iter()
+        .flat_map(|i| i.header.packs.iter().copied())
+        .collect();
     let existing = pack::list_packs(&packs_dir)?;
     let mut reusable: HashMap<ChunkId, (u64, PackEntry)> = HashMap::new();
     for &seq in existing.iter().filter(|s| !referenced.contains(s)) {
         match pack::read_trailer(&pack::pack_path(&packs_dir, seq)) {
             Ok(entries) => reusable.extend(entries.into_iter().map(|e| (e.id, (seq, e)))),
-            Err(err) => tracing::warn!(pack = seq, error = %err, "skipping an unreadable unreferenced pack"),
+            Err(err) => {
+                tracing::warn!(pack = seq, error = %err, "skipping an unreadable unreferenced pack")
+            }
         }
     }
     if !reusable.is_empty() {
-        tracing::info!(chunks = reusable.len(), "reusing chunks of an interrupted backup");
+        tracing::info!(
+            chunks = reusable.len(),
+            "reusing chunks of an interrupted backup"
+        );
     }
     let damaged = load_damaged(&repo.disk_dir(&opts.disk));
     let next_pack = existing.last().map_or(0, |s| s + 1);
 
-    let created_at_ms = opts.now_ms.max(parent_header.as_ref().map_or(0, |p| p.created_at_ms + 1));
+    let created_at_ms = opts
+        .now_ms
+        .max(parent_header.as_ref().map_or(0, |p| p.created_at_ms + 1));
     let rp = new_rp_id(created_at_ms);
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -154,7 +175,9 @@ pub fn backup(
     let pool_size = threads * 2 + 2;
     let (pool_tx, pool_rx) = bounded::<Vec<u8>>(pool_size);
     for _ in 0..pool_size {
-        pool_tx.send(vec![0u8; chunks_per_batch * chunk_size as usize]).expect("pool has room");
+        pool_tx
+            .send(vec![0u8; chunks_per_batch * chunk_size as usize])
+            .expect("pool has room");
     }
     let (work_tx, work_rx) = bounded::<Batch>(threads * 2);
     let (done_tx, done_rx) = bounded::<Processed>(threads * 2);
@@ -183,7 +206,14 @@ pub fn backup(
 
     let (reader_result, writer_result) = std::thread::scope(|scope| {
         let reader = scope.spawn(move || {
-            read_batches(source, parent_chain, chunk_size, chunks_per_batch, pool_rx, work_tx)
+            read_batches(
+                source,
+                parent_chain,
+                chunk_size,
+                chunks_per_batch,
+                pool_rx,
+                work_tx,
+            )
         });
         for _ in 0..threads {
             let work_rx = work_rx.clone();
@@ -244,12 +274,15 @@ pub fn backup(
 }
 
 fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T, Error>>) -> Result<T, Error> {
-    handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// A recovery point id: a UUID v7 at `ms`.
 pub(crate) fn new_rp_id(ms: u64) -> String {
-    let ts = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, ((ms % 1000) * 1_000_000) as u32);
+    let ts =
+        uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, ((ms % 1000) * 1_000_000) as u32);
     uuid::Uuid::new_v7(ts).hyphenated().to_string()
 }
 
@@ -257,11 +290,17 @@ pub(crate) fn new_rp_id(ms: u64) -> String {
 /// parent has the same id at that position, which heals the lineage.
 pub(crate) fn load_damaged(disk_dir: &Path) -> HashSet<ChunkId> {
     let path = disk_dir.join("damaged.json");
-    let Ok(bytes) = std::fs::read(&path) else { return HashSet::new() };
+    let Ok(bytes) = std::fs::read(&path) else {
+        return HashSet::new();
+    };
     match serde_json::from_slice::<Vec<String>>(&bytes) {
         Ok(ids) => ids
             .iter()
-            .filter_map(|h| hex::decode(h).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()))
+            .filter_map(|h| {
+                hex::decode(h)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            })
             .collect(),
         Err(err) => {
             tracing::warn!(path = %path.display(), error = %err, "ignoring an unreadable damaged-chunk list");
@@ -280,11 +319,20 @@ pub(crate) struct ExtentCursor {
 
 impl ExtentCursor {
     pub(crate) fn new(size: u64) -> ExtentCursor {
-        ExtentCursor { extents: VecDeque::new(), fetched_to: 0, size }
+        ExtentCursor {
+            extents: VecDeque::new(),
+            fetched_to: 0,
+            size,
+        }
     }
 
     /// The data ranges within `[start, end)`; calls must ask ascending, non-overlapping ranges.
-    pub(crate) fn data_ranges(&mut self, source: &mut dyn Source, start: u64, end: u64) -> Result<Vec<(u64, u64)>, Error> {
+    pub(crate) fn data_ranges(
+        &mut self,
+        source: &mut dyn Source,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, u64)>, Error> {
         while self.fetched_to < end {
             let window = EXTENT_WINDOW.min(self.size - self.fetched_to);
             let extents = source.extents(self.fetched_to, window)?;
@@ -302,7 +350,8 @@ impl ExtentCursor {
                 }
             }
             if at < self.fetched_to + window {
-                self.extents.push_back((at, self.fetched_to + window, ExtentKind::Data));
+                self.extents
+                    .push_back((at, self.fetched_to + window, ExtentKind::Data));
             }
             self.fetched_to += window;
         }
@@ -348,7 +397,9 @@ fn read_batches(
         let n = (chunks_per_batch as u64).min(n_chunks - first_pos) as usize;
         let start = first_pos * chunk_size;
         let end = ((first_pos + n as u64) * chunk_size).min(size);
-        let Ok(mut buf) = pool.recv() else { return Ok(bytes_read) };
+        let Ok(mut buf) = pool.recv() else {
+            return Ok(bytes_read);
+        };
         let ranges = extents.data_ranges(source, start, end)?;
         // Zero-fill what is not read: buffers are reused.
         let mut filled_to = start;
@@ -367,7 +418,14 @@ fn read_batches(
         for i in 0..n as u64 {
             parent_refs.push(parent.at(first_pos + i)?);
         }
-        let batch = Batch { seq, first_pos, n, buf, known_zero, parent: parent_refs };
+        let batch = Batch {
+            seq,
+            first_pos,
+            n,
+            buf,
+            known_zero,
+            parent: parent_refs,
+        };
         if work.send(batch).is_err() {
             // The writer stopped; its error is the one to report.
             return Ok(bytes_read);
@@ -388,7 +446,12 @@ struct WorkerCtx<'a> {
 }
 
 /// The worker stage: classify each chunk and encode the new ones.
-fn process_batches(ctx: &WorkerCtx<'_>, work: Receiver<Batch>, done: Sender<Processed>, pool: Sender<Vec<u8>>) {
+fn process_batches(
+    ctx: &WorkerCtx<'_>,
+    work: Receiver<Batch>,
+    done: Sender<Processed>,
+    pool: Sender<Vec<u8>>,
+) {
     for batch in work {
         let mut outcomes = Vec::with_capacity(batch.n);
         let mut bytes = 0u64;
@@ -401,11 +464,19 @@ fn process_batches(ctx: &WorkerCtx<'_>, work: Receiver<Batch>, done: Sender<Proc
             let data = &batch.buf[offset..offset + raw_len];
             let parent = batch.parent[i];
             if batch.known_zero[i] || is_zero(data) {
-                outcomes.push(Outcome::Zero { parent_present: parent.is_some() });
+                outcomes.push(Outcome::Zero {
+                    parent_present: parent.is_some(),
+                });
                 continue;
             }
             let id = ctx.keys.chunk_id(data);
-            if let Some(parent @ ChunkRef::Stored { id: parent_id, raw_len: parent_len, .. }) = parent
+            if let Some(
+                parent @ ChunkRef::Stored {
+                    id: parent_id,
+                    raw_len: parent_len,
+                    ..
+                },
+            ) = parent
                 && parent_id == id
                 && parent_len as usize == raw_len
                 && !ctx.damaged.contains(&id)
@@ -421,10 +492,22 @@ fn process_batches(ctx: &WorkerCtx<'_>, work: Receiver<Batch>, done: Sender<Proc
             }
             let mut blob = Vec::with_capacity(raw_len / 2);
             ctx.keys.encode_blob(&id, data, ctx.zstd_level, &mut blob);
-            outcomes.push(Outcome::New { id, blob, raw_len: raw_len as u32 });
+            outcomes.push(Outcome::New {
+                id,
+                blob,
+                raw_len: raw_len as u32,
+            });
         }
         let _ = pool.send(batch.buf);
-        if done.send(Processed { seq: batch.seq, first_pos: batch.first_pos, bytes, outcomes }).is_err() {
+        if done
+            .send(Processed {
+                seq: batch.seq,
+                first_pos: batch.first_pos,
+                bytes,
+                outcomes,
+            })
+            .is_err()
+        {
             return;
         }
     }
@@ -479,7 +562,10 @@ fn write_batches(ctx: WriterCtx<'_>, done: Receiver<Processed>) -> Result<Writte
                     Outcome::Zero { parent_present } => {
                         out.chunks_zero += 1;
                         if !ctx.full_index && parent_present {
-                            out.index.push(&Record { pos, chunk: ChunkRef::Zero })?;
+                            out.index.push(&Record {
+                                pos,
+                                chunk: ChunkRef::Zero,
+                            })?;
                         }
                     }
                     Outcome::Unchanged(chunk) => {

@@ -68,9 +68,16 @@ pub fn init(dir: &Path, chunk_size: u64, key_file: Option<&Path>) -> Result<Repo
                 sync_dir(parent)?;
             }
         }
-        Err(e) => return Err(Error::Io { path: dir.into(), source: e }),
+        Err(e) => {
+            return Err(Error::Io {
+                path: dir.into(),
+                source: e,
+            });
+        }
     }
-    let id = uuid::Uuid::from_bytes(random_bytes::<16>()).hyphenated().to_string();
+    let id = uuid::Uuid::from_bytes(random_bytes::<16>())
+        .hyphenated()
+        .to_string();
     let encryption = match key_file {
         None => None,
         Some(key_file) => {
@@ -116,33 +123,52 @@ pub fn open(dir: &Path, key_file: Option<&Path>) -> Result<(RepoConfig, Keys), E
         }
         Err(e) => return Err(Error::Io { path, source: e }),
     };
-    let corrupt = |reason: String| Error::CorruptConfig { path: path.clone(), reason };
+    let corrupt = |reason: String| Error::CorruptConfig {
+        path: path.clone(),
+        reason,
+    };
     let config: RepoConfig =
         serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("not valid JSON: {e}")))?;
     if config.format != FORMAT_NAME {
-        return Err(corrupt(format!("format is {:?}, expected {FORMAT_NAME:?}", config.format)));
+        return Err(corrupt(format!(
+            "format is {:?}, expected {FORMAT_NAME:?}",
+            config.format
+        )));
     }
     if config.version != FORMAT_VERSION {
-        return Err(Error::UnsupportedVersion { path: dir.into(), version: config.version });
+        return Err(Error::UnsupportedVersion {
+            path: dir.into(),
+            version: config.version,
+        });
     }
     validate_chunk_size(config.chunk_size as u64).map_err(|e| corrupt(e.to_string()))?;
     if !(1..=1000).contains(&config.full_every) {
-        return Err(corrupt(format!("full_every {} is outside 1..=1000", config.full_every)));
+        return Err(corrupt(format!(
+            "full_every {} is outside 1..=1000",
+            config.full_every
+        )));
     }
     if !(-7..=22).contains(&config.zstd_level) {
-        return Err(corrupt(format!("zstd_level {} is outside -7..=22", config.zstd_level)));
+        return Err(corrupt(format!(
+            "zstd_level {} is outside -7..=22",
+            config.zstd_level
+        )));
     }
     let keys = match (&config.encryption, key_file) {
         (None, _) => Keys::plain(),
         (Some(_), None) => return Err(Error::KeyRequired { path: dir.into() }),
         (Some(enc), Some(key_file)) => {
-            let salt = decode_hex32(&enc.salt).ok_or_else(|| corrupt("salt is not 32 hex bytes".into()))?;
-            let check =
-                decode_hex32(&enc.key_check).ok_or_else(|| corrupt("key_check is not 32 hex bytes".into()))?;
+            let salt = decode_hex32(&enc.salt)
+                .ok_or_else(|| corrupt("salt is not 32 hex bytes".into()))?;
+            let check = decode_hex32(&enc.key_check)
+                .ok_or_else(|| corrupt("key_check is not 32 hex bytes".into()))?;
             let secret = read_key_file(key_file)?;
             let keys = Keys::derive(&secret, &salt);
             if keys.key_check(&config.id) != check {
-                return Err(Error::WrongKey { key_file: key_file.into(), repo: dir.into() });
+                return Err(Error::WrongKey {
+                    key_file: key_file.into(),
+                    repo: dir.into(),
+                });
             }
             keys
         }
@@ -188,7 +214,8 @@ fn read_or_create_key_file(path: &Path) -> Result<Vec<u8>, Error> {
         .mode(0o600)
         .open(path)
         .map_err(io_err(path))?;
-    file.write_all(format!("{secret}\n").as_bytes()).map_err(io_err(path))?;
+    file.write_all(format!("{secret}\n").as_bytes())
+        .map_err(io_err(path))?;
     file.sync_all().map_err(io_err(path))?;
     Ok(secret.into_bytes())
 }

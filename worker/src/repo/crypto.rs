@@ -29,7 +29,9 @@ pub struct Keys {
 
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keys").field("encrypted", &self.is_encrypted()).finish()
+        f.debug_struct("Keys")
+            .field("encrypted", &self.is_encrypted())
+            .finish()
     }
 }
 
@@ -56,7 +58,11 @@ pub enum BlobError {
 
 impl Keys {
     pub fn plain() -> Keys {
-        Keys { id_key: None, aead: None, mac_key: None }
+        Keys {
+            id_key: None,
+            aead: None,
+            mac_key: None,
+        }
     }
 
     /// Derives the repository keys from the key file's secret and the repository's salt.
@@ -81,7 +87,9 @@ impl Keys {
 
     /// A MAC of the repository id: equal only under the right key.
     pub fn key_check(&self, repo_id: &str) -> [u8; 32] {
-        let key = self.mac_key.expect("key_check is only asked of derived keys");
+        let key = self
+            .mac_key
+            .expect("key_check is only asked of derived keys");
         let check_key = blake3::derive_key("cairn repository 2026-11 key check", &key);
         *blake3::keyed_hash(&check_key, repo_id.as_bytes()).as_bytes()
     }
@@ -122,7 +130,13 @@ impl Keys {
                 let nonce = random_bytes::<NONCE_LEN>();
                 let aad = aad(id, flags);
                 let sealed = aead
-                    .encrypt(XNonce::from_slice(&nonce), Payload { msg: body, aad: &aad })
+                    .encrypt(
+                        XNonce::from_slice(&nonce),
+                        Payload {
+                            msg: body,
+                            aad: &aad,
+                        },
+                    )
                     .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
                 out.push(flags);
                 out.extend_from_slice(&nonce);
@@ -132,7 +146,12 @@ impl Keys {
     }
 
     /// Opens, decompresses and checks a blob; returns the plaintext of `raw_len` bytes.
-    pub fn decode_blob(&self, id: &ChunkId, blob: &[u8], raw_len: usize) -> Result<Vec<u8>, BlobError> {
+    pub fn decode_blob(
+        &self,
+        id: &ChunkId,
+        blob: &[u8],
+        raw_len: usize,
+    ) -> Result<Vec<u8>, BlobError> {
         let mut out = vec![0u8; raw_len];
         self.decode_blob_into(id, blob, &mut out, &mut BlobDecoder::new())?;
         Ok(out)
@@ -161,7 +180,13 @@ impl Keys {
                 }
                 let (nonce, sealed) = rest.split_at(NONCE_LEN);
                 opened = aead
-                    .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: &aad(id, flags) })
+                    .decrypt(
+                        XNonce::from_slice(nonce),
+                        Payload {
+                            msg: sealed,
+                            aad: &aad(id, flags),
+                        },
+                    )
                     .map_err(|_| BlobError::Authentication)?;
                 &opened
             }
@@ -178,7 +203,10 @@ impl Keys {
             body.len()
         };
         if len != out.len() {
-            return Err(BlobError::Length { expected: out.len(), actual: len });
+            return Err(BlobError::Length {
+                expected: out.len(),
+                actual: len,
+            });
         }
         if &self.chunk_id(out) != id {
             return Err(BlobError::HashMismatch);
@@ -230,7 +258,10 @@ mod tests {
         let id = keys.chunk_id(&data);
         let mut blob = Vec::new();
         keys.encode_blob(&id, &data, 3, &mut blob);
-        assert!(blob.len() < data.len() / 4, "compressible data is compressed");
+        assert!(
+            blob.len() < data.len() / 4,
+            "compressible data is compressed"
+        );
         assert_eq!(keys.decode_blob(&id, &blob, data.len()).unwrap(), data);
         let last = blob.len() - 1;
         blob[last] ^= 1;
@@ -247,16 +278,27 @@ mod tests {
         let mut blob = Vec::new();
         keys.encode_blob(&id, &data, 3, &mut blob);
         assert_eq!(keys.decode_blob(&id, &blob, data.len()).unwrap(), data);
-        assert_eq!(other.decode_blob(&id, &blob, data.len()), Err(BlobError::Authentication));
+        assert_eq!(
+            other.decode_blob(&id, &blob, data.len()),
+            Err(BlobError::Authentication)
+        );
         let other_id = keys.chunk_id(b"something else");
-        assert_eq!(keys.decode_blob(&other_id, &blob, data.len()), Err(BlobError::Authentication));
-        assert_eq!(Keys::plain().decode_blob(&id, &blob, data.len()), Err(BlobError::SealedWithoutKey));
+        assert_eq!(
+            keys.decode_blob(&other_id, &blob, data.len()),
+            Err(BlobError::Authentication)
+        );
+        assert_eq!(
+            Keys::plain().decode_blob(&id, &blob, data.len()),
+            Err(BlobError::SealedWithoutKey)
+        );
     }
 
     #[test]
     fn incompressible_data_is_stored_raw() {
         let keys = Keys::plain();
-        let data: Vec<u8> = (0..65536u64).map(|i| (i.wrapping_mul(0x9E3779B97F4A7C15) >> 56) as u8).collect();
+        let data: Vec<u8> = (0..65536u64)
+            .map(|i| (i.wrapping_mul(0x9E3779B97F4A7C15) >> 56) as u8)
+            .collect();
         let id = keys.chunk_id(&data);
         let mut blob = Vec::new();
         keys.encode_blob(&id, &data, 3, &mut blob);

@@ -24,7 +24,7 @@ pub(crate) fn temp_path(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".tmp-{}-{n}-{name}", std::process::id()))
+    path.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()))
 }
 
 /// Writes `bytes` to `path` atomically and durably.
@@ -56,11 +56,18 @@ pub(crate) fn remove_temp_files(dir: &Path) -> Result<usize, Error> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(Error::Io { path: dir.into(), source: e }),
+        Err(e) => {
+            return Err(Error::Io {
+                path: dir.into(),
+                source: e,
+            });
+        }
     };
     for entry in entries {
         let entry = entry.map_err(io_err(dir))?;
-        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".tmp") {
             std::fs::remove_file(entry.path()).map_err(io_err(entry.path()))?;
             removed += 1;
         }
@@ -104,7 +111,10 @@ impl FileLock {
         if err.kind() == std::io::ErrorKind::WouldBlock {
             Ok(None)
         } else {
-            Err(Error::Io { path: path.into(), source: err })
+            Err(Error::Io {
+                path: path.into(),
+                source: err,
+            })
         }
     }
 }

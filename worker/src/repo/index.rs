@@ -35,7 +35,13 @@ const MAX_HEADER_LEN: u32 = 16 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkRef {
     Zero,
-    Stored { id: ChunkId, pack: u64, offset: u64, stored_len: u32, raw_len: u32 },
+    Stored {
+        id: ChunkId,
+        pack: u64,
+        offset: u64,
+        stored_len: u32,
+        raw_len: u32,
+    },
 }
 
 impl ChunkRef {
@@ -96,7 +102,13 @@ fn encode_record(record: &Record, out: &mut [u8; RECORD_LEN]) {
             out[40..48].copy_from_slice(&ZERO_PACK.to_le_bytes());
             out[48..64].fill(0);
         }
-        ChunkRef::Stored { id, pack, offset, stored_len, raw_len } => {
+        ChunkRef::Stored {
+            id,
+            pack,
+            offset,
+            stored_len,
+            raw_len,
+        } => {
             out[8..40].copy_from_slice(&id);
             out[40..48].copy_from_slice(&pack.to_le_bytes());
             out[48..56].copy_from_slice(&offset.to_le_bytes());
@@ -121,7 +133,10 @@ fn decode_record(raw: &[u8; RECORD_LEN]) -> Record {
             raw_len: u32_at(60),
         }
     };
-    Record { pos: u64_at(0), chunk }
+    Record {
+        pos: u64_at(0),
+        chunk,
+    }
 }
 
 /// Writes an index under a temporary name; [`IndexWriter::finish`] publishes it.
@@ -156,13 +171,19 @@ impl IndexWriter {
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
         self.hasher.update(bytes);
-        let file = self.file.as_mut().expect("index writer is open until finish");
+        let file = self
+            .file
+            .as_mut()
+            .expect("index writer is open until finish");
         file.write_all(bytes).map_err(io_err(&self.tmp))
     }
 
     /// Appends a record; positions must ascend strictly.
     pub fn push(&mut self, record: &Record) -> Result<(), Error> {
-        assert!(self.last_pos.is_none_or(|last| record.pos > last), "index records must ascend");
+        assert!(
+            self.last_pos.is_none_or(|last| record.pos > last),
+            "index records must ascend"
+        );
         self.last_pos = Some(record.pos);
         let mut raw = [0u8; RECORD_LEN];
         encode_record(record, &mut raw);
@@ -184,7 +205,10 @@ impl IndexWriter {
         let mut file = self.file.take().expect("index writer is open until finish");
         file.write_all(&checksum).map_err(io_err(&self.tmp))?;
         file.write_all(END_MAGIC).map_err(io_err(&self.tmp))?;
-        let file = file.into_inner().map_err(|e| Error::Io { path: self.tmp.clone(), source: e.into_error() })?;
+        let file = file.into_inner().map_err(|e| Error::Io {
+            path: self.tmp.clone(),
+            source: e.into_error(),
+        })?;
         file.sync_all().map_err(io_err(&self.tmp))?;
         drop(file);
         publish(&self.tmp, &self.path)
@@ -209,7 +233,10 @@ pub struct IndexFile {
 impl IndexFile {
     /// Opens an index, verifying the checksum over the whole file.
     pub fn open(path: &Path, keys: &Keys) -> Result<IndexFile, Error> {
-        let corrupt = |reason: String| Error::CorruptIndex { path: path.into(), reason };
+        let corrupt = |reason: String| Error::CorruptIndex {
+            path: path.into(),
+            reason,
+        };
         let mut file = File::open(path).map_err(io_err(path))?;
         let size = file.metadata().map_err(io_err(path))?.len();
         let tail_len = 4 + 32 + 8;
@@ -222,10 +249,15 @@ impl IndexFile {
         let mut head = [0u8; RECORDS_START as usize];
         reader.read_exact(&mut head).map_err(io_err(path))?;
         if &head[..8] != MAGIC {
-            return Err(corrupt("bad magic: not a cairn recovery point index".into()));
+            return Err(corrupt(
+                "bad magic: not a cairn recovery point index".into(),
+            ));
         }
         if head[8] != VERSION {
-            return Err(corrupt(format!("index version {} is not supported", head[8])));
+            return Err(corrupt(format!(
+                "index version {} is not supported",
+                head[8]
+            )));
         }
         hasher.update(&head);
         remaining -= RECORDS_START;
@@ -247,16 +279,21 @@ impl IndexFile {
         let mut tail = [0u8; 40];
         reader.read_exact(&mut tail).map_err(io_err(path))?;
         if &tail[32..] != END_MAGIC {
-            return Err(corrupt("bad end magic: the index is truncated or damaged".into()));
+            return Err(corrupt(
+                "bad end magic: the index is truncated or damaged".into(),
+            ));
         }
         if hasher.finalize().as_bytes() != &tail[..32] {
-            return Err(corrupt("checksum mismatch (damaged, or written with another key)".into()));
+            return Err(corrupt(
+                "checksum mismatch (damaged, or written with another key)".into(),
+            ));
         }
         let n = last_bytes.len();
         if n < 4 {
             return Err(corrupt("no header".into()));
         }
-        let header_len = u32::from_le_bytes(last_bytes[n - 4..].try_into().expect("4 bytes")) as usize;
+        let header_len =
+            u32::from_le_bytes(last_bytes[n - 4..].try_into().expect("4 bytes")) as usize;
         if header_len + 4 > n {
             return Err(corrupt(format!("header length {header_len} does not fit")));
         }
@@ -270,15 +307,22 @@ impl IndexFile {
             )));
         }
         if super::config::validate_chunk_size(header.chunk_size as u64).is_err() {
-            return Err(corrupt(format!("chunk size {} is invalid", header.chunk_size)));
+            return Err(corrupt(format!(
+                "chunk size {} is invalid",
+                header.chunk_size
+            )));
         }
-        Ok(IndexFile { path: path.into(), header })
+        Ok(IndexFile {
+            path: path.into(),
+            header,
+        })
     }
 
     /// Streams this file's own records, checking each one.
     pub fn records(&self) -> Result<RecordIter, Error> {
         let mut file = File::open(&self.path).map_err(io_err(&self.path))?;
-        file.seek(SeekFrom::Start(RECORDS_START)).map_err(io_err(&self.path))?;
+        file.seek(SeekFrom::Start(RECORDS_START))
+            .map_err(io_err(&self.path))?;
         Ok(RecordIter {
             path: self.path.clone(),
             reader: BufReader::with_capacity(256 * 1024, file),
@@ -310,19 +354,37 @@ impl Iterator for RecordIter {
         let mut raw = [0u8; RECORD_LEN];
         if let Err(e) = self.reader.read_exact(&mut raw) {
             self.remaining = 0;
-            return Some(Err(Error::Io { path: self.path.clone(), source: e }));
+            return Some(Err(Error::Io {
+                path: self.path.clone(),
+                source: e,
+            }));
         }
         let record = decode_record(&raw);
         let problem = if self.last_pos.is_some_and(|last| record.pos <= last) {
             Some(format!("record positions do not ascend at {}", record.pos))
         } else if record.pos >= self.header.n_chunks() {
-            Some(format!("position {} is past the disk's {} chunks", record.pos, self.header.n_chunks()))
-        } else if let ChunkRef::Stored { raw_len, stored_len, .. } = record.chunk {
+            Some(format!(
+                "position {} is past the disk's {} chunks",
+                record.pos,
+                self.header.n_chunks()
+            ))
+        } else if let ChunkRef::Stored {
+            raw_len,
+            stored_len,
+            ..
+        } = record.chunk
+        {
             let expected = self.header.raw_len_at(record.pos);
             if raw_len != expected {
-                Some(format!("chunk at {} claims {raw_len} bytes, expected {expected}", record.pos))
+                Some(format!(
+                    "chunk at {} claims {raw_len} bytes, expected {expected}",
+                    record.pos
+                ))
             } else if stored_len == 0 || stored_len > expected + 4096 {
-                Some(format!("chunk at {} has an impossible stored length {stored_len}", record.pos))
+                Some(format!(
+                    "chunk at {} has an impossible stored length {stored_len}",
+                    record.pos
+                ))
             } else {
                 None
             }
@@ -331,7 +393,10 @@ impl Iterator for RecordIter {
         };
         if let Some(reason) = problem {
             self.remaining = 0;
-            return Some(Err(Error::CorruptIndex { path: self.path.clone(), reason }));
+            return Some(Err(Error::CorruptIndex {
+                path: self.path.clone(),
+                reason,
+            }));
         }
         self.last_pos = Some(record.pos);
         Some(Ok(record))
@@ -365,7 +430,11 @@ impl Iterator for ChainReader {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let min_pos = self.heads.iter().filter_map(|(r, _)| r.map(|r| r.pos)).min()?;
+            let min_pos = self
+                .heads
+                .iter()
+                .filter_map(|(r, _)| r.map(|r| r.pos))
+                .min()?;
             let mut winner = None;
             for (head, iter) in &mut self.heads {
                 if head.is_some_and(|r| r.pos == min_pos) {
@@ -396,12 +465,17 @@ pub struct PositionCursor {
 
 impl PositionCursor {
     pub fn new(chain: Option<ChainReader>) -> PositionCursor {
-        PositionCursor { inner: chain, pending: None }
+        PositionCursor {
+            inner: chain,
+            pending: None,
+        }
     }
 
     /// The reference at `pos`; positions must be asked in ascending order. `None` = zero.
     pub fn at(&mut self, pos: u64) -> Result<Option<ChunkRef>, Error> {
-        let Some(inner) = self.inner.as_mut() else { return Ok(None) };
+        let Some(inner) = self.inner.as_mut() else {
+            return Ok(None);
+        };
         loop {
             if self.pending.is_none() {
                 match inner.next() {
@@ -449,7 +523,16 @@ mod tests {
     }
 
     fn stored(pos: u64, tag: u8) -> Record {
-        Record { pos, chunk: ChunkRef::Stored { id: [tag; 32], pack: 1, offset: 16, stored_len: 10, raw_len: 4096 } }
+        Record {
+            pos,
+            chunk: ChunkRef::Stored {
+                id: [tag; 32],
+                pack: 1,
+                offset: 16,
+                stored_len: 10,
+                raw_len: 4096,
+            },
+        }
     }
 
     fn write(dir: &Path, name: &str, h: IndexHeader, records: &[Record]) -> IndexFile {
@@ -466,15 +549,41 @@ mod tests {
     #[test]
     fn chain_merges_newest_first_and_zero_records_win() {
         let dir = tempfile::tempdir().unwrap();
-        let full = write(dir.path(), "a", header("a", true, 10 * 4096), &[stored(0, 1), stored(3, 1), stored(5, 1)]);
+        let full = write(
+            dir.path(),
+            "a",
+            header("a", true, 10 * 4096),
+            &[stored(0, 1), stored(3, 1), stored(5, 1)],
+        );
         let delta = write(
             dir.path(),
             "b",
             header("b", false, 10 * 4096),
-            &[stored(1, 2), Record { pos: 3, chunk: ChunkRef::Zero }, stored(5, 2)],
+            &[
+                stored(1, 2),
+                Record {
+                    pos: 3,
+                    chunk: ChunkRef::Zero,
+                },
+                stored(5, 2),
+            ],
         );
-        let merged: Vec<Record> = ChainReader::new(&[delta.clone(), full.clone()]).unwrap().map(|r| r.unwrap()).collect();
-        assert_eq!(merged, vec![stored(0, 1), stored(1, 2), Record { pos: 3, chunk: ChunkRef::Zero }, stored(5, 2)]);
+        let merged: Vec<Record> = ChainReader::new(&[delta.clone(), full.clone()])
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(
+            merged,
+            vec![
+                stored(0, 1),
+                stored(1, 2),
+                Record {
+                    pos: 3,
+                    chunk: ChunkRef::Zero
+                },
+                stored(5, 2)
+            ]
+        );
         let mut cursor = PositionCursor::new(Some(ChainReader::new(&[delta, full]).unwrap()));
         assert_eq!(cursor.at(0).unwrap(), Some(stored(0, 1).chunk));
         assert_eq!(cursor.at(2).unwrap(), None);
@@ -486,13 +595,21 @@ mod tests {
     #[test]
     fn damage_anywhere_is_detected() {
         let dir = tempfile::tempdir().unwrap();
-        let index = write(dir.path(), "a", header("a", true, 10 * 4096), &[stored(0, 1), stored(3, 1)]);
+        let index = write(
+            dir.path(),
+            "a",
+            header("a", true, 10 * 4096),
+            &[stored(0, 1), stored(3, 1)],
+        );
         let clean = std::fs::read(&index.path).unwrap();
         for i in 0..clean.len() {
             let mut bytes = clean.clone();
             bytes[i] ^= 0x40;
             std::fs::write(&index.path, &bytes).unwrap();
-            assert!(IndexFile::open(&index.path, &Keys::plain()).is_err(), "flip at byte {i} went unnoticed");
+            assert!(
+                IndexFile::open(&index.path, &Keys::plain()).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
         }
         std::fs::write(&index.path, &clean[..clean.len() - 3]).unwrap();
         assert!(IndexFile::open(&index.path, &Keys::plain()).is_err());
@@ -501,7 +618,12 @@ mod tests {
     #[test]
     fn records_past_the_disk_end_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
-        let index = write(dir.path(), "a", header("a", true, 2 * 4096), &[stored(5, 1)]);
+        let index = write(
+            dir.path(),
+            "a",
+            header("a", true, 2 * 4096),
+            &[stored(5, 1)],
+        );
         let err = index.records().unwrap().next().unwrap().unwrap_err();
         assert!(err.to_string().contains("past the disk"), "{err}");
     }

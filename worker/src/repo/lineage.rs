@@ -53,14 +53,22 @@ impl Catalog {
 
 /// Checks a disk id: 1–128 characters of `[A-Za-z0-9._-]`, not starting with a dot.
 pub fn validate_disk_id(id: &str) -> Result<(), Error> {
-    let bad = |reason| Err(Error::InvalidDiskId { id: id.into(), reason });
+    let bad = |reason| {
+        Err(Error::InvalidDiskId {
+            id: id.into(),
+            reason,
+        })
+    };
     if id.is_empty() || id.len() > 128 {
         return bad("must be 1 to 128 characters");
     }
     if id.starts_with('.') {
         return bad("must not start with a dot");
     }
-    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
         return bad("may hold only letters, digits, '.', '_' and '-'");
     }
     Ok(())
@@ -75,7 +83,11 @@ impl Repository {
 
     pub fn open(dir: &Path, key_file: Option<&Path>) -> Result<Repository, Error> {
         let (config, keys) = config::open(dir, key_file)?;
-        Ok(Repository { root: dir.into(), config, keys })
+        Ok(Repository {
+            root: dir.into(),
+            config,
+            keys,
+        })
     }
 
     pub fn disks_dir(&self) -> PathBuf {
@@ -101,7 +113,12 @@ impl Repository {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(disks),
-            Err(e) => return Err(Error::Io { path: dir, source: e }),
+            Err(e) => {
+                return Err(Error::Io {
+                    path: dir,
+                    source: e,
+                });
+            }
         };
         for entry in entries {
             let entry = entry.map_err(io_err(&dir))?;
@@ -139,13 +156,20 @@ impl Repository {
     }
 
     /// Takes a lineage lock without waiting; `Busy` names who holds it.
-    pub(crate) fn lock(&self, disk: &str, which: LockKind, mode: LockMode) -> Result<FileLock, Error> {
+    pub(crate) fn lock(
+        &self,
+        disk: &str,
+        which: LockKind,
+        mode: LockMode,
+    ) -> Result<FileLock, Error> {
         let path = self.disk_dir(disk).join(which.file_name());
         FileLock::try_lock(&path, mode)?.ok_or_else(|| Error::Busy {
             disk: disk.into(),
             what: match (which, mode) {
                 (LockKind::Write, _) => "a backup, forget or gc of this disk is running".into(),
-                (LockKind::Read, LockMode::Exclusive) => "a restore or verify of this disk is running".into(),
+                (LockKind::Read, LockMode::Exclusive) => {
+                    "a restore or verify of this disk is running".into()
+                }
                 (LockKind::Read, LockMode::Shared) => "a gc of this disk is running".into(),
             },
         })
@@ -158,15 +182,26 @@ impl Repository {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(catalog),
-            Err(e) => return Err(Error::Io { path: dir, source: e }),
+            Err(e) => {
+                return Err(Error::Io {
+                    path: dir,
+                    source: e,
+                });
+            }
         };
         for entry in entries {
             let path = entry.map_err(io_err(&dir))?.path();
-            if path.extension().is_none_or(|e| e != "rpi") {
+            let hidden = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if hidden || path.extension().is_none_or(|e| e != "rpi") {
                 continue;
             }
             match IndexFile::open(&path, &self.keys) {
-                Ok(index) if index.header.disk == disk && index.header.chunk_size == self.config.chunk_size => {
+                Ok(index)
+                    if index.header.disk == disk
+                        && index.header.chunk_size == self.config.chunk_size =>
+                {
                     catalog.indexes.push(index)
                 }
                 Ok(index) => {
@@ -174,14 +209,16 @@ impl Repository {
                         "belongs to disk {} with chunk size {}",
                         index.header.disk, index.header.chunk_size
                     );
-                    catalog.damaged.push((path.clone(), Error::CorruptIndex { path, reason }));
+                    catalog
+                        .damaged
+                        .push((path.clone(), Error::CorruptIndex { path, reason }));
                 }
                 Err(e) => catalog.damaged.push((path, e)),
             }
         }
-        catalog
-            .indexes
-            .sort_by(|a, b| (a.header.created_at_ms, &a.header.rp).cmp(&(b.header.created_at_ms, &b.header.rp)));
+        catalog.indexes.sort_by(|a, b| {
+            (a.header.created_at_ms, &a.header.rp).cmp(&(b.header.created_at_ms, &b.header.rp))
+        });
         Ok(catalog)
     }
 
@@ -190,16 +227,25 @@ impl Repository {
         let mut chain = vec![index.clone()];
         while !chain.last().expect("non-empty").header.full {
             let child = chain.last().expect("non-empty");
-            let parent_id = child.header.parent.clone().ok_or_else(|| Error::CorruptIndex {
-                path: child.path.clone(),
-                reason: "a delta index without a parent".into(),
-            })?;
-            let parent = catalog.find(&parent_id).ok_or_else(|| Error::CorruptIndex {
-                path: child.path.clone(),
-                reason: format!("its parent recovery point {parent_id} is missing or damaged"),
-            })?;
+            let parent_id = child
+                .header
+                .parent
+                .clone()
+                .ok_or_else(|| Error::CorruptIndex {
+                    path: child.path.clone(),
+                    reason: "a delta index without a parent".into(),
+                })?;
+            let parent = catalog
+                .find(&parent_id)
+                .ok_or_else(|| Error::CorruptIndex {
+                    path: child.path.clone(),
+                    reason: format!("its parent recovery point {parent_id} is missing or damaged"),
+                })?;
             if chain.len() > 10_000 || chain.iter().any(|i| i.header.rp == parent_id) {
-                return Err(Error::CorruptIndex { path: child.path.clone(), reason: "parent chain loops".into() });
+                return Err(Error::CorruptIndex {
+                    path: child.path.clone(),
+                    reason: "parent chain loops".into(),
+                });
             }
             chain.push(parent.clone());
         }
@@ -207,7 +253,12 @@ impl Repository {
     }
 
     /// Finds a recovery point by id or unique id prefix (at least 8 characters); `None` = latest.
-    pub fn resolve_rp<'c>(&self, disk: &str, catalog: &'c Catalog, rp: Option<&str>) -> Result<&'c IndexFile, Error> {
+    pub fn resolve_rp<'c>(
+        &self,
+        disk: &str,
+        catalog: &'c Catalog,
+        rp: Option<&str>,
+    ) -> Result<&'c IndexFile, Error> {
         match rp {
             None | Some("latest") => catalog.latest().ok_or_else(|| Error::NoSuchRp {
                 disk: disk.into(),
@@ -217,12 +268,20 @@ impl Repository {
                 let matches: Vec<&IndexFile> = catalog
                     .indexes
                     .iter()
-                    .filter(|i| i.header.rp == wanted || (wanted.len() >= 8 && i.header.rp.starts_with(wanted)))
+                    .filter(|i| {
+                        i.header.rp == wanted
+                            || (wanted.len() >= 8 && i.header.rp.starts_with(wanted))
+                    })
                     .collect();
                 match matches.as_slice() {
                     [one] => Ok(one),
-                    [] => Err(Error::NoSuchRp { disk: disk.into(), rp: wanted.into() }),
-                    _ => Err(Error::Invalid(format!("recovery point prefix {wanted} is ambiguous"))),
+                    [] => Err(Error::NoSuchRp {
+                        disk: disk.into(),
+                        rp: wanted.into(),
+                    }),
+                    _ => Err(Error::Invalid(format!(
+                        "recovery point prefix {wanted} is ambiguous"
+                    ))),
                 }
             }
         }

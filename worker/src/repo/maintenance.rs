@@ -30,7 +30,9 @@ pub struct ForgetSummary {
 /// Keeps the `keep_last` newest recovery points of `disk` and forgets the rest.
 pub fn forget(repo: &Repository, disk: &str, keep_last: usize) -> Result<ForgetSummary, Error> {
     if keep_last == 0 {
-        return Err(Error::Invalid("--keep-last must be at least 1; a disk keeps at least one recovery point".into()));
+        return Err(Error::Invalid(
+            "--keep-last must be at least 1; a disk keeps at least one recovery point".into(),
+        ));
     }
     repo.require_disk(disk)?;
     let _write_lock = repo.lock(disk, LockKind::Write, LockMode::Exclusive)?;
@@ -73,7 +75,12 @@ pub fn forget(repo: &Repository, disk: &str, keep_last: usize) -> Result<ForgetS
         std::fs::remove_file(&index.path).map_err(io_err(&index.path))?;
     }
     sync_dir(&repo.rps_dir(disk))?;
-    tracing::info!(disk, removed = summary.removed.len(), kept = summary.kept.len(), "forget finished");
+    tracing::info!(
+        disk,
+        removed = summary.removed.len(),
+        kept = summary.kept.len(),
+        "forget finished"
+    );
     Ok(summary)
 }
 
@@ -100,12 +107,17 @@ const REWRITE_BELOW_LIVE_SHARE: f64 = 0.5;
 
 /// Reclaims unreferenced space in every lineage.
 pub fn gc(repo: &Repository) -> Result<GcSummary, Error> {
-    let mut summary = GcSummary { bytes_freed: 0, disks: Vec::new() };
+    let mut summary = GcSummary {
+        bytes_freed: 0,
+        disks: Vec::new(),
+    };
     for disk in repo.list_disks()? {
         let result = gc_disk(repo, &disk);
         let disk_gc = match result {
             Ok(d) => d,
-            Err(e @ (Error::Busy { .. } | Error::CorruptIndex { .. } | Error::CorruptPack { .. })) => DiskGc {
+            Err(
+                e @ (Error::Busy { .. } | Error::CorruptIndex { .. } | Error::CorruptPack { .. }),
+            ) => DiskGc {
                 disk: disk.clone(),
                 packs_deleted: 0,
                 packs_rewritten: 0,
@@ -131,19 +143,33 @@ fn gc_disk(repo: &Repository, disk: &str) -> Result<DiskGc, Error> {
         // A damaged index may still reference packs: deleting them would make it unrecoverable.
         return Err(Error::CorruptIndex {
             path: path.clone(),
-            reason: format!("{err}; gc leaves this disk alone until the index is removed or repaired"),
+            reason: format!(
+                "{err}; gc leaves this disk alone until the index is removed or repaired"
+            ),
         });
     }
     // Live blobs: every record of every index (each recovery point may be restored).
     let mut live: HashMap<u64, BTreeMap<u64, u32>> = HashMap::new();
     for index in &catalog.indexes {
         for record in index.records()? {
-            if let ChunkRef::Stored { pack, offset, stored_len, .. } = record?.chunk {
+            if let ChunkRef::Stored {
+                pack,
+                offset,
+                stored_len,
+                ..
+            } = record?.chunk
+            {
                 live.entry(pack).or_default().insert(offset, stored_len);
             }
         }
     }
-    let mut result = DiskGc { disk: disk.into(), packs_deleted: 0, packs_rewritten: 0, bytes_freed: 0, skipped: None };
+    let mut result = DiskGc {
+        disk: disk.into(),
+        packs_deleted: 0,
+        packs_rewritten: 0,
+        bytes_freed: 0,
+        skipped: None,
+    };
     let existing = pack::list_packs(&packs_dir)?;
     let mut next_seq = existing.last().map_or(0, |s| s + 1);
     let mut to_delete = Vec::new();
@@ -175,10 +201,16 @@ fn gc_disk(repo: &Repository, disk: &str) -> Result<DiskGc, Error> {
         }
         for &(seq, _, _) in &to_rewrite {
             for (&offset, &len) in &live[&seq] {
-                let entry = trailers[&seq].get(&offset).copied().ok_or_else(|| Error::CorruptPack {
-                    path: pack::pack_path(&packs_dir, seq),
-                    reason: format!("an index references offset {offset}, which the pack does not list"),
-                })?;
+                let entry =
+                    trailers[&seq]
+                        .get(&offset)
+                        .copied()
+                        .ok_or_else(|| Error::CorruptPack {
+                            path: pack::pack_path(&packs_dir, seq),
+                            reason: format!(
+                                "an index references offset {offset}, which the pack does not list"
+                            ),
+                        })?;
                 reader.read(seq, offset, len, &mut blob)?;
                 if writer.is_none() {
                     writer = Some(PackWriter::create(&packs_dir, next_seq)?);
@@ -216,11 +248,21 @@ fn gc_disk(repo: &Repository, disk: &str) -> Result<DiskGc, Error> {
         result.bytes_freed += size;
     }
     sync_dir(&packs_dir)?;
-    tracing::info!(disk, deleted = result.packs_deleted, rewritten = result.packs_rewritten, freed = result.bytes_freed, "gc finished");
+    tracing::info!(
+        disk,
+        deleted = result.packs_deleted,
+        rewritten = result.packs_rewritten,
+        freed = result.bytes_freed,
+        "gc finished"
+    );
     Ok(result)
 }
 
-fn rewrite_index(repo: &Repository, index: &IndexFile, moved: &HashMap<(u64, u64), (u64, u64)>) -> Result<(), Error> {
+fn rewrite_index(
+    repo: &Repository,
+    index: &IndexFile,
+    moved: &HashMap<(u64, u64), (u64, u64)>,
+) -> Result<(), Error> {
     let mut writer = IndexWriter::create(&index.path, &repo.keys)?;
     let mut packs = BTreeSet::new();
     for record in index.records()? {
@@ -234,7 +276,10 @@ fn rewrite_index(repo: &Repository, index: &IndexFile, moved: &HashMap<(u64, u64
         }
         writer.push(&record)?;
     }
-    writer.finish(IndexHeader { packs: packs.into_iter().collect(), ..index.header.clone() })
+    writer.finish(IndexHeader {
+        packs: packs.into_iter().collect(),
+        ..index.header.clone()
+    })
 }
 
 /// Sizes of the repository, for `cairn repo stats`.
@@ -273,7 +318,9 @@ pub fn stats(repo: &Repository) -> Result<RepoStats, Error> {
         for index in &catalog.indexes {
             stats.recovery_points += 1;
             stats.logical_bytes += index.header.disk_size;
-            stats.index_bytes += std::fs::metadata(&index.path).map_err(io_err(&index.path))?.len();
+            stats.index_bytes += std::fs::metadata(&index.path)
+                .map_err(io_err(&index.path))?
+                .len();
         }
         let packs_dir = repo.packs_dir(&disk);
         for seq in pack::list_packs(&packs_dir)? {
@@ -283,6 +330,10 @@ pub fn stats(repo: &Repository) -> Result<RepoStats, Error> {
         }
     }
     let stored = stats.pack_bytes + stats.index_bytes;
-    stats.reduction_ratio = if stored == 0 { 0.0 } else { stats.logical_bytes as f64 / stored as f64 };
+    stats.reduction_ratio = if stored == 0 {
+        0.0
+    } else {
+        stats.logical_bytes as f64 / stored as f64
+    };
     Ok(stats)
 }

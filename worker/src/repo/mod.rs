@@ -84,7 +84,9 @@ pub enum Error {
     NotARepository { path: PathBuf },
     #[error("{path}: already exists and is not empty; a repository needs an empty folder")]
     AlreadyExists { path: PathBuf },
-    #[error("{path}: repository format version {version} is not supported (this cairn reads version 1)")]
+    #[error(
+        "{path}: repository format version {version} is not supported (this cairn reads version 1)"
+    )]
     UnsupportedVersion { path: PathBuf, version: u32 },
     #[error("{path}: damaged repository config: {reason}")]
     CorruptConfig { path: PathBuf, reason: String },
@@ -163,9 +165,9 @@ impl Progress for NoProgress {
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut blocks = buf.chunks_exact(256);
     for block in blocks.by_ref() {
-        let acc = block
-            .chunks_exact(8)
-            .fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().expect("8-byte word")));
+        let acc = block.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().expect("8-byte word"))
+        });
         if acc != 0 {
             return false;
         }

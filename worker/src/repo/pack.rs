@@ -51,7 +51,12 @@ pub fn list_packs(dir: &Path) -> Result<Vec<u64>, Error> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(seqs),
-        Err(e) => return Err(Error::Io { path: dir.into(), source: e }),
+        Err(e) => {
+            return Err(Error::Io {
+                path: dir.into(),
+                source: e,
+            });
+        }
     };
     for entry in entries {
         let name = entry.map_err(io_err(dir))?.file_name();
@@ -89,7 +94,14 @@ impl PackWriter {
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
         file.write_all(&header).map_err(io_err(&tmp))?;
-        Ok(PackWriter { seq, path, tmp, file: Some(file), offset: HEADER_LEN, entries: Vec::new() })
+        Ok(PackWriter {
+            seq,
+            path,
+            tmp,
+            file: Some(file),
+            offset: HEADER_LEN,
+            entries: Vec::new(),
+        })
     }
 
     pub fn seq(&self) -> u64 {
@@ -107,11 +119,19 @@ impl PackWriter {
 
     /// Appends a blob; returns its offset in the pack.
     pub fn append(&mut self, id: &ChunkId, blob: &[u8], raw_len: u32) -> Result<u64, Error> {
-        let file = self.file.as_mut().expect("pack writer is open until finish");
+        let file = self
+            .file
+            .as_mut()
+            .expect("pack writer is open until finish");
         file.write_all(blob).map_err(io_err(&self.tmp))?;
         let offset = self.offset;
         let stored_len = u32::try_from(blob.len()).expect("a blob is smaller than 4 GiB");
-        self.entries.push(PackEntry { id: *id, offset, stored_len, raw_len });
+        self.entries.push(PackEntry {
+            id: *id,
+            offset,
+            stored_len,
+            raw_len,
+        });
         self.offset += blob.len() as u64;
         Ok(offset)
     }
@@ -128,7 +148,10 @@ impl PackWriter {
         footer.extend_from_slice(END_MAGIC);
         file.write_all(&trailer).map_err(io_err(&self.tmp))?;
         file.write_all(&footer).map_err(io_err(&self.tmp))?;
-        let file = file.into_inner().map_err(|e| Error::Io { path: self.tmp.clone(), source: e.into_error() })?;
+        let file = file.into_inner().map_err(|e| Error::Io {
+            path: self.tmp.clone(),
+            source: e.into_error(),
+        })?;
         file.sync_all().map_err(io_err(&self.tmp))?;
         drop(file);
         publish(&self.tmp, &self.path)?;
@@ -157,7 +180,10 @@ fn encode_trailer(entries: &[PackEntry]) -> Vec<u8> {
 
 /// Reads and checks the trailer of a pack: the list of its blobs.
 pub fn read_trailer(path: &Path) -> Result<Vec<PackEntry>, Error> {
-    let corrupt = |reason: String| Error::CorruptPack { path: path.into(), reason };
+    let corrupt = |reason: String| Error::CorruptPack {
+        path: path.into(),
+        reason,
+    };
     let file = File::open(path).map_err(io_err(path))?;
     let size = file.metadata().map_err(io_err(path))?.len();
     if size < HEADER_LEN + FOOTER_LEN {
@@ -173,20 +199,28 @@ pub fn read_trailer(path: &Path) -> Result<Vec<PackEntry>, Error> {
         return Err(corrupt(format!("pack version {version} is not supported")));
     }
     let mut footer = [0u8; FOOTER_LEN as usize];
-    file.read_exact_at(&mut footer, size - FOOTER_LEN).map_err(io_err(path))?;
+    file.read_exact_at(&mut footer, size - FOOTER_LEN)
+        .map_err(io_err(path))?;
     if &footer[48..] != END_MAGIC {
-        return Err(corrupt("bad end magic: the pack is truncated or damaged".into()));
+        return Err(corrupt(
+            "bad end magic: the pack is truncated or damaged".into(),
+        ));
     }
     let n = u64::from_le_bytes(footer[..8].try_into().expect("8 bytes"));
     let trailer_offset = u64::from_le_bytes(footer[8..16].try_into().expect("8 bytes"));
-    let trailer_len = n.checked_mul(ENTRY_LEN as u64).ok_or_else(|| corrupt(format!("entry count {n} overflows")))?;
-    if trailer_offset < HEADER_LEN || trailer_offset.checked_add(trailer_len) != Some(size - FOOTER_LEN) {
+    let trailer_len = n
+        .checked_mul(ENTRY_LEN as u64)
+        .ok_or_else(|| corrupt(format!("entry count {n} overflows")))?;
+    if trailer_offset < HEADER_LEN
+        || trailer_offset.checked_add(trailer_len) != Some(size - FOOTER_LEN)
+    {
         return Err(corrupt(format!(
             "trailer of {n} entries at {trailer_offset} does not fit a pack of {size} bytes"
         )));
     }
     let mut trailer = vec![0u8; trailer_len as usize];
-    file.read_exact_at(&mut trailer, trailer_offset).map_err(io_err(path))?;
+    file.read_exact_at(&mut trailer, trailer_offset)
+        .map_err(io_err(path))?;
     if blake3::hash(&trailer).as_bytes() != &footer[16..48] {
         return Err(corrupt("trailer checksum mismatch".into()));
     }
@@ -199,7 +233,10 @@ pub fn read_trailer(path: &Path) -> Result<Vec<PackEntry>, Error> {
             raw_len: u32::from_le_bytes(raw[44..48].try_into().expect("4 bytes")),
         };
         if entry.offset < HEADER_LEN || entry.offset + entry.stored_len as u64 > trailer_offset {
-            return Err(corrupt(format!("blob at {} of {} bytes lies outside the data area", entry.offset, entry.stored_len)));
+            return Err(corrupt(format!(
+                "blob at {} of {} bytes lies outside the data area",
+                entry.offset, entry.stored_len
+            )));
         }
         entries.push(entry);
     }
@@ -215,7 +252,10 @@ pub struct PackReader {
 
 impl PackReader {
     pub fn new(dir: &Path) -> PackReader {
-        PackReader { dir: dir.into(), open: HashMap::new() }
+        PackReader {
+            dir: dir.into(),
+            open: HashMap::new(),
+        }
     }
 
     pub fn path(&self, seq: u64) -> PathBuf {
@@ -223,7 +263,13 @@ impl PackReader {
     }
 
     /// Reads the blob at `offset` of `len` bytes into `out` (resized).
-    pub fn read(&mut self, seq: u64, offset: u64, len: u32, out: &mut Vec<u8>) -> Result<(), Error> {
+    pub fn read(
+        &mut self,
+        seq: u64,
+        offset: u64,
+        len: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
         if !self.open.contains_key(&seq) {
             if self.open.len() >= 16 {
                 self.open.clear();
@@ -237,7 +283,10 @@ impl PackReader {
         file.read_exact_at(out, offset).map_err(|e| {
             let path = pack_path(&self.dir, seq);
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::CorruptPack { path, reason: format!("truncated: blob at {offset} of {len} bytes is missing") }
+                Error::CorruptPack {
+                    path,
+                    reason: format!("truncated: blob at {offset} of {len} bytes is missing"),
+                }
             } else {
                 Error::Io { path, source: e }
             }
@@ -270,9 +319,15 @@ mod tests {
         let n = bytes.len();
         bytes[n - 60] ^= 0xff; // inside the trailer
         std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(read_trailer(&path), Err(Error::CorruptPack { .. })));
+        assert!(matches!(
+            read_trailer(&path),
+            Err(Error::CorruptPack { .. })
+        ));
         std::fs::write(&path, &bytes[..n / 2]).unwrap();
-        assert!(matches!(read_trailer(&path), Err(Error::CorruptPack { .. })));
+        assert!(matches!(
+            read_trailer(&path),
+            Err(Error::CorruptPack { .. })
+        ));
     }
 
     #[test]

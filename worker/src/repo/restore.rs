@@ -87,7 +87,11 @@ pub fn restore(
     let chain = repo.chain(&catalog, index)?;
     let header = index.header.clone();
     if sink.size() != header.disk_size {
-        return Err(Error::SizeMismatch { target: sink.describe(), target_size: sink.size(), rp_size: header.disk_size });
+        return Err(Error::SizeMismatch {
+            target: sink.describe(),
+            target_size: sink.size(),
+            rp_size: header.disk_size,
+        });
     }
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -115,12 +119,20 @@ pub fn restore(
             let job_rx = job_rx.clone();
             let done_tx = done_tx.clone();
             let packs_dir = packs_dir.clone();
-            scope.spawn(move || restore_worker(keys, header_ref, disk, &packs_dir, job_rx, done_tx));
+            scope
+                .spawn(move || restore_worker(keys, header_ref, disk, &packs_dir, job_rx, done_tx));
         }
         drop(job_rx);
         drop(done_tx);
         let chain_reader = ChainReader::new(&chain)?;
-        let mut owner = Owner { sink, done_rx, in_flight: 0, cap: threads * 2, summary: &mut summary, progress };
+        let mut owner = Owner {
+            sink,
+            done_rx,
+            in_flight: 0,
+            cap: threads * 2,
+            summary: &mut summary,
+            progress,
+        };
         if opts.delta {
             feed_delta(&mut owner, chain_reader, header_ref, &job_tx)?;
         } else {
@@ -155,13 +167,17 @@ impl Owner<'_> {
         while self.in_flight >= self.cap {
             self.apply_one()?;
         }
-        jobs.send(job).map_err(|_| Error::Invalid("restore workers stopped".into()))?;
+        jobs.send(job)
+            .map_err(|_| Error::Invalid("restore workers stopped".into()))?;
         self.in_flight += 1;
         Ok(())
     }
 
     fn apply_one(&mut self) -> Result<(), Error> {
-        let done = self.done_rx.recv().map_err(|_| Error::Invalid("restore workers stopped".into()))??;
+        let done = self
+            .done_rx
+            .recv()
+            .map_err(|_| Error::Invalid("restore workers stopped".into()))??;
         self.in_flight -= 1;
         for write in done.writes {
             match write {
@@ -198,14 +214,19 @@ fn feed_full(owner: &mut Owner<'_>, chain: ChainReader, jobs: &Sender<Job>) -> R
             continue;
         }
         let extend = run.as_ref().is_some_and(|j| {
-            j.first_pos + j.expected.len() as u64 == record.pos && (j.expected.len() as u64) < CHUNKS_PER_JOB
+            j.first_pos + j.expected.len() as u64 == record.pos
+                && (j.expected.len() as u64) < CHUNKS_PER_JOB
         });
         if !extend && let Some(job) = run.take() {
             owner.submit(jobs, job)?;
         }
-        run.get_or_insert_with(|| Job { first_pos: record.pos, expected: Vec::new(), current: None })
-            .expected
-            .push(Some(record.chunk));
+        run.get_or_insert_with(|| Job {
+            first_pos: record.pos,
+            expected: Vec::new(),
+            current: None,
+        })
+        .expected
+        .push(Some(record.chunk));
     }
     if let Some(job) = run.take() {
         owner.submit(jobs, job)?;
@@ -214,7 +235,12 @@ fn feed_full(owner: &mut Owner<'_>, chain: ChainReader, jobs: &Sender<Job>) -> R
 }
 
 /// Delta restore: walk every position, reading what the target holds (holes are not read).
-fn feed_delta(owner: &mut Owner<'_>, chain: ChainReader, header: &IndexHeader, jobs: &Sender<Job>) -> Result<(), Error> {
+fn feed_delta(
+    owner: &mut Owner<'_>,
+    chain: ChainReader,
+    header: &IndexHeader,
+    jobs: &Sender<Job>,
+) -> Result<(), Error> {
     let chunk_size = header.chunk_size as u64;
     let n_chunks = header.n_chunks();
     let mut expected = PositionCursor::new(Some(chain));
@@ -230,7 +256,9 @@ fn feed_delta(owner: &mut Owner<'_>, chain: ChainReader, header: &IndexHeader, j
         } else {
             let mut buf = vec![0u8; (end - start) as usize];
             for (a, b) in ranges {
-                owner.sink.read_at(a, &mut buf[(a - start) as usize..(b - start) as usize])?;
+                owner
+                    .sink
+                    .read_at(a, &mut buf[(a - start) as usize..(b - start) as usize])?;
             }
             Some(buf)
         };
@@ -238,7 +266,14 @@ fn feed_delta(owner: &mut Owner<'_>, chain: ChainReader, header: &IndexHeader, j
         for pos in first_pos..first_pos + n {
             refs.push(expected.at(pos)?);
         }
-        owner.submit(jobs, Job { first_pos, expected: refs, current })?;
+        owner.submit(
+            jobs,
+            Job {
+                first_pos,
+                expected: refs,
+                current,
+            },
+        )?;
         first_pos += n;
     }
     Ok(())
@@ -276,7 +311,12 @@ fn run_job(
     let chunk_size = header.chunk_size as u64;
     let start = job.first_pos * chunk_size;
     let end = ((job.first_pos + job.expected.len() as u64) * chunk_size).min(header.disk_size);
-    let mut done = Done { writes: Vec::new(), chunks_written: 0, chunks_same: 0, bytes: end - start };
+    let mut done = Done {
+        writes: Vec::new(),
+        chunks_written: 0,
+        chunks_same: 0,
+        bytes: end - start,
+    };
     let mut out = vec![0u8; (end - start) as usize];
     // Runs of chunks to write, as (first index, end index) into `out`.
     let mut dirty: Vec<(usize, usize, bool)> = Vec::new();
@@ -294,7 +334,13 @@ fn run_job(
                 true
             }
             Some(ChunkRef::Zero) => unreachable!("the cursor maps zero records to None"),
-            Some(ChunkRef::Stored { id, pack, offset, stored_len, .. }) => {
+            Some(ChunkRef::Stored {
+                id,
+                pack,
+                offset,
+                stored_len,
+                ..
+            }) => {
                 if let Some(current) = current
                     && !is_zero(current)
                     && &keys.chunk_id(current) == id
@@ -303,32 +349,43 @@ fn run_job(
                     continue;
                 }
                 packs.read(*pack, *offset, *stored_len, blob)?;
-                keys.decode_blob_into(id, blob, &mut out[a..b], decoder).map_err(|e| Error::DamagedChunk {
-                    disk: disk.into(),
-                    pos,
-                    id: hex::encode(id),
-                    reason: format!("{e} (pack {})", packs.path(*pack).display()),
-                })?;
+                keys.decode_blob_into(id, blob, &mut out[a..b], decoder)
+                    .map_err(|e| Error::DamagedChunk {
+                        disk: disk.into(),
+                        pos,
+                        id: hex::encode(id),
+                        reason: format!("{e} (pack {})", packs.path(*pack).display()),
+                    })?;
                 false
             }
         };
         done.chunks_written += 1;
         match dirty.last_mut() {
-            Some((_, run_end, run_zero)) if *run_end == a && *run_zero == zero_write => *run_end = b,
+            Some((_, run_end, run_zero)) if *run_end == a && *run_zero == zero_write => {
+                *run_end = b
+            }
             _ => dirty.push((a, b, zero_write)),
         }
     }
     if dirty.len() == 1 && dirty[0] == (0, out.len(), false) {
-        done.writes.push(Write::Data { offset: start, bytes: out });
+        done.writes.push(Write::Data {
+            offset: start,
+            bytes: out,
+        });
     } else {
         for (a, b, zero) in dirty {
             done.writes.push(if zero {
-                Write::Zero { offset: start + a as u64, len: (b - a) as u64 }
+                Write::Zero {
+                    offset: start + a as u64,
+                    len: (b - a) as u64,
+                }
             } else {
-                Write::Data { offset: start + a as u64, bytes: out[a..b].to_vec() }
+                Write::Data {
+                    offset: start + a as u64,
+                    bytes: out[a..b].to_vec(),
+                }
             });
         }
     }
     Ok(done)
 }
-

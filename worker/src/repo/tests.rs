@@ -17,7 +17,11 @@ struct MemImage {
 
 impl MemImage {
     fn new(data: Vec<u8>) -> MemImage {
-        MemImage { data, fail_after: None, reads: 0 }
+        MemImage {
+            data,
+            fail_after: None,
+            reads: 0,
+        }
     }
 }
 
@@ -33,10 +37,18 @@ impl Source for MemImage {
         let mut at = offset;
         while at < end {
             let next = ((at / 4096 + 1) * 4096).min(end);
-            let kind = if is_zero(&self.data[at as usize..next as usize]) { ExtentKind::Zero } else { ExtentKind::Data };
+            let kind = if is_zero(&self.data[at as usize..next as usize]) {
+                ExtentKind::Zero
+            } else {
+                ExtentKind::Data
+            };
             match out.last_mut() {
                 Some(e) if e.kind == kind => e.len += next - at,
-                _ => out.push(Extent { offset: at, len: next - at, kind }),
+                _ => out.push(Extent {
+                    offset: at,
+                    len: next - at,
+                    kind,
+                }),
             }
             at = next;
         }
@@ -84,12 +96,27 @@ fn repo_in(dir: &std::path::Path, chunk: u64, encrypted: bool) -> Repository {
 
 fn do_backup(repo: &Repository, image: &MemImage, disk: &str, now_ms: u64) -> BackupSummary {
     let mut source = image.clone();
-    backup(repo, &mut source, &BackupOptions { disk: disk.into(), now_ms, threads: 2 }, &NoProgress).unwrap()
+    backup(
+        repo,
+        &mut source,
+        &BackupOptions {
+            disk: disk.into(),
+            now_ms,
+            threads: 2,
+        },
+        &NoProgress,
+    )
+    .unwrap()
 }
 
 fn do_restore(repo: &Repository, disk: &str, rp: &str, size: usize) -> Vec<u8> {
     let mut sink = MemImage::new(vec![0; size]);
-    let opts = RestoreOptions { disk: disk.into(), rp: Some(rp.into()), delta: false, threads: 2 };
+    let opts = RestoreOptions {
+        disk: disk.into(),
+        rp: Some(rp.into()),
+        delta: false,
+        threads: 2,
+    };
     restore(repo, &opts, &mut sink, &NoProgress).unwrap();
     sink.data
 }
@@ -102,7 +129,11 @@ fn fill(seed: u64, len: usize, text: bool) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if text { b"cairn backs up virtual machines "[(x % 32) as usize] } else { x as u8 }
+            if text {
+                b"cairn backs up virtual machines "[(x % 32) as usize]
+            } else {
+                x as u8
+            }
         })
         .collect()
 }
@@ -200,15 +231,28 @@ fn delta_restore_writes_only_what_differs() {
     target[3 * 65536] ^= 0xff;
     target[20 * 65536..21 * 65536].fill(0);
     let mut sink = MemImage::new(target);
-    let opts = RestoreOptions { disk: "d".into(), rp: Some(rp), delta: true, threads: 2 };
+    let opts = RestoreOptions {
+        disk: "d".into(),
+        rp: Some(rp),
+        delta: true,
+        threads: 2,
+    };
     let summary = restore(&repo, &opts, &mut sink, &NoProgress).unwrap();
     assert_eq!(sink.data, image);
     assert_eq!(summary.chunks_written, 2);
     assert_eq!(summary.chunks_same, 30);
     assert_eq!(summary.bytes_written, 2 * 65536);
     let mut wrong_size = MemImage::new(vec![0; 65536]);
-    let opts = RestoreOptions { disk: "d".into(), rp: None, delta: true, threads: 2 };
-    assert!(matches!(restore(&repo, &opts, &mut wrong_size, &NoProgress), Err(Error::SizeMismatch { .. })));
+    let opts = RestoreOptions {
+        disk: "d".into(),
+        rp: None,
+        delta: true,
+        threads: 2,
+    };
+    assert!(matches!(
+        restore(&repo, &opts, &mut wrong_size, &NoProgress),
+        Err(Error::SizeMismatch { .. })
+    ));
 }
 
 #[test]
@@ -220,7 +264,12 @@ fn flipped_byte_names_damaged_recovery_points_and_others_still_restore() {
     let other = fill(6, 8 * 65536, false);
     let rp_b = do_backup(&repo, &MemImage::new(other.clone()), "b", 1).rp;
     let pack_dir = repo.packs_dir("a");
-    let pack = std::fs::read_dir(&pack_dir).unwrap().next().unwrap().unwrap().path();
+    let pack = std::fs::read_dir(&pack_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let mut bytes = std::fs::read(&pack).unwrap();
     bytes[pack::HEADER_LEN as usize + 100] ^= 0x01;
     std::fs::write(&pack, bytes).unwrap();
@@ -237,7 +286,12 @@ fn flipped_byte_names_damaged_recovery_points_and_others_still_restore() {
     assert_eq!(do_restore(&repo, "b", &rp_b, other.len()), other);
 
     let mut sink = MemImage::new(vec![0; base.len()]);
-    let opts = RestoreOptions { disk: "a".into(), rp: None, delta: false, threads: 2 };
+    let opts = RestoreOptions {
+        disk: "a".into(),
+        rp: None,
+        delta: false,
+        threads: 2,
+    };
     let err = restore(&repo, &opts, &mut sink, &NoProgress).unwrap_err();
     assert!(matches!(err, Error::DamagedChunk { pos: 0, .. }), "{err}");
 
@@ -255,15 +309,29 @@ fn interrupted_backup_leaves_repository_consistent_and_rerun_reuses_durable_chun
     let image = fill(7, 1600 * 65536, false);
     let mut failing = MemImage::new(image.clone());
     failing.fail_after = Some(15);
-    let opts = BackupOptions { disk: "d".into(), now_ms: 1, threads: 2 };
+    let opts = BackupOptions {
+        disk: "d".into(),
+        now_ms: 1,
+        threads: 2,
+    };
     let err = backup(&repo, &mut failing, &opts, &NoProgress).unwrap_err();
     assert!(err.to_string().contains("simulated read failure"), "{err}");
-    assert!(repo.list(Some("d")).unwrap().is_empty(), "no recovery point from a failed backup");
-    assert!(!pack::list_packs(&repo.packs_dir("d")).unwrap().is_empty(), "finished packs are durable");
+    assert!(
+        repo.list(Some("d")).unwrap().is_empty(),
+        "no recovery point from a failed backup"
+    );
+    assert!(
+        !pack::list_packs(&repo.packs_dir("d")).unwrap().is_empty(),
+        "finished packs are durable"
+    );
     assert!(verify(&repo, None, 2, &NoProgress).unwrap().ok);
 
     let rerun = do_backup(&repo, &MemImage::new(image.clone()), "d", 2);
-    assert!(rerun.chunks_reused >= 500, "reused only {}", rerun.chunks_reused);
+    assert!(
+        rerun.chunks_reused >= 500,
+        "reused only {}",
+        rerun.chunks_reused
+    );
     assert_eq!(rerun.chunks_new + rerun.chunks_reused, 1600);
     assert_eq!(do_restore(&repo, "d", &rerun.rp, image.len()), image);
 }
@@ -291,12 +359,20 @@ fn forget_keeps_the_newest_restorable_and_gc_reclaims() {
     let gc = maintenance::gc(&repo).unwrap();
     assert!(gc.bytes_freed > 0, "{gc:?}");
     let after = maintenance::stats(&repo).unwrap();
-    assert!(after.pack_bytes < before.pack_bytes * 3 / 4, "{} vs {}", after.pack_bytes, before.pack_bytes);
+    assert!(
+        after.pack_bytes < before.pack_bytes * 3 / 4,
+        "{} vs {}",
+        after.pack_bytes,
+        before.pack_bytes
+    );
     for (rp, expected) in &history[3..] {
         assert_eq!(&do_restore(&repo, "d", rp, expected.len()), expected);
     }
     assert!(verify(&repo, None, 2, &NoProgress).unwrap().ok);
-    assert!(matches!(maintenance::forget(&repo, "d", 0), Err(Error::Invalid(_))));
+    assert!(matches!(
+        maintenance::forget(&repo, "d", 0),
+        Err(Error::Invalid(_))
+    ));
 }
 
 #[test]
@@ -304,12 +380,30 @@ fn locks_exclude_gc_while_a_backup_holds_the_lineage() {
     let dir = tempfile::tempdir().unwrap();
     let repo = repo_in(dir.path(), 65536, false);
     do_backup(&repo, &MemImage::new(fill(9, 4 * 65536, false)), "d", 1);
-    let held = repo.lock("d", lineage::LockKind::Write, fsutil::LockMode::Exclusive).unwrap();
+    let held = repo
+        .lock("d", lineage::LockKind::Write, fsutil::LockMode::Exclusive)
+        .unwrap();
     let gc = maintenance::gc(&repo).unwrap();
-    assert!(gc.disks[0].skipped.as_deref().unwrap_or("").contains("busy"), "{gc:?}");
+    assert!(
+        gc.disks[0]
+            .skipped
+            .as_deref()
+            .unwrap_or("")
+            .contains("busy"),
+        "{gc:?}"
+    );
     let mut source = MemImage::new(vec![0; 65536]);
-    let err = backup(&repo, &mut source, &BackupOptions { disk: "d".into(), now_ms: 2, threads: 1 }, &NoProgress)
-        .unwrap_err();
+    let err = backup(
+        &repo,
+        &mut source,
+        &BackupOptions {
+            disk: "d".into(),
+            now_ms: 2,
+            threads: 1,
+        },
+        &NoProgress,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Busy { .. }));
     drop(held);
 }
@@ -319,20 +413,41 @@ fn bad_repositories_and_keys_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let not_repo = dir.path().join("empty");
     std::fs::create_dir(&not_repo).unwrap();
-    assert!(matches!(Repository::open(&not_repo, None), Err(Error::NotARepository { .. })));
+    assert!(matches!(
+        Repository::open(&not_repo, None),
+        Err(Error::NotARepository { .. })
+    ));
     let key = dir.path().join("key");
     let repo_dir = dir.path().join("enc");
     Repository::init(&repo_dir, 65536, Some(&key)).unwrap();
-    assert!(matches!(Repository::open(&repo_dir, None), Err(Error::KeyRequired { .. })));
+    assert!(matches!(
+        Repository::open(&repo_dir, None),
+        Err(Error::KeyRequired { .. })
+    ));
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "f".repeat(64)).unwrap();
-    assert!(matches!(Repository::open(&repo_dir, Some(&wrong)), Err(Error::WrongKey { .. })));
+    assert!(matches!(
+        Repository::open(&repo_dir, Some(&wrong)),
+        Err(Error::WrongKey { .. })
+    ));
     std::fs::write(&wrong, "short").unwrap();
-    assert!(matches!(Repository::open(&repo_dir, Some(&wrong)), Err(Error::BadKeyFile { .. })));
-    assert!(matches!(Repository::init(&repo_dir, 65536, None), Err(Error::AlreadyExists { .. })));
-    assert!(matches!(Repository::init(&dir.path().join("x"), 5000, None), Err(Error::InvalidChunkSize(5000))));
+    assert!(matches!(
+        Repository::open(&repo_dir, Some(&wrong)),
+        Err(Error::BadKeyFile { .. })
+    ));
+    assert!(matches!(
+        Repository::init(&repo_dir, 65536, None),
+        Err(Error::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        Repository::init(&dir.path().join("x"), 5000, None),
+        Err(Error::InvalidChunkSize(5000))
+    ));
     std::fs::write(repo_dir.join("cairn-repo.json"), b"{ not json").unwrap();
-    assert!(matches!(Repository::open(&repo_dir, Some(&key)), Err(Error::CorruptConfig { .. })));
+    assert!(matches!(
+        Repository::open(&repo_dir, Some(&key)),
+        Err(Error::CorruptConfig { .. })
+    ));
     for bad in ["", ".hidden", "a/b", "../x", &"x".repeat(129)] {
         assert!(lineage::validate_disk_id(bad).is_err(), "{bad:?} accepted");
     }

@@ -58,7 +58,12 @@ pub struct DamagedChunk {
 pub const MAX_LISTED: usize = 100;
 
 /// Verifies one disk, or every disk of the repository.
-pub fn verify(repo: &Repository, disk: Option<&str>, threads: usize, progress: &dyn Progress) -> Result<VerifyReport, Error> {
+pub fn verify(
+    repo: &Repository,
+    disk: Option<&str>,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<VerifyReport, Error> {
     let disks = match disk {
         Some(d) => {
             repo.require_disk(d)?;
@@ -66,14 +71,26 @@ pub fn verify(repo: &Repository, disk: Option<&str>, threads: usize, progress: &
         }
         None => repo.list_disks()?,
     };
-    let threads = if threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { threads };
-    let mut report = VerifyReport { ok: true, chunks_checked: 0, bytes_checked: 0, disks: Vec::new() };
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        threads
+    };
+    let mut report = VerifyReport {
+        ok: true,
+        chunks_checked: 0,
+        bytes_checked: 0,
+        disks: Vec::new(),
+    };
     for disk in disks {
         let disk_report = match verify_disk(repo, &disk, threads, progress, &mut report) {
             Ok(r) => r,
-            Err(e @ Error::Busy { .. }) => {
-                DiskReport { disk: disk.clone(), recovery_points: 0, damaged_rps: vec![], error: Some(e.to_string()) }
-            }
+            Err(e @ Error::Busy { .. }) => DiskReport {
+                disk: disk.clone(),
+                recovery_points: 0,
+                damaged_rps: vec![],
+                error: Some(e.to_string()),
+            },
             Err(e) => return Err(e),
         };
         if !disk_report.damaged_rps.is_empty() || disk_report.error.is_some() {
@@ -117,8 +134,19 @@ fn verify_disk(
         let collected = (|| {
             let chain = repo.chain(&catalog, index)?;
             for record in index.records()? {
-                if let ChunkRef::Stored { id, pack, offset, stored_len, raw_len } = record?.chunk {
-                    blobs.entry((pack, offset)).or_insert(BlobRef { id, stored_len, raw_len });
+                if let ChunkRef::Stored {
+                    id,
+                    pack,
+                    offset,
+                    stored_len,
+                    raw_len,
+                } = record?.chunk
+                {
+                    blobs.entry((pack, offset)).or_insert(BlobRef {
+                        id,
+                        stored_len,
+                        raw_len,
+                    });
                 }
             }
             Ok::<_, Error>(chain)
@@ -153,7 +181,9 @@ fn verify_disk(
                     break;
                 }
             };
-            if let ChunkRef::Stored { id, pack, offset, .. } = record.chunk
+            if let ChunkRef::Stored {
+                id, pack, offset, ..
+            } = record.chunk
                 && let Some(reason) = bad.get(&(pack, offset))
             {
                 rp.n_damaged_chunks += 1;
@@ -183,10 +213,18 @@ fn verify_disk(
         match std::fs::remove_file(&damaged_file) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::Io { path: damaged_file, source: e }),
+            Err(e) => {
+                return Err(Error::Io {
+                    path: damaged_file,
+                    source: e,
+                });
+            }
         }
     } else {
-        write_atomic(&damaged_file, &serde_json::to_vec(&damaged_ids).expect("strings serialise"))?;
+        write_atomic(
+            &damaged_file,
+            &serde_json::to_vec(&damaged_ids).expect("strings serialise"),
+        )?;
     }
     for rp in &damaged_rps {
         tracing::warn!(disk, rp = %rp.rp, reason = %rp.reason, "damaged recovery point");
@@ -200,7 +238,9 @@ fn verify_disk(
 }
 
 fn rp_name(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Reads and checks every blob; returns the damaged ones with the reason.
@@ -236,15 +276,21 @@ fn check_blobs(
                 let mut plain = Vec::new();
                 for (pack, entries) in work_rx {
                     for (offset, blob) in entries {
-                        let problem = match reader.read(pack, offset, blob.stored_len, &mut blob_buf) {
-                            Err(e) => Some(e.to_string()),
-                            Ok(()) => {
-                                plain.resize(blob.raw_len as usize, 0);
-                                keys.decode_blob_into(&blob.id, &blob_buf, &mut plain, &mut decoder)
+                        let problem =
+                            match reader.read(pack, offset, blob.stored_len, &mut blob_buf) {
+                                Err(e) => Some(e.to_string()),
+                                Ok(()) => {
+                                    plain.resize(blob.raw_len as usize, 0);
+                                    keys.decode_blob_into(
+                                        &blob.id,
+                                        &blob_buf,
+                                        &mut plain,
+                                        &mut decoder,
+                                    )
                                     .err()
                                     .map(|e| e.to_string())
-                            }
-                        };
+                                }
+                            };
                         progress.advance(blob.stored_len as u64);
                         if let Some(reason) = problem {
                             let _ = bad_tx.send(((pack, offset), reason));

@@ -75,19 +75,82 @@ pub(crate) fn probe(path: &Path) -> Result<ImageFormat, Error> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
     let size = disk_file_size(&file, path)?;
     let mut head = Vec::with_capacity(HEAD_LEN);
-    (&file).take(HEAD_LEN as u64).read_to_end(&mut head).map_err(|e| io_error(path, e))?;
+    (&file)
+        .take(HEAD_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| io_error(path, e))?;
     let mut tail = [0u8; 512];
     let tail: &[u8] = if size >= 512 {
-        file.read_exact_at(&mut tail, size - 512).map_err(|e| io_error(path, e))?;
+        file.read_exact_at(&mut tail, size - 512)
+            .map_err(|e| io_error(path, e))?;
         &tail
     } else {
         &[]
     };
     match detect(&head, tail) {
         Detected::Format(f) => Ok(f),
-        Detected::Unsupported(format) => {
-            Err(Error::UnsupportedFormat { path: path.to_path_buf(), format })
+        Detected::Unsupported(format) => Err(Error::UnsupportedFormat {
+            path: path.to_path_buf(),
+            format,
+        }),
+    }
+}
+
+/// Sanity checks of a qcow2 header against the file length, because qemu reads past the end of a
+/// truncated qcow2 as zeros: the first 1 KiB of a real image opens fine and reads as an empty
+/// disk. Returns what is wrong, or `None`. (Data clusters lost to a truncation further in are not
+/// detected here; `qemu-img check` finds those.)
+pub(crate) fn qcow2_header_problem(head: &[u8], file_len: u64) -> Option<String> {
+    let u32_at = |o: usize| {
+        head.get(o..o + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        head.get(o..o + 8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+    };
+    let (Some(cluster_bits), Some(l1_size), Some(l1_offset), Some(rt_offset), Some(rt_clusters)) =
+        (u32_at(20), u32_at(36), u64_at(40), u64_at(48), u32_at(56))
+    else {
+        return Some(format!("qcow2 header cut short ({} bytes)", head.len()));
+    };
+    if !(9..=21).contains(&cluster_bits) {
+        return Some(format!("qcow2 header has cluster_bits {cluster_bits}"));
+    }
+    let tables = [
+        ("L1 table", l1_offset, u64::from(l1_size) * 8),
+        (
+            "refcount table",
+            rt_offset,
+            u64::from(rt_clusters) << cluster_bits,
+        ),
+    ];
+    for (name, offset, len) in tables {
+        if len > 0 && offset.checked_add(len).is_none_or(|end| end > file_len) {
+            return Some(format!(
+                "corrupt or truncated qcow2: its {name} ({len} bytes at offset {offset}) ends \
+                 past the end of the file ({file_len} bytes)"
+            ));
         }
+    }
+    None
+}
+
+/// Reads the start of a qcow2 file and applies [`qcow2_header_problem`].
+pub(crate) fn check_qcow2(path: &Path) -> Result<(), Error> {
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    let file_len = disk_file_size(&file, path)?;
+    let mut head = Vec::with_capacity(HEAD_LEN);
+    (&file)
+        .take(HEAD_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| io_error(path, e))?;
+    match qcow2_header_problem(&head, file_len) {
+        Some(reason) => Err(Error::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -126,22 +189,98 @@ mod tests {
     fn known_formats_are_detected_from_their_magic() {
         let f = |h: &[u8], t: &[u8]| detect(h, t);
         use Detected::*;
-        assert_eq!(f(&head_with(0, b"QFI\xfb\0\0\0\x03"), &[]), Format(ImageFormat::Qcow2));
-        assert_eq!(f(&head_with(0, b"QFI\xfb\0\0\0\x01"), &[]), Unsupported("qcow (version 1)"));
-        assert_eq!(f(&head_with(0, b"vhdxfile"), &[]), Format(ImageFormat::Vhdx));
+        assert_eq!(
+            f(&head_with(0, b"QFI\xfb\0\0\0\x03"), &[]),
+            Format(ImageFormat::Qcow2)
+        );
+        assert_eq!(
+            f(&head_with(0, b"QFI\xfb\0\0\0\x01"), &[]),
+            Unsupported("qcow (version 1)")
+        );
+        assert_eq!(
+            f(&head_with(0, b"vhdxfile"), &[]),
+            Format(ImageFormat::Vhdx)
+        );
         assert_eq!(f(&head_with(0, b"conectix"), &[]), Format(ImageFormat::Vpc));
-        assert_eq!(f(&[0u8; 4096], &head_with(0, b"conectix")[..512]), Format(ImageFormat::Vpc));
+        assert_eq!(
+            f(&[0u8; 4096], &head_with(0, b"conectix")[..512]),
+            Format(ImageFormat::Vpc)
+        );
         assert_eq!(f(&head_with(0, b"KDMV"), &[]), Unsupported("VMDK"));
-        assert_eq!(f(b"# Disk DescriptorFile\nversion=1", &[]), Unsupported("VMDK (descriptor)"));
-        assert_eq!(f(&head_with(0x40, b"\x7f\x10\xda\xbe"), &[]), Unsupported("VDI"));
+        assert_eq!(
+            f(b"# Disk DescriptorFile\nversion=1", &[]),
+            Unsupported("VMDK (descriptor)")
+        );
+        assert_eq!(
+            f(&head_with(0x40, b"\x7f\x10\xda\xbe"), &[]),
+            Unsupported("VDI")
+        );
         assert_eq!(f(&head_with(0, b"QED\0"), &[]), Unsupported("QED"));
-        assert_eq!(f(&head_with(0, b"\x1f\x8b\x08\0"), &[]), Unsupported("gzip-compressed"));
-        assert_eq!(f(&head_with(0, b"\xfd7zXZ\0"), &[]), Unsupported("xz-compressed"));
-        assert_eq!(f(&head_with(0, b"\x28\xb5\x2f\xfd"), &[]), Unsupported("zstd-compressed"));
-        assert_eq!(f(&head_with(0, b"BZh91AY&SY"), &[]), Unsupported("bzip2-compressed"));
-        assert_eq!(f(&head_with(0, b"PK\x03\x04"), &[]), Unsupported("zip archive"));
-        assert_eq!(f(&head_with(257, b"ustar"), &[]), Unsupported("tar archive (an OVA?)"));
-        assert_eq!(f(&[0u8; 4096], &head_with(0, b"koly")[..512]), Unsupported("DMG"));
+        assert_eq!(
+            f(&head_with(0, b"\x1f\x8b\x08\0"), &[]),
+            Unsupported("gzip-compressed")
+        );
+        assert_eq!(
+            f(&head_with(0, b"\xfd7zXZ\0"), &[]),
+            Unsupported("xz-compressed")
+        );
+        assert_eq!(
+            f(&head_with(0, b"\x28\xb5\x2f\xfd"), &[]),
+            Unsupported("zstd-compressed")
+        );
+        assert_eq!(
+            f(&head_with(0, b"BZh91AY&SY"), &[]),
+            Unsupported("bzip2-compressed")
+        );
+        assert_eq!(
+            f(&head_with(0, b"PK\x03\x04"), &[]),
+            Unsupported("zip archive")
+        );
+        assert_eq!(
+            f(&head_with(257, b"ustar"), &[]),
+            Unsupported("tar archive (an OVA?)")
+        );
+        assert_eq!(
+            f(&[0u8; 4096], &head_with(0, b"koly")[..512]),
+            Unsupported("DMG")
+        );
+    }
+
+    fn qcow2_header(l1_offset: u64, l1_size: u32, rt_offset: u64, rt_clusters: u32) -> Vec<u8> {
+        let mut h = head_with(0, b"QFI\xfb\0\0\0\x03");
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[36..40].copy_from_slice(&l1_size.to_be_bytes());
+        h[40..48].copy_from_slice(&l1_offset.to_be_bytes());
+        h[48..56].copy_from_slice(&rt_offset.to_be_bytes());
+        h[56..60].copy_from_slice(&rt_clusters.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn qcow2_tables_must_lie_inside_the_file() {
+        // A fresh 16 MiB image: refcount table at 64 KiB, L1 (one entry) at 192 KiB.
+        let h = qcow2_header(0x30000, 1, 0x10000, 1);
+        assert_eq!(qcow2_header_problem(&h, 0x30008), None);
+        let p = qcow2_header_problem(&qcow2_header(0x30000, 1, 0x10000, 4), 0x30008).unwrap();
+        assert!(p.contains("refcount table"), "{p}");
+        let p = qcow2_header_problem(&h, 1024).unwrap();
+        assert!(p.contains("corrupt or truncated qcow2"), "{p}");
+        let p = qcow2_header_problem(&h, 0x30004).unwrap();
+        assert!(p.contains("L1 table"), "{p}");
+        let p = qcow2_header_problem(&qcow2_header(u64::MAX, 1, 0x10000, 1), 1 << 30).unwrap();
+        assert!(p.contains("L1 table"), "{p}");
+        assert!(
+            qcow2_header_problem(&h[..40], 1 << 30)
+                .unwrap()
+                .contains("cut short")
+        );
+        let mut bad = h.clone();
+        bad[20..24].copy_from_slice(&40u32.to_be_bytes());
+        assert!(
+            qcow2_header_problem(&bad, 1 << 30)
+                .unwrap()
+                .contains("cluster_bits")
+        );
     }
 
     #[test]
@@ -152,7 +291,10 @@ mod tests {
         mbr[0..3].copy_from_slice(&[0xeb, 0x63, 0x90]);
         mbr[510..512].copy_from_slice(&[0x55, 0xaa]);
         assert_eq!(detect(&mbr, &mbr), Detected::Format(ImageFormat::Raw));
-        assert_eq!(detect(b"BZh9 hello", &[]), Detected::Format(ImageFormat::Raw));
+        assert_eq!(
+            detect(b"BZh9 hello", &[]),
+            Detected::Format(ImageFormat::Raw)
+        );
         // Short files do not index out of bounds.
         assert_eq!(detect(b"QF", &[]), Detected::Format(ImageFormat::Raw));
     }

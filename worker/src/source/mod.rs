@@ -70,7 +70,11 @@ pub enum Error {
     )]
     UnsupportedFormat { path: PathBuf, format: &'static str },
     #[error("{path}: {program} failed: {message}")]
-    Tool { path: PathBuf, program: &'static str, message: String },
+    Tool {
+        path: PathBuf,
+        program: &'static str,
+        message: String,
+    },
     #[error("{path}: {source}")]
     Nbd {
         path: PathBuf,
@@ -170,7 +174,10 @@ fn resolve_format(path: &Path, format: Option<ImageFormat>) -> Result<ImageForma
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.to_path_buf(), source }
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.

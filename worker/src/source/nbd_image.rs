@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use super::detect::check_qcow2;
 use super::qemu_nbd::{EXPORT_NAME, QemuNbd, QemuNbdOptions};
 use super::raw::{create_new, sync_parent_dir};
 use super::{Error, Extent, ExtentKind, ImageFormat, Sink, Source, check_range, io_error};
@@ -28,7 +29,14 @@ pub(crate) struct NbdImage {
 
 impl NbdImage {
     /// Serves `path` with qemu-nbd and connects to it.
-    pub(crate) fn open(path: &Path, format: ImageFormat, writable: bool) -> Result<NbdImage, Error> {
+    pub(crate) fn open(
+        path: &Path,
+        format: ImageFormat,
+        writable: bool,
+    ) -> Result<NbdImage, Error> {
+        if format == ImageFormat::Qcow2 {
+            check_qcow2(path)?;
+        }
         let mut server = QemuNbd::start(path, &QemuNbdOptions::new(format, writable))?;
         let opts =
             ConnectOptions::new(EXPORT_NAME).with_meta_contexts([BASE_ALLOCATION.to_string()]);
@@ -56,8 +64,8 @@ impl NbdImage {
         // Claim the name first so that a concurrent creator or an existing file makes us fail
         // instead of qemu-img overwriting it.
         drop(create_new(path)?);
-        let result = qemu_img_create(path, format, size)
-            .and_then(|()| NbdImage::open(path, format, true));
+        let result =
+            qemu_img_create(path, format, size).and_then(|()| NbdImage::open(path, format, true));
         match result {
             Ok(mut image) => {
                 image.parent_unsynced = true;
@@ -75,7 +83,10 @@ impl NbdImage {
     }
 
     fn nbd_error(&self, source: nbd::Error) -> Error {
-        Error::Nbd { path: self.path.clone(), source }
+        Error::Nbd {
+            path: self.path.clone(),
+            source,
+        }
     }
 }
 
@@ -128,11 +139,18 @@ impl Source for NbdImage {
         let mut out: Vec<Extent> = Vec::with_capacity(status.len());
         for s in status {
             // Only NBD_STATE_ZERO promises zeros; a hole without it may read as anything.
-            let kind =
-                if s.flags & nbd::STATE_ZERO != 0 { ExtentKind::Zero } else { ExtentKind::Data };
+            let kind = if s.flags & nbd::STATE_ZERO != 0 {
+                ExtentKind::Zero
+            } else {
+                ExtentKind::Data
+            };
             match out.last_mut() {
                 Some(last) if last.kind == kind => last.len += s.len,
-                _ => out.push(Extent { offset: s.offset, len: s.len, kind }),
+                _ => out.push(Extent {
+                    offset: s.offset,
+                    len: s.len,
+                    kind,
+                }),
             }
         }
         Ok(out)
@@ -140,7 +158,9 @@ impl Source for NbdImage {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
-        self.client().read_at(offset, buf).map_err(|e| self.nbd_error(e))
+        self.client()
+            .read_at(offset, buf)
+            .map_err(|e| self.nbd_error(e))
     }
 
     fn describe(&self) -> String {
@@ -151,12 +171,16 @@ impl Source for NbdImage {
 impl Sink for NbdImage {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
         check_range(&self.path, self.size, offset, data.len() as u64)?;
-        self.client().write_at(offset, data).map_err(|e| self.nbd_error(e))
+        self.client()
+            .write_at(offset, data)
+            .map_err(|e| self.nbd_error(e))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Error> {
         check_range(&self.path, self.size, offset, len)?;
-        self.client().write_zeroes(offset, len).map_err(|e| self.nbd_error(e))
+        self.client()
+            .write_zeroes(offset, len)
+            .map_err(|e| self.nbd_error(e))
     }
 
     fn flush(&mut self) -> Result<(), Error> {
@@ -173,7 +197,9 @@ impl Drop for NbdImage {
     /// Flushes a writable image, disconnects, and lets qemu-nbd close the image and exit (or
     /// stops it). Errors can only be logged here; callers who care call `flush` first.
     fn drop(&mut self) {
-        let Some(mut client) = self.client.take() else { return };
+        let Some(mut client) = self.client.take() else {
+            return;
+        };
         let mut clean = true;
         if self.writable {
             if let Err(e) = client.flush() {

@@ -97,14 +97,24 @@ impl QemuNbd {
         for bitmap in &opts.bitmaps {
             cmd.arg(format!("--bitmap={bitmap}"));
         }
-        cmd.arg(&abs).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        cmd.arg(&abs)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
         let child = cmd.spawn().map_err(|e| Error::Tool {
             path: image.to_path_buf(),
             program: "qemu-nbd",
             message: format!("cannot run qemu-nbd: {e}"),
         })?;
         tracing::debug!(pid = child.id(), image = %abs.display(), "started qemu-nbd");
-        Ok(QemuNbd { child: Some(child), _dir: dir, socket, log, image: image.to_path_buf(), opts: opts.clone() })
+        Ok(QemuNbd {
+            child: Some(child),
+            _dir: dir,
+            socket,
+            log,
+            image: image.to_path_buf(),
+            opts: opts.clone(),
+        })
     }
 
     pub fn socket_path(&self) -> &Path {
@@ -126,8 +136,10 @@ impl QemuNbd {
             }
             match UnixStream::connect(&self.socket) {
                 Ok(stream) => {
-                    return Client::from_unix_stream(stream, nbd)
-                        .map_err(|source| Error::Nbd { path: self.image.clone(), source });
+                    return Client::from_unix_stream(stream, nbd).map_err(|source| Error::Nbd {
+                        path: self.image.clone(),
+                        source,
+                    });
                 }
                 Err(e)
                     if matches!(
@@ -150,7 +162,9 @@ impl QemuNbd {
     /// to close the image and exit by itself, then reaps it. Falls back to [`QemuNbd::stop`].
     /// Anything but a successful exit is an error.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<(), Error> {
-        let Some(child) = self.child.as_mut() else { return Ok(()) };
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
         match wait_until(child, timeout)? {
             Some(status) => {
                 self.child = None;
@@ -171,7 +185,9 @@ impl QemuNbd {
     /// if it has not exited within a few seconds, and reaps it. A writable server must exit with
     /// success; a read-only one may also die of our SIGTERM.
     pub fn stop(&mut self) -> Result<(), Error> {
-        let Some(child) = self.child.as_mut() else { return Ok(()) };
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
         let pid = child.id();
         if let Some(status) = child.try_wait().map_err(|e| io_error(&self.image, e))? {
             self.child = None;
@@ -215,8 +231,16 @@ impl QemuNbd {
     /// An error carrying the tail of qemu-nbd's stderr.
     fn tool_error(&self, what: String) -> Error {
         let stderr = read_log(&self.log);
-        let message = if stderr.is_empty() { what } else { format!("{what}: {stderr}") };
-        Error::Tool { path: self.image.clone(), program: "qemu-nbd", message }
+        let message = if stderr.is_empty() {
+            what
+        } else {
+            format!("{what}: {stderr}")
+        };
+        Error::Tool {
+            path: self.image.clone(),
+            program: "qemu-nbd",
+            message,
+        }
     }
 }
 
@@ -239,8 +263,9 @@ fn signal(pid: u32, sig: libc::c_int) {
 fn wait_until(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, Error> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(status) =
-            child.try_wait().map_err(|e| io_error(Path::new("qemu-nbd"), e))?
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| io_error(Path::new("qemu-nbd"), e))?
         {
             return Ok(Some(status));
         }
@@ -267,7 +292,9 @@ fn read_log(path: &Path) -> String {
     }
     let text = text.trim();
     let start = text.len().saturating_sub(4096);
-    let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
     text[start..].replace('\n', "; ")
 }
 
@@ -290,7 +317,9 @@ impl PrivateDir {
                 Err(e) => return Err(e),
             }
         }
-        Err(std::io::Error::other("could not create a unique temporary directory"))
+        Err(std::io::Error::other(
+            "could not create a unique temporary directory",
+        ))
     }
 }
 

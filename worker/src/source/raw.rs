@@ -36,7 +36,12 @@ impl RawImage {
                 reason: format!("not a disk image: size {size} is not a multiple of 512"),
             });
         }
-        Ok(RawImage { file, path: path.to_path_buf(), size, parent_unsynced: false })
+        Ok(RawImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+            parent_unsynced: false,
+        })
     }
 
     /// Creates a new sparse raw image of `size` bytes; fails if `path` exists.
@@ -46,7 +51,12 @@ impl RawImage {
             let _ = std::fs::remove_file(path);
             return Err(io_error(path, e));
         }
-        Ok(RawImage { file, path: path.to_path_buf(), size, parent_unsynced: true })
+        Ok(RawImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+            parent_unsynced: true,
+        })
     }
 
     fn zero_by_writing(&self, offset: u64, len: u64) -> Result<(), Error> {
@@ -54,7 +64,9 @@ impl RawImage {
         let mut pos = offset;
         while pos < offset + len {
             let n = (offset + len - pos).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], pos).map_err(|e| io_error(&self.path, e))?;
+            self.file
+                .write_all_at(&zeros[..n], pos)
+                .map_err(|e| io_error(&self.path, e))?;
             pos += n as u64;
         }
         Ok(())
@@ -64,8 +76,13 @@ impl RawImage {
 /// Creates `path` exclusively (mode 0600: restored disks hold guest data), with a clear error if
 /// it exists.
 pub(crate) fn create_new(path: &Path) -> Result<File, Error> {
-    OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path).map_err(
-        |e| {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 Error::Invalid {
                     path: path.to_path_buf(),
@@ -74,8 +91,7 @@ pub(crate) fn create_new(path: &Path) -> Result<File, Error> {
             } else {
                 io_error(path, e)
             }
-        },
-    )
+        })
 }
 
 /// `lseek` with SEEK_DATA/SEEK_HOLE; `None` when there is no data/hole at or after `offset`
@@ -87,7 +103,11 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option
         return Ok(Some(r as u64));
     }
     let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) }
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
 }
 
 /// Appends an extent, merging it into the previous one if it has the same kind.
@@ -134,7 +154,11 @@ impl Source for RawImage {
             };
             // A hole at `pos` right after SEEK_DATA said data: the file changed under us; call
             // the byte data and move on so the loop always progresses.
-            let hole = if hole <= pos { (pos + 512).min(end) } else { hole };
+            let hole = if hole <= pos {
+                (pos + 512).min(end)
+            } else {
+                hole
+            };
             push(&mut out, pos, hole - pos, ExtentKind::Data);
             pos = hole;
         }
@@ -143,7 +167,9 @@ impl Source for RawImage {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
-        self.file.read_exact_at(buf, offset).map_err(|e| io_error(&self.path, e))
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| io_error(&self.path, e))
     }
 
     fn describe(&self) -> String {
@@ -154,7 +180,9 @@ impl Source for RawImage {
 impl Sink for RawImage {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
         check_range(&self.path, self.size, offset, data.len() as u64)?;
-        self.file.write_all_at(data, offset).map_err(|e| io_error(&self.path, e))
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| io_error(&self.path, e))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Error> {
@@ -165,7 +193,12 @@ impl Sink for RawImage {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         // SAFETY: fallocate on a file descriptor we own; no memory is passed.
         let r = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
         };
         if r == 0 {
             return Ok(());
@@ -195,7 +228,9 @@ pub(crate) fn sync_parent_dir(path: &Path) -> Result<(), Error> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io_error(parent, e))
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error(parent, e))
 }
 
 #[cfg(test)]
@@ -213,7 +248,11 @@ mod tests {
         let mut source = RawImage::open(&path, false).unwrap();
         let extents = source.extents(0, 4 << 20).unwrap();
         let kind_at = |off: u64| {
-            extents.iter().find(|e| e.offset <= off && off < e.offset + e.len).unwrap().kind
+            extents
+                .iter()
+                .find(|e| e.offset <= off && off < e.offset + e.len)
+                .unwrap()
+                .kind
         };
         assert_eq!(kind_at(0), ExtentKind::Zero);
         assert_eq!(kind_at(1 << 20), ExtentKind::Data);
@@ -226,7 +265,14 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0xab));
         // Sub-ranges start and end where asked.
         let part = source.extents(4096, 8192).unwrap();
-        assert_eq!(part, vec![Extent { offset: 4096, len: 8192, kind: ExtentKind::Zero }]);
+        assert_eq!(
+            part,
+            vec![Extent {
+                offset: 4096,
+                len: 8192,
+                kind: ExtentKind::Zero
+            }]
+        );
         assert!(source.read_at((4 << 20) - 512, &mut buf).is_err());
     }
 
@@ -244,6 +290,9 @@ mod tests {
         assert!(buf[12288..].iter().all(|&b| b == 0xee));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
         sink.flush().unwrap();
-        assert!(matches!(RawImage::create(&path, 512), Err(Error::Invalid { .. })));
+        assert!(matches!(
+            RawImage::create(&path, 512),
+            Err(Error::Invalid { .. })
+        ));
     }
 }

@@ -40,7 +40,10 @@ async fn append_assigns_sequences_versions_and_chain_links() {
     assert_eq!(stored[1].envelope.aggregate_version, 2);
     // Event 2 links to the exact stored bytes of event 1.
     let bytes_1 = cairn_schemas::encode(&stored[0].envelope);
-    assert_eq!(stored[1].envelope.prev_hash, *blake3::hash(&bytes_1).as_bytes());
+    assert_eq!(
+        stored[1].envelope.prev_hash,
+        *blake3::hash(&bytes_1).as_bytes()
+    );
 
     let more = log
         .append(request(&node("kvm-01"), 0, vec![heartbeat_lost(3)]))
@@ -49,7 +52,10 @@ async fn append_assigns_sequences_versions_and_chain_links() {
     assert_eq!(more[0].seq, 3);
     assert_eq!(more[0].envelope.aggregate_version, 1);
     assert_eq!(log.last_seq().await.unwrap(), 3);
-    assert_eq!(log.read_from(1, 100).await.unwrap(), [stored, more].concat());
+    assert_eq!(
+        log.read_from(1, 100).await.unwrap(),
+        [stored, more].concat()
+    );
 }
 
 #[tokio::test]
@@ -95,7 +101,11 @@ async fn read_from_and_read_aggregate_return_order() {
         let read = log.read_aggregate(aggregate).await.unwrap();
         // "kvm-01" must not pick up "kvm-01.lab"'s events (keys are length-prefixed).
         assert_eq!(read, expected, "{aggregate}");
-        assert!(read.iter().map(|e| e.envelope.aggregate_version).eq(1..=versions[idx]));
+        assert!(
+            read.iter()
+                .map(|e| e.envelope.aggregate_version)
+                .eq(1..=versions[idx])
+        );
     }
     assert!(log.read_aggregate(&job(99)).await.unwrap().is_empty());
 }
@@ -159,7 +169,8 @@ async fn invalid_appends_are_refused_and_change_nothing() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("event 1 is a node event (NodeHeartbeatLost)"),
+        err.to_string()
+            .contains("event 1 is a node event (NodeHeartbeatLost)"),
         "{err}"
     );
     let err = log
@@ -167,13 +178,23 @@ async fn invalid_appends_are_refused_and_change_nothing() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::Conflict { expected: 3, actual: 0, .. }),
+        matches!(
+            err,
+            Error::Conflict {
+                expected: 3,
+                actual: 0,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.is_conflict());
     assert_eq!(
         err.to_string(),
-        format!("version conflict on {}: expected version 3, but it is at 0", job(1))
+        format!(
+            "version conflict on {}: expected version 3, but it is at 0",
+            job(1)
+        )
     );
     // A conflicting command is not recorded as processed.
     let cmd = command();
@@ -212,9 +233,13 @@ async fn reopen_keeps_everything() {
             log.append(request(&job(1), version, vec![progress(version)]))
                 .await
                 .unwrap();
-            log.append(request(&job(2), version * 2, vec![progress(100), progress(101)]))
-                .await
-                .unwrap();
+            log.append(request(
+                &job(2),
+                version * 2,
+                vec![progress(100), progress(101)],
+            ))
+            .await
+            .unwrap();
         }
         log.read_from(1, usize::MAX).await.unwrap()
     };
@@ -284,7 +309,10 @@ async fn tail_returns_old_then_new_events_in_order() {
     assert!(seqs.into_iter().eq(4..=200));
     // Nothing more is durable: the tail waits...
     let waiting = tokio::time::timeout(Duration::from_millis(50), from_start.next()).await;
-    assert!(waiting.is_err(), "tail returned an event that was never appended");
+    assert!(
+        waiting.is_err(),
+        "tail returned an event that was never appended"
+    );
     // ...and ends when the log is closed.
     drop(log);
     let end = tokio::time::timeout(Duration::from_secs(5), from_start.next())

@@ -37,7 +37,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> usize {
 }
 
 /// Flips one bit inside the actor string ("system:test" -> "rystem:test"): still decodes.
-fn flip_actor(bytes: &mut Vec<u8>) {
+fn flip_actor(bytes: &mut [u8]) {
     let at = find(bytes, b"system:test");
     bytes[at] ^= 0x01;
 }
@@ -69,7 +69,7 @@ async fn flipped_byte_in_the_body_names_its_event() {
     for seq in [1, 7, 19] {
         let dir = tempfile::tempdir().unwrap();
         let (log, events) = log_with(20, dir.path()).await;
-        tamper(&log, seq, flip_actor);
+        tamper(&log, seq, |bytes| flip_actor(bytes));
         let id = events[seq as usize - 1].envelope.event_id;
         assert_broken_at(log.verify_chain().await, seq, Some(id));
     }
@@ -79,8 +79,12 @@ async fn flipped_byte_in_the_body_names_its_event() {
 async fn flipped_byte_in_the_last_event_is_caught_by_the_tip() {
     let dir = tempfile::tempdir().unwrap();
     let (log, events) = log_with(20, dir.path()).await;
-    tamper(&log, 20, flip_actor);
-    assert_broken_at(log.verify_chain().await, 20, Some(events[19].envelope.event_id));
+    tamper(&log, 20, |bytes| flip_actor(bytes));
+    assert_broken_at(
+        log.verify_chain().await,
+        20,
+        Some(events[19].envelope.event_id),
+    );
 }
 
 #[tokio::test]
@@ -128,7 +132,7 @@ async fn open_refuses_a_damaged_last_event_and_changes_nothing() {
     let original = {
         let (log, _) = log_with(10, dir.path()).await;
         let original = log.events_tree().get(10u64.to_be_bytes()).unwrap().unwrap();
-        tamper(&log, 10, flip_actor);
+        tamper(&log, 10, |bytes| flip_actor(bytes));
         log.events_tree().flush().unwrap();
         original
     };
@@ -165,7 +169,7 @@ async fn damage_before_the_tail_opens_but_fails_verification() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (log, _) = log_with(10, dir.path()).await;
-        tamper(&log, 3, flip_actor);
+        tamper(&log, 3, |bytes| flip_actor(bytes));
         log.events_tree().flush().unwrap();
     }
     let log = open(dir.path());

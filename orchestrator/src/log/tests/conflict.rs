@@ -43,7 +43,12 @@ async fn same_expected_version_exactly_one_wins() {
         assert_eq!(n_won, 1, "round {round}");
     }
     let events = log.read_aggregate(&aggregate).await.unwrap();
-    assert!(events.iter().map(|e| e.envelope.aggregate_version).eq(1..=50));
+    assert!(
+        events
+            .iter()
+            .map(|e| e.envelope.aggregate_version)
+            .eq(1..=50)
+    );
     assert_eq!(log.verify_chain().await.unwrap(), 50);
 }
 
@@ -60,7 +65,10 @@ async fn many_racers_on_many_aggregates_never_fork_a_version() {
                 let mut n_ok = 0;
                 while n_ok < 10 {
                     let version = log.read_aggregate(&aggregate).await.unwrap().len() as u64;
-                    match log.append(request(&aggregate, version, vec![progress(task_idx)])).await {
+                    match log
+                        .append(request(&aggregate, version, vec![progress(task_idx)]))
+                        .await
+                    {
                         Ok(_) => n_ok += 1,
                         Err(err) if err.is_conflict() => {}
                         Err(err) => panic!("{err}"),
@@ -74,7 +82,12 @@ async fn many_racers_on_many_aggregates_never_fork_a_version() {
     }
     for aggregate in [job(0), job(1)] {
         let events = log.read_aggregate(&aggregate).await.unwrap();
-        assert!(events.iter().map(|e| e.envelope.aggregate_version).eq(1..=40));
+        assert!(
+            events
+                .iter()
+                .map(|e| e.envelope.aggregate_version)
+                .eq(1..=40)
+        );
     }
     assert_eq!(log.verify_chain().await.unwrap(), 80);
 }

@@ -56,7 +56,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         _ => progress((tag * 10 + n) as u64),
                     })
                     .collect();
-                let expected = versions[op.aggregate_idx].saturating_add_signed(op.version_skew.into());
+                let expected =
+                    versions[op.aggregate_idx].saturating_add_signed(op.version_skew.into());
                 let result = log
                     .append(AppendRequest {
                         command: op.command.map(|idx| commands[idx]),
