@@ -59,7 +59,7 @@ async fn append_sequential(log: &SledLog, n_events: u64, batch: u64, seq_base: u
     while n_done < n_events {
         let agg_idx = (append_idx % N_AGGREGATES) as usize;
         let job_id = job(agg_idx as u64);
-        let events = (0..batch)
+        let events = (0..batch.min(n_events - n_done))
             .map(|n| event(seq_base + n_done + n, job_id))
             .collect();
         let stored = log

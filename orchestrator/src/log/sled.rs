@@ -17,9 +17,9 @@
 //! process per database), each a single sled transaction over all five trees that re-checks
 //! the expected version, the command index and the chain tip, so an append is all or nothing,
 //! also across a crash (sled recovers a transaction's writes together or not at all). After
-//! the commit the appender waits until the events are durable: one `flush_async` (write +
-//! fsync) at a time, and every appender whose events a running flush already covers just
-//! waits for it (group commit). Only then is the durable sequence number raised, which is
+//! the commit the appender waits until the events are durable: one flush (write + fsync) at a
+//! time, and every appender whose events a running flush already covers just waits for it
+//! (group commit). Only then is the durable sequence number raised, which is
 //! what readers and tails see.
 //!
 //! **Damaged tail on open.** Open checks that the last event decodes, that its hash is the
@@ -65,7 +65,7 @@ impl SledLogConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
-            cache_capacity_bytes: 256 << 20,
+            cache_capacity_bytes: 1 << 30,
         }
     }
 }
@@ -109,9 +109,9 @@ struct Inner {
     commit: Mutex<()>,
     /// Highest sequence number committed to sled (durable or not).
     committed_seq: AtomicU64,
-    /// Held by the appender that is flushing; the others wait here and usually find their
-    /// events flushed by it.
-    flush: tokio::sync::Mutex<()>,
+    /// Held by the appender that is flushing; the others wait here (on their blocking
+    /// threads) and usually find their events flushed by it.
+    flush: Mutex<()>,
     /// Highest sequence number known durable. Readers see events up to here. Sent after each
     /// flush; tails subscribe to it.
     durable: watch::Sender<u64>,
@@ -259,7 +259,7 @@ impl SledLog {
                 meta,
                 commit: Mutex::new(()),
                 committed_seq: AtomicU64::new(last_seq),
-                flush: tokio::sync::Mutex::new(()),
+                flush: Mutex::new(()),
                 durable,
                 n_appends: AtomicU64::new(0),
                 n_flushes: AtomicU64::new(0),
@@ -545,6 +545,59 @@ impl Inner {
         }
     }
 
+    /// Commits, then waits until the events are durable (blocking).
+    fn append(&self, request: AppendRequest) -> Result<Vec<StoredEvent>, Error> {
+        let stored = match self.commit(request)? {
+            Committed::Appended(stored) => stored,
+            Committed::Duplicate { first_seq, count } => {
+                let last = first_seq + u64::from(count) - 1;
+                let stored = self.read_range(first_seq, last, count as usize)?;
+                if stored.len() != count as usize {
+                    return Err(Error::ChainBroken {
+                        seq: first_seq + stored.len() as u64,
+                        event_id: None,
+                        detail: "the event is missing, but the command index lists it".into(),
+                    });
+                }
+                stored
+            }
+        };
+        // The first append of a repeated command may still be flushing: wait for it too.
+        if let Some(last) = stored.last() {
+            self.wait_durable(last.seq)?;
+        }
+        Ok(stored)
+    }
+
+    /// Returns once every event up to `seq` is durable, flushing if nobody else is (blocking).
+    fn wait_durable(&self, seq: u64) -> Result<(), Error> {
+        if *self.durable.borrow() >= seq {
+            return Ok(());
+        }
+        // Poisoning only means a flusher panicked; the next flush is as good as any.
+        let _flushing = self
+            .flush
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The flush we waited for may have covered us.
+        if *self.durable.borrow() >= seq {
+            return Ok(());
+        }
+        // Everything committed so far is in sled's buffers, and the flush writes and fsyncs
+        // all of it; read the mark before flushing so that it never claims more.
+        let covered = self.committed_seq.load(Ordering::SeqCst);
+        self.db
+            .flush()
+            .map_err(|err| storage("flushing appended events to disk", err))?;
+        self.n_flushes.fetch_add(1, Ordering::Relaxed);
+        self.durable.send_if_modified(|durable| {
+            let raised = covered > *durable;
+            *durable = (*durable).max(covered);
+            raised
+        });
+        Ok(())
+    }
+
     /// Reads stored events `from..=to`, at most `limit` (blocking).
     fn read_range(&self, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
         if from > to || limit == 0 {
@@ -690,62 +743,12 @@ impl Inner {
     }
 }
 
-impl SledLog {
-    /// Returns once every event up to `seq` is durable, flushing if nobody else is.
-    async fn wait_durable(&self, seq: u64) -> Result<(), Error> {
-        let inner = &self.inner;
-        if *inner.durable.borrow() >= seq {
-            return Ok(());
-        }
-        let _flushing = inner.flush.lock().await;
-        // The flush we waited for may have covered us.
-        if *inner.durable.borrow() >= seq {
-            return Ok(());
-        }
-        // Everything committed so far is in sled's buffers, and the flush writes and fsyncs
-        // all of it; read the mark before flushing so that it never claims more.
-        let covered = inner.committed_seq.load(Ordering::SeqCst);
-        inner
-            .db
-            .flush_async()
-            .await
-            .map_err(|err| storage("flushing appended events to disk", err))?;
-        inner.n_flushes.fetch_add(1, Ordering::Relaxed);
-        inner.durable.send_if_modified(|durable| {
-            let raised = covered > *durable;
-            *durable = (*durable).max(covered);
-            raised
-        });
-        Ok(())
-    }
-}
-
 impl EventLog for SledLog {
     async fn append(&self, request: AppendRequest) -> Result<Vec<StoredEvent>, Error> {
         validate(&request)?;
-        let committed = self.blocking(move |inner| inner.commit(request)).await?;
-        let stored = match committed {
-            Committed::Appended(stored) => stored,
-            Committed::Duplicate { first_seq, count } => {
-                let last = first_seq + u64::from(count) - 1;
-                let stored = self
-                    .blocking(move |inner| inner.read_range(first_seq, last, count as usize))
-                    .await?;
-                if stored.len() != count as usize {
-                    return Err(Error::ChainBroken {
-                        seq: first_seq + stored.len() as u64,
-                        event_id: None,
-                        detail: "the event is missing, but the command index lists it".into(),
-                    });
-                }
-                stored
-            }
-        };
-        // The first append of a repeated command may still be flushing: wait for it too.
-        if let Some(last) = stored.last() {
-            self.wait_durable(last.seq).await?;
-        }
-        Ok(stored)
+        // Commit and flush on one blocking thread: every thread hop costs more than the
+        // commit itself on small machines.
+        self.blocking(move |inner| inner.append(request)).await
     }
 
     async fn read_from(&self, from_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, Error> {

@@ -276,6 +276,45 @@ fn reads_reassemble_out_of_order_data_and_hole_chunks() {
 }
 
 #[test]
+fn servers_without_structured_replies_get_simple_reads() {
+    let server = Server::start(|f| {
+        f.greet()?;
+        let (o, _) = f.read_option()?;
+        assert_eq!(o, OPT_STRUCTURED_REPLY);
+        f.reply_option(o, REP_ERR_UNSUP, &[])?;
+        let (o, _) = f.read_option()?;
+        assert_eq!(o, OPT_GO);
+        let mut p = INFO_EXPORT.to_be_bytes().to_vec();
+        p.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        p.extend_from_slice(&TFLAG_HAS_FLAGS.to_be_bytes());
+        f.reply_option(o, REP_INFO, &p)?;
+        f.reply_option(o, REP_ACK, &[])?;
+        let r = f.read_request()?;
+        f.simple(0, r.cookie)?;
+        f.s.write_all(&vec![3u8; r.len as usize])?;
+        let r = f.read_request()?;
+        f.simple(5, r.cookie)?;
+        f.wait_closed();
+        Ok(())
+    });
+    let mut c = server.connect(&ConnectOptions::new("img")).unwrap();
+    assert!(!c.structured_replies());
+    let mut buf = vec![0u8; 4096];
+    c.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 3));
+    let err = c.read_at(0, &mut buf).unwrap_err();
+    assert!(matches!(err, Error::Command { errno: 5, .. }), "{err}");
+    // Without SEND_FLUSH, flush is a no-op; block status needs a context.
+    c.flush().unwrap();
+    assert!(matches!(
+        c.block_status(BASE_ALLOCATION, 0, 4096),
+        Err(Error::NoSuchContext(_))
+    ));
+    drop(c);
+    server.join();
+}
+
+#[test]
 fn pipelined_reads_accept_replies_in_any_order() {
     let server = Server::start(|f| {
         f.negotiate(1 << 20, &[])?;
@@ -501,6 +540,39 @@ fn error_chunk_fails_the_request_but_keeps_the_connection() {
 }
 
 #[test]
+fn write_zeroes_falls_back_to_writing_zeros_on_enotsup() {
+    let server = Server::start(|f| {
+        f.negotiate(1 << 20, &[])?;
+        let z = f.read_request()?;
+        assert_eq!(
+            (z.command, z.offset, z.len),
+            (CMD_WRITE_ZEROES, 4096, 65536)
+        );
+        f.simple(ENOTSUP, z.cookie)?;
+        let mut written = 0;
+        while written < 65536 {
+            let w = f.read_request()?;
+            assert_eq!(
+                (w.command, w.offset),
+                (CMD_WRITE, 4096 + u64::from(written))
+            );
+            written += w.len;
+            f.simple(0, w.cookie)?;
+        }
+        let fl = f.read_request()?;
+        assert_eq!(fl.command, CMD_FLUSH);
+        f.done(fl.cookie)?;
+        f.wait_closed();
+        Ok(())
+    });
+    let mut c = server.connect(&opts().with_meta_contexts([])).unwrap();
+    c.write_zeroes(4096, 65536).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    server.join();
+}
+
+#[test]
 fn silent_server_times_out() {
     let server = Server::start(|f| {
         f.negotiate(1 << 20, &[])?;
@@ -508,7 +580,7 @@ fn silent_server_times_out() {
         f.wait_closed();
         Ok(())
     });
-    let o = ConnectOptions::new("img").with_timeout(Duration::from_millis(300));
+    let o = ConnectOptions::new("img").with_timeout(Duration::from_secs(1));
     let mut c = server.connect(&o).unwrap();
     let mut buf = vec![0u8; 4096];
     let err = c.read_at(0, &mut buf).unwrap_err();

@@ -22,14 +22,23 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{Error, ImageFormat, io_error};
-use crate::nbd::{Client, ConnectOptions};
+use crate::nbd::{self, Client, ConnectOptions};
 
 /// Export name qemu-nbd is started with.
 pub const EXPORT_NAME: &str = "img";
 /// How often the socket and the process are polled while waiting.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How long to wait for qemu-nbd to exit after it dropped a connection during the handshake.
+const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(5);
 /// How long qemu-nbd gets to exit after SIGTERM before SIGKILL.
 const TERM_TIMEOUT: Duration = Duration::from_secs(10);
+/// qemu-nbd allocates a bounce buffer per request. With glibc's default (dynamic) mmap and trim
+/// thresholds, MiB-sized buffers are mapped or trimmed and page-faulted again on every request,
+/// which costs more than half the read throughput (1 GiB random qcow2 through our client on this
+/// 2-core machine: 0.3–0.7 GiB/s without, 1.0–1.9 GiB/s with). Fixed thresholds above our
+/// largest request (32 MiB) keep the buffers in the heap.
+const MALLOC_TUNABLES: &str =
+    "glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=268435456";
 /// Longest unix socket path (sun_path is 108 bytes including the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -101,6 +110,10 @@ impl QemuNbd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        // An operator's own tunables win.
+        if std::env::var_os("GLIBC_TUNABLES").is_none() {
+            cmd.env("GLIBC_TUNABLES", MALLOC_TUNABLES);
+        }
         let child = cmd.spawn().map_err(|e| Error::Tool {
             path: image.to_path_buf(),
             program: "qemu-nbd",
@@ -136,10 +149,8 @@ impl QemuNbd {
             }
             match UnixStream::connect(&self.socket) {
                 Ok(stream) => {
-                    return Client::from_unix_stream(stream, nbd).map_err(|source| Error::Nbd {
-                        path: self.image.clone(),
-                        source,
-                    });
+                    return Client::from_unix_stream(stream, nbd)
+                        .map_err(|source| self.handshake_error(source));
                 }
                 Err(e)
                     if matches!(
@@ -225,6 +236,26 @@ impl QemuNbd {
                 Ok(status)
             }
             None => Ok(Some(ExitStatus::from_raw(0))),
+        }
+    }
+
+    /// qemu-nbd listens before it opens the image, so a connection can be accepted and then
+    /// dropped when the open fails. If the process exits shortly after a failed handshake, its
+    /// stderr is the real error.
+    fn handshake_error(&mut self, source: nbd::Error) -> Error {
+        if matches!(source, nbd::Error::Closed { .. } | nbd::Error::Io { .. }) {
+            let exited = match self.child.as_mut() {
+                Some(child) => wait_until(child, EXIT_AFTER_CLOSE).ok().flatten(),
+                None => Some(ExitStatus::from_raw(0)),
+            };
+            if let Some(status) = exited {
+                self.child = None;
+                return self.tool_error(format!("qemu-nbd exited ({})", describe(status)));
+            }
+        }
+        Error::Nbd {
+            path: self.image.clone(),
+            source,
         }
     }
 
