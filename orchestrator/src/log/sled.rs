@@ -754,6 +754,7 @@ impl EventLog for SledLog {
     async fn read_from(&self, from_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
         let durable = *self.inner.durable.borrow();
         let from_seq = from_seq.max(1);
+        if std::env::var_os("INLINE").is_some() { return self.inner.read_range(from_seq, durable, limit); }
         self.blocking(move |inner| inner.read_range(from_seq, durable, limit))
             .await
     }

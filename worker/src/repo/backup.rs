@@ -36,6 +36,9 @@ pub struct BackupOptions {
     pub now_ms: u64,
     /// Hashing/compression threads; 0 = one per core.
     pub threads: usize,
+    /// The recovery point id to create (a job's step chooses it, so a retried step finds the
+    /// recovery point its earlier attempt made instead of making a second one). `None` = new.
+    pub rp: Option<String>,
 }
 
 /// What a backup did.
@@ -111,6 +114,25 @@ pub fn backup(
     let chunk_size = repo.config.chunk_size as u64;
     let n_chunks = size.div_ceil(chunk_size);
     let catalog = repo.catalog(&opts.disk)?;
+    if let Some(done) = opts.rp.as_deref().and_then(|rp| catalog.find(rp)) {
+        tracing::info!(rp = %done.header.rp, disk = %opts.disk, "recovery point already committed; nothing to do");
+        let h = &done.header;
+        return Ok(BackupSummary {
+            rp: h.rp.clone(),
+            disk: opts.disk.clone(),
+            parent: h.parent.clone(),
+            full_index: h.full,
+            disk_size: h.disk_size,
+            bytes_read: h.bytes_read,
+            bytes_stored: h.bytes_stored,
+            chunks_total: h.n_chunks(),
+            chunks_zero: 0,
+            chunks_unchanged: 0,
+            chunks_new: h.chunks_stored,
+            chunks_reused: 0,
+            packs_written: 0,
+        });
+    }
     for (path, err) in &catalog.damaged {
         tracing::warn!(path = %path.display(), error = %err, "ignoring a damaged recovery point index");
     }
@@ -162,7 +184,13 @@ pub fn backup(
     let created_at_ms = opts
         .now_ms
         .max(parent_header.as_ref().map_or(0, |p| p.created_at_ms + 1));
-    let rp = new_rp_id(created_at_ms);
+    let rp = match &opts.rp {
+        Some(rp) => {
+            uuid::Uuid::parse_str(rp).map_err(|e| Error::Invalid(format!("recovery point id {rp:?}: {e}")))?;
+            rp.clone()
+        }
+        None => new_rp_id(created_at_ms),
+    };
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {

@@ -103,6 +103,7 @@ fn do_backup(repo: &Repository, image: &MemImage, disk: &str, now_ms: u64) -> Ba
             disk: disk.into(),
             now_ms,
             threads: 2,
+            rp: None,
         },
         &NoProgress,
     )
@@ -313,6 +314,7 @@ fn interrupted_backup_leaves_repository_consistent_and_rerun_reuses_durable_chun
         disk: "d".into(),
         now_ms: 1,
         threads: 2,
+        rp: None,
     };
     let err = backup(&repo, &mut failing, &opts, &NoProgress).unwrap_err();
     assert!(err.to_string().contains("simulated read failure"), "{err}");
@@ -400,6 +402,7 @@ fn locks_exclude_gc_while_a_backup_holds_the_lineage() {
             disk: "d".into(),
             now_ms: 2,
             threads: 1,
+            rp: None,
         },
         &NoProgress,
     )
@@ -451,4 +454,20 @@ fn bad_repositories_and_keys_are_refused_clearly() {
     for bad in ["", ".hidden", "a/b", "../x", &"x".repeat(129)] {
         assert!(lineage::validate_disk_id(bad).is_err(), "{bad:?} accepted");
     }
+}
+
+#[test]
+fn backup_with_a_given_rp_id_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path(), 65536, false);
+    let image = MemImage::new(fill(10, 8 * 65536, false));
+    let rp = backup::new_rp_id(5);
+    let opts = BackupOptions { disk: "d".into(), now_ms: 5, threads: 2, rp: Some(rp.clone()) };
+    let first = backup(&repo, &mut image.clone(), &opts, &NoProgress).unwrap();
+    let again = backup(&repo, &mut image.clone(), &opts, &NoProgress).unwrap();
+    assert_eq!(first.rp, rp);
+    assert_eq!(again.rp, rp);
+    assert_eq!(repo.list(Some("d")).unwrap().len(), 1, "a retried step makes no second recovery point");
+    let bad = BackupOptions { rp: Some("not-a-uuid".into()), ..opts };
+    assert!(matches!(backup(&repo, &mut image.clone(), &bad, &NoProgress), Err(Error::Invalid(_))));
 }
