@@ -4,7 +4,7 @@ use cairn_orchestrator::log::*;
 async fn main() {
     let path = std::env::args().nth(1).unwrap();
     let log = SledLog::open(SledLogConfig::new(&path)).unwrap();
-    for pass in 0..4 {
+    let passes: usize = std::env::var("PASSES").map(|v| v.parse().unwrap()).unwrap_or(4); for pass in 0..passes {
         let s = Instant::now();
         let mut next = 1; let mut n = 0;
         loop { let p = log.read_from(next, 10_000).await.unwrap(); let Some(l) = p.last() else { break }; next = l.seq + 1; n += p.len(); }

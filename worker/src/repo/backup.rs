@@ -566,6 +566,27 @@ struct Written {
 /// Returns the unfinished index (to be published once the caller has the header) after every
 /// pack it references is durable.
 fn write_batches(ctx: WriterCtx<'_>, done: Receiver<Processed>) -> Result<Written, Error> {
+    // Full packs are sealed (fsync, rename) on a thread of their own, so the disk flushes one
+    // pack while the next fills. The index is published only after the sealer has finished.
+    let (seal_tx, seal_rx) = bounded::<PackWriter>(2);
+    std::thread::scope(|scope| {
+        let sealer = scope.spawn(move || {
+            for pack in seal_rx {
+                pack.finish()?;
+            }
+            Ok::<(), Error>(())
+        });
+        let written = fill_packs(ctx, done, &seal_tx);
+        drop(seal_tx);
+        let sealed = join(sealer);
+        let written = written?;
+        sealed?;
+        Ok(written)
+    })
+}
+
+fn fill_packs(ctx: WriterCtx<'_>, done: Receiver<Processed>, seal: &Sender<PackWriter>) -> Result<Written, Error> {
+    let sealer_gone = || Error::Invalid("the pack sealer stopped".into());
     let mut out = Written {
         index: IndexWriter::create(&ctx.index_path, ctx.keys)?,
         packs: BTreeSet::new(),
@@ -636,7 +657,7 @@ fn write_batches(ctx: WriterCtx<'_>, done: Receiver<Processed>) -> Result<Writte
                         };
                         out.index.push(&Record { pos, chunk })?;
                         if writer.len() >= TARGET_PACK_SIZE {
-                            pack.take().expect("open").finish()?;
+                            seal.send(pack.take().expect("open")).map_err(|_| sealer_gone())?;
                             out.packs_written += 1;
                         }
                     }
@@ -656,7 +677,7 @@ fn write_batches(ctx: WriterCtx<'_>, done: Receiver<Processed>) -> Result<Writte
         )));
     }
     if let Some(writer) = pack.take() {
-        writer.finish()?;
+        seal.send(writer).map_err(|_| sealer_gone())?;
         out.packs_written += 1;
     }
     Ok(out)
