@@ -142,6 +142,17 @@ pub enum Error {
         /// What is wrong, in words.
         detail: String,
     },
+    /// A read found the stored log damaged (an event missing or malformed).
+    #[error(
+        "event log is damaged at event {seq}: {detail} (run `cairn audit verify` for the first \
+         damaged event)"
+    )]
+    Corrupt {
+        /// The event at fault.
+        seq: u64,
+        /// What is wrong.
+        detail: String,
+    },
     /// The log's last event is damaged; the log refuses to open rather than guess.
     #[error(
         "event log {path} is damaged at its last event {seq}: {detail}; it was not opened \

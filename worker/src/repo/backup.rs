@@ -186,7 +186,8 @@ pub fn backup(
         .max(parent_header.as_ref().map_or(0, |p| p.created_at_ms + 1));
     let rp = match &opts.rp {
         Some(rp) => {
-            uuid::Uuid::parse_str(rp).map_err(|e| Error::Invalid(format!("recovery point id {rp:?}: {e}")))?;
+            uuid::Uuid::parse_str(rp)
+                .map_err(|e| Error::Invalid(format!("recovery point id {rp:?}: {e}")))?;
             rp.clone()
         }
         None => new_rp_id(created_at_ms),
@@ -236,6 +237,7 @@ pub fn backup(
         let reader = scope.spawn(move || {
             read_batches(
                 source,
+                progress,
                 parent_chain,
                 chunk_size,
                 chunks_per_batch,
@@ -408,6 +410,7 @@ impl ExtentCursor {
 /// The reader stage: returns the number of bytes read from the source.
 fn read_batches(
     source: &mut dyn Source,
+    progress: &dyn Progress,
     parent: Option<ChainReader>,
     chunk_size: u64,
     chunks_per_batch: usize,
@@ -422,6 +425,13 @@ fn read_batches(
     let mut first_pos = 0u64;
     let mut seq = 0u64;
     while first_pos < n_chunks {
+        // Stopping here, before the batch is read, leaves the writer short of chunks: it
+        // publishes nothing, and what it already made durable is reused by the next backup.
+        if progress.cancelled() {
+            return Err(Error::Cancelled {
+                operation: "backup",
+            });
+        }
         let n = (chunks_per_batch as u64).min(n_chunks - first_pos) as usize;
         let start = first_pos * chunk_size;
         let end = ((first_pos + n as u64) * chunk_size).min(size);
@@ -585,7 +595,11 @@ fn write_batches(ctx: WriterCtx<'_>, done: Receiver<Processed>) -> Result<Writte
     })
 }
 
-fn fill_packs(ctx: WriterCtx<'_>, done: Receiver<Processed>, seal: &Sender<PackWriter>) -> Result<Written, Error> {
+fn fill_packs(
+    ctx: WriterCtx<'_>,
+    done: Receiver<Processed>,
+    seal: &Sender<PackWriter>,
+) -> Result<Written, Error> {
     let sealer_gone = || Error::Invalid("the pack sealer stopped".into());
     let mut out = Written {
         index: IndexWriter::create(&ctx.index_path, ctx.keys)?,
@@ -657,7 +671,8 @@ fn fill_packs(ctx: WriterCtx<'_>, done: Receiver<Processed>, seal: &Sender<PackW
                         };
                         out.index.push(&Record { pos, chunk })?;
                         if writer.len() >= TARGET_PACK_SIZE {
-                            seal.send(pack.take().expect("open")).map_err(|_| sealer_gone())?;
+                            seal.send(pack.take().expect("open"))
+                                .map_err(|_| sealer_gone())?;
                             out.packs_written += 1;
                         }
                     }

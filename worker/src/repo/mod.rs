@@ -133,6 +133,10 @@ pub enum Error {
     Source(#[from] crate::source::Error),
     #[error("{0}")]
     Invalid(String),
+    /// The caller asked the operation to stop ([`Progress::cancelled`]). Nothing half-done was
+    /// published: the repository is as a crash at that moment would have left it.
+    #[error("{operation} cancelled")]
+    Cancelled { operation: &'static str },
 }
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
@@ -141,13 +145,18 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
 }
 
 /// Progress of a long operation, reported by the repository and shown by the caller (a
-/// terminal progress bar, a step heartbeat). Implementations must be cheap: `advance` is called
-/// once per batch of chunks.
+/// terminal progress bar, a step heartbeat). Implementations must be cheap: `advance` and
+/// `cancelled` are called once per batch of chunks, from any of the operation's threads.
 pub trait Progress: Send + Sync {
     /// The operation starts; `total` is in bytes.
     fn start(&self, what: &str, total: u64);
     fn advance(&self, bytes: u64);
     fn finish(&self);
+    /// Whether the caller wants the operation to stop. Backup and restore ask once per batch
+    /// and then return [`Error::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Progress`] that shows nothing.

@@ -164,6 +164,12 @@ struct Owner<'a> {
 
 impl Owner<'_> {
     fn submit(&mut self, jobs: &Sender<Job>, job: Job) -> Result<(), Error> {
+        // The target keeps what was written so far; a later delta restore finishes it.
+        if self.progress.cancelled() {
+            return Err(Error::Cancelled {
+                operation: "restore",
+            });
+        }
         while self.in_flight >= self.cap {
             self.apply_one()?;
         }

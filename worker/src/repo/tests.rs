@@ -462,12 +462,27 @@ fn backup_with_a_given_rp_id_is_idempotent() {
     let repo = repo_in(dir.path(), 65536, false);
     let image = MemImage::new(fill(10, 8 * 65536, false));
     let rp = backup::new_rp_id(5);
-    let opts = BackupOptions { disk: "d".into(), now_ms: 5, threads: 2, rp: Some(rp.clone()) };
+    let opts = BackupOptions {
+        disk: "d".into(),
+        now_ms: 5,
+        threads: 2,
+        rp: Some(rp.clone()),
+    };
     let first = backup(&repo, &mut image.clone(), &opts, &NoProgress).unwrap();
     let again = backup(&repo, &mut image.clone(), &opts, &NoProgress).unwrap();
     assert_eq!(first.rp, rp);
     assert_eq!(again.rp, rp);
-    assert_eq!(repo.list(Some("d")).unwrap().len(), 1, "a retried step makes no second recovery point");
-    let bad = BackupOptions { rp: Some("not-a-uuid".into()), ..opts };
-    assert!(matches!(backup(&repo, &mut image.clone(), &bad, &NoProgress), Err(Error::Invalid(_))));
+    assert_eq!(
+        repo.list(Some("d")).unwrap().len(),
+        1,
+        "a retried step makes no second recovery point"
+    );
+    let bad = BackupOptions {
+        rp: Some("not-a-uuid".into()),
+        ..opts
+    };
+    assert!(matches!(
+        backup(&repo, &mut image.clone(), &bad, &NoProgress),
+        Err(Error::Invalid(_))
+    ));
 }

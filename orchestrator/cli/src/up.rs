@@ -1,0 +1,232 @@
+//! `cairn up`: the whole system in one process, with no server to install: the orchestrator
+//! engine on a sled event log, an in-process step bus, a worker for this node, the repository
+//! in the data folder, and the HTTP API.
+//!
+//! Data folder layout: `events/` (sled event log), `snapshot.bin` (projection snapshot),
+//! `repo/` (repository), `vms/` (this node's VM descriptors), `images/` (demo disks).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_orchestrator::control::Control;
+use cairn_orchestrator::engine::jobs::EngineConfig;
+use cairn_orchestrator::engine::service::{Clock, Engine, EngineOptions, Handle, StepSink, SystemClock};
+use cairn_orchestrator::log::{SledLog, SledLogConfig};
+use cairn_schemas::{Command, JobId, NodeId, Report, StepSpec};
+use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
+use cairn_worker::repo::Repository;
+use clap::Args;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where cairn keeps its event log, repository and VM descriptors.
+    #[arg(long, env = "CAIRN_DATA_DIR", default_value = "cairn-data")]
+    pub data_dir: PathBuf,
+    /// Address of the HTTP API.
+    #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7480")]
+    pub listen: SocketAddr,
+    /// Create two demo VMs with realistic disks and a protection group, and back them up.
+    #[arg(long)]
+    pub demo: bool,
+    /// This node's name.
+    #[arg(long, env = "CAIRN_NODE", default_value = "local")]
+    pub node: String,
+    /// Key file, when the repository is encrypted.
+    #[arg(long, env = "CAIRN_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Parallel backups per node.
+    #[arg(long, default_value_t = 3)]
+    pub backups_per_node: usize,
+}
+
+/// The in-process bus: steps go to this node's worker, cancels to its running steps.
+struct LocalBus {
+    steps: mpsc::UnboundedSender<StepSpec>,
+    running: Arc<Mutex<HashMap<JobId, Vec<Arc<AtomicBool>>>>>,
+}
+
+impl StepSink for LocalBus {
+    fn dispatch(&self, spec: StepSpec) {
+        let _ = self.steps.send(spec);
+    }
+
+    fn cancel(&self, job: JobId) {
+        if let Some(flags) = self.running.lock().expect("cancel map").get(&job) {
+            for flag in flags {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+pub fn run(args: UpArgs) -> Result<i32> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: UpArgs) -> Result<i32> {
+    let data = args.data_dir.clone();
+    for sub in ["events", "repo", "vms", "images"] {
+        std::fs::create_dir_all(data.join(sub)).with_context(|| format!("creating {}", data.join(sub).display()))?;
+    }
+    let data = data.canonicalize().with_context(|| format!("{}", data.display()))?;
+    let repo_dir = data.join("repo");
+    if !repo_dir.join("cairn-repo.json").exists() {
+        Repository::init(&repo_dir, 64 * 1024, args.key_file.as_deref())?;
+        tracing::info!(repo = %repo_dir.display(), "created the repository");
+    }
+    Repository::open(&repo_dir, args.key_file.as_deref())?;
+    let node = NodeId::new(args.node.clone()).map_err(|e| anyhow::anyhow!("--node {:?}: {e}", args.node))?;
+
+    let log = SledLog::open(SledLogConfig::new(data.join("events"))).context("opening the event log")?;
+    let epoch = SystemClock.now_ms();
+    let options = EngineOptions {
+        config: EngineConfig {
+            repository: repo_dir.display().to_string(),
+            // The worker runs in this process: steps of an earlier run died with it.
+            orphan_grace_ms: 0,
+            backups_per_node: args.backups_per_node,
+            ..EngineConfig::default()
+        },
+        epoch,
+        actor: "orchestrator".into(),
+        snapshot_path: Some(data.join("snapshot.bin")),
+        snapshot_every: 50_000,
+        tick: Duration::from_millis(250),
+    };
+    let (steps_tx, mut steps_rx) = mpsc::unbounded_channel();
+    let running: Arc<Mutex<HashMap<JobId, Vec<Arc<AtomicBool>>>>> = Arc::default();
+    let bus = Arc::new(LocalBus { steps: steps_tx, running: running.clone() });
+    let (engine, handle) = Engine::start(log, options, Arc::new(SystemClock), bus).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let engine_task = tokio::spawn(engine.run(wait_shutdown(shutdown_rx.clone())));
+
+    let faults = FaultDelays::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let agent = Arc::new(
+        Agent::new(AgentConfig { node: node.clone(), vms_dir: data.join("vms"), key_file: args.key_file.clone(), threads: 0 })?
+            .with_fault_delays(faults),
+    );
+
+    // Worker: run each dispatched step on a blocking thread; forward its reports.
+    let worker_handle = handle.clone();
+    let worker_agent = agent.clone();
+    let worker_task = tokio::spawn(async move {
+        while let Some(spec) = steps_rx.recv().await {
+            let handle = worker_handle.clone();
+            let agent = worker_agent.clone();
+            let cancel = Arc::new(AtomicBool::new(false));
+            running.lock().expect("cancel map").entry(spec.job).or_default().push(cancel.clone());
+            let running = running.clone();
+            tokio::spawn(async move {
+                let (body_tx, mut body_rx) = mpsc::unbounded_channel();
+                let job = spec.job;
+                let header = spec.clone();
+                let step_cancel = cancel.clone();
+                let work = tokio::task::spawn_blocking(move || {
+                    let progress_tx = body_tx.clone();
+                    let last = agent.execute(&spec, &mut |body| { let _ = progress_tx.send(body); }, &step_cancel);
+                    let _ = body_tx.send(last);
+                });
+                while let Some(body) = body_rx.recv().await {
+                    handle
+                        .report(Report {
+                            step: header.step,
+                            attempt: header.attempt,
+                            job: header.job,
+                            partition: header.partition,
+                            epoch: header.epoch,
+                            node: header.node.clone(),
+                            body,
+                        })
+                        .await;
+                }
+                let _ = work.await;
+                if let Some(flags) = running.lock().expect("cancel map").get_mut(&job) {
+                    flags.retain(|f| !Arc::ptr_eq(f, &cancel));
+                }
+            });
+        }
+    });
+
+    // Inventory: register the node, then report its VMs now and every 10 seconds.
+    let inventory_handle = handle.clone();
+    let inventory_agent = agent.clone();
+    let inventory_node = node.clone();
+    let mut inventory_stop = shutdown_rx.clone();
+    let inventory_task = tokio::spawn(async move {
+        let register = Command::RegisterNode {
+            node: inventory_node.clone(),
+            cluster: "local".into(),
+            worker_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        if let Err(e) = inventory_handle.submit_as("worker".into(), register).await {
+            tracing::error!(error = %e, "could not register this node");
+        }
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = inventory_stop.wait_for(|stop| *stop) => return,
+            }
+            report_inventory(&inventory_handle, &inventory_agent, &inventory_node).await;
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let api_addr = listener.local_addr()?;
+    let control: Arc<dyn Control> = Arc::new(handle.clone());
+    let api_task = tokio::spawn(cairn_orchestrator::api::serve(listener, control, wait_shutdown(shutdown_rx.clone())));
+    println!("cairn is up: API on http://{api_addr}, data in {}", data.display());
+    println!("  try: cairn vm list --server http://{api_addr}");
+
+    if args.demo {
+        let demo_handle = handle.clone();
+        let demo_agent = agent.clone();
+        let demo_node = node.clone();
+        let server = format!("http://{api_addr}");
+        tokio::spawn(async move {
+            if let Err(e) = crate::demo::run(&demo_handle, &demo_agent, &demo_node, &data, &server).await {
+                eprintln!("demo failed: {e:#}");
+            }
+        });
+    }
+
+    shutdown_signal().await;
+    println!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let _ = engine_task.await;
+    let _ = api_task.await;
+    inventory_task.abort();
+    worker_task.abort();
+    Ok(0)
+}
+
+/// Scans this node's descriptors and reports the inventory; descriptor problems are logged.
+pub async fn report_inventory(handle: &Handle<SledLog>, agent: &Arc<Agent>, node: &NodeId) {
+    let scan_agent = agent.clone();
+    let Ok(inventory) = tokio::task::spawn_blocking(move || scan_agent.inventory()).await else { return };
+    for problem in &inventory.problems {
+        tracing::warn!(file = %problem.file.display(), "{}", problem.message);
+    }
+    let command = Command::ReportInventory { node: node.clone(), vms: inventory.vms };
+    if let Err(e) = handle.submit_as("worker".into(), command).await {
+        tracing::warn!(error = %e, "inventory report refused");
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,204 @@
+//! The HTTP API: JSON over HTTP/1.1, versioned under `/v1`, served with axum over any
+//! [`Control`]. It turns requests into queries of the projections and into [`Command`]s, and
+//! responses and errors into JSON. It owns nothing else: it never decides (the engine's
+//! `decide` does, behind [`Control::submit`]), never reads the event log directly and never
+//! touches disk data. It is the only module that knows JSON over HTTP.
+//!
+//! Routes (the hand-written `orchestrator/api/openapi.yaml` describes each; a test keeps the
+//! two in step):
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET  | `/healthz` | liveness |
+//! | GET  | `/openapi.yaml` | this API's description |
+//! | GET  | `/v1/vms` | inventory |
+//! | GET  | `/v1/vms/{vm}/recovery-points` | a VM's recovery points |
+//! | POST | `/v1/vms/{vm}/backup` | back a VM up now (202, job id) |
+//! | POST | `/v1/vms/{vm}/restore` | restore a recovery point to a folder (202, job id) |
+//! | GET  | `/v1/groups` | protection groups |
+//! | POST | `/v1/groups` | create a protection group (201, group id) |
+//! | GET  | `/v1/nodes` | nodes and their workers |
+//! | GET  | `/v1/jobs` | jobs, newest first (`?state=&vm=&limit=`) |
+//! | GET  | `/v1/jobs/{job}` | one job with its steps |
+//! | POST | `/v1/jobs/{job}/cancel` | cancel a job (202) |
+//! | GET  | `/v1/events` | the event log from a sequence number, with long poll |
+//! | GET  | `/v1/audit/verify` | walk the log's hash chain |
+//!
+//! Every client fault is `{"error": {"code": "...", "message": "..."}}` with a 4xx status
+//! and a stable code (see [`Error`]); internal faults are 5xx and their details go to the log,
+//! not to the client.
+//!
+//! Layers, outermost first: request log (method, path, status, ms) → identification (the
+//! actor recorded on events; authentication will sit in the same place) → body size limit →
+//! routes. Handlers never see a request that the outer layers refused.
+
+mod error;
+mod extract;
+mod handlers;
+mod middleware;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{MethodRouter, get, post};
+use tokio::sync::watch;
+
+use crate::control::Control;
+
+pub use error::Error;
+
+#[cfg(doc)]
+use cairn_schemas::Command;
+
+/// The API's description, served at `/openapi.yaml`.
+pub const OPENAPI_YAML: &str = include_str!("../../api/openapi.yaml");
+
+/// The header a caller may use to name the actor recorded on the events its commands append.
+pub const ACTOR_HEADER: &str = "x-cairn-actor";
+
+/// Settings of the HTTP API. The defaults suit every deployment; tests shorten them.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest accepted request body, in bytes; larger ones get 413 `payload_too_large`.
+    pub body_limit_bytes: usize,
+    /// Longest long poll of `GET /v1/events`, in milliseconds; longer `wait_ms` are cut to it.
+    pub max_wait_ms: u64,
+    /// Actor recorded on commands whose request names none (no `X-Cairn-Actor` header).
+    pub default_actor: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            body_limit_bytes: 1 << 20,
+            max_wait_ms: 30_000,
+            default_actor: "api".to_owned(),
+        }
+    }
+}
+
+/// What every handler can reach. Cloned per request (two `Arc`s and a channel receiver).
+#[derive(Clone)]
+struct AppState {
+    control: Arc<dyn Control>,
+    config: Arc<ApiConfig>,
+    /// Turns `true` when the server begins to shut down, so long polls answer at once instead
+    /// of holding the graceful shutdown up for their whole wait. The sender belongs to
+    /// [`serve_with`]; once it is dropped (or for a router built by [`router`], which has
+    /// none) long polls end only by their timeout.
+    stopping: watch::Receiver<bool>,
+}
+
+/// One route of the API: its method and path as the OpenAPI description names them, and its
+/// handler. The router is built from this table, and a test checks the table against the
+/// OpenAPI description, so neither can drift from the other.
+struct Route {
+    method: &'static str,
+    path: &'static str,
+    handler: MethodRouter<AppState>,
+}
+
+fn routes() -> Vec<Route> {
+    let route = |method, path, handler| Route {
+        method,
+        path,
+        handler,
+    };
+    vec![
+        route("get", "/healthz", get(handlers::healthz)),
+        route("get", "/openapi.yaml", get(handlers::openapi)),
+        route("get", "/v1/vms", get(handlers::list_vms)),
+        route(
+            "get",
+            "/v1/vms/{vm}/recovery-points",
+            get(handlers::list_recovery_points),
+        ),
+        route("post", "/v1/vms/{vm}/backup", post(handlers::request_backup)),
+        route(
+            "post",
+            "/v1/vms/{vm}/restore",
+            post(handlers::request_restore),
+        ),
+        route("get", "/v1/groups", get(handlers::list_groups)),
+        route("post", "/v1/groups", post(handlers::create_group)),
+        route("get", "/v1/nodes", get(handlers::list_nodes)),
+        route("get", "/v1/jobs", get(handlers::list_jobs)),
+        route("get", "/v1/jobs/{job}", get(handlers::get_job)),
+        route("post", "/v1/jobs/{job}/cancel", post(handlers::cancel_job)),
+        route("get", "/v1/events", get(handlers::events)),
+        route("get", "/v1/audit/verify", get(handlers::audit_verify)),
+    ]
+}
+
+fn build_router(
+    control: Arc<dyn Control>,
+    config: ApiConfig,
+    stopping: watch::Receiver<bool>,
+) -> Router {
+    let state = AppState {
+        control,
+        config: Arc::new(config),
+        stopping,
+    };
+    let mut router = Router::new();
+    for Route { path, handler, .. } in routes() {
+        // Routes on one path (GET and POST `/v1/groups`) are merged by axum.
+        router = router.route(path, handler);
+    }
+    router
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .fallback(handlers::no_route)
+        .layer(DefaultBodyLimit::max(state.config.body_limit_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::identify,
+        ))
+        .layer(axum::middleware::from_fn(middleware::log_request))
+        .with_state(state)
+}
+
+/// The API's router, for embedding it in another server or calling it in tests without a
+/// socket. Its long polls end only by their timeout; [`serve_with`] also ends them on shutdown.
+pub fn router(control: Arc<dyn Control>, config: ApiConfig) -> Router {
+    let (_no_shutdown, stopping) = watch::channel(false);
+    build_router(control, config, stopping)
+}
+
+/// Serves the API with the default [`ApiConfig`] on `listener` until `shutdown` resolves,
+/// then finishes the requests in flight and returns. The caller binds the listener (tests
+/// bind port 0).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    control: Arc<dyn Control>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, control, ApiConfig::default(), shutdown).await
+}
+
+/// [`serve`] with explicit settings.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    control: Arc<dyn Control>,
+    config: ApiConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // `stop` lives in the shutdown future below, which axum owns and drops when it returns.
+    let (stop, stopping) = watch::channel(false);
+    let app = build_router(control, config, stopping);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "HTTP API listening");
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("HTTP API shutting down");
+            stop.send_replace(true);
+        })
+        .await
+}

@@ -1,0 +1,990 @@
+//! Tests of the HTTP API against a fake [`Control`]: every route's happy path and its
+//! refusals, through the router in memory (`tower::ServiceExt::oneshot`) and over a real TCP
+//! socket on port 0.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use cairn_schemas::{
+    BackupMode, Command, CommandId, GroupId, JobId, RecoveryTarget, SyncFrequency,
+};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tower::ServiceExt;
+
+use super::*;
+use crate::control::{BoxFuture, ControlError};
+use crate::views::{
+    Accepted, AuditReport, DiskView, EventView, GroupView, JobView, NodeView, RpDiskView, RpView,
+    StepView, VmView,
+};
+
+const VM_WEB: &str = "0190a000-0000-7000-8000-000000000001";
+const VM_DB: &str = "0190a000-0000-7000-8000-000000000002";
+const VM_UNKNOWN: &str = "0190a000-0000-7000-8000-0000000000ff";
+const JOB_RUNNING: &str = "0190b000-0000-7000-8000-000000000001";
+const JOB_DONE: &str = "0190b000-0000-7000-8000-000000000002";
+const JOB_UNKNOWN: &str = "0190b000-0000-7000-8000-0000000000ff";
+const RP_1: &str = "0190c000-0000-7000-8000-000000000001";
+
+/// An in-memory [`Control`] that records the commands it is given and refuses a few the way
+/// `decide` would (unknown VM, duplicate group name, job already over).
+struct Fake {
+    vms: Vec<VmView>,
+    groups: Vec<GroupView>,
+    jobs: Vec<JobView>,
+    rps: HashMap<String, Vec<RpView>>,
+    nodes: Vec<NodeView>,
+    events: Mutex<Vec<EventView>>,
+    /// Notified (all waiters) when an event is pushed.
+    event_added: Notify,
+    /// Notified (one permit) each time `wait_for_events` starts to wait, so tests know a long
+    /// poll is parked without sleeping.
+    waiting: Notify,
+    submitted: Mutex<Vec<(String, Command)>>,
+    /// When set, `submit` answers with this error.
+    submit_error: Mutex<Option<ControlError>>,
+    audit: AuditReport,
+    next_id: AtomicU64,
+}
+
+fn vm(vm: &str, name: &str, node: &str) -> VmView {
+    VmView {
+        vm: vm.into(),
+        name: name.into(),
+        node: node.into(),
+        power: "Running".into(),
+        disks: vec![DiskView {
+            disk: "disk0".into(),
+            size_bytes: 10 << 30,
+            format: "Qcow2".into(),
+            image_path: format!("/var/lib/vms/{name}.qcow2"),
+            state: "Protected".into(),
+        }],
+        group: None,
+        last_backup_at: Some(1_700_000_000_000),
+        recovery_points: 1,
+        present: true,
+    }
+}
+
+fn job(job: &str, vm: &str, state: &str, requested_at: u64) -> JobView {
+    JobView {
+        job: job.into(),
+        kind: "Backup".into(),
+        vm: vm.into(),
+        vm_name: "web-01".into(),
+        state: state.into(),
+        wait_reason: None,
+        reason: "Manual".into(),
+        node: Some("kvm-01".into()),
+        requested_at,
+        started_at: Some(requested_at + 10),
+        finished_at: None,
+        error: None,
+        cancel_requested: false,
+        rp: None,
+        steps: vec![StepView {
+            step: "0190d000-0000-7000-8000-000000000001".into(),
+            kind: "Snapshot".into(),
+            state: "Succeeded".into(),
+            attempt: 1,
+            node: Some("kvm-01".into()),
+            started_at: Some(requested_at + 10),
+            finished_at: Some(requested_at + 20),
+            bytes_done: 0,
+            bytes_total: 0,
+            error: None,
+        }],
+    }
+}
+
+fn event(seq: u64) -> EventView {
+    EventView {
+        seq,
+        event_id: format!("0190e000-0000-7000-8000-{seq:012}"),
+        recorded_at: 1_700_000_000_000 + seq,
+        aggregate: format!("job/{JOB_RUNNING}"),
+        version: seq,
+        name: "StepSucceeded".into(),
+        actor: "node:kvm-01".into(),
+        correlation: Some(JOB_RUNNING.into()),
+        summary: format!("event {seq}"),
+    }
+}
+
+impl Fake {
+    fn new() -> Self {
+        let rps = HashMap::from([(
+            VM_WEB.to_owned(),
+            vec![RpView {
+                rp: RP_1.into(),
+                vm: VM_WEB.into(),
+                job: JOB_DONE.into(),
+                taken_at: 1_700_000_000_000,
+                consistency: "CrashConsistent".into(),
+                disks: vec![RpDiskView {
+                    disk: "disk0".into(),
+                    bytes_read: 1 << 30,
+                    bytes_stored: 1 << 28,
+                }],
+            }],
+        )]);
+        Self {
+            vms: vec![vm(VM_WEB, "web-01", "kvm-01"), vm(VM_DB, "db-01", "kvm-02")],
+            groups: vec![GroupView {
+                group: "0190f000-0000-7000-8000-000000000001".into(),
+                name: "web".into(),
+                members: vec![VM_WEB.into()],
+                retention_days: 5,
+                sync: "15m".into(),
+                created_at: 1_700_000_000_000,
+            }],
+            jobs: vec![
+                job(JOB_RUNNING, VM_WEB, "Running", 2_000),
+                job(JOB_DONE, VM_DB, "Succeeded", 1_000),
+            ],
+            rps,
+            nodes: vec![NodeView {
+                node: "kvm-01".into(),
+                cluster: "lab".into(),
+                online: true,
+                last_seen: Some(1_700_000_000_000),
+                vms: 1,
+                running_backups: 1,
+            }],
+            events: Mutex::new(Vec::new()),
+            event_added: Notify::new(),
+            waiting: Notify::new(),
+            submitted: Mutex::new(Vec::new()),
+            submit_error: Mutex::new(None),
+            audit: AuditReport {
+                ok: true,
+                events_checked: 3,
+                first_broken_seq: None,
+                first_broken_event: None,
+                detail: None,
+            },
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn push_event(&self, event: EventView) {
+        self.events.lock().unwrap().push(event);
+        self.event_added.notify_waiters();
+    }
+
+    fn submitted(&self) -> Vec<(String, Command)> {
+        self.submitted.lock().unwrap().clone()
+    }
+
+    fn next_rand(&self) -> [u8; 10] {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut rand = [0u8; 10];
+        rand[2..].copy_from_slice(&n.to_be_bytes());
+        rand
+    }
+
+    /// What `decide` would say about a command, roughly.
+    fn check(&self, command: &Command) -> Result<String, ControlError> {
+        let known_vm = |vm: &cairn_schemas::VmId| {
+            let text = vm.to_string();
+            if self.vms.iter().any(|v| v.vm == text) {
+                Ok(())
+            } else {
+                Err(ControlError::NotFound {
+                    code: "unknown_vm",
+                    message: format!("no vm {text}"),
+                })
+            }
+        };
+        match command {
+            Command::CreateGroup { group, name, .. } => {
+                if self.groups.iter().any(|g| &g.name == name) {
+                    return Err(ControlError::Conflict {
+                        code: "duplicate_group",
+                        message: format!("a group named {name:?} exists"),
+                    });
+                }
+                Ok(group.to_string())
+            }
+            Command::RequestBackup { job, vm, .. } | Command::RequestRestore { job, vm, .. } => {
+                known_vm(vm)?;
+                Ok(job.to_string())
+            }
+            Command::CancelJob { job, .. } => {
+                let text = job.to_string();
+                match self.jobs.iter().find(|j| j.job == text) {
+                    None => Err(ControlError::NotFound {
+                        code: "unknown_job",
+                        message: format!("no job {text}"),
+                    }),
+                    Some(j) if j.state == "Succeeded" => Err(ControlError::Conflict {
+                        code: "job_finished",
+                        message: format!("job {text} is already over"),
+                    }),
+                    Some(_) => Ok(text),
+                }
+            }
+            _ => Ok(String::new()),
+        }
+    }
+}
+
+impl Control for Fake {
+    fn vms(&self) -> Vec<VmView> {
+        self.vms.clone()
+    }
+
+    fn groups(&self) -> Vec<GroupView> {
+        self.groups.clone()
+    }
+
+    fn jobs(&self) -> Vec<JobView> {
+        self.jobs.clone()
+    }
+
+    fn job(&self, job: &str) -> Result<JobView, ControlError> {
+        self.jobs
+            .iter()
+            .find(|j| j.job == job)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound {
+                code: "unknown_job",
+                message: format!("no job {job}"),
+            })
+    }
+
+    fn recovery_points(&self, vm: &str) -> Result<Vec<RpView>, ControlError> {
+        if !self.vms.iter().any(|v| v.vm == vm) {
+            return Err(ControlError::NotFound {
+                code: "unknown_vm",
+                message: format!("no vm {vm}"),
+            });
+        }
+        Ok(self.rps.get(vm).cloned().unwrap_or_default())
+    }
+
+    fn nodes(&self) -> Vec<NodeView> {
+        self.nodes.clone()
+    }
+
+    fn submit(
+        &self,
+        actor: String,
+        command: Command,
+    ) -> BoxFuture<'_, Result<Accepted, ControlError>> {
+        Box::pin(async move {
+            if let Some(err) = self.submit_error.lock().unwrap().clone() {
+                return Err(err);
+            }
+            let id = self.check(&command)?;
+            let mut submitted = self.submitted.lock().unwrap();
+            submitted.push((actor, command));
+            Ok(Accepted {
+                id,
+                seq: 100 + submitted.len() as u64,
+            })
+        })
+    }
+
+    fn events(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<EventView>, ControlError>> {
+        Box::pin(async move {
+            Ok(self
+                .events
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.seq >= from_seq)
+                .take(limit)
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn wait_for_events(&self, from_seq: u64, timeout_ms: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let deadline = tokio::time::sleep(Duration::from_millis(timeout_ms));
+            tokio::pin!(deadline);
+            loop {
+                let added = self.event_added.notified();
+                tokio::pin!(added);
+                // Registered before the check, so an event pushed in between is not missed.
+                added.as_mut().enable();
+                if self.events.lock().unwrap().iter().any(|e| e.seq >= from_seq) {
+                    return;
+                }
+                self.waiting.notify_one();
+                tokio::select! {
+                    () = &mut deadline => return,
+                    () = added => {}
+                }
+            }
+        })
+    }
+
+    fn audit_verify(&self) -> BoxFuture<'_, Result<AuditReport, ControlError>> {
+        Box::pin(async move { Ok(self.audit.clone()) })
+    }
+
+    fn new_job_id(&self) -> JobId {
+        JobId::new_v7(1_800_000_000_000, self.next_rand())
+    }
+
+    fn new_group_id(&self) -> GroupId {
+        GroupId::new_v7(1_800_000_000_000, self.next_rand())
+    }
+
+    fn new_command_id(&self) -> CommandId {
+        CommandId::new_v7(1_800_000_000_000, self.next_rand())
+    }
+
+    fn default_repository(&self) -> String {
+        "local".into()
+    }
+}
+
+fn app_with(fake: &Arc<Fake>, config: ApiConfig) -> Router {
+    router(fake.clone(), config)
+}
+
+fn app(fake: &Arc<Fake>) -> Router {
+    app_with(fake, ApiConfig::default())
+}
+
+/// A request with an optional JSON body (sent as `application/json`).
+fn request(method: &str, uri: &str, body: Option<&str>) -> Request<Body> {
+    let builder = Request::builder().method(method).uri(uri);
+    match body {
+        Some(text) => builder
+            .header("content-type", "application/json")
+            .body(Body::from(text.to_owned()))
+            .unwrap(),
+        None => builder.body(Body::empty()).unwrap(),
+    }
+}
+
+async fn send(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    if content_type.as_deref() == Some("application/json") {
+        (status, serde_json::from_slice(&bytes).unwrap())
+    } else {
+        (status, Value::String(String::from_utf8_lossy(&bytes).into()))
+    }
+}
+
+async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
+    send(app, request(method, uri, body)).await
+}
+
+/// Asserts an error answer: its status, its code, and words its message must contain.
+#[track_caller]
+fn assert_error(answer: &(StatusCode, Value), status: StatusCode, code: &str, words: &[&str]) {
+    assert_eq!(answer.0, status, "{}", answer.1);
+    assert_eq!(answer.1["error"]["code"], code, "{}", answer.1);
+    let message = answer.1["error"]["message"].as_str().unwrap();
+    for word in words {
+        assert!(message.contains(word), "{message:?} should contain {word:?}");
+    }
+}
+
+#[tokio::test]
+async fn lists_vms_groups_nodes() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let (status, vms) = call(&app, "GET", "/v1/vms", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let vms: Vec<VmView> = serde_json::from_value(vms).unwrap();
+    assert_eq!(vms, fake.vms);
+    let (status, groups) = call(&app, "GET", "/v1/groups", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(groups[0]["name"], "web");
+    let (status, nodes) = call(&app, "GET", "/v1/nodes", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(nodes[0]["node"], "kvm-01");
+}
+
+#[tokio::test]
+async fn recovery_points_of_a_vm() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let (status, rps) = call(&app, "GET", &format!("/v1/vms/{VM_WEB}/recovery-points"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(rps[0]["rp"], RP_1);
+    let (status, rps) = call(&app, "GET", &format!("/v1/vms/{VM_DB}/recovery-points"), None).await;
+    assert_eq!((status, rps), (StatusCode::OK, json!([])));
+    let answer = call(
+        &app,
+        "GET",
+        &format!("/v1/vms/{VM_UNKNOWN}/recovery-points"),
+        None,
+    )
+    .await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "unknown_vm", &[VM_UNKNOWN]);
+    let answer = call(&app, "GET", "/v1/vms/web-01/recovery-points", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_id", &["vm", "web-01"]);
+}
+
+#[tokio::test]
+async fn jobs_are_listed_newest_first_and_filtered() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let (status, jobs) = call(&app, "GET", "/v1/jobs", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [JOB_RUNNING, JOB_DONE]);
+
+    let (_, jobs) = call(&app, "GET", "/v1/jobs?state=Succeeded", None).await;
+    assert_eq!(jobs.as_array().unwrap().len(), 1);
+    assert_eq!(jobs[0]["job"], JOB_DONE);
+    let (_, jobs) = call(&app, "GET", &format!("/v1/jobs?vm={VM_WEB}&state=Running"), None).await;
+    assert_eq!(jobs.as_array().unwrap().len(), 1);
+    assert_eq!(jobs[0]["job"], JOB_RUNNING);
+    let (_, jobs) = call(&app, "GET", "/v1/jobs?limit=1", None).await;
+    assert_eq!(jobs.as_array().unwrap().len(), 1);
+    assert_eq!(jobs[0]["job"], JOB_RUNNING);
+
+    let answer = call(&app, "GET", "/v1/jobs?state=Sleeping", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["Sleeping", "Running"]);
+    let answer = call(&app, "GET", "/v1/jobs?vm=web-01", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_id", &["vm"]);
+    let answer = call(&app, "GET", "/v1/jobs?limit=0", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["limit"]);
+    let answer = call(&app, "GET", "/v1/jobs?limit=many", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["limit"]);
+    let answer = call(&app, "GET", "/v1/jobs?statte=Running", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["statte"]);
+}
+
+#[tokio::test]
+async fn one_job() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let (status, job) = call(&app, "GET", &format!("/v1/jobs/{JOB_RUNNING}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let job: JobView = serde_json::from_value(job).unwrap();
+    assert_eq!(job, fake.jobs[0]);
+    let answer = call(&app, "GET", &format!("/v1/jobs/{JOB_UNKNOWN}"), None).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "unknown_job", &[JOB_UNKNOWN]);
+    let answer = call(&app, "GET", "/v1/jobs/42", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_id", &["job", "42"]);
+}
+
+#[tokio::test]
+async fn create_group_builds_the_policy() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let body = json!({"name": "databases", "vms": [VM_DB], "retention_days": 14, "sync": "1h"});
+    let (status, accepted) = call(&app, "POST", "/v1/groups", Some(&body.to_string())).await;
+    assert_eq!(status, StatusCode::CREATED, "{accepted}");
+    let submitted = fake.submitted();
+    assert_eq!(submitted.len(), 1);
+    let (actor, command) = &submitted[0];
+    assert_eq!(actor, "api");
+    let Command::CreateGroup {
+        group,
+        name,
+        members,
+        policy,
+    } = command
+    else {
+        panic!("expected CreateGroup, got {command:?}");
+    };
+    assert_eq!(accepted["id"], group.to_string());
+    assert_eq!(accepted["seq"], 101);
+    assert_eq!(name, "databases");
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].to_string(), VM_DB);
+    assert_eq!(policy.retention_days, 14);
+    assert_eq!(policy.sync, SyncFrequency::EveryMinutes(60));
+    assert_eq!(policy.repository, "local");
+
+    // Defaults, and the repository named by the request.
+    let body = json!({"name": "empty", "repository": "offsite", "sync": "before-recovery-point"});
+    let (status, _) = call(&app, "POST", "/v1/groups", Some(&body.to_string())).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let Command::CreateGroup { policy, members, .. } = &fake.submitted()[1].1 else {
+        panic!("expected CreateGroup");
+    };
+    assert!(members.is_empty());
+    assert_eq!(policy.repository, "offsite");
+    assert_eq!(policy.retention_days, 5);
+    assert_eq!(policy.sync, SyncFrequency::JustBeforeRecoveryPoint);
+}
+
+#[tokio::test]
+async fn create_group_refusals() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let post = |body: Value| {
+        let app = app.clone();
+        async move { call(&app, "POST", "/v1/groups", Some(&body.to_string())).await }
+    };
+    let answer = post(json!({"name": "g", "sync": "20m"})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_policy", &["sync", "20"]);
+    let answer = post(json!({"name": "g", "sync": "hourly"})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_policy", &["sync", "hourly"]);
+    let answer = post(json!({"name": "g", "retention_days": 0})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_policy", &["retention_days"]);
+    let answer = post(json!({"name": "g", "repository": ""})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_policy", &["repository"]);
+    let answer = post(json!({"name": "g", "vms": [VM_WEB, "web-01"]})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_id", &["vms[1]", "web-01"]);
+    let answer = post(json!({"name": "g", "vms": [VM_WEB, VM_WEB]})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["vms[1]", "twice"]);
+    let answer = post(json!({"name": ""})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["name"]);
+    let answer = post(json!({"name": "g", "retention": 14})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["retention"]);
+    let answer = post(json!({"name": "g", "retention_days": "14"})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["retention_days"]);
+    let answer = post(json!({"vms": []})).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["name"]);
+    let answer = post(json!({"name": "web"})).await;
+    assert_error(&answer, StatusCode::CONFLICT, "duplicate_group", &["web"]);
+    assert!(fake.submitted().is_empty());
+
+    // Malformed JSON, trailing garbage, no body, wrong content type.
+    let answer = call(&app, "POST", "/v1/groups", Some(r#"{"name": "g""#)).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["not valid JSON"]);
+    let answer = call(&app, "POST", "/v1/groups", Some(r#"{"name": "g"} x"#)).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["not valid JSON"]);
+    let answer = call(&app, "POST", "/v1/groups", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["body is required"]);
+    let text = Request::builder()
+        .method("POST")
+        .uri("/v1/groups")
+        .header("content-type", "text/plain")
+        .body(Body::from(r#"{"name": "g"}"#))
+        .unwrap();
+    let answer = send(&app, text).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["text/plain"]);
+    let untyped = Request::builder()
+        .method("POST")
+        .uri("/v1/groups")
+        .body(Body::from(r#"{"name": "g"}"#))
+        .unwrap();
+    let answer = send(&app, untyped).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["Content-Type"]);
+    assert!(fake.submitted().is_empty());
+}
+
+#[tokio::test]
+async fn backup_requests_a_job() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let (status, accepted) = call(&app, "POST", &format!("/v1/vms/{VM_WEB}/backup"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let body = r#"{"mode": "express-full"}"#;
+    let (status, _) = call(&app, "POST", &format!("/v1/vms/{VM_DB}/backup"), Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let submitted = fake.submitted();
+    let Command::RequestBackup { job, vm, mode } = &submitted[0].1 else {
+        panic!("expected RequestBackup, got {:?}", submitted[0].1);
+    };
+    assert_eq!(accepted["id"], job.to_string());
+    assert_eq!((vm.to_string().as_str(), *mode), (VM_WEB, BackupMode::Incremental));
+    let Command::RequestBackup { vm, mode, .. } = &submitted[1].1 else {
+        panic!("expected RequestBackup");
+    };
+    assert_eq!((vm.to_string().as_str(), *mode), (VM_DB, BackupMode::ExpressFull));
+
+    let answer = call(&app, "POST", &format!("/v1/vms/{VM_UNKNOWN}/backup"), None).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "unknown_vm", &[VM_UNKNOWN]);
+    let answer = call(&app, "POST", "/v1/vms/web-01/backup", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_id", &["vm"]);
+    let answer = call(
+        &app,
+        "POST",
+        &format!("/v1/vms/{VM_WEB}/backup"),
+        Some(r#"{"mode": "full"}"#),
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["mode", "full"]);
+
+    // A conflict from `decide` passes through with its code.
+    *fake.submit_error.lock().unwrap() = Some(ControlError::Conflict {
+        code: "job_running",
+        message: format!("vm {VM_WEB} already has a backup running"),
+    });
+    let answer = call(&app, "POST", &format!("/v1/vms/{VM_WEB}/backup"), None).await;
+    assert_error(&answer, StatusCode::CONFLICT, "job_running", &["already"]);
+    assert_eq!(fake.submitted().len(), 2);
+}
+
+#[tokio::test]
+async fn restore_copies_to_a_folder() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let uri = format!("/v1/vms/{VM_DB}/restore");
+    let body = json!({"rp": RP_1, "to": "/srv/restore/db"}).to_string();
+    let (status, accepted) = call(&app, "POST", &uri, Some(&body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let body = json!({"rp": RP_1, "to": "/srv/restore/db", "node": "kvm-09"}).to_string();
+    let (status, _) = call(&app, "POST", &uri, Some(&body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let submitted = fake.submitted();
+    let Command::RequestRestore {
+        job,
+        vm,
+        rp,
+        target,
+    } = &submitted[0].1
+    else {
+        panic!("expected RequestRestore, got {:?}", submitted[0].1);
+    };
+    assert_eq!(accepted["id"], job.to_string());
+    assert_eq!(vm.to_string(), VM_DB);
+    assert_eq!(rp.to_string(), RP_1);
+    // The node defaults to the one hosting the VM.
+    let RecoveryTarget::CopyToFolder { node, path } = target else {
+        panic!("expected CopyToFolder, got {target:?}");
+    };
+    assert_eq!((node.as_str(), path.as_str()), ("kvm-02", "/srv/restore/db"));
+    let Command::RequestRestore {
+        target: RecoveryTarget::CopyToFolder { node, .. },
+        ..
+    } = &submitted[1].1
+    else {
+        panic!("expected RequestRestore to a folder");
+    };
+    assert_eq!(node.as_str(), "kvm-09");
+
+    let cases = [
+        (json!({"rp": RP_1, "to": "restore/db"}), "invalid_path", "to"),
+        (json!({"rp": RP_1, "to": "/srv/../etc"}), "invalid_path", ".."),
+        (json!({"rp": "latest", "to": "/srv"}), "invalid_id", "rp"),
+        (json!({"rp": RP_1, "to": "/srv", "node": "kvm 01"}), "invalid_id", "node"),
+        (json!({"rp": RP_1}), "invalid_request", "to"),
+        (json!({"rp": RP_1, "to": "/srv", "format": "raw"}), "invalid_request", "format"),
+    ];
+    for (body, code, word) in cases {
+        let answer = call(&app, "POST", &uri, Some(&body.to_string())).await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, code, &[word]);
+    }
+    let body = json!({"rp": RP_1, "to": "/srv"}).to_string();
+    let answer = call(&app, "POST", &format!("/v1/vms/{VM_UNKNOWN}/restore"), Some(&body)).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "unknown_vm", &[VM_UNKNOWN]);
+    assert_eq!(fake.submitted().len(), 2);
+}
+
+#[tokio::test]
+async fn cancel_a_job() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let uri = format!("/v1/jobs/{JOB_RUNNING}/cancel");
+    let (status, accepted) = call(&app, "POST", &uri, Some(r#"{"reason": "window over"}"#)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(accepted["id"], JOB_RUNNING);
+    let (status, _) = call(&app, "POST", &uri, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let submitted = fake.submitted();
+    let reasons: Vec<&str> = submitted
+        .iter()
+        .map(|(_, command)| match command {
+            Command::CancelJob { reason, .. } => reason.as_str(),
+            other => panic!("expected CancelJob, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(reasons, ["window over", "cancelled by api"]);
+
+    let answer = call(&app, "POST", &format!("/v1/jobs/{JOB_DONE}/cancel"), None).await;
+    assert_error(&answer, StatusCode::CONFLICT, "job_finished", &[JOB_DONE]);
+    let answer = call(&app, "POST", &format!("/v1/jobs/{JOB_UNKNOWN}/cancel"), None).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "unknown_job", &[JOB_UNKNOWN]);
+    let long = json!({"reason": "x".repeat(1025)}).to_string();
+    let answer = call(&app, "POST", &uri, Some(&long)).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["reason"]);
+}
+
+#[tokio::test]
+async fn the_actor_comes_from_the_header() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let with_actor = |actor: &str| {
+        Request::builder()
+            .method("POST")
+            .uri(format!("/v1/vms/{VM_WEB}/backup"))
+            .header(ACTOR_HEADER, actor)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (status, _) = send(&app, with_actor("user:alice")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(fake.submitted()[0].0, "user:alice");
+    for bad in ["", "   ", &"a".repeat(65)] {
+        let answer = send(&app, with_actor(bad)).await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["x-cairn-actor"]);
+    }
+    let mut non_ascii = with_actor("x");
+    non_ascii.headers_mut().insert(
+        ACTOR_HEADER,
+        axum::http::HeaderValue::from_bytes("ålice".as_bytes()).unwrap(),
+    );
+    let answer = send(&app, non_ascii).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["actor"]);
+    assert_eq!(fake.submitted().len(), 1);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let answer = call(&app, "GET", "/v1/volcanoes", None).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "not_found", &["/v1/volcanoes"]);
+    let answer = call(&app, "GET", "/v2/vms", None).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "not_found", &["GET"]);
+    let answer = call(&app, "DELETE", "/v1/vms", None).await;
+    assert_error(&answer, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &["DELETE"]);
+    let answer = call(&app, "GET", &format!("/v1/vms/{VM_WEB}/backup"), None).await;
+    assert_error(&answer, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &["GET"]);
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let name = "n".repeat(1 << 20);
+    let body = json!({ "name": name }).to_string();
+    assert!(body.len() > 1 << 20);
+    let answer = call(&app, "POST", "/v1/groups", Some(&body)).await;
+    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &["1048576"]);
+    // Also when the body's length is announced up front.
+    let announced = Request::builder()
+        .method("POST")
+        .uri("/v1/groups")
+        .header("content-type", "application/json")
+        .header("content-length", body.len())
+        .body(Body::from(body))
+        .unwrap();
+    let answer = send(&app, announced).await;
+    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &[]);
+    assert!(fake.submitted().is_empty());
+}
+
+#[tokio::test]
+async fn internal_errors_keep_their_details_to_the_log() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    *fake.submit_error.lock().unwrap() = Some(ControlError::Internal(
+        "sled: /var/lib/cairn/db is corrupt".into(),
+    ));
+    let answer = call(&app, "POST", &format!("/v1/vms/{VM_WEB}/backup"), None).await;
+    assert_error(&answer, StatusCode::INTERNAL_SERVER_ERROR, "internal", &["log"]);
+    assert!(!answer.1.to_string().contains("sled"), "{}", answer.1);
+    *fake.submit_error.lock().unwrap() = Some(ControlError::Unavailable("starting".into()));
+    let answer = call(&app, "POST", &format!("/v1/vms/{VM_WEB}/backup"), None).await;
+    assert_error(&answer, StatusCode::SERVICE_UNAVAILABLE, "unavailable", &["starting"]);
+}
+
+#[tokio::test]
+async fn health_openapi_and_audit() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let (status, health) = call(&app, "GET", "/healthz", None).await;
+    assert_eq!((status, health), (StatusCode::OK, json!({"status": "ok"})));
+    let response = app.clone().oneshot(request("GET", "/openapi.yaml", None)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/yaml");
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(bytes, OPENAPI_YAML.as_bytes());
+    let (status, report) = call(&app, "GET", "/v1/audit/verify", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let report: AuditReport = serde_json::from_value(report).unwrap();
+    assert_eq!(report, fake.audit);
+}
+
+#[tokio::test]
+async fn events_page_from_a_sequence_number() {
+    let fake = Arc::new(Fake::new());
+    for seq in 1..=5 {
+        fake.push_event(event(seq));
+    }
+    let app = app(&fake);
+    let (status, page) = call(&app, "GET", "/v1/events?from=2&limit=2", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let page: wire::EventsPage = serde_json::from_value(page).unwrap();
+    let seqs: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+    assert_eq!((seqs, page.next_from), (vec![2, 3], 4));
+    let (_, page) = call(&app, "GET", "/v1/events", None).await;
+    assert_eq!(page["events"].as_array().unwrap().len(), 5);
+    assert_eq!(page["next_from"], 6);
+    // Nothing new and no wait: an empty page that points at the same place.
+    let (_, page) = call(&app, "GET", "/v1/events?from=6", None).await;
+    assert_eq!(page, json!({"events": [], "next_from": 6}));
+    let answer = call(&app, "GET", "/v1/events?limit=1001", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["limit", "1000"]);
+    let answer = call(&app, "GET", "/v1/events?from=-1", None).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["from"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_poll_returns_when_an_event_appears() {
+    let fake = Arc::new(Fake::new());
+    fake.push_event(event(1));
+    let app = app(&fake);
+    let started = tokio::time::Instant::now();
+    let poll = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, "GET", "/v1/events?from=2&wait_ms=30000", None).await }
+    });
+    // The poll is parked in `wait_for_events`; nothing else can run, so time stands still.
+    fake.waiting.notified().await;
+    fake.push_event(event(2));
+    let (status, page) = poll.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["events"][0]["seq"], 2);
+    assert_eq!(page["next_from"], 3);
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_poll_gives_up_after_its_wait() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let started = tokio::time::Instant::now();
+    let (status, page) = call(&app, "GET", "/v1/events?from=1&wait_ms=1500", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page, json!({"events": [], "next_from": 1}));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    // A longer wait than allowed is cut to the configured maximum.
+    let app = app_with(
+        &fake,
+        ApiConfig {
+            max_wait_ms: 2000,
+            ..ApiConfig::default()
+        },
+    );
+    let started = tokio::time::Instant::now();
+    let (_, page) = call(&app, "GET", "/v1/events?from=1&wait_ms=999999", None).await;
+    assert_eq!(page["events"], json!([]));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2000) && waited < Duration::from_millis(3000),
+        "{waited:?}"
+    );
+}
+
+/// The `paths:` of the OpenAPI description with their methods, by a line scan: a path is a
+/// line `  /...:` and a method a line `    get:` below it.
+fn openapi_routes() -> Vec<(String, String)> {
+    let mut routes = Vec::new();
+    let mut in_paths = false;
+    let mut path: Option<String> = None;
+    for line in OPENAPI_YAML.lines() {
+        if !line.starts_with(' ') && !line.is_empty() {
+            in_paths = line == "paths:";
+            path = None;
+            continue;
+        }
+        if !in_paths {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("  /") {
+            path = Some(format!("/{}", rest.trim_end().trim_end_matches(':')));
+        } else if let (Some(p), Some(rest)) = (&path, line.strip_prefix("    ")) {
+            let word = rest.trim_end().trim_end_matches(':');
+            if !rest.starts_with(' ')
+                && ["get", "post", "put", "patch", "delete"].contains(&word)
+            {
+                routes.push((word.to_owned(), p.clone()));
+            }
+        }
+    }
+    routes
+}
+
+#[test]
+fn openapi_describes_every_route_and_no_other() {
+    let mut described = openapi_routes();
+    let mut served: Vec<(String, String)> = routes()
+        .iter()
+        .map(|r| (r.method.to_owned(), r.path.to_owned()))
+        .collect();
+    described.sort();
+    served.sort();
+    assert_eq!(served, described);
+    assert!(served.len() >= 14, "{served:?}");
+}
+
+/// One HTTP/1.1 request over a fresh TCP connection; returns the status and the body.
+async fn raw_http(addr: std::net::SocketAddr, head: &str, body: &str) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap())
+}
+
+#[tokio::test]
+async fn serves_over_tcp_and_shuts_down() {
+    let fake = Arc::new(Fake::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, fake.clone(), async move {
+        let _ = stopped.await;
+    }));
+
+    let (status, vms) = raw_http(addr, "GET /v1/vms HTTP/1.1", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(vms[1]["name"], "db-01");
+    let body = json!({"name": "lab", "vms": [VM_WEB, VM_DB], "sync": "30m"}).to_string();
+    let (status, accepted) = raw_http(addr, "POST /v1/groups HTTP/1.1", &body).await;
+    assert_eq!(status, 201, "{accepted}");
+    let (status, error) = raw_http(addr, "POST /v1/groups HTTP/1.1", "{oops").await;
+    assert_eq!(status, 400);
+    assert_eq!(error["error"]["code"], "invalid_request");
+    assert_eq!(fake.submitted().len(), 1);
+
+    // A long poll in flight does not hold the shutdown up for its whole wait.
+    let poll = tokio::spawn(async move {
+        raw_http(addr, "GET /v1/events?from=1&wait_ms=30000 HTTP/1.1", "").await
+    });
+    fake.waiting.notified().await;
+    stop.send(()).unwrap();
+    let (status, page) = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long poll should end at shutdown")
+        .unwrap();
+    assert_eq!((status, page["events"].clone()), (200, json!([])));
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server should stop")
+        .unwrap()
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

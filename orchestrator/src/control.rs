@@ -1,0 +1,104 @@
+//! The contract between the orchestrator's engine and its front ends (HTTP API, in-process
+//! callers): reads from projections and commands that go through `decide`.
+//!
+//! The API module is generic over [`Control`], so it can be tested against a fake and served
+//! by any orchestrator instance (the embedded one of `cairn up`, or a distributed one that
+//! forwards commands to the owner of a partition).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use cairn_schemas::Command;
+
+use crate::views::{
+    Accepted, AuditReport, EventView, GroupView, JobView, NodeView, RpView, VmView,
+};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a command or query was refused. Client faults carry a stable `code` and map to 4xx.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The thing named does not exist (404). Codes: `unknown_vm`, `unknown_job`, `unknown_group`,
+    /// `unknown_rp`, `unknown_node`.
+    #[error("{message}")]
+    NotFound { code: &'static str, message: String },
+    /// The request is valid but conflicts with the current state (409). Codes:
+    /// `duplicate_group`, `job_running`, `job_finished`, `vm_in_group`, `conflict`.
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// The request is malformed or invalid (400). Codes: `invalid_request`, `invalid_policy`,
+    /// `invalid_id`, `invalid_path`.
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    /// The orchestrator failed (500); the message is for the log, not a user's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The orchestrator is shutting down or not ready (503).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ControlError {
+    /// The HTTP status this error maps to.
+    pub fn status(&self) -> u16 {
+        match self {
+            ControlError::NotFound { .. } => 404,
+            ControlError::Conflict { .. } => 409,
+            ControlError::Invalid { .. } => 400,
+            ControlError::Internal(_) => 500,
+            ControlError::Unavailable(_) => 503,
+        }
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ControlError::NotFound { code, .. }
+            | ControlError::Conflict { code, .. }
+            | ControlError::Invalid { code, .. } => code,
+            ControlError::Internal(_) => "internal",
+            ControlError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// What the HTTP API needs from an orchestrator.
+pub trait Control: Send + Sync + 'static {
+    fn vms(&self) -> Vec<VmView>;
+    fn groups(&self) -> Vec<GroupView>;
+    fn jobs(&self) -> Vec<JobView>;
+    fn job(&self, job: &str) -> Result<JobView, ControlError>;
+    fn recovery_points(&self, vm: &str) -> Result<Vec<RpView>, ControlError>;
+    fn nodes(&self) -> Vec<NodeView>;
+
+    /// Runs a command through `decide` and appends its events; `actor` is recorded on them.
+    fn submit(
+        &self,
+        actor: String,
+        command: Command,
+    ) -> BoxFuture<'_, Result<Accepted, ControlError>>;
+
+    /// Events with sequence ≥ `from_seq`, at most `limit`.
+    fn events(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<EventView>, ControlError>>;
+    /// Resolves when an event with sequence ≥ `from_seq` exists or `timeout_ms` passed.
+    fn wait_for_events(&self, from_seq: u64, timeout_ms: u64) -> BoxFuture<'_, ()>;
+    /// Walks the hash chain of the whole log.
+    fn audit_verify(&self) -> BoxFuture<'_, Result<AuditReport, ControlError>>;
+
+    /// New ids for commands that create things (the API chooses ids so a retried request can
+    /// be made idempotent).
+    fn new_job_id(&self) -> cairn_schemas::JobId;
+    fn new_group_id(&self) -> cairn_schemas::GroupId;
+    fn new_command_id(&self) -> cairn_schemas::CommandId;
+
+    /// The repository a new protection group writes to when its request names none. The
+    /// default, empty, makes such a request fail validation (`repository must not be empty`).
+    fn default_repository(&self) -> String {
+        String::new()
+    }
+}

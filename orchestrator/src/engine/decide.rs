@@ -1,0 +1,472 @@
+//! `decide`: commands → events, or a rejection with a stable code. Pure: no IO, no clock (the
+//! caller passes `now`), no randomness (ids of created things come in the command).
+
+use std::collections::BTreeSet;
+
+use cairn_schemas::{
+    Aggregate, BackupMode, Command, DiskInfo, Event, GroupEvent, GroupId, JobEvent, JobId, JobKind,
+    JobReason, NodeEvent, NodeId, RecoveryTarget, VmEvent, VmId, VmInventory,
+};
+
+use super::state::State;
+use crate::control::ControlError;
+
+/// Events to append to one aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emit {
+    pub aggregate: Aggregate,
+    pub events: Vec<Event>,
+}
+
+impl Emit {
+    pub fn new(aggregate: Aggregate, events: Vec<Event>) -> Emit {
+        Emit { aggregate, events }
+    }
+}
+
+fn not_found(code: &'static str, message: String) -> ControlError {
+    ControlError::NotFound { code, message }
+}
+
+fn conflict(code: &'static str, message: String) -> ControlError {
+    ControlError::Conflict { code, message }
+}
+
+fn invalid(code: &'static str, message: String) -> ControlError {
+    ControlError::Invalid { code, message }
+}
+
+/// Limits on what a worker may report, so a confused or hostile worker cannot bloat the log.
+const MAX_VMS_PER_NODE: usize = 10_000;
+const MAX_DISKS_PER_VM: usize = 16;
+
+pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, ControlError> {
+    match command {
+        Command::CreateGroup {
+            group,
+            name,
+            members,
+            policy,
+        } => {
+            let name = name.trim();
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+                return Err(invalid(
+                    "invalid_request",
+                    format!("group name {name:?} must be 1 to 64 printable characters"),
+                ));
+            }
+            if let Some(existing) = state.groups.values().find(|g| !g.deleted && g.name == name) {
+                return Err(conflict(
+                    "duplicate_group",
+                    format!("a protection group named {name:?} exists ({})", existing.id),
+                ));
+            }
+            if state.groups.contains_key(group) {
+                return Err(conflict(
+                    "duplicate_group",
+                    format!("group id {group} is taken"),
+                ));
+            }
+            check_members(state, members, None)?;
+            policy
+                .validate()
+                .map_err(|e| invalid("invalid_policy", e.to_string()))?;
+            Ok(vec![Emit::new(
+                Aggregate::Group(*group),
+                vec![
+                    GroupEvent::GroupCreated {
+                        name: name.to_string(),
+                        members: members.clone(),
+                        policy: policy.clone(),
+                    }
+                    .into(),
+                ],
+            )])
+        }
+        Command::ChangeGroupMembers { group, members } => {
+            let current = live_group(state, *group)?;
+            check_members(state, members, Some(*group))?;
+            let added: Vec<VmId> = members
+                .iter()
+                .filter(|m| !current.members.contains(m))
+                .copied()
+                .collect();
+            let removed: Vec<VmId> = current
+                .members
+                .iter()
+                .filter(|m| !members.contains(m))
+                .copied()
+                .collect();
+            if added.is_empty() && removed.is_empty() {
+                return Ok(vec![]);
+            }
+            Ok(vec![Emit::new(
+                Aggregate::Group(*group),
+                vec![GroupEvent::GroupMembersChanged { added, removed }.into()],
+            )])
+        }
+        Command::ChangeGroupPolicy { group, policy } => {
+            live_group(state, *group)?;
+            policy
+                .validate()
+                .map_err(|e| invalid("invalid_policy", e.to_string()))?;
+            Ok(vec![Emit::new(
+                Aggregate::Group(*group),
+                vec![
+                    GroupEvent::GroupPolicyChanged {
+                        policy: policy.clone(),
+                    }
+                    .into(),
+                ],
+            )])
+        }
+        Command::DeleteGroup {
+            group,
+            delete_recovery_points,
+        } => {
+            live_group(state, *group)?;
+            Ok(vec![Emit::new(
+                Aggregate::Group(*group),
+                vec![
+                    GroupEvent::GroupDeleted {
+                        delete_recovery_points: *delete_recovery_points,
+                    }
+                    .into(),
+                ],
+            )])
+        }
+        Command::RequestBackup { job, vm, mode } => {
+            request_backup(state, *job, *vm, *mode, JobReason::Manual, now).map(|e| vec![e])
+        }
+        Command::RequestConsistencyCheck { vm, .. } => Err(invalid(
+            "unsupported",
+            format!("consistency checks are not available in this release (vm {vm})"),
+        )),
+        Command::RequestRestore {
+            job,
+            vm,
+            rp,
+            target,
+        } => {
+            let known = present_vm(state, *vm)?;
+            if !state
+                .rps
+                .get(vm)
+                .is_some_and(|list| list.iter().any(|r| r.rp == *rp))
+            {
+                return Err(not_found(
+                    "unknown_rp",
+                    format!("VM {} has no recovery point {rp}", known.name),
+                ));
+            }
+            if state.jobs.contains_key(job) {
+                return Err(conflict("conflict", format!("job id {job} is taken")));
+            }
+            match target {
+                RecoveryTarget::CopyToFolder { node, path } => {
+                    if !state.nodes.contains_key(node) {
+                        return Err(not_found("unknown_node", format!("no node {node}")));
+                    }
+                    check_path(path)?;
+                }
+                other => {
+                    return Err(invalid(
+                        "unsupported",
+                        format!("recovery target {other:?} is not available in this release"),
+                    ));
+                }
+            }
+            Ok(vec![Emit::new(
+                Aggregate::Job(*job),
+                vec![
+                    JobEvent::JobRequested {
+                        kind: JobKind::Recovery {
+                            rp: *rp,
+                            target: target.clone(),
+                        },
+                        vm: *vm,
+                        group: known.group,
+                        reason: JobReason::Manual,
+                        not_before: None,
+                    }
+                    .into(),
+                ],
+            )])
+        }
+        Command::CancelJob { job, reason } => {
+            let found = state
+                .jobs
+                .get(job)
+                .ok_or_else(|| not_found("unknown_job", format!("no job {job}")))?;
+            if found.state.is_terminal() {
+                return Err(conflict(
+                    "job_finished",
+                    format!("job {job} already ended ({:?})", found.state),
+                ));
+            }
+            if found.cancel_requested {
+                return Ok(vec![]);
+            }
+            Ok(vec![Emit::new(
+                Aggregate::Job(*job),
+                vec![
+                    JobEvent::JobCancelRequested {
+                        reason: reason.clone(),
+                    }
+                    .into(),
+                ],
+            )])
+        }
+        Command::RegisterNode {
+            node,
+            cluster,
+            worker_version,
+        } => {
+            if state.nodes.get(node).is_some_and(|n| {
+                &n.cluster == cluster && &n.worker_version == worker_version && n.online
+            }) {
+                return Ok(vec![]);
+            }
+            Ok(vec![Emit::new(
+                Aggregate::Node(node.clone()),
+                vec![
+                    NodeEvent::NodeRegistered {
+                        cluster: cluster.clone(),
+                        worker_version: worker_version.clone(),
+                    }
+                    .into(),
+                ],
+            )])
+        }
+        Command::ReportInventory { node, vms } => inventory(state, node, vms),
+    }
+}
+
+/// A backup request, from a user or the scheduler.
+pub fn request_backup(
+    state: &State,
+    job: JobId,
+    vm: VmId,
+    mode: BackupMode,
+    reason: JobReason,
+    _now: u64,
+) -> Result<Emit, ControlError> {
+    let known = present_vm(state, vm)?;
+    if let Some(active) = state
+        .jobs
+        .values()
+        .find(|j| j.vm == vm && j.is_backup() && !j.state.is_terminal())
+    {
+        return Err(conflict(
+            "job_running",
+            format!(
+                "a backup of VM {} is already queued or running (job {})",
+                known.name, active.id
+            ),
+        ));
+    }
+    if state.jobs.contains_key(&job) {
+        return Err(conflict("conflict", format!("job id {job} is taken")));
+    }
+    Ok(Emit::new(
+        Aggregate::Job(job),
+        vec![
+            JobEvent::JobRequested {
+                kind: JobKind::Backup { mode },
+                vm,
+                group: known.group,
+                reason,
+                not_before: None,
+            }
+            .into(),
+        ],
+    ))
+}
+
+fn present_vm(state: &State, vm: VmId) -> Result<&super::state::Vm, ControlError> {
+    match state.vms.get(&vm) {
+        None => Err(not_found(
+            "unknown_vm",
+            format!("no VM {vm} in the inventory"),
+        )),
+        Some(v) if !v.present => Err(conflict(
+            "vm_absent",
+            format!(
+                "VM {} ({vm}) is no longer reported by node {}",
+                v.name, v.node
+            ),
+        )),
+        Some(v) => Ok(v),
+    }
+}
+
+fn live_group(state: &State, group: GroupId) -> Result<&super::state::Group, ControlError> {
+    state
+        .groups
+        .get(&group)
+        .filter(|g| !g.deleted)
+        .ok_or_else(|| not_found("unknown_group", format!("no protection group {group}")))
+}
+
+fn check_members(
+    state: &State,
+    members: &[VmId],
+    group: Option<GroupId>,
+) -> Result<(), ControlError> {
+    let mut seen = BTreeSet::new();
+    for vm in members {
+        if !seen.insert(vm) {
+            return Err(invalid(
+                "invalid_request",
+                format!("VM {vm} is listed twice"),
+            ));
+        }
+        let known = state
+            .vms
+            .get(vm)
+            .ok_or_else(|| not_found("unknown_vm", format!("no VM {vm} in the inventory")))?;
+        if let Some(other) = known.group.filter(|g| Some(*g) != group)
+            && state.groups.get(&other).is_some_and(|g| !g.deleted)
+        {
+            let other_name = &state.groups[&other].name;
+            return Err(conflict(
+                "vm_in_group",
+                format!(
+                    "VM {} is already protected by group {other_name:?}",
+                    known.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_path(path: &str) -> Result<(), ControlError> {
+    let p = std::path::Path::new(path);
+    if !p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        || path.contains('\0')
+    {
+        return Err(invalid(
+            "invalid_path",
+            format!("{path:?} must be an absolute path without '..'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Turns a node's inventory report into VM events: discovered, moved, resized, removed.
+fn inventory(state: &State, node: &NodeId, vms: &[VmInventory]) -> Result<Vec<Emit>, ControlError> {
+    if !state.nodes.contains_key(node) {
+        return Err(not_found(
+            "unknown_node",
+            format!("node {node} reported inventory before registering"),
+        ));
+    }
+    if vms.len() > MAX_VMS_PER_NODE {
+        return Err(invalid(
+            "invalid_request",
+            format!(
+                "node {node} reported {} VMs; the limit is {MAX_VMS_PER_NODE}",
+                vms.len()
+            ),
+        ));
+    }
+    let mut emits = Vec::new();
+    let mut reported = BTreeSet::new();
+    for inv in vms {
+        if !reported.insert(inv.vm) {
+            return Err(invalid(
+                "invalid_request",
+                format!("node {node} reported VM {} twice", inv.vm),
+            ));
+        }
+        if inv.disks.is_empty()
+            || inv.disks.len() > MAX_DISKS_PER_VM
+            || inv.name.is_empty()
+            || inv.name.len() > 128
+        {
+            return Err(invalid(
+                "invalid_request",
+                format!(
+                    "node {node}: VM {} has an invalid name or disk list",
+                    inv.vm
+                ),
+            ));
+        }
+        let mut events: Vec<Event> = Vec::new();
+        match state.vms.get(&inv.vm) {
+            None => events.push(
+                VmEvent::VmDiscovered {
+                    node: node.clone(),
+                    name: inv.name.clone(),
+                    disks: inv.disks.clone(),
+                }
+                .into(),
+            ),
+            Some(known) => {
+                if &known.node != node {
+                    events.push(
+                        VmEvent::VmMoved {
+                            from: known.node.clone(),
+                            to: node.clone(),
+                        }
+                        .into(),
+                    );
+                } else if !known.present {
+                    events.push(
+                        VmEvent::VmDiscovered {
+                            node: node.clone(),
+                            name: inv.name.clone(),
+                            disks: inv.disks.clone(),
+                        }
+                        .into(),
+                    );
+                }
+                if known.name != inv.name || !same_layout(&known.disks, &inv.disks) {
+                    for disk in &inv.disks {
+                        if let Some(old) = known.disks.iter().find(|d| d.disk == disk.disk)
+                            && old.size_bytes != disk.size_bytes
+                        {
+                            events.push(
+                                VmEvent::DiskResized {
+                                    disk: disk.disk.clone(),
+                                    old_size_bytes: old.size_bytes,
+                                    new_size_bytes: disk.size_bytes,
+                                }
+                                .into(),
+                            );
+                        }
+                    }
+                    events.push(
+                        VmEvent::VmDiscovered {
+                            node: node.clone(),
+                            name: inv.name.clone(),
+                            disks: inv.disks.clone(),
+                        }
+                        .into(),
+                    );
+                }
+            }
+        }
+        if !events.is_empty() {
+            emits.push(Emit::new(Aggregate::Vm(inv.vm), events));
+        }
+    }
+    for vm in state
+        .vms
+        .values()
+        .filter(|v| &v.node == node && v.present && !reported.contains(&v.id))
+    {
+        emits.push(Emit::new(
+            Aggregate::Vm(vm.id),
+            vec![VmEvent::VmRemoved.into()],
+        ));
+    }
+    Ok(emits)
+}
+
+fn same_layout(a: &[DiskInfo], b: &[DiskInfo]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}

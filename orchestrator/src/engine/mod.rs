@@ -1,0 +1,15 @@
+//! The job engine: projections ([`state`]), command decisions ([`decide`]), the job reconciler
+//! ([`jobs`]), and the service that runs them over an event log ([`service`]).
+//!
+//! Everything but `service` is pure: state in, events out. `service` is the only place that
+//! appends to the log, talks to the step bus and reads the clock.
+
+pub mod decide;
+pub mod jobs;
+pub mod state;
+pub mod read;
+pub mod service;
+pub mod snapshot;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+//! Views of the projections for the API (see [`crate::views`]).
+
+use cairn_schemas::{Consistency, DataSourceState, Event, ImageFormat, JobEvent, JobKind, PowerState, SyncFrequency};
+
+use super::jobs::step_label;
+use super::state::{Job, State, StepStatus};
+use crate::log::StoredEvent;
+use crate::views::{DiskView, EventView, GroupView, JobView, NodeView, RpDiskView, RpView, StepView, VmView};
+
+pub fn format_name(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Raw => "raw",
+        ImageFormat::Qcow2 => "qcow2",
+        ImageFormat::Vhdx => "vhdx",
+        ImageFormat::Vhd => "vhd",
+    }
+}
+
+pub fn vms(state: &State) -> Vec<VmView> {
+    state
+        .vms
+        .values()
+        .map(|vm| VmView {
+            vm: vm.id.to_string(),
+            name: vm.name.clone(),
+            node: vm.node.to_string(),
+            power: match vm.power {
+                PowerState::Running => "running",
+                PowerState::Stopped => "stopped",
+                PowerState::Paused => "paused",
+            }
+            .into(),
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| DiskView {
+                    disk: d.disk.to_string(),
+                    size_bytes: d.size_bytes,
+                    format: format_name(d.format).into(),
+                    image_path: d.image_path.clone(),
+                    state: format!("{:?}", vm.disk_states.get(&d.disk).copied().unwrap_or(DataSourceState::PendingReplicaCreation)),
+                })
+                .collect(),
+            group: vm.group.and_then(|g| state.groups.get(&g)).filter(|g| !g.deleted).map(|g| g.name.clone()),
+            last_backup_at: vm.last_backup_at,
+            recovery_points: state.rps.get(&vm.id).map_or(0, |l| l.len() as u64),
+            present: vm.present,
+        })
+        .collect()
+}
+
+pub fn groups(state: &State) -> Vec<GroupView> {
+    state
+        .groups
+        .values()
+        .filter(|g| !g.deleted)
+        .map(|g| GroupView {
+            group: g.id.to_string(),
+            name: g.name.clone(),
+            members: g.members.iter().map(|m| m.to_string()).collect(),
+            retention_days: g.policy.retention_days as u32,
+            sync: match g.policy.sync {
+                SyncFrequency::EveryMinutes(m) => format!("{m}m"),
+                SyncFrequency::JustBeforeRecoveryPoint => "before-recovery-point".into(),
+            },
+            created_at: g.created_at,
+        })
+        .collect()
+}
+
+pub fn job(state: &State, job: &Job) -> JobView {
+    let kind = match &job.kind {
+        JobKind::InitialReplication => "InitialReplication".to_string(),
+        JobKind::Backup { .. } => "Backup".to_string(),
+        JobKind::ConsistencyCheck => "ConsistencyCheck".to_string(),
+        JobKind::Recovery { .. } => "Recovery".to_string(),
+        other => format!("{other:?}").split([' ', '{']).next().unwrap_or_default().to_string(),
+    };
+    let rp = match &job.kind {
+        JobKind::Recovery { rp, .. } => Some(rp.to_string()),
+        _ => job.committed_rp.map(|r| r.to_string()),
+    };
+    JobView {
+        job: job.id.to_string(),
+        kind,
+        vm: job.vm.to_string(),
+        vm_name: state.vms.get(&job.vm).map(|v| v.name.clone()).unwrap_or_default(),
+        state: format!("{:?}", job.state),
+        wait_reason: job.wait.as_ref().map(|w| format!("{w:?}")),
+        reason: format!("{:?}", job.reason),
+        node: job.node.as_ref().map(|n| n.to_string()),
+        requested_at: job.requested_at,
+        started_at: job.started_at,
+        finished_at: job.finished_at,
+        error: job.error.clone(),
+        cancel_requested: job.cancel_requested,
+        rp,
+        steps: job
+            .steps
+            .iter()
+            .map(|s| StepView {
+                step: s.id.to_string(),
+                kind: step_label(&s.kind),
+                state: match s.status {
+                    StepStatus::Pending if job.state.is_terminal() => "Skipped".into(),
+                    StepStatus::RetryScheduled { .. } => "RetryScheduled".into(),
+                    other => format!("{other:?}"),
+                },
+                attempt: s.attempt,
+                node: s.node.as_ref().map(|n| n.to_string()),
+                started_at: s.started_at.or(s.dispatched_at),
+                finished_at: s.finished_at,
+                bytes_done: s.bytes_done,
+                bytes_total: s.bytes_total,
+                error: s.error.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub fn jobs(state: &State) -> Vec<JobView> {
+    state.jobs.values().map(|j| job(state, j)).collect()
+}
+
+pub fn rps(state: &State, vm: &cairn_schemas::VmId) -> Vec<RpView> {
+    state
+        .rps
+        .get(vm)
+        .map(|list| {
+            list.iter()
+                .map(|r| RpView {
+                    rp: r.rp.to_string(),
+                    vm: r.vm.to_string(),
+                    job: r.job.map(|j| j.to_string()).unwrap_or_default(),
+                    taken_at: r.taken_at,
+                    consistency: match r.consistency {
+                        Consistency::Application => "ApplicationConsistent".into(),
+                        Consistency::Crash => "CrashConsistent".into(),
+                    },
+                    disks: r
+                        .disks
+                        .iter()
+                        .map(|d| RpDiskView { disk: d.disk.to_string(), bytes_read: d.bytes_read, bytes_stored: d.bytes_stored })
+                        .collect(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn nodes(state: &State) -> Vec<NodeView> {
+    state
+        .nodes
+        .values()
+        .map(|n| NodeView {
+            node: n.id.to_string(),
+            cluster: n.cluster.clone(),
+            online: n.online,
+            last_seen: Some(n.last_seen),
+            vms: state.vms.values().filter(|v| v.node == n.id && v.present).count() as u64,
+            running_backups: state
+                .jobs
+                .values()
+                .filter(|j| j.node.as_ref() == Some(&n.id) && j.is_backup() && !j.state.is_terminal() && j.started_at.is_some())
+                .count() as u64,
+        })
+        .collect()
+}
+
+pub fn event(stored: &StoredEvent) -> EventView {
+    let env = &stored.envelope;
+    EventView {
+        seq: stored.seq,
+        event_id: env.event_id.to_string(),
+        recorded_at: env.recorded_at,
+        aggregate: env.aggregate.to_string(),
+        version: env.aggregate_version,
+        name: env.payload.name().to_string(),
+        actor: env.actor.clone(),
+        correlation: env.correlation.map(|c| c.to_string()),
+        summary: summary(&env.payload),
+    }
+}
+
+fn summary(event: &Event) -> String {
+    match event {
+        Event::Job(JobEvent::StepDispatched { spec, attempt, node, .. }) => {
+            format!("{} attempt {attempt} to node {node}", step_label(&spec.kind()))
+        }
+        Event::Job(JobEvent::StepFailed { message, class, .. }) => format!("{class:?}: {message}"),
+        Event::Job(JobEvent::JobFailed { reason }) => reason.clone(),
+        Event::Job(JobEvent::RecoveryPointCommitted { rp, disks, .. }) => {
+            format!("recovery point {rp} ({} disks, {} bytes stored)", disks.len(), disks.iter().map(|d| d.bytes_stored).sum::<u64>())
+        }
+        Event::Job(JobEvent::JobRequested { kind, vm, reason, .. }) => {
+            format!("{} of VM {vm} ({reason:?})", format!("{kind:?}").split([' ', '{']).next().unwrap_or_default())
+        }
+        Event::Vm(e) => {
+            let text = format!("{e:?}");
+            text.chars().take(160).collect()
+        }
+        Event::Group(cairn_schemas::GroupEvent::GroupCreated { name, members, .. }) => {
+            format!("group {name:?} with {} VMs", members.len())
+        }
+        other => {
+            let text = format!("{other:?}");
+            text.chars().take(160).collect()
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The engine service: the one task that owns the projections, appends to the event log and
+//! dispatches steps. Its main loop selects over commands, worker reports and a timer; every
+//! side effect (dispatching a step) happens only after the event that decided it is durable.
+//!
+//! Shape: [`Engine::start`] replays the log (snapshot + tail) and returns the engine and a
+//! cheap [`Handle`]; [`Engine::run`] runs until its shutdown future resolves, then writes a
+//! snapshot. Callers talk to the engine through the handle only.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use cairn_schemas::{
+    Aggregate, BackupMode, Command, CommandId, Event, EventId, GroupId, JobEvent, JobId, JobReason, Report,
+    StepSpec, SyncFrequency,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::decide::{Emit, decide, request_backup};
+use super::jobs::{EngineConfig, Liveness, on_report, reconcile};
+use super::state::State;
+use super::{read, snapshot};
+use crate::control::{BoxFuture, Control, ControlError};
+use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent};
+use crate::views::{Accepted, AuditReport, EventView, GroupView, JobView, NodeView, RpView, VmView};
+
+/// Where time comes from; tests use a manual clock.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> u64;
+}
+
+/// The wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// Where dispatched steps go: the in-process bus of `cairn up`, or NATS.
+pub trait StepSink: Send + Sync {
+    fn dispatch(&self, spec: StepSpec);
+    /// Asks the workers to stop the running steps of `job` (it was cancelled).
+    fn cancel(&self, _job: JobId) {}
+}
+
+/// Options of an engine instance.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub config: EngineConfig,
+    /// Owner epoch: fences steps and reports of earlier instances.
+    pub epoch: u64,
+    /// Actor recorded on events the engine decides by itself.
+    pub actor: String,
+    /// Where to keep the projection snapshot; `None` = always replay the whole log.
+    pub snapshot_path: Option<PathBuf>,
+    /// Write a snapshot after this many new events.
+    pub snapshot_every: u64,
+    /// How often the reconciler and the scheduler run.
+    pub tick: Duration,
+}
+
+/// Errors that stop the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("replaying the event log failed: {0}")]
+    Replay(#[from] crate::log::Error),
+}
+
+enum Input {
+    Submit { actor: String, command: Command, reply: oneshot::Sender<Result<Accepted, ControlError>> },
+    Report(Report),
+}
+
+struct Shared<L> {
+    log: L,
+    state: RwLock<State>,
+    clock: Arc<dyn Clock>,
+    tx: mpsc::Sender<Input>,
+    seq: watch::Sender<u64>,
+    config: EngineConfig,
+}
+
+/// A cheap, cloneable handle to a running engine.
+pub struct Handle<L> {
+    shared: Arc<Shared<L>>,
+}
+
+impl<L> Clone for Handle<L> {
+    fn clone(&self) -> Self {
+        Handle { shared: self.shared.clone() }
+    }
+}
+
+/// The engine: owns the projections and the log's write side.
+pub struct Engine<L> {
+    shared: Arc<Shared<L>>,
+    rx: mpsc::Receiver<Input>,
+    steps: Arc<dyn StepSink>,
+    opts: EngineOptions,
+    live: Liveness,
+    snapshot_seq: u64,
+}
+
+fn random10() -> [u8; 10] {
+    let mut bytes = [0u8; 10];
+    getrandom::getrandom(&mut bytes).expect("the OS random source works");
+    bytes
+}
+
+impl<L: EventLog + 'static> Engine<L> {
+    /// Rebuilds the projections from the snapshot (if usable) and the log after it.
+    pub async fn start(
+        log: L,
+        opts: EngineOptions,
+        clock: Arc<dyn Clock>,
+        steps: Arc<dyn StepSink>,
+    ) -> Result<(Engine<L>, Handle<L>), Error> {
+        let started = std::time::Instant::now();
+        let mut state = opts.snapshot_path.as_deref().and_then(snapshot::load).unwrap_or_default();
+        let from_snapshot = state.last_seq;
+        let last = log.last_seq().await?;
+        if state.last_seq > last {
+            tracing::warn!(snapshot = state.last_seq, log = last, "snapshot is ahead of the log; replaying the whole log");
+            state = State::default();
+        }
+        loop {
+            let batch = log.read_from(state.last_seq + 1, 16_384).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for stored in &batch {
+                state.apply(stored);
+            }
+        }
+        tracing::info!(
+            events = state.last_seq,
+            from_snapshot,
+            ms = started.elapsed().as_millis() as u64,
+            "projections rebuilt"
+        );
+        let (tx, rx) = mpsc::channel(1024);
+        let (seq, _) = watch::channel(state.last_seq);
+        let now = clock.now_ms();
+        let snapshot_seq = state.last_seq;
+        let shared = Arc::new(Shared { log, state: RwLock::new(state), clock, tx, seq, config: opts.config.clone() });
+        let engine = Engine {
+            shared: shared.clone(),
+            rx,
+            steps,
+            opts,
+            live: Liveness { last_report: Default::default(), started_at: now },
+            snapshot_seq,
+        };
+        Ok((engine, Handle { shared }))
+    }
+
+    /// Runs until `shutdown` resolves; then writes a snapshot.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) {
+        let mut tick = tokio::time::interval(self.opts.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                input = self.rx.recv() => match input {
+                    Some(Input::Submit { actor, command, reply }) => {
+                        let result = self.submit(&actor, command).await;
+                        let _ = reply.send(result);
+                    }
+                    Some(Input::Report(report)) => self.report(report).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.tick().await,
+            }
+            self.maybe_snapshot(false).await;
+        }
+        self.maybe_snapshot(true).await;
+    }
+
+    fn now(&self) -> u64 {
+        self.shared.clock.now_ms()
+    }
+
+    async fn submit(&mut self, actor: &str, command: Command) -> Result<Accepted, ControlError> {
+        let now = self.now();
+        let command_id = command_id_of(&command);
+        let emits = {
+            let state = self.shared.state.read().expect("state lock");
+            decide(&state, &command, now)?
+        };
+        let id = created_id(&command);
+        let single = emits.len() == 1;
+        let mut jobs = BTreeSet::new();
+        for emit in emits {
+            if let Aggregate::Job(job) = emit.aggregate {
+                jobs.insert(job);
+            }
+            self.commit(emit, actor, if single { command_id } else { None }).await?;
+        }
+        for job in jobs {
+            self.reconcile_job(job).await;
+        }
+        Ok(Accepted { id, seq: *self.shared.seq.borrow() })
+    }
+
+    async fn report(&mut self, report: Report) {
+        let now = self.now();
+        self.live.last_report.insert((report.step, report.attempt), now);
+        let events = {
+            let state = self.shared.state.read().expect("state lock");
+            on_report(&state, &self.shared.config, &report, now)
+        };
+        if !events.is_empty() {
+            let emit = Emit::new(Aggregate::Job(report.job), events.into_iter().map(Event::from).collect());
+            if let Err(e) = self.commit(emit, &format!("node/{}", report.node), None).await {
+                tracing::error!(job = %report.job, error = %e, "could not record a worker report");
+                return;
+            }
+        }
+        self.reconcile_job(report.job).await;
+    }
+
+    async fn tick(&mut self) {
+        self.schedule_backups().await;
+        let open: Vec<JobId> = {
+            let state = self.shared.state.read().expect("state lock");
+            state.jobs.values().filter(|j| !j.state.is_terminal()).map(|j| j.id).collect()
+        };
+        for job in open {
+            self.reconcile_job(job).await;
+        }
+        // Forget liveness of steps that are no longer in flight.
+        let state = self.shared.state.read().expect("state lock");
+        self.live.last_report.retain(|(step, attempt), _| {
+            state.jobs.values().any(|j| j.steps.iter().any(|s| s.id == *step && s.attempt == *attempt && s.status.in_flight()))
+        });
+    }
+
+    /// Requests backups that protection groups' synchronization frequency makes due: one per
+    /// VM when its last backup request is older than the frequency (after downtime this is one
+    /// catch-up, not a burst).
+    async fn schedule_backups(&mut self) {
+        let now = self.now();
+        let due: Vec<cairn_schemas::VmId> = {
+            let state = self.shared.state.read().expect("state lock");
+            let mut due = Vec::new();
+            for group in state.groups.values().filter(|g| !g.deleted) {
+                let every_ms = match group.policy.sync {
+                    SyncFrequency::EveryMinutes(m) => m as u64 * 60_000,
+                    SyncFrequency::JustBeforeRecoveryPoint => 60 * 60_000,
+                };
+                for vm in &group.members {
+                    let Some(known) = state.vms.get(vm).filter(|v| v.present) else { continue };
+                    let jobs = state.jobs.values().filter(|j| j.vm == *vm && j.is_backup());
+                    let mut active = false;
+                    let mut last = None::<u64>;
+                    for j in jobs {
+                        active |= !j.state.is_terminal();
+                        last = last.max(Some(j.requested_at));
+                    }
+                    if !active && last.is_none_or(|t| now.saturating_sub(t) >= every_ms) {
+                        due.push(known.id);
+                    }
+                }
+            }
+            due
+        };
+        for vm in due {
+            let job = JobId::new_v7(now, random10());
+            let emit = {
+                let state = self.shared.state.read().expect("state lock");
+                request_backup(&state, job, vm, BackupMode::Incremental, JobReason::Scheduled, now)
+            };
+            match emit {
+                Ok(emit) => {
+                    let actor = self.opts.actor.clone();
+                    if self.commit(emit, &format!("{actor}/scheduler"), None).await.is_ok() {
+                        self.reconcile_job(job).await;
+                    }
+                }
+                Err(e) => tracing::debug!(vm = %vm, error = %e, "scheduled backup not requested"),
+            }
+        }
+    }
+
+    /// Runs the reconciler on one job until it has nothing more to say.
+    async fn reconcile_job(&mut self, job: JobId) {
+        for _ in 0..16 {
+            let now = self.now();
+            let events = {
+                let state = self.shared.state.read().expect("state lock");
+                let Some(found) = state.jobs.get(&job) else { return };
+                reconcile(&state, &self.shared.config, self.opts.epoch, found, &self.live, now)
+            };
+            if events.is_empty() {
+                return;
+            }
+            let actor = self.opts.actor.clone();
+            let emit = Emit::new(Aggregate::Job(job), events.into_iter().map(Event::from).collect());
+            if let Err(e) = self.commit(emit, &actor, None).await {
+                tracing::error!(job = %job, error = %e, "could not advance a job");
+                return;
+            }
+        }
+        tracing::warn!(job = %job, "job reconciler did not settle after 16 rounds");
+    }
+
+    /// Appends one aggregate's events, applies them, then dispatches the steps they decided.
+    async fn commit(&mut self, emit: Emit, actor: &str, command: Option<CommandId>) -> Result<u64, ControlError> {
+        let now = self.now();
+        let correlation = match &emit.aggregate {
+            Aggregate::Job(job) => Some(*job),
+            _ => None,
+        };
+        let expected = self.shared.state.read().expect("state lock").version(&emit.aggregate);
+        let events = emit
+            .events
+            .into_iter()
+            .map(|payload| NewEvent {
+                event_id: EventId::new_v7(now, random10()),
+                actor: actor.to_string(),
+                correlation,
+                causation: None,
+                traceparent: None,
+                payload,
+            })
+            .collect();
+        let request = AppendRequest { aggregate: emit.aggregate, expected_version: expected, command, recorded_at: now, events };
+        let stored = self.shared.log.append(request).await.map_err(|e| ControlError::Internal(e.to_string()))?;
+        let mut specs = Vec::new();
+        let mut cancels = Vec::new();
+        {
+            let mut state = self.shared.state.write().expect("state lock");
+            for s in &stored {
+                state.apply(s);
+                match &s.envelope.payload {
+                    Event::Job(JobEvent::StepDispatched { spec, .. }) => specs.push(spec.clone()),
+                    Event::Job(JobEvent::JobCancelRequested { .. }) => cancels.extend(correlation),
+                    _ => {}
+                }
+            }
+        }
+        for job in cancels {
+            self.steps.cancel(job);
+        }
+        let last = stored.last().map_or(0, |s| s.seq);
+        self.shared.seq.send_if_modified(|seq| {
+            let newer = last > *seq;
+            if newer {
+                *seq = last;
+            }
+            newer
+        });
+        for spec in specs {
+            tracing::info!(job = %spec.job, step = %spec.step, attempt = spec.attempt, node = %spec.node, "dispatching step");
+            self.steps.dispatch(spec);
+        }
+        Ok(last)
+    }
+
+    async fn maybe_snapshot(&mut self, force: bool) {
+        let Some(path) = self.opts.snapshot_path.clone() else { return };
+        let last = *self.shared.seq.borrow();
+        if last == self.snapshot_seq || (!force && last - self.snapshot_seq < self.opts.snapshot_every) {
+            return;
+        }
+        let state = self.shared.state.read().expect("state lock").clone();
+        let seq = state.last_seq;
+        match tokio::task::spawn_blocking(move || snapshot::save(&path, &state)).await {
+            Ok(Ok(())) => {
+                self.snapshot_seq = seq;
+                tracing::debug!(seq, "snapshot written");
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not write the snapshot"),
+            Err(e) => tracing::warn!(error = %e, "snapshot writer panicked"),
+        }
+    }
+}
+
+fn command_id_of(_command: &Command) -> Option<CommandId> {
+    None
+}
+
+fn created_id(command: &Command) -> String {
+    match command {
+        Command::CreateGroup { group, .. }
+        | Command::ChangeGroupMembers { group, .. }
+        | Command::ChangeGroupPolicy { group, .. }
+        | Command::DeleteGroup { group, .. } => group.to_string(),
+        Command::RequestBackup { job, .. }
+        | Command::RequestConsistencyCheck { job, .. }
+        | Command::RequestRestore { job, .. }
+        | Command::CancelJob { job, .. } => job.to_string(),
+        Command::RegisterNode { node, .. } | Command::ReportInventory { node, .. } => node.to_string(),
+    }
+}
+
+impl<L: EventLog + 'static> Handle<L> {
+    /// Hands a worker's report to the engine.
+    pub async fn report(&self, report: Report) {
+        let _ = self.shared.tx.send(Input::Report(report)).await;
+    }
+
+    /// Submits a command as `actor`.
+    pub async fn submit_as(&self, actor: String, command: Command) -> Result<Accepted, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Input::Submit { actor, command, reply })
+            .await
+            .map_err(|_| ControlError::Unavailable("the engine is shutting down".into()))?;
+        rx.await.map_err(|_| ControlError::Unavailable("the engine stopped".into()))?
+    }
+
+    /// Reads the projections.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.shared.state.read().expect("state lock"))
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        *self.shared.seq.borrow()
+    }
+}
+
+fn parse_id<T: std::str::FromStr>(what: &'static str, text: &str) -> Result<T, ControlError> {
+    text.parse().map_err(|_| ControlError::Invalid { code: "invalid_id", message: format!("{text:?} is not a valid {what} id") })
+}
+
+impl<L: EventLog + 'static> Control for Handle<L> {
+    fn vms(&self) -> Vec<VmView> {
+        self.read(read::vms)
+    }
+
+    fn groups(&self) -> Vec<GroupView> {
+        self.read(read::groups)
+    }
+
+    fn jobs(&self) -> Vec<JobView> {
+        self.read(read::jobs)
+    }
+
+    fn job(&self, job: &str) -> Result<JobView, ControlError> {
+        let id: JobId = parse_id("job", job)?;
+        self.read(|s| {
+            s.jobs
+                .get(&id)
+                .map(|j| read::job(s, j))
+                .ok_or_else(|| ControlError::NotFound { code: "unknown_job", message: format!("no job {id}") })
+        })
+    }
+
+    fn recovery_points(&self, vm: &str) -> Result<Vec<RpView>, ControlError> {
+        let id: cairn_schemas::VmId = parse_id("VM", vm)?;
+        self.read(|s| {
+            if !s.vms.contains_key(&id) {
+                return Err(ControlError::NotFound { code: "unknown_vm", message: format!("no VM {id}") });
+            }
+            Ok(read::rps(s, &id))
+        })
+    }
+
+    fn nodes(&self) -> Vec<NodeView> {
+        self.read(read::nodes)
+    }
+
+    fn submit(&self, actor: String, command: Command) -> BoxFuture<'_, Result<Accepted, ControlError>> {
+        Box::pin(self.submit_as(actor, command))
+    }
+
+    fn events(&self, from_seq: u64, limit: usize) -> BoxFuture<'_, Result<Vec<EventView>, ControlError>> {
+        Box::pin(async move {
+            let stored: Vec<StoredEvent> = self
+                .shared
+                .log
+                .read_from(from_seq.max(1), limit.min(10_000))
+                .await
+                .map_err(|e| ControlError::Internal(e.to_string()))?;
+            Ok(stored.iter().map(read::event).collect())
+        })
+    }
+
+    fn wait_for_events(&self, from_seq: u64, timeout_ms: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut rx = self.shared.seq.subscribe();
+            let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), rx.wait_for(|seq| *seq >= from_seq)).await;
+        })
+    }
+
+    fn audit_verify(&self) -> BoxFuture<'_, Result<AuditReport, ControlError>> {
+        Box::pin(async move {
+            match self.shared.log.verify_chain().await {
+                Ok(n) => Ok(AuditReport { ok: true, events_checked: n, first_broken_seq: None, first_broken_event: None, detail: None }),
+                Err(crate::log::Error::ChainBroken { seq, event_id, detail }) => Ok(AuditReport {
+                    ok: false,
+                    events_checked: seq.saturating_sub(1),
+                    first_broken_seq: Some(seq),
+                    first_broken_event: event_id.map(|e| e.to_string()),
+                    detail: Some(detail),
+                }),
+                Err(e) => Err(ControlError::Internal(e.to_string())),
+            }
+        })
+    }
+
+    fn new_job_id(&self) -> JobId {
+        JobId::new_v7(self.shared.clock.now_ms(), random10())
+    }
+
+    fn new_group_id(&self) -> GroupId {
+        GroupId::new_v7(self.shared.clock.now_ms(), random10())
+    }
+
+    fn new_command_id(&self) -> CommandId {
+        CommandId::new_v7(self.shared.clock.now_ms(), random10())
+    }
+}

@@ -1,0 +1,528 @@
+//! The projections: everything the orchestrator knows, rebuilt by applying events in log
+//! order. `apply` is pure and total: it never fails and never does IO, so replay is
+//! deterministic, a duplicate event (a sequence already applied) is a no-op, and
+//! snapshot + tail equals a full replay.
+
+use std::collections::BTreeMap;
+
+use cairn_schemas::{
+    Aggregate, CommittedDisk, Consistency, DataSourceState, DiskId, DiskInfo, Event, GroupEvent,
+    GroupId, GroupPolicy, JobEvent, JobId, JobKind, JobReason, JobState, NodeEvent, NodeId,
+    PlannedStep, PowerState, RecoveryPointId, StepId, StepKind, StepResult, StepSpec, VmEvent,
+    VmId, WaitReason,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::log::StoredEvent;
+
+/// All projections, plus the version of every aggregate (for optimistic concurrency).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub last_seq: u64,
+    pub versions: BTreeMap<Aggregate, u64>,
+    pub groups: BTreeMap<GroupId, Group>,
+    pub vms: BTreeMap<VmId, Vm>,
+    pub jobs: BTreeMap<JobId, Job>,
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// Recovery point catalog, oldest first per VM.
+    pub rps: BTreeMap<VmId, Vec<RecoveryPoint>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub id: GroupId,
+    pub name: String,
+    pub members: Vec<VmId>,
+    pub policy: GroupPolicy,
+    pub created_at: u64,
+    pub deleted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub id: VmId,
+    pub name: String,
+    pub node: NodeId,
+    pub disks: Vec<DiskInfo>,
+    pub power: PowerState,
+    pub present: bool,
+    pub group: Option<GroupId>,
+    pub disk_states: BTreeMap<DiskId, DataSourceState>,
+    pub last_backup_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepStatus {
+    Pending,
+    Dispatched,
+    Running,
+    RetryScheduled { at: u64 },
+    Succeeded,
+    Failed,
+}
+
+impl StepStatus {
+    pub fn in_flight(self) -> bool {
+        matches!(self, StepStatus::Dispatched | StepStatus::Running)
+    }
+
+    pub fn terminal(self) -> bool {
+        matches!(self, StepStatus::Succeeded | StepStatus::Failed)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub id: StepId,
+    pub kind: StepKind,
+    pub after: Vec<StepId>,
+    pub always: bool,
+    pub status: StepStatus,
+    pub attempt: u32,
+    pub node: Option<NodeId>,
+    pub spec: Option<StepSpec>,
+    pub dispatched_at: Option<u64>,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub progress_at: Option<u64>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub error: Option<String>,
+    pub result: Option<StepResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub kind: JobKind,
+    pub vm: VmId,
+    pub group: Option<GroupId>,
+    pub reason: JobReason,
+    pub state: JobState,
+    pub wait: Option<WaitReason>,
+    pub node: Option<NodeId>,
+    pub requested_at: u64,
+    pub not_before: Option<u64>,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub error: Option<String>,
+    pub cancel_requested: bool,
+    pub steps: Vec<Step>,
+    pub committed_rp: Option<RecoveryPointId>,
+}
+
+impl Job {
+    pub fn step(&self, id: StepId) -> Option<&Step> {
+        self.steps.iter().find(|s| s.id == id)
+    }
+
+    fn step_mut(&mut self, id: StepId) -> Option<&mut Step> {
+        self.steps.iter_mut().find(|s| s.id == id)
+    }
+
+    pub fn is_backup(&self) -> bool {
+        matches!(
+            self.kind,
+            JobKind::Backup { .. } | JobKind::InitialReplication
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub cluster: String,
+    pub worker_version: String,
+    pub registered_at: u64,
+    pub last_seen: u64,
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPoint {
+    pub rp: RecoveryPointId,
+    pub vm: VmId,
+    pub job: Option<JobId>,
+    pub taken_at: u64,
+    pub consistency: Consistency,
+    pub disks: Vec<CommittedDisk>,
+}
+
+impl State {
+    /// Applies one stored event. Events at or below `last_seq` were applied already.
+    pub fn apply(&mut self, stored: &StoredEvent) {
+        if stored.seq <= self.last_seq {
+            return;
+        }
+        self.last_seq = stored.seq;
+        let env = &stored.envelope;
+        self.versions
+            .insert(env.aggregate.clone(), env.aggregate_version);
+        let at = env.recorded_at;
+        match (&env.aggregate, &env.payload) {
+            (Aggregate::Group(id), Event::Group(e)) => self.apply_group(*id, e, at),
+            (Aggregate::Vm(id), Event::Vm(e)) => self.apply_vm(*id, e),
+            (Aggregate::Job(id), Event::Job(e)) => self.apply_job(*id, e, at),
+            (Aggregate::Node(id), Event::Node(e)) => self.apply_node(id, e, at),
+            // The log refuses events of another aggregate kind; nothing to do if one slipped in.
+            _ => {}
+        }
+    }
+
+    pub fn version(&self, aggregate: &Aggregate) -> u64 {
+        self.versions.get(aggregate).copied().unwrap_or(0)
+    }
+
+    fn apply_group(&mut self, id: GroupId, event: &GroupEvent, at: u64) {
+        match event {
+            GroupEvent::GroupCreated {
+                name,
+                members,
+                policy,
+            } => {
+                for vm in members {
+                    if let Some(vm) = self.vms.get_mut(vm) {
+                        vm.group = Some(id);
+                    }
+                }
+                self.groups.insert(
+                    id,
+                    Group {
+                        id,
+                        name: name.clone(),
+                        members: members.clone(),
+                        policy: policy.clone(),
+                        created_at: at,
+                        deleted: false,
+                    },
+                );
+            }
+            GroupEvent::GroupMembersChanged { added, removed } => {
+                if let Some(group) = self.groups.get_mut(&id) {
+                    group.members.retain(|m| !removed.contains(m));
+                    for vm in added {
+                        if !group.members.contains(vm) {
+                            group.members.push(*vm);
+                        }
+                    }
+                }
+                for vm in removed {
+                    if let Some(vm) = self.vms.get_mut(vm).filter(|v| v.group == Some(id)) {
+                        vm.group = None;
+                    }
+                }
+                for vm in added {
+                    if let Some(vm) = self.vms.get_mut(vm) {
+                        vm.group = Some(id);
+                    }
+                }
+            }
+            GroupEvent::GroupPolicyChanged { policy } => {
+                if let Some(group) = self.groups.get_mut(&id) {
+                    group.policy = policy.clone();
+                }
+            }
+            GroupEvent::GroupDeleted { .. } => {
+                if let Some(group) = self.groups.get_mut(&id) {
+                    group.deleted = true;
+                    for vm in &group.members {
+                        if let Some(vm) = self.vms.get_mut(vm) {
+                            vm.group = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_vm(&mut self, id: VmId, event: &VmEvent) {
+        match event {
+            VmEvent::VmDiscovered { node, name, disks } => {
+                let group = self
+                    .groups
+                    .values()
+                    .find(|g| !g.deleted && g.members.contains(&id))
+                    .map(|g| g.id);
+                let previous = self.vms.get(&id);
+                let disk_states = previous.map(|v| v.disk_states.clone()).unwrap_or_else(|| {
+                    disks
+                        .iter()
+                        .map(|d| (d.disk.clone(), DataSourceState::PendingReplicaCreation))
+                        .collect()
+                });
+                let last_backup_at = previous.and_then(|v| v.last_backup_at);
+                self.vms.insert(
+                    id,
+                    Vm {
+                        id,
+                        name: name.clone(),
+                        node: node.clone(),
+                        disks: disks.clone(),
+                        power: PowerState::Stopped,
+                        present: true,
+                        group,
+                        disk_states,
+                        last_backup_at,
+                    },
+                );
+            }
+            VmEvent::VmMoved { to, .. } => {
+                if let Some(vm) = self.vms.get_mut(&id) {
+                    vm.node = to.clone();
+                    vm.present = true;
+                }
+            }
+            VmEvent::VmRemoved => {
+                if let Some(vm) = self.vms.get_mut(&id) {
+                    vm.present = false;
+                }
+            }
+            VmEvent::DiskResized {
+                disk,
+                new_size_bytes,
+                ..
+            } => {
+                if let Some(d) = self
+                    .vms
+                    .get_mut(&id)
+                    .and_then(|vm| vm.disks.iter_mut().find(|d| &d.disk == disk))
+                {
+                    d.size_bytes = *new_size_bytes;
+                }
+            }
+            VmEvent::ChangeTrackingLost { .. } => {}
+            VmEvent::DataSourceStateChanged { disk, state, .. } => {
+                if let Some(vm) = self.vms.get_mut(&id) {
+                    vm.disk_states.insert(disk.clone(), *state);
+                }
+            }
+        }
+    }
+
+    fn apply_node(&mut self, id: &NodeId, event: &NodeEvent, at: u64) {
+        match event {
+            NodeEvent::NodeRegistered {
+                cluster,
+                worker_version,
+            } => {
+                let node = self.nodes.entry(id.clone()).or_insert_with(|| Node {
+                    id: id.clone(),
+                    cluster: cluster.clone(),
+                    worker_version: worker_version.clone(),
+                    registered_at: at,
+                    last_seen: at,
+                    online: true,
+                });
+                node.cluster = cluster.clone();
+                node.worker_version = worker_version.clone();
+                node.last_seen = at;
+                node.online = true;
+            }
+            NodeEvent::NodeHeartbeatLost { last_seen } => {
+                if let Some(node) = self.nodes.get_mut(id) {
+                    node.online = false;
+                    node.last_seen = *last_seen;
+                }
+            }
+            NodeEvent::NodeInventoryReported { .. } => {
+                if let Some(node) = self.nodes.get_mut(id) {
+                    node.last_seen = at;
+                    node.online = true;
+                }
+            }
+        }
+    }
+
+    fn apply_job(&mut self, id: JobId, event: &JobEvent, at: u64) {
+        if let JobEvent::JobRequested {
+            kind,
+            vm,
+            group,
+            reason,
+            not_before,
+        } = event
+        {
+            self.jobs.insert(
+                id,
+                Job {
+                    id,
+                    kind: kind.clone(),
+                    vm: *vm,
+                    group: *group,
+                    reason: reason.clone(),
+                    state: JobState::Scheduled,
+                    wait: None,
+                    node: None,
+                    requested_at: at,
+                    not_before: *not_before,
+                    started_at: None,
+                    finished_at: None,
+                    error: None,
+                    cancel_requested: false,
+                    steps: Vec::new(),
+                    committed_rp: None,
+                },
+            );
+            return;
+        }
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        match event {
+            JobEvent::JobRequested { .. } => unreachable!("handled above"),
+            JobEvent::JobQueued { wait } => {
+                job.state = JobState::Queued;
+                job.wait = wait.clone();
+            }
+            JobEvent::JobStarted { node, plan } => {
+                job.state = JobState::Running;
+                job.wait = None;
+                job.node = Some(node.clone());
+                job.started_at = Some(at);
+                job.steps = plan.iter().map(step_from_plan).collect();
+            }
+            JobEvent::StepDispatched {
+                step,
+                attempt,
+                node,
+                spec,
+            } => {
+                if let Some(s) = job.step_mut(*step) {
+                    s.status = StepStatus::Dispatched;
+                    s.attempt = *attempt;
+                    s.node = Some(node.clone());
+                    s.spec = Some(spec.clone());
+                    s.dispatched_at = Some(at);
+                    s.error = None;
+                }
+                if job.state == JobState::Retrying {
+                    job.state = JobState::Running;
+                }
+            }
+            JobEvent::StepStarted { step, attempt } => {
+                if let Some(s) = job.step_mut(*step).filter(|s| s.attempt == *attempt) {
+                    s.status = StepStatus::Running;
+                    s.started_at.get_or_insert(at);
+                }
+            }
+            JobEvent::StepProgressed {
+                step,
+                attempt,
+                bytes_done,
+                bytes_total,
+            } => {
+                if let Some(s) = job.step_mut(*step).filter(|s| s.attempt == *attempt) {
+                    s.bytes_done = *bytes_done;
+                    s.bytes_total = *bytes_total;
+                    s.progress_at = Some(at);
+                }
+            }
+            JobEvent::StepSucceeded {
+                step,
+                attempt,
+                result,
+            } => {
+                if let Some(s) = job.step_mut(*step).filter(|s| s.attempt == *attempt) {
+                    s.status = StepStatus::Succeeded;
+                    s.finished_at = Some(at);
+                    s.result = Some(result.clone());
+                    s.error = None;
+                    if s.bytes_total > 0 {
+                        s.bytes_done = s.bytes_total;
+                    }
+                }
+            }
+            JobEvent::StepFailed {
+                step,
+                attempt,
+                message,
+                ..
+            } => {
+                if let Some(s) = job.step_mut(*step).filter(|s| s.attempt == *attempt) {
+                    s.status = StepStatus::Failed;
+                    s.finished_at = Some(at);
+                    s.error = Some(message.clone());
+                }
+            }
+            JobEvent::StepTimedOut { step, attempt } => {
+                if let Some(s) = job.step_mut(*step).filter(|s| s.attempt == *attempt) {
+                    s.status = StepStatus::Failed;
+                    s.finished_at = Some(at);
+                    s.error = Some(format!("attempt {attempt} stopped reporting (timed out)"));
+                }
+            }
+            JobEvent::StepRetryScheduled {
+                step, at: retry_at, ..
+            } => {
+                if let Some(s) = job.step_mut(*step) {
+                    s.status = StepStatus::RetryScheduled { at: *retry_at };
+                    s.finished_at = None;
+                }
+                job.state = JobState::Retrying;
+            }
+            JobEvent::JobCancelRequested { .. } => job.cancel_requested = true,
+            JobEvent::JobSucceeded => {
+                job.state = JobState::Succeeded;
+                job.finished_at = Some(at);
+                job.error = None;
+            }
+            JobEvent::JobFailed { reason } => {
+                job.state = JobState::Failed;
+                job.finished_at = Some(at);
+                job.error = Some(reason.clone());
+            }
+            JobEvent::JobCancelled => {
+                job.state = JobState::Cancelled;
+                job.finished_at = Some(at);
+            }
+            JobEvent::RecoveryPointCommitted {
+                vm,
+                rp,
+                disks,
+                consistency,
+                taken_at,
+            } => {
+                job.committed_rp = Some(*rp);
+                let list = self.rps.entry(*vm).or_default();
+                if !list.iter().any(|r| r.rp == *rp) {
+                    list.push(RecoveryPoint {
+                        rp: *rp,
+                        vm: *vm,
+                        job: Some(id),
+                        taken_at: *taken_at,
+                        consistency: *consistency,
+                        disks: disks.clone(),
+                    });
+                }
+                if let Some(vm) = self.vms.get_mut(vm) {
+                    vm.last_backup_at = Some(*taken_at);
+                    for d in disks {
+                        vm.disk_states
+                            .insert(d.disk.clone(), DataSourceState::Protected);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn step_from_plan(plan: &PlannedStep) -> Step {
+    Step {
+        id: plan.step,
+        kind: plan.kind.clone(),
+        after: plan.after.clone(),
+        always: plan.always,
+        status: StepStatus::Pending,
+        attempt: 0,
+        node: None,
+        spec: None,
+        dispatched_at: None,
+        started_at: None,
+        finished_at: None,
+        progress_at: None,
+        bytes_done: 0,
+        bytes_total: 0,
+        error: None,
+        result: None,
+    }
+}
