@@ -217,3 +217,143 @@ pub fn tree_state(root: &Path) -> Vec<(PathBuf, (u64, u64))> {
     out.sort();
     out
 }
+
+/// A running `cairn up` started by a test, on a loopback port chosen by the kernel. Its log is
+/// kept in the data folder (`cairn.log`) and printed when the test fails. Dropping it kills it.
+pub struct UpServer {
+    child: std::process::Child,
+    pub addr: String,
+    pub data: PathBuf,
+}
+
+impl UpServer {
+    /// Starts `cairn up --data-dir DATA --listen 127.0.0.1:0 EXTRA...` with extra environment.
+    pub fn start(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> UpServer {
+        use std::io::BufRead;
+        std::fs::create_dir_all(data).expect("data folder");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.join("cairn.log"))
+            .expect("log file");
+        let mut command = Command::new(cairn_bin());
+        command
+            .args(["up", "--data-dir"])
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("CAIRN_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(log);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("cairn up starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("cairn is up: API on http://") {
+                        let addr = rest.split(',').next().expect("address").to_string();
+                        return UpServer { child, addr, data: data.into() };
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("cairn up did not start; log:\n{}", std::fs::read_to_string(data.join("cairn.log")).unwrap_or_default());
+                }
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `kill -9`.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("cairn.log")).unwrap_or_default()
+    }
+
+    /// An HTTP request to the API; returns the status and the body.
+    pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        http(&self.addr, method, path, body)
+    }
+
+    /// GET a JSON document; fails the test unless the status is 200.
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.http("GET", path, None);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: bad JSON {body:?}: {e}"))
+    }
+}
+
+impl Drop for UpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- cairn up log ({}) ----\n{}", self.data.display(), self.log());
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 client (one request per connection), so tests can send malformed bodies.
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read response");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    (status, body)
+}
+
+fn dechunk(mut text: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = text.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        text = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Writes a VM descriptor for the `image` adapter.
+pub fn write_vm(vms_dir: &Path, name: &str, uuid: &str, disks: &[(&str, &Path)]) {
+    std::fs::create_dir_all(vms_dir).expect("vms folder");
+    let disks: Vec<serde_json::Value> = disks
+        .iter()
+        .map(|(id, path)| serde_json::json!({"id": id, "path": path}))
+        .collect();
+    let doc = serde_json::json!({"name": name, "uuid": uuid, "disks": disks});
+    std::fs::write(vms_dir.join(format!("{name}.json")), serde_json::to_vec_pretty(&doc).expect("json")).expect("write descriptor");
+}

@@ -292,6 +292,9 @@ fn rp_id(n: u64) -> RecoveryPointId {
     RecoveryPointId::new_v7(1_700_000_100_000 + n * 1000, [n as u8; 10])
 }
 
+/// Not a v7 UUID: the worker derives a stable v7 VM id from it.
+const WEB01_UUID: &str = "9b2e4c4a-3f4e-4b8e-9d1a-2c3b4d5e6f70";
+
 /// A VM with a raw and a qcow2 disk of 8 MiB each, data in a few places, holes elsewhere.
 fn two_disk_vm(node: &Node) -> VmInventory {
     let raw = node.path("images/web01-disk0.raw");
@@ -306,8 +309,7 @@ fn two_disk_vm(node: &Node) -> VmInventory {
     );
     node.describe(
         "web01",
-        // Not a v7 UUID: the worker derives a stable v7 VM id from it.
-        "9b2e4c4a-3f4e-4b8e-9d1a-2c3b4d5e6f70",
+        WEB01_UUID,
         &[
             ("disk0", &raw, ImageFormat::Raw),
             ("disk1", &qcow2, ImageFormat::Qcow2),
@@ -389,6 +391,7 @@ fn a_backup_plan_of_two_disks_then_restores_give_back_the_disks() {
     // The raw disk changes; the next recovery point is incremental.
     let raw = PathBuf::from(&vm.disks[0].image_path);
     let first_raw = std::fs::read(&raw).unwrap();
+    let first_raw_again = first_raw.clone();
     std::fs::OpenOptions::new()
         .write(true)
         .open(&raw)
@@ -439,6 +442,17 @@ fn a_backup_plan_of_two_disks_then_restores_give_back_the_disks() {
             );
         }
     }
+
+    // Recovery to the original (stopped) VM: a delta restore over its own disk.
+    let spec = node.restore_spec(vm.vm, "disk0", rp1, &raw, ImageFormat::Raw);
+    let StepResult::Restore { bytes_written, .. } = node.succeed(&spec) else {
+        panic!()
+    };
+    assert!(
+        bytes_written < MIB,
+        "only the changed chunks are written back: {bytes_written}"
+    );
+    assert!(std::fs::read(&raw).unwrap() == first_raw_again);
 }
 
 #[test]
@@ -847,6 +861,35 @@ fn steps_that_must_not_run_fail_permanently_with_a_reason() {
         "refusing to overwrite another VM's disk",
     );
 
+    // A running VM is neither snapshotted nor restored over.
+    let vms = node.path("vms");
+    let file = vms.join(descriptor::descriptor_file_name(
+        uuid::Uuid::parse_str(WEB01_UUID).unwrap(),
+    ));
+    let mut web01 = descriptor::read_descriptor(&file).unwrap();
+    web01.power = PowerState::Running;
+    descriptor::write_descriptor(&vms, &web01).unwrap();
+    check(
+        node.spec(
+            vm.vm,
+            StepWork::Snapshot {
+                vm_name: vm.name.clone(),
+                disks: vm.disks.iter().cloned().map(DiskSource::from).collect(),
+                consistency: ConsistencyWanted::CrashOnly,
+            },
+        ),
+        "VM web01 is running",
+    );
+    check(
+        node.restore_spec(
+            vm.vm,
+            "disk0",
+            rp,
+            Path::new(&vm.disks[0].image_path),
+            ImageFormat::Raw,
+        ),
+        "stop it before restoring over its disks",
+    );
     assert!(
         read_image(&other_disk, ImageFormat::Raw)
             .iter()

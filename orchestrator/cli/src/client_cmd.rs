@@ -18,7 +18,7 @@ use cairn_orchestrator::api::wire::{
     RestoreRequest, parse_sync,
 };
 use cairn_orchestrator::views::{
-    Accepted, AuditReport, EventView, GroupView, JobView, NodeView, RpView, StepView, VmView,
+    Accepted, AuditReport, EventView, GroupView, JobView, RpView, StepView, VmView,
 };
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -296,7 +296,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 if opts.json {
                     print_json(&value);
                 } else {
-                    print!("{}", render_job(&from_value(value)?));
+                    print!("{}", render_job(&from_value::<JobView>(value)?));
                 }
                 Ok(0)
             }
@@ -322,7 +322,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
             if opts.json {
                 print_json(&value);
             } else {
-                print!("{}", render_rps(&from_value(value)?));
+                print!("{}", render_rps(&from_value::<Vec<RpView>>(value)?));
             }
             Ok(0)
         }
@@ -373,7 +373,7 @@ fn group_list(opts: &ServerOpts) -> Result<i32> {
     if opts.json {
         print_json(&value);
     } else {
-        print!("{}", render_groups(&from_value(value)?));
+        print!("{}", render_groups(&from_value::<Vec<GroupView>>(value)?));
     }
     Ok(0)
 }
@@ -416,7 +416,7 @@ fn jobs(args: &JobsArgs) -> Result<i32> {
     if args.opts.json {
         print_json(&value);
     } else {
-        print!("{}", render_jobs(&from_value(value)?));
+        print!("{}", render_jobs(&from_value::<Vec<JobView>>(value)?));
     }
     Ok(0)
 }
@@ -661,7 +661,10 @@ impl Client {
         self.finish(result)
     }
 
-    fn finish(&self, result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value> {
+    fn finish(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value> {
         let mut response = result.map_err(|err| transport_error(&self.base, err))?;
         let status = response.status().as_u16();
         let text = response
@@ -947,12 +950,10 @@ fn render_vms(vms: &[VmView], group_names: &HashMap<String, String>) -> String {
     let mut sorted: Vec<&VmView> = vms.iter().collect();
     sorted.sort_by(|a, b| (&a.name, &a.vm).cmp(&(&b.name, &b.vm)));
     for vm in sorted {
-        let group = vm.group.as_ref().map(|id| {
-            group_names
-                .get(id)
-                .cloned()
-                .unwrap_or_else(|| id.clone())
-        });
+        let group = vm
+            .group
+            .as_ref()
+            .map(|id| group_names.get(id).cloned().unwrap_or_else(|| id.clone()));
         table.row(vec![
             vm.name.clone(),
             vm.vm.clone(),
@@ -1163,7 +1164,10 @@ fn render_audit(report: &AuditReport) -> String {
 fn render_outcome(job: &JobView) -> String {
     let took = match (job.started_at.or(Some(job.requested_at)), job.finished_at) {
         (Some(start), Some(end)) if end >= start => {
-            format!(" in {}", format_duration(Duration::from_millis(end - start)))
+            format!(
+                " in {}",
+                format_duration(Duration::from_millis(end - start))
+            )
         }
         _ => String::new(),
     };
@@ -1339,8 +1343,20 @@ mod tests {
                     ..
                 },
         } = parse(&[
-            "group", "create", "web", "--vm", "web-01", "--vm", VM_2, "--retention-days", "14",
-            "--sync", "1h", "--json", "--server", "http://orch:7480",
+            "group",
+            "create",
+            "web",
+            "--vm",
+            "web-01",
+            "--vm",
+            VM_2,
+            "--retention-days",
+            "14",
+            "--sync",
+            "1h",
+            "--json",
+            "--server",
+            "http://orch:7480",
         ])
         .unwrap()
         else {
@@ -1364,17 +1380,18 @@ mod tests {
         assert_eq!(args.wait.timeout, Duration::from_secs(1800));
         assert!(!args.opts.json);
 
-        let ClientCommand::Backup(args) = parse(&["backup", "db", "--mode", "express-full"]).unwrap()
+        let ClientCommand::Backup(args) =
+            parse(&["backup", "db", "--mode", "express-full"]).unwrap()
         else {
             panic!("expected backup");
         };
         assert_eq!(args.mode, Mode::ExpressFull);
         assert_eq!(args.wait.timeout, Duration::from_secs(24 * 3600));
 
-        let ClientCommand::Restore(args) =
-            parse(&["restore", "web-01", "--rp", "latest", "--to", "/srv/r", "--node", "kvm-02"])
-                .unwrap()
-        else {
+        let ClientCommand::Restore(args) = parse(&[
+            "restore", "web-01", "--rp", "latest", "--to", "/srv/r", "--node", "kvm-02",
+        ])
+        .unwrap() else {
             panic!("expected restore");
         };
         assert_eq!(
@@ -1399,7 +1416,9 @@ mod tests {
         for ok in [
             &["vm", "list"][..],
             &["group", "list"],
-            &["jobs", "--state", "Running", "--vm", "web-01", "--limit", "5"],
+            &[
+                "jobs", "--state", "Running", "--vm", "web-01", "--limit", "5",
+            ],
             &["job", "show", VM_1],
             &["job", "cancel", VM_1, "--reason", "maintenance"],
             &["rp", "list", "web-01"],
@@ -1444,7 +1463,10 @@ mod tests {
         assert_eq!(pick_vm(&vms, VM_2), Ok(VM_2.to_owned()));
         assert_eq!(pick_vm(&vms, "web-01"), Ok(VM_1.to_owned()));
         let err = pick_vm(&vms, "db").unwrap_err();
-        assert!(err.contains("ambiguous") && err.contains(VM_2) && err.contains(VM_3), "{err}");
+        assert!(
+            err.contains("ambiguous") && err.contains(VM_2) && err.contains(VM_3),
+            "{err}"
+        );
         let err = pick_vm(&vms, "mail").unwrap_err();
         assert!(err.contains("no vm named \"mail\""), "{err}");
         assert!(looks_like_uuid(VM_1));
@@ -1466,8 +1488,16 @@ mod tests {
         assert_eq!(pick_rp(&rps, "0190c000-b"), Ok(rps[1].rp.clone()));
         assert!(pick_rp(&rps, "0190c000").unwrap_err().contains("matches 2"));
         assert!(pick_rp(&rps, "0190c").unwrap_err().contains("at least 8"));
-        assert!(pick_rp(&rps, "0190dddd").unwrap_err().contains("no recovery point"));
-        assert!(pick_rp(&[], "latest").unwrap_err().contains("no recovery point"));
+        assert!(
+            pick_rp(&rps, "0190dddd")
+                .unwrap_err()
+                .contains("no recovery point")
+        );
+        assert!(
+            pick_rp(&[], "latest")
+                .unwrap_err()
+                .contains("no recovery point")
+        );
     }
 
     #[test]
@@ -1496,7 +1526,10 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("NAME"), "{text}");
         // Sorted by name: "old" before "web-01".
-        assert!(lines[1].starts_with("old ") && lines[1].contains("gone"), "{text}");
+        assert!(
+            lines[1].starts_with("old ") && lines[1].contains("gone"),
+            "{text}"
+        );
         assert!(lines[1].contains("unprotected"), "{text}");
         assert!(lines[2].contains(" web "), "{text}");
         assert!(lines[2].contains("Protected"), "{text}");
@@ -1507,13 +1540,7 @@ mod tests {
 
     #[test]
     fn job_show_is_a_readable_table() {
-        let mut failed = step(
-            "s2",
-            "Transfer disk0",
-            "Failed",
-            1 << 30,
-            4 << 30,
-        );
+        let mut failed = step("s2", "Transfer disk0", "Failed", 1 << 30, 4 << 30);
         failed.attempt = 3;
         failed.error = Some("read error at offset 1048576".into());
         let mut shown = job(
@@ -1525,9 +1552,18 @@ mod tests {
         let text = render_job(&shown);
         assert!(text.contains("vm              web-01 (0190a000"), "{text}");
         assert!(text.contains("state           Failed\n"), "{text}");
-        assert!(text.contains("requested       2025-11-25 16:04:00"), "{text}");
-        assert!(text.contains("finished        2025-11-25 16:05:05"), "{text}");
-        assert!(text.contains("error           step Transfer disk0 failed"), "{text}");
+        assert!(
+            text.contains("requested       2025-11-25 16:04:00"),
+            "{text}"
+        );
+        assert!(
+            text.contains("finished        2025-11-25 16:05:05"),
+            "{text}"
+        );
+        assert!(
+            text.contains("error           step Transfer disk0 failed"),
+            "{text}"
+        );
         let step_line = text
             .lines()
             .find(|line| line.starts_with("2 "))
@@ -1554,7 +1590,10 @@ mod tests {
                 step("s2", "Transfer disk0", "Pending", 0, 0),
             ],
         );
-        assert_eq!(printer.update(&current), ["job Running", "  Snapshot               Running"]);
+        assert_eq!(
+            printer.update(&current),
+            ["job Running", "  Snapshot               Running"]
+        );
         assert!(printer.update(&current).is_empty());
         current.steps[0].state = "Succeeded".into();
         current.steps[1] = step("s2", "Transfer disk0", "Running", 5 << 20, 100 << 20);
@@ -1567,7 +1606,10 @@ mod tests {
         current.steps[1].bytes_done = 31 << 20;
         assert_eq!(printer.update(&current).len(), 1);
         current.wait_reason = Some("NodeBusy".into());
-        assert_eq!(printer.update(&current), ["job Running (waiting: NodeBusy)"]);
+        assert_eq!(
+            printer.update(&current),
+            ["job Running (waiting: NodeBusy)"]
+        );
 
         current.state = "Succeeded".into();
         current.finished_at = Some(1_764_086_717_000);
@@ -1623,7 +1665,10 @@ mod tests {
 
     /// Serves one canned HTTP answer on a loopback port; returns the URL and the thread that
     /// hands back the request it read.
-    fn one_shot_server(status: &'static str, body: &'static str) -> (String, std::thread::JoinHandle<String>) {
+    fn one_shot_server(
+        status: &'static str,
+        body: &'static str,
+    ) -> (String, std::thread::JoinHandle<String>) {
         let answer = format!(
             "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
@@ -1643,7 +1688,11 @@ mod tests {
                 if let Some((head, body)) = text.split_once("\r\n\r\n") {
                     let length = head
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(str::to_owned)
+                        })
                         .and_then(|v| v.trim().parse::<usize>().ok())
                         .unwrap_or(0);
                     if body.len() >= length {
@@ -1676,17 +1725,26 @@ mod tests {
         let api = err.downcast_ref::<ApiError>().expect("an ApiError");
         assert_eq!((api.status, api.code.as_str()), (409, "job_running"));
         let sent = server.join().unwrap();
-        assert!(sent.starts_with(&format!("POST /v1/vms/{VM_1}/backup HTTP/1.1")), "{sent}");
+        assert!(
+            sent.starts_with(&format!("POST /v1/vms/{VM_1}/backup HTTP/1.1")),
+            "{sent}"
+        );
         assert!(sent.ends_with(r#"{"mode":"express-full"}"#), "{sent}");
 
         let (url, server) = one_shot_server("200 OK", "[]");
         let client = Client::new(&url).unwrap();
         let value = client
-            .get("/v1/jobs", &[("state", "Running".into()), ("limit", "5".into())])
+            .get(
+                "/v1/jobs",
+                &[("state", "Running".into()), ("limit", "5".into())],
+            )
             .unwrap();
         assert_eq!(value, serde_json::json!([]));
         let sent = server.join().unwrap();
-        assert!(sent.starts_with("GET /v1/jobs?state=Running&limit=5 HTTP/1.1"), "{sent}");
+        assert!(
+            sent.starts_with("GET /v1/jobs?state=Running&limit=5 HTTP/1.1"),
+            "{sent}"
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The `cairn` binary: command-line front end. It parses arguments, sets up logging and calls
 //! into the worker (data plane) and orchestrator (control plane) libraries.
 
+mod client_cmd;
 mod progress;
+mod demo;
 mod repo_cmd;
+mod up;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -17,11 +20,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run orchestrator, worker, event log, repository and HTTP API in one process.
+    Up(up::UpArgs),
     /// Work with a repository folder directly: backup, restore, verify, forget, gc.
     Repo {
         #[command(subcommand)]
         command: repo_cmd::RepoCommand,
     },
+    /// Client commands of a running orchestrator (`--server`, `CAIRN_SERVER`): vm, group,
+    /// backup, jobs, job, rp, restore, events, audit.
+    #[command(flatten)]
+    Client(client_cmd::ClientCommand),
 }
 
 fn main() {
@@ -34,7 +43,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Up(args) => up::run(args),
         Command::Repo { command } => repo_cmd::run(command),
+        Command::Client(command) => client_cmd::run(command),
     };
     match result {
         Ok(code) => std::process::exit(code),

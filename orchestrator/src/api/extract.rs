@@ -86,8 +86,8 @@ fn check_json_content_type(headers: &HeaderMap) -> Result<(), Error> {
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let is_json = mime == "application/json"
-        || (mime.starts_with("application/") && mime.ends_with("+json"));
+    let is_json =
+        mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"));
     if is_json {
         Ok(())
     } else if content_type.is_empty() {
@@ -162,15 +162,16 @@ where
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
-        let Query(query) = Query::<T>::from_request_parts(parts, state)
-            .await
-            .map_err(|rejection| {
-                let text = rejection.body_text();
-                let detail = text
-                    .strip_prefix("Failed to deserialize query string: ")
-                    .unwrap_or(&text);
-                Error::invalid_request(format!("invalid query string: {detail}"))
-            })?;
+        let Query(query) =
+            Query::<T>::from_request_parts(parts, state)
+                .await
+                .map_err(|rejection| {
+                    let text = rejection.body_text();
+                    let detail = text
+                        .strip_prefix("Failed to deserialize query string: ")
+                        .unwrap_or(&text);
+                    Error::invalid_request(format!("invalid query string: {detail}"))
+                })?;
         Ok(QueryParams(query))
     }
 }
@@ -196,12 +197,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
         // The identification layer always sets it; its absence is a wiring bug.
-        parts
-            .extensions
-            .get::<Actor>()
-            .cloned()
-            .ok_or_else(|| Error::Control(crate::control::ControlError::Internal(
+        parts.extensions.get::<Actor>().cloned().ok_or_else(|| {
+            Error::Control(crate::control::ControlError::Internal(
                 "the request reached a handler without an actor".to_owned(),
-            )))
+            ))
+        })
     }
 }

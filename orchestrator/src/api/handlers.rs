@@ -98,9 +98,7 @@ pub(super) async fn list_jobs(
         .filter(|job| vm.as_ref().is_none_or(|vm| &job.vm == vm))
         .collect();
     // Newest first: v7 job ids sort by creation time, so they break ties of `requested_at`.
-    jobs.sort_by(|a, b| {
-        (b.requested_at, b.job.as_str()).cmp(&(a.requested_at, a.job.as_str()))
-    });
+    jobs.sort_by(|a, b| (b.requested_at, b.job.as_str()).cmp(&(a.requested_at, a.job.as_str())));
     jobs.truncate(limit);
     Ok(Json(jobs))
 }

@@ -46,7 +46,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{MethodRouter, get, post};
+use axum::handler::Handler;
+use axum::routing::{MethodFilter, MethodRouter, on};
 use tokio::sync::watch;
 
 use crate::control::Control;
@@ -104,35 +105,45 @@ struct Route {
     handler: MethodRouter<AppState>,
 }
 
-fn routes() -> Vec<Route> {
-    let route = |method, path, handler| Route {
+/// A route whose handler answers `method` (`get` or `post`), so the method that the table
+/// names is the one that is served.
+fn route<H, T>(method: &'static str, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = match method {
+        "get" => MethodFilter::GET,
+        "post" => MethodFilter::POST,
+        other => unreachable!("the route table names method {other:?}"),
+    };
+    Route {
         method,
         path,
-        handler,
-    };
+        handler: on(filter, handler),
+    }
+}
+
+fn routes() -> Vec<Route> {
     vec![
-        route("get", "/healthz", get(handlers::healthz)),
-        route("get", "/openapi.yaml", get(handlers::openapi)),
-        route("get", "/v1/vms", get(handlers::list_vms)),
+        route("get", "/healthz", handlers::healthz),
+        route("get", "/openapi.yaml", handlers::openapi),
+        route("get", "/v1/vms", handlers::list_vms),
         route(
             "get",
             "/v1/vms/{vm}/recovery-points",
-            get(handlers::list_recovery_points),
+            handlers::list_recovery_points,
         ),
-        route("post", "/v1/vms/{vm}/backup", post(handlers::request_backup)),
-        route(
-            "post",
-            "/v1/vms/{vm}/restore",
-            post(handlers::request_restore),
-        ),
-        route("get", "/v1/groups", get(handlers::list_groups)),
-        route("post", "/v1/groups", post(handlers::create_group)),
-        route("get", "/v1/nodes", get(handlers::list_nodes)),
-        route("get", "/v1/jobs", get(handlers::list_jobs)),
-        route("get", "/v1/jobs/{job}", get(handlers::get_job)),
-        route("post", "/v1/jobs/{job}/cancel", post(handlers::cancel_job)),
-        route("get", "/v1/events", get(handlers::events)),
-        route("get", "/v1/audit/verify", get(handlers::audit_verify)),
+        route("post", "/v1/vms/{vm}/backup", handlers::request_backup),
+        route("post", "/v1/vms/{vm}/restore", handlers::request_restore),
+        route("get", "/v1/groups", handlers::list_groups),
+        route("post", "/v1/groups", handlers::create_group),
+        route("get", "/v1/nodes", handlers::list_nodes),
+        route("get", "/v1/jobs", handlers::list_jobs),
+        route("get", "/v1/jobs/{job}", handlers::get_job),
+        route("post", "/v1/jobs/{job}/cancel", handlers::cancel_job),
+        route("get", "/v1/events", handlers::events),
+        route("get", "/v1/audit/verify", handlers::audit_verify),
     ]
 }
 
@@ -147,7 +158,13 @@ fn build_router(
         stopping,
     };
     let mut router = Router::new();
-    for Route { path, handler, .. } in routes() {
+    for Route {
+        method,
+        path,
+        handler,
+    } in routes()
+    {
+        tracing::trace!(method, path, "route");
         // Routes on one path (GET and POST `/v1/groups`) are merged by axum.
         router = router.route(path, handler);
     }

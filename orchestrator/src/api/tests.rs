@@ -322,7 +322,13 @@ impl Control for Fake {
                 tokio::pin!(added);
                 // Registered before the check, so an event pushed in between is not missed.
                 added.as_mut().enable();
-                if self.events.lock().unwrap().iter().any(|e| e.seq >= from_seq) {
+                if self
+                    .events
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e.seq >= from_seq)
+                {
                     return;
                 }
                 self.waiting.notify_one();
@@ -386,7 +392,10 @@ async fn send(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
     if content_type.as_deref() == Some("application/json") {
         (status, serde_json::from_slice(&bytes).unwrap())
     } else {
-        (status, Value::String(String::from_utf8_lossy(&bytes).into()))
+        (
+            status,
+            Value::String(String::from_utf8_lossy(&bytes).into()),
+        )
     }
 }
 
@@ -401,7 +410,10 @@ fn assert_error(answer: &(StatusCode, Value), status: StatusCode, code: &str, wo
     assert_eq!(answer.1["error"]["code"], code, "{}", answer.1);
     let message = answer.1["error"]["message"].as_str().unwrap();
     for word in words {
-        assert!(message.contains(word), "{message:?} should contain {word:?}");
+        assert!(
+            message.contains(word),
+            "{message:?} should contain {word:?}"
+        );
     }
 }
 
@@ -425,10 +437,22 @@ async fn lists_vms_groups_nodes() {
 async fn recovery_points_of_a_vm() {
     let fake = Arc::new(Fake::new());
     let app = app(&fake);
-    let (status, rps) = call(&app, "GET", &format!("/v1/vms/{VM_WEB}/recovery-points"), None).await;
+    let (status, rps) = call(
+        &app,
+        "GET",
+        &format!("/v1/vms/{VM_WEB}/recovery-points"),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(rps[0]["rp"], RP_1);
-    let (status, rps) = call(&app, "GET", &format!("/v1/vms/{VM_DB}/recovery-points"), None).await;
+    let (status, rps) = call(
+        &app,
+        "GET",
+        &format!("/v1/vms/{VM_DB}/recovery-points"),
+        None,
+    )
+    .await;
     assert_eq!((status, rps), (StatusCode::OK, json!([])));
     let answer = call(
         &app,
@@ -439,7 +463,12 @@ async fn recovery_points_of_a_vm() {
     .await;
     assert_error(&answer, StatusCode::NOT_FOUND, "unknown_vm", &[VM_UNKNOWN]);
     let answer = call(&app, "GET", "/v1/vms/web-01/recovery-points", None).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_id", &["vm", "web-01"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_id",
+        &["vm", "web-01"],
+    );
 }
 
 #[tokio::test]
@@ -459,7 +488,13 @@ async fn jobs_are_listed_newest_first_and_filtered() {
     let (_, jobs) = call(&app, "GET", "/v1/jobs?state=Succeeded", None).await;
     assert_eq!(jobs.as_array().unwrap().len(), 1);
     assert_eq!(jobs[0]["job"], JOB_DONE);
-    let (_, jobs) = call(&app, "GET", &format!("/v1/jobs?vm={VM_WEB}&state=Running"), None).await;
+    let (_, jobs) = call(
+        &app,
+        "GET",
+        &format!("/v1/jobs?vm={VM_WEB}&state=Running"),
+        None,
+    )
+    .await;
     assert_eq!(jobs.as_array().unwrap().len(), 1);
     assert_eq!(jobs[0]["job"], JOB_RUNNING);
     let (_, jobs) = call(&app, "GET", "/v1/jobs?limit=1", None).await;
@@ -467,15 +502,35 @@ async fn jobs_are_listed_newest_first_and_filtered() {
     assert_eq!(jobs[0]["job"], JOB_RUNNING);
 
     let answer = call(&app, "GET", "/v1/jobs?state=Sleeping", None).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["Sleeping", "Running"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["Sleeping", "Running"],
+    );
     let answer = call(&app, "GET", "/v1/jobs?vm=web-01", None).await;
     assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_id", &["vm"]);
     let answer = call(&app, "GET", "/v1/jobs?limit=0", None).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["limit"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["limit"],
+    );
     let answer = call(&app, "GET", "/v1/jobs?limit=many", None).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["limit"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["limit"],
+    );
     let answer = call(&app, "GET", "/v1/jobs?statte=Running", None).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["statte"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["statte"],
+    );
 }
 
 #[tokio::test]
@@ -487,9 +542,19 @@ async fn one_job() {
     let job: JobView = serde_json::from_value(job).unwrap();
     assert_eq!(job, fake.jobs[0]);
     let answer = call(&app, "GET", &format!("/v1/jobs/{JOB_UNKNOWN}"), None).await;
-    assert_error(&answer, StatusCode::NOT_FOUND, "unknown_job", &[JOB_UNKNOWN]);
+    assert_error(
+        &answer,
+        StatusCode::NOT_FOUND,
+        "unknown_job",
+        &[JOB_UNKNOWN],
+    );
     let answer = call(&app, "GET", "/v1/jobs/42", None).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_id", &["job", "42"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_id",
+        &["job", "42"],
+    );
 }
 
 #[tokio::test]
@@ -525,7 +590,10 @@ async fn create_group_builds_the_policy() {
     let body = json!({"name": "empty", "repository": "offsite", "sync": "before-recovery-point"});
     let (status, _) = call(&app, "POST", "/v1/groups", Some(&body.to_string())).await;
     assert_eq!(status, StatusCode::CREATED);
-    let Command::CreateGroup { policy, members, .. } = &fake.submitted()[1].1 else {
+    let Command::CreateGroup {
+        policy, members, ..
+    } = &fake.submitted()[1].1
+    else {
         panic!("expected CreateGroup");
     };
     assert!(members.is_empty());
@@ -543,36 +611,101 @@ async fn create_group_refusals() {
         async move { call(&app, "POST", "/v1/groups", Some(&body.to_string())).await }
     };
     let answer = post(json!({"name": "g", "sync": "20m"})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_policy", &["sync", "20"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_policy",
+        &["sync", "20"],
+    );
     let answer = post(json!({"name": "g", "sync": "hourly"})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_policy", &["sync", "hourly"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_policy",
+        &["sync", "hourly"],
+    );
     let answer = post(json!({"name": "g", "retention_days": 0})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_policy", &["retention_days"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_policy",
+        &["retention_days"],
+    );
     let answer = post(json!({"name": "g", "repository": ""})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_policy", &["repository"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_policy",
+        &["repository"],
+    );
     let answer = post(json!({"name": "g", "vms": [VM_WEB, "web-01"]})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_id", &["vms[1]", "web-01"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_id",
+        &["vms[1]", "web-01"],
+    );
     let answer = post(json!({"name": "g", "vms": [VM_WEB, VM_WEB]})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["vms[1]", "twice"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["vms[1]", "twice"],
+    );
     let answer = post(json!({"name": ""})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["name"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["name"],
+    );
     let answer = post(json!({"name": "g", "retention": 14})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["retention"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["retention"],
+    );
     let answer = post(json!({"name": "g", "retention_days": "14"})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["retention_days"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["retention_days"],
+    );
     let answer = post(json!({"vms": []})).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["name"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["name"],
+    );
     let answer = post(json!({"name": "web"})).await;
     assert_error(&answer, StatusCode::CONFLICT, "duplicate_group", &["web"]);
     assert!(fake.submitted().is_empty());
 
     // Malformed JSON, trailing garbage, no body, wrong content type.
     let answer = call(&app, "POST", "/v1/groups", Some(r#"{"name": "g""#)).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["not valid JSON"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["not valid JSON"],
+    );
     let answer = call(&app, "POST", "/v1/groups", Some(r#"{"name": "g"} x"#)).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["not valid JSON"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["not valid JSON"],
+    );
     let answer = call(&app, "POST", "/v1/groups", None).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["body is required"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["body is required"],
+    );
     let text = Request::builder()
         .method("POST")
         .uri("/v1/groups")
@@ -580,14 +713,24 @@ async fn create_group_refusals() {
         .body(Body::from(r#"{"name": "g"}"#))
         .unwrap();
     let answer = send(&app, text).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["text/plain"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["text/plain"],
+    );
     let untyped = Request::builder()
         .method("POST")
         .uri("/v1/groups")
         .body(Body::from(r#"{"name": "g"}"#))
         .unwrap();
     let answer = send(&app, untyped).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["Content-Type"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["Content-Type"],
+    );
     assert!(fake.submitted().is_empty());
 }
 
@@ -605,11 +748,17 @@ async fn backup_requests_a_job() {
         panic!("expected RequestBackup, got {:?}", submitted[0].1);
     };
     assert_eq!(accepted["id"], job.to_string());
-    assert_eq!((vm.to_string().as_str(), *mode), (VM_WEB, BackupMode::Incremental));
+    assert_eq!(
+        (vm.to_string().as_str(), *mode),
+        (VM_WEB, BackupMode::Incremental)
+    );
     let Command::RequestBackup { vm, mode, .. } = &submitted[1].1 else {
         panic!("expected RequestBackup");
     };
-    assert_eq!((vm.to_string().as_str(), *mode), (VM_DB, BackupMode::ExpressFull));
+    assert_eq!(
+        (vm.to_string().as_str(), *mode),
+        (VM_DB, BackupMode::ExpressFull)
+    );
 
     let answer = call(&app, "POST", &format!("/v1/vms/{VM_UNKNOWN}/backup"), None).await;
     assert_error(&answer, StatusCode::NOT_FOUND, "unknown_vm", &[VM_UNKNOWN]);
@@ -622,7 +771,12 @@ async fn backup_requests_a_job() {
         Some(r#"{"mode": "full"}"#),
     )
     .await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["mode", "full"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["mode", "full"],
+    );
 
     // A conflict from `decide` passes through with its code.
     *fake.submit_error.lock().unwrap() = Some(ControlError::Conflict {
@@ -662,7 +816,10 @@ async fn restore_copies_to_a_folder() {
     let RecoveryTarget::CopyToFolder { node, path } = target else {
         panic!("expected CopyToFolder, got {target:?}");
     };
-    assert_eq!((node.as_str(), path.as_str()), ("kvm-02", "/srv/restore/db"));
+    assert_eq!(
+        (node.as_str(), path.as_str()),
+        ("kvm-02", "/srv/restore/db")
+    );
     let Command::RequestRestore {
         target: RecoveryTarget::CopyToFolder { node, .. },
         ..
@@ -673,19 +830,41 @@ async fn restore_copies_to_a_folder() {
     assert_eq!(node.as_str(), "kvm-09");
 
     let cases = [
-        (json!({"rp": RP_1, "to": "restore/db"}), "invalid_path", "to"),
-        (json!({"rp": RP_1, "to": "/srv/../etc"}), "invalid_path", ".."),
+        (
+            json!({"rp": RP_1, "to": "restore/db"}),
+            "invalid_path",
+            "to",
+        ),
+        (
+            json!({"rp": RP_1, "to": "/srv/../etc"}),
+            "invalid_path",
+            "..",
+        ),
         (json!({"rp": "latest", "to": "/srv"}), "invalid_id", "rp"),
-        (json!({"rp": RP_1, "to": "/srv", "node": "kvm 01"}), "invalid_id", "node"),
+        (
+            json!({"rp": RP_1, "to": "/srv", "node": "kvm 01"}),
+            "invalid_id",
+            "node",
+        ),
         (json!({"rp": RP_1}), "invalid_request", "to"),
-        (json!({"rp": RP_1, "to": "/srv", "format": "raw"}), "invalid_request", "format"),
+        (
+            json!({"rp": RP_1, "to": "/srv", "format": "raw"}),
+            "invalid_request",
+            "format",
+        ),
     ];
     for (body, code, word) in cases {
         let answer = call(&app, "POST", &uri, Some(&body.to_string())).await;
         assert_error(&answer, StatusCode::BAD_REQUEST, code, &[word]);
     }
     let body = json!({"rp": RP_1, "to": "/srv"}).to_string();
-    let answer = call(&app, "POST", &format!("/v1/vms/{VM_UNKNOWN}/restore"), Some(&body)).await;
+    let answer = call(
+        &app,
+        "POST",
+        &format!("/v1/vms/{VM_UNKNOWN}/restore"),
+        Some(&body),
+    )
+    .await;
     assert_error(&answer, StatusCode::NOT_FOUND, "unknown_vm", &[VM_UNKNOWN]);
     assert_eq!(fake.submitted().len(), 2);
 }
@@ -712,11 +891,27 @@ async fn cancel_a_job() {
 
     let answer = call(&app, "POST", &format!("/v1/jobs/{JOB_DONE}/cancel"), None).await;
     assert_error(&answer, StatusCode::CONFLICT, "job_finished", &[JOB_DONE]);
-    let answer = call(&app, "POST", &format!("/v1/jobs/{JOB_UNKNOWN}/cancel"), None).await;
-    assert_error(&answer, StatusCode::NOT_FOUND, "unknown_job", &[JOB_UNKNOWN]);
+    let answer = call(
+        &app,
+        "POST",
+        &format!("/v1/jobs/{JOB_UNKNOWN}/cancel"),
+        None,
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::NOT_FOUND,
+        "unknown_job",
+        &[JOB_UNKNOWN],
+    );
     let long = json!({"reason": "x".repeat(1025)}).to_string();
     let answer = call(&app, "POST", &uri, Some(&long)).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["reason"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["reason"],
+    );
 }
 
 #[tokio::test]
@@ -736,7 +931,12 @@ async fn the_actor_comes_from_the_header() {
     assert_eq!(fake.submitted()[0].0, "user:alice");
     for bad in ["", "   ", &"a".repeat(65)] {
         let answer = send(&app, with_actor(bad)).await;
-        assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["x-cairn-actor"]);
+        assert_error(
+            &answer,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &["x-cairn-actor"],
+        );
     }
     let mut non_ascii = with_actor("x");
     non_ascii.headers_mut().insert(
@@ -744,7 +944,12 @@ async fn the_actor_comes_from_the_header() {
         axum::http::HeaderValue::from_bytes("ålice".as_bytes()).unwrap(),
     );
     let answer = send(&app, non_ascii).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["actor"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["actor"],
+    );
     assert_eq!(fake.submitted().len(), 1);
 }
 
@@ -753,13 +958,28 @@ async fn unknown_routes_and_methods_answer_json() {
     let fake = Arc::new(Fake::new());
     let app = app(&fake);
     let answer = call(&app, "GET", "/v1/volcanoes", None).await;
-    assert_error(&answer, StatusCode::NOT_FOUND, "not_found", &["/v1/volcanoes"]);
+    assert_error(
+        &answer,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &["/v1/volcanoes"],
+    );
     let answer = call(&app, "GET", "/v2/vms", None).await;
     assert_error(&answer, StatusCode::NOT_FOUND, "not_found", &["GET"]);
     let answer = call(&app, "DELETE", "/v1/vms", None).await;
-    assert_error(&answer, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &["DELETE"]);
+    assert_error(
+        &answer,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &["DELETE"],
+    );
     let answer = call(&app, "GET", &format!("/v1/vms/{VM_WEB}/backup"), None).await;
-    assert_error(&answer, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &["GET"]);
+    assert_error(
+        &answer,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &["GET"],
+    );
 }
 
 #[tokio::test]
@@ -770,7 +990,12 @@ async fn oversized_bodies_are_refused() {
     let body = json!({ "name": name }).to_string();
     assert!(body.len() > 1 << 20);
     let answer = call(&app, "POST", "/v1/groups", Some(&body)).await;
-    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &["1048576"]);
+    assert_error(
+        &answer,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        &["1048576"],
+    );
     // Also when the body's length is announced up front.
     let announced = Request::builder()
         .method("POST")
@@ -780,7 +1005,12 @@ async fn oversized_bodies_are_refused() {
         .body(Body::from(body))
         .unwrap();
     let answer = send(&app, announced).await;
-    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &[]);
+    assert_error(
+        &answer,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        &[],
+    );
     assert!(fake.submitted().is_empty());
 }
 
@@ -792,11 +1022,21 @@ async fn internal_errors_keep_their_details_to_the_log() {
         "sled: /var/lib/cairn/db is corrupt".into(),
     ));
     let answer = call(&app, "POST", &format!("/v1/vms/{VM_WEB}/backup"), None).await;
-    assert_error(&answer, StatusCode::INTERNAL_SERVER_ERROR, "internal", &["log"]);
+    assert_error(
+        &answer,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        &["log"],
+    );
     assert!(!answer.1.to_string().contains("sled"), "{}", answer.1);
     *fake.submit_error.lock().unwrap() = Some(ControlError::Unavailable("starting".into()));
     let answer = call(&app, "POST", &format!("/v1/vms/{VM_WEB}/backup"), None).await;
-    assert_error(&answer, StatusCode::SERVICE_UNAVAILABLE, "unavailable", &["starting"]);
+    assert_error(
+        &answer,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        &["starting"],
+    );
 }
 
 #[tokio::test]
@@ -805,7 +1045,11 @@ async fn health_openapi_and_audit() {
     let app = app(&fake);
     let (status, health) = call(&app, "GET", "/healthz", None).await;
     assert_eq!((status, health), (StatusCode::OK, json!({"status": "ok"})));
-    let response = app.clone().oneshot(request("GET", "/openapi.yaml", None)).await.unwrap();
+    let response = app
+        .clone()
+        .oneshot(request("GET", "/openapi.yaml", None))
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "application/yaml");
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -835,9 +1079,19 @@ async fn events_page_from_a_sequence_number() {
     let (_, page) = call(&app, "GET", "/v1/events?from=6", None).await;
     assert_eq!(page, json!({"events": [], "next_from": 6}));
     let answer = call(&app, "GET", "/v1/events?limit=1001", None).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["limit", "1000"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["limit", "1000"],
+    );
     let answer = call(&app, "GET", "/v1/events?from=-1", None).await;
-    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_request", &["from"]);
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &["from"],
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -857,7 +1111,11 @@ async fn long_poll_returns_when_an_event_appears() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(page["events"][0]["seq"], 2);
     assert_eq!(page["next_from"], 3);
-    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -910,9 +1168,7 @@ fn openapi_routes() -> Vec<(String, String)> {
             path = Some(format!("/{}", rest.trim_end().trim_end_matches(':')));
         } else if let (Some(p), Some(rest)) = (&path, line.strip_prefix("    ")) {
             let word = rest.trim_end().trim_end_matches(':');
-            if !rest.starts_with(' ')
-                && ["get", "post", "put", "patch", "delete"].contains(&word)
-            {
+            if !rest.starts_with(' ') && ["get", "post", "put", "patch", "delete"].contains(&word) {
                 routes.push((word.to_owned(), p.clone()));
             }
         }

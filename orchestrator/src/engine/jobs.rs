@@ -285,7 +285,7 @@ fn advance(
     let in_flight = job.steps.iter().any(|s| s.status.in_flight());
     for step in &job.steps {
         let ready = match step.status {
-            StepStatus::RetryScheduled { at } => at <= now && !(winding_down && !step.always),
+            StepStatus::RetryScheduled { at } => at <= now && (step.always || !winding_down),
             StepStatus::Pending => {
                 let deps: Vec<&Step> = step.after.iter().filter_map(|id| job.step(*id)).collect();
                 if step.always {
@@ -295,7 +295,10 @@ fn advance(
                         d.status.terminal()
                             || (winding_down
                                 && !d.always
-                                && matches!(d.status, StepStatus::Pending | StepStatus::RetryScheduled { .. }))
+                                && matches!(
+                                    d.status,
+                                    StepStatus::Pending | StepStatus::RetryScheduled { .. }
+                                ))
                     };
                     deps.iter().all(settled) && !(winding_down && in_flight)
                 } else {
@@ -466,7 +469,7 @@ fn build_spec(
                 .group
                 .and_then(|g| state.groups.get(&g))
                 .map_or(ConsistencyWanted::CrashOnly, |g| {
-                    g.policy.consistency.clone()
+                    g.policy.consistency
                 }),
         },
         StepKind::Transfer { disk } => StepWork::Transfer {

@@ -6,10 +6,10 @@
 
 pub mod decide;
 pub mod jobs;
-pub mod state;
 pub mod read;
 pub mod service;
 pub mod snapshot;
+pub mod state;
 
 #[cfg(test)]
 mod tests;

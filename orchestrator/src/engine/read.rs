@@ -1,11 +1,15 @@
 //! Views of the projections for the API (see [`crate::views`]).
 
-use cairn_schemas::{Consistency, DataSourceState, Event, ImageFormat, JobEvent, JobKind, PowerState, SyncFrequency};
+use cairn_schemas::{
+    Consistency, DataSourceState, Event, ImageFormat, JobEvent, JobKind, PowerState, SyncFrequency,
+};
 
 use super::jobs::step_label;
 use super::state::{Job, State, StepStatus};
 use crate::log::StoredEvent;
-use crate::views::{DiskView, EventView, GroupView, JobView, NodeView, RpDiskView, RpView, StepView, VmView};
+use crate::views::{
+    DiskView, EventView, GroupView, JobView, NodeView, RpDiskView, RpView, StepView, VmView,
+};
 
 pub fn format_name(format: ImageFormat) -> &'static str {
     match format {
@@ -38,10 +42,20 @@ pub fn vms(state: &State) -> Vec<VmView> {
                     size_bytes: d.size_bytes,
                     format: format_name(d.format).into(),
                     image_path: d.image_path.clone(),
-                    state: format!("{:?}", vm.disk_states.get(&d.disk).copied().unwrap_or(DataSourceState::PendingReplicaCreation)),
+                    state: format!(
+                        "{:?}",
+                        vm.disk_states
+                            .get(&d.disk)
+                            .copied()
+                            .unwrap_or(DataSourceState::PendingReplicaCreation)
+                    ),
                 })
                 .collect(),
-            group: vm.group.and_then(|g| state.groups.get(&g)).filter(|g| !g.deleted).map(|g| g.name.clone()),
+            group: vm
+                .group
+                .and_then(|g| state.groups.get(&g))
+                .filter(|g| !g.deleted)
+                .map(|g| g.name.clone()),
             last_backup_at: vm.last_backup_at,
             recovery_points: state.rps.get(&vm.id).map_or(0, |l| l.len() as u64),
             present: vm.present,
@@ -74,7 +88,11 @@ pub fn job(state: &State, job: &Job) -> JobView {
         JobKind::Backup { .. } => "Backup".to_string(),
         JobKind::ConsistencyCheck => "ConsistencyCheck".to_string(),
         JobKind::Recovery { .. } => "Recovery".to_string(),
-        other => format!("{other:?}").split([' ', '{']).next().unwrap_or_default().to_string(),
+        other => format!("{other:?}")
+            .split([' ', '{'])
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     };
     let rp = match &job.kind {
         JobKind::Recovery { rp, .. } => Some(rp.to_string()),
@@ -84,7 +102,11 @@ pub fn job(state: &State, job: &Job) -> JobView {
         job: job.id.to_string(),
         kind,
         vm: job.vm.to_string(),
-        vm_name: state.vms.get(&job.vm).map(|v| v.name.clone()).unwrap_or_default(),
+        vm_name: state
+            .vms
+            .get(&job.vm)
+            .map(|v| v.name.clone())
+            .unwrap_or_default(),
         state: format!("{:?}", job.state),
         wait_reason: job.wait.as_ref().map(|w| format!("{w:?}")),
         reason: format!("{:?}", job.reason),
@@ -140,7 +162,11 @@ pub fn rps(state: &State, vm: &cairn_schemas::VmId) -> Vec<RpView> {
                     disks: r
                         .disks
                         .iter()
-                        .map(|d| RpDiskView { disk: d.disk.to_string(), bytes_read: d.bytes_read, bytes_stored: d.bytes_stored })
+                        .map(|d| RpDiskView {
+                            disk: d.disk.to_string(),
+                            bytes_read: d.bytes_read,
+                            bytes_stored: d.bytes_stored,
+                        })
                         .collect(),
                 })
                 .collect()
@@ -157,11 +183,20 @@ pub fn nodes(state: &State) -> Vec<NodeView> {
             cluster: n.cluster.clone(),
             online: n.online,
             last_seen: Some(n.last_seen),
-            vms: state.vms.values().filter(|v| v.node == n.id && v.present).count() as u64,
+            vms: state
+                .vms
+                .values()
+                .filter(|v| v.node == n.id && v.present)
+                .count() as u64,
             running_backups: state
                 .jobs
                 .values()
-                .filter(|j| j.node.as_ref() == Some(&n.id) && j.is_backup() && !j.state.is_terminal() && j.started_at.is_some())
+                .filter(|j| {
+                    j.node.as_ref() == Some(&n.id)
+                        && j.is_backup()
+                        && !j.state.is_terminal()
+                        && j.started_at.is_some()
+                })
                 .count() as u64,
         })
         .collect()
@@ -184,16 +219,36 @@ pub fn event(stored: &StoredEvent) -> EventView {
 
 fn summary(event: &Event) -> String {
     match event {
-        Event::Job(JobEvent::StepDispatched { spec, attempt, node, .. }) => {
-            format!("{} attempt {attempt} to node {node}", step_label(&spec.kind()))
+        Event::Job(JobEvent::StepDispatched {
+            spec,
+            attempt,
+            node,
+            ..
+        }) => {
+            format!(
+                "{} attempt {attempt} to node {node}",
+                step_label(&spec.kind())
+            )
         }
         Event::Job(JobEvent::StepFailed { message, class, .. }) => format!("{class:?}: {message}"),
         Event::Job(JobEvent::JobFailed { reason }) => reason.clone(),
         Event::Job(JobEvent::RecoveryPointCommitted { rp, disks, .. }) => {
-            format!("recovery point {rp} ({} disks, {} bytes stored)", disks.len(), disks.iter().map(|d| d.bytes_stored).sum::<u64>())
+            format!(
+                "recovery point {rp} ({} disks, {} bytes stored)",
+                disks.len(),
+                disks.iter().map(|d| d.bytes_stored).sum::<u64>()
+            )
         }
-        Event::Job(JobEvent::JobRequested { kind, vm, reason, .. }) => {
-            format!("{} of VM {vm} ({reason:?})", format!("{kind:?}").split([' ', '{']).next().unwrap_or_default())
+        Event::Job(JobEvent::JobRequested {
+            kind, vm, reason, ..
+        }) => {
+            format!(
+                "{} of VM {vm} ({reason:?})",
+                format!("{kind:?}")
+                    .split([' ', '{'])
+                    .next()
+                    .unwrap_or_default()
+            )
         }
         Event::Vm(e) => {
             let text = format!("{e:?}");

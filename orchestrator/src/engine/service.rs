@@ -13,8 +13,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use cairn_schemas::{
-    Aggregate, BackupMode, Command, CommandId, Event, EventId, GroupId, JobEvent, JobId, JobReason, Report,
-    StepSpec, SyncFrequency,
+    Aggregate, BackupMode, Command, CommandId, Event, EventId, GroupId, JobEvent, JobId, JobReason,
+    Report, StepSpec, SyncFrequency,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -24,7 +24,9 @@ use super::state::State;
 use super::{read, snapshot};
 use crate::control::{BoxFuture, Control, ControlError};
 use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent};
-use crate::views::{Accepted, AuditReport, EventView, GroupView, JobView, NodeView, RpView, VmView};
+use crate::views::{
+    Accepted, AuditReport, EventView, GroupView, JobView, NodeView, RpView, VmView,
+};
 
 /// Where time comes from; tests use a manual clock.
 pub trait Clock: Send + Sync {
@@ -37,7 +39,9 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
     }
 }
 
@@ -72,7 +76,11 @@ pub enum Error {
 }
 
 enum Input {
-    Submit { actor: String, command: Command, reply: oneshot::Sender<Result<Accepted, ControlError>> },
+    Submit {
+        actor: String,
+        command: Command,
+        reply: oneshot::Sender<Result<Accepted, ControlError>>,
+    },
     Report(Report),
 }
 
@@ -92,7 +100,9 @@ pub struct Handle<L> {
 
 impl<L> Clone for Handle<L> {
     fn clone(&self) -> Self {
-        Handle { shared: self.shared.clone() }
+        Handle {
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -121,11 +131,19 @@ impl<L: EventLog + 'static> Engine<L> {
         steps: Arc<dyn StepSink>,
     ) -> Result<(Engine<L>, Handle<L>), Error> {
         let started = std::time::Instant::now();
-        let mut state = opts.snapshot_path.as_deref().and_then(snapshot::load).unwrap_or_default();
+        let mut state = opts
+            .snapshot_path
+            .as_deref()
+            .and_then(snapshot::load)
+            .unwrap_or_default();
         let from_snapshot = state.last_seq;
         let last = log.last_seq().await?;
         if state.last_seq > last {
-            tracing::warn!(snapshot = state.last_seq, log = last, "snapshot is ahead of the log; replaying the whole log");
+            tracing::warn!(
+                snapshot = state.last_seq,
+                log = last,
+                "snapshot is ahead of the log; replaying the whole log"
+            );
             state = State::default();
         }
         loop {
@@ -147,13 +165,23 @@ impl<L: EventLog + 'static> Engine<L> {
         let (seq, _) = watch::channel(state.last_seq);
         let now = clock.now_ms();
         let snapshot_seq = state.last_seq;
-        let shared = Arc::new(Shared { log, state: RwLock::new(state), clock, tx, seq, config: opts.config.clone() });
+        let shared = Arc::new(Shared {
+            log,
+            state: RwLock::new(state),
+            clock,
+            tx,
+            seq,
+            config: opts.config.clone(),
+        });
         let engine = Engine {
             shared: shared.clone(),
             rx,
             steps,
             opts,
-            live: Liveness { last_report: Default::default(), started_at: now },
+            live: Liveness {
+                last_report: Default::default(),
+                started_at: now,
+            },
             snapshot_seq,
         };
         Ok((engine, Handle { shared }))
@@ -200,24 +228,36 @@ impl<L: EventLog + 'static> Engine<L> {
             if let Aggregate::Job(job) = emit.aggregate {
                 jobs.insert(job);
             }
-            self.commit(emit, actor, if single { command_id } else { None }).await?;
+            self.commit(emit, actor, if single { command_id } else { None })
+                .await?;
         }
         for job in jobs {
             self.reconcile_job(job).await;
         }
-        Ok(Accepted { id, seq: *self.shared.seq.borrow() })
+        Ok(Accepted {
+            id,
+            seq: *self.shared.seq.borrow(),
+        })
     }
 
     async fn report(&mut self, report: Report) {
         let now = self.now();
-        self.live.last_report.insert((report.step, report.attempt), now);
+        self.live
+            .last_report
+            .insert((report.step, report.attempt), now);
         let events = {
             let state = self.shared.state.read().expect("state lock");
             on_report(&state, &self.shared.config, &report, now)
         };
         if !events.is_empty() {
-            let emit = Emit::new(Aggregate::Job(report.job), events.into_iter().map(Event::from).collect());
-            if let Err(e) = self.commit(emit, &format!("node/{}", report.node), None).await {
+            let emit = Emit::new(
+                Aggregate::Job(report.job),
+                events.into_iter().map(Event::from).collect(),
+            );
+            if let Err(e) = self
+                .commit(emit, &format!("node/{}", report.node), None)
+                .await
+            {
                 tracing::error!(job = %report.job, error = %e, "could not record a worker report");
                 return;
             }
@@ -229,7 +269,12 @@ impl<L: EventLog + 'static> Engine<L> {
         self.schedule_backups().await;
         let open: Vec<JobId> = {
             let state = self.shared.state.read().expect("state lock");
-            state.jobs.values().filter(|j| !j.state.is_terminal()).map(|j| j.id).collect()
+            state
+                .jobs
+                .values()
+                .filter(|j| !j.state.is_terminal())
+                .map(|j| j.id)
+                .collect()
         };
         for job in open {
             self.reconcile_job(job).await;
@@ -237,7 +282,11 @@ impl<L: EventLog + 'static> Engine<L> {
         // Forget liveness of steps that are no longer in flight.
         let state = self.shared.state.read().expect("state lock");
         self.live.last_report.retain(|(step, attempt), _| {
-            state.jobs.values().any(|j| j.steps.iter().any(|s| s.id == *step && s.attempt == *attempt && s.status.in_flight()))
+            state.jobs.values().any(|j| {
+                j.steps
+                    .iter()
+                    .any(|s| s.id == *step && s.attempt == *attempt && s.status.in_flight())
+            })
         });
     }
 
@@ -255,7 +304,9 @@ impl<L: EventLog + 'static> Engine<L> {
                     SyncFrequency::JustBeforeRecoveryPoint => 60 * 60_000,
                 };
                 for vm in &group.members {
-                    let Some(known) = state.vms.get(vm).filter(|v| v.present) else { continue };
+                    let Some(known) = state.vms.get(vm).filter(|v| v.present) else {
+                        continue;
+                    };
                     let jobs = state.jobs.values().filter(|j| j.vm == *vm && j.is_backup());
                     let mut active = false;
                     let mut last = None::<u64>;
@@ -274,12 +325,23 @@ impl<L: EventLog + 'static> Engine<L> {
             let job = JobId::new_v7(now, random10());
             let emit = {
                 let state = self.shared.state.read().expect("state lock");
-                request_backup(&state, job, vm, BackupMode::Incremental, JobReason::Scheduled, now)
+                request_backup(
+                    &state,
+                    job,
+                    vm,
+                    BackupMode::Incremental,
+                    JobReason::Scheduled,
+                    now,
+                )
             };
             match emit {
                 Ok(emit) => {
                     let actor = self.opts.actor.clone();
-                    if self.commit(emit, &format!("{actor}/scheduler"), None).await.is_ok() {
+                    if self
+                        .commit(emit, &format!("{actor}/scheduler"), None)
+                        .await
+                        .is_ok()
+                    {
                         self.reconcile_job(job).await;
                     }
                 }
@@ -294,14 +356,26 @@ impl<L: EventLog + 'static> Engine<L> {
             let now = self.now();
             let events = {
                 let state = self.shared.state.read().expect("state lock");
-                let Some(found) = state.jobs.get(&job) else { return };
-                reconcile(&state, &self.shared.config, self.opts.epoch, found, &self.live, now)
+                let Some(found) = state.jobs.get(&job) else {
+                    return;
+                };
+                reconcile(
+                    &state,
+                    &self.shared.config,
+                    self.opts.epoch,
+                    found,
+                    &self.live,
+                    now,
+                )
             };
             if events.is_empty() {
                 return;
             }
             let actor = self.opts.actor.clone();
-            let emit = Emit::new(Aggregate::Job(job), events.into_iter().map(Event::from).collect());
+            let emit = Emit::new(
+                Aggregate::Job(job),
+                events.into_iter().map(Event::from).collect(),
+            );
             if let Err(e) = self.commit(emit, &actor, None).await {
                 tracing::error!(job = %job, error = %e, "could not advance a job");
                 return;
@@ -311,13 +385,23 @@ impl<L: EventLog + 'static> Engine<L> {
     }
 
     /// Appends one aggregate's events, applies them, then dispatches the steps they decided.
-    async fn commit(&mut self, emit: Emit, actor: &str, command: Option<CommandId>) -> Result<u64, ControlError> {
+    async fn commit(
+        &mut self,
+        emit: Emit,
+        actor: &str,
+        command: Option<CommandId>,
+    ) -> Result<u64, ControlError> {
         let now = self.now();
         let correlation = match &emit.aggregate {
             Aggregate::Job(job) => Some(*job),
             _ => None,
         };
-        let expected = self.shared.state.read().expect("state lock").version(&emit.aggregate);
+        let expected = self
+            .shared
+            .state
+            .read()
+            .expect("state lock")
+            .version(&emit.aggregate);
         let events = emit
             .events
             .into_iter()
@@ -330,8 +414,19 @@ impl<L: EventLog + 'static> Engine<L> {
                 payload,
             })
             .collect();
-        let request = AppendRequest { aggregate: emit.aggregate, expected_version: expected, command, recorded_at: now, events };
-        let stored = self.shared.log.append(request).await.map_err(|e| ControlError::Internal(e.to_string()))?;
+        let request = AppendRequest {
+            aggregate: emit.aggregate,
+            expected_version: expected,
+            command,
+            recorded_at: now,
+            events,
+        };
+        let stored = self
+            .shared
+            .log
+            .append(request)
+            .await
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
         let mut specs = Vec::new();
         let mut cancels = Vec::new();
         {
@@ -364,9 +459,13 @@ impl<L: EventLog + 'static> Engine<L> {
     }
 
     async fn maybe_snapshot(&mut self, force: bool) {
-        let Some(path) = self.opts.snapshot_path.clone() else { return };
+        let Some(path) = self.opts.snapshot_path.clone() else {
+            return;
+        };
         let last = *self.shared.seq.borrow();
-        if last == self.snapshot_seq || (!force && last - self.snapshot_seq < self.opts.snapshot_every) {
+        if last == self.snapshot_seq
+            || (!force && last - self.snapshot_seq < self.opts.snapshot_every)
+        {
             return;
         }
         let state = self.shared.state.read().expect("state lock").clone();
@@ -396,7 +495,9 @@ fn created_id(command: &Command) -> String {
         | Command::RequestConsistencyCheck { job, .. }
         | Command::RequestRestore { job, .. }
         | Command::CancelJob { job, .. } => job.to_string(),
-        Command::RegisterNode { node, .. } | Command::ReportInventory { node, .. } => node.to_string(),
+        Command::RegisterNode { node, .. } | Command::ReportInventory { node, .. } => {
+            node.to_string()
+        }
     }
 }
 
@@ -407,14 +508,23 @@ impl<L: EventLog + 'static> Handle<L> {
     }
 
     /// Submits a command as `actor`.
-    pub async fn submit_as(&self, actor: String, command: Command) -> Result<Accepted, ControlError> {
+    pub async fn submit_as(
+        &self,
+        actor: String,
+        command: Command,
+    ) -> Result<Accepted, ControlError> {
         let (reply, rx) = oneshot::channel();
         self.shared
             .tx
-            .send(Input::Submit { actor, command, reply })
+            .send(Input::Submit {
+                actor,
+                command,
+                reply,
+            })
             .await
             .map_err(|_| ControlError::Unavailable("the engine is shutting down".into()))?;
-        rx.await.map_err(|_| ControlError::Unavailable("the engine stopped".into()))?
+        rx.await
+            .map_err(|_| ControlError::Unavailable("the engine stopped".into()))?
     }
 
     /// Reads the projections.
@@ -428,7 +538,10 @@ impl<L: EventLog + 'static> Handle<L> {
 }
 
 fn parse_id<T: std::str::FromStr>(what: &'static str, text: &str) -> Result<T, ControlError> {
-    text.parse().map_err(|_| ControlError::Invalid { code: "invalid_id", message: format!("{text:?} is not a valid {what} id") })
+    text.parse().map_err(|_| ControlError::Invalid {
+        code: "invalid_id",
+        message: format!("{text:?} is not a valid {what} id"),
+    })
 }
 
 impl<L: EventLog + 'static> Control for Handle<L> {
@@ -450,7 +563,10 @@ impl<L: EventLog + 'static> Control for Handle<L> {
             s.jobs
                 .get(&id)
                 .map(|j| read::job(s, j))
-                .ok_or_else(|| ControlError::NotFound { code: "unknown_job", message: format!("no job {id}") })
+                .ok_or_else(|| ControlError::NotFound {
+                    code: "unknown_job",
+                    message: format!("no job {id}"),
+                })
         })
     }
 
@@ -458,7 +574,10 @@ impl<L: EventLog + 'static> Control for Handle<L> {
         let id: cairn_schemas::VmId = parse_id("VM", vm)?;
         self.read(|s| {
             if !s.vms.contains_key(&id) {
-                return Err(ControlError::NotFound { code: "unknown_vm", message: format!("no VM {id}") });
+                return Err(ControlError::NotFound {
+                    code: "unknown_vm",
+                    message: format!("no VM {id}"),
+                });
             }
             Ok(read::rps(s, &id))
         })
@@ -468,11 +587,19 @@ impl<L: EventLog + 'static> Control for Handle<L> {
         self.read(read::nodes)
     }
 
-    fn submit(&self, actor: String, command: Command) -> BoxFuture<'_, Result<Accepted, ControlError>> {
+    fn submit(
+        &self,
+        actor: String,
+        command: Command,
+    ) -> BoxFuture<'_, Result<Accepted, ControlError>> {
         Box::pin(self.submit_as(actor, command))
     }
 
-    fn events(&self, from_seq: u64, limit: usize) -> BoxFuture<'_, Result<Vec<EventView>, ControlError>> {
+    fn events(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<EventView>, ControlError>> {
         Box::pin(async move {
             let stored: Vec<StoredEvent> = self
                 .shared
@@ -487,15 +614,29 @@ impl<L: EventLog + 'static> Control for Handle<L> {
     fn wait_for_events(&self, from_seq: u64, timeout_ms: u64) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let mut rx = self.shared.seq.subscribe();
-            let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), rx.wait_for(|seq| *seq >= from_seq)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_millis(timeout_ms),
+                rx.wait_for(|seq| *seq >= from_seq),
+            )
+            .await;
         })
     }
 
     fn audit_verify(&self) -> BoxFuture<'_, Result<AuditReport, ControlError>> {
         Box::pin(async move {
             match self.shared.log.verify_chain().await {
-                Ok(n) => Ok(AuditReport { ok: true, events_checked: n, first_broken_seq: None, first_broken_event: None, detail: None }),
-                Err(crate::log::Error::ChainBroken { seq, event_id, detail }) => Ok(AuditReport {
+                Ok(n) => Ok(AuditReport {
+                    ok: true,
+                    events_checked: n,
+                    first_broken_seq: None,
+                    first_broken_event: None,
+                    detail: None,
+                }),
+                Err(crate::log::Error::ChainBroken {
+                    seq,
+                    event_id,
+                    detail,
+                }) => Ok(AuditReport {
                     ok: false,
                     events_checked: seq.saturating_sub(1),
                     first_broken_seq: Some(seq),

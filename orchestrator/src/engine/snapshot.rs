@@ -28,7 +28,10 @@ pub fn decode(bytes: &[u8]) -> Result<State, String> {
         return Err("not a cairn snapshot".into());
     }
     if bytes[8] != VERSION {
-        return Err(format!("snapshot format {} (this cairn reads {VERSION})", bytes[8]));
+        return Err(format!(
+            "snapshot format {} (this cairn reads {VERSION})",
+            bytes[8]
+        ));
     }
     let (body, hash) = bytes.split_at(bytes.len() - 32);
     if blake3::hash(body).as_bytes() != hash {

@@ -349,7 +349,7 @@ impl State {
                     kind: kind.clone(),
                     vm: *vm,
                     group: *group,
-                    reason: reason.clone(),
+                    reason: *reason,
                     state: JobState::Scheduled,
                     wait: None,
                     node: None,

@@ -70,12 +70,15 @@ const TAIL_BATCH: usize = 1024;
 pub struct SledLogConfig {
     /// Directory of the sled database (created if missing).
     pub path: PathBuf,
-    /// sled's page cache size in bytes.
+    /// Upper bound of sled's page cache, in bytes.
     pub cache_capacity_bytes: u64,
 }
 
 impl SledLogConfig {
-    /// Defaults for `path`: a 256 MiB cache.
+    /// Defaults for `path`: a cache of up to 1 GiB (sled's default; it is a bound, not an
+    /// allocation). A cache smaller than the log makes replay fetch pages again: measured
+    /// with an earlier one-entry-per-event layout, 1,000,000 events replayed 2-2.5 times
+    /// slower with a 256 MiB cache than with 1 GiB.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),

@@ -15,7 +15,8 @@
 //!   overwrites the original VM's disk).
 //!
 //! Must not: read an image that is not a described disk of the step's VM on this node, overwrite
-//! a disk of another described VM, or write a file of a size other than the recovery point's.
+//! a disk of another described VM (or of the step's VM while it runs), or write over a file of
+//! a size other than the recovery point's.
 //!
 //! Limitation: the identity is checked before the read. A disk written while it is being read
 //! (the descriptor lied about the VM being stopped) yields a recovery point with a torn image;
@@ -468,7 +469,7 @@ pub(crate) fn restore(
     let rp = work.rp.to_string();
     let header = repo::restore::resolve(&repo, &lineage, Some(&rp)).map_err(repo_error)?;
     progress.start_total(header.disk_size);
-    agent.refuse_other_vms_disk(spec.vm, &target)?;
+    agent.refuse_described_disk(spec.vm, &target)?;
     let format = to_source_format(work.target_format);
     let sink_error = |source| Error::Source {
         disk: work.disk.to_string(),

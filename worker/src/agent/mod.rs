@@ -4,7 +4,7 @@
 //! attempt and reports [`ReportBody`]s: `Started`, then `Progress` heartbeats, and returns the
 //! final `Succeeded { result }` or `Failed { class, message }`. The agent holds no state between
 //! steps: what a step needs is in its spec, in the repository or in the hypervisor (today the
-//! `image` adapter, [`image`]: VMs described by [`descriptor`] files). Every step is idempotent:
+//! `image` adapter: VMs described by [`descriptor`] files). Every step is idempotent:
 //! a retried attempt finds what an earlier one left and finishes it (a transfer's recovery point
 //! id is chosen by the orchestrator; a restore continues with a delta restore).
 //!
@@ -42,7 +42,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use cairn_schemas::ids::{DiskId, NodeId, RecoveryPointId, VmId};
-use cairn_schemas::v1::FailureClass;
+use cairn_schemas::v1::{FailureClass, PowerState};
 use cairn_schemas::v1::{ReportBody, StepResult, StepSpec, StepWork};
 use crossbeam_channel::{RecvTimeoutError, bounded};
 
@@ -474,21 +474,30 @@ impl Agent {
             })
     }
 
-    /// Refuses a restore target that is a disk of another VM described on this node.
-    fn refuse_other_vms_disk(&self, vm: VmId, target: &Path) -> Result<(), Error> {
+    /// Refuses a restore target that is a disk of another VM described on this node, or a disk
+    /// of the step's own VM while that VM runs.
+    fn refuse_described_disk(&self, vm: VmId, target: &Path) -> Result<(), Error> {
         let (descriptors, _) = descriptor::read_all(&self.config.vms_dir);
-        for (_, other) in descriptors.iter().filter(|(_, d)| d.vm_id() != vm) {
-            if let Some(disk) = other.disks.iter().find(|d| same_file(&d.path, target)) {
-                return Err(Error::Target {
-                    path: target.to_path_buf(),
-                    reason: format!(
-                        "is disk {} of VM {} ({}); refusing to overwrite another VM's disk",
-                        disk.id,
-                        other.name,
-                        other.vm_id()
-                    ),
-                });
-            }
+        for (_, owner) in &descriptors {
+            let Some(disk) = owner.disks.iter().find(|d| same_file(&d.path, target)) else {
+                continue;
+            };
+            let reason = if owner.vm_id() != vm {
+                "refusing to overwrite another VM's disk"
+            } else if owner.power == PowerState::Running {
+                "the VM is running; stop it before restoring over its disks"
+            } else {
+                continue;
+            };
+            return Err(Error::Target {
+                path: target.to_path_buf(),
+                reason: format!(
+                    "is disk {} of VM {} ({}); {reason}",
+                    disk.id,
+                    owner.name,
+                    owner.vm_id()
+                ),
+            });
         }
         Ok(())
     }
