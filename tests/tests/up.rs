@@ -167,7 +167,9 @@ fn the_cli_drives_groups_backups_restores_and_events() {
     assert_eq!(fingerprint(&to.join("alpha-boot.raw")), fingerprint(&lab.disks[0]));
     let jobs = cairn_ok(&["jobs", "--server", &url]);
     assert!(jobs.lines().count() >= 4, "{jobs}");
-    let job_id = server.get("/v1/jobs").as_array().unwrap()[0]["job"].as_str().unwrap().to_string();
+    let jobs_json = server.get("/v1/jobs");
+    let backup_job = jobs_json.as_array().unwrap().iter().find(|j| j["kind"] == "Backup").expect("a backup job");
+    let job_id = backup_job["job"].as_str().unwrap().to_string();
     let shown = cairn_ok(&["job", "show", &job_id, "--server", &url]);
     assert!(shown.contains("Snapshot") && shown.contains("CommitRecoveryPoint"), "{shown}");
     let events = cairn_ok(&["events", "tail", "--server", &url]);

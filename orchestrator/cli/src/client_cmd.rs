@@ -655,7 +655,12 @@ impl Client {
     fn post<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<Value> {
         let request = self.agent.post(format!("{}{path}", self.base));
         let result = match body {
-            Some(body) => request.send_json(body),
+            Some(body) => {
+                let bytes = serde_json::to_vec(body).context("encoding the request")?;
+                request
+                    .header("content-type", "application/json")
+                    .send(&bytes[..])
+            }
             None => request.send_empty(),
         };
         self.finish(result)
@@ -1034,8 +1039,11 @@ fn render_jobs(jobs: &[JobView]) -> String {
 }
 
 fn step_progress(step: &StepView) -> String {
-    if step.bytes_total > 0 {
-        let percent = step.bytes_done.saturating_mul(100) / step.bytes_total;
+    if let Some(percent) = step
+        .bytes_done
+        .saturating_mul(100)
+        .checked_div(step.bytes_total)
+    {
         format!(
             "{} / {} ({percent}%)",
             human(step.bytes_done),

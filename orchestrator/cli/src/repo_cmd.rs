@@ -179,6 +179,7 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                 disk,
                 now_ms: now_ms(),
                 threads: 0,
+                rp: None,
             };
             let summary = repo::backup(&repo, source.as_mut(), &opts, &Bar::new(!common.json))?;
             if common.json {

@@ -659,4 +659,8 @@ impl<L: EventLog + 'static> Control for Handle<L> {
     fn new_command_id(&self) -> CommandId {
         CommandId::new_v7(self.shared.clock.now_ms(), random10())
     }
+
+    fn default_repository(&self) -> String {
+        self.shared.config.repository.clone()
+    }
 }
