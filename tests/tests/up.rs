@@ -210,3 +210,23 @@ fn bad_input_gets_4xx_with_a_code_and_the_server_keeps_serving() {
     assert_eq!(vms.as_array().unwrap().len(), 1);
     assert!(server.log().contains("ghost.raw"), "the bad descriptor is logged");
 }
+
+#[test]
+fn the_demo_protects_two_vms_with_realistic_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = UpServer::start(&dir.path().join("data"), &["--demo"], &[]);
+    wait_until(Duration::from_secs(300), "both demo VMs to have a recovery point", || {
+        let vms = server.get("/v1/vms");
+        let vms = vms.as_array().unwrap();
+        vms.len() == 2 && vms.iter().all(|v| v["recovery_points"].as_u64().unwrap_or(0) >= 1)
+    });
+    let groups = server.get("/v1/groups");
+    assert_eq!(groups[0]["name"], "demo");
+    assert_eq!(groups[0]["members"].as_array().unwrap().len(), 2);
+    // The demo disks are real: GPT with an EFI system partition, ext4 and swap.
+    let image = dir.path().join("data/images/web01-disk0.qcow2");
+    let raw = dir.path().join("web01.raw");
+    sh("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", s(&image), s(&raw)]);
+    let table = sh("sfdisk", &["--dump", s(&raw)]);
+    assert!(table.contains("label: gpt") && table.contains("name=\"esp\"") && table.contains("name=\"root\""), "{table}");
+}

@@ -1170,8 +1170,9 @@ fn render_audit(report: &AuditReport) -> String {
 
 /// The last line of a waited-for job.
 fn render_outcome(job: &JobView) -> String {
-    let took = match (job.started_at.or(Some(job.requested_at)), job.finished_at) {
-        (Some(start), Some(end)) if end >= start => {
+    let start = job.started_at.unwrap_or(job.requested_at);
+    let took = match job.finished_at {
+        Some(end) if end >= start => {
             format!(
                 " in {}",
                 format_duration(Duration::from_millis(end - start))
@@ -1180,9 +1181,15 @@ fn render_outcome(job: &JobView) -> String {
         _ => String::new(),
     };
     match job.state.as_str() {
-        "Succeeded" => match &job.rp {
-            Some(rp) => format!("job {} succeeded{took}: recovery point {rp}", job.job),
-            None => format!("job {} succeeded{took}", job.job),
+        "Succeeded" => match (&job.rp, job.kind.as_str()) {
+            (Some(rp), "Recovery") => {
+                format!(
+                    "job {} succeeded{took}: restored recovery point {rp}",
+                    job.job
+                )
+            }
+            (Some(rp), _) => format!("job {} succeeded{took}: recovery point {rp}", job.job),
+            (None, _) => format!("job {} succeeded{took}", job.job),
         },
         state => format!(
             "job {} {}{took}: {}",
@@ -1627,6 +1634,10 @@ mod tests {
             "job 0190b000-0000-7000-8000-000000000009 succeeded in 1m12s: \
              recovery point 0190c000-0000-7000-8000-000000000001"
         );
+        current.kind = "Recovery".into();
+        assert!(render_outcome(&current).ends_with(
+            "succeeded in 1m12s: restored recovery point 0190c000-0000-7000-8000-000000000001"
+        ));
         current.state = "Cancelled".into();
         current.error = Some("cancelled by user:alice".into());
         assert!(render_outcome(&current).ends_with("cancelled in 1m12s: cancelled by user:alice"));

@@ -211,7 +211,7 @@ fn build_disk_in(path: &Path, scratch: &Path, size_mib: u32, format: &str) -> Re
     Ok(())
 }
 
-/// Copies real files (under 1 MiB) from /usr/share into `root` until `cap` bytes, plus the
+/// Copies real files (16 KiB to 1 MiB) from /usr/share into `root` until `cap` bytes, plus the
 /// /etc files a guest has.
 fn fill_root(root: &Path, cap: u64) -> Result<()> {
     std::fs::create_dir_all(root.join("etc"))?;
@@ -230,7 +230,8 @@ fn fill_root(root: &Path, cap: u64) -> Result<()> {
                 stack.push(source);
             } else if kind.is_file() {
                 let Ok(meta) = entry.metadata() else { continue };
-                if meta.len() > 1024 * 1024 {
+                // Mid-sized files fill the disk quickly (few files, real content).
+                if !(16 * 1024..=1024 * 1024).contains(&meta.len()) {
                     continue;
                 }
                 if used + meta.len() > cap {
