@@ -264,12 +264,20 @@ impl UpServer {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("cairn is up: API on http://") {
                         let addr = rest.split(',').next().expect("address").to_string();
-                        return UpServer { child, addr, data: data.into() };
+                        return UpServer {
+                            child,
+                            addr,
+                            data: data.into(),
+                        };
                     }
                 }
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("cairn up did not start; log:\n{}", std::fs::read_to_string(data.join("cairn.log")).unwrap_or_default());
+                    let _ = child.wait();
+                    panic!(
+                        "cairn up did not start; log:\n{}",
+                        std::fs::read_to_string(data.join("cairn.log")).unwrap_or_default()
+                    );
                 }
             }
         }
@@ -308,7 +316,11 @@ impl Drop for UpServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("---- cairn up log ({}) ----\n{}", self.data.display(), self.log());
+            eprintln!(
+                "---- cairn up log ({}) ----\n{}",
+                self.data.display(),
+                self.log()
+            );
         }
     }
 }
@@ -317,7 +329,9 @@ impl Drop for UpServer {
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
     let body = body.unwrap_or("");
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -328,16 +342,28 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, S
     stream.read_to_end(&mut response).expect("read response");
     let text = String::from_utf8_lossy(&response).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     (status, body)
 }
 
 fn dechunk(mut text: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = text.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -355,5 +381,9 @@ pub fn write_vm(vms_dir: &Path, name: &str, uuid: &str, disks: &[(&str, &Path)])
         .map(|(id, path)| serde_json::json!({"id": id, "path": path}))
         .collect();
     let doc = serde_json::json!({"name": name, "uuid": uuid, "disks": disks});
-    std::fs::write(vms_dir.join(format!("{name}.json")), serde_json::to_vec_pretty(&doc).expect("json")).expect("write descriptor");
+    std::fs::write(
+        vms_dir.join(format!("{name}.json")),
+        serde_json::to_vec_pretty(&doc).expect("json"),
+    )
+    .expect("write descriptor");
 }

@@ -23,7 +23,11 @@ struct DemoVm {
 }
 
 const VMS: [DemoVm; 2] = [
-    DemoVm { name: "web01", uuid: "7a1d2c34-5e6f-4a8b-9c0d-1e2f3a4b5c6d", disks: &[("disk0", 384, "qcow2")] },
+    DemoVm {
+        name: "web01",
+        uuid: "7a1d2c34-5e6f-4a8b-9c0d-1e2f3a4b5c6d",
+        disks: &[("disk0", 384, "qcow2")],
+    },
     DemoVm {
         name: "db01",
         uuid: "0b9c8d7e-6f5a-4b3c-8d2e-1f0a9b8c7d6e",
@@ -31,7 +35,13 @@ const VMS: [DemoVm; 2] = [
     },
 ];
 
-pub async fn run(handle: &Handle<SledLog>, agent: &Arc<Agent>, node: &NodeId, data: &Path, server: &str) -> Result<()> {
+pub async fn run(
+    handle: &Handle<SledLog>,
+    agent: &Arc<Agent>,
+    node: &NodeId,
+    data: &Path,
+    server: &str,
+) -> Result<()> {
     let images = data.join("images");
     let vms_dir = data.join("vms");
     for vm in &VMS {
@@ -39,11 +49,21 @@ pub async fn run(handle: &Handle<SledLog>, agent: &Arc<Agent>, node: &NodeId, da
         for (id, mib, format) in vm.disks {
             let path = images.join(format!("{}-{id}.{format}", vm.name));
             if !path.exists() {
-                println!("demo: building {} ({mib} MiB {format} disk of VM {})", path.display(), vm.name);
-                let (path2, images2, format2, mib2) = (path.clone(), images.clone(), format.to_string(), *mib);
-                tokio::task::spawn_blocking(move || build_disk(&path2, &images2, mib2, &format2)).await??;
+                println!(
+                    "demo: building {} ({mib} MiB {format} disk of VM {})",
+                    path.display(),
+                    vm.name
+                );
+                let (path2, images2, format2, mib2) =
+                    (path.clone(), images.clone(), format.to_string(), *mib);
+                tokio::task::spawn_blocking(move || build_disk(&path2, &images2, mib2, &format2))
+                    .await??;
             }
-            disks.push(DescriptorDisk { id: id.parse().expect("valid disk id"), path, format: None });
+            disks.push(DescriptorDisk {
+                id: id.parse().expect("valid disk id"),
+                path,
+                format: None,
+            });
         }
         let descriptor = Descriptor {
             name: vm.name.into(),
@@ -57,7 +77,14 @@ pub async fn run(handle: &Handle<SledLog>, agent: &Arc<Agent>, node: &NodeId, da
     let deadline = Instant::now() + Duration::from_secs(60);
     let ids = loop {
         let ids: Vec<_> = handle.read(|s| {
-            VMS.iter().filter_map(|d| s.vms.values().find(|v| v.name == d.name && v.present).map(|v| v.id)).collect()
+            VMS.iter()
+                .filter_map(|d| {
+                    s.vms
+                        .values()
+                        .find(|v| v.name == d.name && v.present)
+                        .map(|v| v.id)
+                })
+                .collect()
         });
         if ids.len() == VMS.len() {
             break ids;
@@ -74,10 +101,20 @@ pub async fn run(handle: &Handle<SledLog>, agent: &Arc<Agent>, node: &NodeId, da
         policy.sync = SyncFrequency::EveryMinutes(15);
         let group = cairn_orchestrator::control::Control::new_group_id(handle);
         handle
-            .submit_as("demo".into(), Command::CreateGroup { group, name: GROUP.into(), members: ids.clone(), policy })
+            .submit_as(
+                "demo".into(),
+                Command::CreateGroup {
+                    group,
+                    name: GROUP.into(),
+                    members: ids.clone(),
+                    policy,
+                },
+            )
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        println!("demo: protection group {GROUP:?} created: web01 and db01, a backup every 15 minutes, 7 days kept");
+        println!(
+            "demo: protection group {GROUP:?} created: web01 and db01, a backup every 15 minutes, 7 days kept"
+        );
     }
     // The scheduler starts the first backups right away; follow them.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -87,11 +124,17 @@ pub async fn run(handle: &Handle<SledLog>, agent: &Arc<Agent>, node: &NodeId, da
             let mut failed = Vec::new();
             let mut lines = Vec::new();
             for id in &ids {
-                let latest = s.jobs.values().filter(|j| j.vm == *id && j.is_backup()).max_by_key(|j| j.requested_at);
+                let latest = s
+                    .jobs
+                    .values()
+                    .filter(|j| j.vm == *id && j.is_backup())
+                    .max_by_key(|j| j.requested_at);
                 let name = &s.vms[id].name;
                 match latest {
                     Some(j) if j.state == cairn_schemas::JobState::Succeeded => done += 1,
-                    Some(j) if j.state.is_terminal() => failed.push(format!("{name}: {}", j.error.clone().unwrap_or_default())),
+                    Some(j) if j.state.is_terminal() => {
+                        failed.push(format!("{name}: {}", j.error.clone().unwrap_or_default()))
+                    }
                     Some(j) => lines.push(format!("{name}: {:?}", j.state)),
                     None => lines.push(format!("{name}: waiting for the scheduler")),
                 }
@@ -105,7 +148,10 @@ pub async fn run(handle: &Handle<SledLog>, agent: &Arc<Agent>, node: &NodeId, da
             break;
         }
         if Instant::now() > deadline {
-            bail!("demo backups still running after 10 minutes: {}", lines.join(", "));
+            bail!(
+                "demo backups still running after 10 minutes: {}",
+                lines.join(", ")
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -142,7 +188,11 @@ fn tool(program: &str, args: &[&str]) -> Result<()> {
         .output()
         .with_context(|| format!("running {program} (install it with ops/install-deps)"))?;
     if !out.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -156,7 +206,18 @@ fn build_disk_in(path: &Path, scratch: &Path, size_mib: u32, format: &str) -> Re
     let root = scratch.join("root");
     fill_root(&root, size_mib as u64 * 1024 * 1024 / 3)?;
     if format == "raw" {
-        tool("mkfs.ext4", &["-q", "-F", "-L", "data", "-d", root.to_str().context("utf-8")?, raw_s])?;
+        tool(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-L",
+                "data",
+                "-d",
+                root.to_str().context("utf-8")?,
+                raw_s,
+            ],
+        )?;
     } else {
         let esp_mib = 64u32;
         let swap_mib = size_mib / 16;
@@ -172,21 +233,36 @@ fn build_disk_in(path: &Path, scratch: &Path, size_mib: u32, format: &str) -> Re
             .stdout(std::process::Stdio::null())
             .spawn()
             .context("running sfdisk (install it with ops/install-deps)")?;
-        std::io::Write::write_all(sfdisk.stdin.as_mut().context("sfdisk stdin")?, layout.as_bytes())?;
+        std::io::Write::write_all(
+            sfdisk.stdin.as_mut().context("sfdisk stdin")?,
+            layout.as_bytes(),
+        )?;
         drop(sfdisk.stdin.take());
         if !sfdisk.wait()?.success() {
             bail!("sfdisk failed to partition {}", raw.display());
         }
         let esp = scratch.join("esp");
         std::fs::File::create(&esp)?.set_len(esp_mib as u64 * 1024 * 1024)?;
-        tool("mkfs.vfat", &["-F", "32", "-n", "ESP", esp.to_str().context("utf-8")?])?;
+        tool(
+            "mkfs.vfat",
+            &["-F", "32", "-n", "ESP", esp.to_str().context("utf-8")?],
+        )?;
         let efi = scratch.join("efi/EFI/cairn");
         std::fs::create_dir_all(&efi)?;
-        std::fs::write(efi.join("loader.conf"), "title cairn demo guest\nlinux /vmlinuz\n")?;
+        std::fs::write(
+            efi.join("loader.conf"),
+            "title cairn demo guest\nlinux /vmlinuz\n",
+        )?;
         std::fs::write(efi.join("shimx64.efi"), pseudo_random(262_144, 11))?;
         let out = Process::new("mcopy")
             .env("MTOOLS_SKIP_CHECK", "1")
-            .args(["-s", "-i", esp.to_str().context("utf-8")?, scratch.join("efi/EFI").to_str().context("utf-8")?, "::/"])
+            .args([
+                "-s",
+                "-i",
+                esp.to_str().context("utf-8")?,
+                scratch.join("efi/EFI").to_str().context("utf-8")?,
+                "::/",
+            ])
             .output()
             .context("running mcopy")?;
         if !out.status.success() {
@@ -194,7 +270,18 @@ fn build_disk_in(path: &Path, scratch: &Path, size_mib: u32, format: &str) -> Re
         }
         let rootfs = scratch.join("rootfs");
         std::fs::File::create(&rootfs)?.set_len(root_mib as u64 * 1024 * 1024)?;
-        tool("mkfs.ext4", &["-q", "-F", "-L", "root", "-d", root.to_str().context("utf-8")?, rootfs.to_str().context("utf-8")?])?;
+        tool(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-L",
+                "root",
+                "-d",
+                root.to_str().context("utf-8")?,
+                rootfs.to_str().context("utf-8")?,
+            ],
+        )?;
         let swap = scratch.join("swap");
         std::fs::write(&swap, pseudo_random(swap_mib as usize * 1024 * 1024, 7))?;
         tool("mkswap", &["-L", "swap", swap.to_str().context("utf-8")?])?;
@@ -206,7 +293,18 @@ fn build_disk_in(path: &Path, scratch: &Path, size_mib: u32, format: &str) -> Re
     }
     let tmp = path.with_extension("building");
     let fmt = if format == "raw" { "raw" } else { format };
-    tool("qemu-img", &["convert", "-f", "raw", "-O", fmt, raw_s, tmp.to_str().context("utf-8")?])?;
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            raw_s,
+            tmp.to_str().context("utf-8")?,
+        ],
+    )?;
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
@@ -215,16 +313,26 @@ fn build_disk_in(path: &Path, scratch: &Path, size_mib: u32, format: &str) -> Re
 /// /etc files a guest has.
 fn fill_root(root: &Path, cap: u64) -> Result<()> {
     std::fs::create_dir_all(root.join("etc"))?;
-    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n10.0.0.5 db01.example.internal db01\n")?;
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/bash\nadmin:x:1000:1000::/home/admin:/bin/bash\n")?;
+    std::fs::write(
+        root.join("etc/hosts"),
+        "127.0.0.1 localhost\n10.0.0.5 db01.example.internal db01\n",
+    )?;
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/bash\nadmin:x:1000:1000::/home/admin:/bin/bash\n",
+    )?;
     let mut used = 0u64;
     let mut stack = vec![PathBuf::from("/usr/share")];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         let mut entries: Vec<_> = entries.filter_map(|e| e.ok()).collect();
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             let source = entry.path();
             if kind.is_dir() {
                 stack.push(source);

@@ -2,11 +2,11 @@
 //! into the worker (data plane) and orchestrator (control plane) libraries.
 
 mod client_cmd;
-mod progress;
 mod demo;
+mod progress;
 mod repo_cmd;
-mod up;
 mod units;
+mod up;
 
 use clap::{Parser, Subcommand};
 

@@ -15,7 +15,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cairn_orchestrator::control::Control;
 use cairn_orchestrator::engine::jobs::EngineConfig;
-use cairn_orchestrator::engine::service::{Clock, Engine, EngineOptions, Handle, StepSink, SystemClock};
+use cairn_orchestrator::engine::service::{
+    Clock, Engine, EngineOptions, Handle, StepSink, SystemClock,
+};
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
 use cairn_schemas::{Command, JobId, NodeId, Report, StepSpec};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
@@ -66,25 +68,33 @@ impl StepSink for LocalBus {
 }
 
 pub fn run(args: UpArgs) -> Result<i32> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(serve(args))
 }
 
 async fn serve(args: UpArgs) -> Result<i32> {
     let data = args.data_dir.clone();
     for sub in ["events", "repo", "vms", "images"] {
-        std::fs::create_dir_all(data.join(sub)).with_context(|| format!("creating {}", data.join(sub).display()))?;
+        std::fs::create_dir_all(data.join(sub))
+            .with_context(|| format!("creating {}", data.join(sub).display()))?;
     }
-    let data = data.canonicalize().with_context(|| format!("{}", data.display()))?;
+    let data = data
+        .canonicalize()
+        .with_context(|| format!("{}", data.display()))?;
     let repo_dir = data.join("repo");
     if !repo_dir.join("cairn-repo.json").exists() {
         Repository::init(&repo_dir, 64 * 1024, args.key_file.as_deref())?;
         tracing::info!(repo = %repo_dir.display(), "created the repository");
     }
     Repository::open(&repo_dir, args.key_file.as_deref())?;
-    let node = NodeId::new(args.node.clone()).map_err(|e| anyhow::anyhow!("--node {:?}: {e}", args.node))?;
+    let node = NodeId::new(args.node.clone())
+        .map_err(|e| anyhow::anyhow!("--node {:?}: {e}", args.node))?;
 
-    let log = SledLog::open(SledLogConfig::new(data.join("events"))).context("opening the event log")?;
+    let log =
+        SledLog::open(SledLogConfig::new(data.join("events"))).context("opening the event log")?;
     let epoch = SystemClock.now_ms();
     let options = EngineOptions {
         config: EngineConfig {
@@ -102,7 +112,10 @@ async fn serve(args: UpArgs) -> Result<i32> {
     };
     let (steps_tx, mut steps_rx) = mpsc::unbounded_channel();
     let running: Arc<Mutex<HashMap<JobId, Vec<Arc<AtomicBool>>>>> = Arc::default();
-    let bus = Arc::new(LocalBus { steps: steps_tx, running: running.clone() });
+    let bus = Arc::new(LocalBus {
+        steps: steps_tx,
+        running: running.clone(),
+    });
     let (engine, handle) = Engine::start(log, options, Arc::new(SystemClock), bus).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {
@@ -112,8 +125,13 @@ async fn serve(args: UpArgs) -> Result<i32> {
 
     let faults = FaultDelays::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
     let agent = Arc::new(
-        Agent::new(AgentConfig { node: node.clone(), vms_dir: data.join("vms"), key_file: args.key_file.clone(), threads: 0 })?
-            .with_fault_delays(faults),
+        Agent::new(AgentConfig {
+            node: node.clone(),
+            vms_dir: data.join("vms"),
+            key_file: args.key_file.clone(),
+            threads: 0,
+        })?
+        .with_fault_delays(faults),
     );
 
     // Worker: run each dispatched step on a blocking thread; forward its reports.
@@ -124,7 +142,12 @@ async fn serve(args: UpArgs) -> Result<i32> {
             let handle = worker_handle.clone();
             let agent = worker_agent.clone();
             let cancel = Arc::new(AtomicBool::new(false));
-            running.lock().expect("cancel map").entry(spec.job).or_default().push(cancel.clone());
+            running
+                .lock()
+                .expect("cancel map")
+                .entry(spec.job)
+                .or_default()
+                .push(cancel.clone());
             let running = running.clone();
             tokio::spawn(async move {
                 let (body_tx, mut body_rx) = mpsc::unbounded_channel();
@@ -133,7 +156,13 @@ async fn serve(args: UpArgs) -> Result<i32> {
                 let step_cancel = cancel.clone();
                 let work = tokio::task::spawn_blocking(move || {
                     let progress_tx = body_tx.clone();
-                    let last = agent.execute(&spec, &mut |body| { let _ = progress_tx.send(body); }, &step_cancel);
+                    let last = agent.execute(
+                        &spec,
+                        &mut |body| {
+                            let _ = progress_tx.send(body);
+                        },
+                        &step_cancel,
+                    );
                     let _ = body_tx.send(last);
                 });
                 while let Some(body) = body_rx.recv().await {
@@ -181,11 +210,20 @@ async fn serve(args: UpArgs) -> Result<i32> {
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
     let api_addr = listener.local_addr()?;
     let control: Arc<dyn Control> = Arc::new(handle.clone());
-    let api_task = tokio::spawn(cairn_orchestrator::api::serve(listener, control, wait_shutdown(shutdown_rx.clone())));
-    println!("cairn is up: API on http://{api_addr}, data in {}", data.display());
+    let api_task = tokio::spawn(cairn_orchestrator::api::serve(
+        listener,
+        control,
+        wait_shutdown(shutdown_rx.clone()),
+    ));
+    println!(
+        "cairn is up: API on http://{api_addr}, data in {}",
+        data.display()
+    );
     println!("  try: cairn vm list --server http://{api_addr}");
 
     if args.demo {
@@ -194,7 +232,9 @@ async fn serve(args: UpArgs) -> Result<i32> {
         let demo_node = node.clone();
         let server = format!("http://{api_addr}");
         tokio::spawn(async move {
-            if let Err(e) = crate::demo::run(&demo_handle, &demo_agent, &demo_node, &data, &server).await {
+            if let Err(e) =
+                crate::demo::run(&demo_handle, &demo_agent, &demo_node, &data, &server).await
+            {
                 eprintln!("demo failed: {e:#}");
             }
         });
@@ -213,18 +253,24 @@ async fn serve(args: UpArgs) -> Result<i32> {
 /// Scans this node's descriptors and reports the inventory; descriptor problems are logged.
 pub async fn report_inventory(handle: &Handle<SledLog>, agent: &Arc<Agent>, node: &NodeId) {
     let scan_agent = agent.clone();
-    let Ok(inventory) = tokio::task::spawn_blocking(move || scan_agent.inventory()).await else { return };
+    let Ok(inventory) = tokio::task::spawn_blocking(move || scan_agent.inventory()).await else {
+        return;
+    };
     for problem in &inventory.problems {
         tracing::warn!(file = %problem.file.display(), "{}", problem.message);
     }
-    let command = Command::ReportInventory { node: node.clone(), vms: inventory.vms };
+    let command = Command::ReportInventory {
+        node: node.clone(),
+        vms: inventory.vms,
+    };
     if let Err(e) = handle.submit_as("worker".into(), command).await {
         tracing::warn!(error = %e, "inventory report refused");
     }
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -468,9 +468,7 @@ fn build_spec(
             consistency: job
                 .group
                 .and_then(|g| state.groups.get(&g))
-                .map_or(ConsistencyWanted::CrashOnly, |g| {
-                    g.policy.consistency
-                }),
+                .map_or(ConsistencyWanted::CrashOnly, |g| g.policy.consistency),
         },
         StepKind::Transfer { disk } => StepWork::Transfer {
             source: disk_source(disk)?,
