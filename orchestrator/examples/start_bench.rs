@@ -66,10 +66,7 @@ fn parse_args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
+        let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value"));
         match arg.as_str() {
             "--events" => {
                 let text = value("--events").replace(['_', ','], "");
@@ -182,13 +179,7 @@ impl JobMaker {
 
     /// Applies events to the private projections (the way the engine's commit does) and
     /// records them for the append.
-    fn record(
-        &mut self,
-        job: JobId,
-        payloads: Vec<Event>,
-        actor: &str,
-        out: &mut Vec<NewEvent>,
-    ) {
+    fn record(&mut self, job: JobId, payloads: Vec<Event>, actor: &str, out: &mut Vec<NewEvent>) {
         let aggregate = Aggregate::Job(job);
         for payload in payloads {
             let event_id = EventId::new_v7(self.now, self.next_id(0xe1));
@@ -238,7 +229,12 @@ impl JobMaker {
             if events.is_empty() {
                 return;
             }
-            self.record(job, events.into_iter().map(Event::from).collect(), ENGINE_ACTOR, out);
+            self.record(
+                job,
+                events.into_iter().map(Event::from).collect(),
+                ENGINE_ACTOR,
+                out,
+            );
         }
         panic!("job {job} did not settle");
     }
@@ -319,7 +315,10 @@ impl JobMaker {
         self.now = T0 + 3_600_000 + round * SYNC_EVERY_MS + vm_index as u64 * 800;
         let vm = self.vms[vm_index];
         let job = JobId::new_v7(self.now, rand10(0x70, job_index));
-        let before = (self.state.vms[&vm].clone(), self.state.rps.get(&vm).cloned());
+        let before = (
+            self.state.vms[&vm].clone(),
+            self.state.rps.get(&vm).cloned(),
+        );
         let mut out = Vec::with_capacity(20);
 
         let emit = request_backup(
@@ -331,7 +330,12 @@ impl JobMaker {
             self.now,
         )
         .expect("the backup is accepted");
-        self.record(job, emit.events, &format!("{ENGINE_ACTOR}/scheduler"), &mut out);
+        self.record(
+            job,
+            emit.events,
+            &format!("{ENGINE_ACTOR}/scheduler"),
+            &mut out,
+        );
         self.settle(job, &mut out);
         while !self.state.jobs[&job].state.is_terminal() {
             let dispatched: Vec<(usize, StepKind)> = self.state.jobs[&job]
@@ -670,7 +674,8 @@ fn raw_one_writer(dir: &Path, events: &EventBytes, appended: &Appended) -> Durat
     let (n_appends, n_flushes) = (appends.len() as u64, appended.n_flushes.max(1));
     let started = Instant::now();
     for (i, &(first_seq, count)) in appends.iter().enumerate() {
-        tree.apply_batch(raw_batch(events, first_seq, count)).unwrap();
+        tree.apply_batch(raw_batch(events, first_seq, count))
+            .unwrap();
         let i = i as u64;
         if (i + 1) * n_flushes / n_appends > i * n_flushes / n_appends {
             db.flush().unwrap();
@@ -690,7 +695,8 @@ fn raw_concurrent(dir: &Path, events: &EventBytes, appended: &Appended) -> Durat
             let (db, tree) = (db.clone(), tree.clone());
             scope.spawn(move || {
                 for &(first_seq, count) in batches {
-                    tree.apply_batch(raw_batch(events, first_seq, count)).unwrap();
+                    tree.apply_batch(raw_batch(events, first_seq, count))
+                        .unwrap();
                     db.flush().unwrap();
                 }
             });
@@ -894,7 +900,9 @@ async fn main() {
         "",
     );
     table.row(
-        format!("setup appends (node, {N_VMS} VMs, {N_GROUPS} groups; up to {APPENDERS} concurrent)"),
+        format!(
+            "setup appends (node, {N_VMS} VMs, {N_GROUPS} groups; up to {APPENDERS} concurrent)"
+        ),
         format!(
             "{} events in {} appends, {}",
             setup_events,
@@ -905,7 +913,9 @@ async fn main() {
         "",
     );
     table.row(
-        format!("durable append, jobs of {per_job} events, one append per job, {APPENDERS} appenders"),
+        format!(
+            "durable append, jobs of {per_job} events, one append per job, {APPENDERS} appenders"
+        ),
         format!(
             "{} ({} appends/s; {} appends in {} flushes)",
             rate(appended.n_events, appended.elapsed),
@@ -947,13 +957,12 @@ async fn main() {
     assert_eq!(n, args.events);
     let (_, warm, _) = replay(&log, false).await;
     drop(log);
-    progress(format!("read+decode: cold {}, warm {}", secs(cold), secs(warm)));
-    table.row(
-        "SledLog::open of the log",
-        secs(open_1),
-        "",
-        "",
-    );
+    progress(format!(
+        "read+decode: cold {}, warm {}",
+        secs(cold),
+        secs(warm)
+    ));
+    table.row("SledLog::open of the log", secs(open_1), "", "");
     table.row(
         "replay read+decode, sled cache cold (just opened)",
         rate(n, cold),
@@ -1091,7 +1100,11 @@ async fn main() {
             thousands(tail.n_appends),
             thousands(tail.n_flushes)
         ),
-        format!("{} events, {}", thousands(tail.n_events), rate(tail.n_events, tail.elapsed)),
+        format!(
+            "{} events, {}",
+            thousands(tail.n_events),
+            rate(tail.n_events, tail.elapsed)
+        ),
         "",
         "",
     );
@@ -1104,12 +1117,7 @@ async fn main() {
         "≤ 2 s",
         pass(start_snap <= Duration::from_secs(2)),
     );
-    table.row(
-        "snapshot + tail state == full replay state",
-        "yes",
-        "",
-        "",
-    );
+    table.row("snapshot + tail state == full replay state", "yes", "", "");
 
     println!();
     table.print();

@@ -218,48 +218,137 @@ pub fn event(stored: &StoredEvent) -> EventView {
 }
 
 fn summary(event: &Event) -> String {
+    use cairn_schemas::{GroupEvent, NodeEvent, VmEvent};
+    let step_name = |step: &cairn_schemas::StepId| format!("step {step}");
     match event {
-        Event::Job(JobEvent::StepDispatched {
-            spec,
-            attempt,
-            node,
-            ..
-        }) => {
-            format!(
-                "{} attempt {attempt} to node {node}",
-                step_label(&spec.kind())
-            )
-        }
-        Event::Job(JobEvent::StepFailed { message, class, .. }) => format!("{class:?}: {message}"),
-        Event::Job(JobEvent::JobFailed { reason }) => reason.clone(),
-        Event::Job(JobEvent::RecoveryPointCommitted { rp, disks, .. }) => {
-            format!(
+        Event::Job(job) => match job {
+            JobEvent::JobRequested {
+                kind, vm, reason, ..
+            } => {
+                format!(
+                    "{} of VM {vm} ({reason:?})",
+                    format!("{kind:?}")
+                        .split([' ', '{'])
+                        .next()
+                        .unwrap_or_default()
+                )
+            }
+            JobEvent::JobQueued { wait } => match wait {
+                Some(w) => format!("queued: {w:?}"),
+                None => "queued".into(),
+            },
+            JobEvent::JobStarted { node, plan } => {
+                format!("started on node {node}, {} steps", plan.len())
+            }
+            JobEvent::StepDispatched {
+                spec,
+                attempt,
+                node,
+                ..
+            } => {
+                format!(
+                    "{} attempt {attempt} to node {node}",
+                    step_label(&spec.kind())
+                )
+            }
+            JobEvent::StepStarted { step, attempt } => {
+                format!("{} attempt {attempt} started", step_name(step))
+            }
+            JobEvent::StepProgressed {
+                step,
+                bytes_done,
+                bytes_total,
+                ..
+            } => {
+                format!("{}: {bytes_done} of {bytes_total} bytes", step_name(step))
+            }
+            JobEvent::StepSucceeded {
+                step,
+                attempt,
+                result,
+            } => {
+                let detail = match result {
+                    cairn_schemas::StepResult::Transfer {
+                        disk,
+                        bytes_read,
+                        bytes_stored,
+                        ..
+                    } => {
+                        format!(": disk {disk}, {bytes_read} bytes read, {bytes_stored} stored")
+                    }
+                    cairn_schemas::StepResult::Restore {
+                        disk,
+                        bytes_written,
+                    } => {
+                        format!(": disk {disk}, {bytes_written} bytes written")
+                    }
+                    _ => String::new(),
+                };
+                format!("{} attempt {attempt} succeeded{detail}", step_name(step))
+            }
+            JobEvent::StepFailed {
+                message,
+                class,
+                attempt,
+                ..
+            } => format!("attempt {attempt} failed ({class:?}): {message}"),
+            JobEvent::StepTimedOut { step, attempt } => {
+                format!("{} attempt {attempt} timed out", step_name(step))
+            }
+            JobEvent::StepRetryScheduled { step, at, .. } => {
+                format!("{} retry at {at}", step_name(step))
+            }
+            JobEvent::JobCancelRequested { reason } => format!("cancel requested: {reason}"),
+            JobEvent::JobSucceeded => "succeeded".into(),
+            JobEvent::JobFailed { reason } => reason.clone(),
+            JobEvent::JobCancelled => "cancelled".into(),
+            JobEvent::RecoveryPointCommitted { rp, disks, .. } => format!(
                 "recovery point {rp} ({} disks, {} bytes stored)",
                 disks.len(),
                 disks.iter().map(|d| d.bytes_stored).sum::<u64>()
-            )
-        }
-        Event::Job(JobEvent::JobRequested {
-            kind, vm, reason, ..
-        }) => {
-            format!(
-                "{} of VM {vm} ({reason:?})",
-                format!("{kind:?}")
-                    .split([' ', '{'])
-                    .next()
-                    .unwrap_or_default()
-            )
-        }
-        Event::Vm(e) => {
-            let text = format!("{e:?}");
-            text.chars().take(160).collect()
-        }
-        Event::Group(cairn_schemas::GroupEvent::GroupCreated { name, members, .. }) => {
-            format!("group {name:?} with {} VMs", members.len())
-        }
-        other => {
-            let text = format!("{other:?}");
-            text.chars().take(160).collect()
-        }
+            ),
+        },
+        Event::Vm(vm) => match vm {
+            VmEvent::VmDiscovered { node, name, disks } => {
+                format!("{name} on node {node}, {} disks", disks.len())
+            }
+            VmEvent::VmMoved { from, to } => format!("moved from node {from} to {to}"),
+            VmEvent::VmRemoved => "no longer reported by its node".into(),
+            VmEvent::DiskResized {
+                disk,
+                old_size_bytes,
+                new_size_bytes,
+            } => {
+                format!("disk {disk} resized from {old_size_bytes} to {new_size_bytes} bytes")
+            }
+            VmEvent::ChangeTrackingLost { disk, reason } => {
+                format!("change tracking of disk {disk} lost: {reason}")
+            }
+            VmEvent::DataSourceStateChanged {
+                disk,
+                state,
+                reason,
+            } => format!("disk {disk} is {state:?}: {reason}"),
+        },
+        Event::Group(group) => match group {
+            GroupEvent::GroupCreated { name, members, .. } => {
+                format!("group {name:?} with {} VMs", members.len())
+            }
+            GroupEvent::GroupMembersChanged { added, removed } => {
+                format!("{} VMs added, {} removed", added.len(), removed.len())
+            }
+            GroupEvent::GroupPolicyChanged { .. } => "policy changed".into(),
+            GroupEvent::GroupDeleted { .. } => "deleted".into(),
+        },
+        Event::Node(node) => match node {
+            NodeEvent::NodeRegistered {
+                cluster,
+                worker_version,
+            } => format!("registered in cluster {cluster}, worker {worker_version}"),
+            NodeEvent::NodeHeartbeatLost { last_seen } => {
+                format!("heartbeat lost (last seen {last_seen})")
+            }
+            NodeEvent::NodeInventoryReported { vms } => format!("{} VMs reported", vms.len()),
+        },
     }
 }
