@@ -198,7 +198,7 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
     if let JobEvent::JobStarted { node, plan } = &started {
         after.state = JobState::Running;
         after.node = Some(node.clone());
-        after.steps = plan.iter().map(planned_to_step).collect();
+        after.steps = plan.iter().map(super::state::step_from_plan).collect();
     }
     let mut events = vec![started];
     events.extend(advance(
@@ -213,27 +213,6 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
         now,
     ));
     events
-}
-
-fn planned_to_step(p: &PlannedStep) -> Step {
-    Step {
-        id: p.step,
-        kind: p.kind.clone(),
-        after: p.after.clone(),
-        always: p.always,
-        status: StepStatus::Pending,
-        attempt: 0,
-        node: None,
-        spec: None,
-        dispatched_at: None,
-        started_at: None,
-        finished_at: None,
-        progress_at: None,
-        bytes_done: 0,
-        bytes_total: 0,
-        error: None,
-        result: None,
-    }
 }
 
 fn advance(

@@ -506,7 +506,8 @@ impl State {
     }
 }
 
-fn step_from_plan(plan: &PlannedStep) -> Step {
+/// A fresh step for a planned one.
+pub(crate) fn step_from_plan(plan: &PlannedStep) -> Step {
     Step {
         id: plan.step,
         kind: plan.kind.clone(),
