@@ -57,29 +57,53 @@ const ENGINE_ACTOR: &str = "orchestrator";
 struct Args {
     events: u64,
     dir: PathBuf,
+    repeat: usize,
+    keep: bool,
+    reuse: Option<PathBuf>,
 }
+
+const USAGE: &str =
+    "usage: start_bench [--events N] [--dir DIR] [--repeat R] [--keep] [--reuse DIR]
+
+  --events N    events in the log (default 1,000,000)
+  --dir DIR     make the temporary directory under DIR (default: the system temp dir)
+  --repeat R    runs of each replay and start measurement; the table shows the median
+                (default 3)
+  --keep        keep the directory (for --reuse)
+  --reuse DIR   measure replay and start on the log of a --keep run (DIR/events) without
+                building it: no append rates, and the snapshot is made at the tip minus
+                10,000 events instead of before an append";
 
 fn parse_args() -> Args {
     let mut args = Args {
         events: 1_000_000,
         dir: std::env::temp_dir(),
+        repeat: 3,
+        keep: false,
+        reuse: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value"));
+        let mut value = |name: &str| {
+            it.next()
+                .unwrap_or_else(|| panic!("{name} needs a value\n{USAGE}"))
+        };
+        let mut number = |name: &str| {
+            let text = value(name).replace(['_', ','], "");
+            text.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name} {text:?} is not a number\n{USAGE}"))
+        };
         match arg.as_str() {
-            "--events" => {
-                let text = value("--events").replace(['_', ','], "");
-                args.events = text
-                    .parse()
-                    .unwrap_or_else(|_| panic!("--events {text:?} is not a number"));
-            }
+            "--events" => args.events = number("--events"),
+            "--repeat" => args.repeat = number("--repeat").max(1) as usize,
             "--dir" => args.dir = PathBuf::from(value("--dir")),
+            "--reuse" => args.reuse = Some(PathBuf::from(value("--reuse"))),
+            "--keep" => args.keep = true,
             "-h" | "--help" => {
-                println!("usage: start_bench [--events N] [--dir DIR]");
+                println!("{USAGE}");
                 std::process::exit(0);
             }
-            other => panic!("unknown argument {other:?} (try --help)"),
+            other => panic!("unknown argument {other:?}\n{USAGE}"),
         }
     }
     args
@@ -817,27 +841,69 @@ fn progress(text: impl AsRef<str>) {
 
 // ------------------------------------------------------------------------------------------
 
-#[tokio::main]
-async fn main() {
-    let args = parse_args();
-    let setup_events = 1 + N_VMS as u64 + N_GROUPS as u64;
-    assert!(
-        args.events > setup_events + 100,
-        "--events must be above {}",
-        setup_events + 100
-    );
-    let dir = tempfile::tempdir_in(&args.dir).unwrap();
-    let log_path = dir.path().join("events");
-    let snapshot_path = dir.path().join("snapshot.bin");
-    progress(format!(
-        "directory {}, {} events",
-        dir.path().display(),
-        thousands(args.events)
-    ));
-    let mut table = Table { rows: Vec::new() };
+// Runs of a measurement.
 
-    // 1. Build the log: the installation, then jobs.
-    let (log, _) = open_log(&log_path);
+/// Median, fastest and slowest of some runs.
+fn spread(runs: &[Duration]) -> (Duration, Duration, Duration) {
+    let mut sorted = runs.to_vec();
+    sorted.sort();
+    (
+        sorted[sorted.len() / 2],
+        sorted[0],
+        sorted[sorted.len() - 1],
+    )
+}
+
+/// The median rate, with the range when there are several runs.
+fn rate_runs(n: u64, runs: &[Duration]) -> String {
+    let (median, fastest, slowest) = spread(runs);
+    let per_s = |d: Duration| thousands((n as f64 / d.as_secs_f64()).round() as u64);
+    if runs.len() == 1 {
+        rate(n, median)
+    } else {
+        format!(
+            "{} (runs {}-{})",
+            rate(n, median),
+            per_s(slowest),
+            per_s(fastest)
+        )
+    }
+}
+
+/// The median time, with the range when there are several runs.
+fn secs_runs(runs: &[Duration]) -> String {
+    let (median, fastest, slowest) = spread(runs);
+    if runs.len() == 1 {
+        secs(median)
+    } else {
+        format!(
+            "{} (runs {:.3}-{:.3})",
+            secs(median),
+            fastest.as_secs_f64(),
+            slowest.as_secs_f64()
+        )
+    }
+}
+
+fn median_rate(n: u64, runs: &[Duration]) -> f64 {
+    n as f64 / spread(runs).0.as_secs_f64()
+}
+
+// ------------------------------------------------------------------------------------------
+// Phases.
+
+/// What building the log leaves for the tail.
+struct Built {
+    makers: Vec<JobMaker>,
+    n_jobs: u64,
+    per_job: u64,
+}
+
+/// Builds the log (the installation, then jobs) and measures the append rates and the raw
+/// sled baseline.
+async fn build(n_events: u64, root: &Path, log_path: &Path, table: &mut Table) -> Built {
+    let setup_events = 1 + N_VMS as u64 + N_GROUPS as u64;
+    let (log, _) = open_log(log_path);
     let started = Instant::now();
     let (base, setup_runs) = install(&log).await;
     let setup_time = started.elapsed();
@@ -846,7 +912,7 @@ async fn main() {
 
     let mut makers: Vec<JobMaker> = (0..APPENDERS).map(|i| JobMaker::new(&base, i)).collect();
     let per_job = makers[0].clone().backup(0, 0, usize::MAX).events.len() as u64;
-    let job_events = args.events - setup_events;
+    let job_events = n_events - setup_events;
     let n_jobs = job_events.div_ceil(per_job);
     progress(format!(
         "setup: {setup_events} events in {setup_appends} appends, {}; making {} jobs of {per_job} events",
@@ -855,10 +921,12 @@ async fn main() {
     ));
     let started = Instant::now();
     let works = make_jobs(&mut makers, 0, job_events, per_job);
-    let make_time = started.elapsed();
-    progress(format!("jobs made in {}; appending", secs(make_time)));
+    progress(format!(
+        "jobs made in {}; appending",
+        secs(started.elapsed())
+    ));
     let appended = append_all(&log, works.into_iter().map(|w| w.requests).collect()).await;
-    assert_eq!(log.last_seq().await.unwrap(), args.events);
+    assert_eq!(log.last_seq().await.unwrap(), n_events);
     progress(format!(
         "appended {} events in {} appends, {} flushes, {}",
         thousands(appended.n_events),
@@ -869,15 +937,15 @@ async fn main() {
     drop(log);
 
     // The raw sled baseline, on the bytes the log stored.
-    let (log, _) = open_log(&log_path);
+    let (log, _) = open_log(log_path);
     let events = stored_bytes(&log).await;
     drop(log);
     let n_bytes = events.bytes.len() as u64;
-    let raw_dir = dir.path().join("raw-1");
+    let raw_dir = root.join("raw-1");
     let raw_one = raw_one_writer(&raw_dir, &events, &appended);
     let _ = std::fs::remove_dir_all(&raw_dir);
     progress(format!("raw sled, one writer: {}", secs(raw_one)));
-    let raw_dir = dir.path().join("raw-n");
+    let raw_dir = root.join("raw-n");
     let raw_many = raw_concurrent(&raw_dir, &events, &appended);
     let _ = std::fs::remove_dir_all(&raw_dir);
     progress(format!("raw sled, {APPENDERS} writers: {}", secs(raw_many)));
@@ -887,37 +955,31 @@ async fn main() {
     let raw_one_rate = appended.n_events as f64 / raw_one.as_secs_f64();
     let raw_many_rate = appended.n_events as f64 / raw_many.as_secs_f64();
     table.row(
-        "log size",
+        "log",
         format!(
-            "{} events ({} jobs); {} of event bytes (avg {} B/event); {} on disk",
-            thousands(args.events),
+            "{} events ({} backup jobs of {per_job} events); {} of event bytes (avg {} B/event); {} on disk",
+            thousands(n_events),
             thousands(n_jobs),
             mib(n_bytes),
-            n_bytes / args.events,
-            mib(dir_size(&log_path))
+            n_bytes / n_events,
+            mib(dir_size(log_path))
         ),
         "",
         "",
     );
     table.row(
+        format!("setup appends: node, {N_VMS} VMs, {N_GROUPS} groups (one append each, up to {APPENDERS} at a time)"),
         format!(
-            "setup appends (node, {N_VMS} VMs, {N_GROUPS} groups; up to {APPENDERS} concurrent)"
-        ),
-        format!(
-            "{} events in {} appends, {}",
-            setup_events,
-            setup_appends,
+            "{setup_events} events in {setup_appends} appends, {}",
             secs(setup_time)
         ),
         "",
         "",
     );
     table.row(
+        format!("durable append: one append per job, {APPENDERS} concurrent appenders"),
         format!(
-            "durable append, jobs of {per_job} events, one append per job, {APPENDERS} appenders"
-        ),
-        format!(
-            "{} ({} appends/s; {} appends in {} flushes)",
+            "{} = {} appends/s ({} appends in {} flushes)",
             rate(appended.n_events, appended.elapsed),
             thousands(appended.appends_per_s().round() as u64),
             thousands(appended.n_appends),
@@ -927,19 +989,19 @@ async fn main() {
         "",
     );
     table.row(
-        "raw sled baseline: same bytes, same appends (1 batch each), same number of flushes, 1 writer",
+        "raw sled baseline: same bytes, one `apply_batch` per append, same number of flushes, 1 writer",
         rate(appended.n_events, raw_one),
         "",
         "",
     );
     table.row(
-        format!("raw sled: same bytes and appends, {APPENDERS} writers, flush after each append"),
+        format!("raw sled: same bytes and appends, {APPENDERS} writers, `flush` after each append"),
         rate(appended.n_events, raw_many),
         "",
         "",
     );
     table.row(
-        "durable append ÷ raw sled (1 writer, same flushes)",
+        "durable append ÷ raw sled baseline (1 writer, same flushes)",
         format!("{:.2}", durable / raw_one_rate),
         "",
         "",
@@ -950,175 +1012,307 @@ async fn main() {
         "",
         "",
     );
+    Built {
+        makers,
+        n_jobs,
+        per_job,
+    }
+}
 
-    // 2. Replay: read_from in batches of 16,384, decode; and apply to a fresh State.
-    let (log, open_1) = open_log(&log_path);
-    let (n, cold, _) = replay(&log, false).await;
-    assert_eq!(n, args.events);
-    let (_, warm, _) = replay(&log, false).await;
-    drop(log);
-    progress(format!(
-        "read+decode: cold {}, warm {}",
-        secs(cold),
-        secs(warm)
-    ));
-    table.row("SledLog::open of the log", secs(open_1), "", "");
+/// Replay rates: read+decode and read+decode+apply, each just after an open (sled's cache
+/// cold) and again (warm). Returns the number of jobs in the projections.
+async fn measure_replay(log_path: &Path, n_events: u64, repeat: usize, table: &mut Table) -> usize {
+    let (mut opens, mut cold, mut warm, mut apply_cold, mut apply_warm) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut n_jobs = 0;
+    for _ in 0..repeat {
+        let (log, open) = open_log(log_path);
+        opens.push(open);
+        let (n, elapsed, _) = replay(&log, false).await;
+        assert_eq!(n, n_events);
+        cold.push(elapsed);
+        warm.push(replay(&log, false).await.1);
+        drop(log);
+        let (log, _) = open_log(log_path);
+        let (_, elapsed, state) = replay(&log, true).await;
+        apply_cold.push(elapsed);
+        drop(state);
+        let (_, elapsed, state) = replay(&log, true).await;
+        apply_warm.push(elapsed);
+        assert_eq!(state.last_seq, n_events);
+        n_jobs = state.jobs.len();
+        drop(state);
+        drop(log);
+        progress(format!(
+            "replay: read+decode cold {} warm {}; +apply cold {} warm {}",
+            secs(cold[cold.len() - 1]),
+            secs(warm[warm.len() - 1]),
+            secs(apply_cold[apply_cold.len() - 1]),
+            secs(apply_warm[apply_warm.len() - 1])
+        ));
+    }
+    table.row("`SledLog::open` of the log", secs_runs(&opens), "", "");
     table.row(
-        "replay read+decode, sled cache cold (just opened)",
-        rate(n, cold),
+        "replay read+decode (`read_from` 16,384 at a time), sled cache cold",
+        rate_runs(n_events, &cold),
         "",
         "",
     );
-    table.row("replay read+decode, sled cache warm", rate(n, warm), "", "");
-    let (log, _) = open_log(&log_path);
-    let (_, apply_cold, state_cold) = replay(&log, true).await;
-    let n_jobs_in_state = state_cold.jobs.len();
-    drop(state_cold);
-    let (_, apply_warm, full_state) = replay(&log, true).await;
-    drop(log);
-    progress(format!(
-        "read+decode+apply: cold {}, warm {}",
-        secs(apply_cold),
-        secs(apply_warm)
-    ));
-    let apply_cold_rate = n as f64 / apply_cold.as_secs_f64();
     table.row(
-        "replay read+decode+apply, sled cache cold (just opened)",
-        rate(n, apply_cold),
-        "≥ 500,000 events/s",
-        pass(apply_cold_rate >= 500_000.0),
+        "replay read+decode, sled cache warm",
+        rate_runs(n_events, &warm),
+        "",
+        "",
     );
-    table.row(
-        "replay read+decode+apply, sled cache warm",
-        rate(n, apply_warm),
-        "≥ 500,000 events/s",
-        pass(n as f64 / apply_warm.as_secs_f64() >= 500_000.0),
-    );
-    assert_eq!(full_state.last_seq, args.events);
-    drop(full_state);
+    for (what, runs) in [("cold", &apply_cold), ("warm", &apply_warm)] {
+        table.row(
+            format!("replay read+decode+`State::apply`, sled cache {what}"),
+            rate_runs(n_events, runs),
+            "≥ 500,000 events/s",
+            pass(median_rate(n_events, runs) >= 500_000.0),
+        );
+    }
+    n_jobs
+}
 
-    // 3. Start: `SledLog::open` + `Engine::start`, first with no snapshot file (full replay).
+type Started = (
+    Engine<SledLog>,
+    cairn_orchestrator::engine::service::Handle<SledLog>,
+);
+
+/// `SledLog::open` + `Engine::start`, as `cairn up` does; returns (total, open) times.
+async fn start_engine(log_path: &Path, snapshot_path: &Path) -> (Duration, Duration, Started) {
     let started = Instant::now();
-    let (log, open_full) = open_log(&log_path);
-    let (engine, handle) = Engine::start(
+    let (log, open) = open_log(log_path);
+    let engine = Engine::start(
         log,
-        engine_options(&snapshot_path),
+        engine_options(snapshot_path),
         Arc::new(SystemClock),
         Arc::new(NoSteps),
     )
     .await
     .expect("engine start");
-    let start_full = started.elapsed();
-    assert_eq!(handle.last_seq(), args.events);
-    assert_eq!(handle.read(|s| s.jobs.len()), n_jobs_in_state);
-    progress(format!("start with full replay: {}", secs(start_full)));
-    let started = Instant::now();
-    let state = handle.read(|s| s.clone());
-    let clone_time = started.elapsed();
+    (started.elapsed(), open, engine)
+}
+
+/// Applies the events up to `until` to a fresh `State`.
+async fn replay_until(log: &SledLog, until: u64) -> State {
+    let mut state = State::default();
+    while state.last_seq < until {
+        let limit = READ_BATCH.min((until - state.last_seq) as usize);
+        let batch = log.read_from(state.last_seq + 1, limit).await.unwrap();
+        assert!(!batch.is_empty(), "the log ends at {}", state.last_seq);
+        for stored in &batch {
+            state.apply(stored);
+        }
+    }
+    state
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    let (tmp, root) = match &args.reuse {
+        Some(dir) => (None, dir.clone()),
+        None => {
+            let tmp = tempfile::tempdir_in(&args.dir).unwrap();
+            let root = tmp.path().to_path_buf();
+            (Some(tmp), root)
+        }
+    };
+    let log_path = root.join("events");
+    let snapshot_path = root.join("snapshot.bin");
+    let _ = std::fs::remove_file(&snapshot_path);
+    let mut table = Table { rows: Vec::new() };
+
+    // 1. Build the log and measure appends (unless reusing one).
+    let mut built = match args.reuse {
+        Some(_) => None,
+        None => {
+            progress(format!(
+                "directory {}, building a log of {} events",
+                root.display(),
+                thousands(args.events)
+            ));
+            Some(build(args.events, &root, &log_path, &mut table).await)
+        }
+    };
+    let (log, _) = open_log(&log_path);
+    let n_events = log.last_seq().await.unwrap();
+    drop(log);
+    if built.is_none() {
+        progress(format!(
+            "reusing {} ({} events)",
+            root.display(),
+            thousands(n_events)
+        ));
+        table.row(
+            "log (reused)",
+            format!(
+                "{} events; {} on disk",
+                thousands(n_events),
+                mib(dir_size(&log_path))
+            ),
+            "",
+            "",
+        );
+    }
+
+    // 2. Replay.
+    let n_jobs = measure_replay(&log_path, n_events, args.repeat, &mut table).await;
+
+    // 3. Start with no snapshot file: full replay.
+    let (mut full, mut full_opens) = (Vec::new(), Vec::new());
+    let mut last_started = None;
+    for run in 0..args.repeat {
+        let (total, open, (engine, handle)) = start_engine(&log_path, &snapshot_path).await;
+        assert_eq!(handle.last_seq(), n_events);
+        assert_eq!(handle.read(|s| s.jobs.len()), n_jobs);
+        full.push(total);
+        full_opens.push(open);
+        progress(format!("start, full replay: {}", secs(total)));
+        // The last engine gives the snapshot; the others close the log for the next run.
+        if run + 1 == args.repeat {
+            last_started = Some((engine, handle));
+        }
+    }
+    let full_replay: Vec<Duration> = full.iter().zip(&full_opens).map(|(t, o)| *t - *o).collect();
+    table.row(
+        "start without snapshot: `SledLog::open` + `Engine::start` (full replay)",
+        format!("{}; open {}", secs_runs(&full), secs(spread(&full_opens).0)),
+        "",
+        "",
+    );
+    table.row(
+        "replay inside `Engine::start` (start minus open)",
+        rate_runs(n_events, &full_replay),
+        "≥ 500,000 events/s",
+        pass(median_rate(n_events, &full_replay) >= 500_000.0),
+    );
+
+    // The snapshot: at the tip, then the tail is appended; or, reusing a log, made at the tip
+    // minus the tail.
+    let (engine, handle) = last_started.take().expect("started");
+    let (state, clone_time) = match &built {
+        Some(_) => {
+            let started = Instant::now();
+            let state = handle.read(|s| s.clone());
+            let clone_time = started.elapsed();
+            drop((engine, handle));
+            (state, Some(clone_time))
+        }
+        None => {
+            drop((engine, handle));
+            let (log, _) = open_log(&log_path);
+            let state = replay_until(&log, n_events.saturating_sub(TAIL_EVENTS)).await;
+            drop(log);
+            (state, None)
+        }
+    };
+    let snapshot_seq = state.last_seq;
     let started = Instant::now();
     snapshot::save(&snapshot_path, &state).expect("write the snapshot");
     let save_time = started.elapsed();
     drop(state);
-    drop(engine);
-    drop(handle);
     let snapshot_size = std::fs::metadata(&snapshot_path).unwrap().len();
-    let started = Instant::now();
-    let loaded = snapshot::load(&snapshot_path).expect("the snapshot loads");
-    let load_time = started.elapsed();
-    assert_eq!(loaded.last_seq, args.events);
-    drop(loaded);
+    let mut loads = Vec::new();
+    for _ in 0..args.repeat {
+        let started = Instant::now();
+        let loaded = snapshot::load(&snapshot_path).expect("the snapshot loads");
+        loads.push(started.elapsed());
+        assert_eq!(loaded.last_seq, snapshot_seq);
+    }
     progress(format!(
-        "snapshot {} written in {} (clone {}), loads in {}",
+        "snapshot {} at {} written in {}, loads in {}",
         mib(snapshot_size),
+        thousands(snapshot_seq),
         secs(save_time),
-        secs(clone_time),
-        secs(load_time)
+        secs(spread(&loads).0)
     ));
-
-    // The tail: more jobs after the snapshot.
-    let (log, _) = open_log(&log_path);
-    let tail_works = make_jobs(&mut makers, n_jobs, TAIL_EVENTS, per_job);
-    let tail = append_all(&log, tail_works.into_iter().map(|w| w.requests).collect()).await;
-    let total = log.last_seq().await.unwrap();
-    assert_eq!(total, args.events + TAIL_EVENTS);
-    drop(log);
-
-    // Then start with the snapshot: load it, replay the tail.
-    let started = Instant::now();
-    let (log, open_snap) = open_log(&log_path);
-    let (engine, handle) = Engine::start(
-        log,
-        engine_options(&snapshot_path),
-        Arc::new(SystemClock),
-        Arc::new(NoSteps),
-    )
-    .await
-    .expect("engine start");
-    let start_snap = started.elapsed();
-    assert_eq!(handle.last_seq(), total);
-    progress(format!("start with snapshot + tail: {}", secs(start_snap)));
-    // Check that snapshot + tail is the full replay (not timed).
-    let from_snapshot = handle.read(|s| s.clone());
-    drop(engine);
-    drop(handle);
-    let (log, _) = open_log(&log_path);
-    let mut replayed = State::default();
-    replay_into(&log, &mut replayed).await;
-    drop(log);
-    assert!(
-        from_snapshot == replayed,
-        "snapshot + tail differs from a full replay"
-    );
-
     table.row(
-        "start, no snapshot: SledLog::open + Engine::start (full replay)",
+        "snapshot file (`snapshot::save`; `snapshot::load` alone)",
         format!(
-            "{} (open {}; {})",
-            secs(start_full),
-            secs(open_full),
-            rate(args.events, start_full - open_full)
-        ),
-        "",
-        "",
-    );
-    table.row(
-        "snapshot file",
-        format!(
-            "{} at seq {}; written in {} (+ state clone {}); load alone {}",
+            "{} at seq {}; save {}{}; load {}",
             mib(snapshot_size),
-            thousands(args.events),
+            thousands(snapshot_seq),
             secs(save_time),
-            secs(clone_time),
-            secs(load_time)
+            clone_time.map_or(String::new(), |t| format!(" + state clone {}", secs(t))),
+            secs_runs(&loads)
         ),
         "",
         "",
     );
+
+    let total = match built.as_mut() {
+        Some(built) => {
+            let (log, _) = open_log(&log_path);
+            let works = make_jobs(&mut built.makers, built.n_jobs, TAIL_EVENTS, built.per_job);
+            let tail = append_all(&log, works.into_iter().map(|w| w.requests).collect()).await;
+            let total = log.last_seq().await.unwrap();
+            drop(log);
+            table.row(
+                "tail appended after the snapshot",
+                format!(
+                    "{} events, {} appends, {} flushes, {}",
+                    thousands(tail.n_events),
+                    thousands(tail.n_appends),
+                    thousands(tail.n_flushes),
+                    rate(tail.n_events, tail.elapsed)
+                ),
+                "",
+                "",
+            );
+            total
+        }
+        None => n_events,
+    };
+    assert_eq!(total, snapshot_seq + TAIL_EVENTS.min(n_events));
+
+    // 4. Start with the snapshot: load it, replay the tail.
+    let (mut snap, mut snap_opens) = (Vec::new(), Vec::new());
+    let mut from_snapshot = None;
+    for _ in 0..args.repeat {
+        let (elapsed, open, (engine, handle)) = start_engine(&log_path, &snapshot_path).await;
+        assert_eq!(handle.last_seq(), total);
+        snap.push(elapsed);
+        snap_opens.push(open);
+        progress(format!("start, snapshot + tail: {}", secs(elapsed)));
+        from_snapshot = Some(handle.read(|s| s.clone()));
+        drop((engine, handle));
+    }
     table.row(
         format!(
-            "tail appended after the snapshot ({} appends, {} flushes)",
-            thousands(tail.n_appends),
-            thousands(tail.n_flushes)
+            "start with snapshot + {} tail events: `SledLog::open` + `Engine::start`",
+            thousands(total - snapshot_seq)
         ),
-        format!(
-            "{} events, {}",
-            thousands(tail.n_events),
-            rate(tail.n_events, tail.elapsed)
-        ),
-        "",
-        "",
-    );
-    table.row(
-        format!(
-            "start with snapshot + {} tail: SledLog::open + Engine::start",
-            thousands(TAIL_EVENTS)
-        ),
-        format!("{} (open {})", secs(start_snap), secs(open_snap)),
+        format!("{}; open {}", secs_runs(&snap), secs(spread(&snap_opens).0)),
         "≤ 2 s",
-        pass(start_snap <= Duration::from_secs(2)),
+        pass(spread(&snap).0 <= Duration::from_secs(2)),
     );
-    table.row("snapshot + tail state == full replay state", "yes", "", "");
+
+    // Snapshot + tail must be the full replay (not timed).
+    let (log, _) = open_log(&log_path);
+    let replayed = replay_until(&log, total).await;
+    drop(log);
+    let same = from_snapshot.as_ref() == Some(&replayed);
+    table.row(
+        "state after snapshot + tail == state after full replay",
+        if same { "yes" } else { "NO" },
+        "",
+        "",
+    );
 
     println!();
+    println!(
+        "{} runs per replay/start measurement: median (slowest-fastest); 2 cores",
+        args.repeat
+    );
+    println!();
     table.print();
+    if args.keep
+        && let Some(tmp) = tmp
+    {
+        println!("\nkept {}", tmp.keep().display());
+    }
+    assert!(same, "snapshot + tail differs from a full replay");
 }
