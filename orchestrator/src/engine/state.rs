@@ -120,6 +120,16 @@ impl Job {
         self.steps.iter_mut().find(|s| s.id == id)
     }
 
+    /// A finished job keeps what its views show (states, times, errors, bytes) but not the
+    /// step specs and results it needed while running: they are in the log, and keeping them
+    /// would make memory and snapshots grow by kilobytes per job of history.
+    fn forget_step_details(&mut self) {
+        for step in &mut self.steps {
+            step.spec = None;
+            step.result = None;
+        }
+    }
+
     pub fn is_backup(&self) -> bool {
         matches!(
             self.kind,
@@ -465,15 +475,18 @@ impl State {
                 job.state = JobState::Succeeded;
                 job.finished_at = Some(at);
                 job.error = None;
+                job.forget_step_details();
             }
             JobEvent::JobFailed { reason } => {
                 job.state = JobState::Failed;
                 job.finished_at = Some(at);
                 job.error = Some(reason.clone());
+                job.forget_step_details();
             }
             JobEvent::JobCancelled => {
                 job.state = JobState::Cancelled;
                 job.finished_at = Some(at);
+                job.forget_step_details();
             }
             JobEvent::RecoveryPointCommitted {
                 vm,

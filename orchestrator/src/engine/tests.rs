@@ -128,14 +128,15 @@ impl World {
             .find(|s| &s.kind == kind)
             .unwrap()
             .clone();
-        let spec = step.spec.clone().expect("dispatched");
+        // A finished job no longer keeps its specs; a late report then carries what it had.
+        let (epoch, node) = step.spec.as_ref().map_or((self.epoch, node()), |s| (s.epoch, s.node.clone()));
         let report = Report {
             step: step.id,
             attempt: step.attempt,
             job,
             partition: 0,
-            epoch: spec.epoch,
-            node: spec.node.clone(),
+            epoch,
+            node,
             body,
         };
         let events = on_report(&self.state, &self.cfg, &report, self.now);
