@@ -20,7 +20,7 @@ use std::path::Path;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use serde::Serialize;
 
-use super::crypto::{ChunkId, Keys};
+use super::crypto::{BlobEncoder, ChunkId, Keys};
 use super::fsutil::{LockMode, remove_temp_files};
 use super::index::{ChainReader, ChunkRef, IndexHeader, IndexWriter, PositionCursor, Record};
 use super::lineage::{LockKind, Repository};
@@ -490,6 +490,7 @@ fn process_batches(
     done: Sender<Processed>,
     pool: Sender<Vec<u8>>,
 ) {
+    let mut encoder = BlobEncoder::new(ctx.zstd_level);
     for batch in work {
         let mut outcomes = Vec::with_capacity(batch.n);
         let mut bytes = 0u64;
@@ -529,7 +530,7 @@ fn process_batches(
                 continue;
             }
             let mut blob = Vec::with_capacity(raw_len / 2);
-            ctx.keys.encode_blob(&id, data, ctx.zstd_level, &mut blob);
+            ctx.keys.encode_blob(&id, data, &mut encoder, &mut blob);
             outcomes.push(Outcome::New {
                 id,
                 blob,

@@ -17,7 +17,7 @@ pub const FORMAT_NAME: &str = "cairn-repository";
 pub const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 pub const DEFAULT_FULL_EVERY: u32 = 8;
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 2;
 
 /// Encryption parameters stored in the config (no secret).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

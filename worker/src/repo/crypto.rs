@@ -112,10 +112,10 @@ impl Keys {
     }
 
     /// Compresses and (when encrypted) seals a chunk. `out` is cleared first.
-    pub fn encode_blob(&self, id: &ChunkId, plaintext: &[u8], zstd_level: i32, out: &mut Vec<u8>) {
+    pub fn encode_blob(&self, id: &ChunkId, plaintext: &[u8], encoder: &mut BlobEncoder, out: &mut Vec<u8>) {
         out.clear();
-        let compressed = zstd::bulk::compress(plaintext, zstd_level).ok();
-        let (mut flags, body): (u8, &[u8]) = match &compressed {
+        let compressed = encoder.compress(plaintext);
+        let (mut flags, body): (u8, &[u8]) = match compressed {
             // Keep the plaintext when compression saves less than 1/32: decoding is then free.
             Some(c) if c.len() < plaintext.len() - plaintext.len() / 32 => (FLAG_ZSTD, c),
             _ => (0, plaintext),
@@ -215,6 +215,38 @@ impl Keys {
     }
 }
 
+/// A reusable zstd compression context and output buffer (one per thread): making a context
+/// per chunk would cost more than compressing a 64 KiB chunk.
+pub struct BlobEncoder {
+    compressor: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl BlobEncoder {
+    pub fn new(level: i32) -> BlobEncoder {
+        BlobEncoder {
+            compressor: zstd::bulk::Compressor::new(level).expect("zstd context allocation"),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The compressed bytes, or `None` when zstd fails (the caller stores the plaintext).
+    fn compress(&mut self, plaintext: &[u8]) -> Option<&[u8]> {
+        self.scratch.clear();
+        self.scratch.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
+        match self.compressor.compress_to_buffer(plaintext, &mut self.scratch) {
+            Ok(_) => Some(&self.scratch),
+            Err(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for BlobEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlobEncoder")
+    }
+}
+
 /// A reusable zstd decompression context (one per thread).
 pub struct BlobDecoder(zstd::bulk::Decompressor<'static>);
 
@@ -257,7 +289,7 @@ mod tests {
         let data = sample();
         let id = keys.chunk_id(&data);
         let mut blob = Vec::new();
-        keys.encode_blob(&id, &data, 3, &mut blob);
+        keys.encode_blob(&id, &data, &mut BlobEncoder::new(3), &mut blob);
         assert!(
             blob.len() < data.len() / 4,
             "compressible data is compressed"
@@ -276,7 +308,7 @@ mod tests {
         let id = keys.chunk_id(&data);
         assert_ne!(id, *blake3::hash(&data).as_bytes(), "ids are keyed");
         let mut blob = Vec::new();
-        keys.encode_blob(&id, &data, 3, &mut blob);
+        keys.encode_blob(&id, &data, &mut BlobEncoder::new(3), &mut blob);
         assert_eq!(keys.decode_blob(&id, &blob, data.len()).unwrap(), data);
         assert_eq!(
             other.decode_blob(&id, &blob, data.len()),
@@ -301,7 +333,7 @@ mod tests {
             .collect();
         let id = keys.chunk_id(&data);
         let mut blob = Vec::new();
-        keys.encode_blob(&id, &data, 3, &mut blob);
+        keys.encode_blob(&id, &data, &mut BlobEncoder::new(3), &mut blob);
         if blob[0] == 0 {
             assert_eq!(blob.len(), data.len() + 1);
         }
