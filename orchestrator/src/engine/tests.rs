@@ -129,7 +129,10 @@ impl World {
             .unwrap()
             .clone();
         // A finished job no longer keeps its specs; a late report then carries what it had.
-        let (epoch, node) = step.spec.as_ref().map_or((self.epoch, node()), |s| (s.epoch, s.node.clone()));
+        let (epoch, node) = step
+            .spec
+            .as_ref()
+            .map_or((self.epoch, node()), |s| (s.epoch, s.node.clone()));
         let report = Report {
             step: step.id,
             attempt: step.attempt,

@@ -112,7 +112,13 @@ impl Keys {
     }
 
     /// Compresses and (when encrypted) seals a chunk. `out` is cleared first.
-    pub fn encode_blob(&self, id: &ChunkId, plaintext: &[u8], encoder: &mut BlobEncoder, out: &mut Vec<u8>) {
+    pub fn encode_blob(
+        &self,
+        id: &ChunkId,
+        plaintext: &[u8],
+        encoder: &mut BlobEncoder,
+        out: &mut Vec<u8>,
+    ) {
         out.clear();
         let compressed = encoder.compress(plaintext);
         let (mut flags, body): (u8, &[u8]) = match compressed {
@@ -233,8 +239,12 @@ impl BlobEncoder {
     /// The compressed bytes, or `None` when zstd fails (the caller stores the plaintext).
     fn compress(&mut self, plaintext: &[u8]) -> Option<&[u8]> {
         self.scratch.clear();
-        self.scratch.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
-        match self.compressor.compress_to_buffer(plaintext, &mut self.scratch) {
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
+        match self
+            .compressor
+            .compress_to_buffer(plaintext, &mut self.scratch)
+        {
             Ok(_) => Some(&self.scratch),
             Err(_) => None,
         }

@@ -80,8 +80,13 @@ pub struct PackWriter {
     tmp: PathBuf,
     file: Option<BufWriter<File>>,
     offset: u64,
+    /// Bytes handed to the kernel's writeback so far.
+    written_back: u64,
     entries: Vec<PackEntry>,
 }
+
+/// How much a pack writer buffers before it starts the disk writing it.
+const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
 
 impl PackWriter {
     pub fn create(dir: &Path, seq: u64) -> Result<PackWriter, Error> {
@@ -100,6 +105,7 @@ impl PackWriter {
             tmp,
             file: Some(file),
             offset: HEADER_LEN,
+            written_back: 0,
             entries: Vec::new(),
         })
     }
@@ -124,6 +130,17 @@ impl PackWriter {
             .as_mut()
             .expect("pack writer is open until finish");
         file.write_all(blob).map_err(io_err(&self.tmp))?;
+        // Start writing out every few MiB, so the fsync at `finish` has little left to do.
+        let end = self.offset + blob.len() as u64;
+        if end - self.written_back >= WRITEBACK_EVERY {
+            file.flush().map_err(io_err(&self.tmp))?;
+            crate::source::raw::start_writeback(
+                file.get_ref(),
+                self.written_back,
+                end - self.written_back,
+            );
+            self.written_back = end;
+        }
         let offset = self.offset;
         let stored_len = u32::try_from(blob.len()).expect("a blob is smaller than 4 GiB");
         self.entries.push(PackEntry {

@@ -20,7 +20,7 @@
 mod detect;
 mod nbd_image;
 pub mod qemu_nbd;
-mod raw;
+pub(crate) mod raw;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
