@@ -18,6 +18,7 @@ use super::lineage::{LockKind, Repository};
 use super::pack::PackReader;
 use super::{Error, Progress, is_zero};
 use crate::source::Sink;
+use crate::source::raw::DIRECT_ALIGN;
 
 /// Which recovery point to restore, and how.
 #[derive(Debug, Clone)]
@@ -62,11 +63,19 @@ struct Job {
 }
 
 enum Write {
-    Data { offset: u64, bytes: Vec<u8> },
-    Zero { offset: u64, len: u64 },
+    /// Bytes `range` of the job's output buffer go to `offset`.
+    Data {
+        offset: u64,
+        range: std::ops::Range<usize>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
 }
 
 struct Done {
+    out: AlignedBuf,
     writes: Vec<Write>,
     chunks_written: u64,
     chunks_same: u64,
@@ -187,9 +196,9 @@ impl Owner<'_> {
         self.in_flight -= 1;
         for write in done.writes {
             match write {
-                Write::Data { offset, bytes } => {
-                    self.sink.write_at(offset, &bytes)?;
-                    self.summary.bytes_written += bytes.len() as u64;
+                Write::Data { offset, range } => {
+                    self.sink.write_at(offset, &done.out[range.clone()])?;
+                    self.summary.bytes_written += range.len() as u64;
                 }
                 Write::Zero { offset, len } => {
                     self.sink.write_zeroes(offset, len)?;
@@ -317,13 +326,9 @@ fn run_job(
     let chunk_size = header.chunk_size as u64;
     let start = job.first_pos * chunk_size;
     let end = ((job.first_pos + job.expected.len() as u64) * chunk_size).min(header.disk_size);
-    let mut done = Done {
-        writes: Vec::new(),
-        chunks_written: 0,
-        chunks_same: 0,
-        bytes: end - start,
-    };
-    let mut out = vec![0u8; (end - start) as usize];
+    let mut out = AlignedBuf::zeroed((end - start) as usize);
+    let mut writes = Vec::new();
+    let (mut chunks_written, mut chunks_same) = (0, 0);
     // Runs of chunks to write, as (first index, end index) into `out`.
     let mut dirty: Vec<(usize, usize, bool)> = Vec::new();
     for (i, expected) in job.expected.iter().enumerate() {
@@ -334,7 +339,7 @@ fn run_job(
         let zero_write = match expected {
             None => {
                 if current.is_none_or(is_zero) {
-                    done.chunks_same += job.current.is_some() as u64;
+                    chunks_same += job.current.is_some() as u64;
                     continue;
                 }
                 true
@@ -351,7 +356,7 @@ fn run_job(
                     && !is_zero(current)
                     && &keys.chunk_id(current) == id
                 {
-                    done.chunks_same += 1;
+                    chunks_same += 1;
                     continue;
                 }
                 packs.read(*pack, *offset, *stored_len, blob)?;
@@ -365,7 +370,7 @@ fn run_job(
                 false
             }
         };
-        done.chunks_written += 1;
+        chunks_written += 1;
         match dirty.last_mut() {
             Some((_, run_end, run_zero)) if *run_end == a && *run_zero == zero_write => {
                 *run_end = b
@@ -373,25 +378,74 @@ fn run_job(
             _ => dirty.push((a, b, zero_write)),
         }
     }
-    if dirty.len() == 1 && dirty[0] == (0, out.len(), false) {
-        done.writes.push(Write::Data {
-            offset: start,
-            bytes: out,
+    for (a, b, zero) in dirty {
+        writes.push(if zero {
+            Write::Zero {
+                offset: start + a as u64,
+                len: (b - a) as u64,
+            }
+        } else {
+            Write::Data {
+                offset: start + a as u64,
+                range: a..b,
+            }
         });
-    } else {
-        for (a, b, zero) in dirty {
-            done.writes.push(if zero {
-                Write::Zero {
-                    offset: start + a as u64,
-                    len: (b - a) as u64,
-                }
-            } else {
-                Write::Data {
-                    offset: start + a as u64,
-                    bytes: out[a..b].to_vec(),
-                }
-            });
-        }
     }
+    let done = Done {
+        out,
+        writes,
+        chunks_written,
+        chunks_same,
+        bytes: end - start,
+    };
     Ok(done)
+}
+
+/// A zeroed byte buffer aligned to [`DIRECT_ALIGN`], so a raw target opened for direct I/O can
+/// write it without copying it into the page cache.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its allocation exclusively; it is moved between threads, never shared.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN)
+            .expect("a restore job buffer has a valid layout")
+    }
+
+    fn zeroed(len: usize) -> AlignedBuf {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `len` initialised (zeroed, then written) bytes we own.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
 }

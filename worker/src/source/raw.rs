@@ -19,7 +19,13 @@ pub(crate) struct RawImage {
     size: u64,
     /// Set by `create`: the new directory entry is made durable by the first `flush`.
     parent_unsynced: bool,
+    /// A second descriptor opened with `O_DIRECT` (new images only): aligned writes go through
+    /// it without a copy into the page cache. `None` where the file system refuses direct I/O.
+    direct: Option<File>,
 }
+
+/// Alignment direct I/O needs for buffers, offsets and lengths.
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 impl RawImage {
     /// Opens an existing raw image (read-write if `writable`). The size must be a multiple of 512.
@@ -41,6 +47,7 @@ impl RawImage {
             path: path.to_path_buf(),
             size,
             parent_unsynced: false,
+            direct: None,
         })
     }
 
@@ -51,11 +58,17 @@ impl RawImage {
             let _ = std::fs::remove_file(path);
             return Err(io_error(path, e));
         }
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
             size,
             parent_unsynced: true,
+            direct,
         })
     }
 
@@ -180,6 +193,20 @@ impl Source for RawImage {
 impl Sink for RawImage {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
         check_range(&self.path, self.size, offset, data.len() as u64)?;
+        if let Some(direct) = &self.direct {
+            let align = DIRECT_ALIGN as u64;
+            if offset % align == 0
+                && data.len() as u64 % align == 0
+                && (data.as_ptr() as usize) % DIRECT_ALIGN == 0
+            {
+                match direct.write_all_at(data, offset) {
+                    Ok(()) => return Ok(()),
+                    // Some file systems accept O_DIRECT at open but not the write.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                    Err(e) => return Err(io_error(&self.path, e)),
+                }
+            }
+        }
         self.file
             .write_all_at(data, offset)
             .map_err(|e| io_error(&self.path, e))?;
