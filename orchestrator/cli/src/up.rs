@@ -186,7 +186,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
         }
     });
 
-    // Inventory: register the node, then report its VMs now and every 10 seconds.
+    // Inventory: register the node, then report its VMs now and every 30 seconds.
     let inventory_handle = handle.clone();
     let inventory_agent = agent.clone();
     let inventory_node = node.clone();
@@ -200,7 +200,8 @@ async fn serve(args: UpArgs) -> Result<i32> {
         if let Err(e) = inventory_handle.submit_as("worker".into(), register).await {
             tracing::error!(error = %e, "could not register this node");
         }
-        let mut every = tokio::time::interval(Duration::from_secs(10));
+        // Probing a non-raw disk starts a qemu-nbd, so the inventory is not rescanned too often.
+        let mut every = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = every.tick() => {}
