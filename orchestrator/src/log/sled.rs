@@ -437,6 +437,15 @@ impl SledLog {
     }
 }
 
+/// The last durable sequence recorded in the meta tree (0 for an empty log).
+fn meta_last_seq(meta: &Tree) -> Result<u64, Error> {
+    meta.get(META_LAST_SEQ)
+        .map_err(|err| storage("reading meta", err))?
+        .map(|bytes| be_u64(&bytes, "meta last_seq"))
+        .transpose()
+        .map(|seq| seq.unwrap_or(0))
+}
+
 /// Checks the last event on open; returns the last sequence number.
 fn check_tail(path: &str, events: &Tree, meta: &Tree) -> Result<u64, Error> {
     let corrupt = |seq, detail: String| Error::CorruptTail {
@@ -444,12 +453,7 @@ fn check_tail(path: &str, events: &Tree, meta: &Tree) -> Result<u64, Error> {
         seq,
         detail,
     };
-    let meta_last = meta
-        .get(META_LAST_SEQ)
-        .map_err(|err| storage("reading meta", err))?
-        .map(|bytes| be_u64(&bytes, "meta last_seq"))
-        .transpose()?
-        .unwrap_or(0);
+    let meta_last = meta_last_seq(meta)?;
     let last_page = events
         .last()
         .map_err(|err| storage("reading the last event page", err))?;
@@ -568,13 +572,7 @@ impl Inner {
                 actual,
             });
         }
-        let last_seq = self
-            .meta
-            .get(META_LAST_SEQ)
-            .map_err(|err| storage("reading meta", err))?
-            .map(|bytes| be_u64(&bytes, "meta last_seq"))
-            .transpose()?
-            .unwrap_or(0);
+        let last_seq = meta_last_seq(&self.meta)?;
         let mut prev_hash = [0u8; 32];
         if let Some(tip) = self
             .meta
@@ -859,13 +857,7 @@ impl Inner {
     /// when the change hits `j`'s own `prev_hash`. So at the first broken link `k`: if link
     /// `k + 1` holds, event `k - 1` was changed; otherwise event `k` was.
     fn verify_chain(&self) -> Result<u64, Error> {
-        let anchor_seq = self
-            .meta
-            .get(META_LAST_SEQ)
-            .map_err(|err| storage("reading meta", err))?
-            .map(|bytes| be_u64(&bytes, "meta last_seq"))
-            .transpose()?
-            .unwrap_or(0);
+        let anchor_seq = meta_last_seq(&self.meta)?;
         let anchor_hash = self
             .meta
             .get(META_LAST_HASH)
