@@ -9,5 +9,6 @@
 
 pub mod agent;
 pub mod nbd;
+pub mod qmp;
 pub mod repo;
 pub mod source;
