@@ -149,9 +149,11 @@ impl Node {
                     id: disk_id(id),
                     path: path.to_path_buf(),
                     format: Some(format),
+                    node: None,
                 })
                 .collect(),
             power: PowerState::Stopped,
+            qemu: None,
         };
         descriptor::write_descriptor(&self.path("vms"), &descriptor).unwrap();
         let inventory = self.agent.inventory();
@@ -1060,8 +1062,10 @@ fn written_descriptors_are_read_back_and_uuids_stay_unique() {
             id: disk_id("disk0"),
             path: disk.clone(),
             format: None,
+            node: None,
         }],
         power: PowerState::Stopped,
+        qemu: None,
     };
     let vms = dir.path().join("vms");
     let path = descriptor::write_descriptor(&vms, &descriptor).unwrap();

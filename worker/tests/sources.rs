@@ -202,7 +202,7 @@ fn copy(source: &mut dyn Source, sink: &mut dyn Sink) {
     for e in source.extents(0, source.size()).unwrap() {
         match e.kind {
             ExtentKind::Zero => sink.write_zeroes(e.offset, e.len).unwrap(),
-            ExtentKind::Data => {
+            ExtentKind::Data | ExtentKind::Unchanged => {
                 let mut pos = e.offset;
                 while pos < e.offset + e.len {
                     let n = (e.offset + e.len - pos).min(3 * MIB + 512);

@@ -63,6 +63,7 @@ pub async fn run(
                 id: id.parse().expect("valid disk id"),
                 path,
                 format: None,
+                node: None,
             });
         }
         let descriptor = Descriptor {
@@ -70,6 +71,7 @@ pub async fn run(
             uuid: vm.uuid.parse().expect("valid uuid"),
             disks,
             power: cairn_schemas::PowerState::Stopped,
+            qemu: None,
         };
         write_descriptor(&vms_dir, &descriptor)?;
     }

@@ -180,6 +180,7 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                 now_ms: now_ms(),
                 threads: 0,
                 rp: None,
+                unchanged_since: None,
             };
             let summary = repo::backup(&repo, source.as_mut(), &opts, &Bar::new(!common.json))?;
             if common.json {

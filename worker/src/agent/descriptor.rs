@@ -12,6 +12,29 @@
 //! }
 //! ```
 //!
+//! A running QEMU VM (the `qemu` adapter) adds a `qemu` section and names each disk's block
+//! node; its disks are read through QEMU, never opened directly:
+//!
+//! ```json
+//! {
+//!   "name": "db01", "uuid": "…", "power": "running",
+//!   "disks": [{"id": "disk0", "path": "/vm/db01.qcow2", "format": "qcow2", "node": "drive0"}],
+//!   "qemu": {
+//!     "qmp": "/run/vm/db01/qmp.sock",
+//!     "nbd": "/run/vm/db01/nbd.sock",
+//!     "guest_agent": "/run/vm/db01/qga.sock",
+//!     "scratch": "/var/lib/cairn/fleece",
+//!     "replica": "normal"
+//!   }
+//! }
+//! ```
+//! `qmp` is required; `nbd` names the VM's running NBD server (without it cairn starts one next
+//! to the QMP socket); `guest_agent` enables freezing the guest's file systems; `scratch` is the
+//! folder of the fleecing overlays (default: the disk image's folder); `replica` marks a replica
+//! VM and gives its replication state (`normal`, `resynchronizing`, `resync-required`,
+//! `initial-replication`, `initial-replication-pending`, `applying-logs`, `apply-logs-failed`,
+//! `failover-in-progress`, `migration-in-progress`, `critical`).
+//!
 //! `format` (`raw`, `qcow2`, `vhdx`, `vhd`) is optional and detected from the image's magic bytes
 //! when missing; give it whenever it is known, because a raw disk whose guest wrote an image
 //! header into its first sector would otherwise be read as that format. `power` (`running`,
@@ -95,6 +118,12 @@ pub enum Error {
         #[source]
         source: source::Error,
     },
+    /// A live VM could not be asked about its disks through QMP.
+    #[error("live VM: {reason}")]
+    Live {
+        /// What failed, naming the socket and the node.
+        reason: String,
+    },
     /// Another descriptor in the folder already describes the VM with this UUID.
     #[error("VM uuid {uuid} is already described by {other}")]
     DuplicateUuid {
@@ -114,6 +143,75 @@ pub struct DescriptorDisk {
     pub path: PathBuf,
     /// Its format; `None` = detect from the file's magic bytes.
     pub format: Option<ImageFormat>,
+    /// The QEMU block node that serves it (live VMs only).
+    pub node: Option<String>,
+}
+
+/// Replication state of a replica VM (MABS's Hyper-V Replica states that forbid a backup, and
+/// `Normal`, which allows a crash-consistent one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaState {
+    /// Replicating normally.
+    Normal,
+    /// Resynchronization in progress.
+    Resynchronizing,
+    /// Resynchronization required.
+    ResyncRequired,
+    /// Initial replication in progress.
+    InitialReplication,
+    /// Initial replication pending.
+    InitialReplicationPending,
+    /// Replication logs are being applied.
+    ApplyingLogs,
+    /// Applying replication logs failed, was cancelled or interrupted.
+    ApplyLogsFailed,
+    /// A failover of the replica is in progress.
+    FailoverInProgress,
+    /// A migration of the replica is in progress.
+    MigrationInProgress,
+    /// Replication health is critical.
+    Critical,
+}
+
+impl ReplicaState {
+    /// Why a backup cannot be crash-consistent in this state, or `None` when it can.
+    pub fn refusal(self) -> Option<&'static str> {
+        match self {
+            ReplicaState::Normal => None,
+            ReplicaState::Resynchronizing => Some("resynchronization is in progress"),
+            ReplicaState::ResyncRequired => Some("resynchronization is required"),
+            ReplicaState::InitialReplication => Some("initial replication is in progress"),
+            ReplicaState::InitialReplicationPending => Some("initial replication is pending"),
+            ReplicaState::ApplyingLogs => Some("replication logs are being applied"),
+            ReplicaState::ApplyLogsFailed => {
+                Some("applying replication logs failed, was cancelled or was interrupted")
+            }
+            ReplicaState::FailoverInProgress => Some("a failover is in progress"),
+            ReplicaState::MigrationInProgress => Some("a migration is in progress"),
+            ReplicaState::Critical => Some("replication health is critical"),
+        }
+    }
+}
+
+/// How to reach a running QEMU VM (the `qemu` adapter).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuVm {
+    /// The QMP monitor socket.
+    pub qmp: PathBuf,
+    /// The VM's running NBD server socket; `None` = cairn starts one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<PathBuf>,
+    /// The QEMU guest agent socket; `None` = crash-consistent backups only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<PathBuf>,
+    /// Folder of the fleecing overlays; `None` = each disk image's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch: Option<PathBuf>,
+    /// Set for a replica VM: its replication state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaState>,
 }
 
 /// A validated VM descriptor.
@@ -127,6 +225,8 @@ pub struct Descriptor {
     pub disks: Vec<DescriptorDisk>,
     /// Power state.
     pub power: PowerState,
+    /// Set for a running QEMU VM read through QMP and NBD (the `qemu` adapter).
+    pub qemu: Option<QemuVm>,
 }
 
 /// A descriptor that could not be turned into an inventory entry, and why.
@@ -157,6 +257,8 @@ struct DescriptorFile {
     disks: Vec<DiskFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     power: Option<PowerFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    qemu: Option<QemuVm>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -166,6 +268,8 @@ struct DiskFile {
     path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     format: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -266,6 +370,7 @@ impl Descriptor {
                 id,
                 path: PathBuf::from(disk.path),
                 format,
+                node: disk.node,
             });
         }
         let descriptor = Descriptor {
@@ -273,6 +378,7 @@ impl Descriptor {
             uuid,
             disks,
             power: file.power.map_or(PowerState::Stopped, PowerState::from),
+            qemu: file.qemu,
         };
         descriptor.validate()?;
         Ok(descriptor)
@@ -347,6 +453,14 @@ impl Descriptor {
                 ));
             }
         }
+        if let Some(qemu) = &self.qemu {
+            validate_live(self, qemu)?;
+        } else if let Some(i) = self.disks.iter().position(|d| d.node.is_some()) {
+            return Err(invalid(
+                &format!("disks[{i}].node"),
+                "a block node is only meaningful for a VM with a qemu section",
+            ));
+        }
         Ok(())
     }
 
@@ -367,9 +481,11 @@ impl Descriptor {
                     id: d.id.to_string(),
                     path: d.path.to_string_lossy().into_owned(),
                     format: d.format.map(|f| to_source_format(f).to_string()),
+                    node: d.node.clone(),
                 })
                 .collect(),
             power: Some(self.power.into()),
+            qemu: self.qemu.clone(),
         };
         let mut json = serde_json::to_vec_pretty(&file).expect("a descriptor serialises");
         json.push(b'\n');
@@ -379,6 +495,11 @@ impl Descriptor {
     /// Opens every disk to learn its format (when not given) and virtual size, and closes it
     /// again. The result is the VM as the node's inventory reports it.
     pub fn probe(&self) -> Result<VmInventory, Error> {
+        if let Some(qemu) = &self.qemu {
+            return super::qemu::probe(self, qemu).map_err(|e| Error::Live {
+                reason: e.to_string(),
+            });
+        }
         let mut disks = Vec::with_capacity(self.disks.len());
         for disk in &self.disks {
             let (format, size_bytes) =
@@ -400,6 +521,67 @@ impl Descriptor {
             power: self.power,
         })
     }
+}
+
+/// The rules of a live VM's descriptor: absolute socket paths, a block node name QEMU accepts
+/// for every disk, and a known format (a running VM's image is never probed).
+fn validate_live(descriptor: &Descriptor, qemu: &QemuVm) -> Result<(), Error> {
+    let paths = [
+        ("qemu.qmp", Some(&qemu.qmp)),
+        ("qemu.nbd", qemu.nbd.as_ref()),
+        ("qemu.guest_agent", qemu.guest_agent.as_ref()),
+        ("qemu.scratch", qemu.scratch.as_ref()),
+    ];
+    for (field, path) in paths {
+        let Some(path) = path else { continue };
+        let text = path.to_string_lossy();
+        if !path.is_absolute() || path.to_str().is_none() || text.contains('\0') {
+            return Err(invalid(field, format!("{text:?} is not an absolute path")));
+        }
+        // Unix socket paths are limited to 107 bytes.
+        if field != "qemu.scratch" && text.len() > 107 {
+            return Err(invalid(
+                field,
+                format!("{text:?} is longer than the 107 bytes a Unix socket path may have"),
+            ));
+        }
+    }
+    for (i, disk) in descriptor.disks.iter().enumerate() {
+        let field = format!("disks[{i}].node");
+        let Some(node) = &disk.node else {
+            return Err(invalid(
+                &field,
+                "a disk of a qemu VM must name its QEMU block node",
+            ));
+        };
+        if !valid_node_name(node) {
+            return Err(invalid(
+                &field,
+                format!(
+                    "{node:?} is not a QEMU node name (1-31 letters, digits, '-', '_', '.', \
+                     starting with a letter)"
+                ),
+            ));
+        }
+        if disk.format.is_none() {
+            return Err(invalid(
+                &format!("disks[{i}].format"),
+                "a disk of a qemu VM must give its format (a running VM's image is not probed)",
+            ));
+        }
+        if descriptor.disks[..i].iter().any(|d| d.node == disk.node) {
+            return Err(invalid(&field, format!("block node {node:?} is used twice")));
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's rule for node names: an id of at most 31 characters.
+pub(crate) fn valid_node_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 31
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> Error {
@@ -640,14 +822,17 @@ mod tests {
                     id: DiskId::new("vda").unwrap(),
                     path: "/vm/db.qcow2".into(),
                     format: Some(ImageFormat::Qcow2),
+                    node: None,
                 },
                 DescriptorDisk {
                     id: DiskId::new("vdb").unwrap(),
                     path: "/vm/db-data.vhd".into(),
                     format: Some(ImageFormat::Vhd),
+                    node: None,
                 },
             ],
             power: PowerState::Running,
+            qemu: None,
         };
         let json = d.to_json();
         let text = String::from_utf8(json.clone()).unwrap();

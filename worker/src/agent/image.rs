@@ -156,7 +156,7 @@ fn repository_dir(location: &str) -> Result<&Path, Error> {
     }
 }
 
-fn open_repository(agent: &Agent, location: &str) -> Result<Repository, Error> {
+pub(crate) fn open_repository(agent: &Agent, location: &str) -> Result<Repository, Error> {
     let dir = repository_dir(location)?;
     Repository::open(dir, agent.config.key_file.as_deref()).map_err(|source| Error::Repo {
         repository: location.to_owned(),
@@ -166,7 +166,7 @@ fn open_repository(agent: &Agent, location: &str) -> Result<Repository, Error> {
 
 /// The index of recovery point `rp` in `lineage`, if it is committed. Opens that one index only
 /// (and checks it), not the lineage's whole catalog.
-fn committed(
+pub(crate) fn committed(
     repo: &Repository,
     location: &str,
     lineage: &str,
@@ -378,6 +378,7 @@ pub(crate) fn transfer(
         now_ms: work.rp.unix_millis(),
         threads: agent.config.threads,
         rp: Some(work.rp.to_string()),
+        unchanged_since: None,
     };
     let summary =
         repo::backup(&repo, image.as_mut(), &options, progress).map_err(|source| Error::Repo {

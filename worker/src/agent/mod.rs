@@ -36,6 +36,7 @@ pub mod descriptor;
 pub mod fault;
 mod image;
 mod progress;
+pub mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -46,7 +47,9 @@ use cairn_schemas::v1::{FailureClass, PowerState};
 use cairn_schemas::v1::{ReportBody, StepResult, StepSpec, StepWork};
 use crossbeam_channel::{RecvTimeoutError, bounded};
 
-pub use descriptor::{Descriptor, DescriptorDisk, DescriptorProblem, Inventory};
+pub use descriptor::{
+    Descriptor, DescriptorDisk, DescriptorProblem, Inventory, QemuVm, ReplicaState,
+};
 pub use fault::{FAULT_DELAY_ENV, FaultDelays, FaultHookError};
 pub use progress::STALL_LIMIT;
 
@@ -192,6 +195,23 @@ pub enum Error {
     /// The step's thread panicked (a bug).
     #[error("internal error: the step panicked: {0}")]
     Panicked(String),
+    /// Talking to a running VM's QEMU failed.
+    #[error("{what}: {source}")]
+    Live {
+        /// What we were doing.
+        what: String,
+        /// What QMP or QEMU said.
+        #[source]
+        source: crate::qmp::Error,
+    },
+    /// A replica VM is in a state in which a crash-consistent backup cannot be guaranteed.
+    #[error("replica VM {vm} cannot be backed up now: {reason}")]
+    Replica {
+        /// The VM.
+        vm: String,
+        /// Its replication state, in words.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -202,6 +222,14 @@ impl Error {
                 FailureClass::Retryable
             }
             Error::Source { source, .. } => source_class(source),
+            // A VM that does not answer may be restarting; QEMU refusing a command will refuse
+            // it again.
+            Error::Live { source, .. } => match source {
+                crate::qmp::Error::Command { .. } | crate::qmp::Error::Protocol { .. } => {
+                    FailureClass::Permanent
+                }
+                _ => FailureClass::Retryable,
+            },
             Error::Repo { source, .. } => repo_class(source),
             Error::FaultHook(_)
             | Error::WrongNode { .. }
@@ -212,6 +240,7 @@ impl Error {
             | Error::SizeMismatch { .. }
             | Error::MissingDisk { .. }
             | Error::Target { .. }
+            | Error::Replica { .. }
             | Error::Panicked(_) => FailureClass::Permanent,
         }
     }
@@ -406,8 +435,17 @@ impl Agent {
             return Err(Error::Cancelled);
         }
         match &spec.work {
-            StepWork::Snapshot { vm_name, disks, .. } => {
-                image::snapshot(self, spec, vm_name, disks)
+            StepWork::Snapshot {
+                vm_name,
+                disks,
+                consistency,
+            } => {
+                let descriptor = self.described_vm(spec.vm)?;
+                if descriptor.qemu.is_some() {
+                    qemu::snapshot(self, spec, &descriptor, disks, *consistency)
+                } else {
+                    image::snapshot(self, spec, vm_name, disks)
+                }
             }
             StepWork::Transfer {
                 source,
@@ -415,23 +453,28 @@ impl Agent {
                 repository,
                 rp,
                 parent_rp,
-                change_tracking: _,
+                change_tracking,
                 chunk_size,
-            } => image::transfer(
-                self,
-                spec,
-                &image::TransferWork {
+            } => {
+                let work = image::TransferWork {
                     source,
                     snapshot,
                     repository,
                     rp: *rp,
                     parent_rp: *parent_rp,
                     chunk_size: *chunk_size,
-                },
-                progress,
-            ),
+                };
+                if is_live_handle(snapshot) {
+                    qemu::transfer(self, spec, &work, change_tracking.as_deref(), progress)
+                } else {
+                    image::transfer(self, spec, &work, progress)
+                }
+            }
             // Image VMs have no snapshot view to drop; this must succeed even if the snapshot
-            // step never ran.
+            // step never ran (an empty handle).
+            StepWork::ReleaseSnapshot { snapshot } if is_live_handle(snapshot) => {
+                qemu::release(self, spec, snapshot)
+            }
             StepWork::ReleaseSnapshot { .. } => Ok(StepResult::ReleaseSnapshot),
             StepWork::CommitRecoveryPoint {
                 repository,
@@ -501,6 +544,13 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Whether a snapshot handle was made by the `qemu` adapter.
+fn is_live_handle(handle: &str) -> bool {
+    handle
+        .strip_prefix(qemu::HANDLE_PREFIX)
+        .is_some_and(|rest| rest.starts_with(';'))
 }
 
 /// Whether two paths name the same file: the same inode when both exist, else the same path.

@@ -39,6 +39,10 @@ pub struct BackupOptions {
     /// The recovery point id to create (a job's step chooses it, so a retried step finds the
     /// recovery point its earlier attempt made instead of making a second one). `None` = new.
     pub rp: Option<String>,
+    /// The recovery point that the source's [`ExtentKind::Unchanged`] extents are relative to
+    /// (the snapshot that started its change-tracking bitmap). Trusted only when it is the
+    /// parent this backup builds on; otherwise they are read like data (an express full).
+    pub unchanged_since: Option<String>,
 }
 
 /// What a backup did.
@@ -60,6 +64,8 @@ pub struct BackupSummary {
     /// Chunks found durable from an interrupted earlier backup and not stored again.
     pub chunks_reused: u64,
     pub packs_written: u64,
+    /// Whether the source's unchanged extents were trusted (only changed chunks were read).
+    pub tracked: bool,
 }
 
 /// Bytes per batch handed between the pipeline's stages.
@@ -73,6 +79,8 @@ struct Batch {
     n: usize,
     buf: Vec<u8>,
     known_zero: Vec<bool>,
+    /// Chunks the change tracking says are the parent's: not read, the parent's ref is kept.
+    clean: Vec<bool>,
     parent: Vec<Option<ChunkRef>>,
 }
 
@@ -131,6 +139,7 @@ pub fn backup(
             chunks_new: h.chunks_stored,
             chunks_reused: 0,
             packs_written: 0,
+            tracked: h.parent.is_some() && h.bytes_read < h.disk_size,
         });
     }
     for (path, err) in &catalog.damaged {
@@ -192,6 +201,17 @@ pub fn backup(
         }
         None => new_rp_id(created_at_ms),
     };
+    let tracked = match (&opts.unchanged_since, &parent_header) {
+        (Some(since), Some(p)) if *since == p.rp && p.disk_size == size => true,
+        (Some(since), parent) => {
+            tracing::warn!(
+                disk = %opts.disk, tracked_since = %since, parent = ?parent.as_ref().map(|p| &p.rp),
+                "change tracking is relative to another recovery point than the parent; reading everything"
+            );
+            false
+        }
+        (None, _) => false,
+    };
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -234,13 +254,18 @@ pub fn backup(
     };
 
     let (reader_result, writer_result) = std::thread::scope(|scope| {
+        let damaged = &damaged;
         let reader = scope.spawn(move || {
             read_batches(
                 source,
                 progress,
                 parent_chain,
-                chunk_size,
-                chunks_per_batch,
+                ReadPlan {
+                    chunk_size,
+                    chunks_per_batch,
+                    tracked,
+                    damaged,
+                },
                 pool_rx,
                 work_tx,
             )
@@ -295,6 +320,7 @@ pub fn backup(
         chunks_new: written.chunks_new,
         chunks_reused: written.chunks_reused,
         packs_written: written.packs_written,
+        tracked,
     };
     tracing::info!(
         rp = %summary.rp, disk = %summary.disk, bytes_read, bytes_stored = summary.bytes_stored,
@@ -356,13 +382,34 @@ impl ExtentCursor {
         }
     }
 
-    /// The data ranges within `[start, end)`; calls must ask ascending, non-overlapping ranges.
+    /// The data ranges within `[start, end)` (unchanged extents count as data); calls must ask
+    /// ascending, non-overlapping ranges.
     pub(crate) fn data_ranges(
         &mut self,
         source: &mut dyn Source,
         start: u64,
         end: u64,
     ) -> Result<Vec<(u64, u64)>, Error> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (a, b, kind) in self.extents_between(source, start, end)? {
+            if kind != ExtentKind::Zero {
+                match ranges.last_mut() {
+                    Some((_, last_end)) if *last_end == a => *last_end = b,
+                    _ => ranges.push((a, b)),
+                }
+            }
+        }
+        Ok(ranges)
+    }
+
+    /// The extents within `[start, end)`, clipped to it, covering it exactly; calls must ask
+    /// ascending, non-overlapping ranges.
+    pub(crate) fn extents_between(
+        &mut self,
+        source: &mut dyn Source,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, u64, ExtentKind)>, Error> {
         while self.fetched_to < end {
             let window = EXTENT_WINDOW.min(self.size - self.fetched_to);
             let extents = source.extents(self.fetched_to, window)?;
@@ -391,11 +438,8 @@ impl ExtentCursor {
                 break;
             }
             let (a, b) = (e_start.max(start), e_end.min(end));
-            if kind == ExtentKind::Data && b > a {
-                match ranges.last_mut() {
-                    Some((_, last_end)) if *last_end == a => *last_end = b,
-                    _ => ranges.push((a, b)),
-                }
+            if b > a {
+                ranges.push((a, b, kind));
             }
             if e_end <= end {
                 self.extents.pop_front();
@@ -407,16 +451,31 @@ impl ExtentCursor {
     }
 }
 
+/// How the reader cuts and reads the source.
+struct ReadPlan<'a> {
+    chunk_size: u64,
+    chunks_per_batch: usize,
+    /// Trust the source's unchanged extents (they are relative to the parent).
+    tracked: bool,
+    /// Chunks a verify found damaged: always read, never taken from the parent unread.
+    damaged: &'a HashSet<ChunkId>,
+}
+
 /// The reader stage: returns the number of bytes read from the source.
 fn read_batches(
     source: &mut dyn Source,
     progress: &dyn Progress,
     parent: Option<ChainReader>,
-    chunk_size: u64,
-    chunks_per_batch: usize,
+    plan: ReadPlan<'_>,
     pool: Receiver<Vec<u8>>,
     work: Sender<Batch>,
 ) -> Result<u64, Error> {
+    let ReadPlan {
+        chunk_size,
+        chunks_per_batch,
+        tracked,
+        damaged,
+    } = plan;
     let size = source.size();
     let n_chunks = size.div_ceil(chunk_size);
     let mut parent = PositionCursor::new(parent);
@@ -438,7 +497,58 @@ fn read_batches(
         let Ok(mut buf) = pool.recv() else {
             return Ok(bytes_read);
         };
-        let ranges = extents.data_ranges(source, start, end)?;
+        let mut parent_refs = Vec::with_capacity(n);
+        for i in 0..n as u64 {
+            parent_refs.push(parent.at(first_pos + i)?);
+        }
+        let kinds = extents.extents_between(source, start, end)?;
+        // A chunk is clean when change tracking is trusted, every byte of it is unchanged, and
+        // the parent's chunk there is not known to be damaged.
+        let mut clean = vec![tracked; n];
+        if tracked {
+            for &(a, b, kind) in &kinds {
+                if kind != ExtentKind::Unchanged {
+                    let first = ((a - start) / chunk_size) as usize;
+                    let last = ((b - 1 - start) / chunk_size) as usize;
+                    clean[first..=last].fill(false);
+                }
+            }
+            for (i, parent_ref) in parent_refs.iter().enumerate() {
+                if parent_ref
+                    .as_ref()
+                    .and_then(ChunkRef::id)
+                    .is_some_and(|id| damaged.contains(id))
+                {
+                    clean[i] = false;
+                }
+            }
+        }
+        // What must be read: data everywhere, unchanged ranges of chunks that are not clean.
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for &(a, b, kind) in &kinds {
+            let mut pieces = Vec::new();
+            match kind {
+                ExtentKind::Zero => {}
+                ExtentKind::Data => pieces.push((a, b)),
+                ExtentKind::Unchanged => {
+                    let mut at = a;
+                    while at < b {
+                        let i = ((at - start) / chunk_size) as usize;
+                        let chunk_end = (start + (i as u64 + 1) * chunk_size).min(b);
+                        if !clean[i] {
+                            pieces.push((at, chunk_end));
+                        }
+                        at = chunk_end;
+                    }
+                }
+            }
+            for (a, b) in pieces {
+                match ranges.last_mut() {
+                    Some((_, last_end)) if *last_end == a => *last_end = b,
+                    _ => ranges.push((a, b)),
+                }
+            }
+        }
         // Zero-fill what is not read: buffers are reused.
         let mut filled_to = start;
         let mut known_zero = vec![true; n];
@@ -452,16 +562,13 @@ fn read_batches(
             known_zero[first..=last].fill(false);
         }
         buf[(filled_to - start) as usize..(end - start) as usize].fill(0);
-        let mut parent_refs = Vec::with_capacity(n);
-        for i in 0..n as u64 {
-            parent_refs.push(parent.at(first_pos + i)?);
-        }
         let batch = Batch {
             seq,
             first_pos,
             n,
             buf,
             known_zero,
+            clean,
             parent: parent_refs,
         };
         if work.send(batch).is_err() {
@@ -502,6 +609,16 @@ fn process_batches(
             let offset = i * ctx.chunk_size as usize;
             let data = &batch.buf[offset..offset + raw_len];
             let parent = batch.parent[i];
+            if batch.clean[i] {
+                outcomes.push(match parent {
+                    Some(chunk) => Outcome::Unchanged(chunk),
+                    // Zero in the parent and unchanged since: nothing to record.
+                    None => Outcome::Zero {
+                        parent_present: false,
+                    },
+                });
+                continue;
+            }
             if batch.known_zero[i] || is_zero(data) {
                 outcomes.push(Outcome::Zero {
                     parent_present: parent.is_some(),

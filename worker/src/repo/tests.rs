@@ -104,6 +104,7 @@ fn do_backup(repo: &Repository, image: &MemImage, disk: &str, now_ms: u64) -> Ba
             now_ms,
             threads: 2,
             rp: None,
+            unchanged_since: None,
         },
         &NoProgress,
     )
@@ -315,6 +316,7 @@ fn interrupted_backup_leaves_repository_consistent_and_rerun_reuses_durable_chun
         now_ms: 1,
         threads: 2,
         rp: None,
+        unchanged_since: None,
     };
     let err = backup(&repo, &mut failing, &opts, &NoProgress).unwrap_err();
     assert!(err.to_string().contains("simulated read failure"), "{err}");
@@ -403,6 +405,7 @@ fn locks_exclude_gc_while_a_backup_holds_the_lineage() {
             now_ms: 2,
             threads: 1,
             rp: None,
+            unchanged_since: None,
         },
         &NoProgress,
     )
@@ -467,6 +470,7 @@ fn backup_with_a_given_rp_id_is_idempotent() {
         now_ms: 5,
         threads: 2,
         rp: Some(rp.clone()),
+        unchanged_since: None,
     };
     let first = backup(&repo, &mut image.clone(), &opts, &NoProgress).unwrap();
     let again = backup(&repo, &mut image.clone(), &opts, &NoProgress).unwrap();

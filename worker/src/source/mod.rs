@@ -33,6 +33,11 @@ pub enum ExtentKind {
     Data,
     /// Reads as zeros (a hole, or an extent the format knows to be zero).
     Zero,
+    /// Unchanged since the recovery point the backup names as
+    /// `BackupOptions::unchanged_since` (a clean range of a change-tracking bitmap): a chunk
+    /// made only of such ranges reuses the parent's chunk and is not read. Read like `Data` by
+    /// anything else.
+    Unchanged,
 }
 
 /// A contiguous range of a disk with one [`ExtentKind`].
