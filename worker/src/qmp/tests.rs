@@ -17,7 +17,6 @@ use super::{Error, Qmp};
 pub(crate) struct Qsd {
     pub(crate) dir: PathBuf,
     pub(crate) image: PathBuf,
-    pub(crate) format: &'static str,
     child: Option<Child>,
 }
 
@@ -62,7 +61,6 @@ impl Qsd {
         let qsd = Qsd {
             dir: dir.to_path_buf(),
             image: image.to_path_buf(),
-            format,
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
