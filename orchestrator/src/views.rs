@@ -14,6 +14,9 @@ pub struct DiskView {
     pub image_path: String,
     /// `PendingReplicaCreation`, `InitialReplication`, `Protected`, `ReplicaInconsistent`.
     pub state: String,
+    /// `active`, `none` or `lost: <reason>` (the next backup is an express full).
+    #[serde(default)]
+    pub change_tracking: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1287,6 +1287,7 @@ mod tests {
                 format: "Qcow2".into(),
                 image_path: "/vms/x.qcow2".into(),
                 state: "Protected".into(),
+                change_tracking: "active".into(),
             }],
             group: None,
             last_backup_at: None,

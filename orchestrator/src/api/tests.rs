@@ -67,6 +67,7 @@ fn vm(vm: &str, name: &str, node: &str) -> VmView {
             format: "Qcow2".into(),
             image_path: format!("/var/lib/vms/{name}.qcow2"),
             state: "Protected".into(),
+            change_tracking: "active".into(),
         }],
         group: None,
         last_backup_at: Some(1_700_000_000_000),

@@ -406,6 +406,20 @@ fn inventory(state: &State, node: &NodeId, vms: &[VmInventory]) -> Result<Vec<Em
                 .into(),
             ),
             Some(known) => {
+                if &known.node != node
+                    && let Some(cluster) = moved_across_clusters(state, &known.node, node)
+                {
+                    return Err(invalid(
+                        "vm_moved_across_clusters",
+                        format!(
+                            "node {node} (cluster {}) reports VM {} ({}), which cairn protects on \
+                             node {} of cluster {cluster}; VMs move only within a cluster. Remove \
+                             the VM from node {node}'s inventory, or remove it from cairn and \
+                             protect it again there",
+                            state.nodes[node].cluster, inv.name, inv.vm, known.node
+                        ),
+                    ));
+                }
                 if &known.node != node {
                     events.push(
                         VmEvent::VmMoved {
@@ -437,6 +451,19 @@ fn inventory(state: &State, node: &NodeId, vms: &[VmInventory]) -> Result<Vec<Em
                                 }
                                 .into(),
                             );
+                            // A bitmap says nothing about a disk of another size.
+                            if known.tracking.contains_key(&disk.disk) {
+                                events.push(
+                                    VmEvent::ChangeTrackingLost {
+                                        disk: disk.disk.clone(),
+                                        reason: format!(
+                                            "the disk was resized from {} to {} bytes",
+                                            old.size_bytes, disk.size_bytes
+                                        ),
+                                    }
+                                    .into(),
+                                );
+                            }
                         }
                     }
                     events.push(
@@ -465,6 +492,12 @@ fn inventory(state: &State, node: &NodeId, vms: &[VmInventory]) -> Result<Vec<Em
         ));
     }
     Ok(emits)
+}
+
+/// The cluster of `from` when `to` belongs to another one (both registered).
+fn moved_across_clusters(state: &State, from: &NodeId, to: &NodeId) -> Option<String> {
+    let (from, to) = (state.nodes.get(from)?, state.nodes.get(to)?);
+    (from.cluster != to.cluster).then(|| from.cluster.clone())
 }
 
 fn same_layout(a: &[DiskInfo], b: &[DiskInfo]) -> bool {

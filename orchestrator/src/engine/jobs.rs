@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use cairn_schemas::{
-    CommittedDisk, Consistency, ConsistencyWanted, DiskSource, FailureClass, ImageFormat, JobEvent,
+    BackupMode, CommittedDisk, Consistency, ConsistencyWanted, DiskSource, FailureClass, ImageFormat, JobEvent,
     JobKind, JobState, NodeId, PlannedStep, RecoveryPointId, RecoveryTarget, Report, ReportBody,
     StepId, StepKind, StepResult, StepSpec, StepWork, WaitReason,
 };
@@ -456,10 +456,10 @@ fn build_spec(
                 .ok_or("the snapshot step has no result")?,
             repository,
             rp: rp_of(job),
-            parent_rp: state.rps.get(&job.vm).and_then(|l| l.last()).map(|r| r.rp),
-            change_tracking: snapshot
-                .and_then(|(_, _, tracking)| tracking.iter().find(|t| &t.disk == disk))
-                .map(|t| t.bitmap.clone()),
+            parent_rp: parent_rp(state, job),
+            // The bitmap the parent's snapshot started holds every write since the parent;
+            // without a parent (or for an express full) there is nothing to trust.
+            change_tracking: change_tracking(vm, job, disk, parent_rp(state, job)),
             chunk_size: cfg.chunk_size,
         },
         StepKind::ReleaseSnapshot => StepWork::ReleaseSnapshot {
@@ -506,6 +506,73 @@ fn build_spec(
         vm: job.vm,
         work,
     })
+}
+
+/// The recovery point a backup builds on: the VM's latest.
+fn parent_rp(state: &State, job: &Job) -> Option<RecoveryPointId> {
+    state.rps.get(&job.vm).and_then(|l| l.last()).map(|r| r.rp)
+}
+
+/// The change-tracking bitmap an incremental transfer of `disk` may trust: the one started by
+/// the parent recovery point's snapshot, unless the job is an express full.
+pub fn change_tracking(
+    vm: &Vm,
+    job: &Job,
+    disk: &cairn_schemas::DiskId,
+    parent: Option<RecoveryPointId>,
+) -> Option<String> {
+    if matches!(
+        job.kind,
+        JobKind::Backup {
+            mode: BackupMode::ExpressFull
+        }
+    ) {
+        return None;
+    }
+    parent?;
+    vm.tracking.get(disk).cloned()
+}
+
+/// VM events a worker's report implies: a transfer that was handed a bitmap but could not use
+/// it (the worker read everything) means the disk's change tracking was lost. Pure; empty for
+/// reports that [`on_report`] ignores.
+pub fn tracking_events(state: &State, report: &Report) -> Vec<cairn_schemas::VmEvent> {
+    let Some(job) = state.jobs.get(&report.job) else {
+        return vec![];
+    };
+    let Some(step) = job.step(report.step) else {
+        return vec![];
+    };
+    let current = step.attempt == report.attempt
+        && step.spec.as_ref().is_some_and(|s| s.epoch == report.epoch);
+    if !current || !step.status.in_flight() || job.state.is_terminal() {
+        return vec![];
+    }
+    let (
+        ReportBody::Succeeded {
+            result:
+                StepResult::Transfer {
+                    disk,
+                    incremental: false,
+                    ..
+                },
+        },
+        Some(StepWork::Transfer {
+            change_tracking: Some(bitmap),
+            ..
+        }),
+    ) = (&report.body, step.spec.as_ref().map(|s| &s.work))
+    else {
+        return vec![];
+    };
+    vec![cairn_schemas::VmEvent::ChangeTrackingLost {
+        disk: disk.clone(),
+        reason: format!(
+            "bitmap {bitmap} was missing or unusable on node {} (deleted, inconsistent after a \
+             crash, or the VM moved without it); the backup read the whole disk (express full)",
+            report.node
+        ),
+    }]
 }
 
 /// Events for a worker's report. Reports of another attempt or epoch, or for a step that is

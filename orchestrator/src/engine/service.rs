@@ -19,7 +19,7 @@ use cairn_schemas::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::decide::{Emit, decide, request_backup};
-use super::jobs::{EngineConfig, Liveness, on_report, reconcile};
+use super::jobs::{EngineConfig, Liveness, on_report, reconcile, tracking_events};
 use super::state::State;
 use super::{read, snapshot};
 use crate::control::{BoxFuture, Control, ControlError};
@@ -245,10 +245,28 @@ impl<L: EventLog + 'static> Engine<L> {
         self.live
             .last_report
             .insert((report.step, report.attempt), now);
-        let events = {
+        let (events, vm_events) = {
             let state = self.shared.state.read().expect("state lock");
-            on_report(&state, &self.shared.config, &report, now)
+            let vm = state.jobs.get(&report.job).map(|j| j.vm);
+            (
+                on_report(&state, &self.shared.config, &report, now),
+                vm.map(|vm| (vm, tracking_events(&state, &report))),
+            )
         };
+        if let Some((vm, vm_events)) = vm_events
+            && !vm_events.is_empty()
+        {
+            let emit = Emit::new(
+                Aggregate::Vm(vm),
+                vm_events.into_iter().map(Event::from).collect(),
+            );
+            if let Err(e) = self
+                .commit(emit, &format!("node/{}", report.node), None)
+                .await
+            {
+                tracing::error!(job = %report.job, error = %e, "could not record lost change tracking");
+            }
+        }
         if !events.is_empty() {
             let emit = Emit::new(
                 Aggregate::Job(report.job),

@@ -49,6 +49,11 @@ pub struct Vm {
     pub group: Option<GroupId>,
     pub disk_states: BTreeMap<DiskId, DataSourceState>,
     pub last_backup_at: Option<u64>,
+    /// Per disk: the change-tracking bitmap started by the snapshot of the VM's last recovery
+    /// point (it records every write since); handed to the next incremental transfer.
+    pub tracking: BTreeMap<DiskId, String>,
+    /// Per disk: why change tracking was lost, until a backup starts a new bitmap.
+    pub tracking_lost: BTreeMap<DiskId, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +266,8 @@ impl State {
                         .collect()
                 });
                 let last_backup_at = previous.and_then(|v| v.last_backup_at);
+                let tracking = previous.map(|v| v.tracking.clone()).unwrap_or_default();
+                let tracking_lost = previous.map(|v| v.tracking_lost.clone()).unwrap_or_default();
                 self.vms.insert(
                     id,
                     Vm {
@@ -273,6 +280,8 @@ impl State {
                         group,
                         disk_states,
                         last_backup_at,
+                        tracking,
+                        tracking_lost,
                     },
                 );
             }
@@ -300,7 +309,12 @@ impl State {
                     d.size_bytes = *new_size_bytes;
                 }
             }
-            VmEvent::ChangeTrackingLost { .. } => {}
+            VmEvent::ChangeTrackingLost { disk, reason } => {
+                if let Some(vm) = self.vms.get_mut(&id) {
+                    vm.tracking.remove(disk);
+                    vm.tracking_lost.insert(disk.clone(), reason.clone());
+                }
+            }
             VmEvent::DataSourceStateChanged { disk, state, .. } => {
                 if let Some(vm) = self.vms.get_mut(&id) {
                     vm.disk_states.insert(disk.clone(), *state);
@@ -496,6 +510,15 @@ impl State {
                 taken_at,
             } => {
                 job.committed_rp = Some(*rp);
+                // The snapshot of this recovery point started the bitmaps the next backup reads.
+                let started: Vec<cairn_schemas::DiskTracking> = job
+                    .steps
+                    .iter()
+                    .find_map(|s| match &s.result {
+                        Some(StepResult::Snapshot { tracking, .. }) => Some(tracking.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
                 let list = self.rps.entry(*vm).or_default();
                 if !list.iter().any(|r| r.rp == *rp) {
                     list.push(RecoveryPoint {
@@ -510,6 +533,15 @@ impl State {
                 if let Some(vm) = self.vms.get_mut(vm) {
                     vm.last_backup_at = Some(*taken_at);
                     for d in disks {
+                        match started.iter().find(|t| t.disk == d.disk) {
+                            Some(t) => {
+                                vm.tracking.insert(d.disk.clone(), t.bitmap.clone());
+                                vm.tracking_lost.remove(&d.disk);
+                            }
+                            None => {
+                                vm.tracking.remove(&d.disk);
+                            }
+                        }
                         vm.disk_states
                             .insert(d.disk.clone(), DataSourceState::Protected);
                     }

@@ -871,3 +871,258 @@ fn a_damaged_snapshot_is_refused() {
     assert!(snapshot::decode(&bytes).is_err());
     assert!(snapshot::decode(b"CAIRNSNP\x02").is_err());
 }
+
+fn tracked_snapshot(bitmap: &str) -> ReportBody {
+    ReportBody::Succeeded {
+        result: StepResult::Snapshot {
+            snapshot: format!("qemu1;{bitmap}"),
+            consistency: Consistency::Application,
+            tracking: ["disk0", "disk1"]
+                .iter()
+                .map(|d| cairn_schemas::DiskTracking {
+                    disk: d.parse().unwrap(),
+                    bitmap: bitmap.into(),
+                })
+                .collect(),
+        },
+    }
+}
+
+fn transfer_read(d: &str, incremental: bool) -> ReportBody {
+    ReportBody::Succeeded {
+        result: StepResult::Transfer {
+            disk: d.parse().unwrap(),
+            bytes_read: 100,
+            bytes_stored: 10,
+            incremental,
+        },
+    }
+}
+
+/// The transfer spec of `disk` in `job`: (parent, change tracking).
+fn transfer_inputs(
+    world: &World,
+    job: JobId,
+    d: &str,
+) -> (Option<cairn_schemas::RecoveryPointId>, Option<String>) {
+    let step = world.state.jobs[&job]
+        .steps
+        .iter()
+        .find(|s| s.kind == transfer(d))
+        .unwrap();
+    match &step.spec.as_ref().expect("dispatched").work {
+        StepWork::Transfer {
+            parent_rp,
+            change_tracking,
+            ..
+        } => (*parent_rp, change_tracking.clone()),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Runs a backup whose snapshot starts `bitmap`; transfers report `incremental`. Applies the
+/// VM events the service derives from each report (lost change tracking).
+fn tracked_backup(
+    world: &mut World,
+    vm: VmId,
+    bitmap: &str,
+    incremental: bool,
+) -> (JobId, Vec<(Option<cairn_schemas::RecoveryPointId>, Option<String>)>) {
+    let job = backup(world, vm);
+    world.report(job, &StepKind::Snapshot, tracked_snapshot(bitmap));
+    let inputs = vec![
+        transfer_inputs(world, job, "disk0"),
+        transfer_inputs(world, job, "disk1"),
+    ];
+    for d in ["disk0", "disk1"] {
+        let step = world.state.jobs[&job]
+            .steps
+            .iter()
+            .find(|s| s.kind == transfer(d))
+            .unwrap()
+            .clone();
+        let spec = step.spec.clone().unwrap();
+        let report = Report {
+            step: step.id,
+            attempt: step.attempt,
+            job,
+            partition: 0,
+            epoch: spec.epoch,
+            node: spec.node,
+            body: transfer_read(d, incremental),
+        };
+        let lost = super::jobs::tracking_events(&world.state, &report);
+        if !lost.is_empty() {
+            world.commit(Emit::new(
+                Aggregate::Vm(vm),
+                lost.into_iter().map(Event::from).collect(),
+            ));
+        }
+        world.report(job, &transfer(d), transfer_read(d, incremental));
+    }
+    for (kind, result) in [
+        (StepKind::ReleaseSnapshot, StepResult::ReleaseSnapshot),
+        (StepKind::CommitRecoveryPoint, StepResult::CommitRecoveryPoint),
+    ] {
+        world.report(job, &kind, ReportBody::Succeeded { result });
+    }
+    assert_eq!(world.state.jobs[&job].state, JobState::Succeeded);
+    (job, inputs)
+}
+
+fn tracking_view(world: &World, vm: VmId) -> Vec<String> {
+    super::read::vms(&world.state)
+        .into_iter()
+        .find(|v| v.vm == vm.to_string())
+        .unwrap()
+        .disks
+        .into_iter()
+        .map(|d| d.change_tracking)
+        .collect()
+}
+
+#[test]
+fn the_parent_snapshots_bitmap_flows_into_the_next_transfer() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    assert_eq!(tracking_view(&w, vm), vec!["none", "none"]);
+    let (job1, inputs1) = tracked_backup(&mut w, vm, "cairn-b1", false);
+    // First backup: no parent, nothing to trust; not a loss either.
+    assert_eq!(inputs1, vec![(None, None), (None, None)]);
+    assert_eq!(tracking_view(&w, vm), vec!["active", "active"]);
+    let rp1 = w.state.jobs[&job1].committed_rp;
+    let (job2, inputs2) = tracked_backup(&mut w, vm, "cairn-b2", true);
+    assert_eq!(
+        inputs2,
+        vec![(rp1, Some("cairn-b1".into())), (rp1, Some("cairn-b1".into()))]
+    );
+    let rp2 = w.state.jobs[&job2].committed_rp;
+    // A failed backup does not move tracking: the next one still reads since rp2 with b2.
+    let failed = backup(&mut w, vm);
+    w.report(failed, &StepKind::Snapshot, tracked_snapshot("cairn-b3"));
+    w.report(
+        failed,
+        &transfer("disk0"),
+        ReportBody::Failed {
+            class: FailureClass::Permanent,
+            message: "disk gone".into(),
+        },
+    );
+    run_rest(&mut w, failed);
+    assert_eq!(w.state.jobs[&failed].state, JobState::Failed);
+    let (_, inputs4) = tracked_backup(&mut w, vm, "cairn-b4", true);
+    assert_eq!(inputs4[0], (rp2, Some("cairn-b2".into())));
+    // An express full trusts no bitmap, and starts a new one.
+    let job = w.id(JobId::new_v7);
+    w.submit(Command::RequestBackup {
+        job,
+        vm,
+        mode: BackupMode::ExpressFull,
+    })
+    .unwrap();
+    w.settle();
+    w.report(job, &StepKind::Snapshot, tracked_snapshot("cairn-b5"));
+    assert_eq!(transfer_inputs(&w, job, "disk0").1, None);
+}
+
+#[test]
+fn lost_change_tracking_is_recorded_shown_and_healed_by_the_next_backup() {
+    // (what happens after a tracked backup, expected event reason fragment)
+    let cases: Vec<(&str, &str)> = vec![
+        ("worker-read-everything", "bitmap cairn-b1 was missing or unusable"),
+        ("disk-resized", "resized from 1073741824 to 2147483648 bytes"),
+    ];
+    for (case, wanted) in cases {
+        let mut w = World::new();
+        let vm = setup(&mut w, 1)[0];
+        tracked_backup(&mut w, vm, "cairn-b1", false);
+        let next_incremental = match case {
+            "worker-read-everything" => {
+                // The worker was handed b1 but could not use it.
+                let (_, inputs) = tracked_backup(&mut w, vm, "cairn-b2", false);
+                assert_eq!(inputs[0].1.as_deref(), Some("cairn-b1"));
+                // That backup started b2: tracking is active again.
+                assert_eq!(tracking_view(&w, vm), vec!["active", "active"]);
+                None
+            }
+            _ => {
+                let mut big = disk("disk0");
+                big.size_bytes = 2 << 30;
+                w.submit(Command::ReportInventory {
+                    node: node(),
+                    vms: vec![VmInventory {
+                        vm,
+                        name: "vm0".into(),
+                        disks: vec![big, disk("disk1")],
+                        power: PowerState::Running,
+                    }],
+                })
+                .unwrap();
+                let view = tracking_view(&w, vm);
+                assert!(view[0].starts_with("lost: ") && view[0].contains(wanted), "{view:?}");
+                assert_eq!(view[1], "active");
+                Some(())
+            }
+        };
+        let lost: Vec<String> = w
+            .log
+            .iter()
+            .filter_map(|e| match &e.envelope.payload {
+                Event::Vm(cairn_schemas::VmEvent::ChangeTrackingLost { reason, .. }) => {
+                    Some(reason.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(!lost.is_empty() && lost.iter().all(|r| r.contains(wanted)), "{case}: {lost:?}");
+        if next_incremental.is_some() {
+            // The resized disk's next transfer trusts nothing; the other disk keeps b1.
+            let (_, inputs) = tracked_backup(&mut w, vm, "cairn-b2", true);
+            assert_eq!(inputs[0].1, None, "{case}");
+            assert_eq!(inputs[1].1.as_deref(), Some("cairn-b1"), "{case}");
+            assert_eq!(tracking_view(&w, vm), vec!["active", "active"]);
+        }
+    }
+}
+
+#[test]
+fn vms_move_within_a_cluster_with_their_tracking_and_never_across() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    tracked_backup(&mut w, vm, "cairn-b1", false);
+    let inventory = |name: &str| VmInventory {
+        vm,
+        name: name.into(),
+        disks: vec![disk("disk0"), disk("disk1")],
+        power: PowerState::Running,
+    };
+    // (node, cluster, accepted)
+    for (other, cluster, accepted) in [("node-c", "c2", false), ("node-b", "c1", true)] {
+        w.submit(Command::RegisterNode {
+            node: other.parse().unwrap(),
+            cluster: cluster.into(),
+            worker_version: "1".into(),
+        })
+        .unwrap();
+        let result = w.submit(Command::ReportInventory {
+            node: other.parse().unwrap(),
+            vms: vec![inventory("vm0")],
+        });
+        let here = w.state.vms[&vm].node.to_string();
+        if accepted {
+            result.unwrap();
+            assert_eq!(here, other);
+        } else {
+            let err = result.unwrap_err();
+            assert_eq!(err.code(), "vm_moved_across_clusters", "{err:?}");
+            assert!(err.to_string().contains("move only within a cluster"), "{err}");
+            assert_eq!(here, "node-a", "nothing changed");
+        }
+    }
+    // The next backup runs on node-b and stays incremental.
+    let job = backup(&mut w, vm);
+    w.report(job, &StepKind::Snapshot, tracked_snapshot("cairn-b2"));
+    let spec = w.state.jobs[&job].steps[0].spec.clone().unwrap();
+    assert_eq!(spec.node.to_string(), "node-b");
+    assert_eq!(transfer_inputs(&w, job, "disk0").1.as_deref(), Some("cairn-b1"));
+}
