@@ -31,7 +31,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cairn_schemas::ids::{DiskId, JobId, RecoveryPointId, VmId};
+use cairn_schemas::ids::{DiskId, JobId, VmId};
 use cairn_schemas::v1::{
     Consistency, ConsistencyWanted, DiskInfo, DiskSource, DiskTracking, ImageFormat, PowerState,
     StepResult, StepSpec, VmInventory,

@@ -11,6 +11,7 @@ use cairn_schemas::ids::{NodeId, StepId};
 use cairn_schemas::v1::{ReportBody, StepWork};
 
 use super::*;
+use cairn_schemas::ids::RecoveryPointId;
 use crate::agent::descriptor::{ReplicaState, write_descriptor};
 use crate::agent::{AgentConfig, FaultDelays};
 use crate::qmp::tests::Qsd;
