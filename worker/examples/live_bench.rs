@@ -126,6 +126,7 @@ fn main() -> anyhow::Result<()> {
         else {
             anyhow::bail!("not a snapshot result");
         };
+        let snapped = started.elapsed().as_secs_f64();
         let StepResult::Transfer { bytes_read, incremental, .. } = run(
             job,
             StepWork::Transfer {
@@ -141,7 +142,13 @@ fn main() -> anyhow::Result<()> {
         else {
             anyhow::bail!("not a transfer result");
         };
+        let transferred = started.elapsed().as_secs_f64();
         run(job, StepWork::ReleaseSnapshot { snapshot })?;
+        eprintln!(
+            "  snapshot {snapped:.3} s, transfer {:.3} s, release {:.3} s",
+            transferred - snapped,
+            started.elapsed().as_secs_f64() - transferred
+        );
         Ok((started.elapsed().as_secs_f64(), bytes_read, incremental, tracking[0].bitmap.clone()))
     };
     let job1 = JobId::new_v7(1_700_000_000_000, [1; 10]);
