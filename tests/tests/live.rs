@@ -26,14 +26,30 @@ struct Qsd {
 impl Qsd {
     fn start(dir: &Path, size_mib: u64) -> Qsd {
         let image = dir.join("disk.qcow2");
-        sh("qemu-img", &["create", "-q", "-f", "qcow2", s(&image), &format!("{size_mib}M")]);
+        sh(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                s(&image),
+                &format!("{size_mib}M"),
+            ],
+        );
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
-            .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+            .arg(format!(
+                "driver=file,node-name=file0,filename={}",
+                image.display()
+            ))
             .arg("--blockdev")
             .arg("driver=qcow2,node-name=disk0,file=file0")
             .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", dir.join("nbd.sock").display()))
+            .arg(format!(
+                "addr.type=unix,addr.path={}",
+                dir.join("nbd.sock").display()
+            ))
             .arg("--export")
             .arg("type=nbd,id=guest,node-name=disk0,name=guest,writable=on")
             .arg("--chardev")
@@ -58,7 +74,10 @@ impl Qsd {
     }
 
     fn guest_uri(&self) -> String {
-        format!("nbd+unix:///guest?socket={}", self.dir.join("nbd.sock").display())
+        format!(
+            "nbd+unix:///guest?socket={}",
+            self.dir.join("nbd.sock").display()
+        )
     }
 
     /// The guest writes 64 KiB of `pattern` at each offset (MiB).
@@ -78,7 +97,18 @@ impl Qsd {
 
     /// The guest's disk now, as a raw file.
     fn copy(&self, to: &Path) {
-        sh("qemu-img", &["convert", "-f", "raw", "-O", "raw", &self.guest_uri(), s(to)]);
+        sh(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                &self.guest_uri(),
+                s(to),
+            ],
+        );
     }
 
     /// One QMP command over a fresh connection.
@@ -102,9 +132,7 @@ impl Qsd {
             json!({"execute": "qmp_capabilities"}),
             json!({"execute": command, "arguments": arguments}),
         ] {
-            writer
-                .write_all(format!("{request}\n").as_bytes())
-                .unwrap();
+            writer.write_all(format!("{request}\n").as_bytes()).unwrap();
             let answer = read();
             assert!(answer.get("return").is_some(), "{command}: {answer}");
             if request["execute"] == command {
@@ -137,11 +165,15 @@ fn job(server: &UpServer, id: &str) -> Value {
 
 fn wait_job(server: &UpServer, id: &str) -> Value {
     let mut last = Value::Null;
-    wait_until(Duration::from_secs(120), &format!("job {id} to succeed"), || {
-        last = job(server, id);
-        assert_ne!(last["state"], "Failed", "{last:#}\n{}", server.log());
-        last["state"] == "Succeeded"
-    });
+    wait_until(
+        Duration::from_secs(120),
+        &format!("job {id} to succeed"),
+        || {
+            last = job(server, id);
+            assert_ne!(last["state"], "Failed", "{last:#}\n{}", server.log());
+            last["state"] == "Succeeded"
+        },
+    );
     last
 }
 
@@ -186,7 +218,15 @@ fn check_restore(server: &UpServer, root: &Path, vm: &str, rp: &str, expected: &
     wait_job(server, &id);
     let restored = to.join("live01-disk0.qcow2");
     let out = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "raw", s(&restored), s(expected)])
+        .args([
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            s(&restored),
+            s(expected),
+        ])
         .output()
         .unwrap();
     assert!(
@@ -228,17 +268,21 @@ fn a_running_vm_is_backed_up_incrementally_while_it_writes_and_survives_kill_9()
     let delayed = [("CAIRN_FAULT_STEP_DELAY_MS", "Transfer=2000")];
     let server = UpServer::start(&data, &[], &delayed);
     let mut vm = String::new();
-    wait_until(Duration::from_secs(60), "the live VM in the inventory", || {
-        let vms = server.get("/v1/vms");
-        vm = vms
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == "live01")
-            .map(|v| v["vm"].as_str().unwrap().to_string())
-            .unwrap_or_default();
-        !vm.is_empty()
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the live VM in the inventory",
+        || {
+            let vms = server.get("/v1/vms");
+            vm = vms
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == "live01")
+                .map(|v| v["vm"].as_str().unwrap().to_string())
+                .unwrap_or_default();
+            !vm.is_empty()
+        },
+    );
     assert_eq!(disk_tracking(&server, &vm), "none");
 
     // 1. Full backup; the guest writes while the transfer runs (held by the fault hook).
@@ -283,20 +327,30 @@ fn a_running_vm_is_backed_up_incrementally_while_it_writes_and_survives_kill_9()
         .as_str()
         .unwrap()
         .to_string();
-    qsd.qmp("block-dirty-bitmap-remove", json!({"node": "disk0", "name": bitmap}));
+    qsd.qmp(
+        "block-dirty-bitmap-remove",
+        json!({"node": "disk0", "name": bitmap}),
+    );
     qsd.write(0x66, &[33]);
     let at3 = root.join("at3.raw");
     qsd.copy(&at3);
     let job3 = request_backup(&server, &vm);
     let done3 = wait_job(&server, &job3);
     let rp3 = done3["rp"].as_str().unwrap().to_string();
-    assert!(bytes_read(&server, &vm, &rp3) > 8 * 65536, "read everything");
+    assert!(
+        bytes_read(&server, &vm, &rp3) > 8 * 65536,
+        "read everything"
+    );
     let events = server.get("/v1/events?limit=1000").to_string();
     assert!(
         events.contains("change tracking of disk disk0 lost") && events.contains(&bitmap),
         "{events}"
     );
-    assert_eq!(disk_tracking(&server, &vm), "active", "the express full started a new bitmap");
+    assert_eq!(
+        disk_tracking(&server, &vm),
+        "active",
+        "the express full started a new bitmap"
+    );
 
     for (rp, expected) in [(&rp1, &at1), (&rp2, &at2), (&rp3, &at3)] {
         check_restore(&server, root, &vm, rp, expected);

@@ -33,7 +33,10 @@ impl Drop for Qsd {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let image = PathBuf::from(args.first().ok_or_else(|| anyhow::anyhow!("usage: live_bench IMAGE.qcow2 [PERCENT] [SEED]"))?);
+    let image = PathBuf::from(
+        args.first()
+            .ok_or_else(|| anyhow::anyhow!("usage: live_bench IMAGE.qcow2 [PERCENT] [SEED]"))?,
+    );
     let image = std::fs::canonicalize(&image)?;
     let percent: f64 = args.get(1).map_or(Ok(1.0), |p| p.parse())?;
     let seed: u64 = args.get(2).map_or(Ok(1), |s| s.parse())?;
@@ -42,7 +45,10 @@ fn main() -> anyhow::Result<()> {
     let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
     let _qsd = Qsd(Command::new("qemu-storage-daemon")
         .arg("--blockdev")
-        .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            image.display()
+        ))
         .arg("--blockdev")
         .arg("driver=qcow2,node-name=disk0,file=file0")
         .arg("--nbd-server")
@@ -50,14 +56,20 @@ fn main() -> anyhow::Result<()> {
         .arg("--export")
         .arg("type=nbd,id=guest,node-name=disk0,name=guest,writable=on")
         .arg("--chardev")
-        .arg(format!("socket,id=qmp0,path={},server=on,wait=off", qmp.display()))
+        .arg(format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            qmp.display()
+        ))
         .arg("--monitor")
         .arg("chardev=qmp0")
         .stdin(Stdio::null())
         .spawn()?);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(qmp.exists() && nbd.exists()) {
-        anyhow::ensure!(Instant::now() < deadline, "qemu-storage-daemon did not start");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon did not start"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let repo = dir.join("repo");
@@ -113,44 +125,56 @@ fn main() -> anyhow::Result<()> {
     };
     let rp_of = |job: JobId| RecoveryPointId::from_bytes(*job.as_bytes()).expect("v7");
     // One backup: snapshot, transfer, release; timed end to end.
-    let mut backup = |job: JobId, parent: Option<(JobId, String)>| -> anyhow::Result<(f64, u64, bool, String)> {
-        let started = Instant::now();
-        let StepResult::Snapshot { snapshot, tracking, .. } = run(
-            job,
-            StepWork::Snapshot {
-                vm_name: vm.name.clone(),
-                disks: vec![DiskSource::from(vm.disks[0].clone())],
-                consistency: ConsistencyWanted::CrashOnly,
-            },
-        )?
-        else {
-            anyhow::bail!("not a snapshot result");
+    let mut backup =
+        |job: JobId, parent: Option<(JobId, String)>| -> anyhow::Result<(f64, u64, bool, String)> {
+            let started = Instant::now();
+            let StepResult::Snapshot {
+                snapshot, tracking, ..
+            } = run(
+                job,
+                StepWork::Snapshot {
+                    vm_name: vm.name.clone(),
+                    disks: vec![DiskSource::from(vm.disks[0].clone())],
+                    consistency: ConsistencyWanted::CrashOnly,
+                },
+            )?
+            else {
+                anyhow::bail!("not a snapshot result");
+            };
+            let snapped = started.elapsed().as_secs_f64();
+            let StepResult::Transfer {
+                bytes_read,
+                incremental,
+                ..
+            } = run(
+                job,
+                StepWork::Transfer {
+                    source: vm.disks[0].clone().into(),
+                    snapshot: snapshot.clone(),
+                    repository: repo.to_string_lossy().into_owned(),
+                    rp: rp_of(job),
+                    parent_rp: parent.as_ref().map(|(j, _)| rp_of(*j)),
+                    change_tracking: parent.map(|(_, b)| b),
+                    chunk_size: 65536,
+                },
+            )?
+            else {
+                anyhow::bail!("not a transfer result");
+            };
+            let transferred = started.elapsed().as_secs_f64();
+            run(job, StepWork::ReleaseSnapshot { snapshot })?;
+            eprintln!(
+                "  snapshot {snapped:.3} s, transfer {:.3} s, release {:.3} s",
+                transferred - snapped,
+                started.elapsed().as_secs_f64() - transferred
+            );
+            Ok((
+                started.elapsed().as_secs_f64(),
+                bytes_read,
+                incremental,
+                tracking[0].bitmap.clone(),
+            ))
         };
-        let snapped = started.elapsed().as_secs_f64();
-        let StepResult::Transfer { bytes_read, incremental, .. } = run(
-            job,
-            StepWork::Transfer {
-                source: vm.disks[0].clone().into(),
-                snapshot: snapshot.clone(),
-                repository: repo.to_string_lossy().into_owned(),
-                rp: rp_of(job),
-                parent_rp: parent.as_ref().map(|(j, _)| rp_of(*j)),
-                change_tracking: parent.map(|(_, b)| b),
-                chunk_size: 65536,
-            },
-        )?
-        else {
-            anyhow::bail!("not a transfer result");
-        };
-        let transferred = started.elapsed().as_secs_f64();
-        run(job, StepWork::ReleaseSnapshot { snapshot })?;
-        eprintln!(
-            "  snapshot {snapped:.3} s, transfer {:.3} s, release {:.3} s",
-            transferred - snapped,
-            started.elapsed().as_secs_f64() - transferred
-        );
-        Ok((started.elapsed().as_secs_f64(), bytes_read, incremental, tracking[0].bitmap.clone()))
-    };
     let job1 = JobId::new_v7(1_700_000_000_000, [1; 10]);
     let job2 = JobId::new_v7(1_700_000_060_000, [2; 10]);
     let (full_s, full_read, _, bitmap) = backup(job1, None)?;
@@ -205,15 +229,25 @@ fn main() -> anyhow::Result<()> {
         },
     )?;
     let same = Command::new("cmp").arg(&expected).arg(&restored).status()?;
-    anyhow::ensure!(same.success(), "the restored incremental differs from the disk at its snapshot");
+    anyhow::ensure!(
+        same.success(),
+        "the restored incremental differs from the disk at its snapshot"
+    );
 
     let churn = count * block;
     let read_share = incr_read as f64 / size as f64 * 100.0;
     let speedup = full_s / incr_s;
     println!("| measurement | value | goal |");
     println!("|---|---:|---|");
-    println!("| disk | {} MiB qcow2, {} MiB churn in {count} writes of 64 KiB | |", size >> 20, churn >> 20);
-    println!("| full backup (snapshot → release) | {full_s:.2} s, {} MiB read | baseline |", full_read >> 20);
+    println!(
+        "| disk | {} MiB qcow2, {} MiB churn in {count} writes of 64 KiB | |",
+        size >> 20,
+        churn >> 20
+    );
+    println!(
+        "| full backup (snapshot → release) | {full_s:.2} s, {} MiB read | baseline |",
+        full_read >> 20
+    );
     println!(
         "| incremental backup (snapshot → release) | {incr_s:.3} s, {:.1} MiB read | |",
         incr_read as f64 / (1 << 20) as f64

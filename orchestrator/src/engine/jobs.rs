@@ -15,9 +15,9 @@
 use std::collections::HashMap;
 
 use cairn_schemas::{
-    BackupMode, CommittedDisk, Consistency, ConsistencyWanted, DiskSource, FailureClass, ImageFormat, JobEvent,
-    JobKind, JobState, NodeId, PlannedStep, RecoveryPointId, RecoveryTarget, Report, ReportBody,
-    StepId, StepKind, StepResult, StepSpec, StepWork, WaitReason,
+    BackupMode, CommittedDisk, Consistency, ConsistencyWanted, DiskSource, FailureClass,
+    ImageFormat, JobEvent, JobKind, JobState, NodeId, PlannedStep, RecoveryPointId, RecoveryTarget,
+    Report, ReportBody, StepId, StepKind, StepResult, StepSpec, StepWork, WaitReason,
 };
 
 use super::state::{Job, State, Step, StepStatus, Vm};

@@ -49,7 +49,8 @@ pub fn vms(state: &State) -> Vec<VmView> {
                             .copied()
                             .unwrap_or(DataSourceState::PendingReplicaCreation)
                     ),
-                    change_tracking: match (vm.tracking.get(&d.disk), vm.tracking_lost.get(&d.disk)) {
+                    change_tracking: match (vm.tracking.get(&d.disk), vm.tracking_lost.get(&d.disk))
+                    {
                         (Some(_), _) => "active".into(),
                         (None, Some(reason)) => format!("lost: {reason}"),
                         (None, None) => "none".into(),

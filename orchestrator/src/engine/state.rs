@@ -267,7 +267,9 @@ impl State {
                 });
                 let last_backup_at = previous.and_then(|v| v.last_backup_at);
                 let tracking = previous.map(|v| v.tracking.clone()).unwrap_or_default();
-                let tracking_lost = previous.map(|v| v.tracking_lost.clone()).unwrap_or_default();
+                let tracking_lost = previous
+                    .map(|v| v.tracking_lost.clone())
+                    .unwrap_or_default();
                 self.vms.insert(
                     id,
                     Vm {

@@ -927,7 +927,10 @@ fn tracked_backup(
     vm: VmId,
     bitmap: &str,
     incremental: bool,
-) -> (JobId, Vec<(Option<cairn_schemas::RecoveryPointId>, Option<String>)>) {
+) -> (
+    JobId,
+    Vec<(Option<cairn_schemas::RecoveryPointId>, Option<String>)>,
+) {
     let job = backup(world, vm);
     world.report(job, &StepKind::Snapshot, tracked_snapshot(bitmap));
     let inputs = vec![
@@ -962,7 +965,10 @@ fn tracked_backup(
     }
     for (kind, result) in [
         (StepKind::ReleaseSnapshot, StepResult::ReleaseSnapshot),
-        (StepKind::CommitRecoveryPoint, StepResult::CommitRecoveryPoint),
+        (
+            StepKind::CommitRecoveryPoint,
+            StepResult::CommitRecoveryPoint,
+        ),
     ] {
         world.report(job, &kind, ReportBody::Succeeded { result });
     }
@@ -994,7 +1000,10 @@ fn the_parent_snapshots_bitmap_flows_into_the_next_transfer() {
     let (job2, inputs2) = tracked_backup(&mut w, vm, "cairn-b2", true);
     assert_eq!(
         inputs2,
-        vec![(rp1, Some("cairn-b1".into())), (rp1, Some("cairn-b1".into()))]
+        vec![
+            (rp1, Some("cairn-b1".into())),
+            (rp1, Some("cairn-b1".into()))
+        ]
     );
     let rp2 = w.state.jobs[&job2].committed_rp;
     // A failed backup does not move tracking: the next one still reads since rp2 with b2.
@@ -1029,8 +1038,14 @@ fn the_parent_snapshots_bitmap_flows_into_the_next_transfer() {
 fn lost_change_tracking_is_recorded_shown_and_healed_by_the_next_backup() {
     // (what happens after a tracked backup, expected event reason fragment)
     let cases: Vec<(&str, &str)> = vec![
-        ("worker-read-everything", "bitmap cairn-b1 was missing or unusable"),
-        ("disk-resized", "resized from 1073741824 to 2147483648 bytes"),
+        (
+            "worker-read-everything",
+            "bitmap cairn-b1 was missing or unusable",
+        ),
+        (
+            "disk-resized",
+            "resized from 1073741824 to 2147483648 bytes",
+        ),
     ];
     for (case, wanted) in cases {
         let mut w = World::new();
@@ -1059,7 +1074,10 @@ fn lost_change_tracking_is_recorded_shown_and_healed_by_the_next_backup() {
                 })
                 .unwrap();
                 let view = tracking_view(&w, vm);
-                assert!(view[0].starts_with("lost: ") && view[0].contains(wanted), "{view:?}");
+                assert!(
+                    view[0].starts_with("lost: ") && view[0].contains(wanted),
+                    "{view:?}"
+                );
                 assert_eq!(view[1], "active");
                 Some(())
             }
@@ -1074,7 +1092,10 @@ fn lost_change_tracking_is_recorded_shown_and_healed_by_the_next_backup() {
                 _ => None,
             })
             .collect();
-        assert!(!lost.is_empty() && lost.iter().all(|r| r.contains(wanted)), "{case}: {lost:?}");
+        assert!(
+            !lost.is_empty() && lost.iter().all(|r| r.contains(wanted)),
+            "{case}: {lost:?}"
+        );
         if next_incremental.is_some() {
             // The resized disk's next transfer trusts nothing; the other disk keeps b1.
             let (_, inputs) = tracked_backup(&mut w, vm, "cairn-b2", true);
@@ -1115,7 +1136,10 @@ fn vms_move_within_a_cluster_with_their_tracking_and_never_across() {
         } else {
             let err = result.unwrap_err();
             assert_eq!(err.code(), "vm_moved_across_clusters", "{err:?}");
-            assert!(err.to_string().contains("move only within a cluster"), "{err}");
+            assert!(
+                err.to_string().contains("move only within a cluster"),
+                "{err}"
+            );
             assert_eq!(here, "node-a", "nothing changed");
         }
     }
@@ -1124,5 +1148,8 @@ fn vms_move_within_a_cluster_with_their_tracking_and_never_across() {
     w.report(job, &StepKind::Snapshot, tracked_snapshot("cairn-b2"));
     let spec = w.state.jobs[&job].steps[0].spec.clone().unwrap();
     assert_eq!(spec.node.to_string(), "node-b");
-    assert_eq!(transfer_inputs(&w, job, "disk0").1.as_deref(), Some("cairn-b1"));
+    assert_eq!(
+        transfer_inputs(&w, job, "disk0").1.as_deref(),
+        Some("cairn-b1")
+    );
 }

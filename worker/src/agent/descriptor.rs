@@ -570,7 +570,10 @@ fn validate_live(descriptor: &Descriptor, qemu: &QemuVm) -> Result<(), Error> {
             ));
         }
         if descriptor.disks[..i].iter().any(|d| d.node == disk.node) {
-            return Err(invalid(&field, format!("block node {node:?} is used twice")));
+            return Err(invalid(
+                &field,
+                format!("block node {node:?} is used twice"),
+            ));
         }
     }
     Ok(())

@@ -130,9 +130,15 @@ pub(crate) struct NodeInfo {
 /// - With none frozen, several recording ones (should not happen) are merged into the oldest.
 pub(crate) fn fold_actions(node: &str, bitmaps: &[BitmapInfo]) -> (Vec<Value>, Option<String>) {
     let mut actions = Vec::new();
-    let mut ours: Vec<&BitmapInfo> = bitmaps.iter().filter(|b| is_cairn_bitmap(&b.name)).collect();
+    let mut ours: Vec<&BitmapInfo> = bitmaps
+        .iter()
+        .filter(|b| is_cairn_bitmap(&b.name))
+        .collect();
     for bad in ours.iter().filter(|b| b.inconsistent) {
-        actions.push(action("block-dirty-bitmap-remove", json!({"node": node, "name": bad.name})));
+        actions.push(action(
+            "block-dirty-bitmap-remove",
+            json!({"node": node, "name": bad.name}),
+        ));
     }
     ours.retain(|b| !b.inconsistent);
     // Job ids are UUID v7: name order is creation order.
@@ -157,10 +163,16 @@ pub(crate) fn fold_actions(node: &str, bitmaps: &[BitmapInfo]) -> (Vec<Value>, O
         ));
     }
     if ours.iter().any(|b| b.name == target && !b.recording) {
-        actions.push(action("block-dirty-bitmap-enable", json!({"node": node, "name": target})));
+        actions.push(action(
+            "block-dirty-bitmap-enable",
+            json!({"node": node, "name": target}),
+        ));
     }
     for other in others {
-        actions.push(action("block-dirty-bitmap-remove", json!({"node": node, "name": other})));
+        actions.push(action(
+            "block-dirty-bitmap-remove",
+            json!({"node": node, "name": other}),
+        ));
     }
     (actions, Some(target))
 }
@@ -196,7 +208,10 @@ impl LiveHandle {
     pub(crate) fn encode(&self) -> String {
         let mut out = format!("{HANDLE_PREFIX};vm={};bitmap={}", self.vm, self.bitmap);
         for (disk, frozen, size) in &self.disks {
-            out.push_str(&format!(";{disk}={},{size}", frozen.as_deref().unwrap_or("-")));
+            out.push_str(&format!(
+                ";{disk}={},{size}",
+                frozen.as_deref().unwrap_or("-")
+            ));
         }
         out
     }
@@ -289,7 +304,9 @@ async fn node_info(qmp: &mut Qmp, node: &str) -> Result<NodeInfo, Error> {
 /// Finds `node` in a `query-named-block-nodes` answer. Pure; refuses malformed answers.
 pub(crate) fn parse_node_info(nodes: &Value, node: &str) -> Result<NodeInfo, Error> {
     let malformed = |why: String| Error::InvalidStep(format!("QEMU's block node list {why}"));
-    let list = nodes.as_array().ok_or_else(|| malformed("is not a list".into()))?;
+    let list = nodes
+        .as_array()
+        .ok_or_else(|| malformed("is not a list".into()))?;
     let entry = list
         .iter()
         .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node))
@@ -348,15 +365,16 @@ pub(crate) fn probe(descriptor: &Descriptor, qemu: &QemuVm) -> Result<VmInventor
 }
 
 fn disk_node(disk: &DescriptorDisk) -> Result<&str, Error> {
-    disk.node.as_deref().ok_or_else(|| {
-        Error::InvalidStep(format!("disk {} names no QEMU block node", disk.id))
-    })
+    disk.node
+        .as_deref()
+        .ok_or_else(|| Error::InvalidStep(format!("disk {} names no QEMU block node", disk.id)))
 }
 
 fn qemu_of(descriptor: &Descriptor) -> Result<&QemuVm, Error> {
-    descriptor.qemu.as_ref().ok_or_else(|| {
-        Error::InvalidStep(format!("VM {} is not a qemu VM", descriptor.name))
-    })
+    descriptor
+        .qemu
+        .as_ref()
+        .ok_or_else(|| Error::InvalidStep(format!("VM {} is not a qemu VM", descriptor.name)))
 }
 
 fn scratch_dir(qemu: &QemuVm, disk: &DescriptorDisk) -> PathBuf {
@@ -406,13 +424,17 @@ async fn teardown(qmp: &mut Qmp, names: &FleeceNames, overlay: &Path) -> Result<
         .await
         .map_err(|e| live_error("listing NBD exports", e))?;
     let has_export = |exports: &Value| {
-        exports
-            .as_array()
-            .is_some_and(|l| l.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(&names.export)))
+        exports.as_array().is_some_and(|l| {
+            l.iter()
+                .any(|e| e.get("id").and_then(Value::as_str) == Some(&names.export))
+        })
     };
     if has_export(&exports) {
         match qmp
-            .execute("block-export-del", Some(json!({"id": names.export, "mode": "hard"})))
+            .execute(
+                "block-export-del",
+                Some(json!({"id": names.export, "mode": "hard"})),
+            )
             .await
         {
             Ok(_) => {}
@@ -422,24 +444,41 @@ async fn teardown(qmp: &mut Qmp, names: &FleeceNames, overlay: &Path) -> Result<
             }
             Err(e) => return Err(live_error("removing the snapshot's NBD export", e)),
         }
-        wait_until(qmp, "query-block-exports", |v| !has_export(v), "the export to go").await?;
+        wait_until(
+            qmp,
+            "query-block-exports",
+            |v| !has_export(v),
+            "the export to go",
+        )
+        .await?;
     }
     let jobs = qmp
         .execute("query-block-jobs", None)
         .await
         .map_err(|e| live_error("listing block jobs", e))?;
     let has_job = |jobs: &Value| {
-        jobs.as_array()
-            .is_some_and(|l| l.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(&names.job)))
+        jobs.as_array().is_some_and(|l| {
+            l.iter()
+                .any(|j| j.get("device").and_then(Value::as_str) == Some(&names.job))
+        })
     };
     if has_job(&jobs) {
         if let Err(e) = qmp
-            .execute("block-job-cancel", Some(json!({"device": names.job, "force": true})))
+            .execute(
+                "block-job-cancel",
+                Some(json!({"device": names.job, "force": true})),
+            )
             .await
         {
             tracing::debug!(error = %e, "fleecing job cancel refused (already ending?)");
         }
-        wait_until(qmp, "query-block-jobs", |v| !has_job(v), "the fleecing job to end").await?;
+        wait_until(
+            qmp,
+            "query-block-jobs",
+            |v| !has_job(v),
+            "the fleecing job to end",
+        )
+        .await?;
     }
     let nodes = qmp
         .execute("query-named-block-nodes", Some(json!({"flat": true})))
@@ -449,14 +488,19 @@ async fn teardown(qmp: &mut Qmp, names: &FleeceNames, overlay: &Path) -> Result<
         l.iter()
             .any(|n| n.get("node-name").and_then(Value::as_str) == Some(&names.overlay_node))
     }) {
-        qmp.execute("blockdev-del", Some(json!({"node-name": names.overlay_node})))
-            .await
-            .map_err(|e| live_error("removing the fleecing overlay node", e))?;
+        qmp.execute(
+            "blockdev-del",
+            Some(json!({"node-name": names.overlay_node})),
+        )
+        .await
+        .map_err(|e| live_error("removing the fleecing overlay node", e))?;
     }
     match std::fs::remove_file(overlay) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(overlay = %overlay.display(), error = %e, "cannot remove a fleecing overlay"),
+        Err(e) => {
+            tracing::warn!(overlay = %overlay.display(), error = %e, "cannot remove a fleecing overlay")
+        }
     }
     Ok(())
 }
@@ -491,8 +535,12 @@ async fn fold_bitmaps(qmp: &mut Qmp, node: &str) -> Result<Option<String>, Error
     let info = node_info(qmp, node).await?;
     let (actions, target) = fold_actions(node, &info.bitmaps);
     if !actions.is_empty() {
-        tracing::info!(node, ?target, n_actions = actions.len(),
-            "folding change-tracking bitmaps left by an unfinished backup");
+        tracing::info!(
+            node,
+            ?target,
+            n_actions = actions.len(),
+            "folding change-tracking bitmaps left by an unfinished backup"
+        );
         qmp.execute("transaction", Some(json!({"actions": actions})))
             .await
             .map_err(|e| live_error("folding leftover change-tracking bitmaps", e))?;
@@ -507,13 +555,15 @@ async fn freeze(qemu: &QemuVm, wanted: ConsistencyWanted) -> Option<Result<(), q
         return None;
     }
     let path = qemu.guest_agent.as_ref()?;
-    Some(async {
-        let mut qga = Qmp::connect_guest_agent(path, GUEST_AGENT_TIMEOUT).await?;
-        let frozen = qga.execute("guest-fsfreeze-freeze", None).await?;
-        tracing::info!(file_systems = %frozen, "guest file systems frozen");
-        Ok(())
-    }
-    .await)
+    Some(
+        async {
+            let mut qga = Qmp::connect_guest_agent(path, GUEST_AGENT_TIMEOUT).await?;
+            let frozen = qga.execute("guest-fsfreeze-freeze", None).await?;
+            tracing::info!(file_systems = %frozen, "guest file systems frozen");
+            Ok(())
+        }
+        .await,
+    )
 }
 
 async fn thaw(qemu: &QemuVm) -> Result<(), qmp::Error> {
@@ -894,7 +944,10 @@ pub(crate) fn transfer(
     if handle.vm != spec.vm {
         return Err(Error::BadSnapshotHandle {
             handle: work.snapshot.into(),
-            reason: format!("it is a snapshot of VM {}, not of VM {}", handle.vm, spec.vm),
+            reason: format!(
+                "it is a snapshot of VM {}, not of VM {}",
+                handle.vm, spec.vm
+            ),
         });
     }
     let (_, frozen, size) = handle
@@ -973,14 +1026,21 @@ pub(crate) fn transfer(
         return Err(Error::ChangedSinceSnapshot {
             disk: source.disk.clone(),
             path: source.image_path.clone(),
-            what: format!("the snapshot export has {} bytes, not {size}", client.size()),
+            what: format!(
+                "the snapshot export has {} bytes, not {size}",
+                client.size()
+            ),
         });
     }
     let mut snapshot = SnapshotSource {
         client,
         size,
         bitmap_context,
-        describe: format!("snapshot of {} (QEMU node {:?})", disk.id, disk.node.as_deref().unwrap_or("")),
+        describe: format!(
+            "snapshot of {} (QEMU node {:?})",
+            disk.id,
+            disk.node.as_deref().unwrap_or("")
+        ),
     };
     let options = BackupOptions {
         disk: lineage.clone(),
@@ -989,12 +1049,11 @@ pub(crate) fn transfer(
         rp: Some(work.rp.to_string()),
         unchanged_since: work.parent_rp.filter(|_| tracked).map(|p| p.to_string()),
     };
-    let summary = repo::backup(&repo, &mut snapshot, &options, progress).map_err(|source| {
-        Error::Repo {
+    let summary =
+        repo::backup(&repo, &mut snapshot, &options, progress).map_err(|source| Error::Repo {
             repository: work.repository.to_owned(),
             source,
-        }
-    })?;
+        })?;
     drop(snapshot);
     // The recovery point is durable: the frozen bitmap has served. Dropping it makes the new
     // bitmap the one covering changes since this recovery point; if this fails, the release
@@ -1033,19 +1092,29 @@ pub(crate) fn transfer(
 /// Removes only the export of a disk's snapshot (its bitmap is busy while exported).
 async fn teardown_export_only(qmp: &mut Qmp, names: &FleeceNames) -> Result<(), Error> {
     let has_export = |exports: &Value| {
-        exports
-            .as_array()
-            .is_some_and(|l| l.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(&names.export)))
+        exports.as_array().is_some_and(|l| {
+            l.iter()
+                .any(|e| e.get("id").and_then(Value::as_str) == Some(&names.export))
+        })
     };
     let exports = qmp
         .execute("query-block-exports", None)
         .await
         .map_err(|e| live_error("listing NBD exports", e))?;
     if has_export(&exports) {
-        qmp.execute("block-export-del", Some(json!({"id": names.export, "mode": "hard"})))
-            .await
-            .map_err(|e| live_error("removing the snapshot's NBD export", e))?;
-        wait_until(qmp, "query-block-exports", |v| !has_export(v), "the export to go").await?;
+        qmp.execute(
+            "block-export-del",
+            Some(json!({"id": names.export, "mode": "hard"})),
+        )
+        .await
+        .map_err(|e| live_error("removing the snapshot's NBD export", e))?;
+        wait_until(
+            qmp,
+            "query-block-exports",
+            |v| !has_export(v),
+            "the export to go",
+        )
+        .await?;
     }
     Ok(())
 }
@@ -1055,7 +1124,10 @@ pub(crate) fn release(agent: &Agent, spec: &StepSpec, snapshot: &str) -> Result<
     if handle.vm != spec.vm {
         return Err(Error::BadSnapshotHandle {
             handle: snapshot.into(),
-            reason: format!("it is a snapshot of VM {}, not of VM {}", handle.vm, spec.vm),
+            reason: format!(
+                "it is a snapshot of VM {}, not of VM {}",
+                handle.vm, spec.vm
+            ),
         });
     }
     let descriptor = match agent.described_vm(spec.vm) {

@@ -133,7 +133,9 @@ impl Qmp {
             .get("QMP")
             .and_then(|q| q.get("version"))
             .and_then(|v| v.get("qemu"))
-            .ok_or_else(|| qmp.protocol(format!("the greeting is not QMP's: {}", clip(&greeting))))?;
+            .ok_or_else(|| {
+                qmp.protocol(format!("the greeting is not QMP's: {}", clip(&greeting)))
+            })?;
         let number = |key: &str| version.get(key).and_then(Value::as_u64).unwrap_or(0);
         qmp.version = (number("major"), number("minor"), number("micro"));
         qmp.execute("qmp_capabilities", None).await?;
@@ -185,7 +187,11 @@ impl Qmp {
 
     /// Runs `command` with `arguments` (an object, or `None`) and returns its `return` value.
     /// Events that arrive meanwhile are kept for [`Qmp::take_events`].
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, Error> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, Error> {
         if self.broken {
             return Err(Error::Broken {
                 path: self.path.clone(),
@@ -340,7 +346,10 @@ enum LineError {
 /// Reads up to and excluding `\n`, refusing lines over [`MAX_LINE_BYTES`]. Blank lines are
 /// skipped (QGA may send a 0xFF sync byte line after `guest-sync-delimited`; we use plain
 /// `guest-sync`, so only whitespace is tolerated).
-async fn read_line(reader: &mut BufReader<OwnedReadHalf>, line: &mut Vec<u8>) -> Result<(), LineError> {
+async fn read_line(
+    reader: &mut BufReader<OwnedReadHalf>,
+    line: &mut Vec<u8>,
+) -> Result<(), LineError> {
     loop {
         line.clear();
         loop {

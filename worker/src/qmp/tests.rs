@@ -30,7 +30,11 @@ impl Qsd {
             .arg(size.to_string())
             .output()
             .expect("qemu-img runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Qsd::serve(dir, &image, format)
     }
 
@@ -42,7 +46,10 @@ impl Qsd {
         let _ = std::fs::remove_file(&nbd);
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
-            .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+            .arg(format!(
+                "driver=file,node-name=file0,filename={}",
+                image.display()
+            ))
             .arg("--blockdev")
             .arg(format!("driver={format},node-name=disk0,file=file0"))
             .arg("--nbd-server")
@@ -50,7 +57,10 @@ impl Qsd {
             .arg("--export")
             .arg("type=nbd,id=guest,node-name=disk0,name=guest,writable=on")
             .arg("--chardev")
-            .arg(format!("socket,id=qmp0,path={},server=on,wait=off", qmp.display()))
+            .arg(format!(
+                "socket,id=qmp0,path={},server=on,wait=off",
+                qmp.display()
+            ))
             .arg("--monitor")
             .arg("chardev=qmp0")
             .stdin(Stdio::null())
@@ -65,7 +75,10 @@ impl Qsd {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(qmp.exists() && nbd.exists()) {
-            assert!(Instant::now() < deadline, "qemu-storage-daemon did not start");
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         qsd
@@ -108,7 +121,11 @@ impl Qsd {
             .arg(to)
             .output()
             .expect("qemu-img runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Asks the daemon to quit (persistent bitmaps are written to a qcow2) and waits.
@@ -128,7 +145,10 @@ impl Qsd {
                 if child.try_wait().unwrap().is_some() {
                     break;
                 }
-                assert!(Instant::now() < deadline, "qemu-storage-daemon did not quit");
+                assert!(
+                    Instant::now() < deadline,
+                    "qemu-storage-daemon did not quit"
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -165,7 +185,11 @@ fn commands_errors_and_events_against_qemu_storage_daemon() {
             .await
             .unwrap();
         assert!(
-            nodes.as_array().unwrap().iter().any(|n| n["node-name"] == "disk0"),
+            nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["node-name"] == "disk0"),
             "{nodes}"
         );
         let err = qmp
@@ -189,14 +213,23 @@ fn commands_errors_and_events_against_qemu_storage_daemon() {
         // The deletion event may trail the answer: poll with a deadline.
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut events = Vec::new();
-        while !events.iter().any(|e: &serde_json::Value| e["event"] == "BLOCK_EXPORT_DELETED") {
-            assert!(Instant::now() < deadline, "no BLOCK_EXPORT_DELETED: {events:?}");
+        while !events
+            .iter()
+            .any(|e: &serde_json::Value| e["event"] == "BLOCK_EXPORT_DELETED")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no BLOCK_EXPORT_DELETED: {events:?}"
+            );
             qmp.execute("query-block-exports", None).await.unwrap();
             events.extend(qmp.take_events());
         }
         let err = qmp.execute("no-such-command", None).await.unwrap_err();
         assert_eq!(err.class(), Some("CommandNotFound"), "{err}");
-        let err = qmp.execute("query-version", Some(json!([1]))).await.unwrap_err();
+        let err = qmp
+            .execute("query-version", Some(json!([1])))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("must be an object"), "{err}");
     });
 }
@@ -227,8 +260,7 @@ fn scripted(dir: &Path, greeting: &'static str, answers: Vec<String>) -> PathBuf
     path
 }
 
-const GREETING: &str =
-    "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 0, \"micro\": 2}}, \"capabilities\": []}}\n";
+const GREETING: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 0, \"micro\": 2}}, \"capabilities\": []}}\n";
 
 #[test]
 fn hostile_servers_yield_errors_not_panics_or_hangs() {
@@ -238,17 +270,34 @@ fn hostile_servers_yield_errors_not_panics_or_hangs() {
         ("not json\n", vec![], "not JSON"),
         ("[1,2]\n", vec![], "not a JSON object"),
         ("{\"hello\": 1}\n", vec![], "not QMP's"),
-        (GREETING, vec!["{\"return\": {}, \"id\": 7}\n".into()], "carries id 7"),
-        (GREETING, vec![caps.clone(), "{\"id\": 2}\n".into()], "neither return nor error"),
         (
             GREETING,
-            vec![caps.clone(), "{\"error\": {\"desc\": \"x\"}, \"id\": 2}\n".into()],
+            vec!["{\"return\": {}, \"id\": 7}\n".into()],
+            "carries id 7",
+        ),
+        (
+            GREETING,
+            vec![caps.clone(), "{\"id\": 2}\n".into()],
+            "neither return nor error",
+        ),
+        (
+            GREETING,
+            vec![
+                caps.clone(),
+                "{\"error\": {\"desc\": \"x\"}, \"id\": 2}\n".into(),
+            ],
             "lacks class or desc",
         ),
         (GREETING, vec![caps.clone()], "no answer within"),
         (
             GREETING,
-            vec![caps.clone(), format!("{{\"return\": \"{}\"", "x".repeat(super::MAX_LINE_BYTES + 10))],
+            vec![
+                caps.clone(),
+                format!(
+                    "{{\"return\": \"{}\"",
+                    "x".repeat(super::MAX_LINE_BYTES + 10)
+                ),
+            ],
             "longer than",
         ),
     ];

@@ -11,11 +11,11 @@ use cairn_schemas::ids::{NodeId, StepId};
 use cairn_schemas::v1::{ReportBody, StepWork};
 
 use super::*;
-use cairn_schemas::ids::RecoveryPointId;
 use crate::agent::descriptor::{ReplicaState, write_descriptor};
 use crate::agent::{AgentConfig, FaultDelays};
 use crate::qmp::tests::Qsd;
 use crate::repo::Repository;
+use cairn_schemas::ids::RecoveryPointId;
 
 const MIB: u64 = 1 << 20;
 
@@ -43,7 +43,11 @@ fn folding_keeps_every_change_in_one_recording_bitmap() {
         (
             vec![bm(B2, true), bm(B1, false)],
             Some(B1),
-            vec!["block-dirty-bitmap-merge", "block-dirty-bitmap-enable", "block-dirty-bitmap-remove"],
+            vec![
+                "block-dirty-bitmap-merge",
+                "block-dirty-bitmap-enable",
+                "block-dirty-bitmap-remove",
+            ],
         ),
         // Two failed backups in a row.
         (
@@ -78,7 +82,10 @@ fn folding_keeps_every_change_in_one_recording_bitmap() {
     for (i, (bitmaps, target, kinds)) in cases.into_iter().enumerate() {
         let (actions, got) = fold_actions("disk0", &bitmaps);
         assert_eq!(got.as_deref(), target, "case {i}");
-        let got_kinds: Vec<&str> = actions.iter().map(|a| a["type"].as_str().unwrap()).collect();
+        let got_kinds: Vec<&str> = actions
+            .iter()
+            .map(|a| a["type"].as_str().unwrap())
+            .collect();
         assert_eq!(got_kinds, kinds, "case {i}: {actions:?}");
     }
 }
@@ -101,7 +108,10 @@ fn handles_round_trip_and_bad_ones_are_refused() {
         (format!("qemu1;vm={vm};bitmap=user"), "no valid bitmap"),
         (format!("qemu1;vm={vm};bitmap={B1}"), "no disks"),
         (format!("qemu1;vm={vm};bitmap={B1};d=-"), "lacks a size"),
-        (format!("qemu1;vm={vm};bitmap={B1};d=evil,1"), "not a cairn bitmap"),
+        (
+            format!("qemu1;vm={vm};bitmap={B1};d=evil,1"),
+            "not a cairn bitmap",
+        ),
         (format!("qemu1;vm={vm};bitmap={B1};d=-,x"), "size"),
         (format!("qemu1;vm={vm};bitmap={B1};d=-,1;d=-,1"), "twice"),
         (format!("qemu1;vm={vm};bitmap={B1};../x=-,1"), "DiskId"),
@@ -130,12 +140,19 @@ fn extents_combine_allocation_and_dirtiness() {
     let full: Vec<_> = full.iter().map(|e| (e.offset, e.len, e.kind)).collect();
     assert_eq!(
         full,
-        vec![(0, 100, ExtentKind::Data), (100, 100, ExtentKind::Zero), (200, 56, ExtentKind::Data)]
+        vec![
+            (0, 100, ExtentKind::Data),
+            (100, 100, ExtentKind::Zero),
+            (200, 56, ExtentKind::Data)
+        ]
     );
     // A server that answers short: the rest counts as dirty data (read, never skipped).
     let short = combine_extents(&[st(0, 10, STATE_ZERO)], Some(&[]), 0, 20);
     let short: Vec<_> = short.iter().map(|e| (e.offset, e.len, e.kind)).collect();
-    assert_eq!(short, vec![(0, 10, ExtentKind::Zero), (10, 10, ExtentKind::Data)]);
+    assert_eq!(
+        short,
+        vec![(0, 10, ExtentKind::Zero), (10, 10, ExtentKind::Data)]
+    );
 }
 
 #[test]
@@ -159,8 +176,14 @@ fn node_lists_from_qemu_are_checked() {
         (json!({}), "not a list"),
         (json!([]), "no block node"),
         (json!([{"node-name": "d"}]), "no virtual size"),
-        (json!([{"node-name": "d", "image": {"virtual-size": 1}, "dirty-bitmaps": 3}]), "bad bitmap list"),
-        (json!([{"node-name": "d", "image": {"virtual-size": 1}, "dirty-bitmaps": [{}]}]), "without a name"),
+        (
+            json!([{"node-name": "d", "image": {"virtual-size": 1}, "dirty-bitmaps": 3}]),
+            "bad bitmap list",
+        ),
+        (
+            json!([{"node-name": "d", "image": {"virtual-size": 1}, "dirty-bitmaps": [{}]}]),
+            "without a name",
+        ),
     ] {
         let err = parse_node_info(&answer, "d").unwrap_err().to_string();
         assert!(err.contains(wanted), "{answer}: {err}");
@@ -225,7 +248,12 @@ struct Live {
     n: std::cell::Cell<u64>,
 }
 
-fn descriptor_for(qsd: &Qsd, format: ImageFormat, qga: Option<&Path>, replica: Option<ReplicaState>) -> Descriptor {
+fn descriptor_for(
+    qsd: &Qsd,
+    format: ImageFormat,
+    qga: Option<&Path>,
+    replica: Option<ReplicaState>,
+) -> Descriptor {
     Descriptor {
         name: "live01".into(),
         uuid: uuid::Uuid::parse_str("0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d00").unwrap(),
@@ -304,18 +332,33 @@ impl Live {
         self.agent.execute(spec, &mut |_| {}, &flag)
     }
 
-    fn snapshot(&self, job: JobId, wanted: ConsistencyWanted) -> Result<(String, Consistency, String), String> {
+    fn snapshot(
+        &self,
+        job: JobId,
+        wanted: ConsistencyWanted,
+    ) -> Result<(String, Consistency, String), String> {
         let spec = self.spec(
             job,
             StepWork::Snapshot {
                 vm_name: self.vm.name.clone(),
-                disks: self.vm.disks.iter().cloned().map(DiskSource::from).collect(),
+                disks: self
+                    .vm
+                    .disks
+                    .iter()
+                    .cloned()
+                    .map(DiskSource::from)
+                    .collect(),
                 consistency: wanted,
             },
         );
         match self.run(&spec, false) {
             ReportBody::Succeeded {
-                result: StepResult::Snapshot { snapshot, consistency, tracking },
+                result:
+                    StepResult::Snapshot {
+                        snapshot,
+                        consistency,
+                        tracking,
+                    },
             } => Ok((snapshot, consistency, tracking[0].bitmap.clone())),
             ReportBody::Failed { message, .. } => Err(message),
             other => panic!("{other:?}"),
@@ -344,7 +387,12 @@ impl Live {
         );
         match self.run(&spec, cancel) {
             ReportBody::Succeeded {
-                result: StepResult::Transfer { bytes_read, incremental, .. },
+                result:
+                    StepResult::Transfer {
+                        bytes_read,
+                        incremental,
+                        ..
+                    },
             } => Ok((bytes_read, incremental)),
             ReportBody::Failed { message, .. } => Err(message),
             other => panic!("{other:?}"),
@@ -352,7 +400,12 @@ impl Live {
     }
 
     fn release(&self, job: JobId, snapshot: &str) {
-        let spec = self.spec(job, StepWork::ReleaseSnapshot { snapshot: snapshot.into() });
+        let spec = self.spec(
+            job,
+            StepWork::ReleaseSnapshot {
+                snapshot: snapshot.into(),
+            },
+        );
         match self.run(&spec, false) {
             ReportBody::Succeeded { .. } => {}
             other => panic!("release: {other:?}"),
@@ -361,7 +414,10 @@ impl Live {
 
     /// Restores recovery point `rp` into a new raw file and returns it.
     fn restore(&self, job: JobId) -> PathBuf {
-        let target = self.dir.path().join(format!("restored-{}.raw", self.n.get() + 1));
+        let target = self
+            .dir
+            .path()
+            .join(format!("restored-{}.raw", self.n.get() + 1));
         let spec = self.spec(
             job,
             StepWork::Restore {
@@ -398,7 +454,11 @@ fn assert_same(a: &Path, b: &Path) {
     let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
     assert_eq!(x.len(), y.len());
     if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
-        panic!("{} and {} differ first at byte {i}", a.display(), b.display());
+        panic!(
+            "{} and {} differ first at byte {i}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -428,15 +488,26 @@ fn live_cycle(format: &'static str, image_format: ImageFormat) {
     // 1. Full backup. The guest writes between snapshot and transfer: not in the backup.
     let at_snap1 = dir.path().join("snap1.raw");
     qsd.guest_copy(&at_snap1);
-    let (h1, consistency, b1) = live.snapshot(job(1), ConsistencyWanted::ApplicationWithCrashFallback).unwrap();
+    let (h1, consistency, b1) = live
+        .snapshot(job(1), ConsistencyWanted::ApplicationWithCrashFallback)
+        .unwrap();
     assert_eq!(consistency, Consistency::Crash, "no guest agent");
     qsd.guest_io(&writes(0x22, &[0, 9]));
     let (read1, incremental1) = live.transfer(job(1), &h1, None, None, false).unwrap();
     assert!(!incremental1);
-    assert!(read1 >= 4 * 64 * 1024 && read1 < 32 * MIB, "zeros skipped: read {read1}");
+    assert!(
+        read1 >= 4 * 64 * 1024 && read1 < 32 * MIB,
+        "zeros skipped: read {read1}"
+    );
     live.release(job(1), &h1);
     assert_same(&live.restore(job(1)), &at_snap1);
-    assert_eq!(bitmaps(&qsd).iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), vec![b1.as_str()]);
+    assert_eq!(
+        bitmaps(&qsd)
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect::<Vec<_>>(),
+        vec![b1.as_str()]
+    );
 
     // 2. Incremental: reads only the dirty 64 KiB chunks, although the guest writes meanwhile.
     qsd.guest_io(&writes(0x33, &[12, 20]));
@@ -479,7 +550,11 @@ fn live_cycle(format: &'static str, image_format: ImageFormat) {
     assert_same(&live.restore(job(4)), &at_snap4);
 
     // 4. Bitmap deleted behind cairn's back: express full, restored image correct.
-    qmp_do(&qsd, "block-dirty-bitmap-remove", json!({"node": "disk0", "name": b4}));
+    qmp_do(
+        &qsd,
+        "block-dirty-bitmap-remove",
+        json!({"node": "disk0", "name": b4}),
+    );
     qsd.guest_io(&writes(0x66, &[7]));
     let at_snap5 = dir.path().join("snap5.raw");
     qsd.guest_copy(&at_snap5);
@@ -522,10 +597,19 @@ fn guest_agent_freezes_and_always_thaws() {
     let dir = tempfile::tempdir().unwrap();
     let qsd = Qsd::new(dir.path(), "qcow2", 8 * MIB);
     let qga = FakeGuestAgent::start(&dir.path().join("qga.sock"), false);
-    let live = Live::new("n1", &descriptor_for(&qsd, ImageFormat::Qcow2, Some(&qga.path), None), None);
-    let (h, consistency, _) = live.snapshot(job(1), ConsistencyWanted::ApplicationWithCrashFallback).unwrap();
+    let live = Live::new(
+        "n1",
+        &descriptor_for(&qsd, ImageFormat::Qcow2, Some(&qga.path), None),
+        None,
+    );
+    let (h, consistency, _) = live
+        .snapshot(job(1), ConsistencyWanted::ApplicationWithCrashFallback)
+        .unwrap();
     assert_eq!(consistency, Consistency::Application);
-    assert_eq!(qga.calls(), vec!["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    assert_eq!(
+        qga.calls(),
+        vec!["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    );
     live.release(job(1), &h);
     // Crash-only groups do not involve the guest.
     let (h, consistency, _) = live.snapshot(job(2), ConsistencyWanted::CrashOnly).unwrap();
@@ -535,10 +619,19 @@ fn guest_agent_freezes_and_always_thaws() {
 
     // A guest that cannot freeze: crash-consistent, and thawed anyway.
     let refusing = FakeGuestAgent::start(&dir.path().join("qga2.sock"), true);
-    let live2 = Live::new("n1", &descriptor_for(&qsd, ImageFormat::Qcow2, Some(&refusing.path), None), None);
-    let (h, consistency, _) = live2.snapshot(job(3), ConsistencyWanted::ApplicationWithCrashFallback).unwrap();
+    let live2 = Live::new(
+        "n1",
+        &descriptor_for(&qsd, ImageFormat::Qcow2, Some(&refusing.path), None),
+        None,
+    );
+    let (h, consistency, _) = live2
+        .snapshot(job(3), ConsistencyWanted::ApplicationWithCrashFallback)
+        .unwrap();
     assert_eq!(consistency, Consistency::Crash);
-    assert_eq!(refusing.calls(), vec!["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    assert_eq!(
+        refusing.calls(),
+        vec!["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    );
     live2.release(job(3), &h);
 
     // The snapshot transaction fails after the freeze (a raw image cannot store the persistent
@@ -546,10 +639,19 @@ fn guest_agent_freezes_and_always_thaws() {
     let raw_dir = tempfile::tempdir().unwrap();
     let raw = Qsd::new(raw_dir.path(), "raw", 8 * MIB);
     let qga3 = FakeGuestAgent::start(&raw_dir.path().join("qga3.sock"), false);
-    let live3 = Live::new("n1", &descriptor_for(&raw, ImageFormat::Qcow2, Some(&qga3.path), None), None);
-    let err = live3.snapshot(job(4), ConsistencyWanted::ApplicationWithCrashFallback).unwrap_err();
+    let live3 = Live::new(
+        "n1",
+        &descriptor_for(&raw, ImageFormat::Qcow2, Some(&qga3.path), None),
+        None,
+    );
+    let err = live3
+        .snapshot(job(4), ConsistencyWanted::ApplicationWithCrashFallback)
+        .unwrap_err();
     assert!(err.contains("taking the point-in-time snapshot"), "{err}");
-    assert_eq!(qga3.calls(), vec!["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    assert_eq!(
+        qga3.calls(),
+        vec!["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    );
     assert!(bitmaps(&raw).is_empty());
 }
 
@@ -560,27 +662,68 @@ fn replicas_are_crash_consistent_and_refused_in_unsafe_states() {
     let qga = FakeGuestAgent::start(&dir.path().join("qga.sock"), false);
     let normal = Live::new(
         "n1",
-        &descriptor_for(&qsd, ImageFormat::Qcow2, Some(&qga.path), Some(ReplicaState::Normal)),
+        &descriptor_for(
+            &qsd,
+            ImageFormat::Qcow2,
+            Some(&qga.path),
+            Some(ReplicaState::Normal),
+        ),
         None,
     );
-    let (h, consistency, _) = normal.snapshot(job(1), ConsistencyWanted::ApplicationWithCrashFallback).unwrap();
-    assert_eq!(consistency, Consistency::Crash, "replicas are crash-consistent only");
-    assert!(qga.calls().is_empty(), "a replica's guest is not asked to freeze");
+    let (h, consistency, _) = normal
+        .snapshot(job(1), ConsistencyWanted::ApplicationWithCrashFallback)
+        .unwrap();
+    assert_eq!(
+        consistency,
+        Consistency::Crash,
+        "replicas are crash-consistent only"
+    );
+    assert!(
+        qga.calls().is_empty(),
+        "a replica's guest is not asked to freeze"
+    );
     normal.release(job(1), &h);
     for (state, wanted) in [
-        (ReplicaState::Resynchronizing, "resynchronization is in progress"),
-        (ReplicaState::ResyncRequired, "resynchronization is required"),
-        (ReplicaState::InitialReplication, "initial replication is in progress"),
-        (ReplicaState::InitialReplicationPending, "initial replication is pending"),
+        (
+            ReplicaState::Resynchronizing,
+            "resynchronization is in progress",
+        ),
+        (
+            ReplicaState::ResyncRequired,
+            "resynchronization is required",
+        ),
+        (
+            ReplicaState::InitialReplication,
+            "initial replication is in progress",
+        ),
+        (
+            ReplicaState::InitialReplicationPending,
+            "initial replication is pending",
+        ),
         (ReplicaState::ApplyingLogs, "logs are being applied"),
-        (ReplicaState::ApplyLogsFailed, "applying replication logs failed"),
+        (
+            ReplicaState::ApplyLogsFailed,
+            "applying replication logs failed",
+        ),
         (ReplicaState::FailoverInProgress, "failover is in progress"),
-        (ReplicaState::MigrationInProgress, "migration is in progress"),
+        (
+            ReplicaState::MigrationInProgress,
+            "migration is in progress",
+        ),
         (ReplicaState::Critical, "health is critical"),
     ] {
-        let live = Live::new("n1", &descriptor_for(&qsd, ImageFormat::Qcow2, None, Some(state)), None);
-        let err = live.snapshot(job(2), ConsistencyWanted::CrashOnly).unwrap_err();
-        assert!(err.contains("replica VM live01 cannot be backed up now") && err.contains(wanted), "{err}");
+        let live = Live::new(
+            "n1",
+            &descriptor_for(&qsd, ImageFormat::Qcow2, None, Some(state)),
+            None,
+        );
+        let err = live
+            .snapshot(job(2), ConsistencyWanted::CrashOnly)
+            .unwrap_err();
+        assert!(
+            err.contains("replica VM live01 cannot be backed up now") && err.contains(wanted),
+            "{err}"
+        );
     }
 }
 
@@ -592,9 +735,15 @@ fn a_moved_vm_stays_incremental_when_its_bitmap_moved_with_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let qsd_a = Qsd::new(&dir.path().join("a").tap_mkdir(), "qcow2", 16 * MIB);
     let image = qsd_a.image.clone();
-    let node_a = Live::new("node-a", &descriptor_for(&qsd_a, ImageFormat::Qcow2, None, None), None);
+    let node_a = Live::new(
+        "node-a",
+        &descriptor_for(&qsd_a, ImageFormat::Qcow2, None, None),
+        None,
+    );
     qsd_a.guest_io(&writes(0x11, &[1, 2]));
-    let (h1, _, b1) = node_a.snapshot(job(1), ConsistencyWanted::CrashOnly).unwrap();
+    let (h1, _, b1) = node_a
+        .snapshot(job(1), ConsistencyWanted::CrashOnly)
+        .unwrap();
     node_a.transfer(job(1), &h1, None, None, false).unwrap();
     node_a.release(job(1), &h1);
     qsd_a.guest_io(&writes(0x22, &[4]));
@@ -610,7 +759,9 @@ fn a_moved_vm_stays_incremental_when_its_bitmap_moved_with_the_disk() {
     assert_eq!(node_b.vm.vm, node_a.vm.vm, "the same VM id on both nodes");
     let at_snap2 = dir.path().join("snap2.raw");
     qsd_b.guest_copy(&at_snap2);
-    let (h2, _, _) = node_b.snapshot(job(2), ConsistencyWanted::CrashOnly).unwrap();
+    let (h2, _, _) = node_b
+        .snapshot(job(2), ConsistencyWanted::CrashOnly)
+        .unwrap();
     let (read, incremental) = node_b
         .transfer(job(2), &h2, Some(rp_of(job(1))), Some(&b1), false)
         .unwrap();
@@ -647,17 +798,45 @@ impl TapMkdir for PathBuf {
 
 #[test]
 fn descriptors_of_live_vms_are_validated() {
-    let base = r#"{"name": "v", "uuid": "0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d00", "power": "running","#;
+    let base =
+        r#"{"name": "v", "uuid": "0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d00", "power": "running","#;
     for (rest, wanted) in [
-        (r#""disks": [{"id": "d", "path": "/x", "format": "qcow2"}], "qemu": {"qmp": "/q.sock"}}"#, "must name its QEMU block node"),
-        (r#""disks": [{"id": "d", "path": "/x", "format": "qcow2", "node": "1bad"}], "qemu": {"qmp": "/q.sock"}}"#, "not a QEMU node name"),
-        (r#""disks": [{"id": "d", "path": "/x", "format": "qcow2", "node": "a-very-long-node-name-over-31-chars"}], "qemu": {"qmp": "/q.sock"}}"#, "not a QEMU node name"),
-        (r#""disks": [{"id": "d", "path": "/x", "node": "n"}], "qemu": {"qmp": "/q.sock"}}"#, "must give its format"),
-        (r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}], "qemu": {"qmp": "q.sock"}}"#, "qemu.qmp"),
-        (r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}], "qemu": {"qmp": "/q", "replica": "sleepy"}}"#, "unknown variant"),
-        (r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}], "qemu": {"qmp": "/q", "extra": 1}}"#, "unknown field"),
-        (r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}]}"#, "only meaningful for a VM with a qemu section"),
-        (r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}, {"id": "e", "path": "/y", "format": "raw", "node": "n"}], "qemu": {"qmp": "/q"}}"#, "used twice"),
+        (
+            r#""disks": [{"id": "d", "path": "/x", "format": "qcow2"}], "qemu": {"qmp": "/q.sock"}}"#,
+            "must name its QEMU block node",
+        ),
+        (
+            r#""disks": [{"id": "d", "path": "/x", "format": "qcow2", "node": "1bad"}], "qemu": {"qmp": "/q.sock"}}"#,
+            "not a QEMU node name",
+        ),
+        (
+            r#""disks": [{"id": "d", "path": "/x", "format": "qcow2", "node": "a-very-long-node-name-over-31-chars"}], "qemu": {"qmp": "/q.sock"}}"#,
+            "not a QEMU node name",
+        ),
+        (
+            r#""disks": [{"id": "d", "path": "/x", "node": "n"}], "qemu": {"qmp": "/q.sock"}}"#,
+            "must give its format",
+        ),
+        (
+            r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}], "qemu": {"qmp": "q.sock"}}"#,
+            "qemu.qmp",
+        ),
+        (
+            r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}], "qemu": {"qmp": "/q", "replica": "sleepy"}}"#,
+            "unknown variant",
+        ),
+        (
+            r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}], "qemu": {"qmp": "/q", "extra": 1}}"#,
+            "unknown field",
+        ),
+        (
+            r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}]}"#,
+            "only meaningful for a VM with a qemu section",
+        ),
+        (
+            r#""disks": [{"id": "d", "path": "/x", "format": "raw", "node": "n"}, {"id": "e", "path": "/y", "format": "raw", "node": "n"}], "qemu": {"qmp": "/q"}}"#,
+            "used twice",
+        ),
     ] {
         let text = format!("{base}{rest}");
         let err = Descriptor::parse(text.as_bytes()).unwrap_err().to_string();
