@@ -872,6 +872,9 @@ fn a_damaged_snapshot_is_refused() {
     assert!(snapshot::decode(b"CAIRNSNP\x02").is_err());
 }
 
+/// What a transfer spec was handed: (parent recovery point, change-tracking bitmap).
+type TransferInputs = (Option<cairn_schemas::RecoveryPointId>, Option<String>);
+
 fn tracked_snapshot(bitmap: &str) -> ReportBody {
     ReportBody::Succeeded {
         result: StepResult::Snapshot {
@@ -900,11 +903,7 @@ fn transfer_read(d: &str, incremental: bool) -> ReportBody {
 }
 
 /// The transfer spec of `disk` in `job`: (parent, change tracking).
-fn transfer_inputs(
-    world: &World,
-    job: JobId,
-    d: &str,
-) -> (Option<cairn_schemas::RecoveryPointId>, Option<String>) {
+fn transfer_inputs(world: &World, job: JobId, d: &str) -> TransferInputs {
     let step = world.state.jobs[&job]
         .steps
         .iter()
@@ -927,10 +926,7 @@ fn tracked_backup(
     vm: VmId,
     bitmap: &str,
     incremental: bool,
-) -> (
-    JobId,
-    Vec<(Option<cairn_schemas::RecoveryPointId>, Option<String>)>,
-) {
+) -> (JobId, Vec<TransferInputs>) {
     let job = backup(world, vm);
     world.report(job, &StepKind::Snapshot, tracked_snapshot(bitmap));
     let inputs = vec![
