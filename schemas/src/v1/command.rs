@@ -96,6 +96,26 @@ pub enum Command {
         /// Its VMs.
         vms: Vec<VmInventory>,
     },
+    /// A worker reports a repository's free space.
+    ReportRepositorySpace {
+        /// The node.
+        node: NodeId,
+        /// The repository location.
+        repository: String,
+        /// Size of its filesystem in bytes.
+        total_bytes: u64,
+        /// Bytes available.
+        free_bytes: u64,
+    },
+    /// Make a VM's replica from a seed folder exported offline.
+    ImportSeed {
+        /// Id of the new job.
+        job: JobId,
+        /// The VM.
+        vm: VmId,
+        /// The seed folder on the VM's node.
+        seed: String,
+    },
 }
 
 /// A command with its id and origin.
