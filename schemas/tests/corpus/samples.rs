@@ -150,11 +150,12 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::ReportInventory { .. } => (9, "report_inventory"),
         Command::ReportRepositorySpace { .. } => (10, "report_repository_space"),
         Command::ImportSeed { .. } => (11, "import_seed"),
+        Command::RequestVerify { .. } => (12, "request_verify"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 12;
+pub const N_COMMAND_VARIANTS: usize = 13;
 
 const T0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
@@ -736,6 +737,10 @@ fn commands() -> Vec<Command> {
             job: job(),
             vm: vm(),
             seed: "/media/usb0/cairn-seed".into(),
+        },
+        Command::RequestVerify {
+            job: job(),
+            vm: vm(),
         },
     ]
 }
