@@ -8,6 +8,7 @@ pub mod decide;
 pub mod jobs;
 pub mod protect;
 pub mod read;
+pub mod read_policy;
 pub mod service;
 pub mod snapshot;
 pub mod state;

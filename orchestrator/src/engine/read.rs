@@ -88,6 +88,7 @@ pub fn job(state: &State, job: &Job) -> JobView {
         JobKind::Backup { .. } => "Backup".to_string(),
         JobKind::ConsistencyCheck => "ConsistencyCheck".to_string(),
         JobKind::Recovery { .. } => "Recovery".to_string(),
+        JobKind::SeedImport { .. } => "SeedImport".to_string(),
         other => format!("{other:?}")
             .split([' ', '{'])
             .next()

@@ -25,11 +25,12 @@ use crate::policy::retention::RetentionMark;
 use crate::policy::schedule::{self, RunKind};
 use super::jobs::{EngineConfig, Liveness, on_report, reconcile};
 use super::state::State;
-use super::{read, snapshot};
+use super::{read, read_policy, snapshot};
 use crate::control::{BoxFuture, Control, ControlError};
 use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent};
 use crate::views::{
-    Accepted, AuditReport, EventView, GroupView, JobView, NodeView, RpView, VmView,
+    Accepted, AlertView, AuditReport, CalendarDayView, CapacityView, EventView, GroupDetailView,
+    GroupView, JobView, NodeView, RpView, VmView,
 };
 
 /// Where time comes from; tests use a manual clock.
@@ -731,5 +732,62 @@ impl<L: EventLog + 'static> Control for Handle<L> {
 
     fn default_repository(&self) -> String {
         self.shared.config.repository.clone()
+    }
+
+    fn group(&self, group: &str) -> Result<GroupDetailView, ControlError> {
+        let id: GroupId = parse_id("group", group)?;
+        let now = self.shared.clock.now_ms();
+        let cfg = &self.shared.config;
+        self.read(|s| {
+            let found = read_policy::live_group(s, id).ok_or_else(|| unknown_group(id))?;
+            let repository = group_repository(cfg, found);
+            Ok(read_policy::group_detail(s, found, &repository, &cfg.timezone, now))
+        })
+    }
+
+    fn group_plan(&self, group: &str) -> Result<CapacityView, ControlError> {
+        let id: GroupId = parse_id("group", group)?;
+        let now = self.shared.clock.now_ms();
+        let cfg = &self.shared.config;
+        self.read(|s| {
+            let found = read_policy::live_group(s, id).ok_or_else(|| unknown_group(id))?;
+            let repository = group_repository(cfg, found);
+            Ok(read_policy::group_plan(s, found, &repository, now))
+        })
+    }
+
+    fn alerts(&self, all: bool) -> Vec<AlertView> {
+        let now = self.shared.clock.now_ms();
+        self.read(|s| read_policy::alerts(s, all, now))
+    }
+
+    fn calendar(&self, vm: &str) -> Result<Vec<CalendarDayView>, ControlError> {
+        let id: cairn_schemas::VmId = parse_id("VM", vm)?;
+        let tz = self.shared.config.timezone;
+        self.read(|s| {
+            if !s.vms.contains_key(&id) {
+                return Err(ControlError::NotFound {
+                    code: "unknown_vm",
+                    message: format!("no VM {id}"),
+                });
+            }
+            Ok(read_policy::calendar(s, id, &tz))
+        })
+    }
+}
+
+fn unknown_group(id: GroupId) -> ControlError {
+    ControlError::NotFound {
+        code: "unknown_group",
+        message: format!("no protection group {id}"),
+    }
+}
+
+/// The repository a group writes to: its policy's, or the engine's default.
+fn group_repository(cfg: &EngineConfig, group: &super::state::Group) -> String {
+    if group.policy.repository.is_empty() {
+        cfg.repository.clone()
+    } else {
+        group.policy.repository.clone()
     }
 }
