@@ -105,11 +105,15 @@ pub trait Control: Send + Sync + 'static {
 
     /// One group with its policy, next runs and members' retention.
     fn group(&self, _group: &str) -> Result<GroupDetailView, ControlError> {
-        Err(ControlError::Unavailable("groups' details are not served here".into()))
+        Err(ControlError::Unavailable(
+            "groups' details are not served here".into(),
+        ))
     }
     /// The group's disk allocation review.
     fn group_plan(&self, _group: &str) -> Result<CapacityView, ControlError> {
-        Err(ControlError::Unavailable("disk allocation reviews are not served here".into()))
+        Err(ControlError::Unavailable(
+            "disk allocation reviews are not served here".into(),
+        ))
     }
     /// Alerts: active ones, and with `all` resolved ones too.
     fn alerts(&self, _all: bool) -> Vec<AlertView> {
@@ -117,6 +121,8 @@ pub trait Control: Send + Sync + 'static {
     }
     /// Recovery points per day of a VM.
     fn calendar(&self, _vm: &str) -> Result<Vec<CalendarDayView>, ControlError> {
-        Err(ControlError::Unavailable("calendars are not served here".into()))
+        Err(ControlError::Unavailable(
+            "calendars are not served here".into(),
+        ))
     }
 }

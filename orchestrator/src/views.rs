@@ -376,11 +376,15 @@ impl PolicyView {
             express_full: schedule_view(&p.express_full),
             consistency_check: CheckPolicyView {
                 when_inconsistent: p.consistency_check.when_inconsistent,
-                window: p.consistency_check.window.as_ref().map(|w| CheckWindowView {
-                    start: time_text(w.start),
-                    max_duration_minutes: w.max_duration_minutes,
-                    days: days_text(w.days),
-                }),
+                window: p
+                    .consistency_check
+                    .window
+                    .as_ref()
+                    .map(|w| CheckWindowView {
+                        start: time_text(w.start),
+                        max_duration_minutes: w.max_duration_minutes,
+                        days: days_text(w.days),
+                    }),
             },
             replica_creation: match p.replica_creation {
                 ReplicaCreation::Now => "now".into(),

@@ -138,10 +138,14 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
         Command::RequestBackup { job, vm, mode } => {
             request_backup(state, *job, *vm, *mode, JobReason::Manual, now).map(|e| vec![e])
         }
-        Command::RequestConsistencyCheck { job, vm } => {
-            request_job(state, *job, *vm, JobKind::ConsistencyCheck, JobReason::Manual)
-                .map(|e| vec![e])
-        }
+        Command::RequestConsistencyCheck { job, vm } => request_job(
+            state,
+            *job,
+            *vm,
+            JobKind::ConsistencyCheck,
+            JobReason::Manual,
+        )
+        .map(|e| vec![e]),
         Command::RequestVerify { job, vm } => {
             request_job(state, *job, *vm, JobKind::Verify, JobReason::Manual).map(|e| vec![e])
         }
@@ -334,13 +338,20 @@ pub fn request_job(
     );
     let active = if makes_rp {
         protection.and_then(|p| p.rp_job)
-    } else if matches!(kind, JobKind::Verify | JobKind::Prune | JobKind::GarbageCollect) {
+    } else if matches!(
+        kind,
+        JobKind::Verify | JobKind::Prune | JobKind::GarbageCollect
+    ) {
         protection.and_then(|p| p.maintenance_job)
     } else {
         None
     };
     if let Some(active) = active.and_then(|id| state.jobs.get(&id)) {
-        let what = if makes_rp { "backup or consistency check" } else { "maintenance job" };
+        let what = if makes_rp {
+            "backup or consistency check"
+        } else {
+            "maintenance job"
+        };
         return Err(conflict(
             "job_running",
             format!(

@@ -15,9 +15,9 @@
 use std::collections::HashMap;
 
 use cairn_schemas::{
-    CommittedDisk, Consistency, ConsistencyWanted, DiskId, DiskSource, FailureClass, ImageFormat, JobEvent,
-    JobKind, JobState, NodeId, PlannedStep, RecoveryPointId, RecoveryTarget, Report, ReportBody,
-    StepId, StepKind, StepResult, StepSpec, StepWork, WaitReason,
+    CommittedDisk, Consistency, ConsistencyWanted, DiskId, DiskSource, FailureClass, ImageFormat,
+    JobEvent, JobKind, JobState, NodeId, PlannedStep, RecoveryPointId, RecoveryTarget, Report,
+    ReportBody, StepId, StepKind, StepResult, StepSpec, StepWork, WaitReason,
 };
 
 use super::state::{Job, State, Step, StepStatus, Vm};
@@ -82,7 +82,12 @@ fn step_id(job: &Job, index: u8) -> StepId {
 }
 
 /// One step per disk of `vm`, of the kind `make` builds, with no order between them.
-fn per_disk(job: &Job, vm: &Vm, first_index: u8, make: impl Fn(DiskId) -> StepKind) -> Vec<PlannedStep> {
+fn per_disk(
+    job: &Job,
+    vm: &Vm,
+    first_index: u8,
+    make: impl Fn(DiskId) -> StepKind,
+) -> Vec<PlannedStep> {
     vm.disks
         .iter()
         .enumerate()
@@ -231,9 +236,13 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
     }
     let recovery = matches!(job.kind, JobKind::Recovery { .. });
     let limit = match (recovery, policy) {
-        (true, Some(p)) => cfg.recoveries_per_node.min(usize::from(p.limits.recoveries)),
+        (true, Some(p)) => cfg
+            .recoveries_per_node
+            .min(usize::from(p.limits.recoveries)),
         (true, None) => cfg.recoveries_per_node,
-        (false, Some(p)) => cfg.backups_per_node.min(usize::from(p.limits.backups_per_node)),
+        (false, Some(p)) => cfg
+            .backups_per_node
+            .min(usize::from(p.limits.backups_per_node)),
         (false, None) => cfg.backups_per_node,
     };
     let running = state
@@ -261,7 +270,11 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
                     && matches!(j.state, JobState::Running | JobState::Retrying)
             })
             .filter_map(|j| state.vms.get(&j.vm))
-            .filter(|other| super::protect::volumes(other).iter().any(|v| mine.contains(v)))
+            .filter(|other| {
+                super::protect::volumes(other)
+                    .iter()
+                    .any(|v| mine.contains(v))
+            })
             .count();
         if on_volume >= usize::from(p.limits.backups_per_volume) {
             return queue(WaitReason::VolumeBusy);
@@ -554,9 +567,9 @@ fn committed(job: &Job) -> JobEvent {
         .iter()
         .filter_map(|s| {
             let parent_rp = match s.spec.as_ref().map(|spec| &spec.work) {
-                Some(StepWork::Transfer { parent_rp, .. } | StepWork::CheckDisk { parent_rp, .. }) => {
-                    *parent_rp
-                }
+                Some(
+                    StepWork::Transfer { parent_rp, .. } | StepWork::CheckDisk { parent_rp, .. },
+                ) => *parent_rp,
                 _ => None,
             };
             let (disk, bytes_read, bytes_stored) = match s.result.as_ref()? {

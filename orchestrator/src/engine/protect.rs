@@ -113,7 +113,13 @@ pub fn vm_usage(state: &State, vm: &Vm) -> VmUsage {
 }
 
 /// The disk allocation review of a group's members on `repository`.
-pub fn group_capacity(state: &State, members: &[VmId], policy: &GroupPolicy, repository: &str, now: u64) -> CapacityPlan {
+pub fn group_capacity(
+    state: &State,
+    members: &[VmId],
+    policy: &GroupPolicy,
+    repository: &str,
+    now: u64,
+) -> CapacityPlan {
     let usages: Vec<VmUsage> = members
         .iter()
         .filter_map(|vm| state.vms.get(vm))
@@ -138,10 +144,6 @@ pub fn calendar(state: &State, vm: VmId, tz: &TimeZone) -> BTreeMap<i64, u32> {
 pub fn volumes(vm: &Vm) -> Vec<&str> {
     vm.disks
         .iter()
-        .map(|d| {
-            d.image_path
-                .rsplit_once('/')
-                .map_or("", |(dir, _)| dir)
-        })
+        .map(|d| d.image_path.rsplit_once('/').map_or("", |(dir, _)| dir))
         .collect()
 }

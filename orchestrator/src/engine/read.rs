@@ -288,7 +288,9 @@ fn summary(event: &Event) -> String {
                         chunks_compared,
                         chunks_differing,
                         ..
-                    } => format!(": disk {disk}, {chunks_differing} of {chunks_compared} chunks differed"),
+                    } => format!(
+                        ": disk {disk}, {chunks_differing} of {chunks_compared} chunks differed"
+                    ),
                     cairn_schemas::StepResult::VerifyDisk {
                         disk,
                         n_damaged_chunks,

@@ -10,7 +10,9 @@ use crate::policy::alerts::Alert;
 use crate::policy::retention::RetentionMark;
 use crate::policy::schedule;
 use crate::policy::tz::{TimeZone, civil_from_days};
-use crate::views::{AlertView, CalendarDayView, CapacityView, GroupDetailView, MemberView, PolicyView};
+use crate::views::{
+    AlertView, CalendarDayView, CapacityView, GroupDetailView, MemberView, PolicyView,
+};
 
 fn worst_state(states: impl Iterator<Item = DataSourceState>) -> DataSourceState {
     let rank = |s: &DataSourceState| match s {
@@ -29,7 +31,13 @@ pub fn live_group(state: &State, id: GroupId) -> Option<&Group> {
     state.groups.get(&id).filter(|g| !g.deleted)
 }
 
-pub fn group_detail(state: &State, group: &Group, repository: &str, tz: &TimeZone, now: u64) -> GroupDetailView {
+pub fn group_detail(
+    state: &State,
+    group: &Group,
+    repository: &str,
+    tz: &TimeZone,
+    now: u64,
+) -> GroupDetailView {
     let in_use = protect::rps_in_use(state);
     let mut policy = PolicyView::from_policy(&group.policy);
     if policy.repository.is_empty() {
@@ -41,7 +49,8 @@ pub fn group_detail(state: &State, group: &Group, repository: &str, tz: &TimeZon
         .filter_map(|vm| state.vms.get(vm))
         .map(|vm| {
             let marks = protect::retention_marks(state, vm, &in_use, now).unwrap_or_default();
-            let count = |f: fn(&RetentionMark) -> bool| marks.iter().filter(|(_, m)| f(m)).count() as u64;
+            let count =
+                |f: fn(&RetentionMark) -> bool| marks.iter().filter(|(_, m)| f(m)).count() as u64;
             MemberView {
                 vm: vm.id.to_string(),
                 name: vm.name.clone(),
@@ -117,10 +126,23 @@ pub fn alerts(state: &State, all: bool, now: u64) -> Vec<AlertView> {
         .values()
         .filter(|a| all || a.is_active(now))
         .collect();
-    active.sort_by(|a, b| (a.severity, std::cmp::Reverse(a.raised_at)).cmp(&(b.severity, std::cmp::Reverse(b.raised_at))));
-    let mut views: Vec<AlertView> = active.into_iter().map(|a| alert_view(state, a, now)).collect();
+    active.sort_by(|a, b| {
+        (a.severity, std::cmp::Reverse(a.raised_at))
+            .cmp(&(b.severity, std::cmp::Reverse(b.raised_at)))
+    });
+    let mut views: Vec<AlertView> = active
+        .into_iter()
+        .map(|a| alert_view(state, a, now))
+        .collect();
     if all {
-        views.extend(state.alerts.resolved.iter().rev().map(|a| alert_view(state, a, now)));
+        views.extend(
+            state
+                .alerts
+                .resolved
+                .iter()
+                .rev()
+                .map(|a| alert_view(state, a, now)),
+        );
     }
     views
 }

@@ -19,15 +19,15 @@ use cairn_schemas::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::decide::{Emit, decide, request_job};
-use super::protect;
-use crate::policy::datasource;
-use crate::policy::retention::RetentionMark;
-use crate::policy::schedule::{self, RunKind};
 use super::jobs::{EngineConfig, Liveness, on_report, reconcile};
+use super::protect;
 use super::state::State;
 use super::{read, read_policy, snapshot};
 use crate::control::{BoxFuture, Control, ControlError};
 use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent};
+use crate::policy::datasource;
+use crate::policy::retention::RetentionMark;
+use crate::policy::schedule::{self, RunKind};
 use crate::views::{
     Accepted, AlertView, AuditReport, CalendarDayView, CapacityView, EventView, GroupDetailView,
     GroupView, JobView, NodeView, RpView, VmView,
@@ -409,8 +409,12 @@ impl<L: EventLog + 'static> Engine<L> {
             }
         }
         if let Some(vm) = follow.check {
-            self.request(vm, JobKind::ConsistencyCheck, JobReason::ReplicaInconsistent)
-                .await;
+            self.request(
+                vm,
+                JobKind::ConsistencyCheck,
+                JobReason::ReplicaInconsistent,
+            )
+            .await;
         }
         if let Some(vm) = follow.gc {
             self.request(vm, JobKind::GarbageCollect, JobReason::Scheduled)
@@ -741,7 +745,13 @@ impl<L: EventLog + 'static> Control for Handle<L> {
         self.read(|s| {
             let found = read_policy::live_group(s, id).ok_or_else(|| unknown_group(id))?;
             let repository = group_repository(cfg, found);
-            Ok(read_policy::group_detail(s, found, &repository, &cfg.timezone, now))
+            Ok(read_policy::group_detail(
+                s,
+                found,
+                &repository,
+                &cfg.timezone,
+                now,
+            ))
         })
     }
 

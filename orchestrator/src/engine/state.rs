@@ -239,7 +239,13 @@ impl State {
     /// Sets one disk's data source state and keeps the VM's retention pause up to date: the
     /// clock pauses when the first disk becomes inconsistent and resumes when the last is
     /// consistent again.
-    pub(crate) fn set_disk_state(&mut self, vm: VmId, disk: &DiskId, state: DataSourceState, at: u64) {
+    pub(crate) fn set_disk_state(
+        &mut self,
+        vm: VmId,
+        disk: &DiskId,
+        state: DataSourceState,
+        at: u64,
+    ) {
         let Some(known) = self.vms.get_mut(&vm) else {
             return;
         };

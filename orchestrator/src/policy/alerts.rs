@@ -242,7 +242,9 @@ pub fn on_event(state: &mut State, aggregate: &Aggregate, event: &Event, at: u64
                         .alerts
                         .resolve(AlertKind::BackupFailed, &subject, by.clone(), at);
                     if kind == JobKind::ConsistencyCheck {
-                        state.alerts.resolve(AlertKind::CheckFailed, &subject, by, at);
+                        state
+                            .alerts
+                            .resolve(AlertKind::CheckFailed, &subject, by, at);
                     }
                     replica_alert(state, vm, "", at);
                 }

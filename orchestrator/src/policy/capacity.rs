@@ -55,7 +55,12 @@ pub struct CapacityPlan {
 }
 
 /// Reviews a group of `vms` kept `retention_days` in a repository with `free_bytes` free.
-pub fn plan(vms: &[VmUsage], retention_days: u16, free_bytes: Option<u64>, now: u64) -> CapacityPlan {
+pub fn plan(
+    vms: &[VmUsage],
+    retention_days: u16,
+    free_bytes: Option<u64>,
+    now: u64,
+) -> CapacityPlan {
     let data_bytes: u64 = vms.iter().map(|v| v.disk_bytes).sum();
     let replica_bytes: u64 = vms
         .iter()
@@ -90,8 +95,11 @@ pub fn plan(vms: &[VmUsage], retention_days: u16, free_bytes: Option<u64>, now: 
     let needed = replica_bytes
         .saturating_add(churn_bytes_per_day.saturating_mul(u64::from(retention_days) + 1));
     let recommended_bytes = needed.saturating_add(needed / 10);
-    let under_provisioned_bytes =
-        free_bytes.map(|free| recommended_bytes.saturating_sub(stored_bytes).saturating_sub(free));
+    let under_provisioned_bytes = free_bytes.map(|free| {
+        recommended_bytes
+            .saturating_sub(stored_bytes)
+            .saturating_sub(free)
+    });
     CapacityPlan {
         data_bytes,
         replica_bytes,
@@ -147,7 +155,16 @@ mod tests {
     #[test]
     fn measured_churn_and_retention_make_the_recommendation() {
         // A 100 GiB VM stored as 40 GiB, then 1 GiB a day for the last 4 days.
-        let vms = [vm(100 * GIB, &[(10, 40 * GIB, true), (4, GIB, false), (3, GIB, false), (2, GIB, false), (1, GIB, false)])];
+        let vms = [vm(
+            100 * GIB,
+            &[
+                (10, 40 * GIB, true),
+                (4, GIB, false),
+                (3, GIB, false),
+                (2, GIB, false),
+                (1, GIB, false),
+            ],
+        )];
         let plan = plan(&vms, 5, Some(10 * GIB), NOW);
         assert_eq!(plan.data_bytes, 100 * GIB);
         assert_eq!(plan.replica_bytes, 40 * GIB);
@@ -178,7 +195,10 @@ mod tests {
     #[test]
     fn job_estimates() {
         assert_eq!(job_estimate(&vm(8 * GIB, &[])), 8 * GIB);
-        let busy = vm(8 * GIB, &[(3, GIB, true), (2, 100, false), (1, 5_000_000, false)]);
+        let busy = vm(
+            8 * GIB,
+            &[(3, GIB, true), (2, 100, false), (1, 5_000_000, false)],
+        );
         assert_eq!(job_estimate(&busy), 10_000_000);
         assert_eq!(job_estimate(&vm(8 * GIB, &[(1, GIB, true)])), 64 * 1024);
     }

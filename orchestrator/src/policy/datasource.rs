@@ -16,7 +16,9 @@
 //!
 //! Must not: append anything itself or read a clock.
 
-use cairn_schemas::{Aggregate, DataSourceState, DiskId, JobEvent, JobId, JobKind, StepKind, VmEvent, VmId};
+use cairn_schemas::{
+    Aggregate, DataSourceState, DiskId, JobEvent, JobId, JobKind, StepKind, VmEvent, VmId,
+};
 
 use crate::engine::decide::Emit;
 use crate::engine::state::{State, StepStatus};
@@ -62,7 +64,9 @@ pub fn after_job_events(state: &State, job: JobId, events: &[JobEvent]) -> Follo
                 }
             }
             JobEvent::ReplicaDamageFound {
-                disks, n_damaged_chunks, ..
+                disks,
+                n_damaged_chunks,
+                ..
             } => {
                 for disk in disks {
                     change(
@@ -73,14 +77,22 @@ pub fn after_job_events(state: &State, job: JobId, events: &[JobEvent]) -> Follo
                 }
             }
             JobEvent::JobFailed { reason } => match &found.kind {
-                JobKind::Backup { .. } | JobKind::InitialReplication | JobKind::SeedImport { .. } => {
+                JobKind::Backup { .. }
+                | JobKind::InitialReplication
+                | JobKind::SeedImport { .. } => {
                     let crashed: Vec<&DiskId> = found
                         .steps
                         .iter()
                         .filter(|s| s.status == StepStatus::Failed)
-                        .filter(|s| s.error.as_deref().is_some_and(|e| e.contains("stopped reporting")))
+                        .filter(|s| {
+                            s.error
+                                .as_deref()
+                                .is_some_and(|e| e.contains("stopped reporting"))
+                        })
                         .filter_map(|s| match &s.kind {
-                            StepKind::Transfer { disk } | StepKind::ImportSeed { disk } => Some(disk),
+                            StepKind::Transfer { disk } | StepKind::ImportSeed { disk } => {
+                                Some(disk)
+                            }
                             _ => None,
                         })
                         .collect();
@@ -95,7 +107,9 @@ pub fn after_job_events(state: &State, job: JobId, events: &[JobEvent]) -> Follo
                             change(
                                 disk,
                                 DataSourceState::ReplicaInconsistent,
-                                format!("the backup crashed while transferring this disk (job {job})"),
+                                format!(
+                                    "the backup crashed while transferring this disk (job {job})"
+                                ),
                             );
                         }
                     }

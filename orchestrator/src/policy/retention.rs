@@ -76,7 +76,12 @@ pub fn retention_age(taken_at: u64, paused: &Paused<'_>, now: u64) -> u64 {
 }
 
 /// Marks for `rps` (oldest first, as the catalog keeps them).
-pub fn plan(rps: &[RpAge], retention_days: u16, paused: &Paused<'_>, now: u64) -> Vec<RetentionMark> {
+pub fn plan(
+    rps: &[RpAge],
+    retention_days: u16,
+    paused: &Paused<'_>,
+    now: u64,
+) -> Vec<RetentionMark> {
     let range = u64::from(retention_days) * DAY_MS;
     let newest = rps.iter().map(|r| r.taken_at).max();
     rps.iter()
@@ -181,7 +186,11 @@ mod tests {
                 5,
                 &no_pause,
                 NOW,
-                vec![Protected(Protection::InUse), Remove, Protected(Protection::Latest)],
+                vec![
+                    Protected(Protection::InUse),
+                    Remove,
+                    Protected(Protection::Latest),
+                ],
             ),
             (
                 "clock jumped back before the recovery points: ages are zero, all kept",
@@ -212,8 +221,14 @@ mod tests {
             closed: &closed,
             open_since: Some(40 * H),
         };
-        assert_eq!(retention_age(0, &paused, 50 * H), 50 * H - 10 * H - H - 10 * H);
-        assert_eq!(retention_age(15 * H, &paused, 50 * H), 35 * H - 5 * H - H - 10 * H);
+        assert_eq!(
+            retention_age(0, &paused, 50 * H),
+            50 * H - 10 * H - H - 10 * H
+        );
+        assert_eq!(
+            retention_age(15 * H, &paused, 50 * H),
+            35 * H - 5 * H - H - 10 * H
+        );
         assert_eq!(retention_age(45 * H, &paused, 50 * H), 0);
     }
 }

@@ -23,7 +23,9 @@
 //! Must not: read a clock, look at other VMs, or decide anything the reconciler decides
 //! (limits, nodes): it only says what is due.
 
-use cairn_schemas::{ConsistencyCheckWindow, GroupPolicy, ReplicaCreation, Schedule, SyncFrequency};
+use cairn_schemas::{
+    ConsistencyCheckWindow, GroupPolicy, ReplicaCreation, Schedule, SyncFrequency,
+};
 
 use super::tz::{TimeZone, weekday};
 
@@ -112,7 +114,12 @@ pub fn group_slots(policy: &GroupPolicy, tz: &TimeZone, now: u64) -> GroupSlots 
 }
 
 /// The run due for one VM, if any.
-pub fn due_for_vm(policy: &GroupPolicy, slots: &GroupSlots, vm: &VmHistory, now: u64) -> Option<Due> {
+pub fn due_for_vm(
+    policy: &GroupPolicy,
+    slots: &GroupSlots,
+    vm: &VmHistory,
+    now: u64,
+) -> Option<Due> {
     if vm.active {
         return None;
     }
@@ -249,7 +256,10 @@ mod tests {
         let mut p = GroupPolicy::with_defaults("/repo");
         p.sync = sync;
         p.recovery_points = Schedule {
-            times: rp_times.iter().map(|(h, m)| TimeOfDay::hm(*h, *m)).collect(),
+            times: rp_times
+                .iter()
+                .map(|(h, m)| TimeOfDay::hm(*h, *m))
+                .collect(),
             days: Weekdays::ALL,
         };
         p.express_full = Schedule {
@@ -287,9 +297,30 @@ mod tests {
         let day = |h, m| at(2026, 6, 10, h, m);
         // (name, policy, zone, history, now, expected)
         let cases: Vec<(&str, &GroupPolicy, TimeZone, VmHistory, u64, Option<Due>)> = vec![
-            ("first sync on the grid", &every15, utc, protected(None), day(10, 7), sync(day(10, 0))),
-            ("slot already served", &every15, utc, protected(Some(day(10, 1))), day(10, 14), None),
-            ("next slot", &every15, utc, protected(Some(day(10, 1))), day(10, 15), sync(day(10, 15))),
+            (
+                "first sync on the grid",
+                &every15,
+                utc,
+                protected(None),
+                day(10, 7),
+                sync(day(10, 0)),
+            ),
+            (
+                "slot already served",
+                &every15,
+                utc,
+                protected(Some(day(10, 1))),
+                day(10, 14),
+                None,
+            ),
+            (
+                "next slot",
+                &every15,
+                utc,
+                protected(Some(day(10, 1))),
+                day(10, 15),
+                sync(day(10, 15)),
+            ),
             (
                 "downtime of 5 hours: one catch-up for the latest slot",
                 &every15,
@@ -314,12 +345,57 @@ mod tests {
                 at(2026, 6, 11, 10, 3),
                 sync(at(2026, 6, 11, 10, 0)),
             ),
-            ("a running backup blocks", &every15, utc, VmHistory { active: true, ..protected(None) }, day(10, 7), None),
-            ("before RP: waits for 08:00", &before_rp, utc, protected(Some(at(2026, 6, 9, 20, 0))), day(7, 59), None),
-            ("before RP: 08:00", &before_rp, utc, protected(Some(at(2026, 6, 9, 20, 0))), day(8, 0), sync(day(8, 0))),
-            ("before RP: missed 08:00 and 20:00, one run", &before_rp, utc, protected(Some(at(2026, 6, 9, 20, 0))), day(21, 0), sync(day(20, 0))),
-            ("hourly grid plus a 20:30 RP", &hourly_rp_half, utc, protected(Some(day(20, 0))), day(20, 31), sync(day(20, 30))),
-            ("daily sync on the standard-time grid", &daily, utc, protected(Some(day(0, 0))), day(23, 0), sync(day(20, 0))),
+            (
+                "a running backup blocks",
+                &every15,
+                utc,
+                VmHistory {
+                    active: true,
+                    ..protected(None)
+                },
+                day(10, 7),
+                None,
+            ),
+            (
+                "before RP: waits for 08:00",
+                &before_rp,
+                utc,
+                protected(Some(at(2026, 6, 9, 20, 0))),
+                day(7, 59),
+                None,
+            ),
+            (
+                "before RP: 08:00",
+                &before_rp,
+                utc,
+                protected(Some(at(2026, 6, 9, 20, 0))),
+                day(8, 0),
+                sync(day(8, 0)),
+            ),
+            (
+                "before RP: missed 08:00 and 20:00, one run",
+                &before_rp,
+                utc,
+                protected(Some(at(2026, 6, 9, 20, 0))),
+                day(21, 0),
+                sync(day(20, 0)),
+            ),
+            (
+                "hourly grid plus a 20:30 RP",
+                &hourly_rp_half,
+                utc,
+                protected(Some(day(20, 0))),
+                day(20, 31),
+                sync(day(20, 30)),
+            ),
+            (
+                "daily sync on the standard-time grid",
+                &daily,
+                utc,
+                protected(Some(day(0, 0))),
+                day(23, 0),
+                sync(day(20, 0)),
+            ),
             (
                 "Berlin summer: 20:00 wall is 18:00 UTC",
                 &before_rp,
@@ -375,7 +451,12 @@ mod tests {
         };
         let sunday = at(2026, 6, 14, 22, 5);
         assert_eq!(
-            due(&p, &TimeZone::UTC, &protected(Some(at(2026, 6, 14, 21, 0))), sunday),
+            due(
+                &p,
+                &TimeZone::UTC,
+                &protected(Some(at(2026, 6, 14, 21, 0))),
+                sunday
+            ),
             Some(Due {
                 kind: RunKind::ExpressFull,
                 slot: at(2026, 6, 14, 22, 0)
@@ -384,7 +465,12 @@ mod tests {
         // Monday 22:05: no express full, an ordinary sync.
         let monday = at(2026, 6, 15, 22, 5);
         assert_eq!(
-            due(&p, &TimeZone::UTC, &protected(Some(at(2026, 6, 15, 21, 0))), monday),
+            due(
+                &p,
+                &TimeZone::UTC,
+                &protected(Some(at(2026, 6, 15, 21, 0))),
+                monday
+            ),
             sync(at(2026, 6, 15, 22, 0))
         );
     }
@@ -455,8 +541,15 @@ mod tests {
             last_check_request: Some(window_open),
             ..inconsistent
         };
-        assert_eq!(due(&p, &TimeZone::UTC, &checked, window_open + 60_000), None);
-        assert_eq!(due(&p, &TimeZone::UTC, &inconsistent, at(2026, 6, 11, 0, 0)), None, "window closed");
+        assert_eq!(
+            due(&p, &TimeZone::UTC, &checked, window_open + 60_000),
+            None
+        );
+        assert_eq!(
+            due(&p, &TimeZone::UTC, &inconsistent, at(2026, 6, 11, 0, 0)),
+            None,
+            "window closed"
+        );
         // Manual only: never.
         p.consistency_check.window = None;
         assert_eq!(due(&p, &TimeZone::UTC, &inconsistent, window_open), None);
@@ -466,7 +559,10 @@ mod tests {
     fn next_slots_for_views() {
         let p = policy(SyncFrequency::EveryMinutes(15), &[(20, 0)]);
         let now = at(2026, 6, 10, 10, 7);
-        assert_eq!(next_sync(&p, &TimeZone::UTC, now), Some(at(2026, 6, 10, 10, 15)));
+        assert_eq!(
+            next_sync(&p, &TimeZone::UTC, now),
+            Some(at(2026, 6, 10, 10, 15))
+        );
         assert_eq!(
             next_wall_slot(&p.recovery_points, &TimeZone::UTC, now),
             Some(at(2026, 6, 10, 20, 0))

@@ -88,7 +88,9 @@ impl TimeZone {
     pub fn parse(text: &str) -> Result<TimeZone, Error> {
         let bad = || Error(text.to_owned());
         let trimmed = text.trim();
-        if let Some((_, offset, dst)) = NAMED.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(trimmed))
+        if let Some((_, offset, dst)) = NAMED
+            .iter()
+            .find(|(n, _, _)| n.eq_ignore_ascii_case(trimmed))
         {
             return Ok(TimeZone {
                 std_offset_minutes: *offset,
@@ -116,7 +118,10 @@ impl TimeZone {
         if !all_digits(hours) || !all_digits(minutes) {
             return Err(bad());
         }
-        let (hours, minutes): (i32, i32) = (hours.parse().map_err(|_| bad())?, minutes.parse().map_err(|_| bad())?);
+        let (hours, minutes): (i32, i32) = (
+            hours.parse().map_err(|_| bad())?,
+            minutes.parse().map_err(|_| bad())?,
+        );
         if hours > 14 || minutes >= 60 {
             return Err(bad());
         }
@@ -198,7 +203,11 @@ impl fmt::Display for TimeZone {
         {
             return f.write_str(name);
         }
-        let sign = if self.std_offset_minutes < 0 { '-' } else { '+' };
+        let sign = if self.std_offset_minutes < 0 {
+            '-'
+        } else {
+            '+'
+        };
         let abs = self.std_offset_minutes.abs();
         write!(f, "{sign}{:02}:{:02}", abs / 60, abs % 60)?;
         match self.dst {
@@ -296,7 +305,15 @@ mod tests {
             assert_eq!((zone.std_offset_minutes, zone.dst), (offset, dst), "{text}");
             assert_eq!(zone.to_string(), shown);
         }
-        for bad in ["", "CET", "+2", "+02:60", "+15:00", "+01:00/xx", "Mars/Olympus"] {
+        for bad in [
+            "",
+            "CET",
+            "+2",
+            "+02:60",
+            "+15:00",
+            "+01:00/xx",
+            "Mars/Olympus",
+        ] {
             let err = TimeZone::parse(bad).unwrap_err();
             assert!(err.to_string().contains("Europe/Berlin"), "{err}");
         }
@@ -325,16 +342,23 @@ mod tests {
         let autumn = days_from_civil(2026, 10, 25);
         // (local day, wall minute, expected UTC)
         let cases = [
-            (spring, 60, utc(2026, 3, 29, 0, 0)),   // 01:00 CET
-            (spring, 150, utc(2026, 3, 29, 1, 30)), // 02:30 does not exist: 03:30 CEST
-            (spring, 180, utc(2026, 3, 29, 1, 0)),  // 03:00 CEST
+            (spring, 60, utc(2026, 3, 29, 0, 0)),    // 01:00 CET
+            (spring, 150, utc(2026, 3, 29, 1, 30)),  // 02:30 does not exist: 03:30 CEST
+            (spring, 180, utc(2026, 3, 29, 1, 0)),   // 03:00 CEST
             (autumn, 150, utc(2026, 10, 25, 0, 30)), // 02:30 twice: the first (CEST)
             (autumn, 200, utc(2026, 10, 25, 2, 20)), // 03:20 CET
             (autumn, 20 * 60, utc(2026, 10, 25, 19, 0)),
         ];
         for (day, minute, expected) in cases {
-            assert_eq!(berlin.to_utc(day, minute), expected, "day {day} minute {minute}");
+            assert_eq!(
+                berlin.to_utc(day, minute),
+                expected,
+                "day {day} minute {minute}"
+            );
         }
-        assert_eq!(berlin.local(utc(2026, 7, 1, 18, 0)), (days_from_civil(2026, 7, 1), 20 * 60));
+        assert_eq!(
+            berlin.local(utc(2026, 7, 1, 18, 0)),
+            (days_from_civil(2026, 7, 1), 20 * 60)
+        );
     }
 }

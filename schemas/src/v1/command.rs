@@ -115,7 +115,8 @@ pub enum Command {
         vm: VmId,
         /// The seed folder on the VM's node.
         seed: String,
-    },    /// Re-hash a VM's stored chunks now and mark damaged recovery points.
+    },
+    /// Re-hash a VM's stored chunks now and mark damaged recovery points.
     RequestVerify {
         /// Id of the new job.
         job: JobId,

@@ -257,7 +257,11 @@ pub enum PolicyError {
 impl TimeOfDay {
     /// `HH:MM`.
     pub fn label(self) -> String {
-        format!("{:02}:{:02}", self.minute_of_day / 60, self.minute_of_day % 60)
+        format!(
+            "{:02}:{:02}",
+            self.minute_of_day / 60,
+            self.minute_of_day % 60
+        )
     }
 }
 
@@ -313,7 +317,10 @@ impl GroupPolicy {
             }
             self.check_sync_between_recovery_points(minutes)?;
         }
-        if matches!(self.replica_creation, ReplicaCreation::At { unix_millis: 0 }) {
+        if matches!(
+            self.replica_creation,
+            ReplicaCreation::At { unix_millis: 0 }
+        ) {
             return Err(PolicyError::ZeroReplicaTime);
         }
         if let Some(window) = &self.consistency_check.window {

@@ -83,9 +83,7 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Job(JobEvent::RecoveryPointsPruned { .. }) => (28, "recovery_points_pruned"),
         Event::Job(JobEvent::ConsistencyChecked { .. }) => (29, "consistency_checked"),
         Event::Job(JobEvent::ReplicaDamageFound { .. }) => (30, "replica_damage_found"),
-        Event::Node(NodeEvent::RepositorySpaceReported { .. }) => {
-            (31, "repository_space_reported")
-        }
+        Event::Node(NodeEvent::RepositorySpaceReported { .. }) => (31, "repository_space_reported"),
     }
 }
 

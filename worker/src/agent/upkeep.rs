@@ -109,7 +109,9 @@ pub(crate) fn verify_disk(
         n_damaged_chunks = n_damaged_chunks.max(damaged.n_damaged_chunks);
         match damaged.rp.parse::<RecoveryPointId>() {
             Ok(rp) => damaged_rps.push(rp),
-            Err(_) => tracing::warn!(rp = %damaged.rp, "a damaged recovery point with an id cairn did not make"),
+            Err(_) => {
+                tracing::warn!(rp = %damaged.rp, "a damaged recovery point with an id cairn did not make")
+            }
         }
     }
     Ok(StepResult::VerifyDisk {
@@ -130,8 +132,8 @@ pub(crate) fn prune(
     let lineage = lineage_id(spec.vm, disk)?;
     let repo = open_repository(agent, repository)?;
     let remove: Vec<String> = remove.iter().map(ToString::to_string).collect();
-    let summary = repo::maintenance::forget_rps(&repo, &lineage, &remove)
-        .map_err(repo_error(repository))?;
+    let summary =
+        repo::maintenance::forget_rps(&repo, &lineage, &remove).map_err(repo_error(repository))?;
     let removed = summary
         .removed
         .iter()
@@ -183,7 +185,8 @@ pub(crate) fn import_seed(
             work.seed
         )));
     }
-    let seed = Repository::open(seed_dir, agent.config.key_file.as_deref()).map_err(repo_error(work.seed))?;
+    let seed = Repository::open(seed_dir, agent.config.key_file.as_deref())
+        .map_err(repo_error(work.seed))?;
     // A retried attempt whose predecessor stored the recovery point reports it again.
     if let Ok(done) = repo::restore::resolve(&repo, &lineage, Some(&work.rp.to_string())) {
         return Ok(StepResult::ImportSeed {
@@ -193,9 +196,8 @@ pub(crate) fn import_seed(
     }
     let header = repo::restore::resolve(&seed, &lineage, None).map_err(repo_error(work.seed))?;
     progress.start_total(header.disk_size * 2);
-    let temp = TempImage(
-        Path::new(work.repository).join(format!(".seed-{}-{}.raw", spec.vm, work.disk)),
-    );
+    let temp =
+        TempImage(Path::new(work.repository).join(format!(".seed-{}-{}.raw", spec.vm, work.disk)));
     let _ = std::fs::remove_file(&temp.0);
     let source_error = |source| Error::Source {
         disk: work.disk.to_string(),
@@ -216,7 +218,8 @@ pub(crate) fn import_seed(
     )
     .map_err(repo_error(work.seed))?;
     drop(sink);
-    let mut image = source::open_source(&temp.0, Some(source::ImageFormat::Raw)).map_err(source_error)?;
+    let mut image =
+        source::open_source(&temp.0, Some(source::ImageFormat::Raw)).map_err(source_error)?;
     let summary = repo::backup(
         &repo,
         image.as_mut(),

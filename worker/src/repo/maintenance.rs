@@ -88,7 +88,11 @@ pub fn forget(repo: &Repository, disk: &str, keep_last: usize) -> Result<ForgetS
 /// retried prune is a no-op). Every kept recovery point whose chain would lose an ancestor is
 /// first rewritten as a full index, oldest first, so each kept recovery point stays restorable
 /// at every moment. Refuses to remove every recovery point of a disk.
-pub fn forget_rps(repo: &Repository, disk: &str, remove: &[String]) -> Result<ForgetSummary, Error> {
+pub fn forget_rps(
+    repo: &Repository,
+    disk: &str,
+    remove: &[String],
+) -> Result<ForgetSummary, Error> {
     repo.require_disk(disk)?;
     let _write_lock = repo.lock(disk, LockKind::Write, LockMode::Exclusive)?;
     let catalog = repo.catalog(disk)?;
@@ -149,13 +153,20 @@ pub fn forget_rps(repo: &Repository, disk: &str, remove: &[String]) -> Result<Fo
             ..index.header.clone()
         })?;
         made_full.insert(index.header.rp.clone());
-        summary.consolidated.get_or_insert_with(|| index.header.rp.clone());
+        summary
+            .consolidated
+            .get_or_insert_with(|| index.header.rp.clone());
     }
     for index in old {
         std::fs::remove_file(&index.path).map_err(io_err(&index.path))?;
     }
     sync_dir(&repo.rps_dir(disk))?;
-    tracing::info!(disk, removed = summary.removed.len(), kept = summary.kept.len(), "forget finished");
+    tracing::info!(
+        disk,
+        removed = summary.removed.len(),
+        kept = summary.kept.len(),
+        "forget finished"
+    );
     Ok(summary)
 }
 
@@ -411,4 +422,25 @@ pub fn stats(repo: &Repository) -> Result<RepoStats, Error> {
         stats.logical_bytes as f64 / stored as f64
     };
     Ok(stats)
+}
+
+/// Size and free space (bytes available to this process) of the filesystem holding `dir`.
+pub fn space(dir: &std::path::Path) -> Result<(u64, u64), Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{} contains a NUL byte", dir.display())))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` points to writable memory of
+    // the right type; statvfs writes only into it.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io_err(dir)(std::io::Error::last_os_error()));
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let stat = unsafe { stat.assume_init() };
+    let block = stat.f_frsize as u64;
+    Ok((
+        (stat.f_blocks as u64).saturating_mul(block),
+        (stat.f_bavail as u64).saturating_mul(block),
+    ))
 }
