@@ -234,6 +234,23 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
             return vec![JobEvent::JobFailed { reason }];
         }
     }
+    // Backups and checks write a VM's lineages, verify and prune need them to themselves: one
+    // waits for the other rather than failing on the repository's lock and retrying.
+    let lineage_user = |j: &Job| j.makes_rp() || matches!(j.kind, JobKind::Verify | JobKind::Prune);
+    // Garbage collection locks each lineage of its repository in turn, so they wait for it too
+    // (it skips lineages in use, so it need not wait for them).
+    let my_repository = repository(state, cfg, job);
+    if lineage_user(job)
+        && state.jobs.values().any(|j| {
+            j.id != job.id
+                && matches!(j.state, JobState::Running | JobState::Retrying)
+                && ((j.vm == job.vm && lineage_user(j))
+                    || (j.kind == JobKind::GarbageCollect
+                        && repository(state, cfg, j) == my_repository))
+        })
+    {
+        return queue(WaitReason::VmBusy);
+    }
     let recovery = matches!(job.kind, JobKind::Recovery { .. });
     let limit = match (recovery, policy) {
         (true, Some(p)) => cfg

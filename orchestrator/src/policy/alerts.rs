@@ -295,7 +295,7 @@ pub fn on_event(state: &mut State, aggregate: &Aggregate, event: &Event, at: u64
                         action,
                         at,
                     );
-                    replica_alert(state, vm, "verify found damaged chunks", at);
+                    // The inconsistency alert follows with the data source state change.
                 }
                 _ => {}
             }
