@@ -5,12 +5,14 @@
 
 use std::collections::BTreeMap;
 
-use cairn_schemas::{DataSourceState, GroupPolicy, JobKind, RecoveryPointId, VmId};
+use cairn_schemas::{
+    BackupMode, DataSourceState, GroupPolicy, JobKind, JobReason, RecoveryPointId, VmId,
+};
 
 use super::state::{State, Vm};
 use crate::policy::capacity::{self, CapacityPlan, RpUsage, VmUsage};
 use crate::policy::retention::{self, Paused, RetentionMark, RpAge};
-use crate::policy::schedule::{ReplicaStatus, VmHistory};
+use crate::policy::schedule::{self, ReplicaStatus, RunKind, VmHistory};
 use crate::policy::tz::TimeZone;
 
 /// The policy that governs `vm`, if it is in a live group.
@@ -146,4 +148,66 @@ pub fn volumes(vm: &Vm) -> Vec<&str> {
         .iter()
         .map(|d| d.image_path.rsplit_once('/').map_or("", |(dir, _)| dir))
         .collect()
+}
+
+/// One scheduler tick: the runs the groups' policies make due now, one at most per VM.
+pub fn due_runs(state: &State, tz: &TimeZone, now: u64) -> Vec<(VmId, JobKind, JobReason)> {
+    let mut out = Vec::new();
+    for group in state.groups.values().filter(|g| !g.deleted) {
+        let slots = schedule::group_slots(&group.policy, tz, now);
+        for vm in &group.members {
+            let Some(known) = state.vms.get(vm).filter(|v| v.present) else {
+                continue;
+            };
+            let history = vm_history(state, known);
+            let Some(due) = schedule::due_for_vm(&group.policy, &slots, &history, now) else {
+                continue;
+            };
+            let (kind, reason) = match due.kind {
+                RunKind::InitialReplication => (JobKind::InitialReplication, JobReason::Scheduled),
+                RunKind::Sync => (
+                    JobKind::Backup {
+                        mode: BackupMode::Incremental,
+                    },
+                    JobReason::Scheduled,
+                ),
+                RunKind::ExpressFull => (
+                    JobKind::Backup {
+                        mode: BackupMode::ExpressFull,
+                    },
+                    JobReason::Scheduled,
+                ),
+                RunKind::ConsistencyCheck => {
+                    (JobKind::ConsistencyCheck, JobReason::ReplicaInconsistent)
+                }
+            };
+            out.push((known.id, kind, reason));
+        }
+    }
+    out
+}
+
+/// One retention pass: the VMs (with no maintenance job running) that have recovery points
+/// past retention.
+pub fn prune_candidates(state: &State, now: u64) -> Vec<VmId> {
+    let in_use = rps_in_use(state);
+    let mut out = Vec::new();
+    for group in state.groups.values().filter(|g| !g.deleted) {
+        for vm in &group.members {
+            let Some(known) = state.vms.get(vm).filter(|v| v.present) else {
+                continue;
+            };
+            let idle = state
+                .protection
+                .get(vm)
+                .is_none_or(|p| p.maintenance_job.is_none());
+            if idle
+                && retention_marks(state, known, &in_use, now)
+                    .is_some_and(|marks| marks.iter().any(|(_, m)| *m == RetentionMark::Remove))
+            {
+                out.push(known.id);
+            }
+        }
+    }
+    out
 }

@@ -13,8 +13,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use cairn_schemas::{
-    Aggregate, BackupMode, Command, CommandId, Event, EventId, GroupId, JobEvent, JobId, JobKind,
-    JobReason, Report, StepSpec, VmId,
+    Aggregate, Command, CommandId, Event, EventId, GroupId, JobEvent, JobId, JobKind, JobReason,
+    Report, StepSpec, VmId,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -26,8 +26,6 @@ use super::{read, read_policy, snapshot};
 use crate::control::{BoxFuture, Control, ControlError};
 use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent};
 use crate::policy::datasource;
-use crate::policy::retention::RetentionMark;
-use crate::policy::schedule::{self, RunKind};
 use crate::views::{
     Accepted, AlertView, AuditReport, CalendarDayView, CapacityView, EventView, GroupDetailView,
     GroupView, JobView, NodeView, RpView, VmView,
@@ -319,55 +317,13 @@ impl<L: EventLog + 'static> Engine<L> {
         }
         let requests: Vec<(VmId, JobKind, JobReason)> = {
             let state = self.shared.state.read().expect("state lock");
-            let mut out = Vec::new();
-            let in_use = if retention_due {
-                protect::rps_in_use(&state)
-            } else {
-                Vec::new()
-            };
-            for group in state.groups.values().filter(|g| !g.deleted) {
-                let slots = schedule::group_slots(&group.policy, &tz, now);
-                for vm in &group.members {
-                    let Some(known) = state.vms.get(vm).filter(|v| v.present) else {
-                        continue;
-                    };
-                    let history = protect::vm_history(&state, known);
-                    if let Some(due) = schedule::due_for_vm(&group.policy, &slots, &history, now) {
-                        let (kind, reason) = match due.kind {
-                            RunKind::InitialReplication => {
-                                (JobKind::InitialReplication, JobReason::Scheduled)
-                            }
-                            RunKind::Sync => (
-                                JobKind::Backup {
-                                    mode: BackupMode::Incremental,
-                                },
-                                JobReason::Scheduled,
-                            ),
-                            RunKind::ExpressFull => (
-                                JobKind::Backup {
-                                    mode: BackupMode::ExpressFull,
-                                },
-                                JobReason::Scheduled,
-                            ),
-                            RunKind::ConsistencyCheck => {
-                                (JobKind::ConsistencyCheck, JobReason::ReplicaInconsistent)
-                            }
-                        };
-                        out.push((known.id, kind, reason));
-                    }
-                    let idle = state
-                        .protection
-                        .get(vm)
-                        .is_none_or(|p| p.maintenance_job.is_none());
-                    if retention_due
-                        && idle
-                        && protect::retention_marks(&state, known, &in_use, now).is_some_and(
-                            |marks| marks.iter().any(|(_, m)| *m == RetentionMark::Remove),
-                        )
-                    {
-                        out.push((known.id, JobKind::Prune, JobReason::Scheduled));
-                    }
-                }
+            let mut out = protect::due_runs(&state, &tz, now);
+            if retention_due {
+                out.extend(
+                    protect::prune_candidates(&state, now)
+                        .into_iter()
+                        .map(|vm| (vm, JobKind::Prune, JobReason::Scheduled)),
+                );
             }
             out
         };
