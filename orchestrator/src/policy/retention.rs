@@ -134,7 +134,8 @@ mod tests {
             ..rp(9.0)
         };
         // (name, rps, retention days, paused, now, marks)
-        let cases: Vec<(&str, Vec<RpAge>, u16, &Paused, u64, Vec<RetentionMark>)> = vec![
+        type Case<'a> = (&'a str, Vec<RpAge>, u16, &'a Paused<'a>, u64, Vec<RetentionMark>);
+        let cases: Vec<Case> = vec![
             ("nothing to do", vec![], 5, &no_pause, NOW, vec![]),
             (
                 "older than the range go, the newest always stays",

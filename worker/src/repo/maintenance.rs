@@ -438,9 +438,9 @@ pub fn space(dir: &std::path::Path) -> Result<(u64, u64), Error> {
     }
     // SAFETY: statvfs returned 0, so it filled the struct.
     let stat = unsafe { stat.assume_init() };
-    let block = stat.f_frsize as u64;
+    let block = stat.f_frsize;
     Ok((
-        (stat.f_blocks as u64).saturating_mul(block),
-        (stat.f_bavail as u64).saturating_mul(block),
+        stat.f_blocks.saturating_mul(block),
+        stat.f_bavail.saturating_mul(block),
     ))
 }
