@@ -307,6 +307,9 @@ impl JobMaker {
                 disk: disk.clone(),
                 bytes_written: 0,
             },
+            other => {
+                unreachable!("the benchmark's history has backups and restores only, not {other:?}")
+            }
         }
     }
 

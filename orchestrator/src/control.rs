@@ -11,7 +11,8 @@ use std::pin::Pin;
 use cairn_schemas::Command;
 
 use crate::views::{
-    Accepted, AuditReport, EventView, GroupView, JobView, NodeView, RpView, VmView,
+    Accepted, AlertView, AuditReport, CalendarDayView, CapacityView, EventView, GroupDetailView,
+    GroupView, JobView, NodeView, RpView, VmView,
 };
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -100,5 +101,28 @@ pub trait Control: Send + Sync + 'static {
     /// default, empty, makes such a request fail validation (`repository must not be empty`).
     fn default_repository(&self) -> String {
         String::new()
+    }
+
+    /// One group with its policy, next runs and members' retention.
+    fn group(&self, _group: &str) -> Result<GroupDetailView, ControlError> {
+        Err(ControlError::Unavailable(
+            "groups' details are not served here".into(),
+        ))
+    }
+    /// The group's disk allocation review.
+    fn group_plan(&self, _group: &str) -> Result<CapacityView, ControlError> {
+        Err(ControlError::Unavailable(
+            "disk allocation reviews are not served here".into(),
+        ))
+    }
+    /// Alerts: active ones, and with `all` resolved ones too.
+    fn alerts(&self, _all: bool) -> Vec<AlertView> {
+        Vec::new()
+    }
+    /// Recovery points per day of a VM.
+    fn calendar(&self, _vm: &str) -> Result<Vec<CalendarDayView>, ControlError> {
+        Err(ControlError::Unavailable(
+            "calendars are not served here".into(),
+        ))
     }
 }

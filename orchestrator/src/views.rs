@@ -146,3 +146,353 @@ pub struct Accepted {
     /// Sequence of the last event the command appended (read-your-writes for `events tail`).
     pub seq: u64,
 }
+
+/// Times of day (`HH:MM`) on days of the week (`mon` ... `sun`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleView {
+    pub times: Vec<String>,
+    pub days: Vec<String>,
+}
+
+/// The window scheduled consistency checks run in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckWindowView {
+    /// `HH:MM`.
+    pub start: String,
+    pub max_duration_minutes: u32,
+    pub days: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckPolicyView {
+    /// Run a consistency check as soon as a replica becomes inconsistent.
+    pub when_inconsistent: bool,
+    /// Run them in this window; none and `when_inconsistent: false` means manual only.
+    #[serde(default)]
+    pub window: Option<CheckWindowView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsView {
+    pub backups_per_node: u16,
+    pub backups_per_volume: u16,
+    pub recoveries: u16,
+}
+
+/// A protection group's whole policy, as JSON (the API's read and write form).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyView {
+    /// Empty in a request: the server's default repository.
+    #[serde(default)]
+    pub repository: String,
+    pub retention_days: u16,
+    pub recovery_points: ScheduleView,
+    /// `15m` ... `1440m`, or `before-recovery-point`.
+    pub sync: String,
+    /// Express full backups; empty times and days for none.
+    pub express_full: ScheduleView,
+    pub consistency_check: CheckPolicyView,
+    /// `now`, `manual-seed`, or `at:<Unix milliseconds>`.
+    pub replica_creation: String,
+    pub limits: LimitsView,
+    /// `application` (guest freeze, crash-consistent fallback) or `crash`.
+    pub consistency: String,
+    pub chunk_size: u32,
+}
+
+/// A group member's protection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub vm: String,
+    pub name: String,
+    /// The worst data source state of its disks.
+    pub state: String,
+    pub last_backup_at: Option<u64>,
+    pub recovery_points: u64,
+    /// Retention marks now: kept, protected whatever their age, to be removed.
+    pub keep: u64,
+    pub protected: u64,
+    pub remove: u64,
+    /// Retention is paused (the replica is inconsistent) since this time.
+    pub retention_paused_since: Option<u64>,
+}
+
+/// `GET /v1/groups/{group}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupDetailView {
+    pub group: String,
+    pub name: String,
+    pub created_at: u64,
+    pub policy: PolicyView,
+    /// The zone schedule times are in (`cairn up --timezone`).
+    pub timezone: String,
+    pub next_sync: Option<u64>,
+    pub next_recovery_point: Option<u64>,
+    pub members: Vec<MemberView>,
+}
+
+/// `GET /v1/groups/{group}/plan`: the disk allocation review.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapacityView {
+    pub group: String,
+    pub name: String,
+    pub repository: String,
+    pub retention_days: u16,
+    /// Virtual size of the members' disks.
+    pub data_bytes: u64,
+    /// The replicas as stored (virtual size where none is stored yet).
+    pub replica_bytes: u64,
+    /// What the members' recovery points hold now.
+    pub stored_bytes: u64,
+    pub churn_bytes_per_day: u64,
+    /// Measured from the last 7 days of recovery points, or estimated (10% a day).
+    pub churn_measured: bool,
+    pub recommended_bytes: u64,
+    /// From the worker's last report; `None` when none came yet.
+    pub free_bytes: Option<u64>,
+    pub under_provisioned_bytes: Option<u64>,
+}
+
+/// An alert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertView {
+    pub id: u64,
+    /// `Critical`, `Warning`, `Info`.
+    pub severity: String,
+    /// `ReplicaInconsistent`, `BackupFailed`, ...
+    pub kind: String,
+    /// A VM id or a repository.
+    pub subject: String,
+    pub vm_name: Option<String>,
+    pub message: String,
+    pub recommended_action: String,
+    pub raised_at: u64,
+    pub updated_at: u64,
+    pub occurrences: u32,
+    pub active: bool,
+    pub resolved_at: Option<u64>,
+    pub resolution: Option<String>,
+}
+
+/// Recovery points of one day (in the orchestrator's time zone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalendarDayView {
+    /// `YYYY-MM-DD`.
+    pub date: String,
+    pub recovery_points: u32,
+}
+
+const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+fn time_text(t: cairn_schemas::TimeOfDay) -> String {
+    t.label()
+}
+
+fn days_text(days: cairn_schemas::Weekdays) -> Vec<String> {
+    (0..7u8)
+        .filter(|d| days.contains(*d))
+        .map(|d| DAY_NAMES[usize::from(d)].to_owned())
+        .collect()
+}
+
+/// Parses `HH:MM` (00:00 to 23:59).
+pub fn parse_time(field: &str, text: &str) -> Result<cairn_schemas::TimeOfDay, String> {
+    let bad = || format!("{field}: {text:?} is not a time of day; use HH:MM, 00:00 to 23:59");
+    let (h, m) = text.trim().split_once(':').ok_or_else(bad)?;
+    let digits = |s: &str| (1..=2).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(h) || m.len() != 2 || !digits(m) {
+        return Err(bad());
+    }
+    let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok(cairn_schemas::TimeOfDay::hm(h, m))
+}
+
+/// Parses day names (`mon` ... `sun`, or `all`, `workdays`, `weekend`).
+pub fn parse_days(field: &str, names: &[String]) -> Result<cairn_schemas::Weekdays, String> {
+    let mut bits = 0u8;
+    for name in names {
+        let lower = name.trim().to_ascii_lowercase();
+        bits |= match lower.as_str() {
+            "all" | "daily" => cairn_schemas::Weekdays::ALL.bits,
+            "workdays" => cairn_schemas::Weekdays::WORKDAYS.bits,
+            "weekend" => cairn_schemas::Weekdays::WEEKEND.bits,
+            other => {
+                let idx = DAY_NAMES
+                    .iter()
+                    .position(|d| other.len() >= 3 && other.starts_with(d))
+                    .ok_or_else(|| {
+                        format!(
+                            "{field}: {name:?} is not a day; use mon, tue, wed, thu, fri, sat, \
+                             sun, all, workdays or weekend"
+                        )
+                    })?;
+                1 << idx
+            }
+        };
+    }
+    Ok(cairn_schemas::Weekdays { bits })
+}
+
+fn schedule_view(s: &cairn_schemas::Schedule) -> ScheduleView {
+    let mut times = s.times.clone();
+    times.sort();
+    ScheduleView {
+        times: times.into_iter().map(time_text).collect(),
+        days: days_text(s.days),
+    }
+}
+
+fn schedule_from(field: &str, v: &ScheduleView) -> Result<cairn_schemas::Schedule, String> {
+    if v.times.len() > 96 {
+        return Err(format!("{field}.times: at most 96 times a day"));
+    }
+    Ok(cairn_schemas::Schedule {
+        times: v
+            .times
+            .iter()
+            .map(|t| parse_time(&format!("{field}.times"), t))
+            .collect::<Result<_, _>>()?,
+        days: parse_days(&format!("{field}.days"), &v.days)?,
+    })
+}
+
+impl PolicyView {
+    /// The JSON form of a policy.
+    pub fn from_policy(p: &cairn_schemas::GroupPolicy) -> PolicyView {
+        use cairn_schemas::{ConsistencyWanted, ReplicaCreation, SyncFrequency};
+        PolicyView {
+            repository: p.repository.clone(),
+            retention_days: p.retention_days,
+            recovery_points: schedule_view(&p.recovery_points),
+            sync: match p.sync {
+                SyncFrequency::EveryMinutes(m) => format!("{m}m"),
+                SyncFrequency::JustBeforeRecoveryPoint => "before-recovery-point".into(),
+            },
+            express_full: schedule_view(&p.express_full),
+            consistency_check: CheckPolicyView {
+                when_inconsistent: p.consistency_check.when_inconsistent,
+                window: p
+                    .consistency_check
+                    .window
+                    .as_ref()
+                    .map(|w| CheckWindowView {
+                        start: time_text(w.start),
+                        max_duration_minutes: w.max_duration_minutes,
+                        days: days_text(w.days),
+                    }),
+            },
+            replica_creation: match p.replica_creation {
+                ReplicaCreation::Now => "now".into(),
+                ReplicaCreation::ManualSeed => "manual-seed".into(),
+                ReplicaCreation::At { unix_millis } => format!("at:{unix_millis}"),
+            },
+            limits: LimitsView {
+                backups_per_node: p.limits.backups_per_node,
+                backups_per_volume: p.limits.backups_per_volume,
+                recoveries: p.limits.recoveries,
+            },
+            consistency: match p.consistency {
+                ConsistencyWanted::ApplicationWithCrashFallback => "application".into(),
+                ConsistencyWanted::CrashOnly => "crash".into(),
+            },
+            chunk_size: p.chunk_size,
+        }
+    }
+
+    /// The policy this JSON describes (with `online` carried over), not yet validated as a
+    /// whole: [`cairn_schemas::GroupPolicy::validate`] does that. Errors name the field.
+    pub fn to_policy(
+        &self,
+        online: Option<cairn_schemas::OnlineProtection>,
+    ) -> Result<cairn_schemas::GroupPolicy, String> {
+        use cairn_schemas::{
+            ConsistencyCheckPolicy, ConsistencyCheckWindow, ConsistencyWanted, Limits,
+            ReplicaCreation, SyncFrequency,
+        };
+        let sync = match self.sync.trim() {
+            "before-recovery-point" => SyncFrequency::JustBeforeRecoveryPoint,
+            text => {
+                let (digits, unit) = text.split_at(
+                    text.find(|c: char| !c.is_ascii_digit())
+                        .unwrap_or(text.len()),
+                );
+                let per_unit = match unit {
+                    "" | "m" | "min" => 1,
+                    "h" => 60,
+                    "d" => 1440,
+                    _ => 0,
+                };
+                let minutes = digits
+                    .parse::<u32>()
+                    .ok()
+                    .and_then(|v| v.checked_mul(per_unit))
+                    .and_then(|m| u16::try_from(m).ok())
+                    .filter(|m| *m > 0)
+                    .ok_or_else(|| {
+                        format!(
+                            "sync: {text:?} is not a frequency; use e.g. 15m, 1h, 1d or \
+                             before-recovery-point"
+                        )
+                    })?;
+                SyncFrequency::EveryMinutes(minutes)
+            }
+        };
+        let replica_creation = match self.replica_creation.trim() {
+            "now" => ReplicaCreation::Now,
+            "manual-seed" => ReplicaCreation::ManualSeed,
+            other => match other.strip_prefix("at:").and_then(|ms| ms.parse().ok()) {
+                Some(unix_millis) => ReplicaCreation::At { unix_millis },
+                None => {
+                    return Err(format!(
+                        "replica_creation: {other:?} is not now, manual-seed or at:<Unix ms>"
+                    ));
+                }
+            },
+        };
+        let consistency = match self.consistency.trim() {
+            "application" => ConsistencyWanted::ApplicationWithCrashFallback,
+            "crash" => ConsistencyWanted::CrashOnly,
+            other => {
+                return Err(format!(
+                    "consistency: {other:?} is not application or crash"
+                ));
+            }
+        };
+        let window = match &self.consistency_check.window {
+            None => None,
+            Some(w) => Some(ConsistencyCheckWindow {
+                start: parse_time("consistency_check.window.start", &w.start)?,
+                max_duration_minutes: w.max_duration_minutes,
+                days: parse_days("consistency_check.window.days", &w.days)?,
+            }),
+        };
+        Ok(cairn_schemas::GroupPolicy {
+            repository: self.repository.clone(),
+            retention_days: self.retention_days,
+            recovery_points: schedule_from("recovery_points", &self.recovery_points)?,
+            sync,
+            express_full: schedule_from("express_full", &self.express_full)?,
+            consistency_check: ConsistencyCheckPolicy {
+                when_inconsistent: self.consistency_check.when_inconsistent,
+                window,
+            },
+            replica_creation,
+            online,
+            limits: Limits {
+                backups_per_node: self.limits.backups_per_node,
+                backups_per_volume: self.limits.backups_per_volume,
+                recoveries: self.limits.recoveries,
+            },
+            consistency,
+            chunk_size: self.chunk_size,
+        })
+    }
+}

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use cairn_orchestrator::api::wire::{
-    BackupModeWire, BackupRequest, CancelRequest, CreateGroupRequest, ErrorBody, EventsPage,
-    RestoreRequest, parse_sync,
+    BackupModeWire, BackupRequest, CancelRequest, ErrorBody, EventsPage, RestoreRequest, parse_sync,
 };
 use cairn_orchestrator::views::{
     Accepted, AuditReport, EventView, GroupView, JobView, RpView, StepView, VmView,
@@ -73,6 +72,42 @@ pub enum ClientCommand {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Check a VM's replica against its source and repair it (a consistency check).
+    Check(crate::policy_cmd::VmJobArgs),
+    /// Re-hash a VM's stored chunks; damage makes its replica inconsistent.
+    Verify(crate::policy_cmd::VmJobArgs),
+    /// Alerts: active ones, and with --all resolved ones.
+    Alerts(crate::policy_cmd::AlertsArgs),
+    /// Seeding a replica offline: export on the VM's node, import on the server.
+    Seed {
+        #[command(subcommand)]
+        command: SeedCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SeedCommand {
+    /// Write a VM's disks to a folder (e.g. removable media), on the VM's node, no server
+    /// needed.
+    Export(crate::policy_cmd::SeedExportArgs),
+    /// Make the VM's replica from a seed folder; a consistency check follows.
+    Import(crate::policy_cmd::SeedImportArgs),
+}
+
+impl ServerOpts {
+    pub(crate) fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub(crate) fn json(&self) -> bool {
+        self.json
+    }
+}
+
+impl WaitOpts {
+    pub(crate) fn wait(&self) -> bool {
+        self.wait
+    }
 }
 
 /// Options of every client command.
@@ -115,10 +150,41 @@ pub enum GroupCommand {
         #[arg(long)]
         repository: Option<String>,
         #[command(flatten)]
+        policy: crate::policy_cmd::PolicyFlags,
+        #[command(flatten)]
         opts: ServerOpts,
     },
     /// List protection groups.
     List {
+        #[command(flatten)]
+        opts: ServerOpts,
+    },
+    /// Show a group's policy, next runs and members' retention.
+    Show {
+        /// The group (name or id).
+        name: String,
+        #[command(flatten)]
+        opts: ServerOpts,
+    },
+    /// Change a group's policy (only the settings given); it applies from the next run.
+    SetPolicy {
+        /// The group (name or id).
+        name: String,
+        /// Keep recovery points this many days.
+        #[arg(long)]
+        retention_days: Option<u32>,
+        /// Synchronization frequency (15m ... 1d, or before-recovery-point).
+        #[arg(long, value_parser = check_sync)]
+        sync: Option<String>,
+        #[command(flatten)]
+        policy: crate::policy_cmd::PolicyFlags,
+        #[command(flatten)]
+        opts: ServerOpts,
+    },
+    /// Disk allocation review: data size, recommended space, free space, what is missing.
+    Plan {
+        /// The group (name or id).
+        name: String,
         #[command(flatten)]
         opts: ServerOpts,
     },
@@ -200,6 +266,9 @@ pub enum RpCommand {
     List {
         /// The VM (id or unique name).
         vm: String,
+        /// Show recovery points per day, a month per block.
+        #[arg(long)]
+        calendar: bool,
         #[command(flatten)]
         opts: ServerOpts,
     },
@@ -265,17 +334,19 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 retention_days,
                 sync,
                 repository,
+                policy,
                 opts,
             } => {
                 let client = Client::new(&opts.server)?;
                 let vms = resolve_vms(&client, &vms)?;
-                let request = CreateGroupRequest {
-                    name: name.clone(),
+                let request = crate::policy_cmd::create_request(
+                    name.clone(),
                     vms,
                     retention_days,
                     sync,
                     repository,
-                };
+                    &policy,
+                )?;
                 let value = client.post("/v1/groups", Some(&request))?;
                 if opts.json {
                     print_json(&value);
@@ -286,6 +357,22 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 Ok(0)
             }
             GroupCommand::List { opts } => group_list(&opts),
+            GroupCommand::Show { name, opts } => crate::policy_cmd::group_show(&name, &opts),
+            GroupCommand::SetPolicy {
+                name,
+                retention_days,
+                sync,
+                policy,
+                opts,
+            } => crate::policy_cmd::group_set_policy(&name, retention_days, sync, &policy, &opts),
+            GroupCommand::Plan { name, opts } => crate::policy_cmd::group_plan(&name, &opts),
+        },
+        ClientCommand::Check(args) => crate::policy_cmd::vm_job(&args, "check"),
+        ClientCommand::Verify(args) => crate::policy_cmd::vm_job(&args, "verify"),
+        ClientCommand::Alerts(args) => crate::policy_cmd::alerts(&args),
+        ClientCommand::Seed { command } => match command {
+            SeedCommand::Export(args) => crate::policy_cmd::seed_export(&args),
+            SeedCommand::Import(args) => crate::policy_cmd::seed_import(&args),
         },
         ClientCommand::Backup(args) => backup(&args),
         ClientCommand::Jobs(args) => jobs(&args),
@@ -314,10 +401,13 @@ pub fn run(command: ClientCommand) -> Result<i32> {
             }
         },
         ClientCommand::Rp {
-            command: RpCommand::List { vm, opts },
+            command: RpCommand::List { vm, calendar, opts },
         } => {
             let client = Client::new(&opts.server)?;
             let vm = resolve_vm(&client, &vm)?;
+            if calendar {
+                return crate::policy_cmd::calendar(&client, &vm, &opts);
+            }
             let value = client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?;
             if opts.json {
                 print_json(&value);
@@ -450,7 +540,12 @@ fn restore(args: &RestoreArgs) -> Result<i32> {
 
 /// Follows a job until it ends or the deadline passes: long-polls the event log and
 /// re-reads the job whenever one of its events (or nothing for a while) comes by.
-fn wait_for_job(client: &Client, accepted: &Accepted, wait: &WaitOpts, json: bool) -> Result<i32> {
+pub(crate) fn wait_for_job(
+    client: &Client,
+    accepted: &Accepted,
+    wait: &WaitOpts,
+    json: bool,
+) -> Result<i32> {
     let started = Instant::now();
     let deadline = started + wait.timeout;
     let job_path = format!("/v1/jobs/{}", segment(&accepted.id)?);
@@ -619,13 +714,13 @@ impl ApiError {
 }
 
 /// A blocking client of one server.
-struct Client {
+pub(crate) struct Client {
     agent: ureq::Agent,
     base: String,
 }
 
 impl Client {
-    fn new(server: &str) -> Result<Client> {
+    pub(crate) fn new(server: &str) -> Result<Client> {
         let base = server.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") {
             bail!(
@@ -644,7 +739,7 @@ impl Client {
         Ok(Client { agent, base })
     }
 
-    fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+    pub(crate) fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
         let mut request = self.agent.get(format!("{}{path}", self.base));
         for (key, value) in query {
             request = request.query(*key, value);
@@ -652,7 +747,7 @@ impl Client {
         self.finish(request.call())
     }
 
-    fn post<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<Value> {
+    pub(crate) fn post<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<Value> {
         let request = self.agent.post(format!("{}{path}", self.base));
         let result = match body {
             Some(body) => {
@@ -710,11 +805,11 @@ fn transport_error(base: &str, err: ureq::Error) -> anyhow::Error {
     }
 }
 
-fn from_value<T: DeserializeOwned>(value: Value) -> Result<T> {
+pub(crate) fn from_value<T: DeserializeOwned>(value: Value) -> Result<T> {
     serde_json::from_value(value).context("the server's answer is not what this client expects")
 }
 
-fn print_json(value: &Value) {
+pub(crate) fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
@@ -766,7 +861,7 @@ fn pick_vm(vms: &[VmView], arg: &str) -> Result<String, String> {
 }
 
 /// Resolves a VM argument; ids are passed through without asking the server.
-fn resolve_vm(client: &Client, arg: &str) -> Result<String> {
+pub(crate) fn resolve_vm(client: &Client, arg: &str) -> Result<String> {
     Ok(resolve_vms(client, std::slice::from_ref(&arg.to_owned()))?.remove(0))
 }
 
@@ -851,22 +946,22 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 // ---- rendering ---------------------------------------------------------------------------
 
 /// Columns aligned on the width of their widest cell; the last column is not padded.
-struct Table {
+pub(crate) struct Table {
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn new(header: &[&str]) -> Table {
+    pub(crate) fn new(header: &[&str]) -> Table {
         Table {
             rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
         }
     }
 
-    fn row(&mut self, cells: Vec<String>) {
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
-    fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let n_cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..n_cols)
             .map(|col| {
@@ -897,7 +992,7 @@ impl Table {
     }
 }
 
-fn time_or_dash(ms: Option<u64>) -> String {
+pub(crate) fn time_or_dash(ms: Option<u64>) -> String {
     ms.map_or_else(|| "-".to_owned(), format_ms)
 }
 

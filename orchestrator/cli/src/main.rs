@@ -3,6 +3,7 @@
 
 mod client_cmd;
 mod demo;
+mod policy_cmd;
 mod progress;
 mod repo_cmd;
 mod units;
@@ -28,7 +29,7 @@ enum Command {
         command: repo_cmd::RepoCommand,
     },
     /// Client commands of a running orchestrator (`--server`, `CAIRN_SERVER`): vm, group,
-    /// backup, jobs, job, rp, restore, events, audit.
+    /// backup, jobs, job, rp, restore, events, audit, check, verify, alerts, seed.
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }

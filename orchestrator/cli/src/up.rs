@@ -19,6 +19,7 @@ use cairn_orchestrator::engine::service::{
     Clock, Engine, EngineOptions, Handle, StepSink, SystemClock,
 };
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
+use cairn_orchestrator::policy::tz::TimeZone;
 use cairn_schemas::{Command, JobId, NodeId, Report, StepSpec};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
 use cairn_worker::repo::Repository;
@@ -45,6 +46,14 @@ pub struct UpArgs {
     /// Parallel backups per node.
     #[arg(long, default_value_t = 3)]
     pub backups_per_node: usize,
+    /// Time zone of protection groups' schedules: UTC, a fixed offset (+02:00), an offset
+    /// with a daylight-saving rule (+01:00/eu, -05:00/us) or a name like Europe/Berlin.
+    #[arg(long, env = "CAIRN_TIMEZONE", default_value = "UTC", value_parser = parse_timezone)]
+    pub timezone: TimeZone,
+}
+
+fn parse_timezone(text: &str) -> Result<TimeZone, String> {
+    TimeZone::parse(text).map_err(|e| e.to_string())
 }
 
 /// The in-process bus: steps go to this node's worker, cancels to its running steps.
@@ -102,6 +111,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
             // The worker runs in this process: steps of an earlier run died with it.
             orphan_grace_ms: 0,
             backups_per_node: args.backups_per_node,
+            timezone: args.timezone,
             ..EngineConfig::default()
         },
         epoch,
@@ -190,6 +200,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
     let inventory_handle = handle.clone();
     let inventory_agent = agent.clone();
     let inventory_node = node.clone();
+    let inventory_repo = repo_dir.clone();
     let mut inventory_stop = shutdown_rx.clone();
     let inventory_task = tokio::spawn(async move {
         let register = Command::RegisterNode {
@@ -208,6 +219,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
                 _ = inventory_stop.wait_for(|stop| *stop) => return,
             }
             report_inventory(&inventory_handle, &inventory_agent, &inventory_node).await;
+            report_space(&inventory_handle, &inventory_node, &inventory_repo).await;
         }
     });
 
@@ -266,6 +278,27 @@ pub async fn report_inventory(handle: &Handle<SledLog>, agent: &Arc<Agent>, node
     };
     if let Err(e) = handle.submit_as("worker".into(), command).await {
         tracing::warn!(error = %e, "inventory report refused");
+    }
+}
+
+/// Measures the repository's filesystem and reports it (the engine records changes of 1% or
+/// more), so capacity planning and jobs' early space checks see real numbers.
+pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &std::path::Path) {
+    let dir = repo_dir.to_path_buf();
+    let measured =
+        tokio::task::spawn_blocking(move || cairn_worker::repo::maintenance::space(&dir)).await;
+    let Ok(Ok((total_bytes, free_bytes))) = measured else {
+        tracing::warn!(repo = %repo_dir.display(), "could not measure the repository's free space");
+        return;
+    };
+    let command = Command::ReportRepositorySpace {
+        node: node.clone(),
+        repository: repo_dir.display().to_string(),
+        total_bytes,
+        free_bytes,
+    };
+    if let Err(e) = handle.submit_as("worker".into(), command).await {
+        tracing::warn!(error = %e, "repository space report refused");
     }
 }
 

@@ -17,6 +17,14 @@
 //! | POST | `/v1/vms/{vm}/restore` | restore a recovery point to a folder (202, job id) |
 //! | GET  | `/v1/groups` | protection groups |
 //! | POST | `/v1/groups` | create a protection group (201, group id) |
+//! | GET  | `/v1/groups/{group}` | a group's policy, next runs, members' retention |
+//! | POST | `/v1/groups/{group}/policy` | replace a group's policy (applies from the next run) |
+//! | GET  | `/v1/groups/{group}/plan` | disk allocation review |
+//! | POST | `/v1/vms/{vm}/check` | consistency check now (202, job id) |
+//! | POST | `/v1/vms/{vm}/verify` | verify the VM's stored chunks (202, job id) |
+//! | POST | `/v1/vms/{vm}/seed` | import a seed made offline (202, job id) |
+//! | GET  | `/v1/vms/{vm}/calendar` | recovery points per day |
+//! | GET  | `/v1/alerts` | alerts (`?all=true` adds resolved ones) |
 //! | GET  | `/v1/nodes` | nodes and their workers |
 //! | GET  | `/v1/jobs` | jobs, newest first (`?state=&vm=&limit=`) |
 //! | GET  | `/v1/jobs/{job}` | one job with its steps |
@@ -36,6 +44,7 @@ mod error;
 mod extract;
 mod handlers;
 mod middleware;
+mod policy_handlers;
 pub mod wire;
 
 #[cfg(test)]
@@ -138,6 +147,26 @@ fn routes() -> Vec<Route> {
         route("post", "/v1/vms/{vm}/restore", handlers::request_restore),
         route("get", "/v1/groups", handlers::list_groups),
         route("post", "/v1/groups", handlers::create_group),
+        route("get", "/v1/groups/{group}", policy_handlers::get_group),
+        route(
+            "post",
+            "/v1/groups/{group}/policy",
+            policy_handlers::set_policy,
+        ),
+        route(
+            "get",
+            "/v1/groups/{group}/plan",
+            policy_handlers::group_plan,
+        ),
+        route("post", "/v1/vms/{vm}/check", policy_handlers::request_check),
+        route(
+            "post",
+            "/v1/vms/{vm}/verify",
+            policy_handlers::request_verify,
+        ),
+        route("post", "/v1/vms/{vm}/seed", policy_handlers::import_seed),
+        route("get", "/v1/vms/{vm}/calendar", policy_handlers::calendar),
+        route("get", "/v1/alerts", policy_handlers::alerts),
         route("get", "/v1/nodes", handlers::list_nodes),
         route("get", "/v1/jobs", handlers::list_jobs),
         route("get", "/v1/jobs/{job}", handlers::get_job),

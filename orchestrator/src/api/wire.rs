@@ -33,6 +33,43 @@ pub struct CreateGroupRequest {
     /// Repository name (default: the orchestrator's default repository).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
+    /// The whole policy; when given, `retention_days`, `sync` and `repository` must not be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::views::PolicyView>,
+}
+
+/// `POST /v1/vms/{vm}/seed`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedRequest {
+    /// Absolute path of the seed folder (written by `cairn seed export`) on the VM's node.
+    pub seed: String,
+}
+
+/// `GET /v1/alerts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsQuery {
+    /// Also resolved alerts.
+    #[serde(default)]
+    pub all: Option<bool>,
+}
+
+/// A policy from its JSON form, with `online` carried over and empty `repository` replaced
+/// by `default_repository`, validated.
+pub fn policy_from_view(
+    view: &crate::views::PolicyView,
+    online: Option<cairn_schemas::OnlineProtection>,
+    default_repository: &str,
+) -> Result<GroupPolicy, Error> {
+    let mut policy = view.to_policy(online).map_err(Error::invalid_policy)?;
+    if policy.repository.is_empty() {
+        policy.repository = default_repository.to_owned();
+    }
+    policy
+        .validate()
+        .map_err(|err| Error::invalid_policy(err.to_string()))?;
+    Ok(policy)
 }
 
 /// Longest group name accepted, in characters.
@@ -42,6 +79,14 @@ impl CreateGroupRequest {
     /// The group's policy: the defaults of [`GroupPolicy::with_defaults`] on the named
     /// repository (or `default_repository`), with the request's retention and sync, validated.
     pub fn policy(&self, default_repository: &str) -> Result<GroupPolicy, Error> {
+        if let Some(view) = &self.policy {
+            if self.retention_days.is_some() || self.sync.is_some() || self.repository.is_some() {
+                return Err(Error::invalid_policy(
+                    "give either policy or retention_days/sync/repository, not both",
+                ));
+            }
+            return policy_from_view(view, None, default_repository);
+        }
         let repository = self.repository.as_deref().unwrap_or(default_repository);
         let mut policy = GroupPolicy::with_defaults(repository);
         if let Some(days) = self.retention_days {

@@ -4,11 +4,12 @@
 use std::collections::BTreeSet;
 
 use cairn_schemas::{
-    Aggregate, BackupMode, Command, DiskInfo, Event, GroupEvent, GroupId, JobEvent, JobId, JobKind,
-    JobReason, NodeEvent, NodeId, RecoveryTarget, VmEvent, VmId, VmInventory,
+    Aggregate, BackupMode, Command, DataSourceState, DiskInfo, Event, GroupEvent, GroupId,
+    JobEvent, JobId, JobKind, JobReason, NodeEvent, NodeId, RecoveryTarget, VmEvent, VmId,
+    VmInventory,
 };
 
-use super::state::State;
+use super::state::{State, Vm};
 use crate::control::ControlError;
 
 /// Events to append to one aggregate.
@@ -138,10 +139,69 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
         Command::RequestBackup { job, vm, mode } => {
             request_backup(state, *job, *vm, *mode, JobReason::Manual, now).map(|e| vec![e])
         }
-        Command::RequestConsistencyCheck { vm, .. } => Err(invalid(
-            "unsupported",
-            format!("consistency checks are not available in this release (vm {vm})"),
-        )),
+        Command::RequestConsistencyCheck { job, vm } => request_job(
+            state,
+            *job,
+            *vm,
+            JobKind::ConsistencyCheck,
+            JobReason::Manual,
+        )
+        .map(|e| vec![e]),
+        Command::RequestVerify { job, vm } => {
+            request_job(state, *job, *vm, JobKind::Verify, JobReason::Manual).map(|e| vec![e])
+        }
+        Command::ImportSeed { job, vm, seed } => {
+            check_path(seed)?;
+            request_job(
+                state,
+                *job,
+                *vm,
+                JobKind::SeedImport { seed: seed.clone() },
+                JobReason::Manual,
+            )
+            .map(|e| vec![e])
+        }
+        Command::ReportRepositorySpace {
+            node,
+            repository,
+            total_bytes,
+            free_bytes,
+        } => {
+            if !state.nodes.contains_key(node) {
+                return Err(not_found(
+                    "unknown_node",
+                    format!("node {node} reported repository space before registering"),
+                ));
+            }
+            if repository.is_empty() || repository.len() > 4096 || free_bytes > total_bytes {
+                return Err(invalid(
+                    "invalid_request",
+                    format!(
+                        "node {node}: repository space report for {repository:?} is invalid \
+                         ({free_bytes} free of {total_bytes})"
+                    ),
+                ));
+            }
+            // Small changes are not worth an event: the log records a change of 1% of the
+            // filesystem or more (and every change of its size).
+            if let Some(known) = state.space.get(repository)
+                && known.total_bytes == *total_bytes
+                && known.free_bytes.abs_diff(*free_bytes) < total_bytes / 100
+            {
+                return Ok(vec![]);
+            }
+            Ok(vec![Emit::new(
+                Aggregate::Node(node.clone()),
+                vec![
+                    NodeEvent::RepositorySpaceReported {
+                        repository: repository.clone(),
+                        total_bytes: *total_bytes,
+                        free_bytes: *free_bytes,
+                    }
+                    .into(),
+                ],
+            )])
+        }
         Command::RequestRestore {
             job,
             vm,
@@ -251,28 +311,105 @@ pub fn request_backup(
     reason: JobReason,
     _now: u64,
 ) -> Result<Emit, ControlError> {
+    request_job(state, job, vm, JobKind::Backup { mode }, reason)
+}
+
+/// Whether every inconsistent disk of `vm` is inconsistent only because its change tracking
+/// was lost. A backup then reads those disks whole and compares every chunk with the replica
+/// (an express full), which repairs them as a consistency check would.
+fn only_tracking_lost(vm: &Vm) -> bool {
+    vm.disk_states
+        .iter()
+        .filter(|(_, s)| **s == DataSourceState::ReplicaInconsistent)
+        .all(|(disk, _)| vm.tracking_lost.contains_key(disk))
+}
+
+/// A job request for `vm`, from a user, the scheduler or retention. Jobs that make a recovery
+/// point exclude each other per VM, as do maintenance jobs; backups wait for an inconsistent
+/// replica's consistency check (as in MABS, they could not make a trustworthy recovery point).
+pub fn request_job(
+    state: &State,
+    job: JobId,
+    vm: VmId,
+    kind: JobKind,
+    reason: JobReason,
+) -> Result<Emit, ControlError> {
     let known = present_vm(state, vm)?;
-    if let Some(active) = state
-        .jobs
-        .values()
-        .find(|j| j.vm == vm && j.is_backup() && !j.state.is_terminal())
-    {
+    if state.jobs.contains_key(&job) {
+        return Err(conflict("conflict", format!("job id {job} is taken")));
+    }
+    let protection = state.protection.get(&vm);
+    let has_rps = state.rps.get(&vm).is_some_and(|l| !l.is_empty());
+    let makes_rp = matches!(
+        kind,
+        JobKind::Backup { .. }
+            | JobKind::InitialReplication
+            | JobKind::ConsistencyCheck
+            | JobKind::SeedImport { .. }
+    );
+    let active = if makes_rp {
+        protection.and_then(|p| p.rp_job)
+    } else if matches!(
+        kind,
+        JobKind::Verify | JobKind::Prune | JobKind::GarbageCollect
+    ) {
+        protection.and_then(|p| p.maintenance_job)
+    } else {
+        None
+    };
+    if let Some(active) = active.and_then(|id| state.jobs.get(&id)) {
+        let what = if makes_rp {
+            "backup or consistency check"
+        } else {
+            "maintenance job"
+        };
         return Err(conflict(
             "job_running",
             format!(
-                "a backup of VM {} is already queued or running (job {})",
+                "a {what} of VM {} is already queued or running (job {})",
                 known.name, active.id
             ),
         ));
     }
-    if state.jobs.contains_key(&job) {
-        return Err(conflict("conflict", format!("job id {job} is taken")));
+    match &kind {
+        JobKind::Backup { .. } | JobKind::InitialReplication
+            if protection.is_some_and(|p| p.inconsistent_since.is_some())
+                && !only_tracking_lost(known) =>
+        {
+            return Err(conflict(
+                "replica_inconsistent",
+                format!(
+                    "the replica of VM {} is inconsistent: backups wait for a consistency check \
+                     (`cairn check {}`)",
+                    known.name, known.name
+                ),
+            ));
+        }
+        JobKind::ConsistencyCheck | JobKind::Verify | JobKind::Prune if !has_rps => {
+            return Err(conflict(
+                "no_replica",
+                format!(
+                    "VM {} has no replica yet; its initial replication (or a seed import) makes one",
+                    known.name
+                ),
+            ));
+        }
+        JobKind::SeedImport { .. } if has_rps => {
+            return Err(conflict(
+                "has_replica",
+                format!(
+                    "VM {} already has a replica; seeding is only for VMs without one",
+                    known.name
+                ),
+            ));
+        }
+        _ => {}
     }
     Ok(Emit::new(
         Aggregate::Job(job),
         vec![
             JobEvent::JobRequested {
-                kind: JobKind::Backup { mode },
+                kind,
                 vm,
                 group: known.group,
                 reason,

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use cairn_schemas::{
-    BackupMode, CommittedDisk, Consistency, ConsistencyWanted, DiskSource, FailureClass,
+    BackupMode, CommittedDisk, Consistency, ConsistencyWanted, DiskId, DiskSource, FailureClass,
     ImageFormat, JobEvent, JobKind, JobState, NodeId, PlannedStep, RecoveryPointId, RecoveryTarget,
     Report, ReportBody, StepId, StepKind, StepResult, StepSpec, StepWork, WaitReason,
 };
@@ -38,6 +38,10 @@ pub struct EngineConfig {
     pub retry_base_ms: u64,
     pub backups_per_node: usize,
     pub recoveries_per_node: usize,
+    /// The zone protection-group schedules are written in.
+    pub timezone: crate::policy::tz::TimeZone,
+    /// How often (clock time) retention looks for recovery points to prune.
+    pub retention_every_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +55,8 @@ impl Default for EngineConfig {
             retry_base_ms: 2_000,
             backups_per_node: 3,
             recoveries_per_node: 8,
+            timezone: crate::policy::tz::TimeZone::UTC,
+            retention_every_ms: 60_000,
         }
     }
 }
@@ -75,9 +81,52 @@ fn step_id(job: &Job, index: u8) -> StepId {
     StepId::from_bytes(bytes).expect("still a v7 uuid")
 }
 
+/// One step per disk of `vm`, of the kind `make` builds, with no order between them.
+fn per_disk(
+    job: &Job,
+    vm: &Vm,
+    first_index: u8,
+    make: impl Fn(DiskId) -> StepKind,
+) -> Vec<PlannedStep> {
+    vm.disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| PlannedStep {
+            step: step_id(job, first_index + i as u8),
+            kind: make(d.disk.clone()),
+            after: vec![],
+            always: false,
+        })
+        .collect()
+}
+
 /// The plan of a job for its VM.
+///
+/// A consistency check is planned like a backup whose transfers are `CheckDisk` steps:
+/// `Snapshot → CheckDisk(d0) ∥ CheckDisk(d1) → ReleaseSnapshot (always) → CommitRecoveryPoint`.
+/// Verify and prune run one step per disk, gc one step, a seed import
+/// `ImportSeed(d0) ∥ ImportSeed(d1) → CommitRecoveryPoint`.
 pub fn plan(job: &Job, vm: &Vm) -> Vec<PlannedStep> {
     match &job.kind {
+        JobKind::Verify => per_disk(job, vm, 0, |disk| StepKind::VerifyDisk { disk }),
+        JobKind::Prune => per_disk(job, vm, 0, |disk| StepKind::Prune { disk }),
+        JobKind::GarbageCollect => vec![PlannedStep {
+            step: step_id(job, 0),
+            kind: StepKind::CollectGarbage,
+            after: vec![],
+            always: false,
+        }],
+        JobKind::SeedImport { .. } => {
+            let mut steps = per_disk(job, vm, 3, |disk| StepKind::ImportSeed { disk });
+            let after = steps.iter().map(|s| s.step).collect();
+            steps.push(PlannedStep {
+                step: step_id(job, 2),
+                kind: StepKind::CommitRecoveryPoint,
+                after,
+                always: false,
+            });
+            steps
+        }
         JobKind::Recovery { .. } => vm
             .disks
             .iter()
@@ -100,13 +149,17 @@ pub fn plan(job: &Job, vm: &Vm) -> Vec<PlannedStep> {
                 always: false,
             }];
             let mut transfers = Vec::new();
+            let check = job.kind == JobKind::ConsistencyCheck;
             for (i, d) in vm.disks.iter().enumerate() {
                 let id = step_id(job, 3 + i as u8);
                 transfers.push(id);
+                let disk = d.disk.clone();
                 steps.push(PlannedStep {
                     step: id,
-                    kind: StepKind::Transfer {
-                        disk: d.disk.clone(),
+                    kind: if check {
+                        StepKind::CheckDisk { disk }
+                    } else {
+                        StepKind::Transfer { disk }
                     },
                     after: vec![snapshot],
                     always: false,
@@ -170,11 +223,44 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
     if state.nodes.get(&vm.node).is_none_or(|n| !n.online) {
         return queue(WaitReason::NodeOffline);
     }
+    if matches!(job.kind, JobKind::OffsiteCopy { .. }) {
+        return vec![JobEvent::JobFailed {
+            reason: "offsite copies are not available in this release".into(),
+        }];
+    }
+    let policy = super::protect::policy_of(state, vm);
+    if job.makes_rp() {
+        if let Some(reason) = out_of_space(state, cfg, job, vm) {
+            return vec![JobEvent::JobFailed { reason }];
+        }
+    }
+    // Backups and checks write a VM's lineages, verify and prune need them to themselves: one
+    // waits for the other rather than failing on the repository's lock and retrying.
+    let lineage_user = |j: &Job| j.makes_rp() || matches!(j.kind, JobKind::Verify | JobKind::Prune);
+    // Garbage collection locks each lineage of its repository in turn, so they wait for it too
+    // (it skips lineages in use, so it need not wait for them).
+    let my_repository = repository(state, cfg, job);
+    if lineage_user(job)
+        && state.jobs.values().any(|j| {
+            j.id != job.id
+                && matches!(j.state, JobState::Running | JobState::Retrying)
+                && ((j.vm == job.vm && lineage_user(j))
+                    || (j.kind == JobKind::GarbageCollect
+                        && repository(state, cfg, j) == my_repository))
+        })
+    {
+        return queue(WaitReason::VmBusy);
+    }
     let recovery = matches!(job.kind, JobKind::Recovery { .. });
-    let limit = if recovery {
-        cfg.recoveries_per_node
-    } else {
-        cfg.backups_per_node
+    let limit = match (recovery, policy) {
+        (true, Some(p)) => cfg
+            .recoveries_per_node
+            .min(usize::from(p.limits.recoveries)),
+        (true, None) => cfg.recoveries_per_node,
+        (false, Some(p)) => cfg
+            .backups_per_node
+            .min(usize::from(p.limits.backups_per_node)),
+        (false, None) => cfg.backups_per_node,
     };
     let running = state
         .jobs
@@ -188,6 +274,28 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
         .count();
     if running >= limit {
         return queue(WaitReason::NodeBusy);
+    }
+    if let (false, Some(p)) = (recovery, policy) {
+        // Backups of VMs whose disks share a volume (folder) count against its limit.
+        let mine = super::protect::volumes(vm);
+        let on_volume = state
+            .jobs
+            .values()
+            .filter(|j| {
+                j.id != job.id
+                    && j.makes_rp()
+                    && matches!(j.state, JobState::Running | JobState::Retrying)
+            })
+            .filter_map(|j| state.vms.get(&j.vm))
+            .filter(|other| {
+                super::protect::volumes(other)
+                    .iter()
+                    .any(|v| mine.contains(v))
+            })
+            .count();
+        if on_volume >= usize::from(p.limits.backups_per_volume) {
+            return queue(WaitReason::VolumeBusy);
+        }
     }
     let started = JobEvent::JobStarted {
         node: vm.node.clone(),
@@ -287,7 +395,7 @@ fn advance(
             _ => false,
         };
         if ready {
-            match build_spec(state, cfg, epoch, job, step) {
+            match build_spec(state, cfg, epoch, job, step, now) {
                 Ok(spec) => events.push(JobEvent::StepDispatched {
                     step: step.id,
                     attempt: step.attempt + 1,
@@ -313,23 +421,30 @@ fn advance(
         if job.steps.iter().any(|s| s.always && !s.status.terminal()) {
             return events;
         }
+        let mut done = maintenance_outcome(job);
         if job.cancel_requested {
-            return vec![JobEvent::JobCancelled];
+            done.push(JobEvent::JobCancelled);
+            return done;
         }
         let step = failed.expect("winding down without cancel means a step failed");
-        return vec![JobEvent::JobFailed {
+        done.push(JobEvent::JobFailed {
             reason: format!(
                 "{} failed: {}",
                 step_label(&step.kind),
                 step.error.clone().unwrap_or_default()
             ),
-        }];
+        });
+        return done;
     }
     if job.steps.iter().all(|s| s.status == StepStatus::Succeeded) {
         let mut done = Vec::new();
-        if job.is_backup() {
+        if job.makes_rp() {
             done.push(committed(job));
         }
+        if job.kind == JobKind::ConsistencyCheck {
+            done.push(check_outcome(job));
+        }
+        done.extend(maintenance_outcome(job));
         done.push(JobEvent::JobSucceeded);
         return done;
     }
@@ -344,7 +459,103 @@ pub fn step_label(kind: &StepKind) -> String {
         StepKind::ReleaseSnapshot => "ReleaseSnapshot".into(),
         StepKind::CommitRecoveryPoint => "CommitRecoveryPoint".into(),
         StepKind::Restore { disk } => format!("Restore {disk}"),
+        StepKind::VerifyDisk { disk } => format!("VerifyDisk {disk}"),
+        StepKind::CheckDisk { disk } => format!("CheckDisk {disk}"),
+        StepKind::Prune { disk } => format!("Prune {disk}"),
+        StepKind::CollectGarbage => "CollectGarbage".into(),
+        StepKind::ImportSeed { disk } => format!("ImportSeed {disk}"),
     }
+}
+
+/// Why a job that makes a recovery point cannot fit in its repository, if it cannot: the
+/// worker's last report of free space against the VM's estimate.
+fn out_of_space(state: &State, cfg: &EngineConfig, job: &Job, vm: &Vm) -> Option<String> {
+    let repository = repository(state, cfg, job);
+    let space = state.space.get(&repository)?;
+    let need = crate::policy::capacity::job_estimate(&super::protect::vm_usage(state, vm));
+    (need > space.free_bytes).then(|| {
+        format!(
+            "repository {repository} would run out of space: {} bytes free, this job needs about \
+             {need} bytes (estimated from VM {}'s recent recovery points); add storage or \
+             shorten retention (`cairn group plan` shows what each group needs)",
+            space.free_bytes, vm.name
+        )
+    })
+}
+
+/// Totals of a consistency check's `CheckDisk` results.
+fn check_outcome(job: &Job) -> JobEvent {
+    let (mut compared, mut differing, mut stored) = (0, 0, 0);
+    for step in &job.steps {
+        if let Some(StepResult::CheckDisk {
+            chunks_compared,
+            chunks_differing,
+            bytes_stored,
+            ..
+        }) = &step.result
+        {
+            compared += chunks_compared;
+            differing += chunks_differing;
+            stored += bytes_stored;
+        }
+    }
+    JobEvent::ConsistencyChecked {
+        vm: job.vm,
+        chunks_compared: compared,
+        chunks_differing: differing,
+        bytes_stored: stored,
+    }
+}
+
+/// What verify and prune steps found or did, also when the job as a whole failed: damage
+/// found on some disks is damage, and recovery points removed from some disks are gone.
+fn maintenance_outcome(job: &Job) -> Vec<JobEvent> {
+    let mut removed: Vec<RecoveryPointId> = Vec::new();
+    let mut damaged_disks = Vec::new();
+    let mut damaged_rps: Vec<RecoveryPointId> = Vec::new();
+    let mut n_damaged = 0;
+    for step in &job.steps {
+        match &step.result {
+            Some(StepResult::Prune { removed: r, .. }) => {
+                for rp in r {
+                    if !removed.contains(rp) {
+                        removed.push(*rp);
+                    }
+                }
+            }
+            Some(StepResult::VerifyDisk {
+                disk,
+                damaged_rps: rps,
+                n_damaged_chunks,
+                ..
+            }) if *n_damaged_chunks > 0 || !rps.is_empty() => {
+                damaged_disks.push(disk.clone());
+                n_damaged += n_damaged_chunks;
+                for rp in rps {
+                    if !damaged_rps.contains(rp) {
+                        damaged_rps.push(*rp);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut events = Vec::new();
+    if !removed.is_empty() {
+        events.push(JobEvent::RecoveryPointsPruned {
+            vm: job.vm,
+            rps: removed,
+        });
+    }
+    if !damaged_disks.is_empty() {
+        events.push(JobEvent::ReplicaDamageFound {
+            vm: job.vm,
+            disks: damaged_disks,
+            rps: damaged_rps,
+            n_damaged_chunks: n_damaged,
+        });
+    }
+    events
 }
 
 fn snapshot_result(
@@ -371,25 +582,35 @@ fn committed(job: &Job) -> JobEvent {
     let disks = job
         .steps
         .iter()
-        .filter_map(|s| match (&s.result, &s.spec) {
-            (
-                Some(StepResult::Transfer {
+        .filter_map(|s| {
+            let parent_rp = match s.spec.as_ref().map(|spec| &spec.work) {
+                Some(
+                    StepWork::Transfer { parent_rp, .. } | StepWork::CheckDisk { parent_rp, .. },
+                ) => *parent_rp,
+                _ => None,
+            };
+            let (disk, bytes_read, bytes_stored) = match s.result.as_ref()? {
+                StepResult::Transfer {
                     disk,
                     bytes_read,
                     bytes_stored,
                     ..
-                }),
-                Some(spec),
-            ) => Some(CommittedDisk {
+                }
+                | StepResult::CheckDisk {
+                    disk,
+                    bytes_read,
+                    bytes_stored,
+                    ..
+                } => (disk, *bytes_read, *bytes_stored),
+                StepResult::ImportSeed { disk, bytes_stored } => (disk, 0, *bytes_stored),
+                _ => return None,
+            };
+            Some(CommittedDisk {
                 disk: disk.clone(),
-                parent_rp: match &spec.work {
-                    StepWork::Transfer { parent_rp, .. } => *parent_rp,
-                    _ => None,
-                },
-                bytes_read: *bytes_read,
-                bytes_stored: *bytes_stored,
-            }),
-            _ => None,
+                parent_rp,
+                bytes_read,
+                bytes_stored,
+            })
         })
         .collect();
     JobEvent::RecoveryPointCommitted {
@@ -424,6 +645,7 @@ fn build_spec(
     epoch: u64,
     job: &Job,
     step: &Step,
+    now: u64,
 ) -> Result<StepSpec, String> {
     let vm = state
         .vms
@@ -471,6 +693,37 @@ fn build_spec(
             disks: vm.disks.iter().map(|d| d.disk.clone()).collect(),
             consistency: snapshot.map_or(Consistency::Crash, |(_, c, _)| *c),
         },
+        StepKind::VerifyDisk { disk } => StepWork::VerifyDisk {
+            repository,
+            disk: disk_source(disk)?.disk,
+        },
+        StepKind::CheckDisk { disk } => StepWork::CheckDisk {
+            source: disk_source(disk)?,
+            snapshot: snapshot
+                .map(|(s, _, _)| s.clone())
+                .ok_or("the snapshot step has no result")?,
+            repository,
+            rp: rp_of(job),
+            parent_rp: state.rps.get(&job.vm).and_then(|l| l.last()).map(|r| r.rp),
+            chunk_size: cfg.chunk_size,
+        },
+        StepKind::Prune { disk } => StepWork::Prune {
+            repository,
+            disk: disk_source(disk)?.disk,
+            remove: super::protect::removals(state, vm, now),
+        },
+        StepKind::CollectGarbage => StepWork::CollectGarbage { repository },
+        StepKind::ImportSeed { disk } => {
+            let JobKind::SeedImport { seed } = &job.kind else {
+                return Err("a seed import step outside a seed import job".into());
+            };
+            StepWork::ImportSeed {
+                disk: disk_source(disk)?.disk,
+                seed: seed.clone(),
+                repository,
+                rp: rp_of(job),
+            }
+        }
         StepKind::Restore { disk } => {
             let JobKind::Recovery { rp, target } = &job.kind else {
                 return Err("a restore step outside a recovery job".into());

@@ -6,7 +6,9 @@
 
 pub mod decide;
 pub mod jobs;
+pub mod protect;
 pub mod read;
+pub mod read_policy;
 pub mod service;
 pub mod snapshot;
 pub mod state;

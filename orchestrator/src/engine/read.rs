@@ -94,6 +94,7 @@ pub fn job(state: &State, job: &Job) -> JobView {
         JobKind::Backup { .. } => "Backup".to_string(),
         JobKind::ConsistencyCheck => "ConsistencyCheck".to_string(),
         JobKind::Recovery { .. } => "Recovery".to_string(),
+        JobKind::SeedImport { .. } => "SeedImport".to_string(),
         other => format!("{other:?}")
             .split([' ', '{'])
             .next()
@@ -288,6 +289,25 @@ fn summary(event: &Event) -> String {
                     } => {
                         format!(": disk {disk}, {bytes_written} bytes written")
                     }
+                    cairn_schemas::StepResult::CheckDisk {
+                        disk,
+                        chunks_compared,
+                        chunks_differing,
+                        ..
+                    } => format!(
+                        ": disk {disk}, {chunks_differing} of {chunks_compared} chunks differed"
+                    ),
+                    cairn_schemas::StepResult::VerifyDisk {
+                        disk,
+                        n_damaged_chunks,
+                        ..
+                    } => format!(": disk {disk}, {n_damaged_chunks} damaged chunks"),
+                    cairn_schemas::StepResult::Prune { disk, removed } => {
+                        format!(": disk {disk}, {} recovery points removed", removed.len())
+                    }
+                    cairn_schemas::StepResult::CollectGarbage { bytes_freed } => {
+                        format!(": {bytes_freed} bytes freed")
+                    }
                     _ => String::new(),
                 };
                 format!("{} attempt {attempt} succeeded{detail}", step_name(step))
@@ -312,6 +332,28 @@ fn summary(event: &Event) -> String {
                 "recovery point {rp} ({} disks, {} bytes stored)",
                 disks.len(),
                 disks.iter().map(|d| d.bytes_stored).sum::<u64>()
+            ),
+            JobEvent::RecoveryPointsPruned { rps, .. } => {
+                format!("{} recovery points past retention removed", rps.len())
+            }
+            JobEvent::ConsistencyChecked {
+                chunks_compared,
+                chunks_differing,
+                bytes_stored,
+                ..
+            } => format!(
+                "consistency check: {chunks_differing} of {chunks_compared} chunks differed, \
+                 {bytes_stored} bytes stored"
+            ),
+            JobEvent::ReplicaDamageFound {
+                disks,
+                rps,
+                n_damaged_chunks,
+                ..
+            } => format!(
+                "verify: {n_damaged_chunks} damaged chunks on {} disks, {} recovery points affected",
+                disks.len(),
+                rps.len()
             ),
         },
         Event::Vm(vm) => match vm {
@@ -355,6 +397,11 @@ fn summary(event: &Event) -> String {
                 format!("heartbeat lost (last seen {last_seen})")
             }
             NodeEvent::NodeInventoryReported { vms } => format!("{} VMs reported", vms.len()),
+            NodeEvent::RepositorySpaceReported {
+                repository,
+                total_bytes,
+                free_bytes,
+            } => format!("repository {repository}: {free_bytes} of {total_bytes} bytes free"),
         },
     }
 }

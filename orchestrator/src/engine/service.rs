@@ -13,19 +13,22 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use cairn_schemas::{
-    Aggregate, BackupMode, Command, CommandId, Event, EventId, GroupId, JobEvent, JobId, JobReason,
-    Report, StepSpec, SyncFrequency,
+    Aggregate, Command, CommandId, Event, EventId, GroupId, JobEvent, JobId, JobKind, JobReason,
+    Report, StepSpec, VmId,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::decide::{Emit, decide, request_backup};
+use super::decide::{Emit, decide, request_job};
 use super::jobs::{EngineConfig, Liveness, on_report, reconcile, tracking_events};
+use super::protect;
 use super::state::State;
-use super::{read, snapshot};
+use super::{read, read_policy, snapshot};
 use crate::control::{BoxFuture, Control, ControlError};
 use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent};
+use crate::policy::datasource;
 use crate::views::{
-    Accepted, AuditReport, EventView, GroupView, JobView, NodeView, RpView, VmView,
+    Accepted, AlertView, AuditReport, CalendarDayView, CapacityView, EventView, GroupDetailView,
+    GroupView, JobView, NodeView, RpView, VmView,
 };
 
 /// Where time comes from; tests use a manual clock.
@@ -114,6 +117,10 @@ pub struct Engine<L> {
     opts: EngineOptions,
     live: Liveness,
     snapshot_seq: u64,
+    /// Jobs requested by the engine itself, reconciled by the main loop.
+    to_reconcile: Vec<JobId>,
+    /// When retention next looks for recovery points to prune (clock time).
+    next_retention_at: u64,
 }
 
 fn random10() -> [u8; 10] {
@@ -183,6 +190,8 @@ impl<L: EventLog + 'static> Engine<L> {
                 started_at: now,
             },
             snapshot_seq,
+            to_reconcile: Vec::new(),
+            next_retention_at: 0,
         };
         Ok((engine, Handle { shared }))
     }
@@ -204,6 +213,9 @@ impl<L: EventLog + 'static> Engine<L> {
                     None => break,
                 },
                 _ = tick.tick() => self.tick().await,
+            }
+            while let Some(job) = self.to_reconcile.pop() {
+                self.reconcile_job(job).await;
             }
             self.maybe_snapshot(false).await;
         }
@@ -270,7 +282,7 @@ impl<L: EventLog + 'static> Engine<L> {
         if !events.is_empty() {
             let emit = Emit::new(
                 Aggregate::Job(report.job),
-                events.into_iter().map(Event::from).collect(),
+                events.iter().cloned().map(Event::from).collect(),
             );
             if let Err(e) = self
                 .commit(emit, &format!("node/{}", report.node), None)
@@ -279,12 +291,13 @@ impl<L: EventLog + 'static> Engine<L> {
                 tracing::error!(job = %report.job, error = %e, "could not record a worker report");
                 return;
             }
+            self.follow_up(report.job, &events).await;
         }
         self.reconcile_job(report.job).await;
     }
 
     async fn tick(&mut self) {
-        self.schedule_backups().await;
+        self.schedule_runs().await;
         let open: Vec<JobId> = {
             let state = self.shared.state.read().expect("state lock");
             state
@@ -308,63 +321,78 @@ impl<L: EventLog + 'static> Engine<L> {
         });
     }
 
-    /// Requests backups that protection groups' synchronization frequency makes due: one per
-    /// VM when its last backup request is older than the frequency (after downtime this is one
-    /// catch-up, not a burst).
-    async fn schedule_backups(&mut self) {
+    /// Requests what protection groups' policies make due: scheduled synchronizations,
+    /// express fulls, initial replications and consistency checks (the pure scheduler in
+    /// `policy::schedule` decides, per VM), and, every `retention_every_ms`, prune jobs for VMs
+    /// with recovery points past retention.
+    async fn schedule_runs(&mut self) {
         let now = self.now();
-        let due: Vec<cairn_schemas::VmId> = {
+        let tz = self.shared.config.timezone;
+        let retention_due = now >= self.next_retention_at
+            || self.next_retention_at > now + self.shared.config.retention_every_ms;
+        if retention_due {
+            self.next_retention_at = now + self.shared.config.retention_every_ms;
+        }
+        let requests: Vec<(VmId, JobKind, JobReason)> = {
             let state = self.shared.state.read().expect("state lock");
-            let mut due = Vec::new();
-            for group in state.groups.values().filter(|g| !g.deleted) {
-                let every_ms = match group.policy.sync {
-                    SyncFrequency::EveryMinutes(m) => m as u64 * 60_000,
-                    SyncFrequency::JustBeforeRecoveryPoint => 60 * 60_000,
-                };
-                for vm in &group.members {
-                    let Some(known) = state.vms.get(vm).filter(|v| v.present) else {
-                        continue;
-                    };
-                    let jobs = state.jobs.values().filter(|j| j.vm == *vm && j.is_backup());
-                    let mut active = false;
-                    let mut last = None::<u64>;
-                    for j in jobs {
-                        active |= !j.state.is_terminal();
-                        last = last.max(Some(j.requested_at));
-                    }
-                    if !active && last.is_none_or(|t| now.saturating_sub(t) >= every_ms) {
-                        due.push(known.id);
-                    }
-                }
+            let mut out = protect::due_runs(&state, &tz, now);
+            if retention_due {
+                out.extend(
+                    protect::prune_candidates(&state, now)
+                        .into_iter()
+                        .map(|vm| (vm, JobKind::Prune, JobReason::Scheduled)),
+                );
             }
-            due
+            out
         };
-        for vm in due {
-            let job = JobId::new_v7(now, random10());
-            let emit = {
-                let state = self.shared.state.read().expect("state lock");
-                request_backup(
-                    &state,
-                    job,
-                    vm,
-                    BackupMode::Incremental,
-                    JobReason::Scheduled,
-                    now,
-                )
-            };
-            match emit {
-                Ok(emit) => {
-                    let actor = self.opts.actor.clone();
-                    if self
-                        .commit(emit, &format!("{actor}/scheduler"), None)
-                        .await
-                        .is_ok()
-                    {
-                        self.reconcile_job(job).await;
-                    }
+        for (vm, kind, reason) in requests {
+            self.request(vm, kind, reason).await;
+        }
+    }
+
+    /// Requests a job the engine decided on by itself; it is reconciled by the main loop.
+    async fn request(&mut self, vm: VmId, kind: JobKind, reason: JobReason) {
+        let now = self.now();
+        let job = JobId::new_v7(now, random10());
+        let emit = {
+            let state = self.shared.state.read().expect("state lock");
+            request_job(&state, job, vm, kind, reason)
+        };
+        match emit {
+            Ok(emit) => {
+                let actor = format!("{}/scheduler", self.opts.actor);
+                if self.commit(emit, &actor, None).await.is_ok() {
+                    self.to_reconcile.push(job);
                 }
-                Err(e) => tracing::debug!(vm = %vm, error = %e, "scheduled backup not requested"),
             }
+            Err(e) => tracing::debug!(vm = %vm, error = %e, "job not requested"),
+        }
+    }
+
+    /// What must follow a job's events: data source state changes, the mandatory check after
+    /// a seed import, gc after a prune.
+    async fn follow_up(&mut self, job: JobId, events: &[JobEvent]) {
+        let follow = {
+            let state = self.shared.state.read().expect("state lock");
+            datasource::after_job_events(&state, job, events)
+        };
+        if let Some(emit) = follow.emit {
+            let actor = self.opts.actor.clone();
+            if let Err(e) = self.commit(emit, &actor, None).await {
+                tracing::error!(job = %job, error = %e, "could not record a data source state change");
+            }
+        }
+        if let Some(vm) = follow.check {
+            self.request(
+                vm,
+                JobKind::ConsistencyCheck,
+                JobReason::ReplicaInconsistent,
+            )
+            .await;
+        }
+        if let Some(vm) = follow.gc {
+            self.request(vm, JobKind::GarbageCollect, JobReason::Scheduled)
+                .await;
         }
     }
 
@@ -392,12 +420,13 @@ impl<L: EventLog + 'static> Engine<L> {
             let actor = self.opts.actor.clone();
             let emit = Emit::new(
                 Aggregate::Job(job),
-                events.into_iter().map(Event::from).collect(),
+                events.iter().cloned().map(Event::from).collect(),
             );
             if let Err(e) = self.commit(emit, &actor, None).await {
                 tracing::error!(job = %job, error = %e, "could not advance a job");
                 return;
             }
+            self.follow_up(job, &events).await;
         }
         tracing::warn!(job = %job, "job reconciler did not settle after 16 rounds");
     }
@@ -513,9 +542,10 @@ fn created_id(command: &Command) -> String {
         | Command::RequestConsistencyCheck { job, .. }
         | Command::RequestRestore { job, .. }
         | Command::CancelJob { job, .. } => job.to_string(),
-        Command::RegisterNode { node, .. } | Command::ReportInventory { node, .. } => {
-            node.to_string()
-        }
+        Command::RegisterNode { node, .. }
+        | Command::ReportInventory { node, .. }
+        | Command::ReportRepositorySpace { node, .. } => node.to_string(),
+        Command::ImportSeed { job, .. } | Command::RequestVerify { job, .. } => job.to_string(),
     }
 }
 
@@ -680,5 +710,68 @@ impl<L: EventLog + 'static> Control for Handle<L> {
 
     fn default_repository(&self) -> String {
         self.shared.config.repository.clone()
+    }
+
+    fn group(&self, group: &str) -> Result<GroupDetailView, ControlError> {
+        let id: GroupId = parse_id("group", group)?;
+        let now = self.shared.clock.now_ms();
+        let cfg = &self.shared.config;
+        self.read(|s| {
+            let found = read_policy::live_group(s, id).ok_or_else(|| unknown_group(id))?;
+            let repository = group_repository(cfg, found);
+            Ok(read_policy::group_detail(
+                s,
+                found,
+                &repository,
+                &cfg.timezone,
+                now,
+            ))
+        })
+    }
+
+    fn group_plan(&self, group: &str) -> Result<CapacityView, ControlError> {
+        let id: GroupId = parse_id("group", group)?;
+        let now = self.shared.clock.now_ms();
+        let cfg = &self.shared.config;
+        self.read(|s| {
+            let found = read_policy::live_group(s, id).ok_or_else(|| unknown_group(id))?;
+            let repository = group_repository(cfg, found);
+            Ok(read_policy::group_plan(s, found, &repository, now))
+        })
+    }
+
+    fn alerts(&self, all: bool) -> Vec<AlertView> {
+        let now = self.shared.clock.now_ms();
+        self.read(|s| read_policy::alerts(s, all, now))
+    }
+
+    fn calendar(&self, vm: &str) -> Result<Vec<CalendarDayView>, ControlError> {
+        let id: cairn_schemas::VmId = parse_id("VM", vm)?;
+        let tz = self.shared.config.timezone;
+        self.read(|s| {
+            if !s.vms.contains_key(&id) {
+                return Err(ControlError::NotFound {
+                    code: "unknown_vm",
+                    message: format!("no VM {id}"),
+                });
+            }
+            Ok(read_policy::calendar(s, id, &tz))
+        })
+    }
+}
+
+fn unknown_group(id: GroupId) -> ControlError {
+    ControlError::NotFound {
+        code: "unknown_group",
+        message: format!("no protection group {id}"),
+    }
+}
+
+/// The repository a group writes to: its policy's, or the engine's default.
+fn group_repository(cfg: &EngineConfig, group: &super::state::Group) -> String {
+    if group.policy.repository.is_empty() {
+        cfg.repository.clone()
+    } else {
+        group.policy.repository.clone()
     }
 }

@@ -26,6 +26,49 @@ pub struct State {
     pub nodes: BTreeMap<NodeId, Node>,
     /// Recovery point catalog, oldest first per VM.
     pub rps: BTreeMap<VmId, Vec<RecoveryPoint>>,
+    /// Per-VM protection history the scheduler and retention need (see [`VmProtection`]).
+    pub protection: BTreeMap<VmId, VmProtection>,
+    /// Alerts, raised and resolved by events.
+    pub alerts: crate::policy::alerts::Alerts,
+    /// Space of each repository, as workers last measured it.
+    pub space: BTreeMap<String, RepositorySpace>,
+}
+
+/// What the scheduler and the retention planner need to know about one VM, kept up to date
+/// by `apply` so that a tick costs O(VMs), not O(jobs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProtection {
+    /// When a disk of the VM became inconsistent (and none has been repaired since).
+    pub inconsistent_since: Option<u64>,
+    /// Earlier intervals during which the replica was inconsistent: retention's paused time.
+    pub paused: Vec<(u64, u64)>,
+    /// When the latest job that makes a recovery point was requested.
+    pub last_rp_request: Option<u64>,
+    /// When the latest consistency check was requested.
+    pub last_check_request: Option<u64>,
+    /// A job that makes a recovery point (backup, check, seed import) is not finished.
+    pub rp_job: Option<JobId>,
+    /// A maintenance job (verify, prune, gc) is not finished.
+    pub maintenance_job: Option<JobId>,
+    /// The latest consistency check's outcome.
+    pub last_check: Option<CheckOutcome>,
+}
+
+/// What a consistency check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckOutcome {
+    pub at: u64,
+    pub chunks_compared: u64,
+    pub chunks_differing: u64,
+    pub bytes_stored: u64,
+}
+
+/// A repository's filesystem space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositorySpace {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub reported_at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +184,16 @@ impl Job {
             JobKind::Backup { .. } | JobKind::InitialReplication
         )
     }
+
+    /// Whether the job commits a recovery point when it succeeds: backups, consistency checks
+    /// (the repaired replica) and seed imports.
+    pub fn makes_rp(&self) -> bool {
+        self.is_backup()
+            || matches!(
+                self.kind,
+                JobKind::ConsistencyCheck | JobKind::SeedImport { .. }
+            )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,10 +229,97 @@ impl State {
         let at = env.recorded_at;
         match (&env.aggregate, &env.payload) {
             (Aggregate::Group(id), Event::Group(e)) => self.apply_group(*id, e, at),
-            (Aggregate::Vm(id), Event::Vm(e)) => self.apply_vm(*id, e),
-            (Aggregate::Job(id), Event::Job(e)) => self.apply_job(*id, e, at),
+            (Aggregate::Vm(id), Event::Vm(e)) => self.apply_vm(*id, e, at),
+            (Aggregate::Job(id), Event::Job(e)) => {
+                self.apply_job(*id, e, at);
+                self.apply_job_protection(*id, e, at);
+            }
             (Aggregate::Node(id), Event::Node(e)) => self.apply_node(id, e, at),
             // The log refuses events of another aggregate kind; nothing to do if one slipped in.
+            _ => {}
+        }
+        crate::policy::alerts::on_event(self, &env.aggregate, &env.payload, at);
+    }
+
+    /// Sets one disk's data source state and keeps the VM's retention pause up to date: the
+    /// clock pauses when the first disk becomes inconsistent and resumes when the last is
+    /// consistent again.
+    pub(crate) fn set_disk_state(
+        &mut self,
+        vm: VmId,
+        disk: &DiskId,
+        state: DataSourceState,
+        at: u64,
+    ) {
+        let Some(known) = self.vms.get_mut(&vm) else {
+            return;
+        };
+        known.disk_states.insert(disk.clone(), state);
+        let inconsistent = known
+            .disk_states
+            .values()
+            .any(|s| *s == DataSourceState::ReplicaInconsistent);
+        let protection = self.protection.entry(vm).or_default();
+        match (inconsistent, protection.inconsistent_since) {
+            (true, None) => protection.inconsistent_since = Some(at),
+            (false, Some(since)) => {
+                protection.paused.push((since, at));
+                protection.inconsistent_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// The scheduler's and retention's per-VM bookkeeping of job events.
+    fn apply_job_protection(&mut self, id: JobId, event: &JobEvent, at: u64) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        let (vm, makes_rp, kind) = (job.vm, job.makes_rp(), job.kind.clone());
+        match event {
+            JobEvent::JobRequested { .. } => {
+                let p = self.protection.entry(vm).or_default();
+                if makes_rp {
+                    p.last_rp_request = Some(at);
+                    p.rp_job = Some(id);
+                    if kind == JobKind::ConsistencyCheck {
+                        p.last_check_request = Some(at);
+                    }
+                } else if matches!(
+                    kind,
+                    JobKind::Verify | JobKind::Prune | JobKind::GarbageCollect
+                ) {
+                    p.maintenance_job = Some(id);
+                }
+            }
+            JobEvent::JobSucceeded | JobEvent::JobFailed { .. } | JobEvent::JobCancelled => {
+                if let Some(p) = self.protection.get_mut(&vm) {
+                    if p.rp_job == Some(id) {
+                        p.rp_job = None;
+                    }
+                    if p.maintenance_job == Some(id) {
+                        p.maintenance_job = None;
+                    }
+                }
+            }
+            JobEvent::ConsistencyChecked {
+                chunks_compared,
+                chunks_differing,
+                bytes_stored,
+                ..
+            } => {
+                self.protection.entry(vm).or_default().last_check = Some(CheckOutcome {
+                    at,
+                    chunks_compared: *chunks_compared,
+                    chunks_differing: *chunks_differing,
+                    bytes_stored: *bytes_stored,
+                });
+            }
+            JobEvent::RecoveryPointsPruned { vm, rps } => {
+                if let Some(list) = self.rps.get_mut(vm) {
+                    list.retain(|r| !rps.contains(&r.rp));
+                }
+            }
             _ => {}
         }
     }
@@ -250,7 +390,7 @@ impl State {
         }
     }
 
-    fn apply_vm(&mut self, id: VmId, event: &VmEvent) {
+    fn apply_vm(&mut self, id: VmId, event: &VmEvent, at: u64) {
         match event {
             VmEvent::VmDiscovered { node, name, disks } => {
                 let group = self
@@ -312,15 +452,24 @@ impl State {
                 }
             }
             VmEvent::ChangeTrackingLost { disk, reason } => {
-                if let Some(vm) = self.vms.get_mut(&id) {
-                    vm.tracking.remove(disk);
-                    vm.tracking_lost.insert(disk.clone(), reason.clone());
+                // Without change tracking the replica cannot be trusted to hold every change
+                // since the last backup: it stays inconsistent until a backup that read the
+                // whole disk (express full) or a consistency check has compared it with the
+                // source.
+                let protected = match self.vms.get_mut(&id) {
+                    Some(vm) => {
+                        vm.tracking.remove(disk);
+                        vm.tracking_lost.insert(disk.clone(), reason.clone());
+                        vm.disk_states.get(disk) == Some(&DataSourceState::Protected)
+                    }
+                    None => false,
+                };
+                if protected {
+                    self.set_disk_state(id, disk, DataSourceState::ReplicaInconsistent, at);
                 }
             }
             VmEvent::DataSourceStateChanged { disk, state, .. } => {
-                if let Some(vm) = self.vms.get_mut(&id) {
-                    vm.disk_states.insert(disk.clone(), *state);
-                }
+                self.set_disk_state(id, disk, *state, at);
             }
         }
     }
@@ -355,6 +504,20 @@ impl State {
                     node.last_seen = at;
                     node.online = true;
                 }
+            }
+            NodeEvent::RepositorySpaceReported {
+                repository,
+                total_bytes,
+                free_bytes,
+            } => {
+                self.space.insert(
+                    repository.clone(),
+                    RepositorySpace {
+                        total_bytes: *total_bytes,
+                        free_bytes: *free_bytes,
+                        reported_at: at,
+                    },
+                );
             }
         }
     }
@@ -504,6 +667,10 @@ impl State {
                 job.finished_at = Some(at);
                 job.forget_step_details();
             }
+            // Their effects on other projections are in `apply_job_protection`.
+            JobEvent::RecoveryPointsPruned { .. }
+            | JobEvent::ConsistencyChecked { .. }
+            | JobEvent::ReplicaDamageFound { .. } => {}
             JobEvent::RecoveryPointCommitted {
                 vm,
                 rp,
@@ -521,6 +688,19 @@ impl State {
                         _ => None,
                     })
                     .unwrap_or_default();
+                // Disks whose transfer in this job read everything (a full or express full).
+                let read_whole: Vec<DiskId> = job
+                    .steps
+                    .iter()
+                    .filter_map(|s| match &s.result {
+                        Some(StepResult::Transfer {
+                            disk,
+                            incremental: false,
+                            ..
+                        }) => Some(disk.clone()),
+                        _ => None,
+                    })
+                    .collect();
                 let list = self.rps.entry(*vm).or_default();
                 if !list.iter().any(|r| r.rp == *rp) {
                     list.push(RecoveryPoint {
@@ -532,20 +712,43 @@ impl State {
                         disks: disks.clone(),
                     });
                 }
-                if let Some(vm) = self.vms.get_mut(vm) {
-                    vm.last_backup_at = Some(*taken_at);
+                // A backup makes an inconsistent replica no better (only a consistency check
+                // repairs it) and a seeded replica still needs its check; anything else that
+                // commits leaves the disks protected.
+                let repairs = job.kind == JobKind::ConsistencyCheck;
+                let seeded = matches!(job.kind, JobKind::SeedImport { .. });
+                let vm = *vm;
+                if let Some(known) = self.vms.get_mut(&vm) {
+                    known.last_backup_at = Some(*taken_at);
+                }
+                if !seeded {
                     for d in disks {
-                        match started.iter().find(|t| t.disk == d.disk) {
-                            Some(t) => {
-                                vm.tracking.insert(d.disk.clone(), t.bitmap.clone());
-                                vm.tracking_lost.remove(&d.disk);
+                        // A transfer that read the whole disk compared every chunk with the
+                        // replica: it repairs a replica that lost its change tracking.
+                        let read_all = read_whole.contains(&d.disk);
+                        let lost_tracking = match self.vms.get_mut(&vm) {
+                            Some(known) => {
+                                let lost = known.tracking_lost.contains_key(&d.disk);
+                                match started.iter().find(|t| t.disk == d.disk) {
+                                    Some(t) => {
+                                        known.tracking.insert(d.disk.clone(), t.bitmap.clone());
+                                        known.tracking_lost.remove(&d.disk);
+                                    }
+                                    None => {
+                                        known.tracking.remove(&d.disk);
+                                    }
+                                }
+                                lost
                             }
-                            None => {
-                                vm.tracking.remove(&d.disk);
-                            }
+                            None => false,
+                        };
+                        let current = self.vms.get(&vm).and_then(|v| v.disk_states.get(&d.disk));
+                        if repairs
+                            || (lost_tracking && read_all)
+                            || current != Some(&DataSourceState::ReplicaInconsistent)
+                        {
+                            self.set_disk_state(vm, &d.disk, DataSourceState::Protected, at);
                         }
-                        vm.disk_states
-                            .insert(d.disk.clone(), DataSourceState::Protected);
                     }
                 }
             }

@@ -215,6 +215,36 @@ fn ok_snapshot() -> ReportBody {
     }
 }
 
+/// A success for the steps of consistency checks, verify, prune, gc and seed imports.
+fn ok_policy_step(kind: &StepKind) -> ReportBody {
+    let result = match kind {
+        StepKind::VerifyDisk { disk } => StepResult::VerifyDisk {
+            disk: disk.clone(),
+            chunks_checked: 10,
+            damaged_rps: vec![],
+            n_damaged_chunks: 0,
+        },
+        StepKind::CheckDisk { disk } => StepResult::CheckDisk {
+            disk: disk.clone(),
+            chunks_compared: 10,
+            chunks_differing: 1,
+            bytes_read: 100,
+            bytes_stored: 10,
+        },
+        StepKind::Prune { disk } => StepResult::Prune {
+            disk: disk.clone(),
+            removed: vec![],
+        },
+        StepKind::CollectGarbage => StepResult::CollectGarbage { bytes_freed: 0 },
+        StepKind::ImportSeed { disk } => StepResult::ImportSeed {
+            disk: disk.clone(),
+            bytes_stored: 10,
+        },
+        other => panic!("not a policy step: {other:?}"),
+    };
+    ReportBody::Succeeded { result }
+}
+
 fn ok_transfer(d: &str) -> ReportBody {
     ReportBody::Succeeded {
         result: StepResult::Transfer {
@@ -806,6 +836,7 @@ fn random_history(seed: u64, steps: usize) -> Vec<StoredEvent> {
                                     bytes_written: 1,
                                 },
                             },
+                            other => ok_policy_step(other),
                         },
                     };
                     w.report(job, &kind, body);

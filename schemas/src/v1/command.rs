@@ -96,6 +96,33 @@ pub enum Command {
         /// Its VMs.
         vms: Vec<VmInventory>,
     },
+    /// A worker reports a repository's free space.
+    ReportRepositorySpace {
+        /// The node.
+        node: NodeId,
+        /// The repository location.
+        repository: String,
+        /// Size of its filesystem in bytes.
+        total_bytes: u64,
+        /// Bytes available.
+        free_bytes: u64,
+    },
+    /// Make a VM's replica from a seed folder exported offline.
+    ImportSeed {
+        /// Id of the new job.
+        job: JobId,
+        /// The VM.
+        vm: VmId,
+        /// The seed folder on the VM's node.
+        seed: String,
+    },
+    /// Re-hash a VM's stored chunks now and mark damaged recovery points.
+    RequestVerify {
+        /// Id of the new job.
+        job: JobId,
+        /// The VM.
+        vm: VmId,
+    },
 }
 
 /// A command with its id and origin.

@@ -143,6 +143,12 @@ pub enum JobKind {
         /// The recovery point to copy.
         rp: RecoveryPointId,
     },
+    /// Make the replica from a seed exported offline (`cairn seed export`); a consistency
+    /// check must follow before the data source counts as protected.
+    SeedImport {
+        /// The seed folder on the VM's node.
+        seed: String,
+    },
 }
 
 /// Why a job was requested.

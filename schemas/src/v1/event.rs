@@ -227,6 +227,35 @@ pub enum JobEvent {
         /// Point in time the recovery point represents (snapshot time, Unix milliseconds).
         taken_at: u64,
     },
+    /// Recovery points past retention were removed from the repository.
+    RecoveryPointsPruned {
+        /// The VM.
+        vm: VmId,
+        /// The removed recovery points.
+        rps: Vec<RecoveryPointId>,
+    },
+    /// A consistency check compared the source with the replica.
+    ConsistencyChecked {
+        /// The VM.
+        vm: VmId,
+        /// Chunks compared, over all disks.
+        chunks_compared: u64,
+        /// Chunks that differed from the replica and were stored again.
+        chunks_differing: u64,
+        /// Bytes written to the repository by the repair.
+        bytes_stored: u64,
+    },
+    /// A verify found damaged chunks in recovery points of the VM.
+    ReplicaDamageFound {
+        /// The VM.
+        vm: VmId,
+        /// The damaged disks.
+        disks: Vec<DiskId>,
+        /// The damaged recovery points.
+        rps: Vec<RecoveryPointId>,
+        /// Damaged chunks, over all disks.
+        n_damaged_chunks: u64,
+    },
 }
 
 /// Events of a node.
@@ -248,6 +277,15 @@ pub enum NodeEvent {
     NodeInventoryReported {
         /// Every VM on the node.
         vms: Vec<VmInventory>,
+    },
+    /// The worker measured a repository's space.
+    RepositorySpaceReported {
+        /// The repository location.
+        repository: String,
+        /// Size of its filesystem in bytes.
+        total_bytes: u64,
+        /// Bytes available to cairn.
+        free_bytes: u64,
     },
 }
 
@@ -308,11 +346,15 @@ impl Event {
                 JobEvent::JobFailed { .. } => "JobFailed",
                 JobEvent::JobCancelled => "JobCancelled",
                 JobEvent::RecoveryPointCommitted { .. } => "RecoveryPointCommitted",
+                JobEvent::RecoveryPointsPruned { .. } => "RecoveryPointsPruned",
+                JobEvent::ConsistencyChecked { .. } => "ConsistencyChecked",
+                JobEvent::ReplicaDamageFound { .. } => "ReplicaDamageFound",
             },
             Event::Node(event) => match event {
                 NodeEvent::NodeRegistered { .. } => "NodeRegistered",
                 NodeEvent::NodeHeartbeatLost { .. } => "NodeHeartbeatLost",
                 NodeEvent::NodeInventoryReported { .. } => "NodeInventoryReported",
+                NodeEvent::RepositorySpaceReported { .. } => "RepositorySpaceReported",
             },
         }
     }

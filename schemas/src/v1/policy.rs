@@ -216,6 +216,53 @@ pub enum PolicyError {
     /// A consistency check window of zero minutes.
     #[error("consistency_check.window.max_duration_minutes must be at least 1")]
     EmptyWindow,
+    /// A time of day appears twice in one schedule.
+    #[error("{field}: {time} is listed twice")]
+    DuplicateTime {
+        /// Which schedule.
+        field: &'static str,
+        /// The repeated time, `HH:MM`.
+        time: String,
+    },
+    /// Two recovery points are closer than one synchronization interval, so no
+    /// synchronization would fall between them.
+    #[error(
+        "recovery points at {first} and {second} are {gap_minutes} minutes apart, but \
+         synchronization runs every {sync_minutes} minutes: at least one synchronization must \
+         fall between two recovery points (sync more often, or space the recovery points out)"
+    )]
+    NoSyncBetweenRecoveryPoints {
+        /// The earlier recovery point, `HH:MM`.
+        first: String,
+        /// The later recovery point, `HH:MM`.
+        second: String,
+        /// Minutes between them.
+        gap_minutes: u16,
+        /// The synchronization interval.
+        sync_minutes: u16,
+    },
+    /// A consistency check window longer than a day.
+    #[error(
+        "consistency_check.window.max_duration_minutes {0} is longer than a day (1440 minutes)"
+    )]
+    WindowTooLong(u32),
+    /// Express full backups need a day when they have times, or times when they have days.
+    #[error("express_full: times and days must both be set or both be empty")]
+    HalfExpressFull,
+    /// Replica creation at time zero.
+    #[error("replica_creation: a start time of 0 is not a time; use `now` instead")]
+    ZeroReplicaTime,
+}
+
+impl TimeOfDay {
+    /// `HH:MM`.
+    pub fn label(self) -> String {
+        format!(
+            "{:02}:{:02}",
+            self.minute_of_day / 60,
+            self.minute_of_day % 60
+        )
+    }
 }
 
 fn check_schedule(field: &'static str, schedule: &Schedule) -> Result<(), PolicyError> {
@@ -248,10 +295,33 @@ impl GroupPolicy {
             return Err(PolicyError::NoRecoveryPoints);
         }
         check_schedule("express_full", &self.express_full)?;
+        for (field, schedule) in [
+            ("recovery_points", &self.recovery_points),
+            ("express_full", &self.express_full),
+        ] {
+            let mut times = schedule.times.clone();
+            times.sort();
+            if let Some(pair) = times.windows(2).find(|w| w[0] == w[1]) {
+                return Err(PolicyError::DuplicateTime {
+                    field,
+                    time: pair[0].label(),
+                });
+            }
+        }
+        if self.express_full.times.is_empty() != (self.express_full.days.bits == 0) {
+            return Err(PolicyError::HalfExpressFull);
+        }
         if let SyncFrequency::EveryMinutes(minutes) = self.sync {
             if !SyncFrequency::ALLOWED_MINUTES.contains(&minutes) {
                 return Err(PolicyError::BadSyncFrequency(minutes));
             }
+            self.check_sync_between_recovery_points(minutes)?;
+        }
+        if matches!(
+            self.replica_creation,
+            ReplicaCreation::At { unix_millis: 0 }
+        ) {
+            return Err(PolicyError::ZeroReplicaTime);
         }
         if let Some(window) = &self.consistency_check.window {
             check_schedule(
@@ -263,6 +333,9 @@ impl GroupPolicy {
             )?;
             if window.max_duration_minutes == 0 {
                 return Err(PolicyError::EmptyWindow);
+            }
+            if window.max_duration_minutes > 1440 {
+                return Err(PolicyError::WindowTooLong(window.max_duration_minutes));
             }
         }
         for (name, value) in [
@@ -278,6 +351,41 @@ impl GroupPolicy {
             return Err(PolicyError::BadChunkSize(self.chunk_size));
         }
         Ok(())
+    }
+
+    /// MABS's rule: at least one synchronization must fall between two scheduled recovery
+    /// points, so consecutive recovery point times (also across midnight, when the next day
+    /// has recovery points too) must be at least one interval apart.
+    fn check_sync_between_recovery_points(&self, sync_minutes: u16) -> Result<(), PolicyError> {
+        let mut times = self.recovery_points.times.clone();
+        times.sort();
+        let mut pairs: Vec<(TimeOfDay, TimeOfDay, u16)> = times
+            .windows(2)
+            .map(|w| (w[0], w[1], w[1].minute_of_day - w[0].minute_of_day))
+            .collect();
+        if let (Some(first), Some(last)) = (times.first(), times.last()) {
+            // Across midnight only matters when recovery points run on consecutive days.
+            let consecutive_days = (0..7u8).any(|d| {
+                self.recovery_points.days.contains(d)
+                    && self.recovery_points.days.contains((d + 1) % 7)
+            });
+            if consecutive_days {
+                pairs.push((
+                    *last,
+                    *first,
+                    1440 - last.minute_of_day + first.minute_of_day,
+                ));
+            }
+        }
+        match pairs.into_iter().find(|(_, _, gap)| *gap < sync_minutes) {
+            Some((first, second, gap)) => Err(PolicyError::NoSyncBetweenRecoveryPoints {
+                first: first.label(),
+                second: second.label(),
+                gap_minutes: gap,
+                sync_minutes,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// A policy with MABS-like defaults writing to `repository`: 5 days of retention, a
@@ -377,11 +485,97 @@ mod tests {
                 PolicyError::EmptyWindow,
             ),
         ];
+        let no_sync = |p: &mut GroupPolicy| {
+            p.sync = SyncFrequency::EveryMinutes(45);
+            p.recovery_points.times = vec![TimeOfDay::hm(13, 0), TimeOfDay::hm(13, 30)];
+        };
+        let cases: Vec<(Change, PolicyError)> = cases
+            .into_iter()
+            .chain([
+                (
+                    Box::new(no_sync) as Change,
+                    PolicyError::NoSyncBetweenRecoveryPoints {
+                        first: "13:00".into(),
+                        second: "13:30".into(),
+                        gap_minutes: 30,
+                        sync_minutes: 45,
+                    },
+                ),
+                (
+                    // Daily sync with two recovery points a day: the 23:00 → 01:00 gap fails
+                    // first in time order (01:00 → 23:00 is 22 hours, under 24 too).
+                    Box::new(|p: &mut GroupPolicy| {
+                        p.sync = SyncFrequency::EveryMinutes(1440);
+                        p.recovery_points.times = vec![TimeOfDay::hm(1, 0), TimeOfDay::hm(23, 0)];
+                    }),
+                    PolicyError::NoSyncBetweenRecoveryPoints {
+                        first: "01:00".into(),
+                        second: "23:00".into(),
+                        gap_minutes: 1320,
+                        sync_minutes: 1440,
+                    },
+                ),
+                (
+                    // Across midnight: 23:50 and 00:05 the next day.
+                    Box::new(|p: &mut GroupPolicy| {
+                        p.sync = SyncFrequency::EveryMinutes(30);
+                        p.recovery_points.times = vec![TimeOfDay::hm(0, 5), TimeOfDay::hm(23, 50)];
+                    }),
+                    PolicyError::NoSyncBetweenRecoveryPoints {
+                        first: "23:50".into(),
+                        second: "00:05".into(),
+                        gap_minutes: 15,
+                        sync_minutes: 30,
+                    },
+                ),
+                (
+                    Box::new(|p: &mut GroupPolicy| {
+                        p.recovery_points.times = vec![TimeOfDay::hm(8, 0), TimeOfDay::hm(8, 0)];
+                    }),
+                    PolicyError::DuplicateTime {
+                        field: "recovery_points",
+                        time: "08:00".into(),
+                    },
+                ),
+                (
+                    Box::new(|p: &mut GroupPolicy| p.express_full.days = Weekdays { bits: 0 }),
+                    PolicyError::HalfExpressFull,
+                ),
+                (
+                    Box::new(|p: &mut GroupPolicy| {
+                        p.replica_creation = ReplicaCreation::At { unix_millis: 0 }
+                    }),
+                    PolicyError::ZeroReplicaTime,
+                ),
+                (
+                    Box::new(|p: &mut GroupPolicy| {
+                        p.consistency_check.window = Some(ConsistencyCheckWindow {
+                            start: TimeOfDay::hm(1, 0),
+                            max_duration_minutes: 1441,
+                            days: Weekdays::ALL,
+                        })
+                    }),
+                    PolicyError::WindowTooLong(1441),
+                ),
+            ])
+            .collect();
         for (change, expected) in cases {
             let mut policy = base.clone();
             change(&mut policy);
             assert_eq!(policy.validate(), Err(expected));
         }
+    }
+
+    #[test]
+    fn sync_just_before_recovery_points_allows_close_recovery_points() {
+        let mut policy = GroupPolicy::with_defaults("local");
+        policy.sync = SyncFrequency::JustBeforeRecoveryPoint;
+        policy.recovery_points.times = vec![TimeOfDay::hm(13, 0), TimeOfDay::hm(13, 30)];
+        assert_eq!(policy.validate(), Ok(()));
+        // One recovery point a day on weekdays only: no pair across midnight on Friday.
+        policy.sync = SyncFrequency::EveryMinutes(1440);
+        policy.recovery_points.times = vec![TimeOfDay::hm(20, 0)];
+        assert_eq!(policy.validate(), Ok(()));
     }
 
     #[test]

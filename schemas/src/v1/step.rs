@@ -31,6 +31,29 @@ pub enum StepKind {
         /// The disk.
         disk: DiskId,
     },
+    /// Re-hash one disk's stored chunks and name the damaged recovery points.
+    VerifyDisk {
+        /// The disk.
+        disk: DiskId,
+    },
+    /// Read one disk of the snapshot, compare its chunk ids with the replica and store what
+    /// differs as a repaired recovery point (a consistency check).
+    CheckDisk {
+        /// The disk.
+        disk: DiskId,
+    },
+    /// Remove one disk's recovery points past retention.
+    Prune {
+        /// The disk.
+        disk: DiskId,
+    },
+    /// Reclaim the repository space no recovery point references any more.
+    CollectGarbage,
+    /// Copy one disk of a seed (made offline) into the repository as a recovery point.
+    ImportSeed {
+        /// The disk.
+        disk: DiskId,
+    },
 }
 
 /// One step in a job's plan.
@@ -138,6 +161,54 @@ pub enum StepWork {
         /// Format to write.
         target_format: ImageFormat,
     },
+    /// Re-hash one disk's lineage.
+    VerifyDisk {
+        /// Repository location.
+        repository: String,
+        /// The disk.
+        disk: DiskId,
+    },
+    /// A consistency check of one disk: read all of it from the snapshot, store every chunk
+    /// whose id differs from the replica's at that position as recovery point `rp`.
+    CheckDisk {
+        /// The disk to read.
+        source: DiskSource,
+        /// Handle of the snapshot view.
+        snapshot: String,
+        /// Repository location.
+        repository: String,
+        /// The repaired recovery point being made.
+        rp: RecoveryPointId,
+        /// The replica's latest recovery point, compared against.
+        parent_rp: Option<RecoveryPointId>,
+        /// Chunk size in bytes.
+        chunk_size: u32,
+    },
+    /// Remove recovery points of one disk (kept ones stay restorable).
+    Prune {
+        /// Repository location.
+        repository: String,
+        /// The disk.
+        disk: DiskId,
+        /// The recovery points to remove.
+        remove: Vec<RecoveryPointId>,
+    },
+    /// Garbage-collect the repository.
+    CollectGarbage {
+        /// Repository location.
+        repository: String,
+    },
+    /// Copy the latest recovery point of one disk in a seed folder into the repository.
+    ImportSeed {
+        /// The disk.
+        disk: DiskId,
+        /// The seed folder (a repository written by `cairn seed export`).
+        seed: String,
+        /// Repository location.
+        repository: String,
+        /// The recovery point being made.
+        rp: RecoveryPointId,
+    },
 }
 
 /// One attempt of one step, as dispatched to a worker.
@@ -172,6 +243,13 @@ impl StepSpec {
             StepWork::ReleaseSnapshot { .. } => StepKind::ReleaseSnapshot,
             StepWork::CommitRecoveryPoint { .. } => StepKind::CommitRecoveryPoint,
             StepWork::Restore { disk, .. } => StepKind::Restore { disk: disk.clone() },
+            StepWork::VerifyDisk { disk, .. } => StepKind::VerifyDisk { disk: disk.clone() },
+            StepWork::CheckDisk { source, .. } => StepKind::CheckDisk {
+                disk: source.disk.clone(),
+            },
+            StepWork::Prune { disk, .. } => StepKind::Prune { disk: disk.clone() },
+            StepWork::CollectGarbage { .. } => StepKind::CollectGarbage,
+            StepWork::ImportSeed { disk, .. } => StepKind::ImportSeed { disk: disk.clone() },
         }
     }
 }
@@ -209,6 +287,49 @@ pub enum StepResult {
         disk: DiskId,
         /// Bytes written to the target.
         bytes_written: u64,
+    },
+    /// A disk was verified.
+    VerifyDisk {
+        /// The disk.
+        disk: DiskId,
+        /// Chunks re-hashed.
+        chunks_checked: u64,
+        /// Recovery points with at least one damaged chunk.
+        damaged_rps: Vec<RecoveryPointId>,
+        /// Damaged chunks found.
+        n_damaged_chunks: u64,
+    },
+    /// A disk was checked against its replica and the differences stored.
+    CheckDisk {
+        /// The disk.
+        disk: DiskId,
+        /// Chunks compared.
+        chunks_compared: u64,
+        /// Chunks whose id differed from the replica's (or that were damaged there).
+        chunks_differing: u64,
+        /// Bytes read from the source.
+        bytes_read: u64,
+        /// Bytes written to the repository.
+        bytes_stored: u64,
+    },
+    /// Recovery points of a disk were removed.
+    Prune {
+        /// The disk.
+        disk: DiskId,
+        /// What was removed.
+        removed: Vec<RecoveryPointId>,
+    },
+    /// The repository was garbage-collected.
+    CollectGarbage {
+        /// Bytes given back to the filesystem.
+        bytes_freed: u64,
+    },
+    /// A seed disk was imported.
+    ImportSeed {
+        /// The disk.
+        disk: DiskId,
+        /// Bytes written to the repository.
+        bytes_stored: u64,
     },
 }
 

@@ -80,11 +80,15 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Node(NodeEvent::NodeRegistered { .. }) => (25, "node_registered"),
         Event::Node(NodeEvent::NodeHeartbeatLost { .. }) => (26, "node_heartbeat_lost"),
         Event::Node(NodeEvent::NodeInventoryReported { .. }) => (27, "node_inventory_reported"),
+        Event::Job(JobEvent::RecoveryPointsPruned { .. }) => (28, "recovery_points_pruned"),
+        Event::Job(JobEvent::ConsistencyChecked { .. }) => (29, "consistency_checked"),
+        Event::Job(JobEvent::ReplicaDamageFound { .. }) => (30, "replica_damage_found"),
+        Event::Node(NodeEvent::RepositorySpaceReported { .. }) => (31, "repository_space_reported"),
     }
 }
 
 /// Number of event variants; bump it together with `event_variant`.
-pub const N_EVENT_VARIANTS: usize = 28;
+pub const N_EVENT_VARIANTS: usize = 32;
 
 /// Index and name of a step work variant (exhaustive, see `event_variant`).
 pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
@@ -94,11 +98,16 @@ pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
         StepWork::ReleaseSnapshot { .. } => (2, "release_snapshot"),
         StepWork::CommitRecoveryPoint { .. } => (3, "commit_recovery_point"),
         StepWork::Restore { .. } => (4, "restore"),
+        StepWork::VerifyDisk { .. } => (5, "verify_disk"),
+        StepWork::CheckDisk { .. } => (6, "check_disk"),
+        StepWork::Prune { .. } => (7, "prune"),
+        StepWork::CollectGarbage { .. } => (8, "collect_garbage"),
+        StepWork::ImportSeed { .. } => (9, "import_seed"),
     }
 }
 
 /// Number of step work variants.
-pub const N_WORK_VARIANTS: usize = 5;
+pub const N_WORK_VARIANTS: usize = 10;
 
 /// Index and name of a report variant, by body and, for successes, by result kind.
 pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
@@ -111,13 +120,18 @@ pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
             StepResult::ReleaseSnapshot => (4, "succeeded_release_snapshot"),
             StepResult::CommitRecoveryPoint => (5, "succeeded_commit_recovery_point"),
             StepResult::Restore { .. } => (6, "succeeded_restore"),
+            StepResult::VerifyDisk { .. } => (8, "succeeded_verify_disk"),
+            StepResult::CheckDisk { .. } => (9, "succeeded_check_disk"),
+            StepResult::Prune { .. } => (10, "succeeded_prune"),
+            StepResult::CollectGarbage { .. } => (11, "succeeded_collect_garbage"),
+            StepResult::ImportSeed { .. } => (12, "succeeded_import_seed"),
         },
         ReportBody::Failed { .. } => (7, "failed"),
     }
 }
 
 /// Number of report variants.
-pub const N_REPORT_VARIANTS: usize = 8;
+pub const N_REPORT_VARIANTS: usize = 13;
 
 /// Index and name of a command variant.
 pub fn command_variant(command: &Command) -> (usize, &'static str) {
@@ -132,11 +146,14 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::CancelJob { .. } => (7, "cancel_job"),
         Command::RegisterNode { .. } => (8, "register_node"),
         Command::ReportInventory { .. } => (9, "report_inventory"),
+        Command::ReportRepositorySpace { .. } => (10, "report_repository_space"),
+        Command::ImportSeed { .. } => (11, "import_seed"),
+        Command::RequestVerify { .. } => (12, "request_verify"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 10;
+pub const N_COMMAND_VARIANTS: usize = 13;
 
 const T0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
@@ -289,6 +306,47 @@ fn specs() -> Vec<StepSpec> {
                 target_format: ImageFormat::Vhdx,
             },
         ),
+        with(
+            6,
+            StepWork::VerifyDisk {
+                repository: "/srv/cairn/repo".into(),
+                disk: disk("vda"),
+            },
+        ),
+        with(
+            7,
+            StepWork::CheckDisk {
+                source: disk_info("vda", ImageFormat::Qcow2).into(),
+                snapshot: "cairn-snap-1".into(),
+                repository: "/srv/cairn/repo".into(),
+                rp: rp(),
+                parent_rp: Some(parent_rp()),
+                chunk_size: 65_536,
+            },
+        ),
+        with(
+            8,
+            StepWork::Prune {
+                repository: "/srv/cairn/repo".into(),
+                disk: disk("vdb"),
+                remove: vec![parent_rp()],
+            },
+        ),
+        with(
+            9,
+            StepWork::CollectGarbage {
+                repository: "/srv/cairn/repo".into(),
+            },
+        ),
+        with(
+            10,
+            StepWork::ImportSeed {
+                disk: disk("vda"),
+                seed: "/media/usb0/cairn-seed".into(),
+                repository: "/srv/cairn/repo".into(),
+                rp: rp(),
+            },
+        ),
     ]
 }
 
@@ -332,6 +390,40 @@ fn report_bodies() -> Vec<ReportBody> {
         ReportBody::Failed {
             class: FailureClass::Retryable,
             message: "NBD connection reset by peer".into(),
+        },
+        ReportBody::Succeeded {
+            result: StepResult::VerifyDisk {
+                disk: disk("vda"),
+                chunks_checked: 1_638_400,
+                damaged_rps: vec![parent_rp(), rp()],
+                n_damaged_chunks: 2,
+            },
+        },
+        ReportBody::Succeeded {
+            result: StepResult::CheckDisk {
+                disk: disk("vda"),
+                chunks_compared: 1_638_400,
+                chunks_differing: 12,
+                bytes_read: 100 << 30,
+                bytes_stored: 412_337,
+            },
+        },
+        ReportBody::Succeeded {
+            result: StepResult::Prune {
+                disk: disk("vdb"),
+                removed: vec![parent_rp()],
+            },
+        },
+        ReportBody::Succeeded {
+            result: StepResult::CollectGarbage {
+                bytes_freed: 3 << 30,
+            },
+        },
+        ReportBody::Succeeded {
+            result: StepResult::ImportSeed {
+                disk: disk("vda"),
+                bytes_stored: 40 << 30,
+            },
         },
     ]
 }
@@ -539,6 +631,31 @@ fn events() -> Vec<Event> {
             }],
         }
         .into(),
+        JobEvent::RecoveryPointsPruned {
+            vm: vm(),
+            rps: vec![parent_rp(), rp()],
+        }
+        .into(),
+        JobEvent::ConsistencyChecked {
+            vm: vm(),
+            chunks_compared: 1_638_400,
+            chunks_differing: 12,
+            bytes_stored: 412_337,
+        }
+        .into(),
+        JobEvent::ReplicaDamageFound {
+            vm: vm(),
+            disks: vec![disk("vda")],
+            rps: vec![parent_rp(), rp()],
+            n_damaged_chunks: 3,
+        }
+        .into(),
+        NodeEvent::RepositorySpaceReported {
+            repository: "/srv/cairn/repo".into(),
+            total_bytes: 4 << 40,
+            free_bytes: 1 << 40,
+        }
+        .into(),
     ]
 }
 
@@ -607,6 +724,21 @@ fn commands() -> Vec<Command> {
                 disks: vec![disk_info("sda", ImageFormat::Vhdx)],
                 power: PowerState::Stopped,
             }],
+        },
+        Command::ReportRepositorySpace {
+            node: node(),
+            repository: "/srv/cairn/repo".into(),
+            total_bytes: 4 << 40,
+            free_bytes: 1 << 40,
+        },
+        Command::ImportSeed {
+            job: job(),
+            vm: vm(),
+            seed: "/media/usb0/cairn-seed".into(),
+        },
+        Command::RequestVerify {
+            job: job(),
+            vm: vm(),
         },
     ]
 }

@@ -19,12 +19,17 @@ pub const FAULT_DELAY_ENV: &str = "CAIRN_FAULT_STEP_DELAY_MS";
 const MAX_DELAY_MS: u64 = 3_600_000;
 
 /// The kinds of step a delay may apply to.
-const KINDS: [&str; 5] = [
+const KINDS: [&str; 10] = [
     "Snapshot",
     "Transfer",
     "ReleaseSnapshot",
     "CommitRecoveryPoint",
     "Restore",
+    "VerifyDisk",
+    "CheckDisk",
+    "Prune",
+    "CollectGarbage",
+    "ImportSeed",
 ];
 
 /// Why a fault hook value is refused.
@@ -99,6 +104,11 @@ impl FaultDelays {
             StepWork::ReleaseSnapshot { .. } => 2,
             StepWork::CommitRecoveryPoint { .. } => 3,
             StepWork::Restore { .. } => 4,
+            StepWork::VerifyDisk { .. } => 5,
+            StepWork::CheckDisk { .. } => 6,
+            StepWork::Prune { .. } => 7,
+            StepWork::CollectGarbage { .. } => 8,
+            StepWork::ImportSeed { .. } => 9,
         };
         self.delays
             .iter()

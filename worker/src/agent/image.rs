@@ -314,12 +314,40 @@ pub(crate) struct TransferWork<'a> {
     pub(crate) chunk_size: u32,
 }
 
+/// What a transfer did, in the detail a consistency check reports.
+pub(crate) struct TransferOutcome {
+    pub(crate) bytes_read: u64,
+    pub(crate) bytes_stored: u64,
+    pub(crate) incremental: bool,
+    pub(crate) chunks_total: u64,
+    /// Chunks stored because their id differed from the parent's at that position (or were
+    /// damaged there), including ones an interrupted attempt had stored already.
+    pub(crate) chunks_differing: u64,
+}
+
 pub(crate) fn transfer(
     agent: &Agent,
     spec: &StepSpec,
     work: &TransferWork<'_>,
     progress: &StepProgress<'_>,
 ) -> Result<StepResult, Error> {
+    let outcome = transfer_outcome(agent, spec, work, progress)?;
+    Ok(StepResult::Transfer {
+        disk: work.source.disk.clone(),
+        bytes_read: outcome.bytes_read,
+        bytes_stored: outcome.bytes_stored,
+        incremental: outcome.incremental,
+    })
+}
+
+/// A transfer: the snapshot's disk read whole, only chunks that differ from the parent
+/// recovery point stored, as recovery point `work.rp`.
+pub(crate) fn transfer_outcome(
+    agent: &Agent,
+    spec: &StepSpec,
+    work: &TransferWork<'_>,
+    progress: &StepProgress<'_>,
+) -> Result<TransferOutcome, Error> {
     let source = work.source;
     let handle = SnapshotHandle::parse(work.snapshot)?;
     if handle.vm != spec.vm {
@@ -353,11 +381,12 @@ pub(crate) fn transfer(
     // if the image has changed since (e.g. the VM was started after the backup).
     if let Some(done) = committed(&repo, work.repository, &lineage, work.rp)? {
         tracing::info!(rp = %work.rp, lineage, "recovery point already committed by an earlier attempt");
-        return Ok(StepResult::Transfer {
-            disk: source.disk.clone(),
+        return Ok(TransferOutcome {
             bytes_read: done.bytes_read,
             bytes_stored: done.bytes_stored,
             incremental: done.parent.is_some(),
+            chunks_total: done.n_chunks(),
+            chunks_differing: done.chunks_stored,
         });
     }
     let descriptor = agent.described_vm(spec.vm)?;
@@ -403,11 +432,12 @@ pub(crate) fn transfer(
             "the lineage's latest recovery point served as parent"
         );
     }
-    Ok(StepResult::Transfer {
-        disk: source.disk.clone(),
+    Ok(TransferOutcome {
         bytes_read: summary.bytes_read,
         bytes_stored: summary.bytes_stored,
         incremental: summary.parent.is_some(),
+        chunks_total: summary.chunks_total,
+        chunks_differing: summary.chunks_new + summary.chunks_reused,
     })
 }
 

@@ -37,6 +37,7 @@ pub mod fault;
 mod image;
 mod progress;
 pub mod qemu;
+mod upkeep;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -497,6 +498,51 @@ impl Agent {
                     rp: *rp,
                     target_path,
                     target_format: *target_format,
+                },
+                progress,
+            ),
+            StepWork::VerifyDisk { repository, disk } => {
+                upkeep::verify_disk(self, spec, repository, disk, progress)
+            }
+            StepWork::CheckDisk {
+                source,
+                snapshot,
+                repository,
+                rp,
+                parent_rp,
+                chunk_size,
+            } => upkeep::check_disk(
+                self,
+                spec,
+                &upkeep::CheckWork {
+                    source,
+                    snapshot,
+                    repository,
+                    rp: *rp,
+                    parent_rp: *parent_rp,
+                    chunk_size: *chunk_size,
+                },
+                progress,
+            ),
+            StepWork::Prune {
+                repository,
+                disk,
+                remove,
+            } => upkeep::prune(self, spec, repository, disk, remove),
+            StepWork::CollectGarbage { repository } => upkeep::collect_garbage(self, repository),
+            StepWork::ImportSeed {
+                disk,
+                seed,
+                repository,
+                rp,
+            } => upkeep::import_seed(
+                self,
+                spec,
+                &upkeep::SeedWork {
+                    disk,
+                    seed,
+                    repository,
+                    rp: *rp,
                 },
                 progress,
             ),

@@ -939,6 +939,33 @@ pub(crate) fn transfer(
     change_tracking: Option<&str>,
     progress: &StepProgress<'_>,
 ) -> Result<StepResult, Error> {
+    let outcome = transfer_outcome(agent, spec, work, change_tracking, progress)?;
+    Ok(StepResult::Transfer {
+        disk: work.source.disk.clone(),
+        bytes_read: outcome.bytes_read,
+        bytes_stored: outcome.bytes_stored,
+        incremental: outcome.incremental,
+    })
+}
+
+/// A consistency check of a running VM's disk: the snapshot read whole (no bitmap), each
+/// chunk's id compared with the replica's; what differs is stored.
+pub(crate) fn check(
+    agent: &Agent,
+    spec: &StepSpec,
+    work: &TransferWork<'_>,
+    progress: &StepProgress<'_>,
+) -> Result<super::image::TransferOutcome, Error> {
+    transfer_outcome(agent, spec, work, None, progress)
+}
+
+fn transfer_outcome(
+    agent: &Agent,
+    spec: &StepSpec,
+    work: &TransferWork<'_>,
+    change_tracking: Option<&str>,
+    progress: &StepProgress<'_>,
+) -> Result<super::image::TransferOutcome, Error> {
     let source = work.source;
     let handle = LiveHandle::parse(work.snapshot)?;
     if handle.vm != spec.vm {
@@ -963,11 +990,12 @@ pub(crate) fn transfer(
     let repo = super::image::open_repository(agent, work.repository)?;
     if let Some(done) = super::image::committed(&repo, work.repository, &lineage, work.rp)? {
         tracing::info!(rp = %work.rp, lineage, "recovery point already committed by an earlier attempt");
-        return Ok(StepResult::Transfer {
-            disk: source.disk.clone(),
+        return Ok(super::image::TransferOutcome {
             bytes_read: done.bytes_read,
             bytes_stored: done.bytes_stored,
             incremental: done.parent.is_some() && done.bytes_read < done.disk_size,
+            chunks_total: done.n_chunks(),
+            chunks_differing: done.chunks_stored,
         });
     }
     let descriptor = agent.described_vm(spec.vm)?;
@@ -1081,11 +1109,12 @@ pub(crate) fn transfer(
         tracing::warn!(disk = %disk.id, error = %e,
             "could not retire the consumed bitmap; the next backup may read everything");
     }
-    Ok(StepResult::Transfer {
-        disk: source.disk.clone(),
+    Ok(super::image::TransferOutcome {
         bytes_read: summary.bytes_read,
         bytes_stored: summary.bytes_stored,
         incremental: summary.tracked,
+        chunks_total: summary.chunks_total,
+        chunks_differing: summary.chunks_new + summary.chunks_reused,
     })
 }
 

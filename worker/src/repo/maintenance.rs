@@ -84,6 +84,92 @@ pub fn forget(repo: &Repository, disk: &str, keep_last: usize) -> Result<ForgetS
     Ok(summary)
 }
 
+/// Forgets the recovery points `remove` of `disk` (ids not in the catalog are skipped, so a
+/// retried prune is a no-op). Every kept recovery point whose chain would lose an ancestor is
+/// first rewritten as a full index, oldest first, so each kept recovery point stays restorable
+/// at every moment. Refuses to remove every recovery point of a disk.
+pub fn forget_rps(
+    repo: &Repository,
+    disk: &str,
+    remove: &[String],
+) -> Result<ForgetSummary, Error> {
+    repo.require_disk(disk)?;
+    let _write_lock = repo.lock(disk, LockKind::Write, LockMode::Exclusive)?;
+    let catalog = repo.catalog(disk)?;
+    let (old, kept): (Vec<&IndexFile>, Vec<&IndexFile>) = catalog
+        .indexes
+        .iter()
+        .partition(|i| remove.contains(&i.header.rp));
+    let mut summary = ForgetSummary {
+        disk: disk.into(),
+        kept: kept.iter().map(|i| i.header.rp.clone()).collect(),
+        removed: old.iter().map(|i| i.header.rp.clone()).collect(),
+        consolidated: None,
+    };
+    if old.is_empty() {
+        return Ok(summary);
+    }
+    if kept.is_empty() {
+        return Err(Error::Invalid(format!(
+            "refusing to remove all {} recovery points of {disk}; a disk keeps at least one",
+            old.len()
+        )));
+    }
+    let removed: HashSet<&str> = old.iter().map(|i| i.header.rp.as_str()).collect();
+    let mut made_full: HashSet<String> = HashSet::new();
+    for index in &kept {
+        if index.header.full {
+            continue;
+        }
+        let chain = repo.chain(&catalog, index)?;
+        // Walk towards the root; an ancestor rewritten as full ends the walk.
+        let mut needs_rewrite = false;
+        for ancestor in chain.iter().skip(1) {
+            if made_full.contains(&ancestor.header.rp) {
+                break;
+            }
+            if removed.contains(ancestor.header.rp.as_str()) {
+                needs_rewrite = true;
+                break;
+            }
+        }
+        if !needs_rewrite {
+            continue;
+        }
+        let mut writer = IndexWriter::create(&index.path, &repo.keys)?;
+        let mut packs = BTreeSet::new();
+        for record in ChainReader::new(&chain)? {
+            let record = record?;
+            if let ChunkRef::Stored { pack, .. } = record.chunk {
+                packs.insert(pack);
+                writer.push(&record)?;
+            }
+        }
+        writer.finish(IndexHeader {
+            parent: None,
+            full: true,
+            chain_depth: 0,
+            packs: packs.into_iter().collect(),
+            ..index.header.clone()
+        })?;
+        made_full.insert(index.header.rp.clone());
+        summary
+            .consolidated
+            .get_or_insert_with(|| index.header.rp.clone());
+    }
+    for index in old {
+        std::fs::remove_file(&index.path).map_err(io_err(&index.path))?;
+    }
+    sync_dir(&repo.rps_dir(disk))?;
+    tracing::info!(
+        disk,
+        removed = summary.removed.len(),
+        kept = summary.kept.len(),
+        "forget finished"
+    );
+    Ok(summary)
+}
+
 /// What gc did to one disk lineage.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DiskGc {
@@ -336,4 +422,25 @@ pub fn stats(repo: &Repository) -> Result<RepoStats, Error> {
         stats.logical_bytes as f64 / stored as f64
     };
     Ok(stats)
+}
+
+/// Size and free space (bytes available to this process) of the filesystem holding `dir`.
+pub fn space(dir: &std::path::Path) -> Result<(u64, u64), Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{} contains a NUL byte", dir.display())))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` points to writable memory of
+    // the right type; statvfs writes only into it.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io_err(dir)(std::io::Error::last_os_error()));
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let stat = unsafe { stat.assume_init() };
+    let block = stat.f_frsize;
+    Ok((
+        stat.f_blocks.saturating_mul(block),
+        stat.f_bavail.saturating_mul(block),
+    ))
 }
