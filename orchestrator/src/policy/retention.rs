@@ -134,7 +134,14 @@ mod tests {
             ..rp(9.0)
         };
         // (name, rps, retention days, paused, now, marks)
-        type Case<'a> = (&'a str, Vec<RpAge>, u16, &'a Paused<'a>, u64, Vec<RetentionMark>);
+        type Case<'a> = (
+            &'a str,
+            Vec<RpAge>,
+            u16,
+            &'a Paused<'a>,
+            u64,
+            Vec<RetentionMark>,
+        );
         let cases: Vec<Case> = vec![
             ("nothing to do", vec![], 5, &no_pause, NOW, vec![]),
             (

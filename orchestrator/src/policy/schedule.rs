@@ -296,7 +296,14 @@ mod tests {
         let at_0230 = policy(SyncFrequency::JustBeforeRecoveryPoint, &[(2, 30)]);
         let day = |h, m| at(2026, 6, 10, h, m);
         // (name, policy, zone, history, now, expected)
-        type Case<'a> = (&'a str, &'a GroupPolicy, TimeZone, VmHistory, u64, Option<Due>);
+        type Case<'a> = (
+            &'a str,
+            &'a GroupPolicy,
+            TimeZone,
+            VmHistory,
+            u64,
+            Option<Due>,
+        );
         let cases: Vec<Case> = vec![
             (
                 "first sync on the grid",
