@@ -1124,3 +1124,71 @@ fn a_crash_mid_backup_makes_the_replica_inconsistent_until_a_check_repairs_it() 
             .any(|(k, _)| *k == crate::policy::alerts::AlertKind::ReplicaInconsistent)
     );
 }
+
+#[test]
+fn a_windowed_check_stops_when_its_window_has_run_out() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    let mut policy = GroupPolicy::with_defaults("/repo");
+    policy.consistency_check = cairn_schemas::ConsistencyCheckPolicy {
+        when_inconsistent: false,
+        window: Some(cairn_schemas::ConsistencyCheckWindow {
+            start: cairn_schemas::TimeOfDay::hm(2, 0),
+            max_duration_minutes: 30,
+            days: cairn_schemas::Weekdays::ALL,
+        }),
+    };
+    let group = w.id(GroupId::new_v7);
+    w.submit(Command::CreateGroup {
+        group,
+        name: "gold".into(),
+        members: vec![vm],
+        policy,
+    })
+    .unwrap();
+    let first = backup(&mut w, vm);
+    run_backup_to_success(&mut w, first);
+    let check = w.id(JobId::new_v7);
+    let emit = super::decide::request_job(
+        &w.state,
+        check,
+        vm,
+        cairn_schemas::JobKind::ConsistencyCheck,
+        cairn_schemas::JobReason::ReplicaInconsistent,
+    )
+    .unwrap();
+    w.commit(emit);
+    w.settle();
+    w.report(check, &StepKind::Snapshot, ok_snapshot());
+    assert_eq!(w.state.jobs[&check].state, JobState::Running);
+    w.now += 29 * 60_000;
+    w.settle();
+    assert!(
+        !w.state.jobs[&check].cancel_requested,
+        "still inside the window"
+    );
+    w.now += 2 * 60_000;
+    w.settle();
+    assert!(w.state.jobs[&check].cancel_requested);
+    for d in ["disk0", "disk1"] {
+        let kind = StepKind::CheckDisk {
+            disk: d.parse().unwrap(),
+        };
+        w.report(
+            check,
+            &kind,
+            ReportBody::Failed {
+                class: FailureClass::Retryable,
+                message: "step cancelled".into(),
+            },
+        );
+    }
+    w.report(
+        check,
+        &StepKind::ReleaseSnapshot,
+        ReportBody::Succeeded {
+            result: StepResult::ReleaseSnapshot,
+        },
+    );
+    assert_eq!(w.state.jobs[&check].state, JobState::Cancelled);
+}
