@@ -331,6 +331,9 @@ fn advance(
     live: &Liveness,
     now: u64,
 ) -> Vec<JobEvent> {
+    if let Some(reason) = window_closed(state, job, now) {
+        return vec![JobEvent::JobCancelRequested { reason }];
+    }
     let mut events = Vec::new();
     // Silent steps time out; steps of an earlier epoch get the orphan grace.
     for step in job.steps.iter().filter(|s| s.status.in_flight()) {
@@ -465,6 +468,32 @@ pub fn step_label(kind: &StepKind) -> String {
         StepKind::CollectGarbage => "CollectGarbage".into(),
         StepKind::ImportSeed { disk } => format!("ImportSeed {disk}"),
     }
+}
+
+/// A consistency check that the policy's window started (not an automatic one) is stopped
+/// once it has run the window's maximum duration; the next window tries again.
+fn window_closed(state: &State, job: &Job, now: u64) -> Option<String> {
+    if job.kind != JobKind::ConsistencyCheck
+        || job.reason != cairn_schemas::JobReason::ReplicaInconsistent
+        || job.cancel_requested
+    {
+        return None;
+    }
+    let vm = state.vms.get(&job.vm)?;
+    let policy = super::protect::policy_of(state, vm)?;
+    if policy.consistency_check.when_inconsistent {
+        return None;
+    }
+    let window = policy.consistency_check.window.as_ref()?;
+    let limit = u64::from(window.max_duration_minutes) * 60_000;
+    let started = job.started_at?;
+    (now.saturating_sub(started) >= limit).then(|| {
+        format!(
+            "the consistency check window allows {} minutes; the check stops and runs again in \
+             the next window",
+            window.max_duration_minutes
+        )
+    })
 }
 
 /// Why a job that makes a recovery point cannot fit in its repository, if it cannot: the

@@ -24,6 +24,8 @@ struct World {
     epoch: u64,
     cfg: EngineConfig,
     counter: u64,
+    /// Append the data source reactions to job events, as the service does.
+    follow_ups: bool,
 }
 
 impl World {
@@ -38,6 +40,7 @@ impl World {
                 ..EngineConfig::default()
             },
             counter: 0,
+            follow_ups: false,
         }
     }
 
@@ -49,6 +52,31 @@ impl World {
     }
 
     fn commit(&mut self, emit: Emit) {
+        let job_events: Vec<JobEvent> = match (&emit.aggregate, self.follow_ups) {
+            (Aggregate::Job(_), true) => emit
+                .events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Job(j) => Some(j.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let job = match emit.aggregate {
+            Aggregate::Job(job) => Some(job),
+            _ => None,
+        };
+        self.commit_only(emit);
+        if let (Some(job), false) = (job, job_events.is_empty()) {
+            let follow = crate::policy::datasource::after_job_events(&self.state, job, &job_events);
+            if let Some(emit) = follow.emit {
+                self.commit_only(emit);
+            }
+        }
+    }
+
+    fn commit_only(&mut self, emit: Emit) {
         let first = self.state.version(&emit.aggregate) + 1;
         for (version, payload) in (first..).zip(emit.events) {
             let event_id = self.id(cairn_schemas::EventId::new_v7);
@@ -1179,4 +1207,266 @@ fn vms_move_within_a_cluster_with_their_tracking_and_never_across() {
         transfer_inputs(&w, job, "disk0").1.as_deref(),
         Some("cairn-b1")
     );
+}
+
+fn space_report(free_bytes: u64) -> Command {
+    Command::ReportRepositorySpace {
+        node: node(),
+        repository: "/repo".into(),
+        total_bytes: 100 << 30,
+        free_bytes,
+    }
+}
+
+#[test]
+fn policy_commands_are_validated_and_jobs_fail_early_without_space() {
+    let mut w = World::new();
+    let vms = setup(&mut w, 2);
+    for command in [
+        Command::RequestConsistencyCheck {
+            job: w.id(JobId::new_v7),
+            vm: vms[0],
+        },
+        Command::RequestVerify {
+            job: w.id(JobId::new_v7),
+            vm: vms[0],
+        },
+    ] {
+        assert_eq!(w.submit(command).unwrap_err().code(), "no_replica");
+    }
+    let bad_seed = Command::ImportSeed {
+        job: w.id(JobId::new_v7),
+        vm: vms[0],
+        seed: "relative/seed".into(),
+    };
+    assert_eq!(w.submit(bad_seed).unwrap_err().code(), "invalid_path");
+
+    // Space reports: recorded, small changes not worth an event, nonsense refused.
+    w.submit(space_report(1 << 20)).unwrap();
+    let events = w.log.len();
+    w.submit(space_report((1 << 20) + 4096)).unwrap();
+    assert_eq!(w.log.len(), events, "a change under 1% is not recorded");
+    assert_eq!(w.state.space["/repo"].free_bytes, 1 << 20);
+    let err = w
+        .submit(Command::ReportRepositorySpace {
+            node: node(),
+            repository: "/repo".into(),
+            total_bytes: 10,
+            free_bytes: 11,
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid_request");
+
+    // A first backup of 2 GiB into 1 MiB fails before it starts, saying why.
+    let job = backup(&mut w, vms[0]);
+    let found = &w.state.jobs[&job];
+    assert_eq!(found.state, JobState::Failed);
+    assert!(found.steps.is_empty(), "nothing was started");
+    let error = found.error.clone().unwrap();
+    assert!(error.contains("would run out of space"), "{error}");
+    assert!(error.contains("2147483648"), "{error}");
+    use crate::policy::alerts::AlertKind;
+    let mut kinds: Vec<AlertKind> = w.state.alerts.active.keys().map(|(k, _)| *k).collect();
+    kinds.sort();
+    assert_eq!(kinds, vec![AlertKind::BackupFailed, AlertKind::StorageLow]);
+    // With room it runs, and the success resolves the alert.
+    w.submit(space_report(50 << 30)).unwrap();
+    let job = backup(&mut w, vms[0]);
+    run_backup_to_success(&mut w, job);
+    assert_eq!(w.state.jobs[&job].state, JobState::Succeeded);
+    assert!(
+        w.state.alerts.active.is_empty(),
+        "space and backup alerts resolved"
+    );
+    assert_eq!(w.state.alerts.resolved.len(), 2);
+}
+
+#[test]
+fn a_crash_mid_backup_makes_the_replica_inconsistent_until_a_check_repairs_it() {
+    let mut w = World::new();
+    w.follow_ups = true;
+    w.cfg.max_attempts = 1;
+    let vm = setup(&mut w, 1)[0];
+    let group = w.id(GroupId::new_v7);
+    w.submit(Command::CreateGroup {
+        group,
+        name: "gold".into(),
+        members: vec![vm],
+        policy: GroupPolicy::with_defaults("/repo"),
+    })
+    .unwrap();
+    let first = backup(&mut w, vm);
+    run_backup_to_success(&mut w, first);
+    assert!(
+        w.state.vms[&vm]
+            .disk_states
+            .values()
+            .all(|s| *s == cairn_schemas::DataSourceState::Protected)
+    );
+
+    // The worker dies during the transfer of disk0: the attempt times out, the job fails.
+    let crashed = backup(&mut w, vm);
+    w.report(crashed, &StepKind::Snapshot, ok_snapshot());
+    w.report(crashed, &transfer("disk1"), ok_transfer("disk1"));
+    w.now += w.cfg.heartbeat_timeout_ms + 1;
+    w.settle();
+    w.report(
+        crashed,
+        &StepKind::ReleaseSnapshot,
+        ReportBody::Succeeded {
+            result: StepResult::ReleaseSnapshot,
+        },
+    );
+    assert_eq!(w.state.jobs[&crashed].state, JobState::Failed);
+    let states = &w.state.vms[&vm].disk_states;
+    assert_eq!(
+        states[&"disk0".parse().unwrap()],
+        cairn_schemas::DataSourceState::ReplicaInconsistent
+    );
+    assert_eq!(
+        states[&"disk1".parse().unwrap()],
+        cairn_schemas::DataSourceState::Protected,
+        "disk1 was transferred completely"
+    );
+    let since = w.state.protection[&vm].inconsistent_since.unwrap();
+    let kinds: Vec<_> = w.state.alerts.active.keys().map(|(k, _)| *k).collect();
+    assert!(
+        kinds.contains(&crate::policy::alerts::AlertKind::ReplicaInconsistent),
+        "{kinds:?}"
+    );
+    // Backups wait; the scheduler asks for a check.
+    let job = w.id(JobId::new_v7);
+    let refused = w.submit(Command::RequestBackup {
+        job,
+        vm,
+        mode: BackupMode::Incremental,
+    });
+    assert_eq!(refused.unwrap_err().code(), "replica_inconsistent");
+    let due = super::protect::due_runs(&w.state, &crate::policy::tz::TimeZone::UTC, w.now);
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].1, cairn_schemas::JobKind::ConsistencyCheck);
+
+    // The check: snapshot, CheckDisk per disk, release, commit: a repaired recovery point.
+    let check = w.id(JobId::new_v7);
+    w.submit(Command::RequestConsistencyCheck { job: check, vm })
+        .unwrap();
+    w.settle();
+    w.report(check, &StepKind::Snapshot, ok_snapshot());
+    for d in ["disk0", "disk1"] {
+        let kind = StepKind::CheckDisk {
+            disk: d.parse().unwrap(),
+        };
+        let body = ok_policy_step(&kind);
+        w.report(check, &kind, body);
+    }
+    w.report(
+        check,
+        &StepKind::ReleaseSnapshot,
+        ReportBody::Succeeded {
+            result: StepResult::ReleaseSnapshot,
+        },
+    );
+    w.report(
+        check,
+        &StepKind::CommitRecoveryPoint,
+        ReportBody::Succeeded {
+            result: StepResult::CommitRecoveryPoint,
+        },
+    );
+    assert_eq!(w.state.jobs[&check].state, JobState::Succeeded);
+    assert!(
+        w.state.vms[&vm]
+            .disk_states
+            .values()
+            .all(|s| *s == cairn_schemas::DataSourceState::Protected)
+    );
+    let protection = &w.state.protection[&vm];
+    assert_eq!(protection.inconsistent_since, None);
+    assert_eq!(
+        protection.paused,
+        vec![(since, w.now)],
+        "the retention pause is recorded"
+    );
+    let outcome = protection.last_check.unwrap();
+    assert_eq!((outcome.chunks_compared, outcome.chunks_differing), (20, 2));
+    assert_eq!(
+        w.state.rps[&vm].len(),
+        2,
+        "the repaired recovery point is in the catalog"
+    );
+    assert!(
+        !w.state
+            .alerts
+            .active
+            .keys()
+            .any(|(k, _)| *k == crate::policy::alerts::AlertKind::ReplicaInconsistent)
+    );
+}
+
+#[test]
+fn a_windowed_check_stops_when_its_window_has_run_out() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    let mut policy = GroupPolicy::with_defaults("/repo");
+    policy.consistency_check = cairn_schemas::ConsistencyCheckPolicy {
+        when_inconsistent: false,
+        window: Some(cairn_schemas::ConsistencyCheckWindow {
+            start: cairn_schemas::TimeOfDay::hm(2, 0),
+            max_duration_minutes: 30,
+            days: cairn_schemas::Weekdays::ALL,
+        }),
+    };
+    let group = w.id(GroupId::new_v7);
+    w.submit(Command::CreateGroup {
+        group,
+        name: "gold".into(),
+        members: vec![vm],
+        policy,
+    })
+    .unwrap();
+    let first = backup(&mut w, vm);
+    run_backup_to_success(&mut w, first);
+    let check = w.id(JobId::new_v7);
+    let emit = super::decide::request_job(
+        &w.state,
+        check,
+        vm,
+        cairn_schemas::JobKind::ConsistencyCheck,
+        cairn_schemas::JobReason::ReplicaInconsistent,
+    )
+    .unwrap();
+    w.commit(emit);
+    w.settle();
+    w.report(check, &StepKind::Snapshot, ok_snapshot());
+    assert_eq!(w.state.jobs[&check].state, JobState::Running);
+    w.now += 29 * 60_000;
+    w.settle();
+    assert!(
+        !w.state.jobs[&check].cancel_requested,
+        "still inside the window"
+    );
+    w.now += 2 * 60_000;
+    w.settle();
+    assert!(w.state.jobs[&check].cancel_requested);
+    for d in ["disk0", "disk1"] {
+        let kind = StepKind::CheckDisk {
+            disk: d.parse().unwrap(),
+        };
+        w.report(
+            check,
+            &kind,
+            ReportBody::Failed {
+                class: FailureClass::Retryable,
+                message: "step cancelled".into(),
+            },
+        );
+    }
+    w.report(
+        check,
+        &StepKind::ReleaseSnapshot,
+        ReportBody::Succeeded {
+            result: StepResult::ReleaseSnapshot,
+        },
+    );
+    assert_eq!(w.state.jobs[&check].state, JobState::Cancelled);
 }

@@ -116,26 +116,27 @@ pub fn forget_rps(
         )));
     }
     let removed: HashSet<&str> = old.iter().map(|i| i.header.rp.as_str()).collect();
-    let mut made_full: HashSet<String> = HashSet::new();
+    // Kept recovery points rewritten as full so far, reopened: later chains stop at them.
+    let mut made_full: HashMap<String, IndexFile> = HashMap::new();
     for index in &kept {
         if index.header.full {
             continue;
         }
         let chain = repo.chain(&catalog, index)?;
-        // Walk towards the root; an ancestor rewritten as full ends the walk.
+        let mut effective = vec![chain[0].clone()];
         let mut needs_rewrite = false;
         for ancestor in chain.iter().skip(1) {
-            if made_full.contains(&ancestor.header.rp) {
+            if let Some(full) = made_full.get(&ancestor.header.rp) {
+                effective.push(full.clone());
                 break;
             }
-            if removed.contains(ancestor.header.rp.as_str()) {
-                needs_rewrite = true;
-                break;
-            }
+            needs_rewrite |= removed.contains(ancestor.header.rp.as_str());
+            effective.push(ancestor.clone());
         }
         if !needs_rewrite {
             continue;
         }
+        let chain = effective;
         let mut writer = IndexWriter::create(&index.path, &repo.keys)?;
         let mut packs = BTreeSet::new();
         for record in ChainReader::new(&chain)? {
@@ -152,7 +153,10 @@ pub fn forget_rps(
             packs: packs.into_iter().collect(),
             ..index.header.clone()
         })?;
-        made_full.insert(index.header.rp.clone());
+        made_full.insert(
+            index.header.rp.clone(),
+            IndexFile::open(&index.path, &repo.keys)?,
+        );
         summary
             .consolidated
             .get_or_insert_with(|| index.header.rp.clone());

@@ -490,3 +490,54 @@ fn backup_with_a_given_rp_id_is_idempotent() {
         Err(Error::Invalid(_))
     ));
 }
+
+#[test]
+fn forget_of_chosen_recovery_points_keeps_the_others_restorable() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path(), 65536, false);
+    let mut image = fill(9, 120 * 65536, false);
+    let mut history = Vec::new();
+    for i in 0..5u64 {
+        let rp = do_backup(&repo, &MemImage::new(image.clone()), "d", i + 1).rp;
+        history.push((rp, image.clone()));
+        churn(&mut image, 200 + i, 20);
+    }
+    // Remove the first and the third: the second and fourth lose ancestors and are rewritten
+    // full; an id not in the catalog (a retried prune) is skipped.
+    let remove = vec![
+        history[0].0.clone(),
+        history[2].0.clone(),
+        "0190aaaa-0000-7000-8000-000000000000".to_owned(),
+    ];
+    let forgot = maintenance::forget_rps(&repo, "d", &remove).unwrap();
+    assert_eq!(
+        forgot.removed,
+        vec![history[0].0.clone(), history[2].0.clone()]
+    );
+    assert_eq!(forgot.kept.len(), 3);
+    for i in [1, 3, 4] {
+        let (rp, expected) = &history[i];
+        assert_eq!(
+            &do_restore(&repo, "d", rp, expected.len()),
+            expected,
+            "rp {i}"
+        );
+    }
+    // Again: nothing left to remove.
+    let again = maintenance::forget_rps(&repo, "d", &remove).unwrap();
+    assert!(again.removed.is_empty());
+    // Never every recovery point of a disk.
+    let all: Vec<String> = forgot.kept.clone();
+    let err = maintenance::forget_rps(&repo, "d", &all).unwrap_err();
+    assert!(err.to_string().contains("keeps at least one"), "{err}");
+    let gc = maintenance::gc(&repo).unwrap();
+    assert!(gc.disks.iter().all(|d| d.skipped.is_none()), "{gc:?}");
+    for i in [1, 3, 4] {
+        let (rp, expected) = &history[i];
+        assert_eq!(
+            &do_restore(&repo, "d", rp, expected.len()),
+            expected,
+            "rp {i} after gc"
+        );
+    }
+}
