@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::AggregateKind;
 use super::domain::{
-    Consistency, DataSourceState, DiskInfo, FailureClass, JobKind, JobReason, VmInventory,
-    WaitReason,
+    Consistency, DataSourceState, DiskInfo, FailureClass, JobKind, JobReason, RecoveryOptions,
+    VmInventory, WaitReason,
 };
 use super::policy::GroupPolicy;
 use super::step::{PlannedStep, StepResult, StepSpec};
@@ -227,6 +227,20 @@ pub enum JobEvent {
         /// Point in time the recovery point represents (snapshot time, Unix milliseconds).
         taken_at: u64,
     },
+    /// A recovery job's options (recorded right after `JobRequested`).
+    RecoveryOptionsSet {
+        /// The options.
+        options: RecoveryOptions,
+    },
+    /// A notification about the job's end was delivered, or given up on.
+    NotificationSent {
+        /// `mailto:ADDRESS` or the webhook's URL.
+        target: String,
+        /// Whether the receiver accepted it.
+        delivered: bool,
+        /// The receiver's answer or the error, for humans.
+        detail: String,
+    },
 }
 
 /// Events of a node.
@@ -308,6 +322,8 @@ impl Event {
                 JobEvent::JobFailed { .. } => "JobFailed",
                 JobEvent::JobCancelled => "JobCancelled",
                 JobEvent::RecoveryPointCommitted { .. } => "RecoveryPointCommitted",
+                JobEvent::RecoveryOptionsSet { .. } => "RecoveryOptionsSet",
+                JobEvent::NotificationSent { .. } => "NotificationSent",
             },
             Event::Node(event) => match event {
                 NodeEvent::NodeRegistered { .. } => "NodeRegistered",

@@ -80,11 +80,13 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Node(NodeEvent::NodeRegistered { .. }) => (25, "node_registered"),
         Event::Node(NodeEvent::NodeHeartbeatLost { .. }) => (26, "node_heartbeat_lost"),
         Event::Node(NodeEvent::NodeInventoryReported { .. }) => (27, "node_inventory_reported"),
+        Event::Job(JobEvent::RecoveryOptionsSet { .. }) => (28, "recovery_options_set"),
+        Event::Job(JobEvent::NotificationSent { .. }) => (29, "notification_sent"),
     }
 }
 
 /// Number of event variants; bump it together with `event_variant`.
-pub const N_EVENT_VARIANTS: usize = 28;
+pub const N_EVENT_VARIANTS: usize = 30;
 
 /// Index and name of a step work variant (exhaustive, see `event_variant`).
 pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
@@ -94,11 +96,14 @@ pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
         StepWork::ReleaseSnapshot { .. } => (2, "release_snapshot"),
         StepWork::CommitRecoveryPoint { .. } => (3, "commit_recovery_point"),
         StepWork::Restore { .. } => (4, "restore"),
+        StepWork::RestoreDisk { .. } => (5, "restore_disk"),
+        StepWork::PrepareRecovery { .. } => (6, "prepare_recovery"),
+        StepWork::FinishRecovery { .. } => (7, "finish_recovery"),
     }
 }
 
 /// Number of step work variants.
-pub const N_WORK_VARIANTS: usize = 5;
+pub const N_WORK_VARIANTS: usize = 8;
 
 /// Index and name of a report variant, by body and, for successes, by result kind.
 pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
@@ -111,13 +116,23 @@ pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
             StepResult::ReleaseSnapshot => (4, "succeeded_release_snapshot"),
             StepResult::CommitRecoveryPoint => (5, "succeeded_commit_recovery_point"),
             StepResult::Restore { .. } => (6, "succeeded_restore"),
+            late => report_variant_late(late).expect("every result kind has an index"),
         },
         ReportBody::Failed { .. } => (7, "failed"),
     }
 }
 
+/// Index and name of the result kinds added after the first corpus (numbered after `failed`).
+fn report_variant_late(result: &StepResult) -> Option<(usize, &'static str)> {
+    match result {
+        StepResult::PrepareRecovery => Some((8, "succeeded_prepare_recovery")),
+        StepResult::FinishRecovery { .. } => Some((9, "succeeded_finish_recovery")),
+        _ => None,
+    }
+}
+
 /// Number of report variants.
-pub const N_REPORT_VARIANTS: usize = 8;
+pub const N_REPORT_VARIANTS: usize = 10;
 
 /// Index and name of a command variant.
 pub fn command_variant(command: &Command) -> (usize, &'static str) {
@@ -132,11 +147,32 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::CancelJob { .. } => (7, "cancel_job"),
         Command::RegisterNode { .. } => (8, "register_node"),
         Command::ReportInventory { .. } => (9, "report_inventory"),
+        Command::RequestRecovery { .. } => (10, "request_recovery"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 10;
+pub const N_COMMAND_VARIANTS: usize = 11;
+
+fn throttle() -> Throttle {
+    Throttle {
+        work_bytes_per_sec: 10 << 20,
+        off_bytes_per_sec: 0,
+        work_days: Throttle::WEEKDAYS,
+        work_start_minute: 8 * 60,
+        work_end_minute: 18 * 60,
+        utc_offset_minutes: 60,
+    }
+}
+
+fn recovery_options() -> RecoveryOptions {
+    RecoveryOptions {
+        throttle: Some(throttle()),
+        notify_email: vec!["ops@example.com".into()],
+        webhooks: vec!["http://hooks.example.com/cairn".into()],
+        new_name: Some("web-01-dr".into()),
+    }
+}
 
 const T0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
@@ -289,6 +325,42 @@ fn specs() -> Vec<StepSpec> {
                 target_format: ImageFormat::Vhdx,
             },
         ),
+        with(
+            6,
+            StepWork::RestoreDisk {
+                disk: disk("vda"),
+                repository: "/srv/cairn/repo".into(),
+                rp: rp(),
+                target_path: "/var/lib/libvirt/images/web-01-vda.qcow2".into(),
+                target_format: ImageFormat::Qcow2,
+                overwrite: true,
+                throttle: Some(throttle()),
+            },
+        ),
+        with(
+            7,
+            StepWork::PrepareRecovery {
+                target: RecoveryTarget::OriginalVm,
+                vm_name: "web-01".into(),
+                disks: vec![disk_info("vda", ImageFormat::Qcow2).into()],
+            },
+        ),
+        with(
+            8,
+            StepWork::FinishRecovery {
+                target: RecoveryTarget::AlternateHost {
+                    node: other_node(),
+                    path: "/srv/dr".into(),
+                    format: ImageFormat::Vhdx,
+                },
+                rp: rp(),
+                taken_at: T0 + 2,
+                source_name: "web-01".into(),
+                vm: VmId::new_v7(T0 + 5, rand(9)),
+                vm_name: "web-01-dr".into(),
+                disks: vec![disk_info("vda", ImageFormat::Vhdx).into()],
+            },
+        ),
     ]
 }
 
@@ -332,6 +404,14 @@ fn report_bodies() -> Vec<ReportBody> {
         ReportBody::Failed {
             class: FailureClass::Retryable,
             message: "NBD connection reset by peer".into(),
+        },
+        ReportBody::Succeeded {
+            result: StepResult::PrepareRecovery,
+        },
+        ReportBody::Succeeded {
+            result: StepResult::FinishRecovery {
+                written: "/var/lib/cairn/vms/0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d00.json".into(),
+            },
         },
     ]
 }
@@ -539,6 +619,16 @@ fn events() -> Vec<Event> {
             }],
         }
         .into(),
+        JobEvent::RecoveryOptionsSet {
+            options: recovery_options(),
+        }
+        .into(),
+        JobEvent::NotificationSent {
+            target: "mailto:ops@example.com".into(),
+            delivered: true,
+            detail: "250 Message accepted for delivery".into(),
+        }
+        .into(),
     ]
 }
 
@@ -607,6 +697,13 @@ fn commands() -> Vec<Command> {
                 disks: vec![disk_info("sda", ImageFormat::Vhdx)],
                 power: PowerState::Stopped,
             }],
+        },
+        Command::RequestRecovery {
+            job: job(),
+            vm: vm(),
+            rp: rp(),
+            target: RecoveryTarget::OriginalVm,
+            options: recovery_options(),
         },
     ]
 }
