@@ -4,4 +4,5 @@ pub mod api;
 pub mod control;
 pub mod engine;
 pub mod log;
+pub mod notify;
 pub mod views;

@@ -1342,6 +1342,7 @@ mod tests {
             cancel_requested: false,
             rp: None,
             steps,
+            recovery: None,
         }
     }
 

@@ -103,6 +103,7 @@ fn job(job: &str, vm: &str, state: &str, requested_at: u64) -> JobView {
             bytes_total: 0,
             error: None,
         }],
+        recovery: None,
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod decide;
 pub mod jobs;
 pub mod read;
+pub mod recovery;
 pub mod service;
 pub mod snapshot;
 pub mod state;
