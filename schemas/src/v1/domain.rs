@@ -239,6 +239,8 @@ pub struct Throttle {
 impl Throttle {
     /// Monday to Friday.
     pub const WEEKDAYS: u8 = 0b001_1111;
+    /// Lowest limit accepted (64 KiB/s): slower writes would look like a stalled step.
+    pub const MIN_BYTES_PER_SEC: u64 = 64 * 1024;
 
     /// Checks the schedule's fields; the message names the bad one.
     pub fn validate(&self) -> Result<(), String> {
@@ -256,6 +258,17 @@ impl Throttle {
                 "work_end_minute {} must be after work_start_minute {} and at most 1440",
                 self.work_end_minute, self.work_start_minute
             ));
+        }
+        for (name, rate) in [
+            ("work_bytes_per_sec", self.work_bytes_per_sec),
+            ("off_bytes_per_sec", self.off_bytes_per_sec),
+        ] {
+            if rate != 0 && rate < Self::MIN_BYTES_PER_SEC {
+                return Err(format!(
+                    "{name} {rate} is below the minimum of {} bytes/s (0 = unlimited)",
+                    Self::MIN_BYTES_PER_SEC
+                ));
+            }
         }
         if !(-14 * 60..=14 * 60).contains(&self.utc_offset_minutes) {
             return Err(format!(

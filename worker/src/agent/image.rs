@@ -26,7 +26,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use cairn_schemas::ids::{DiskId, RecoveryPointId, VmId};
-use cairn_schemas::v1::{Consistency, ImageFormat, PowerState};
+use cairn_schemas::v1::{Consistency, ImageFormat, PowerState, Throttle};
 use cairn_schemas::v1::{DiskSource, StepResult, StepSpec};
 
 use super::descriptor::{Descriptor, DescriptorDisk, to_source_format};
@@ -36,6 +36,7 @@ use crate::repo::index::{IndexFile, IndexHeader};
 use crate::repo::restore::RestoreOptions;
 use crate::repo::{self, BackupOptions, Repository};
 use crate::source;
+use crate::source::throttle::{ThrottledSink, WallClock};
 
 /// Prefix (and version) of the snapshot handles this adapter makes.
 const HANDLE_PREFIX: &str = "image1";
@@ -156,7 +157,7 @@ fn repository_dir(location: &str) -> Result<&Path, Error> {
     }
 }
 
-fn open_repository(agent: &Agent, location: &str) -> Result<Repository, Error> {
+pub(crate) fn open_repository(agent: &Agent, location: &str) -> Result<Repository, Error> {
     let dir = repository_dir(location)?;
     Repository::open(dir, agent.config.key_file.as_deref()).map_err(|source| Error::Repo {
         repository: location.to_owned(),
@@ -233,7 +234,7 @@ fn identity_of(disk: &DiskId, path: &Path) -> Result<FileIdentity, Error> {
     })
 }
 
-fn open_image(source: &DiskSource) -> Result<Box<dyn source::Source>, Error> {
+pub(crate) fn open_image(source: &DiskSource) -> Result<Box<dyn source::Source>, Error> {
     source::open_source(
         Path::new(&source.image_path),
         Some(to_source_format(source.format)),
@@ -444,6 +445,11 @@ pub(crate) struct RestoreWork<'a> {
     pub(crate) rp: RecoveryPointId,
     pub(crate) target_path: &'a str,
     pub(crate) target_format: ImageFormat,
+    /// The target is the original VM's disk: it must exist, the VM must be stopped, and it is
+    /// overwritten by a delta restore.
+    pub(crate) overwrite: bool,
+    /// Bandwidth limit of the writes.
+    pub(crate) throttle: Option<&'a Throttle>,
 }
 
 pub(crate) fn restore(
@@ -469,7 +475,11 @@ pub(crate) fn restore(
     let rp = work.rp.to_string();
     let header = repo::restore::resolve(&repo, &lineage, Some(&rp)).map_err(repo_error)?;
     progress.start_total(header.disk_size);
-    agent.refuse_described_disk(spec.vm, &target)?;
+    if work.overwrite {
+        super::recovery::check_original_disk(agent, spec.vm, work.disk, &target)?;
+    } else {
+        agent.refuse_described_disk(spec.vm, &target)?;
+    }
     let format = to_source_format(work.target_format);
     let sink_error = |source| Error::Source {
         disk: work.disk.to_string(),
@@ -482,6 +492,11 @@ pub(crate) fn restore(
             ));
         }
         Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && work.overwrite => {
+            return Err(target_error(
+                "the original VM's disk image is missing; recover to another host instead".into(),
+            ));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => {
             return Err(sink_error(source::Error::Io {
@@ -535,7 +550,18 @@ pub(crate) fn restore(
         delta,
         threads: agent.config.threads,
     };
-    let summary = repo::restore(&repo, &options, sink.as_mut(), progress).map_err(repo_error)?;
+    let summary = match work.throttle {
+        None => repo::restore(&repo, &options, sink.as_mut(), progress),
+        Some(schedule) => {
+            let cancelled = || progress.is_cancelled();
+            let mut throttled =
+                ThrottledSink::new(sink, schedule.clone(), &WallClock, &cancelled);
+            let summary = repo::restore(&repo, &options, &mut throttled, progress);
+            tracing::info!(waited_ms = throttled.waited_ms, "throttled restore");
+            summary
+        }
+    }
+    .map_err(repo_error)?;
     Ok(StepResult::Restore {
         disk: work.disk.clone(),
         bytes_written: summary.bytes_written,
