@@ -73,6 +73,9 @@ pub enum ClientCommand {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Recover a recovery point to the original VM, to another host or to a folder, with
+    /// throttling and notification.
+    Recover(crate::recover_cmd::RecoverArgs),
 }
 
 /// Options of every client command.
@@ -80,10 +83,10 @@ pub enum ClientCommand {
 pub struct ServerOpts {
     /// URL of the orchestrator's HTTP API.
     #[arg(long, env = "CAIRN_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
+    pub(crate) server: String,
     /// Print the server's JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,7 +142,7 @@ pub struct WaitOpts {
     /// Wait for the job to end, printing its progress; exit 0 when it succeeded, 1 when it
     /// failed or was cancelled.
     #[arg(long)]
-    wait: bool,
+    pub(crate) wait: bool,
     /// Give up waiting after this long (e.g. 90s, 30m, 6h) and exit 2; the job goes on.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     timeout: Duration,
@@ -327,6 +330,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
             Ok(0)
         }
         ClientCommand::Restore(args) => restore(&args),
+        ClientCommand::Recover(args) => crate::recover_cmd::recover(&args),
         ClientCommand::Events {
             command:
                 EventsCommand::Tail {
@@ -450,7 +454,7 @@ fn restore(args: &RestoreArgs) -> Result<i32> {
 
 /// Follows a job until it ends or the deadline passes: long-polls the event log and
 /// re-reads the job whenever one of its events (or nothing for a while) comes by.
-fn wait_for_job(client: &Client, accepted: &Accepted, wait: &WaitOpts, json: bool) -> Result<i32> {
+pub(crate) fn wait_for_job(client: &Client, accepted: &Accepted, wait: &WaitOpts, json: bool) -> Result<i32> {
     let started = Instant::now();
     let deadline = started + wait.timeout;
     let job_path = format!("/v1/jobs/{}", segment(&accepted.id)?);
@@ -619,13 +623,13 @@ impl ApiError {
 }
 
 /// A blocking client of one server.
-struct Client {
+pub(crate) struct Client {
     agent: ureq::Agent,
     base: String,
 }
 
 impl Client {
-    fn new(server: &str) -> Result<Client> {
+    pub(crate) fn new(server: &str) -> Result<Client> {
         let base = server.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") {
             bail!(
@@ -644,7 +648,7 @@ impl Client {
         Ok(Client { agent, base })
     }
 
-    fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+    pub(crate) fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
         let mut request = self.agent.get(format!("{}{path}", self.base));
         for (key, value) in query {
             request = request.query(*key, value);
@@ -652,7 +656,7 @@ impl Client {
         self.finish(request.call())
     }
 
-    fn post<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<Value> {
+    pub(crate) fn post<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<Value> {
         let request = self.agent.post(format!("{}{path}", self.base));
         let result = match body {
             Some(body) => {
@@ -710,11 +714,11 @@ fn transport_error(base: &str, err: ureq::Error) -> anyhow::Error {
     }
 }
 
-fn from_value<T: DeserializeOwned>(value: Value) -> Result<T> {
+pub(crate) fn from_value<T: DeserializeOwned>(value: Value) -> Result<T> {
     serde_json::from_value(value).context("the server's answer is not what this client expects")
 }
 
-fn print_json(value: &Value) {
+pub(crate) fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
@@ -766,7 +770,7 @@ fn pick_vm(vms: &[VmView], arg: &str) -> Result<String, String> {
 }
 
 /// Resolves a VM argument; ids are passed through without asking the server.
-fn resolve_vm(client: &Client, arg: &str) -> Result<String> {
+pub(crate) fn resolve_vm(client: &Client, arg: &str) -> Result<String> {
     Ok(resolve_vms(client, std::slice::from_ref(&arg.to_owned()))?.remove(0))
 }
 
@@ -788,7 +792,7 @@ fn resolve_vms(client: &Client, args: &[String]) -> Result<Vec<String>> {
 
 /// The recovery point that `arg` names among a VM's: `latest`, an id, or a unique prefix of
 /// at least 8 characters.
-fn pick_rp(rps: &[RpView], arg: &str) -> Result<String, String> {
+pub(crate) fn pick_rp(rps: &[RpView], arg: &str) -> Result<String, String> {
     if arg == "latest" {
         return rps
             .iter()

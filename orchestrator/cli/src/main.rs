@@ -4,6 +4,7 @@
 mod client_cmd;
 mod demo;
 mod progress;
+mod recover_cmd;
 mod repo_cmd;
 mod units;
 mod up;
@@ -28,7 +29,7 @@ enum Command {
         command: repo_cmd::RepoCommand,
     },
     /// Client commands of a running orchestrator (`--server`, `CAIRN_SERVER`): vm, group,
-    /// backup, jobs, job, rp, restore, events, audit.
+    /// backup, jobs, job, rp, restore, recover, events, audit.
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }
