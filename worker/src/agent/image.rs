@@ -387,7 +387,10 @@ pub(crate) fn transfer(
         })?;
     drop(image);
     match FileIdentity::of(&disk.path) {
-        Ok(after) if after == then => {}
+        Ok(after) if after == then => {
+            // Read unchanged: the disk holds this recovery point, until it is written again.
+            repo::stamp::write_if_unchanged(&disk.path, &lineage, &summary.rp, then.mtime_ns);
+        }
         Ok(after) => tracing::error!(
             disk = %source.disk, path = %source.image_path, changes = after.differences(&then),
             "the image changed while it was being read; recovery point {} may hold a torn image",
@@ -544,14 +547,30 @@ pub(crate) fn restore(
     if delta {
         tracing::info!(target = %target.display(), "target exists with the right size; continuing with a delta restore");
     }
+    // A target whose content stamp is still valid (restored or backed up by cairn, not written
+    // since) is not read: only the chunks that differ between the two recovery points are.
+    let known = if delta {
+        repo::stamp::current(&target, &lineage)
+    } else {
+        None
+    };
+    if let Some(known) = &known {
+        tracing::info!(target = %target.display(), known, "target holds a known recovery point");
+    }
+    repo::stamp::clear(&target);
     let options = RestoreOptions {
-        disk: lineage,
+        disk: lineage.clone(),
         rp: Some(rp),
         delta,
         threads: agent.config.threads,
+        known,
     };
     let summary = match work.throttle {
-        None => repo::restore(&repo, &options, sink.as_mut(), progress),
+        None => {
+            let summary = repo::restore(&repo, &options, sink.as_mut(), progress);
+            drop(sink);
+            summary
+        }
         Some(schedule) => {
             let cancelled = || progress.is_cancelled();
             let mut throttled =
@@ -562,6 +581,8 @@ pub(crate) fn restore(
         }
     }
     .map_err(repo_error)?;
+    // The sink is closed (its qemu-nbd gone) and the content durable: stamp it.
+    repo::stamp::write(&target, &lineage, &summary.rp);
     Ok(StepResult::Restore {
         disk: work.disk.clone(),
         bytes_written: summary.bytes_written,
