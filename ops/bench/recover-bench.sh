@@ -11,9 +11,12 @@
 #   1. cp          `cp IMAGE copy.raw` (the baseline: GNU cp skips holes, like the restore)
 #   2. full        `cairn recover bench --rp RP --folder DIR --wait` (new raw image), checked
 #                  byte-identical with cmp
-#   3. churn-disk IMAGE 1 (1% of the disk in 64 KiB random writes; not timed)
-#   4. delta       `cairn recover bench --rp RP --to-original --wait`: the VM's disk is
-#                  overwritten, writing only the chunks that differ; checked with cmp
+#   3. churn-disk IMAGE 1 (1% of the disk in 64 KiB random writes), then a backup (not timed)
+#   4. delta       `cairn recover bench --rp RP --to-original --wait`: the VM's disk (unchanged
+#                  since its last backup, so cairn knows what it holds) goes back to the first
+#                  recovery point, writing only the chunks that differ; checked with cmp
+#   5. churn-disk IMAGE 1 with another seed, not backed up (not timed)
+#   6. delta, unknown changes: the same recovery; now the disk must be read and compared
 # Results go to stdout as markdown and to $OUT.
 #
 # Environment (defaults in brackets):
@@ -104,19 +107,31 @@ rm -f "$work/copy.raw"
 log "full recovery to a folder"
 t_full=$(timed "$CAIRN" recover bench --rp "$rp" --folder "$work/full" --wait)
 cmp "$image" "$work/full/bench-disk0.raw" || die "the full recovery differs from the image"
-log "1% churn"
+last_written() {
+  local job
+  job=$("$CAIRN" jobs --json --limit 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["job"])')
+  "$CAIRN" job show "$job" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["recovery"]["bytes_written"])'
+}
+log "1% churn, then a backup"
 churn_bytes=$("$CHURN_DISK" "$image" 1 1 | awk '{s += $2} END {print s}')
 cmp -s "$image" "$work/full/bench-disk0.raw" && die "churn changed nothing"
-log "recovery over the original VM (delta)"
+"$CAIRN" backup bench --wait >/dev/null
+log "recovery over the original VM (delta, known content)"
 t_delta=$(timed "$CAIRN" recover bench --rp "$rp" --to-original --wait)
 cmp "$image" "$work/full/bench-disk0.raw" || die "the delta recovery is not the recovery point"
-job=$("$CAIRN" jobs --json --limit 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["job"])')
-delta_written=$("$CAIRN" job show "$job" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["recovery"]["bytes_written"])')
+delta_written=$(last_written)
+log "1% churn, not backed up"
+"$CHURN_DISK" "$image" 1 2 >/dev/null
+log "recovery over the original VM (delta, unknown changes)"
+t_read=$(timed "$CAIRN" recover bench --rp "$rp" --to-original --wait)
+cmp "$image" "$work/full/bench-disk0.raw" || die "the delta recovery is not the recovery point"
+read_written=$(last_written)
 
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 verdict() { python3 -c "print('PASS' if $1 >= $2 else 'FAIL')"; }
 r_cp=$(ratio "$t_full" "$t_cp")
 r_delta=$(ratio "$t_full" "$t_delta")
+r_read=$(ratio "$t_full" "$t_read")
 {
   echo "# cairn recovery benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(git -C "$repo_root" rev-parse --short HEAD))"
   echo
@@ -126,5 +141,6 @@ r_delta=$(ratio "$t_full" "$t_delta")
   echo "|---|---:|---|"
   echo "| cp of the raw image (baseline) | $t_cp | 1 |"
   echo "| full recovery to a folder (\`cairn recover --folder --wait\`) | $t_full | ${r_cp}× cp |"
-  echo "| recovery over the original VM after 1% churn (delta; ${delta_written} bytes written) | $t_delta | full / delta = ${r_delta}× (goal ≥ 10×: $(verdict "$r_delta" 10)) |"
+  echo "| recovery over the original VM after 1% churn, backed up (delta, known content; ${delta_written} bytes written) | $t_delta | full / delta = ${r_delta}× (goal ≥ 10×: $(verdict "$r_delta" 10)) |"
+  echo "| recovery over the original VM after 1% churn, not backed up (delta, disk read and compared; ${read_written} bytes written) | $t_read | full / delta = ${r_read}× |"
 } | tee "$OUT"

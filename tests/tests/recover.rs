@@ -231,6 +231,21 @@ fn recovery_to_the_original_vm_writes_only_the_damage_and_the_next_backup_is_rig
     );
     wait_job(&server, &job, "Succeeded", Duration::from_secs(300));
     assert_eq!(fingerprint(&first.join("alpha-disk0.raw")), pristine);
+
+    // Back to the first point over the VM: its disk is unchanged since the backup of rp2, so
+    // the recovery knows what it holds, reads nothing and writes the 2 MiB that differ.
+    let back = accepted_id(
+        &server,
+        &format!("/v1/vms/{vm}/recover"),
+        json!({"rp": rp, "target": "original"}),
+    );
+    let done = wait_job(&server, &back, "Succeeded", Duration::from_secs(300));
+    assert_eq!(fingerprint(&lab.disk), pristine);
+    assert_eq!(done["recovery"]["bytes_written"], 2 * MIB, "{done:#}");
+    assert!(
+        server.log().contains("target holds a known recovery point"),
+        "the stamp was not used"
+    );
 }
 
 #[test]
