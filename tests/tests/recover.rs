@@ -62,23 +62,30 @@ fn describe(data: &Path, disk: &Path, power: &str) {
 
 fn find_vm(server: &UpServer, name: &str) -> Value {
     let mut found = Value::Null;
-    wait_until(Duration::from_secs(60), &format!("VM {name} in the inventory"), || {
-        found = server
-            .get("/v1/vms")
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == name && v["present"] == true)
-            .cloned()
-            .unwrap_or(Value::Null);
-        !found.is_null()
-    });
+    wait_until(
+        Duration::from_secs(60),
+        &format!("VM {name} in the inventory"),
+        || {
+            found = server
+                .get("/v1/vms")
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == name && v["present"] == true)
+                .cloned()
+                .unwrap_or(Value::Null);
+            !found.is_null()
+        },
+    );
     found
 }
 
 fn post(server: &UpServer, path: &str, body: Value) -> (u16, Value) {
     let (status, text) = server.http("POST", path, Some(&body.to_string()));
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn accepted_id(server: &UpServer, path: &str, body: Value) -> String {
@@ -137,7 +144,10 @@ fn qemu_img_compare(a: &Path, b: &Path) {
 fn recovery_to_the_original_vm_writes_only_the_damage_and_the_next_backup_is_right() {
     let lab = lab(None);
     let server = UpServer::start(&lab.data, &[], &[]);
-    let vm = find_vm(&server, "alpha")["vm"].as_str().unwrap().to_string();
+    let vm = find_vm(&server, "alpha")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // A protection group: its first scheduled backup makes the recovery point.
     let (status, group) = post(
         &server,
@@ -168,16 +178,30 @@ fn recovery_to_the_original_vm_writes_only_the_damage_and_the_next_backup_is_rig
     );
     let failed = wait_job(&server, &refused, "Failed", Duration::from_secs(60));
     let error = failed["error"].as_str().unwrap();
-    assert!(error.contains("is running") && error.contains("stop it"), "{error}");
+    assert!(
+        error.contains("is running") && error.contains("stop it"),
+        "{error}"
+    );
     assert_eq!(fingerprint(&lab.disk), damaged, "a refused recovery wrote");
 
     // Stopped: the CLI recovers it, writing about the damage and not the disk.
     describe(&lab.data, &lab.disk, "stopped");
     let out = cairn_json(&[
-        "recover", "alpha", "--rp", &rp, "--to-original", "--wait", "--server", &server.url(),
+        "recover",
+        "alpha",
+        "--rp",
+        &rp,
+        "--to-original",
+        "--wait",
+        "--server",
+        &server.url(),
     ]);
     assert_eq!(out["state"], "Succeeded", "{out:#}");
-    assert_eq!(fingerprint(&lab.disk), pristine, "not byte-identical to the RP");
+    assert_eq!(
+        fingerprint(&lab.disk),
+        pristine,
+        "not byte-identical to the RP"
+    );
     let recovery = &out["recovery"];
     let written = recovery["bytes_written"].as_u64().unwrap();
     assert!(
@@ -185,14 +209,22 @@ fn recovery_to_the_original_vm_writes_only_the_damage_and_the_next_backup_is_rig
         "wrote {written} bytes for 1.25 MiB of damage on a {DISK_MIB} MiB disk"
     );
     assert_eq!(recovery["target"], "original");
-    assert!(recovery["note"].as_str().unwrap().contains("stays in its protection group"));
+    assert!(
+        recovery["note"]
+            .as_str()
+            .unwrap()
+            .contains("stays in its protection group")
+    );
     let steps: Vec<&str> = out["steps"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| s["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(steps, ["PrepareRecovery", "Restore disk0", "FinishRecovery"]);
+    assert_eq!(
+        steps,
+        ["PrepareRecovery", "Restore disk0", "FinishRecovery"]
+    );
     // Still protected by its group.
     let after = find_vm(&server, "alpha");
     assert_eq!(after["group"], "gold", "{after:#}");
@@ -217,7 +249,10 @@ fn recovery_to_the_original_vm_writes_only_the_damage_and_the_next_backup_is_rig
     .unwrap();
     assert_eq!(manifest["rp"], rp2.as_str());
     assert_eq!(manifest["disks"][0]["file"], "alpha-disk0.raw");
-    assert_eq!(manifest["disks"][0]["size_bytes"], u64::from(DISK_MIB) * MIB);
+    assert_eq!(
+        manifest["disks"][0]["size_bytes"],
+        u64::from(DISK_MIB) * MIB
+    );
     assert_eq!(
         done["recovery"]["written"],
         s(&folder.join(format!("cairn-recovery-{rp2}.json")))
@@ -252,7 +287,10 @@ fn recovery_to_the_original_vm_writes_only_the_damage_and_the_next_backup_is_rig
 fn recovery_to_another_node_creates_a_new_unprotected_vm_in_qcow2_and_vhdx() {
     let lab = lab(None);
     let server = UpServer::start(&lab.data, &["--extra-node", "dr"], &[]);
-    let vm = find_vm(&server, "alpha")["vm"].as_str().unwrap().to_string();
+    let vm = find_vm(&server, "alpha")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let rp = backup(&server, &vm);
     let dr = lab.root.join("dr-images");
     for (format, name) in [("qcow2", None), ("vhdx", Some("alpha-vhdx"))] {
@@ -267,7 +305,10 @@ fn recovery_to_another_node_creates_a_new_unprotected_vm_in_qcow2_and_vhdx() {
         let image = dr.join(format!("{name}-disk0.{format}"));
         qemu_img_compare(&lab.disk, &image);
         let info = sh("qemu-img", &["info", "--output=json", s(&image)]);
-        assert!(info.contains(&format!("\"format\": \"{format}\"")), "{info}");
+        assert!(
+            info.contains(&format!("\"format\": \"{format}\"")),
+            "{info}"
+        );
         let recovery = &done["recovery"];
         assert_eq!(recovery["node"], "dr");
         assert_eq!(recovery["new_vm_name"], name);
@@ -284,7 +325,10 @@ fn recovery_to_another_node_creates_a_new_unprotected_vm_in_qcow2_and_vhdx() {
         assert!(new_vm["group"].is_null(), "{new_vm:#}");
         assert_eq!(new_vm["disks"][0]["format"], format);
         let descriptor = recovery["written"].as_str().unwrap();
-        assert!(descriptor.starts_with(s(&lab.data.join("nodes/dr/vms"))), "{descriptor}");
+        assert!(
+            descriptor.starts_with(s(&lab.data.join("nodes/dr/vms"))),
+            "{descriptor}"
+        );
     }
     // The original stays where it was.
     assert_eq!(find_vm(&server, "alpha")["node"], "local");
@@ -302,12 +346,30 @@ fn recovery_to_another_node_creates_a_new_unprotected_vm_in_qcow2_and_vhdx() {
     );
     // Bad requests are refused with a code and change nothing.
     for (body, code) in [
-        (json!({"rp": rp, "target": "host", "path": dr}), "invalid_request"),
-        (json!({"rp": rp, "target": "host", "node": "nowhere", "path": dr}), "unknown_node"),
-        (json!({"rp": rp, "target": "folder", "path": "rel/x"}), "invalid_path"),
-        (json!({"rp": rp, "target": "original", "webhooks": ["https://x/"]}), "invalid_request"),
-        (json!({"rp": rp, "target": "original", "throttle": {"work_bytes_per_sec": 10}}), "invalid_request"),
-        (json!({"rp": rp, "target": "folder", "path": "/x", "notify_email": ["a\r\nRCPT TO:<b@c>"]}), "invalid_request"),
+        (
+            json!({"rp": rp, "target": "host", "path": dr}),
+            "invalid_request",
+        ),
+        (
+            json!({"rp": rp, "target": "host", "node": "nowhere", "path": dr}),
+            "unknown_node",
+        ),
+        (
+            json!({"rp": rp, "target": "folder", "path": "rel/x"}),
+            "invalid_path",
+        ),
+        (
+            json!({"rp": rp, "target": "original", "webhooks": ["https://x/"]}),
+            "invalid_request",
+        ),
+        (
+            json!({"rp": rp, "target": "original", "throttle": {"work_bytes_per_sec": 10}}),
+            "invalid_request",
+        ),
+        (
+            json!({"rp": rp, "target": "folder", "path": "/x", "notify_email": ["a\r\nRCPT TO:<b@c>"]}),
+            "invalid_request",
+        ),
     ] {
         let (status, answer) = post(&server, &format!("/v1/vms/{vm}/recover"), body.clone());
         assert!((400..500).contains(&status), "{body}: {status} {answer}");
@@ -376,7 +438,9 @@ fn webhook_listener() -> (String, std::sync::mpsc::Receiver<(String, String)>) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut data = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
@@ -389,11 +453,17 @@ fn webhook_listener() -> (String, std::sync::mpsc::Receiver<(String, String)>) {
             if let Some((head, body)) = text.split_once("\r\n\r\n") {
                 let len: usize = head
                     .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
                     .unwrap_or(0);
                 if body.len() >= len {
                     stream
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
                         .unwrap();
                     let _ = tx.send((head.to_string(), body.to_string()));
                     return;
@@ -410,10 +480,18 @@ fn a_finished_recovery_is_mailed_through_smtp_and_posted_to_a_webhook() {
     let smtp = SmtpServer::start(&lab.root);
     let server = UpServer::start(
         &lab.data,
-        &["--smtp", &format!("127.0.0.1:{}", smtp.port), "--smtp-from", "backup@lab.example"],
+        &[
+            "--smtp",
+            &format!("127.0.0.1:{}", smtp.port),
+            "--smtp-from",
+            "backup@lab.example",
+        ],
         &[],
     );
-    let vm = find_vm(&server, "alpha")["vm"].as_str().unwrap().to_string();
+    let vm = find_vm(&server, "alpha")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let rp = backup(&server, &vm);
     let (url, posted) = webhook_listener();
     let folder = lab.root.join("out");
@@ -424,7 +502,9 @@ fn a_finished_recovery_is_mailed_through_smtp_and_posted_to_a_webhook() {
                "notify_email": ["ops@example.com"], "webhooks": [url]}),
     );
     wait_job(&server, &job, "Succeeded", Duration::from_secs(120));
-    let (head, body) = posted.recv_timeout(Duration::from_secs(60)).expect("webhook POST");
+    let (head, body) = posted
+        .recv_timeout(Duration::from_secs(60))
+        .expect("webhook POST");
     assert!(head.starts_with("POST /hooks/cairn HTTP/1.1"), "{head}");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["event"], "recovery.finished");
@@ -438,16 +518,23 @@ fn a_finished_recovery_is_mailed_through_smtp_and_posted_to_a_webhook() {
     });
     assert_eq!(mail.len(), 1);
     let message = &mail[0];
-    assert!(message.contains("Subject: cairn: recovery of VM alpha succeeded"), "{message}");
+    assert!(
+        message.contains("Subject: cairn: recovery of VM alpha succeeded"),
+        "{message}"
+    );
     assert!(message.contains("From: backup@lab.example"), "{message}");
     assert!(message.contains("To: ops@example.com"), "{message}");
     assert!(message.contains(&job), "{message}");
     // Both outcomes are events of the job.
     let mut view = Value::Null;
-    wait_until(Duration::from_secs(30), "both notifications recorded", || {
-        view = server.get(&format!("/v1/jobs/{job}"));
-        view["recovery"]["notifications"].as_array().unwrap().len() == 2
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "both notifications recorded",
+        || {
+            view = server.get(&format!("/v1/jobs/{job}"));
+            view["recovery"]["notifications"].as_array().unwrap().len() == 2
+        },
+    );
     for n in view["recovery"]["notifications"].as_array().unwrap() {
         assert_eq!(n["delivered"], true, "{n}");
     }
@@ -458,7 +545,10 @@ fn kill_9_mid_recovery_then_restart_continues_where_it_stopped() {
     const RATE: u64 = 8 * MIB;
     let lab = lab(Some(64));
     let server = UpServer::start(&lab.data, &[], &[]);
-    let vm = find_vm(&server, "alpha")["vm"].as_str().unwrap().to_string();
+    let vm = find_vm(&server, "alpha")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let rp = backup(&server, &vm);
     let folder = lab.root.join("out");
     let throttle = json!({"work_bytes_per_sec": RATE, "off_bytes_per_sec": RATE,
@@ -473,11 +563,16 @@ fn kill_9_mid_recovery_then_restart_continues_where_it_stopped() {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
     };
-    wait_until(Duration::from_secs(60), "16 MiB of the restore written", || {
-        allocated(&target) >= 16 * MIB
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "16 MiB of the restore written",
+        || allocated(&target) >= 16 * MIB,
+    );
     let before_kill = allocated(&target);
-    assert!(before_kill < 60 * MIB, "the throttle did not hold: {before_kill} bytes");
+    assert!(
+        before_kill < 60 * MIB,
+        "the throttle did not hold: {before_kill} bytes"
+    );
     server.kill9();
 
     let restarted = Instant::now();
@@ -501,7 +596,10 @@ fn kill_9_mid_recovery_then_restart_continues_where_it_stopped() {
     );
     assert!(written > 0);
     let minimum = Duration::from_millis((written.saturating_sub(RATE)) * 1000 / RATE);
-    assert!(took >= minimum, "{written} bytes in {took:?}: not throttled to {RATE} B/s");
+    assert!(
+        took >= minimum,
+        "{written} bytes in {took:?}: not throttled to {RATE} B/s"
+    );
 
     // A throttled recovery can be cancelled.
     let slow = json!({"work_bytes_per_sec": 65_536, "off_bytes_per_sec": 65_536});

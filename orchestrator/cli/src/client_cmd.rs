@@ -454,7 +454,12 @@ fn restore(args: &RestoreArgs) -> Result<i32> {
 
 /// Follows a job until it ends or the deadline passes: long-polls the event log and
 /// re-reads the job whenever one of its events (or nothing for a while) comes by.
-pub(crate) fn wait_for_job(client: &Client, accepted: &Accepted, wait: &WaitOpts, json: bool) -> Result<i32> {
+pub(crate) fn wait_for_job(
+    client: &Client,
+    accepted: &Accepted,
+    wait: &WaitOpts,
+    json: bool,
+) -> Result<i32> {
     let started = Instant::now();
     let deadline = started + wait.timeout;
     let job_path = format!("/v1/jobs/{}", segment(&accepted.id)?);

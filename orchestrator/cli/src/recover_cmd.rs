@@ -62,7 +62,12 @@ pub struct RecoverArgs {
     #[arg(long, default_value = "mon-fri", requires = "throttle")]
     work_days: String,
     /// Time zone of the work schedule as minutes from UTC (e.g. 60, -300).
-    #[arg(long, default_value_t = 0, allow_hyphen_values = true, requires = "throttle")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        requires = "throttle"
+    )]
     utc_offset: i16,
     /// E-mail this address when the recovery ends (the server's --smtp relay). Repeat.
     #[arg(long = "notify-email", value_name = "ADDRESS")]
@@ -192,9 +197,25 @@ mod tests {
     #[test]
     fn targets_and_options_parse() {
         let args = parse(&[
-            "web01", "--rp", "latest", "--path", "/dr", "--node", "kvm-02", "--format", "vhdx",
-            "--throttle", "50MiB", "--throttle-off-hours", "0", "--utc-offset", "-300",
-            "--notify-email", "ops@example.com", "--webhook", "http://h/x",
+            "web01",
+            "--rp",
+            "latest",
+            "--path",
+            "/dr",
+            "--node",
+            "kvm-02",
+            "--format",
+            "vhdx",
+            "--throttle",
+            "50MiB",
+            "--throttle-off-hours",
+            "0",
+            "--utc-offset",
+            "-300",
+            "--notify-email",
+            "ops@example.com",
+            "--webhook",
+            "http://h/x",
         ])
         .unwrap();
         let request = request(&args, "RP".into()).unwrap();

@@ -162,8 +162,8 @@ async fn serve(args: UpArgs) -> Result<i32> {
     let mut agents: HashMap<NodeId, Arc<Agent>> = HashMap::new();
     agents.insert(node.clone(), agent.clone());
     for name in &args.extra_nodes {
-        let extra = NodeId::new(name.clone())
-            .map_err(|e| anyhow::anyhow!("--extra-node {name:?}: {e}"))?;
+        let extra =
+            NodeId::new(name.clone()).map_err(|e| anyhow::anyhow!("--extra-node {name:?}: {e}"))?;
         if agents.contains_key(&extra) {
             anyhow::bail!("node {extra} is named twice");
         }

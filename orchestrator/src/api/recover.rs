@@ -6,8 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use cairn_schemas::{
-    Command, ImageFormat, NodeId, RecoveryOptions, RecoveryPointId, RecoveryTarget, Throttle,
-    VmId,
+    Command, ImageFormat, NodeId, RecoveryOptions, RecoveryPointId, RecoveryTarget, Throttle, VmId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -92,7 +91,12 @@ pub fn parse_work_days(text: &str) -> Result<u8, String> {
     let day = |d: &str| {
         DAYS.iter()
             .position(|x| x.eq_ignore_ascii_case(d.trim()))
-            .ok_or_else(|| format!("{d:?} in work days {text:?} is not one of {}", DAYS.join(", ")))
+            .ok_or_else(|| {
+                format!(
+                    "{d:?} in work days {text:?} is not one of {}",
+                    DAYS.join(", ")
+                )
+            })
     };
     let mut bits = 0u8;
     for part in text.split(',') {
@@ -208,7 +212,10 @@ pub(super) async fn request_recover(
                 Some(node) => node,
                 None => super::handlers::vm_node(&state, vm)?,
             };
-            RecoveryTarget::CopyToFolder { node, path: path()? }
+            RecoveryTarget::CopyToFolder {
+                node,
+                path: path()?,
+            }
         }
     };
     let throttle = match &request.throttle {
@@ -242,7 +249,13 @@ mod tests {
     fn work_schedules_parse() {
         assert_eq!(parse_work_hours("08:00-18:00").unwrap(), (480, 1080));
         assert_eq!(parse_work_hours("00:00-24:00").unwrap(), (0, 1440));
-        for bad in ["8-18", "18:00-08:00", "08:00-08:00", "25:00-26:00", "08:61-09:00"] {
+        for bad in [
+            "8-18",
+            "18:00-08:00",
+            "08:00-08:00",
+            "25:00-26:00",
+            "08:61-09:00",
+        ] {
             assert!(parse_work_hours(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_work_days("mon-fri").unwrap(), 0b001_1111);

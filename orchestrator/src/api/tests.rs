@@ -933,15 +933,51 @@ async fn recover_to_each_target_with_options() {
         }
     );
     let cases = [
-        (json!({"rp": RP_1, "target": "sideways"}), "invalid_request", "target"),
-        (json!({"rp": RP_1, "target": "host", "path": "/dr"}), "invalid_request", "node"),
-        (json!({"rp": RP_1, "target": "folder"}), "invalid_request", "path"),
-        (json!({"rp": RP_1, "target": "folder", "path": "/a/../b"}), "invalid_path", ".."),
-        (json!({"rp": RP_1, "target": "original", "path": "/x"}), "invalid_request", "original"),
-        (json!({"rp": RP_1, "target": "folder", "path": "/x", "format": "raw"}), "invalid_request", "format"),
-        (json!({"rp": RP_1, "target": "original", "throttle": {"work_bytes_per_sec": 1}}), "invalid_request", "minimum"),
-        (json!({"rp": RP_1, "target": "original", "throttle": {"work_bytes_per_sec": 0, "work_hours": "9-5"}}), "invalid_request", "HH:MM"),
-        (json!({"rp": RP_1, "target": "original", "extra": 1}), "invalid_request", "extra"),
+        (
+            json!({"rp": RP_1, "target": "sideways"}),
+            "invalid_request",
+            "target",
+        ),
+        (
+            json!({"rp": RP_1, "target": "host", "path": "/dr"}),
+            "invalid_request",
+            "node",
+        ),
+        (
+            json!({"rp": RP_1, "target": "folder"}),
+            "invalid_request",
+            "path",
+        ),
+        (
+            json!({"rp": RP_1, "target": "folder", "path": "/a/../b"}),
+            "invalid_path",
+            "..",
+        ),
+        (
+            json!({"rp": RP_1, "target": "original", "path": "/x"}),
+            "invalid_request",
+            "original",
+        ),
+        (
+            json!({"rp": RP_1, "target": "folder", "path": "/x", "format": "raw"}),
+            "invalid_request",
+            "format",
+        ),
+        (
+            json!({"rp": RP_1, "target": "original", "throttle": {"work_bytes_per_sec": 1}}),
+            "invalid_request",
+            "minimum",
+        ),
+        (
+            json!({"rp": RP_1, "target": "original", "throttle": {"work_bytes_per_sec": 0, "work_hours": "9-5"}}),
+            "invalid_request",
+            "HH:MM",
+        ),
+        (
+            json!({"rp": RP_1, "target": "original", "extra": 1}),
+            "invalid_request",
+            "extra",
+        ),
     ];
     for (body, code, word) in cases {
         let answer = call(&app, "POST", &uri, Some(&body.to_string())).await;

@@ -621,15 +621,12 @@ fn recovery_work(
         let current = vm.disks.iter().find(|d| &d.disk == disk);
         let size_bytes = current.map_or(0, |d| d.size_bytes);
         match target {
-            RecoveryTarget::OriginalVm => current
-                .cloned()
-                .map(DiskSource::from)
-                .ok_or_else(|| {
-                    format!(
-                        "VM {} has no disk {disk} any more; recover it to another host instead",
-                        vm.name
-                    )
-                }),
+            RecoveryTarget::OriginalVm => current.cloned().map(DiskSource::from).ok_or_else(|| {
+                format!(
+                    "VM {} has no disk {disk} any more; recover it to another host instead",
+                    vm.name
+                )
+            }),
             RecoveryTarget::AlternateHost { path, format, .. } => Ok(DiskSource {
                 disk: disk.clone(),
                 image_path: format!(

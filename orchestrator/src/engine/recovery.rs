@@ -14,8 +14,8 @@
 //! Must not: do IO or read the clock.
 
 use cairn_schemas::{
-    Aggregate, ImageFormat, JobEvent, JobId, JobKind, JobReason, RecoveryOptions,
-    RecoveryPointId, RecoveryTarget, VmId,
+    Aggregate, ImageFormat, JobEvent, JobId, JobKind, JobReason, RecoveryOptions, RecoveryPointId,
+    RecoveryTarget, VmId,
 };
 
 use super::decide::{Emit, check_path, conflict, invalid, not_found, present_vm};
@@ -60,9 +60,11 @@ pub fn decide_recovery(
     };
     match target {
         RecoveryTarget::OriginalVm => {
-            if let Some(active) = state.jobs.values().find(|j| {
-                j.vm == vm && !j.state.is_terminal() && super::jobs::writes_original(j)
-            }) {
+            if let Some(active) = state
+                .jobs
+                .values()
+                .find(|j| j.vm == vm && !j.state.is_terminal() && super::jobs::writes_original(j))
+            {
                 return Err(conflict(
                     "job_running",
                     format!(
@@ -204,7 +206,9 @@ pub fn check_webhook(url: &str) -> Result<(), String> {
     };
     let host = rest.split('/').next().unwrap_or_default();
     if host.is_empty() || host.contains('@') {
-        return Err(format!("webhook URL {url:?} has no host (or has credentials)"));
+        return Err(format!(
+            "webhook URL {url:?} has no host (or has credentials)"
+        ));
     }
     Ok(())
 }
@@ -217,7 +221,15 @@ mod tests {
     fn emails_and_webhooks_are_checked() {
         assert!(check_email("ops@example.com").is_ok());
         assert!(check_email("a.b+c@mail.example-1.org").is_ok());
-        for bad in ["", "ops", "@x.org", "ops@", "o ps@x.org", "ops@x..org", "a\r\n@x.org"] {
+        for bad in [
+            "",
+            "ops",
+            "@x.org",
+            "ops@",
+            "o ps@x.org",
+            "ops@x..org",
+            "a\r\n@x.org",
+        ] {
             assert!(check_email(bad).is_err(), "{bad:?}");
         }
         assert!(check_webhook("http://127.0.0.1:8080/hook").is_ok());

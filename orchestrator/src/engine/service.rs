@@ -197,7 +197,10 @@ impl<L: EventLog + 'static> Engine<L> {
                 started_at: now,
             },
             snapshot_seq,
-            notifier: Arc::new(Notifier::new(NotifyConfig::new(None, "cairn@localhost".into()))),
+            notifier: Arc::new(Notifier::new(NotifyConfig::new(
+                None,
+                "cairn@localhost".into(),
+            ))),
             notifying: BTreeSet::new(),
         };
         Ok((engine, Handle { shared }))

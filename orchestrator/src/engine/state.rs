@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use cairn_schemas::{
     Aggregate, CommittedDisk, Consistency, DataSourceState, DiskId, DiskInfo, Event, GroupEvent,
     GroupId, GroupPolicy, JobEvent, JobId, JobKind, JobReason, JobState, NodeEvent, NodeId,
-    PlannedStep, PowerState, RecoveryOptions, RecoveryPointId, StepId, StepKind, StepResult, StepSpec, VmEvent,
-    VmId, WaitReason,
+    PlannedStep, PowerState, RecoveryOptions, RecoveryPointId, StepId, StepKind, StepResult,
+    StepSpec, VmEvent, VmId, WaitReason,
 };
 use serde::{Deserialize, Serialize};
 

@@ -850,21 +850,28 @@ fn recovery_to_the_original_vm_overwrites_its_disks_and_excludes_backups() {
     run_recovery_to_success(&mut w, job);
     assert_eq!(w.state.jobs[&job].state, JobState::Succeeded);
     assert_eq!(w.state.recoveries[&job].bytes_written, 4096);
-    assert_eq!(w.state.recoveries[&job].pending(), vec!["mailto:ops@example.com"]);
+    assert_eq!(
+        w.state.recoveries[&job].pending(),
+        vec!["mailto:ops@example.com"]
+    );
     // The VM keeps its group; the queued backup now runs and reads every block.
     assert!(super::jobs::recovered_since_last_rp(&w.state, vm));
     w.settle();
     assert_eq!(w.state.jobs[&blocked].state, JobState::Running);
-    w.report(blocked, &StepKind::Snapshot, ReportBody::Succeeded {
-        result: StepResult::Snapshot {
-            snapshot: "snap".into(),
-            consistency: Consistency::Crash,
-            tracking: vec![cairn_schemas::DiskTracking {
-                disk: "disk0".parse().unwrap(),
-                bitmap: "b0".into(),
-            }],
+    w.report(
+        blocked,
+        &StepKind::Snapshot,
+        ReportBody::Succeeded {
+            result: StepResult::Snapshot {
+                snapshot: "snap".into(),
+                consistency: Consistency::Crash,
+                tracking: vec![cairn_schemas::DiskTracking {
+                    disk: "disk0".parse().unwrap(),
+                    bitmap: "b0".into(),
+                }],
+            },
         },
-    });
+    );
     let transfer_spec = w.state.jobs[&blocked]
         .steps
         .iter()
@@ -877,7 +884,10 @@ fn recovery_to_the_original_vm_overwrites_its_disks_and_excludes_backups() {
             _ => None,
         })
         .unwrap();
-    assert_eq!(transfer_spec.0, None, "no bitmap after a recovery over the disks");
+    assert_eq!(
+        transfer_spec.0, None,
+        "no bitmap after a recovery over the disks"
+    );
     assert_eq!(transfer_spec.1, Some(w.state.rps[&vm].last().unwrap().rp));
 }
 

@@ -167,7 +167,13 @@ pub fn message_data(mail: &Mail) -> String {
     let subject: String = mail
         .subject
         .chars()
-        .map(|c| if c.is_ascii() && !c.is_control() { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii() && !c.is_control() {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     let mut out = String::new();
     out.push_str(&format!("From: {}\r\n", mail.from));

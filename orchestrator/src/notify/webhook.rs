@@ -33,9 +33,7 @@ impl Error {
         match self {
             Error::BadUrl(_) => false,
             Error::Io { .. } | Error::Malformed { .. } => true,
-            Error::Status { status, .. } => {
-                status.starts_with('5') || status.starts_with("429")
-            }
+            Error::Status { status, .. } => status.starts_with('5') || status.starts_with("429"),
         }
     }
 }

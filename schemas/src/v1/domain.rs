@@ -245,7 +245,10 @@ impl Throttle {
     /// Checks the schedule's fields; the message names the bad one.
     pub fn validate(&self) -> Result<(), String> {
         if self.work_days & 0x80 != 0 {
-            return Err(format!("work_days {:#x} has a bit above Sunday", self.work_days));
+            return Err(format!(
+                "work_days {:#x} has a bit above Sunday",
+                self.work_days
+            ));
         }
         if self.work_start_minute >= 1440 {
             return Err(format!(

@@ -573,8 +573,7 @@ pub(crate) fn restore(
         }
         Some(schedule) => {
             let cancelled = || progress.is_cancelled();
-            let mut throttled =
-                ThrottledSink::new(sink, schedule.clone(), &WallClock, &cancelled);
+            let mut throttled = ThrottledSink::new(sink, schedule.clone(), &WallClock, &cancelled);
             let summary = repo::restore(&repo, &options, &mut throttled, progress);
             tracing::info!(waited_ms = throttled.waited_ms, "throttled restore");
             summary

@@ -188,9 +188,7 @@ pub enum Error {
     #[error("step cancelled")]
     Cancelled,
     /// A recovery over a VM's disks needs the VM stopped.
-    #[error(
-        "VM {name} ({vm}) is {power} on node {node}; stop it before recovering over its disks"
-    )]
+    #[error("VM {name} ({vm}) is {power} on node {node}; stop it before recovering over its disks")]
     VmNotStopped {
         /// The VM.
         vm: VmId,

@@ -96,9 +96,8 @@ pub(crate) fn prepare(
         if !folder.is_absolute() {
             return Err(target_error(folder, "not an absolute path"));
         }
-        std::fs::create_dir_all(folder).map_err(|e| {
-            target_error(folder, format!("cannot create the folder: {e}"))
-        })?;
+        std::fs::create_dir_all(folder)
+            .map_err(|e| target_error(folder, format!("cannot create the folder: {e}")))?;
     }
     for disk in disks {
         let path = PathBuf::from(&disk.image_path);
@@ -127,7 +126,12 @@ pub(crate) fn prepare(
             }
         }
     }
-    tracing::info!(vm_name, disks = disks.len(), ?target, "recovery may go ahead");
+    tracing::info!(
+        vm_name,
+        disks = disks.len(),
+        ?target,
+        "recovery may go ahead"
+    );
     Ok(StepResult::PrepareRecovery)
 }
 
@@ -178,7 +182,11 @@ fn virtual_size(disk: &DiskSource) -> Result<u64, Error> {
     Ok(image.size())
 }
 
-pub(crate) fn finish(agent: &Agent, spec: &StepSpec, work: &Finish<'_>) -> Result<StepResult, Error> {
+pub(crate) fn finish(
+    agent: &Agent,
+    spec: &StepSpec,
+    work: &Finish<'_>,
+) -> Result<StepResult, Error> {
     match work.target {
         RecoveryTarget::OriginalVm => {
             for disk in work.disks {
@@ -206,14 +214,13 @@ pub(crate) fn finish(agent: &Agent, spec: &StepSpec, work: &Finish<'_>) -> Resul
                     .collect(),
                 power: PowerState::Stopped,
             };
-            let path = descriptor::write_descriptor(&agent.config.vms_dir, &descriptor).map_err(
-                |e| {
+            let path =
+                descriptor::write_descriptor(&agent.config.vms_dir, &descriptor).map_err(|e| {
                     Error::InvalidStep(format!(
                         "cannot describe the recovered VM {}: {e}",
                         work.vm_name
                     ))
-                },
-            )?;
+                })?;
             tracing::info!(vm = %work.vm, name = work.vm_name, descriptor = %path.display(),
                 "recovered VM described on this node");
             Ok(StepResult::FinishRecovery {

@@ -368,9 +368,10 @@ fn feed_known(
         owner.submit(jobs, job)?;
     }
     owner.summary.chunks_same += same;
-    owner
-        .progress
-        .advance(same.saturating_mul(header.chunk_size as u64).min(header.disk_size));
+    owner.progress.advance(
+        same.saturating_mul(header.chunk_size as u64)
+            .min(header.disk_size),
+    );
     Ok(())
 }
 

@@ -169,7 +169,11 @@ mod tests {
         file.write_all_at(&[2], 100).unwrap();
         drop(file);
         assert_eq!(current(&path, "vm.disk0"), None, "written after the stamp");
-        assert!(write(&path, "vm.disk0", "0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d01"));
+        assert!(write(
+            &path,
+            "vm.disk0",
+            "0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d01"
+        ));
         clear(&path);
         assert_eq!(current(&path, "vm.disk0"), None);
     }

@@ -270,8 +270,12 @@ mod tests {
         ] {
             let clock = ManualClock(Mutex::new(start));
             let never = || false;
-            let mut sink =
-                ThrottledSink::new(Box::new(MemSink(vec![0; 8 << 20])), schedule(), &clock, &never);
+            let mut sink = ThrottledSink::new(
+                Box::new(MemSink(vec![0; 8 << 20])),
+                schedule(),
+                &clock,
+                &never,
+            );
             let block = vec![7u8; 256 << 10];
             for i in 0..32u64 {
                 sink.write_at(i * block.len() as u64, &block).unwrap();
@@ -292,8 +296,12 @@ mod tests {
     fn a_cancel_stops_the_wait() {
         let clock = ManualClock(Mutex::new(MONDAY_MIDNIGHT_UTC + 9 * HOUR));
         let cancelled = || true;
-        let mut sink =
-            ThrottledSink::new(Box::new(MemSink(vec![0; 4 << 20])), schedule(), &clock, &cancelled);
+        let mut sink = ThrottledSink::new(
+            Box::new(MemSink(vec![0; 4 << 20])),
+            schedule(),
+            &clock,
+            &cancelled,
+        );
         sink.write_at(0, &vec![1u8; 4 << 20]).unwrap();
         assert_eq!(sink.waited_ms, 0);
     }
