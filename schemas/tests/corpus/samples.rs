@@ -20,6 +20,10 @@ pub struct Sample {
 
 /// A value of one of the encoded kinds.
 #[derive(Debug, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a few hundred samples in a test; boxing would only add noise"
+)]
 pub enum Value {
     Event(Envelope),
     Spec(StepSpec),
