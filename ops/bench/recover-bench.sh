@@ -17,6 +17,9 @@
 #                  recovery point, writing only the chunks that differ; checked with cmp
 #   5. churn-disk IMAGE 1 with another seed, not backed up (not timed)
 #   6. delta, unknown changes: the same recovery; now the disk must be read and compared
+#   7. the data path alone, without the job machinery: `cairn repo restore` of the first
+#      recovery point to a new file, then `cairn repo restore --delta` of the second recovery
+#      point onto it (stamped by the first, so not read)
 # Results go to stdout as markdown and to $OUT.
 #
 # Environment (defaults in brackets):
@@ -127,11 +130,19 @@ t_read=$(timed "$CAIRN" recover bench --rp "$rp" --to-original --wait)
 cmp "$image" "$work/full/bench-disk0.raw" || die "the delta recovery is not the recovery point"
 read_written=$(last_written)
 
+log "data path: repo restore full, then delta onto it"
+vm_id=$("$CAIRN" vm list --json | python3 -c 'import json,sys; print([v["vm"] for v in json.load(sys.stdin) if v["name"] == "bench"][0])')
+rps=$("$CAIRN" rp list bench --json | python3 -c 'import json,sys; l=json.load(sys.stdin); print(l[0]["rp"], l[1]["rp"])')
+read -r rp1 rp2 <<<"$rps"
+t_repo_full=$(timed "$CAIRN" repo restore "$work/data/repo" --disk "$vm_id.disk0" --rp "$rp1" --to "$work/repo-full.raw")
+t_repo_delta=$(timed "$CAIRN" repo restore "$work/data/repo" --disk "$vm_id.disk0" --rp "$rp2" --to "$work/repo-full.raw" --delta)
+
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 verdict() { python3 -c "print('PASS' if $1 >= $2 else 'FAIL')"; }
 r_cp=$(ratio "$t_full" "$t_cp")
 r_delta=$(ratio "$t_full" "$t_delta")
 r_read=$(ratio "$t_full" "$t_read")
+r_repo=$(ratio "$t_repo_full" "$t_repo_delta")
 {
   echo "# cairn recovery benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(git -C "$repo_root" rev-parse --short HEAD))"
   echo
@@ -143,4 +154,8 @@ r_read=$(ratio "$t_full" "$t_read")
   echo "| full recovery to a folder (\`cairn recover --folder --wait\`) | $t_full | ${r_cp}× cp |"
   echo "| recovery over the original VM after 1% churn, backed up (delta, known content; ${delta_written} bytes written) | $t_delta | full / delta = ${r_delta}× (goal ≥ 10×: $(verdict "$r_delta" 10)) |"
   echo "| recovery over the original VM after 1% churn, not backed up (delta, disk read and compared; ${read_written} bytes written) | $t_read | full / delta = ${r_read}× |"
+  echo "| data path: \`cairn repo restore\` full | $t_repo_full | |"
+  echo "| data path: \`cairn repo restore --delta\` of the churned point onto it (known content) | $t_repo_delta | full / delta = ${r_repo}× (goal ≥ 10×: $(verdict "$r_repo" 10)) |"
+  echo
+  echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
 } | tee "$OUT"
