@@ -307,6 +307,10 @@ impl JobMaker {
                 disk: disk.clone(),
                 bytes_written: 0,
             },
+            StepKind::PrepareRecovery => StepResult::PrepareRecovery,
+            StepKind::FinishRecovery => StepResult::FinishRecovery {
+                written: String::new(),
+            },
             other => {
                 unreachable!("the benchmark's history has backups and restores only, not {other:?}")
             }

@@ -4,5 +4,6 @@ pub mod api;
 pub mod control;
 pub mod engine;
 pub mod log;
+pub mod notify;
 pub mod policy;
 pub mod views;

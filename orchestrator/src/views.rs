@@ -82,6 +82,38 @@ pub struct JobView {
     /// The recovery point a backup committed (or a recovery restores).
     pub rp: Option<String>,
     pub steps: Vec<StepView>,
+    /// Recovery jobs: target, options, outcome, notifications.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryView {
+    /// `original`, `host`, `folder` or `items`.
+    pub target: String,
+    /// The target in words.
+    pub target_text: String,
+    /// Node that writes.
+    pub node: Option<String>,
+    /// Options in words (`no recovery options` when none).
+    pub options: String,
+    /// Bytes the restore steps wrote (a delta restore writes only what differs).
+    pub bytes_written: u64,
+    /// Descriptor (new VM) or manifest (folder) written on the node.
+    pub written: Option<String>,
+    /// Alternate host: the new VM's id and name.
+    pub new_vm: Option<String>,
+    pub new_vm_name: Option<String>,
+    /// What the user must know (not protected, not highly available, ...).
+    pub note: Option<String>,
+    pub notifications: Vec<NotificationView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationView {
+    pub target: String,
+    pub delivered: bool,
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -83,6 +83,9 @@ pub enum ClientCommand {
         #[command(subcommand)]
         command: SeedCommand,
     },
+    /// Recover a recovery point to the original VM, to another host or to a folder, with
+    /// throttling and notification.
+    Recover(crate::recover_cmd::RecoverArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,10 +118,10 @@ impl WaitOpts {
 pub struct ServerOpts {
     /// URL of the orchestrator's HTTP API.
     #[arg(long, env = "CAIRN_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
+    pub(crate) server: String,
     /// Print the server's JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,7 +208,7 @@ pub struct WaitOpts {
     /// Wait for the job to end, printing its progress; exit 0 when it succeeded, 1 when it
     /// failed or was cancelled.
     #[arg(long)]
-    wait: bool,
+    pub(crate) wait: bool,
     /// Give up waiting after this long (e.g. 90s, 30m, 6h) and exit 2; the job goes on.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     timeout: Duration,
@@ -417,6 +420,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
             Ok(0)
         }
         ClientCommand::Restore(args) => restore(&args),
+        ClientCommand::Recover(args) => crate::recover_cmd::recover(&args),
         ClientCommand::Events {
             command:
                 EventsCommand::Tail {
@@ -883,7 +887,7 @@ fn resolve_vms(client: &Client, args: &[String]) -> Result<Vec<String>> {
 
 /// The recovery point that `arg` names among a VM's: `latest`, an id, or a unique prefix of
 /// at least 8 characters.
-fn pick_rp(rps: &[RpView], arg: &str) -> Result<String, String> {
+pub(crate) fn pick_rp(rps: &[RpView], arg: &str) -> Result<String, String> {
     if arg == "latest" {
         return rps
             .iter()
@@ -1438,6 +1442,7 @@ mod tests {
             cancel_requested: false,
             rp: None,
             steps,
+            recovery: None,
         }
     }
 

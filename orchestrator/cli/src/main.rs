@@ -5,6 +5,7 @@ mod client_cmd;
 mod demo;
 mod policy_cmd;
 mod progress;
+mod recover_cmd;
 mod repo_cmd;
 mod units;
 mod up;
@@ -29,7 +30,7 @@ enum Command {
         command: repo_cmd::RepoCommand,
     },
     /// Client commands of a running orchestrator (`--server`, `CAIRN_SERVER`): vm, group,
-    /// backup, jobs, job, rp, restore, events, audit, check, verify, alerts, seed.
+    /// backup, jobs, job, rp, restore, recover, events, audit, check, verify, alerts, seed.
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }

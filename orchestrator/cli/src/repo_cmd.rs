@@ -226,14 +226,27 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                 source::create_sink(&to, format, header.disk_size)?
             };
             let started = Instant::now();
+            // A target whose content stamp is still valid is not read: only the chunks that
+            // differ between the two recovery points are written.
+            let known = if delta {
+                repo::stamp::current(&to, &disk)
+            } else {
+                None
+            };
+            repo::stamp::clear(&to);
+            let lineage = disk.clone();
             let opts = RestoreOptions {
                 disk,
                 rp: Some(header.rp.clone()),
                 delta,
                 threads: 0,
+                known,
             };
             let summary = repo::restore(&repo, &opts, sink.as_mut(), &Bar::new(!common.json));
             drop(sink);
+            if let Ok(done) = &summary {
+                repo::stamp::write(&to, &lineage, &done.rp);
+            }
             let summary = match summary {
                 Ok(s) => s,
                 Err(e) => {

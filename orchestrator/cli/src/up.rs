@@ -3,7 +3,8 @@
 //! in the data folder, and the HTTP API.
 //!
 //! Data folder layout: `events/` (sled event log), `snapshot.bin` (projection snapshot),
-//! `repo/` (repository), `vms/` (this node's VM descriptors), `images/` (demo disks).
+//! `repo/` (repository), `vms/` (this node's VM descriptors), `images/` (demo disks),
+//! `nodes/NAME/vms/` (descriptors of the `--extra-node`s).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,8 +20,9 @@ use cairn_orchestrator::engine::service::{
     Clock, Engine, EngineOptions, Handle, StepSink, SystemClock,
 };
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
+use cairn_orchestrator::notify::{Notifier, NotifyConfig};
 use cairn_orchestrator::policy::tz::TimeZone;
-use cairn_schemas::{Command, JobId, NodeId, Report, StepSpec};
+use cairn_schemas::{Command, JobId, NodeId, Report, ReportBody, StepResult, StepSpec};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
 use cairn_worker::repo::Repository;
 use clap::Args;
@@ -50,6 +52,19 @@ pub struct UpArgs {
     /// with a daylight-saving rule (+01:00/eu, -05:00/us) or a name like Europe/Berlin.
     #[arg(long, env = "CAIRN_TIMEZONE", default_value = "UTC", value_parser = parse_timezone)]
     pub timezone: TimeZone,
+    /// Parallel recoveries per node; more wait in the queue (reason NodeBusy).
+    #[arg(long, default_value_t = 8)]
+    pub recoveries_per_node: usize,
+    /// More nodes served by this process, each with its descriptor folder
+    /// `DATA/nodes/NAME/vms` (a lab, or one host with several hypervisor folders). Repeat.
+    #[arg(long = "extra-node", value_name = "NAME")]
+    pub extra_nodes: Vec<String>,
+    /// SMTP relay (`host:port`, plain SMTP) for recovery e-mail notifications.
+    #[arg(long, env = "CAIRN_SMTP")]
+    pub smtp: Option<String>,
+    /// Sender address of notification e-mail (default `cairn@<node>.localdomain`).
+    #[arg(long, env = "CAIRN_SMTP_FROM")]
+    pub smtp_from: Option<String>,
 }
 
 fn parse_timezone(text: &str) -> Result<TimeZone, String> {
@@ -112,6 +127,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
             orphan_grace_ms: 0,
             backups_per_node: args.backups_per_node,
             timezone: args.timezone,
+            recoveries_per_node: args.recoveries_per_node.max(1),
             ..EngineConfig::default()
         },
         epoch,
@@ -127,6 +143,16 @@ async fn serve(args: UpArgs) -> Result<i32> {
         running: running.clone(),
     });
     let (engine, handle) = Engine::start(log, options, Arc::new(SystemClock), bus).await?;
+    let from = args
+        .smtp_from
+        .clone()
+        .unwrap_or_else(|| format!("cairn@{node}.localdomain"));
+    if cairn_orchestrator::engine::recovery::check_email(&from).is_err() {
+        anyhow::bail!("--smtp-from {from:?} is not a plain local@domain address");
+    }
+    let mut notify = NotifyConfig::new(args.smtp.clone(), from);
+    notify.hostname = format!("{node}.localdomain");
+    let engine = engine.with_notifier(Notifier::new(notify));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -141,16 +167,46 @@ async fn serve(args: UpArgs) -> Result<i32> {
             key_file: args.key_file.clone(),
             threads: 0,
         })?
-        .with_fault_delays(faults),
+        .with_fault_delays(faults.clone()),
     );
+    let mut agents: HashMap<NodeId, Arc<Agent>> = HashMap::new();
+    agents.insert(node.clone(), agent.clone());
+    for name in &args.extra_nodes {
+        let extra =
+            NodeId::new(name.clone()).map_err(|e| anyhow::anyhow!("--extra-node {name:?}: {e}"))?;
+        if agents.contains_key(&extra) {
+            anyhow::bail!("node {extra} is named twice");
+        }
+        let vms_dir = data.join("nodes").join(extra.as_str()).join("vms");
+        std::fs::create_dir_all(&vms_dir)
+            .with_context(|| format!("creating {}", vms_dir.display()))?;
+        let extra_agent = Agent::new(AgentConfig {
+            node: extra.clone(),
+            vms_dir,
+            key_file: args.key_file.clone(),
+            threads: 0,
+        })?
+        .with_fault_delays(faults.clone());
+        agents.insert(extra, Arc::new(extra_agent));
+    }
+    let agents = Arc::new(agents);
+    // Nodes whose inventory should be reported now (a recovery described a new VM there).
+    let (rescan_tx, mut rescan_rx) = mpsc::unbounded_channel::<NodeId>();
 
     // Worker: run each dispatched step on a blocking thread; forward its reports.
     let worker_handle = handle.clone();
-    let worker_agent = agent.clone();
+    let worker_agents = agents.clone();
     let worker_task = tokio::spawn(async move {
         while let Some(spec) = steps_rx.recv().await {
             let handle = worker_handle.clone();
-            let agent = worker_agent.clone();
+            let rescan = rescan_tx.clone();
+            // A step for a node this process does not serve goes to this node's agent, which
+            // refuses it (wrong node) with a clear report.
+            let agent = worker_agents
+                .get(&spec.node)
+                .or_else(|| worker_agents.values().next())
+                .expect("at least this node's agent")
+                .clone();
             let cancel = Arc::new(AtomicBool::new(false));
             running
                 .lock()
@@ -176,6 +232,14 @@ async fn serve(args: UpArgs) -> Result<i32> {
                     let _ = body_tx.send(last);
                 });
                 while let Some(body) = body_rx.recv().await {
+                    if matches!(
+                        body,
+                        ReportBody::Succeeded {
+                            result: StepResult::FinishRecovery { .. }
+                        }
+                    ) {
+                        let _ = rescan.send(header.node.clone());
+                    }
                     handle
                         .report(Report {
                             step: header.step,
@@ -196,30 +260,47 @@ async fn serve(args: UpArgs) -> Result<i32> {
         }
     });
 
-    // Inventory: register the node, then report its VMs now and every 30 seconds.
+    // Inventory: register the nodes, then report their VMs now, every 30 seconds, and when a
+    // recovery has described a new VM.
     let inventory_handle = handle.clone();
-    let inventory_agent = agent.clone();
+    let inventory_agents = agents.clone();
     let inventory_node = node.clone();
     let inventory_repo = repo_dir.clone();
     let mut inventory_stop = shutdown_rx.clone();
     let inventory_task = tokio::spawn(async move {
-        let register = Command::RegisterNode {
-            node: inventory_node.clone(),
-            cluster: "local".into(),
-            worker_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        if let Err(e) = inventory_handle.submit_as("worker".into(), register).await {
-            tracing::error!(error = %e, "could not register this node");
+        let mut nodes: Vec<&NodeId> = inventory_agents.keys().collect();
+        nodes.sort();
+        for node in &nodes {
+            let register = Command::RegisterNode {
+                node: (*node).clone(),
+                cluster: "local".into(),
+                worker_version: env!("CARGO_PKG_VERSION").into(),
+            };
+            if let Err(e) = inventory_handle.submit_as("worker".into(), register).await {
+                tracing::error!(node = %node, error = %e, "could not register the node");
+            }
         }
         // Probing a non-raw disk starts a qemu-nbd, so the inventory is not rescanned too often.
         let mut every = tokio::time::interval(Duration::from_secs(30));
+        let stop = async move {
+            let _ = inventory_stop.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = every.tick() => {}
-                _ = inventory_stop.wait_for(|stop| *stop) => return,
+                _ = every.tick() => {
+                    for node in &nodes {
+                        report_inventory(&inventory_handle, &inventory_agents[*node], node).await;
+                    }
+                    report_space(&inventory_handle, &inventory_node, &inventory_repo).await;
+                }
+                Some(node) = rescan_rx.recv() => {
+                    if let Some(agent) = inventory_agents.get(&node) {
+                        report_inventory(&inventory_handle, agent, &node).await;
+                    }
+                }
+                () = &mut stop => return,
             }
-            report_inventory(&inventory_handle, &inventory_agent, &inventory_node).await;
-            report_space(&inventory_handle, &inventory_node, &inventory_repo).await;
         }
     });
 

@@ -460,6 +460,7 @@ fn assert_restores_to_disk(world: &World, rp: &str) {
             disk: world.lineage(),
             rp: Some(rp.to_owned()),
             delta: false,
+            known: None,
             threads: 2,
         },
         sink.as_mut(),

@@ -196,7 +196,7 @@ pub(super) async fn request_restore(
 }
 
 /// The node that hosts `vm` now, from the inventory.
-fn vm_node(state: &AppState, vm: VmId) -> Result<NodeId, Error> {
+pub(super) fn vm_node(state: &AppState, vm: VmId) -> Result<NodeId, Error> {
     let vm_text = vm.to_string();
     let view = state
         .control

@@ -15,6 +15,7 @@
 //! | GET  | `/v1/vms/{vm}/recovery-points` | a VM's recovery points |
 //! | POST | `/v1/vms/{vm}/backup` | back a VM up now (202, job id) |
 //! | POST | `/v1/vms/{vm}/restore` | restore a recovery point to a folder (202, job id) |
+//! | POST | `/v1/vms/{vm}/recover` | recover to the original VM, another host or a folder, with options (202) |
 //! | GET  | `/v1/groups` | protection groups |
 //! | POST | `/v1/groups` | create a protection group (201, group id) |
 //! | GET  | `/v1/groups/{group}` | a group's policy, next runs, members' retention |
@@ -45,6 +46,7 @@ mod extract;
 mod handlers;
 mod middleware;
 mod policy_handlers;
+pub mod recover;
 pub mod wire;
 
 #[cfg(test)]
@@ -145,6 +147,7 @@ fn routes() -> Vec<Route> {
         ),
         route("post", "/v1/vms/{vm}/backup", handlers::request_backup),
         route("post", "/v1/vms/{vm}/restore", handlers::request_restore),
+        route("post", "/v1/vms/{vm}/recover", recover::request_recover),
         route("get", "/v1/groups", handlers::list_groups),
         route("post", "/v1/groups", handlers::create_group),
         route("get", "/v1/groups/{group}", policy_handlers::get_group),

@@ -104,6 +104,7 @@ fn job(job: &str, vm: &str, state: &str, requested_at: u64) -> JobView {
             bytes_total: 0,
             error: None,
         }],
+        recovery: None,
     }
 }
 
@@ -216,7 +217,9 @@ impl Fake {
                 }
                 Ok(group.to_string())
             }
-            Command::RequestBackup { job, vm, .. } | Command::RequestRestore { job, vm, .. } => {
+            Command::RequestBackup { job, vm, .. }
+            | Command::RequestRestore { job, vm, .. }
+            | Command::RequestRecovery { job, vm, .. } => {
                 known_vm(vm)?;
                 Ok(job.to_string())
             }
@@ -868,6 +871,120 @@ async fn restore_copies_to_a_folder() {
     .await;
     assert_error(&answer, StatusCode::NOT_FOUND, "unknown_vm", &[VM_UNKNOWN]);
     assert_eq!(fake.submitted().len(), 2);
+}
+
+#[tokio::test]
+async fn recover_to_each_target_with_options() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let uri = format!("/v1/vms/{VM_DB}/recover");
+    let bodies = [
+        json!({"rp": RP_1, "target": "original",
+               "throttle": {"work_bytes_per_sec": 1048576, "off_bytes_per_sec": 0,
+                            "work_hours": "07:30-19:00", "work_days": "mon-sat",
+                            "utc_offset_minutes": -300},
+               "notify_email": ["ops@example.com"], "webhooks": ["http://h:81/x"]}),
+        json!({"rp": RP_1, "target": "host", "node": "kvm-09", "path": "/dr", "format": "vhdx",
+               "name": "db-dr"}),
+        json!({"rp": RP_1, "target": "folder", "path": "/copies"}),
+    ];
+    for body in &bodies {
+        let (status, accepted) = call(&app, "POST", &uri, Some(&body.to_string())).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}: {accepted}");
+    }
+    let submitted = fake.submitted();
+    let targets: Vec<(RecoveryTarget, cairn_schemas::RecoveryOptions)> = submitted
+        .iter()
+        .map(|(_, c)| match c {
+            Command::RequestRecovery {
+                target, options, ..
+            } => (target.clone(), options.clone()),
+            other => panic!("expected RequestRecovery, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(targets[0].0, RecoveryTarget::OriginalVm);
+    let throttle = targets[0].1.throttle.clone().unwrap();
+    assert_eq!(
+        (
+            throttle.work_bytes_per_sec,
+            throttle.off_bytes_per_sec,
+            throttle.work_start_minute,
+            throttle.work_end_minute,
+            throttle.work_days,
+            throttle.utc_offset_minutes
+        ),
+        (1 << 20, 0, 450, 1140, 0b011_1111, -300)
+    );
+    assert_eq!(targets[0].1.notify_email, vec!["ops@example.com"]);
+    assert_eq!(
+        targets[1].0,
+        RecoveryTarget::AlternateHost {
+            node: "kvm-09".parse().unwrap(),
+            path: "/dr".into(),
+            format: cairn_schemas::ImageFormat::Vhdx
+        }
+    );
+    assert_eq!(targets[1].1.new_name.as_deref(), Some("db-dr"));
+    // The folder's node defaults to the VM's.
+    assert_eq!(
+        targets[2].0,
+        RecoveryTarget::CopyToFolder {
+            node: "kvm-02".parse().unwrap(),
+            path: "/copies".into()
+        }
+    );
+    let cases = [
+        (
+            json!({"rp": RP_1, "target": "sideways"}),
+            "invalid_request",
+            "target",
+        ),
+        (
+            json!({"rp": RP_1, "target": "host", "path": "/dr"}),
+            "invalid_request",
+            "node",
+        ),
+        (
+            json!({"rp": RP_1, "target": "folder"}),
+            "invalid_request",
+            "path",
+        ),
+        (
+            json!({"rp": RP_1, "target": "folder", "path": "/a/../b"}),
+            "invalid_path",
+            "..",
+        ),
+        (
+            json!({"rp": RP_1, "target": "original", "path": "/x"}),
+            "invalid_request",
+            "original",
+        ),
+        (
+            json!({"rp": RP_1, "target": "folder", "path": "/x", "format": "raw"}),
+            "invalid_request",
+            "format",
+        ),
+        (
+            json!({"rp": RP_1, "target": "original", "throttle": {"work_bytes_per_sec": 1}}),
+            "invalid_request",
+            "minimum",
+        ),
+        (
+            json!({"rp": RP_1, "target": "original", "throttle": {"work_bytes_per_sec": 0, "work_hours": "9-5"}}),
+            "invalid_request",
+            "HH:MM",
+        ),
+        (
+            json!({"rp": RP_1, "target": "original", "extra": 1}),
+            "invalid_request",
+            "extra",
+        ),
+    ];
+    for (body, code, word) in cases {
+        let answer = call(&app, "POST", &uri, Some(&body.to_string())).await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, code, &[word]);
+    }
+    assert_eq!(fake.submitted().len(), 3);
 }
 
 #[tokio::test]

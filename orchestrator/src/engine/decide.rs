@@ -25,15 +25,15 @@ impl Emit {
     }
 }
 
-fn not_found(code: &'static str, message: String) -> ControlError {
+pub(super) fn not_found(code: &'static str, message: String) -> ControlError {
     ControlError::NotFound { code, message }
 }
 
-fn conflict(code: &'static str, message: String) -> ControlError {
+pub(super) fn conflict(code: &'static str, message: String) -> ControlError {
     ControlError::Conflict { code, message }
 }
 
-fn invalid(code: &'static str, message: String) -> ControlError {
+pub(super) fn invalid(code: &'static str, message: String) -> ControlError {
     ControlError::Invalid { code, message }
 }
 
@@ -299,6 +299,13 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             )])
         }
         Command::ReportInventory { node, vms } => inventory(state, node, vms),
+        Command::RequestRecovery {
+            job,
+            vm,
+            rp,
+            target,
+            options,
+        } => super::recovery::decide_recovery(state, *job, *vm, *rp, target, options),
     }
 }
 
@@ -420,7 +427,7 @@ pub fn request_job(
     ))
 }
 
-fn present_vm(state: &State, vm: VmId) -> Result<&super::state::Vm, ControlError> {
+pub(super) fn present_vm(state: &State, vm: VmId) -> Result<&super::state::Vm, ControlError> {
     match state.vms.get(&vm) {
         None => Err(not_found(
             "unknown_vm",
@@ -478,7 +485,7 @@ fn check_members(
     Ok(())
 }
 
-fn check_path(path: &str) -> Result<(), ControlError> {
+pub(super) fn check_path(path: &str) -> Result<(), ControlError> {
     let p = std::path::Path::new(path);
     if !p.is_absolute()
         || p.components()

@@ -17,10 +17,10 @@ use std::collections::HashMap;
 use cairn_schemas::{
     BackupMode, CommittedDisk, Consistency, ConsistencyWanted, DiskId, DiskSource, FailureClass,
     ImageFormat, JobEvent, JobKind, JobState, NodeId, PlannedStep, RecoveryPointId, RecoveryTarget,
-    Report, ReportBody, StepId, StepKind, StepResult, StepSpec, StepWork, WaitReason,
+    Report, ReportBody, StepId, StepKind, StepResult, StepSpec, StepWork, VmId, WaitReason,
 };
 
-use super::state::{Job, State, Step, StepStatus, Vm};
+use super::state::{Job, RecoveryPoint, State, Step, StepStatus, Vm};
 
 /// Tunables of the job engine.
 #[derive(Debug, Clone)]
@@ -100,13 +100,78 @@ fn per_disk(
         .collect()
 }
 
+/// The disks a recovery of `rp` writes: the recovery point's disks (from the catalog), or the
+/// VM's disks when the catalog does not list them.
+fn recovery_disks(vm: &Vm, rp: RecoveryPointId, rps: &[RecoveryPoint]) -> Vec<DiskId> {
+    rps.iter()
+        .find(|r| r.rp == rp)
+        .map(|r| r.disks.iter().map(|d| d.disk.clone()).collect::<Vec<_>>())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| vm.disks.iter().map(|d| d.disk.clone()).collect())
+}
+
+/// A recovery: `PrepareRecovery → Restore(d0) ∥ Restore(d1) → FinishRecovery`. Jobs of the
+/// first release (restore steps only) keep the plan their `JobStarted` recorded.
+fn recovery_plan(job: &Job, _vm: &Vm, disks: &[DiskId]) -> Vec<PlannedStep> {
+    let prepare = step_id(job, 0);
+    let mut steps = vec![PlannedStep {
+        step: prepare,
+        kind: StepKind::PrepareRecovery,
+        after: vec![],
+        always: false,
+    }];
+    let mut restores = Vec::new();
+    for (i, disk) in disks.iter().enumerate() {
+        let id = step_id(job, 3 + i as u8);
+        restores.push(id);
+        steps.push(PlannedStep {
+            step: id,
+            kind: StepKind::Restore { disk: disk.clone() },
+            after: vec![prepare],
+            always: false,
+        });
+    }
+    steps.push(PlannedStep {
+        step: step_id(job, 1),
+        kind: StepKind::FinishRecovery,
+        after: restores,
+        always: false,
+    });
+    steps
+}
+
+/// The node that runs a job's steps: the target node of a recovery elsewhere, else the VM's.
+pub fn job_node(job: &Job, vm: &Vm) -> NodeId {
+    match &job.kind {
+        JobKind::Recovery {
+            target:
+                RecoveryTarget::AlternateHost { node, .. }
+                | RecoveryTarget::CopyToFolder { node, .. }
+                | RecoveryTarget::ItemLevel { node, .. },
+            ..
+        } => node.clone(),
+        _ => vm.node.clone(),
+    }
+}
+
+/// Whether `job` overwrites its VM's own disks.
+pub fn writes_original(job: &Job) -> bool {
+    matches!(
+        job.kind,
+        JobKind::Recovery {
+            target: RecoveryTarget::OriginalVm,
+            ..
+        }
+    )
+}
+
 /// The plan of a job for its VM.
 ///
 /// A consistency check is planned like a backup whose transfers are `CheckDisk` steps:
 /// `Snapshot → CheckDisk(d0) ∥ CheckDisk(d1) → ReleaseSnapshot (always) → CommitRecoveryPoint`.
 /// Verify and prune run one step per disk, gc one step, a seed import
 /// `ImportSeed(d0) ∥ ImportSeed(d1) → CommitRecoveryPoint`.
-pub fn plan(job: &Job, vm: &Vm) -> Vec<PlannedStep> {
+pub fn plan(job: &Job, vm: &Vm, rps: &[RecoveryPoint]) -> Vec<PlannedStep> {
     match &job.kind {
         JobKind::Verify => per_disk(job, vm, 0, |disk| StepKind::VerifyDisk { disk }),
         JobKind::Prune => per_disk(job, vm, 0, |disk| StepKind::Prune { disk }),
@@ -127,19 +192,7 @@ pub fn plan(job: &Job, vm: &Vm) -> Vec<PlannedStep> {
             });
             steps
         }
-        JobKind::Recovery { .. } => vm
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| PlannedStep {
-                step: step_id(job, i as u8),
-                kind: StepKind::Restore {
-                    disk: d.disk.clone(),
-                },
-                after: vec![],
-                always: false,
-            })
-            .collect(),
+        JobKind::Recovery { rp, .. } => recovery_plan(job, vm, &recovery_disks(vm, *rp, rps)),
         _ => {
             let snapshot = step_id(job, 0);
             let mut steps = vec![PlannedStep {
@@ -220,7 +273,8 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
             vec![JobEvent::JobQueued { wait: Some(wait) }]
         }
     };
-    if state.nodes.get(&vm.node).is_none_or(|n| !n.online) {
+    let node = job_node(job, vm);
+    if state.nodes.get(&node).is_none_or(|n| !n.online) {
         return queue(WaitReason::NodeOffline);
     }
     if matches!(job.kind, JobKind::OffsiteCopy { .. }) {
@@ -251,6 +305,19 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
     {
         return queue(WaitReason::VmBusy);
     }
+    // A recovery over the VM's disks runs alone: no backup of the VM, no second such recovery.
+    let clash = |other: &Job| {
+        (writes_original(job) && (other.is_backup() || writes_original(other)))
+            || (writes_original(other) && job.is_backup())
+    };
+    if state.jobs.values().any(|j| {
+        j.id != job.id
+            && j.vm == job.vm
+            && matches!(j.state, JobState::Running | JobState::Retrying)
+            && clash(j)
+    }) {
+        return queue(WaitReason::VmBusy);
+    }
     let recovery = matches!(job.kind, JobKind::Recovery { .. });
     let limit = match (recovery, policy) {
         (true, Some(p)) => cfg
@@ -267,7 +334,7 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
         .values()
         .filter(|j| {
             j.id != job.id
-                && j.node.as_ref() == Some(&vm.node)
+                && j.node.as_ref() == Some(&node)
                 && matches!(j.state, JobState::Running | JobState::Retrying)
                 && matches!(j.kind, JobKind::Recovery { .. }) == recovery
         })
@@ -297,9 +364,10 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
             return queue(WaitReason::VolumeBusy);
         }
     }
+    let rps = state.rps.get(&job.vm).map_or(&[][..], |l| l.as_slice());
     let started = JobEvent::JobStarted {
-        node: vm.node.clone(),
-        plan: plan(job, vm),
+        node,
+        plan: plan(job, vm, rps),
     };
     // Dispatch the first steps in the same breath, against the job as it will be.
     let mut after = job.clone();
@@ -467,6 +535,8 @@ pub fn step_label(kind: &StepKind) -> String {
         StepKind::Prune { disk } => format!("Prune {disk}"),
         StepKind::CollectGarbage => "CollectGarbage".into(),
         StepKind::ImportSeed { disk } => format!("ImportSeed {disk}"),
+        StepKind::PrepareRecovery => "PrepareRecovery".into(),
+        StepKind::FinishRecovery => "FinishRecovery".into(),
     }
 }
 
@@ -659,7 +729,7 @@ fn repository(state: &State, cfg: &EngineConfig, job: &Job) -> String {
         .unwrap_or_else(|| cfg.repository.clone())
 }
 
-fn extension(format: ImageFormat) -> &'static str {
+pub(crate) fn extension(format: ImageFormat) -> &'static str {
     match format {
         ImageFormat::Raw => "raw",
         ImageFormat::Qcow2 => "qcow2",
@@ -709,8 +779,14 @@ fn build_spec(
             rp: rp_of(job),
             parent_rp: parent_rp(state, job),
             // The bitmap the parent's snapshot started holds every write since the parent;
-            // without a parent (or for an express full) there is nothing to trust.
-            change_tracking: change_tracking(vm, job, disk, parent_rp(state, job)),
+            // without a parent (or for an express full) there is nothing to trust. After a
+            // recovery over the VM's disks it no longer describes what changed since the last
+            // recovery point either: read everything.
+            change_tracking: if recovered_since_last_rp(state, job.vm) {
+                None
+            } else {
+                change_tracking(vm, job, disk, parent_rp(state, job))
+            },
             chunk_size: cfg.chunk_size,
         },
         StepKind::ReleaseSnapshot => StepWork::ReleaseSnapshot {
@@ -753,29 +829,11 @@ fn build_spec(
                 rp: rp_of(job),
             }
         }
-        StepKind::Restore { disk } => {
+        StepKind::Restore { .. } | StepKind::PrepareRecovery | StepKind::FinishRecovery => {
             let JobKind::Recovery { rp, target } = &job.kind else {
-                return Err("a restore step outside a recovery job".into());
+                return Err("a recovery step outside a recovery job".into());
             };
-            let RecoveryTarget::CopyToFolder { path, .. } = target else {
-                return Err(format!(
-                    "recovery target {target:?} is not available in this release"
-                ));
-            };
-            let source = disk_source(disk)?;
-            StepWork::Restore {
-                disk: disk.clone(),
-                repository,
-                rp: *rp,
-                target_path: format!(
-                    "{}/{}-{}.{}",
-                    path.trim_end_matches('/'),
-                    vm.name,
-                    disk,
-                    extension(source.format)
-                ),
-                target_format: source.format,
-            }
+            recovery_work(state, job, vm, &step.kind, *rp, target, repository)?
         }
     };
     Ok(StepSpec {
@@ -855,6 +913,140 @@ pub fn tracking_events(state: &State, report: &Report) -> Vec<cairn_schemas::VmE
             report.node
         ),
     }]
+}
+
+/// Whether a recovery over `vm`'s own disks ended (succeeded or not: a failed one may have
+/// written some disks) after its latest recovery point was taken.
+pub fn recovered_since_last_rp(state: &State, vm: VmId) -> bool {
+    let last_rp = state
+        .rps
+        .get(&vm)
+        .and_then(|l| l.iter().map(|r| r.taken_at).max())
+        .unwrap_or(0);
+    state.jobs.values().any(|j| {
+        j.vm == vm
+            && writes_original(j)
+            && j.started_at.is_some()
+            && j.finished_at.is_some_and(|t| t >= last_rp)
+    })
+}
+
+/// The new VM an alternate-host recovery creates: its id is derived from the job id, so a
+/// retried finish step writes the same descriptor.
+pub fn recovered_vm_id(job: &Job) -> VmId {
+    let mut bytes = *job.id.as_bytes();
+    bytes[15] = bytes[15].wrapping_add(0x80);
+    VmId::from_bytes(bytes).expect("still a v7 uuid")
+}
+
+/// The name of the VM an alternate-host recovery creates.
+pub fn recovered_vm_name(state: &State, job: &Job, source_name: &str) -> String {
+    state
+        .recoveries
+        .get(&job.id)
+        .and_then(|r| r.options.new_name.clone())
+        .unwrap_or_else(|| format!("{source_name}-recovered"))
+}
+
+/// The spec of one step of a recovery job.
+fn recovery_work(
+    state: &State,
+    job: &Job,
+    vm: &Vm,
+    kind: &StepKind,
+    rp: RecoveryPointId,
+    target: &RecoveryTarget,
+    repository: String,
+) -> Result<StepWork, String> {
+    let rps = state.rps.get(&job.vm).map_or(&[][..], |l| l.as_slice());
+    let disks = recovery_disks(vm, rp, rps);
+    let new_name = recovered_vm_name(state, job, &vm.name);
+    let throttle = state
+        .recoveries
+        .get(&job.id)
+        .and_then(|r| r.options.throttle.clone());
+    // Where each disk goes, and in which format.
+    let placed = |disk: &DiskId| -> Result<DiskSource, String> {
+        let current = vm.disks.iter().find(|d| &d.disk == disk);
+        let size_bytes = current.map_or(0, |d| d.size_bytes);
+        match target {
+            RecoveryTarget::OriginalVm => current.cloned().map(DiskSource::from).ok_or_else(|| {
+                format!(
+                    "VM {} has no disk {disk} any more; recover it to another host instead",
+                    vm.name
+                )
+            }),
+            RecoveryTarget::AlternateHost { path, format, .. } => Ok(DiskSource {
+                disk: disk.clone(),
+                image_path: format!(
+                    "{}/{new_name}-{disk}.{}",
+                    path.trim_end_matches('/'),
+                    extension(*format)
+                ),
+                format: *format,
+                size_bytes,
+            }),
+            RecoveryTarget::CopyToFolder { path, .. } => {
+                let format = current.map_or(ImageFormat::Raw, |d| d.format);
+                Ok(DiskSource {
+                    disk: disk.clone(),
+                    image_path: format!(
+                        "{}/{}-{disk}.{}",
+                        path.trim_end_matches('/'),
+                        vm.name,
+                        extension(format)
+                    ),
+                    format,
+                    size_bytes,
+                })
+            }
+            RecoveryTarget::ItemLevel { .. } => {
+                Err("item-level recovery is not a whole-disk recovery".into())
+            }
+        }
+    };
+    let all: Vec<DiskSource> = disks.iter().map(placed).collect::<Result<_, _>>()?;
+    let recovered_name = match target {
+        RecoveryTarget::AlternateHost { .. } => new_name.clone(),
+        _ => vm.name.clone(),
+    };
+    Ok(match kind {
+        StepKind::PrepareRecovery => StepWork::PrepareRecovery {
+            target: target.clone(),
+            vm_name: recovered_name,
+            disks: all,
+        },
+        StepKind::Restore { disk } => {
+            let placed = all
+                .into_iter()
+                .find(|d| &d.disk == disk)
+                .ok_or_else(|| format!("recovery point {rp} has no disk {disk}"))?;
+            StepWork::RestoreDisk {
+                disk: disk.clone(),
+                repository,
+                rp,
+                target_path: placed.image_path,
+                target_format: placed.format,
+                overwrite: matches!(target, RecoveryTarget::OriginalVm),
+                throttle,
+            }
+        }
+        _ => StepWork::FinishRecovery {
+            target: target.clone(),
+            rp,
+            taken_at: rps
+                .iter()
+                .find(|r| r.rp == rp)
+                .map_or(rp.unix_millis(), |r| r.taken_at),
+            source_name: vm.name.clone(),
+            vm: match target {
+                RecoveryTarget::AlternateHost { .. } => recovered_vm_id(job),
+                _ => job.vm,
+            },
+            vm_name: recovered_name,
+            disks: all,
+        },
+    })
 }
 
 /// Events for a worker's report. Reports of another attempt or epoch, or for a step that is

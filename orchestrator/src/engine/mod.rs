@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod protect;
 pub mod read;
 pub mod read_policy;
+pub mod recovery;
 pub mod service;
 pub mod snapshot;
 pub mod state;

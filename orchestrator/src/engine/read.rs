@@ -144,6 +144,7 @@ pub fn job(state: &State, job: &Job) -> JobView {
                 error: s.error.clone(),
             })
             .collect(),
+        recovery: recovery_view(state, job),
     }
 }
 
@@ -355,6 +356,18 @@ fn summary(event: &Event) -> String {
                 disks.len(),
                 rps.len()
             ),
+            JobEvent::RecoveryOptionsSet { options } => recovery_options_summary(options),
+            JobEvent::NotificationSent {
+                target,
+                delivered,
+                detail,
+            } => {
+                if *delivered {
+                    format!("notified {target}: {detail}")
+                } else {
+                    format!("could not notify {target}: {detail}")
+                }
+            }
         },
         Event::Vm(vm) => match vm {
             VmEvent::VmDiscovered { node, name, disks } => {
@@ -404,4 +417,89 @@ fn summary(event: &Event) -> String {
             } => format!("repository {repository}: {free_bytes} of {total_bytes} bytes free"),
         },
     }
+}
+
+/// `throttle 10.0 MiB/s in work hours (Mon-Fri 08:00-18:00 UTC+60 min), unlimited otherwise;
+/// notify mailto:ops@example.com`.
+pub fn recovery_options_summary(options: &cairn_schemas::RecoveryOptions) -> String {
+    let rate = |bps: u64| {
+        if bps == 0 {
+            "unlimited".to_string()
+        } else {
+            format!("{:.1} MiB/s", bps as f64 / (1024.0 * 1024.0))
+        }
+    };
+    let mut parts = Vec::new();
+    if let Some(t) = &options.throttle {
+        parts.push(format!(
+            "throttle {} in work hours ({:02}:{:02}-{:02}:{:02}, days {:#09b}, UTC{:+} min), {} otherwise",
+            rate(t.work_bytes_per_sec),
+            t.work_start_minute / 60,
+            t.work_start_minute % 60,
+            t.work_end_minute / 60,
+            t.work_end_minute % 60,
+            t.work_days,
+            t.utc_offset_minutes,
+            rate(t.off_bytes_per_sec)
+        ));
+    }
+    let targets: Vec<String> = options
+        .notify_email
+        .iter()
+        .map(|a| format!("mailto:{a}"))
+        .chain(options.webhooks.iter().cloned())
+        .collect();
+    if !targets.is_empty() {
+        parts.push(format!("notify {}", targets.join(", ")));
+    }
+    if let Some(name) = &options.new_name {
+        parts.push(format!("new VM name {name:?}"));
+    }
+    if parts.is_empty() {
+        "no recovery options".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+fn recovery_view(state: &State, job: &Job) -> Option<crate::views::RecoveryView> {
+    use cairn_schemas::RecoveryTarget;
+    let JobKind::Recovery { target, .. } = &job.kind else {
+        return None;
+    };
+    let recovery = state.recoveries.get(&job.id);
+    let vm_name = state.vms.get(&job.vm).map_or("", |v| v.name.as_str());
+    let (kind, node) = match target {
+        RecoveryTarget::OriginalVm => ("original", job.node.clone()),
+        RecoveryTarget::AlternateHost { node, .. } => ("host", Some(node.clone())),
+        RecoveryTarget::CopyToFolder { node, .. } => ("folder", Some(node.clone())),
+        RecoveryTarget::ItemLevel { node, .. } => ("items", Some(node.clone())),
+    };
+    let alternate = matches!(target, RecoveryTarget::AlternateHost { .. });
+    Some(crate::views::RecoveryView {
+        target: kind.into(),
+        target_text: crate::notify::describe_target(target),
+        node: node.map(|n| n.to_string()),
+        options: recovery.map_or_else(
+            || "no recovery options".into(),
+            |r| recovery_options_summary(&r.options),
+        ),
+        bytes_written: recovery.map_or(0, |r| r.bytes_written),
+        written: recovery.and_then(|r| r.written.clone()),
+        new_vm: alternate.then(|| super::jobs::recovered_vm_id(job).to_string()),
+        new_vm_name: alternate.then(|| super::jobs::recovered_vm_name(state, job, vm_name)),
+        note: crate::notify::recovery_note(target, job.state),
+        notifications: recovery
+            .map(|r| {
+                r.notified
+                    .iter()
+                    .map(|n| crate::views::NotificationView {
+                        target: n.target.clone(),
+                        delivered: n.delivered,
+                        detail: n.detail.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
 }

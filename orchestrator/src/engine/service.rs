@@ -25,6 +25,7 @@ use super::state::State;
 use super::{read, read_policy, snapshot};
 use crate::control::{BoxFuture, Control, ControlError};
 use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent};
+use crate::notify::{self, Notifier, NotifyConfig};
 use crate::policy::datasource;
 use crate::views::{
     Accepted, AlertView, AuditReport, CalendarDayView, CapacityView, EventView, GroupDetailView,
@@ -85,6 +86,13 @@ enum Input {
         reply: oneshot::Sender<Result<Accepted, ControlError>>,
     },
     Report(Report),
+    /// A notification about a finished recovery was delivered or given up on.
+    Notified {
+        job: JobId,
+        target: String,
+        delivered: bool,
+        detail: String,
+    },
 }
 
 struct Shared<L> {
@@ -121,7 +129,13 @@ pub struct Engine<L> {
     to_reconcile: Vec<JobId>,
     /// When retention next looks for recovery points to prune (clock time).
     next_retention_at: u64,
+    notifier: Arc<Notifier>,
+    /// Notifications being delivered by a task of this process: (job, target).
+    notifying: BTreeSet<(JobId, String)>,
 }
+
+/// Notifications of jobs that ended longer ago than this are not sent after a restart.
+const NOTIFY_WITHIN_MS: u64 = 24 * 3600 * 1000;
 
 fn random10() -> [u8; 10] {
     let mut bytes = [0u8; 10];
@@ -192,8 +206,19 @@ impl<L: EventLog + 'static> Engine<L> {
             snapshot_seq,
             to_reconcile: Vec::new(),
             next_retention_at: 0,
+            notifier: Arc::new(Notifier::new(NotifyConfig::new(
+                None,
+                "cairn@localhost".into(),
+            ))),
+            notifying: BTreeSet::new(),
         };
         Ok((engine, Handle { shared }))
+    }
+
+    /// Replaces the notifier (SMTP server, sender) of recovery notifications.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Self {
+        self.notifier = Arc::new(notifier);
+        self
     }
 
     /// Runs until `shutdown` resolves; then writes a snapshot.
@@ -210,6 +235,9 @@ impl<L: EventLog + 'static> Engine<L> {
                         let _ = reply.send(result);
                     }
                     Some(Input::Report(report)) => self.report(report).await,
+                    Some(Input::Notified { job, target, delivered, detail }) => {
+                        self.notified(job, target, delivered, detail).await;
+                    }
                     None => break,
                 },
                 _ = tick.tick() => self.tick().await,
@@ -296,7 +324,77 @@ impl<L: EventLog + 'static> Engine<L> {
         self.reconcile_job(report.job).await;
     }
 
+    async fn notified(&mut self, job: JobId, target: String, delivered: bool, detail: String) {
+        self.notifying.remove(&(job, target.clone()));
+        let detail: String = detail.chars().take(1000).collect();
+        let emit = Emit::new(
+            Aggregate::Job(job),
+            vec![
+                JobEvent::NotificationSent {
+                    target,
+                    delivered,
+                    detail,
+                }
+                .into(),
+            ],
+        );
+        let actor = format!("{}/notifier", self.opts.actor);
+        if let Err(e) = self.commit(emit, &actor, None).await {
+            tracing::error!(job = %job, error = %e, "could not record a notification");
+        }
+    }
+
+    /// Starts delivering the notifications of recoveries that ended (durably) and whose
+    /// targets have no outcome in the log yet, each on a task of its own.
+    fn send_notifications(&mut self) {
+        let now = self.now();
+        let due: Vec<(JobId, String, notify::Notice)> = {
+            let state = self.shared.state.read().expect("state lock");
+            let mut due = Vec::new();
+            for (id, recovery) in &state.recoveries {
+                let Some(job) = state.jobs.get(id) else {
+                    continue;
+                };
+                if !job.state.is_terminal()
+                    || job
+                        .finished_at
+                        .is_none_or(|t| now.saturating_sub(t) > NOTIFY_WITHIN_MS)
+                {
+                    continue;
+                }
+                let pending = recovery.pending();
+                if pending.is_empty() {
+                    continue;
+                }
+                let notice = notify::notice(&state, job);
+                for target in pending {
+                    if !self.notifying.contains(&(*id, target.clone())) {
+                        due.push((*id, target, notice.clone()));
+                    }
+                }
+            }
+            due
+        };
+        for (job, target, notice) in due {
+            self.notifying.insert((job, target.clone()));
+            let notifier = self.notifier.clone();
+            let tx = self.shared.tx.clone();
+            tokio::spawn(async move {
+                let (delivered, detail) = notifier.deliver(&target, &notice).await;
+                let _ = tx
+                    .send(Input::Notified {
+                        job,
+                        target,
+                        delivered,
+                        detail,
+                    })
+                    .await;
+            });
+        }
+    }
+
     async fn tick(&mut self) {
+        self.send_notifications();
         self.schedule_runs().await;
         let open: Vec<JobId> = {
             let state = self.shared.state.read().expect("state lock");
@@ -541,6 +639,7 @@ fn created_id(command: &Command) -> String {
         Command::RequestBackup { job, .. }
         | Command::RequestConsistencyCheck { job, .. }
         | Command::RequestRestore { job, .. }
+        | Command::RequestRecovery { job, .. }
         | Command::CancelJob { job, .. } => job.to_string(),
         Command::RegisterNode { node, .. }
         | Command::ReportInventory { node, .. }

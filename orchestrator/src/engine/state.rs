@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use cairn_schemas::{
     Aggregate, CommittedDisk, Consistency, DataSourceState, DiskId, DiskInfo, Event, GroupEvent,
     GroupId, GroupPolicy, JobEvent, JobId, JobKind, JobReason, JobState, NodeEvent, NodeId,
-    PlannedStep, PowerState, RecoveryPointId, StepId, StepKind, StepResult, StepSpec, VmEvent,
-    VmId, WaitReason,
+    PlannedStep, PowerState, RecoveryOptions, RecoveryPointId, StepId, StepKind, StepResult,
+    StepSpec, VmEvent, VmId, WaitReason,
 };
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +32,8 @@ pub struct State {
     pub alerts: crate::policy::alerts::Alerts,
     /// Space of each repository, as workers last measured it.
     pub space: BTreeMap<String, RepositorySpace>,
+    /// Options and notification outcomes of recovery jobs made by `RequestRecovery`.
+    pub recoveries: BTreeMap<JobId, Recovery>,
 }
 
 /// What the scheduler and the retention planner need to know about one VM, kept up to date
@@ -69,6 +71,45 @@ pub struct RepositorySpace {
     pub total_bytes: u64,
     pub free_bytes: u64,
     pub reported_at: u64,
+}
+
+/// What a recovery job carries beyond its kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    pub options: RecoveryOptions,
+    /// Notification targets already handled (delivered or given up), with the outcome.
+    pub notified: Vec<Notified>,
+    /// Bytes its restore steps wrote.
+    pub bytes_written: u64,
+    /// The descriptor or manifest its finish step wrote.
+    pub written: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notified {
+    pub target: String,
+    pub delivered: bool,
+    pub detail: String,
+}
+
+impl Recovery {
+    /// Every notification target: `mailto:` addresses, then webhook URLs.
+    pub fn targets(&self) -> Vec<String> {
+        self.options
+            .notify_email
+            .iter()
+            .map(|a| format!("mailto:{a}"))
+            .chain(self.options.webhooks.iter().cloned())
+            .collect()
+    }
+
+    /// Targets not yet handled.
+    pub fn pending(&self) -> Vec<String> {
+        self.targets()
+            .into_iter()
+            .filter(|t| !self.notified.iter().any(|n| &n.target == t))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -611,6 +652,22 @@ impl State {
                 attempt,
                 result,
             } => {
+                if matches!(job.kind, JobKind::Recovery { .. })
+                    && job
+                        .step(*step)
+                        .is_some_and(|s| s.attempt == *attempt && s.status.in_flight())
+                {
+                    let recovery = self.recoveries.entry(id).or_default();
+                    match result {
+                        StepResult::Restore { bytes_written, .. } => {
+                            recovery.bytes_written += bytes_written;
+                        }
+                        StepResult::FinishRecovery { written } if !written.is_empty() => {
+                            recovery.written = Some(written.clone());
+                        }
+                        _ => {}
+                    }
+                }
                 if let Some(s) = job.step_mut(*step).filter(|s| s.attempt == *attempt) {
                     s.status = StepStatus::Succeeded;
                     s.finished_at = Some(at);
@@ -751,6 +808,22 @@ impl State {
                         }
                     }
                 }
+            }
+            JobEvent::RecoveryOptionsSet { options } => {
+                self.recoveries.entry(id).or_default().options = options.clone();
+            }
+            JobEvent::NotificationSent {
+                target,
+                delivered,
+                detail,
+            } => {
+                let recovery = self.recoveries.entry(id).or_default();
+                recovery.notified.retain(|n| &n.target != target);
+                recovery.notified.push(Notified {
+                    target: target.clone(),
+                    delivered: *delivered,
+                    detail: detail.clone(),
+                });
             }
         }
     }

@@ -769,11 +769,21 @@ fn restore_requests_are_validated_and_planned_per_disk() {
     })
     .unwrap();
     w.settle();
+    assert_eq!(w.dispatched(restore), vec![StepKind::PrepareRecovery]);
+    w.report(restore, &StepKind::PrepareRecovery, ok_prepare());
     let specs: Vec<String> = w.state.jobs[&restore]
         .steps
         .iter()
-        .map(|s| match &s.spec.as_ref().unwrap().work {
-            StepWork::Restore { target_path, .. } => target_path.clone(),
+        .filter_map(|s| match &s.spec.as_ref()?.work {
+            StepWork::RestoreDisk {
+                target_path,
+                overwrite,
+                ..
+            } => {
+                assert!(!overwrite);
+                Some(target_path.clone())
+            }
+            StepWork::PrepareRecovery { .. } => None,
             other => panic!("{other:?}"),
         })
         .collect();
@@ -784,6 +794,235 @@ fn restore_requests_are_validated_and_planned_per_disk() {
             "/restore/vm0-disk1.qcow2".to_string()
         ]
     );
+}
+
+fn ok_prepare() -> ReportBody {
+    ReportBody::Succeeded {
+        result: StepResult::PrepareRecovery,
+    }
+}
+
+fn ok_restore(d: &str, bytes_written: u64) -> ReportBody {
+    ReportBody::Succeeded {
+        result: StepResult::Restore {
+            disk: d.parse().unwrap(),
+            bytes_written,
+        },
+    }
+}
+
+fn restore_kind(d: &str) -> StepKind {
+    StepKind::Restore {
+        disk: d.parse().unwrap(),
+    }
+}
+
+fn recover(
+    w: &mut World,
+    vm: VmId,
+    target: RecoveryTarget,
+    options: cairn_schemas::RecoveryOptions,
+) -> Result<JobId, ControlError> {
+    let rp = w.state.rps[&vm].last().unwrap().rp;
+    let job = w.id(JobId::new_v7);
+    w.submit(Command::RequestRecovery {
+        job,
+        vm,
+        rp,
+        target,
+        options,
+    })?;
+    w.settle();
+    Ok(job)
+}
+
+fn run_recovery_to_success(w: &mut World, job: JobId) {
+    w.report(job, &StepKind::PrepareRecovery, ok_prepare());
+    w.report(job, &restore_kind("disk0"), ok_restore("disk0", 4096));
+    w.report(job, &restore_kind("disk1"), ok_restore("disk1", 0));
+    w.report(
+        job,
+        &StepKind::FinishRecovery,
+        ReportBody::Succeeded {
+            result: StepResult::FinishRecovery {
+                written: "/x.json".into(),
+            },
+        },
+    );
+}
+
+#[test]
+fn recovery_to_the_original_vm_overwrites_its_disks_and_excludes_backups() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    let first = backup(&mut w, vm);
+    run_backup_to_success(&mut w, first);
+    let throttle = cairn_schemas::Throttle {
+        work_bytes_per_sec: 1 << 20,
+        off_bytes_per_sec: 0,
+        work_days: cairn_schemas::Throttle::WEEKDAYS,
+        work_start_minute: 480,
+        work_end_minute: 1080,
+        utc_offset_minutes: 0,
+    };
+    let options = cairn_schemas::RecoveryOptions {
+        throttle: Some(throttle.clone()),
+        notify_email: vec!["ops@example.com".into()],
+        ..Default::default()
+    };
+    // A backup is running: the recovery waits for the VM.
+    let running = backup(&mut w, vm);
+    let job = recover(&mut w, vm, RecoveryTarget::OriginalVm, options.clone()).unwrap();
+    assert_eq!(w.state.jobs[&job].state, JobState::Queued);
+    assert_eq!(
+        w.state.jobs[&job].wait,
+        Some(cairn_schemas::WaitReason::VmBusy)
+    );
+    // A second recovery over the same disks is refused while the first is open.
+    let again = recover(&mut w, vm, RecoveryTarget::OriginalVm, options.clone());
+    assert_eq!(again.unwrap_err().code(), "job_running");
+    run_backup_to_success(&mut w, running);
+    w.settle();
+    assert_eq!(w.state.jobs[&job].state, JobState::Running);
+    assert_eq!(w.state.recoveries[&job].options, options);
+    // While it runs, a new backup of the VM waits.
+    let blocked = backup(&mut w, vm);
+    assert_eq!(
+        w.state.jobs[&blocked].wait,
+        Some(cairn_schemas::WaitReason::VmBusy)
+    );
+    w.report(job, &StepKind::PrepareRecovery, ok_prepare());
+    for step in &w.state.jobs[&job].steps {
+        if let Some(StepWork::RestoreDisk {
+            target_path,
+            overwrite,
+            throttle: t,
+            ..
+        }) = step.spec.as_ref().map(|s| &s.work)
+        {
+            assert!(overwrite);
+            assert!(target_path.starts_with("/vms/disk"), "{target_path}");
+            assert_eq!(t.as_ref(), Some(&throttle));
+        }
+    }
+    run_recovery_to_success(&mut w, job);
+    assert_eq!(w.state.jobs[&job].state, JobState::Succeeded);
+    assert_eq!(w.state.recoveries[&job].bytes_written, 4096);
+    assert_eq!(
+        w.state.recoveries[&job].pending(),
+        vec!["mailto:ops@example.com"]
+    );
+    // The VM keeps its group; the queued backup now runs and reads every block.
+    assert!(super::jobs::recovered_since_last_rp(&w.state, vm));
+    w.settle();
+    assert_eq!(w.state.jobs[&blocked].state, JobState::Running);
+    w.report(
+        blocked,
+        &StepKind::Snapshot,
+        ReportBody::Succeeded {
+            result: StepResult::Snapshot {
+                snapshot: "snap".into(),
+                consistency: Consistency::Crash,
+                tracking: vec![cairn_schemas::DiskTracking {
+                    disk: "disk0".parse().unwrap(),
+                    bitmap: "b0".into(),
+                }],
+            },
+        },
+    );
+    let transfer_spec = w.state.jobs[&blocked]
+        .steps
+        .iter()
+        .find_map(|s| match s.spec.as_ref().map(|s| &s.work) {
+            Some(StepWork::Transfer {
+                change_tracking,
+                parent_rp,
+                ..
+            }) => Some((change_tracking.clone(), *parent_rp)),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        transfer_spec.0, None,
+        "no bitmap after a recovery over the disks"
+    );
+    assert_eq!(transfer_spec.1, Some(w.state.rps[&vm].last().unwrap().rp));
+}
+
+#[test]
+fn recovery_to_another_host_names_a_new_vm_and_runs_there() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    let first = backup(&mut w, vm);
+    run_backup_to_success(&mut w, first);
+    let other: NodeId = "node-b".parse().unwrap();
+    let target = RecoveryTarget::AlternateHost {
+        node: other.clone(),
+        path: "/dr".into(),
+        format: ImageFormat::Vhdx,
+    };
+    assert_eq!(
+        recover(&mut w, vm, target.clone(), Default::default())
+            .unwrap_err()
+            .code(),
+        "unknown_node"
+    );
+    w.submit(Command::RegisterNode {
+        node: other.clone(),
+        cluster: "c1".into(),
+        worker_version: "1".into(),
+    })
+    .unwrap();
+    let bad = cairn_schemas::RecoveryOptions {
+        webhooks: vec!["https://x.org/".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        recover(&mut w, vm, target.clone(), bad).unwrap_err().code(),
+        "invalid_request"
+    );
+    let job = recover(&mut w, vm, target, Default::default()).unwrap();
+    let prepare = w.state.jobs[&job].steps[0].spec.clone().unwrap();
+    assert_eq!(prepare.node, other);
+    let StepWork::PrepareRecovery { disks, vm_name, .. } = &prepare.work else {
+        panic!("{prepare:?}");
+    };
+    assert_eq!(vm_name, "vm0-recovered");
+    assert_eq!(disks[0].image_path, "/dr/vm0-recovered-disk0.vhdx");
+    run_recovery_to_success(&mut w, job);
+    let view = super::read::job(&w.state, &w.state.jobs[&job]);
+    let recovery = view.recovery.unwrap();
+    assert_eq!(recovery.target, "host");
+    assert!(recovery.note.unwrap().contains("not highly available"));
+    assert_ne!(recovery.new_vm.unwrap(), vm.to_string());
+}
+
+#[test]
+fn recoveries_beyond_the_limit_wait_for_a_slot() {
+    let mut w = World::new();
+    w.cfg.recoveries_per_node = 2;
+    let vm = setup(&mut w, 1)[0];
+    let first = backup(&mut w, vm);
+    run_backup_to_success(&mut w, first);
+    let folder = |i: usize| RecoveryTarget::CopyToFolder {
+        node: node(),
+        path: format!("/out/{i}"),
+    };
+    let jobs: Vec<JobId> = (0..3)
+        .map(|i| recover(&mut w, vm, folder(i), Default::default()).unwrap())
+        .collect();
+    let states: Vec<JobState> = jobs.iter().map(|j| w.state.jobs[j].state).collect();
+    assert_eq!(
+        states,
+        vec![JobState::Running, JobState::Running, JobState::Queued]
+    );
+    assert_eq!(
+        w.state.jobs[&jobs[2]].wait,
+        Some(cairn_schemas::WaitReason::NodeBusy)
+    );
+    run_recovery_to_success(&mut w, jobs[0]);
+    w.settle();
+    assert_eq!(w.state.jobs[&jobs[2]].state, JobState::Running);
 }
 
 /// Drives a random mix of commands and worker outcomes and returns the log it produced.
@@ -862,6 +1101,14 @@ fn random_history(seed: u64, steps: usize) -> Vec<StoredEvent> {
                                 result: StepResult::Restore {
                                     disk: disk.clone(),
                                     bytes_written: 1,
+                                },
+                            },
+                            StepKind::PrepareRecovery => ReportBody::Succeeded {
+                                result: StepResult::PrepareRecovery,
+                            },
+                            StepKind::FinishRecovery => ReportBody::Succeeded {
+                                result: StepResult::FinishRecovery {
+                                    written: String::new(),
                                 },
                             },
                             other => ok_policy_step(other),

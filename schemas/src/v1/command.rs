@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::domain::{BackupMode, RecoveryTarget, VmInventory};
+use super::domain::{BackupMode, RecoveryOptions, RecoveryTarget, VmInventory};
 use super::policy::GroupPolicy;
 use crate::ids::{CommandId, GroupId, JobId, NodeId, RecoveryPointId, VmId};
 
@@ -122,6 +122,19 @@ pub enum Command {
         job: JobId,
         /// The VM.
         vm: VmId,
+    },
+    /// Recover a recovery point to the original VM, another host or a folder, with options.
+    RequestRecovery {
+        /// Id of the new job.
+        job: JobId,
+        /// The VM the recovery point belongs to.
+        vm: VmId,
+        /// The recovery point.
+        rp: RecoveryPointId,
+        /// Where to write.
+        target: RecoveryTarget,
+        /// Throttle, notifications, new name.
+        options: RecoveryOptions,
     },
 }
 

@@ -223,3 +223,102 @@ pub enum Consistency {
     /// As after a power loss.
     Crash,
 }
+
+/// A bandwidth limit of a recovery's writes, by work hours and non-work hours (MABS's recovery
+/// throttle with its work schedule). A limit of 0 means unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Throttle {
+    /// Limit during work hours, in bytes per second (0 = unlimited).
+    pub work_bytes_per_sec: u64,
+    /// Limit outside work hours, in bytes per second (0 = unlimited).
+    pub off_bytes_per_sec: u64,
+    /// Work days as a bit set: bit 0 = Monday … bit 6 = Sunday.
+    pub work_days: u8,
+    /// Start of work hours, in minutes after local midnight (0–1439).
+    pub work_start_minute: u16,
+    /// End of work hours, in minutes after local midnight (1–1440), after the start.
+    pub work_end_minute: u16,
+    /// The schedule's time zone as an offset from UTC in minutes (e.g. 60 for CET).
+    pub utc_offset_minutes: i16,
+}
+
+impl Throttle {
+    /// Monday to Friday.
+    pub const WEEKDAYS: u8 = 0b001_1111;
+    /// Lowest limit accepted (64 KiB/s): slower writes would look like a stalled step.
+    pub const MIN_BYTES_PER_SEC: u64 = 64 * 1024;
+
+    /// Checks the schedule's fields; the message names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.work_days & 0x80 != 0 {
+            return Err(format!(
+                "work_days {:#x} has a bit above Sunday",
+                self.work_days
+            ));
+        }
+        if self.work_start_minute >= 1440 {
+            return Err(format!(
+                "work_start_minute {} is not a minute of the day (0-1439)",
+                self.work_start_minute
+            ));
+        }
+        if self.work_end_minute > 1440 || self.work_end_minute <= self.work_start_minute {
+            return Err(format!(
+                "work_end_minute {} must be after work_start_minute {} and at most 1440",
+                self.work_end_minute, self.work_start_minute
+            ));
+        }
+        for (name, rate) in [
+            ("work_bytes_per_sec", self.work_bytes_per_sec),
+            ("off_bytes_per_sec", self.off_bytes_per_sec),
+        ] {
+            if rate != 0 && rate < Self::MIN_BYTES_PER_SEC {
+                return Err(format!(
+                    "{name} {rate} is below the minimum of {} bytes/s (0 = unlimited)",
+                    Self::MIN_BYTES_PER_SEC
+                ));
+            }
+        }
+        if !(-14 * 60..=14 * 60).contains(&self.utc_offset_minutes) {
+            return Err(format!(
+                "utc_offset_minutes {} is outside -840..=840",
+                self.utc_offset_minutes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `unix_ms` falls in work hours.
+    pub fn is_work_time(&self, unix_ms: u64) -> bool {
+        let local_min = (unix_ms / 60_000) as i64 + i64::from(self.utc_offset_minutes);
+        let day = local_min.div_euclid(1440);
+        let minute = local_min.rem_euclid(1440) as u16;
+        // 1970-01-01 was a Thursday (weekday 3 with Monday = 0).
+        let weekday = (day + 3).rem_euclid(7) as u8;
+        self.work_days & (1 << weekday) != 0
+            && minute >= self.work_start_minute
+            && minute < self.work_end_minute
+    }
+
+    /// The limit in force at `unix_ms`, in bytes per second (0 = unlimited).
+    pub fn limit_at(&self, unix_ms: u64) -> u64 {
+        if self.is_work_time(unix_ms) {
+            self.work_bytes_per_sec
+        } else {
+            self.off_bytes_per_sec
+        }
+    }
+}
+
+/// Options of a recovery (MABS's "Specify Recovery Options" page).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryOptions {
+    /// Bandwidth limit of the writes; `None` = unlimited.
+    pub throttle: Option<Throttle>,
+    /// E-mail addresses told when the recovery ends.
+    pub notify_email: Vec<String>,
+    /// `http://` URLs that receive a JSON POST when the recovery ends.
+    pub webhooks: Vec<String>,
+    /// Alternate-host recovery: the new VM's name (default `<name>-recovered`).
+    pub new_name: Option<String>,
+}

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::AggregateKind;
 use super::domain::{
-    Consistency, DataSourceState, DiskInfo, FailureClass, JobKind, JobReason, VmInventory,
-    WaitReason,
+    Consistency, DataSourceState, DiskInfo, FailureClass, JobKind, JobReason, RecoveryOptions,
+    VmInventory, WaitReason,
 };
 use super::policy::GroupPolicy;
 use super::step::{PlannedStep, StepResult, StepSpec};
@@ -256,6 +256,20 @@ pub enum JobEvent {
         /// Damaged chunks, over all disks.
         n_damaged_chunks: u64,
     },
+    /// A recovery job's options (recorded right after `JobRequested`).
+    RecoveryOptionsSet {
+        /// The options.
+        options: RecoveryOptions,
+    },
+    /// A notification about the job's end was delivered, or given up on.
+    NotificationSent {
+        /// `mailto:ADDRESS` or the webhook's URL.
+        target: String,
+        /// Whether the receiver accepted it.
+        delivered: bool,
+        /// The receiver's answer or the error, for humans.
+        detail: String,
+    },
 }
 
 /// Events of a node.
@@ -349,6 +363,8 @@ impl Event {
                 JobEvent::RecoveryPointsPruned { .. } => "RecoveryPointsPruned",
                 JobEvent::ConsistencyChecked { .. } => "ConsistencyChecked",
                 JobEvent::ReplicaDamageFound { .. } => "ReplicaDamageFound",
+                JobEvent::RecoveryOptionsSet { .. } => "RecoveryOptionsSet",
+                JobEvent::NotificationSent { .. } => "NotificationSent",
             },
             Event::Node(event) => match event {
                 NodeEvent::NodeRegistered { .. } => "NodeRegistered",

@@ -34,7 +34,8 @@ pub use aggregate::{Aggregate, AggregateKind};
 pub use command::{Command, CommandEnvelope};
 pub use domain::{
     BackupMode, Consistency, DataSourceState, DiskInfo, FailureClass, ImageFormat, JobKind,
-    JobReason, JobState, PowerState, RecoveryTarget, VmInventory, WaitReason,
+    JobReason, JobState, PowerState, RecoveryOptions, RecoveryTarget, Throttle, VmInventory,
+    WaitReason,
 };
 pub use envelope::Envelope;
 pub use event::{CommittedDisk, Event, GroupEvent, JobEvent, NodeEvent, VmEvent};

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::domain::{Consistency, DiskInfo, FailureClass, ImageFormat};
+use super::domain::{Consistency, DiskInfo, FailureClass, ImageFormat, RecoveryTarget, Throttle};
 use super::policy::ConsistencyWanted;
 use crate::ids::{DiskId, JobId, NodeId, RecoveryPointId, StepId, VmId};
 
@@ -54,6 +54,12 @@ pub enum StepKind {
         /// The disk.
         disk: DiskId,
     },
+    /// Check, before anything is written, that the recovery can go ahead (the original VM is
+    /// stopped, the targets are usable).
+    PrepareRecovery,
+    /// After the disks: write the new VM's descriptor (alternate host) or the folder's
+    /// manifest (copy to a folder).
+    FinishRecovery,
 }
 
 /// One step in a job's plan.
@@ -209,6 +215,50 @@ pub enum StepWork {
         /// The recovery point being made.
         rp: RecoveryPointId,
     },
+    /// Write one disk of a recovery point to a target, with options.
+    RestoreDisk {
+        /// The disk.
+        disk: DiskId,
+        /// Repository location.
+        repository: String,
+        /// The recovery point to read.
+        rp: RecoveryPointId,
+        /// Image path to write.
+        target_path: String,
+        /// Format to write.
+        target_format: ImageFormat,
+        /// The target is the original VM's disk: it must exist and is overwritten with a delta
+        /// restore (only chunks that differ are written).
+        overwrite: bool,
+        /// Bandwidth limit of the writes.
+        throttle: Option<Throttle>,
+    },
+    /// Check that a recovery can go ahead before anything is written.
+    PrepareRecovery {
+        /// Where the recovery writes.
+        target: RecoveryTarget,
+        /// The recovered VM's name.
+        vm_name: String,
+        /// The disks as the target will hold them (`image_path` = the target path).
+        disks: Vec<DiskSource>,
+    },
+    /// Finish a recovery: the new VM's descriptor or the folder's manifest.
+    FinishRecovery {
+        /// Where the recovery wrote.
+        target: RecoveryTarget,
+        /// The recovery point.
+        rp: RecoveryPointId,
+        /// When the recovery point was taken (Unix milliseconds).
+        taken_at: u64,
+        /// The source VM's name.
+        source_name: String,
+        /// The recovered VM: its id (a new one for an alternate host) and name.
+        vm: VmId,
+        /// Its name.
+        vm_name: String,
+        /// The disks as written (`image_path` = the target path).
+        disks: Vec<DiskSource>,
+    },
 }
 
 /// One attempt of one step, as dispatched to a worker.
@@ -242,7 +292,6 @@ impl StepSpec {
             },
             StepWork::ReleaseSnapshot { .. } => StepKind::ReleaseSnapshot,
             StepWork::CommitRecoveryPoint { .. } => StepKind::CommitRecoveryPoint,
-            StepWork::Restore { disk, .. } => StepKind::Restore { disk: disk.clone() },
             StepWork::VerifyDisk { disk, .. } => StepKind::VerifyDisk { disk: disk.clone() },
             StepWork::CheckDisk { source, .. } => StepKind::CheckDisk {
                 disk: source.disk.clone(),
@@ -250,6 +299,11 @@ impl StepSpec {
             StepWork::Prune { disk, .. } => StepKind::Prune { disk: disk.clone() },
             StepWork::CollectGarbage { .. } => StepKind::CollectGarbage,
             StepWork::ImportSeed { disk, .. } => StepKind::ImportSeed { disk: disk.clone() },
+            StepWork::Restore { disk, .. } | StepWork::RestoreDisk { disk, .. } => {
+                StepKind::Restore { disk: disk.clone() }
+            }
+            StepWork::PrepareRecovery { .. } => StepKind::PrepareRecovery,
+            StepWork::FinishRecovery { .. } => StepKind::FinishRecovery,
         }
     }
 }
@@ -330,6 +384,14 @@ pub enum StepResult {
         disk: DiskId,
         /// Bytes written to the repository.
         bytes_stored: u64,
+    },
+    /// The recovery may go ahead.
+    PrepareRecovery,
+    /// The recovery is finished on the node.
+    FinishRecovery {
+        /// The file written: the new VM's descriptor or the folder's manifest (empty for the
+        /// original VM).
+        written: String,
     },
 }
 

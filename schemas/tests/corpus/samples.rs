@@ -20,6 +20,10 @@ pub struct Sample {
 
 /// A value of one of the encoded kinds.
 #[derive(Debug, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a few hundred samples in a test; boxing would only add noise"
+)]
 pub enum Value {
     Event(Envelope),
     Spec(StepSpec),
@@ -84,11 +88,13 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Job(JobEvent::ConsistencyChecked { .. }) => (29, "consistency_checked"),
         Event::Job(JobEvent::ReplicaDamageFound { .. }) => (30, "replica_damage_found"),
         Event::Node(NodeEvent::RepositorySpaceReported { .. }) => (31, "repository_space_reported"),
+        Event::Job(JobEvent::RecoveryOptionsSet { .. }) => (32, "recovery_options_set"),
+        Event::Job(JobEvent::NotificationSent { .. }) => (33, "notification_sent"),
     }
 }
 
 /// Number of event variants; bump it together with `event_variant`.
-pub const N_EVENT_VARIANTS: usize = 32;
+pub const N_EVENT_VARIANTS: usize = 34;
 
 /// Index and name of a step work variant (exhaustive, see `event_variant`).
 pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
@@ -103,11 +109,14 @@ pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
         StepWork::Prune { .. } => (7, "prune"),
         StepWork::CollectGarbage { .. } => (8, "collect_garbage"),
         StepWork::ImportSeed { .. } => (9, "import_seed"),
+        StepWork::RestoreDisk { .. } => (10, "restore_disk"),
+        StepWork::PrepareRecovery { .. } => (11, "prepare_recovery"),
+        StepWork::FinishRecovery { .. } => (12, "finish_recovery"),
     }
 }
 
 /// Number of step work variants.
-pub const N_WORK_VARIANTS: usize = 10;
+pub const N_WORK_VARIANTS: usize = 13;
 
 /// Index and name of a report variant, by body and, for successes, by result kind.
 pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
@@ -125,13 +134,23 @@ pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
             StepResult::Prune { .. } => (10, "succeeded_prune"),
             StepResult::CollectGarbage { .. } => (11, "succeeded_collect_garbage"),
             StepResult::ImportSeed { .. } => (12, "succeeded_import_seed"),
+            late => report_variant_late(late).expect("every result kind has an index"),
         },
         ReportBody::Failed { .. } => (7, "failed"),
     }
 }
 
+/// Index and name of the result kinds added after the first corpus (numbered after `failed`).
+fn report_variant_late(result: &StepResult) -> Option<(usize, &'static str)> {
+    match result {
+        StepResult::PrepareRecovery => Some((13, "succeeded_prepare_recovery")),
+        StepResult::FinishRecovery { .. } => Some((14, "succeeded_finish_recovery")),
+        _ => None,
+    }
+}
+
 /// Number of report variants.
-pub const N_REPORT_VARIANTS: usize = 13;
+pub const N_REPORT_VARIANTS: usize = 15;
 
 /// Index and name of a command variant.
 pub fn command_variant(command: &Command) -> (usize, &'static str) {
@@ -149,11 +168,32 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::ReportRepositorySpace { .. } => (10, "report_repository_space"),
         Command::ImportSeed { .. } => (11, "import_seed"),
         Command::RequestVerify { .. } => (12, "request_verify"),
+        Command::RequestRecovery { .. } => (13, "request_recovery"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 13;
+pub const N_COMMAND_VARIANTS: usize = 14;
+
+fn throttle() -> Throttle {
+    Throttle {
+        work_bytes_per_sec: 10 << 20,
+        off_bytes_per_sec: 0,
+        work_days: Throttle::WEEKDAYS,
+        work_start_minute: 8 * 60,
+        work_end_minute: 18 * 60,
+        utc_offset_minutes: 60,
+    }
+}
+
+fn recovery_options() -> RecoveryOptions {
+    RecoveryOptions {
+        throttle: Some(throttle()),
+        notify_email: vec!["ops@example.com".into()],
+        webhooks: vec!["http://hooks.example.com/cairn".into()],
+        new_name: Some("web-01-dr".into()),
+    }
+}
 
 const T0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
@@ -347,6 +387,42 @@ fn specs() -> Vec<StepSpec> {
                 rp: rp(),
             },
         ),
+        with(
+            11,
+            StepWork::RestoreDisk {
+                disk: disk("vda"),
+                repository: "/srv/cairn/repo".into(),
+                rp: rp(),
+                target_path: "/var/lib/libvirt/images/web-01-vda.qcow2".into(),
+                target_format: ImageFormat::Qcow2,
+                overwrite: true,
+                throttle: Some(throttle()),
+            },
+        ),
+        with(
+            12,
+            StepWork::PrepareRecovery {
+                target: RecoveryTarget::OriginalVm,
+                vm_name: "web-01".into(),
+                disks: vec![disk_info("vda", ImageFormat::Qcow2).into()],
+            },
+        ),
+        with(
+            13,
+            StepWork::FinishRecovery {
+                target: RecoveryTarget::AlternateHost {
+                    node: other_node(),
+                    path: "/srv/dr".into(),
+                    format: ImageFormat::Vhdx,
+                },
+                rp: rp(),
+                taken_at: T0 + 2,
+                source_name: "web-01".into(),
+                vm: VmId::new_v7(T0 + 5, rand(9)),
+                vm_name: "web-01-dr".into(),
+                disks: vec![disk_info("vda", ImageFormat::Vhdx).into()],
+            },
+        ),
     ]
 }
 
@@ -423,6 +499,14 @@ fn report_bodies() -> Vec<ReportBody> {
             result: StepResult::ImportSeed {
                 disk: disk("vda"),
                 bytes_stored: 40 << 30,
+            },
+        },
+        ReportBody::Succeeded {
+            result: StepResult::PrepareRecovery,
+        },
+        ReportBody::Succeeded {
+            result: StepResult::FinishRecovery {
+                written: "/var/lib/cairn/vms/0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d00.json".into(),
             },
         },
     ]
@@ -656,6 +740,16 @@ fn events() -> Vec<Event> {
             free_bytes: 1 << 40,
         }
         .into(),
+        JobEvent::RecoveryOptionsSet {
+            options: recovery_options(),
+        }
+        .into(),
+        JobEvent::NotificationSent {
+            target: "mailto:ops@example.com".into(),
+            delivered: true,
+            detail: "250 Message accepted for delivery".into(),
+        }
+        .into(),
     ]
 }
 
@@ -739,6 +833,13 @@ fn commands() -> Vec<Command> {
         Command::RequestVerify {
             job: job(),
             vm: vm(),
+        },
+        Command::RequestRecovery {
+            job: job(),
+            vm: vm(),
+            rp: rp(),
+            target: RecoveryTarget::OriginalVm,
+            options: recovery_options(),
         },
     ]
 }

@@ -3,7 +3,8 @@
 //!
 //! Set [`FAULT_DELAY_ENV`] (`CAIRN_FAULT_STEP_DELAY_MS`) to a comma-separated list of
 //! `<StepKind>=<milliseconds>`, e.g. `Snapshot=3000,CommitRecoveryPoint=3000,Transfer=0`. Kinds
-//! are `Snapshot`, `Transfer`, `ReleaseSnapshot`, `CommitRecoveryPoint` and `Restore` (any case);
+//! are `Snapshot`, `Transfer`, `ReleaseSnapshot`, `CommitRecoveryPoint`, `Restore`,
+//! `PrepareRecovery` and `FinishRecovery` (any case);
 //! spaces around items are ignored; an empty value means no delays. A malformed value makes
 //! [`super::Agent::new`] fail rather than be ignored, so a crash test never runs without the
 //! delay it asked for. This is a test hook: production workers leave the variable unset.
@@ -19,7 +20,7 @@ pub const FAULT_DELAY_ENV: &str = "CAIRN_FAULT_STEP_DELAY_MS";
 const MAX_DELAY_MS: u64 = 3_600_000;
 
 /// The kinds of step a delay may apply to.
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 12] = [
     "Snapshot",
     "Transfer",
     "ReleaseSnapshot",
@@ -30,6 +31,8 @@ const KINDS: [&str; 10] = [
     "Prune",
     "CollectGarbage",
     "ImportSeed",
+    "PrepareRecovery",
+    "FinishRecovery",
 ];
 
 /// Why a fault hook value is refused.
@@ -103,12 +106,14 @@ impl FaultDelays {
             StepWork::Transfer { .. } => 1,
             StepWork::ReleaseSnapshot { .. } => 2,
             StepWork::CommitRecoveryPoint { .. } => 3,
-            StepWork::Restore { .. } => 4,
+            StepWork::Restore { .. } | StepWork::RestoreDisk { .. } => 4,
             StepWork::VerifyDisk { .. } => 5,
             StepWork::CheckDisk { .. } => 6,
             StepWork::Prune { .. } => 7,
             StepWork::CollectGarbage { .. } => 8,
             StepWork::ImportSeed { .. } => 9,
+            StepWork::PrepareRecovery { .. } => 10,
+            StepWork::FinishRecovery { .. } => 11,
         };
         self.delays
             .iter()

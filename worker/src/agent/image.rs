@@ -26,7 +26,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use cairn_schemas::ids::{DiskId, RecoveryPointId, VmId};
-use cairn_schemas::v1::{Consistency, ImageFormat, PowerState};
+use cairn_schemas::v1::{Consistency, ImageFormat, PowerState, Throttle};
 use cairn_schemas::v1::{DiskSource, StepResult, StepSpec};
 
 use super::descriptor::{Descriptor, DescriptorDisk, to_source_format};
@@ -36,6 +36,7 @@ use crate::repo::index::{IndexFile, IndexHeader};
 use crate::repo::restore::RestoreOptions;
 use crate::repo::{self, BackupOptions, Repository};
 use crate::source;
+use crate::source::throttle::{ThrottledSink, WallClock};
 
 /// Prefix (and version) of the snapshot handles this adapter makes.
 const HANDLE_PREFIX: &str = "image1";
@@ -233,7 +234,7 @@ fn identity_of(disk: &DiskId, path: &Path) -> Result<FileIdentity, Error> {
     })
 }
 
-fn open_image(source: &DiskSource) -> Result<Box<dyn source::Source>, Error> {
+pub(crate) fn open_image(source: &DiskSource) -> Result<Box<dyn source::Source>, Error> {
     source::open_source(
         Path::new(&source.image_path),
         Some(to_source_format(source.format)),
@@ -416,7 +417,10 @@ pub(crate) fn transfer_outcome(
         })?;
     drop(image);
     match FileIdentity::of(&disk.path) {
-        Ok(after) if after == then => {}
+        Ok(after) if after == then => {
+            // Read unchanged: the disk holds this recovery point, until it is written again.
+            repo::stamp::write_if_unchanged(&disk.path, &lineage, &summary.rp, then.mtime_ns);
+        }
         Ok(after) => tracing::error!(
             disk = %source.disk, path = %source.image_path, changes = after.differences(&then),
             "the image changed while it was being read; recovery point {} may hold a torn image",
@@ -475,6 +479,11 @@ pub(crate) struct RestoreWork<'a> {
     pub(crate) rp: RecoveryPointId,
     pub(crate) target_path: &'a str,
     pub(crate) target_format: ImageFormat,
+    /// The target is the original VM's disk: it must exist, the VM must be stopped, and it is
+    /// overwritten by a delta restore.
+    pub(crate) overwrite: bool,
+    /// Bandwidth limit of the writes.
+    pub(crate) throttle: Option<&'a Throttle>,
 }
 
 pub(crate) fn restore(
@@ -500,7 +509,11 @@ pub(crate) fn restore(
     let rp = work.rp.to_string();
     let header = repo::restore::resolve(&repo, &lineage, Some(&rp)).map_err(repo_error)?;
     progress.start_total(header.disk_size);
-    agent.refuse_described_disk(spec.vm, &target)?;
+    if work.overwrite {
+        super::recovery::check_original_disk(agent, spec.vm, work.disk, &target)?;
+    } else {
+        agent.refuse_described_disk(spec.vm, &target)?;
+    }
     let format = to_source_format(work.target_format);
     let sink_error = |source| Error::Source {
         disk: work.disk.to_string(),
@@ -513,6 +526,11 @@ pub(crate) fn restore(
             ));
         }
         Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && work.overwrite => {
+            return Err(target_error(
+                "the original VM's disk image is missing; recover to another host instead".into(),
+            ));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => {
             return Err(sink_error(source::Error::Io {
@@ -560,13 +578,41 @@ pub(crate) fn restore(
     if delta {
         tracing::info!(target = %target.display(), "target exists with the right size; continuing with a delta restore");
     }
+    // A target whose content stamp is still valid (restored or backed up by cairn, not written
+    // since) is not read: only the chunks that differ between the two recovery points are.
+    let known = if delta {
+        repo::stamp::current(&target, &lineage)
+    } else {
+        None
+    };
+    if let Some(known) = &known {
+        tracing::info!(target = %target.display(), known, "target holds a known recovery point");
+    }
+    repo::stamp::clear(&target);
     let options = RestoreOptions {
-        disk: lineage,
+        disk: lineage.clone(),
         rp: Some(rp),
         delta,
         threads: agent.config.threads,
+        known,
     };
-    let summary = repo::restore(&repo, &options, sink.as_mut(), progress).map_err(repo_error)?;
+    let summary = match work.throttle {
+        None => {
+            let summary = repo::restore(&repo, &options, sink.as_mut(), progress);
+            drop(sink);
+            summary
+        }
+        Some(schedule) => {
+            let cancelled = || progress.is_cancelled();
+            let mut throttled = ThrottledSink::new(sink, schedule.clone(), &WallClock, &cancelled);
+            let summary = repo::restore(&repo, &options, &mut throttled, progress);
+            tracing::info!(waited_ms = throttled.waited_ms, "throttled restore");
+            summary
+        }
+    }
+    .map_err(repo_error)?;
+    // The sink is closed (its qemu-nbd gone) and the content durable: stamp it.
+    repo::stamp::write(&target, &lineage, &summary.rp);
     Ok(StepResult::Restore {
         disk: work.disk.clone(),
         bytes_written: summary.bytes_written,

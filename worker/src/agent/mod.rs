@@ -37,6 +37,7 @@ pub mod fault;
 mod image;
 mod progress;
 pub mod qemu;
+mod recovery;
 mod upkeep;
 
 use std::path::{Path, PathBuf};
@@ -190,6 +191,18 @@ pub enum Error {
     /// The caller set the cancel flag.
     #[error("step cancelled")]
     Cancelled,
+    /// A recovery over a VM's disks needs the VM stopped.
+    #[error("VM {name} ({vm}) is {power} on node {node}; stop it before recovering over its disks")]
+    VmNotStopped {
+        /// The VM.
+        vm: VmId,
+        /// Its name.
+        name: String,
+        /// Its power state, in words.
+        power: String,
+        /// This node.
+        node: NodeId,
+    },
     /// The step's thread could not be started.
     #[error("cannot start the step's thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -242,6 +255,7 @@ impl Error {
             | Error::MissingDisk { .. }
             | Error::Target { .. }
             | Error::Replica { .. }
+            | Error::VmNotStopped { .. }
             | Error::Panicked(_) => FailureClass::Permanent,
         }
     }
@@ -498,6 +512,8 @@ impl Agent {
                     rp: *rp,
                     target_path,
                     target_format: *target_format,
+                    overwrite: false,
+                    throttle: None,
                 },
                 progress,
             ),
@@ -546,11 +562,59 @@ impl Agent {
                 },
                 progress,
             ),
+            StepWork::RestoreDisk {
+                disk,
+                repository,
+                rp,
+                target_path,
+                target_format,
+                overwrite,
+                throttle,
+            } => image::restore(
+                self,
+                spec,
+                &image::RestoreWork {
+                    disk,
+                    repository,
+                    rp: *rp,
+                    target_path,
+                    target_format: *target_format,
+                    overwrite: *overwrite,
+                    throttle: throttle.as_ref(),
+                },
+                progress,
+            ),
+            StepWork::PrepareRecovery {
+                target,
+                vm_name,
+                disks,
+            } => recovery::prepare(self, spec, target, vm_name, disks),
+            StepWork::FinishRecovery {
+                target,
+                rp,
+                taken_at,
+                source_name,
+                vm,
+                vm_name,
+                disks,
+            } => recovery::finish(
+                self,
+                spec,
+                &recovery::Finish {
+                    target,
+                    rp: *rp,
+                    taken_at: *taken_at,
+                    source_name,
+                    vm: *vm,
+                    vm_name,
+                    disks,
+                },
+            ),
         }
     }
 
     /// The descriptor of `vm` on this node (disks not opened).
-    fn described_vm(&self, vm: VmId) -> Result<Descriptor, Error> {
+    pub(crate) fn described_vm(&self, vm: VmId) -> Result<Descriptor, Error> {
         let (descriptors, _) = descriptor::read_all(&self.config.vms_dir);
         descriptors
             .into_iter()
@@ -565,7 +629,7 @@ impl Agent {
 
     /// Refuses a restore target that is a disk of another VM described on this node, or a disk
     /// of the step's own VM while that VM runs.
-    fn refuse_described_disk(&self, vm: VmId, target: &Path) -> Result<(), Error> {
+    pub(crate) fn refuse_described_disk(&self, vm: VmId, target: &Path) -> Result<(), Error> {
         let (descriptors, _) = descriptor::read_all(&self.config.vms_dir);
         for (_, owner) in &descriptors {
             let Some(disk) = owner.disks.iter().find(|d| same_file(&d.path, target)) else {

@@ -211,6 +211,7 @@ pub(crate) fn import_seed(
             disk: lineage.clone(),
             rp: None,
             delta: false,
+            known: None,
             threads: agent.config.threads,
         },
         sink.as_mut(),

@@ -64,6 +64,7 @@ pub mod lineage;
 pub mod maintenance;
 pub mod pack;
 pub mod restore;
+pub mod stamp;
 pub mod verify;
 
 mod fsutil;

@@ -28,6 +28,11 @@ pub struct RestoreOptions {
     pub rp: Option<String>,
     /// Write only what differs on an existing target.
     pub delta: bool,
+    /// Delta restore: the recovery point the target is known to hold (a valid content stamp,
+    /// see [`super::stamp`]). Only the positions where the two differ are written, and the
+    /// target is not read. Ignored when that recovery point is not in the lineage or has
+    /// another disk size.
+    pub known: Option<String>,
     /// Worker threads; 0 = one per core.
     pub threads: usize,
 }
@@ -43,6 +48,8 @@ pub struct RestoreSummary {
     pub chunks_written: u64,
     /// Delta restore: chunks that already held the right content.
     pub chunks_same: u64,
+    /// Delta restore: the recovery point the target was known to hold (it was not read).
+    pub known: Option<String>,
 }
 
 /// The header of the recovery point a restore would use (to size a new target first).
@@ -60,6 +67,8 @@ struct Job {
     expected: Vec<Option<ChunkRef>>,
     /// Delta restore: what the target holds now (`None` when the range is known to be zero).
     current: Option<Vec<u8>>,
+    /// Write every position of the job, zeros included (the target is known to differ there).
+    force: bool,
 }
 
 enum Write {
@@ -118,6 +127,21 @@ pub fn restore(
         bytes_written: 0,
         chunks_written: 0,
         chunks_same: 0,
+        known: None,
+    };
+    // A target known to hold another recovery point of the lineage: diff the two indexes.
+    let known_chain = match (opts.delta, opts.known.as_deref()) {
+        (true, Some(known)) => match repo.resolve_rp(&opts.disk, &catalog, Some(known)) {
+            Ok(index)
+                if index.header.disk_size == header.disk_size
+                    && index.header.chunk_size == header.chunk_size =>
+            {
+                summary.known = Some(index.header.rp.clone());
+                Some(repo.chain(&catalog, index)?)
+            }
+            _ => None,
+        },
+        _ => None,
     };
     let packs_dir = repo.packs_dir(&opts.disk);
     let keys = &repo.keys;
@@ -142,7 +166,15 @@ pub fn restore(
             summary: &mut summary,
             progress,
         };
-        if opts.delta {
+        if let Some(known) = &known_chain {
+            feed_known(
+                &mut owner,
+                chain_reader,
+                ChainReader::new(known)?,
+                header_ref,
+                &job_tx,
+            )?;
+        } else if opts.delta {
             feed_delta(&mut owner, chain_reader, header_ref, &job_tx)?;
         } else {
             feed_full(&mut owner, chain_reader, &job_tx)?;
@@ -239,6 +271,7 @@ fn feed_full(owner: &mut Owner<'_>, chain: ChainReader, jobs: &Sender<Job>) -> R
             first_pos: record.pos,
             expected: Vec::new(),
             current: None,
+            force: false,
         })
         .expected
         .push(Some(record.chunk));
@@ -287,10 +320,58 @@ fn feed_delta(
                 first_pos,
                 expected: refs,
                 current,
+                force: false,
             },
         )?;
         first_pos += n;
     }
+    Ok(())
+}
+
+/// Delta restore onto a target known to hold another recovery point: only the positions whose
+/// chunk differs between the two, in runs of adjacent positions; the target is not read.
+fn feed_known(
+    owner: &mut Owner<'_>,
+    chain: ChainReader,
+    known: ChainReader,
+    header: &IndexHeader,
+    jobs: &Sender<Job>,
+) -> Result<(), Error> {
+    let mut wanted = PositionCursor::new(Some(chain));
+    let mut holds = PositionCursor::new(Some(known));
+    let mut run: Option<Job> = None;
+    let mut same = 0u64;
+    for pos in 0..header.n_chunks() {
+        let expected = wanted.at(pos)?;
+        let current = holds.at(pos)?;
+        if expected.as_ref().and_then(ChunkRef::id) == current.as_ref().and_then(ChunkRef::id) {
+            same += 1;
+            continue;
+        }
+        let extend = run.as_ref().is_some_and(|j| {
+            j.first_pos + j.expected.len() as u64 == pos
+                && (j.expected.len() as u64) < CHUNKS_PER_JOB
+        });
+        if !extend && let Some(job) = run.take() {
+            owner.submit(jobs, job)?;
+        }
+        run.get_or_insert_with(|| Job {
+            first_pos: pos,
+            expected: Vec::new(),
+            current: None,
+            force: true,
+        })
+        .expected
+        .push(expected);
+    }
+    if let Some(job) = run.take() {
+        owner.submit(jobs, job)?;
+    }
+    owner.summary.chunks_same += same;
+    owner.progress.advance(
+        same.saturating_mul(header.chunk_size as u64)
+            .min(header.disk_size),
+    );
     Ok(())
 }
 
@@ -338,7 +419,7 @@ fn run_job(
         let current = job.current.as_ref().map(|c| &c[a..b]);
         let zero_write = match expected {
             None => {
-                if current.is_none_or(is_zero) {
+                if !job.force && current.is_none_or(is_zero) {
                     chunks_same += job.current.is_some() as u64;
                     continue;
                 }

@@ -118,6 +118,7 @@ fn do_restore(repo: &Repository, disk: &str, rp: &str, size: usize) -> Vec<u8> {
         rp: Some(rp.into()),
         delta: false,
         threads: 2,
+        known: None,
     };
     restore(repo, &opts, &mut sink, &NoProgress).unwrap();
     sink.data
@@ -238,6 +239,7 @@ fn delta_restore_writes_only_what_differs() {
         rp: Some(rp),
         delta: true,
         threads: 2,
+        known: None,
     };
     let summary = restore(&repo, &opts, &mut sink, &NoProgress).unwrap();
     assert_eq!(sink.data, image);
@@ -250,11 +252,56 @@ fn delta_restore_writes_only_what_differs() {
         rp: None,
         delta: true,
         threads: 2,
+        known: None,
     };
     assert!(matches!(
         restore(&repo, &opts, &mut wrong_size, &NoProgress),
         Err(Error::SizeMismatch { .. })
     ));
+}
+
+#[test]
+fn delta_restore_onto_a_known_recovery_point_writes_the_index_difference_without_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path(), 65536, true);
+    let first = fill(5, 32 * 65536, true);
+    let rp1 = do_backup(&repo, &MemImage::new(first.clone()), "d", 1).rp;
+    let mut second = first.clone();
+    second[7 * 65536 + 1] ^= 0x55;
+    second[9 * 65536..10 * 65536].fill(0);
+    second[30 * 65536..31 * 65536].copy_from_slice(&fill(6, 65536, false));
+    let rp2 = do_backup(&repo, &MemImage::new(second.clone()), "d", 2).rp;
+    // The target holds rp1 (as its stamp would say); restore rp2 onto it and back.
+    for (holds, wanted, image) in [(&rp1, &rp2, &second), (&rp2, &rp1, &first)] {
+        let start = if image == &second { &first } else { &second };
+        let mut sink = MemImage::new(start.clone());
+        let opts = RestoreOptions {
+            disk: "d".into(),
+            rp: Some(wanted.clone()),
+            delta: true,
+            threads: 2,
+            known: Some(holds.clone()),
+        };
+        let summary = restore(&repo, &opts, &mut sink, &NoProgress).unwrap();
+        assert_eq!(&sink.data, image);
+        assert_eq!(sink.reads, 0, "a known target is not read");
+        assert_eq!(summary.known.as_deref(), Some(holds.as_str()));
+        assert_eq!(summary.chunks_written, 3);
+        assert_eq!(summary.bytes_written, 3 * 65536);
+    }
+    // An unknown recovery point falls back to reading and comparing.
+    let mut sink = MemImage::new(first.clone());
+    let opts = RestoreOptions {
+        disk: "d".into(),
+        rp: Some(rp2.clone()),
+        delta: true,
+        threads: 2,
+        known: Some("0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d00".into()),
+    };
+    let summary = restore(&repo, &opts, &mut sink, &NoProgress).unwrap();
+    assert_eq!(sink.data, second);
+    assert_eq!(summary.known, None);
+    assert!(sink.reads > 0);
 }
 
 #[test]
@@ -293,6 +340,7 @@ fn flipped_byte_names_damaged_recovery_points_and_others_still_restore() {
         rp: None,
         delta: false,
         threads: 2,
+        known: None,
     };
     let err = restore(&repo, &opts, &mut sink, &NoProgress).unwrap_err();
     assert!(matches!(err, Error::DamagedChunk { pos: 0, .. }), "{err}");

@@ -16,11 +16,13 @@
 //! - `raw`: [`Source`]/[`Sink`] over a raw file or block device.
 //! - [`qemu_nbd`]: the `qemu-nbd` process wrapper.
 //! - `nbd_image`: [`Source`]/[`Sink`] over a qemu-nbd export; `qemu-img create`.
+//! - [`throttle`]: a [`Sink`] wrapper that paces writes by a work-hours bandwidth schedule.
 
 mod detect;
 mod nbd_image;
 pub mod qemu_nbd;
 pub(crate) mod raw;
+pub mod throttle;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

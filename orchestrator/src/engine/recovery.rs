@@ -1,0 +1,248 @@
+//! Recovery requests: validation of a `RequestRecovery` command (target, options) into the
+//! `JobRequested` + `RecoveryOptionsSet` events of a new recovery job. Pure, like `decide`.
+//!
+//! What each target means (MABS's Recovery Wizard, see README):
+//! - `OriginalVm`: the VM's own disks are overwritten by a delta restore on the VM's node. The
+//!   worker's `PrepareRecovery` step refuses a running VM before anything is written. The VM
+//!   keeps its id, so it stays in its protection group; the next backup reads every block.
+//! - `AlternateHost`: new images on the target node in the format asked for, and a descriptor
+//!   that gives the VM a *new* identity (id derived from the job id; name `<name>-recovered`
+//!   unless given), so the original and the copy never look like one VM that moved. The copy
+//!   is in no protection group until the user adds it.
+//! - `CopyToFolder`: the disks as image files plus a `cairn-recovery-<rp>.json` manifest.
+//!
+//! Must not: do IO or read the clock.
+
+use cairn_schemas::{
+    Aggregate, ImageFormat, JobEvent, JobId, JobKind, JobReason, RecoveryOptions, RecoveryPointId,
+    RecoveryTarget, VmId,
+};
+
+use super::decide::{Emit, check_path, conflict, invalid, not_found, present_vm};
+use super::state::State;
+use crate::control::ControlError;
+
+/// Most e-mail addresses of one recovery.
+pub const MAX_EMAILS: usize = 16;
+/// Most webhooks of one recovery.
+pub const MAX_WEBHOOKS: usize = 8;
+/// Longest accepted webhook URL.
+pub const MAX_URL_LEN: usize = 2048;
+
+pub fn decide_recovery(
+    state: &State,
+    job: JobId,
+    vm: VmId,
+    rp: RecoveryPointId,
+    target: &RecoveryTarget,
+    options: &RecoveryOptions,
+) -> Result<Vec<Emit>, ControlError> {
+    let known = present_vm(state, vm)?;
+    if !state
+        .rps
+        .get(&vm)
+        .is_some_and(|list| list.iter().any(|r| r.rp == rp))
+    {
+        return Err(not_found(
+            "unknown_rp",
+            format!("VM {} has no recovery point {rp}", known.name),
+        ));
+    }
+    if state.jobs.contains_key(&job) {
+        return Err(conflict("conflict", format!("job id {job} is taken")));
+    }
+    let node_known = |node| {
+        if state.nodes.contains_key(node) {
+            Ok(())
+        } else {
+            Err(not_found("unknown_node", format!("no node {node}")))
+        }
+    };
+    match target {
+        RecoveryTarget::OriginalVm => {
+            if let Some(active) = state
+                .jobs
+                .values()
+                .find(|j| j.vm == vm && !j.state.is_terminal() && super::jobs::writes_original(j))
+            {
+                return Err(conflict(
+                    "job_running",
+                    format!(
+                        "a recovery over VM {}'s disks is already queued or running (job {})",
+                        known.name, active.id
+                    ),
+                ));
+            }
+            if options.new_name.is_some() {
+                return Err(invalid(
+                    "invalid_request",
+                    "a new name applies only to a recovery to another host".into(),
+                ));
+            }
+        }
+        RecoveryTarget::AlternateHost { node, path, format } => {
+            node_known(node)?;
+            check_path(path)?;
+            if *format == ImageFormat::Vhd {
+                return Err(invalid(
+                    "invalid_request",
+                    "format vhd cannot be written; choose raw, qcow2 or vhdx".into(),
+                ));
+            }
+        }
+        RecoveryTarget::CopyToFolder { node, path } => {
+            node_known(node)?;
+            check_path(path)?;
+        }
+        RecoveryTarget::ItemLevel { .. } => {
+            return Err(invalid(
+                "unsupported",
+                "item-level recovery is requested with its own command".into(),
+            ));
+        }
+    }
+    check_options(options)?;
+    Ok(vec![Emit::new(
+        Aggregate::Job(job),
+        vec![
+            JobEvent::JobRequested {
+                kind: JobKind::Recovery {
+                    rp,
+                    target: target.clone(),
+                },
+                vm,
+                group: known.group,
+                reason: JobReason::Manual,
+                not_before: None,
+            }
+            .into(),
+            JobEvent::RecoveryOptionsSet {
+                options: options.clone(),
+            }
+            .into(),
+        ],
+    )])
+}
+
+/// Checks a recovery's options; the error names the bad value.
+pub fn check_options(options: &RecoveryOptions) -> Result<(), ControlError> {
+    if let Some(throttle) = &options.throttle {
+        throttle
+            .validate()
+            .map_err(|e| invalid("invalid_request", format!("throttle: {e}")))?;
+    }
+    if options.notify_email.len() > MAX_EMAILS {
+        return Err(invalid(
+            "invalid_request",
+            format!("at most {MAX_EMAILS} e-mail addresses"),
+        ));
+    }
+    for address in &options.notify_email {
+        check_email(address).map_err(|e| invalid("invalid_request", e))?;
+    }
+    if options.webhooks.len() > MAX_WEBHOOKS {
+        return Err(invalid(
+            "invalid_request",
+            format!("at most {MAX_WEBHOOKS} webhooks"),
+        ));
+    }
+    for url in &options.webhooks {
+        check_webhook(url).map_err(|e| invalid("invalid_request", e))?;
+    }
+    if let Some(name) = &options.new_name
+        && (name.trim().is_empty()
+            || name.chars().count() > 100
+            || name.chars().any(|c| c.is_control() || c == '/'))
+    {
+        return Err(invalid(
+            "invalid_request",
+            format!("new VM name {name:?} must be 1 to 100 printable characters without '/'"),
+        ));
+    }
+    Ok(())
+}
+
+/// A plain `local@domain` address: what SMTP's `RCPT TO:<…>` accepts without quoting.
+pub fn check_email(address: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("e-mail address {address:?} {why}"));
+    if address.len() > 254 {
+        return bad("is longer than 254 bytes");
+    }
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return bad("has no '@'");
+    };
+    let atom = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c);
+    if local.is_empty() || local.len() > 64 || !local.chars().all(atom) {
+        return bad("has an empty or unusual local part");
+    }
+    if domain.is_empty()
+        || !domain
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    {
+        return bad("has an invalid domain");
+    }
+    Ok(())
+}
+
+/// A webhook URL: `http://host[:port][/path]`, printable ASCII. (`https://` needs TLS, which
+/// the notifier does not speak yet; it is refused rather than sent in clear.)
+pub fn check_webhook(url: &str) -> Result<(), String> {
+    if url.len() > MAX_URL_LEN {
+        return Err(format!("webhook URL is longer than {MAX_URL_LEN} bytes"));
+    }
+    if !url.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "webhook URL {url:?} must be printable ASCII without spaces"
+        ));
+    }
+    if url.starts_with("https://") {
+        return Err(format!(
+            "webhook URL {url:?}: https is not supported yet; use http:// on a trusted network"
+        ));
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("webhook URL {url:?} must start with http://"));
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || host.contains('@') {
+        return Err(format!(
+            "webhook URL {url:?} has no host (or has credentials)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_and_webhooks_are_checked() {
+        assert!(check_email("ops@example.com").is_ok());
+        assert!(check_email("a.b+c@mail.example-1.org").is_ok());
+        for bad in [
+            "",
+            "ops",
+            "@x.org",
+            "ops@",
+            "o ps@x.org",
+            "ops@x..org",
+            "a\r\n@x.org",
+        ] {
+            assert!(check_email(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_webhook("http://127.0.0.1:8080/hook").is_ok());
+        assert!(check_webhook("http://hooks.example.com").is_ok());
+        for bad in [
+            "https://x.org/",
+            "ftp://x",
+            "http://",
+            "http://u:p@x/",
+            "http://x/a b",
+            "x",
+        ] {
+            assert!(check_webhook(bad).is_err(), "{bad:?}");
+        }
+    }
+}
