@@ -963,6 +963,18 @@ pub(crate) fn transfer(
     let repo = super::image::open_repository(agent, work.repository)?;
     if let Some(done) = super::image::committed(&repo, work.repository, &lineage, work.rp)? {
         tracing::info!(rp = %work.rp, lineage, "recovery point already committed by an earlier attempt");
+        // The earlier attempt may have died before retiring the consumed bitmap.
+        if let Ok(descriptor) = agent.described_vm(spec.vm)
+            && let Some(qemu) = &descriptor.qemu
+            && let Some(disk) = descriptor.disks.iter().find(|d| d.id == source.disk)
+        {
+            retire_consumed(
+                qemu,
+                disk,
+                &FleeceNames::of(spec.vm, &disk.id),
+                frozen.as_deref(),
+            );
+        }
         return Ok(StepResult::Transfer {
             disk: source.disk.clone(),
             bytes_read: done.bytes_read,
@@ -1058,35 +1070,48 @@ pub(crate) fn transfer(
     // The recovery point is durable: the frozen bitmap has served. Dropping it makes the new
     // bitmap the one covering changes since this recovery point; if this fails, the release
     // folds it back and the next backup is an express full at worst.
-    let cleanup = rt.block_on(async {
-        let mut qmp = connect(qemu).await?;
-        let overlay = scratch_dir(qemu, disk).join(&names.overlay_file);
-        let node = disk_node(disk)?;
-        teardown_export_only(&mut qmp, &names).await?;
-        if let Some(frozen) = &frozen {
-            let info = node_info(&mut qmp, node).await?;
-            if info.bitmaps.iter().any(|b| &b.name == frozen) {
-                qmp.execute(
-                    "block-dirty-bitmap-remove",
-                    Some(json!({"node": node, "name": frozen})),
-                )
-                .await
-                .map_err(|e| live_error("dropping the bitmap this backup consumed", e))?;
-            }
-        }
-        let _ = overlay;
-        Ok::<(), Error>(())
-    });
-    if let Err(e) = cleanup {
-        tracing::warn!(disk = %disk.id, error = %e,
-            "could not retire the consumed bitmap; the next backup may read everything");
-    }
+    retire_consumed(qemu, disk, &names, frozen.as_deref());
     Ok(StepResult::Transfer {
         disk: source.disk.clone(),
         bytes_read: summary.bytes_read,
         bytes_stored: summary.bytes_stored,
         incremental: summary.tracked,
     })
+}
+
+/// Best effort, once a disk's recovery point is durable: removes the snapshot's export and the
+/// frozen bitmap it consumed, so the bitmap the snapshot started covers changes since this
+/// recovery point. On failure the release folds the frozen bitmap back, and the next backup is
+/// an express full at worst.
+fn retire_consumed(
+    qemu: &QemuVm,
+    disk: &DescriptorDisk,
+    names: &FleeceNames,
+    frozen: Option<&str>,
+) {
+    let retired = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let mut qmp = connect(qemu).await?;
+            let node = disk_node(disk)?;
+            teardown_export_only(&mut qmp, names).await?;
+            if let Some(frozen) = frozen {
+                let info = node_info(&mut qmp, node).await?;
+                if info.bitmaps.iter().any(|b| b.name == frozen) {
+                    qmp.execute(
+                        "block-dirty-bitmap-remove",
+                        Some(json!({"node": node, "name": frozen})),
+                    )
+                    .await
+                    .map_err(|e| live_error("dropping the bitmap this backup consumed", e))?;
+                }
+            }
+            Ok::<(), Error>(())
+        })
+    });
+    if let Err(e) = retired {
+        tracing::warn!(disk = %disk.id, error = %e,
+            "could not retire the consumed bitmap; the next backup may read everything");
+    }
 }
 
 /// Removes only the export of a disk's snapshot (its bitmap is busy while exported).
