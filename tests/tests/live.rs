@@ -370,7 +370,12 @@ fn a_running_vm_is_backed_up_incrementally_while_it_writes_and_survives_kill_9()
         "the express full started a new bitmap"
     );
 
-    for (rp, expected) in [(&rp1, &at1), (&rp2, &at2), (&rp_after, &at_after), (&rp3, &at3)] {
+    for (rp, expected) in [
+        (&rp1, &at1),
+        (&rp2, &at2),
+        (&rp_after, &at_after),
+        (&rp3, &at3),
+    ] {
         check_restore(&server, root, &vm, rp, expected);
     }
 }
