@@ -305,7 +305,7 @@ fn a_running_vm_is_backed_up_incrementally_while_it_writes_and_survives_kill_9()
     qsd.write(0x44, &[12]);
     server.kill9();
     qsd.write(0x55, &[20]);
-    let server = UpServer::start(&data, &[], &[]);
+    let server = UpServer::start(&data, &[], &delayed);
     let done2 = wait_job(&server, &job2);
     assert!(
         step(&done2, "Transfer disk0")["attempt"].as_u64().unwrap() >= 2,
@@ -316,7 +316,25 @@ fn a_running_vm_is_backed_up_incrementally_while_it_writes_and_survives_kill_9()
     assert_eq!(bytes_read(&server, &vm, &rp2), 4 * 65536);
     assert_eq!(disk_tracking(&server, &vm), "active");
 
-    // 3. The bitmap is deleted behind cairn's back: an express full, recorded and healed.
+    // 3. A failed (cancelled) transfer loses no dirty block: the next backup reads every
+    //    change since rp2.
+    let cancelled = request_backup(&server, &vm);
+    wait_step_running(&server, &cancelled, "Transfer disk0");
+    let (status, body) = server.http("POST", &format!("/v1/jobs/{cancelled}/cancel"), Some("{}"));
+    assert_eq!(status, 202, "{body}");
+    wait_until(Duration::from_secs(60), "the cancelled job to end", || {
+        job(&server, &cancelled)["state"] == "Cancelled"
+    });
+    qsd.write(0x77, &[45]);
+    let at_after = root.join("at-after-cancel.raw");
+    qsd.copy(&at_after);
+    let job_after = request_backup(&server, &vm);
+    let done_after = wait_job(&server, &job_after);
+    let rp_after = done_after["rp"].as_str().unwrap().to_string();
+    // Dirty since snapshot 2: 12 and 20 (during and after the killed transfer) and 45.
+    assert_eq!(bytes_read(&server, &vm, &rp_after), 3 * 65536);
+
+    // 4. The bitmap is deleted behind cairn's back: an express full, recorded and healed.
     let nodes = qsd.qmp("query-named-block-nodes", json!({"flat": true}));
     let bitmap = nodes
         .as_array()
@@ -352,7 +370,12 @@ fn a_running_vm_is_backed_up_incrementally_while_it_writes_and_survives_kill_9()
         "the express full started a new bitmap"
     );
 
-    for (rp, expected) in [(&rp1, &at1), (&rp2, &at2), (&rp3, &at3)] {
+    for (rp, expected) in [
+        (&rp1, &at1),
+        (&rp2, &at2),
+        (&rp_after, &at_after),
+        (&rp3, &at3),
+    ] {
         check_restore(&server, root, &vm, rp, expected);
     }
 }

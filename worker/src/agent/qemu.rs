@@ -990,6 +990,18 @@ fn transfer_outcome(
     let repo = super::image::open_repository(agent, work.repository)?;
     if let Some(done) = super::image::committed(&repo, work.repository, &lineage, work.rp)? {
         tracing::info!(rp = %work.rp, lineage, "recovery point already committed by an earlier attempt");
+        // The earlier attempt may have died before retiring the consumed bitmap.
+        if let Ok(descriptor) = agent.described_vm(spec.vm)
+            && let Some(qemu) = &descriptor.qemu
+            && let Some(disk) = descriptor.disks.iter().find(|d| d.id == source.disk)
+        {
+            retire_consumed(
+                qemu,
+                disk,
+                &FleeceNames::of(spec.vm, &disk.id),
+                frozen.as_deref(),
+            );
+        }
         return Ok(super::image::TransferOutcome {
             bytes_read: done.bytes_read,
             bytes_stored: done.bytes_stored,
@@ -1086,29 +1098,7 @@ fn transfer_outcome(
     // The recovery point is durable: the frozen bitmap has served. Dropping it makes the new
     // bitmap the one covering changes since this recovery point; if this fails, the release
     // folds it back and the next backup is an express full at worst.
-    let cleanup = rt.block_on(async {
-        let mut qmp = connect(qemu).await?;
-        let overlay = scratch_dir(qemu, disk).join(&names.overlay_file);
-        let node = disk_node(disk)?;
-        teardown_export_only(&mut qmp, &names).await?;
-        if let Some(frozen) = &frozen {
-            let info = node_info(&mut qmp, node).await?;
-            if info.bitmaps.iter().any(|b| &b.name == frozen) {
-                qmp.execute(
-                    "block-dirty-bitmap-remove",
-                    Some(json!({"node": node, "name": frozen})),
-                )
-                .await
-                .map_err(|e| live_error("dropping the bitmap this backup consumed", e))?;
-            }
-        }
-        let _ = overlay;
-        Ok::<(), Error>(())
-    });
-    if let Err(e) = cleanup {
-        tracing::warn!(disk = %disk.id, error = %e,
-            "could not retire the consumed bitmap; the next backup may read everything");
-    }
+    retire_consumed(qemu, disk, &names, frozen.as_deref());
     Ok(super::image::TransferOutcome {
         bytes_read: summary.bytes_read,
         bytes_stored: summary.bytes_stored,
@@ -1116,6 +1106,41 @@ fn transfer_outcome(
         chunks_total: summary.chunks_total,
         chunks_differing: summary.chunks_new + summary.chunks_reused,
     })
+}
+
+/// Best effort, once a disk's recovery point is durable: removes the snapshot's export and the
+/// frozen bitmap it consumed, so the bitmap the snapshot started covers changes since this
+/// recovery point. On failure the release folds the frozen bitmap back, and the next backup is
+/// an express full at worst.
+fn retire_consumed(
+    qemu: &QemuVm,
+    disk: &DescriptorDisk,
+    names: &FleeceNames,
+    frozen: Option<&str>,
+) {
+    let retired = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let mut qmp = connect(qemu).await?;
+            let node = disk_node(disk)?;
+            teardown_export_only(&mut qmp, names).await?;
+            if let Some(frozen) = frozen {
+                let info = node_info(&mut qmp, node).await?;
+                if info.bitmaps.iter().any(|b| b.name == frozen) {
+                    qmp.execute(
+                        "block-dirty-bitmap-remove",
+                        Some(json!({"node": node, "name": frozen})),
+                    )
+                    .await
+                    .map_err(|e| live_error("dropping the bitmap this backup consumed", e))?;
+                }
+            }
+            Ok::<(), Error>(())
+        })
+    });
+    if let Err(e) = retired {
+        tracing::warn!(disk = %disk.id, error = %e,
+            "could not retire the consumed bitmap; the next backup may read everything");
+    }
 }
 
 /// Removes only the export of a disk's snapshot (its bitmap is busy while exported).
