@@ -20,6 +20,7 @@
 mod client;
 mod handshake;
 pub mod proto;
+pub mod server;
 #[cfg(test)]
 mod tests;
 mod wire;
