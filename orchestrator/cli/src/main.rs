@@ -3,6 +3,7 @@
 
 mod client_cmd;
 mod demo;
+mod items_cmd;
 mod progress;
 mod repo_cmd;
 mod units;

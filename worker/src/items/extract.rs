@@ -144,8 +144,15 @@ impl<'p> Extractor<'p> {
         })
     }
 
-    pub(super) fn finish(self) -> ExtractReport {
-        self.report
+    /// Makes everything written durable (one `syncfs` of the target's file system rather than
+    /// an fsync per file) and returns the report.
+    pub(super) fn finish(self) -> Result<ExtractReport, Error> {
+        let root = File::open(&self.root).map_err(io_error(&self.root))?;
+        // SAFETY: syncfs on a valid, owned descriptor has no memory-safety preconditions.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+            return Err(io_error(&self.root)(std::io::Error::last_os_error()));
+        }
+        Ok(self.report)
     }
 
     fn skip(&mut self, path: &str, reason: impl Into<String>) {
@@ -172,6 +179,24 @@ impl<'p> Extractor<'p> {
             });
         }
         Ok(())
+    }
+
+    /// Below an item, a file or folder the file system cannot give (damaged, or a name the
+    /// driver refuses) is skipped and reported so the rest still comes out; limits, errors of
+    /// the target and errors of the item itself stop the extraction.
+    fn skip_or_fail(&mut self, shown: &str, depth: usize, e: Error) -> Result<(), Error> {
+        match e {
+            Error::Damaged(_)
+            | Error::Read(_)
+            | Error::NotFound { .. }
+            | Error::Unsupported { .. }
+                if depth > 0 =>
+            {
+                self.skip(shown, e.to_string());
+                Ok(())
+            }
+            e => Err(e),
+        }
     }
 
     /// Extracts the item at `src` (inside its volume) as `root/<name>`.
@@ -262,10 +287,9 @@ impl<'p> Extractor<'p> {
                     Err(e) => {
                         drop(file);
                         let _ = std::fs::remove_file(&dest);
-                        return Err(e);
+                        return self.skip_or_fail(shown, depth, e);
                     }
                 };
-                file.sync_data().map_err(io_error(&dest))?;
                 set_meta(&file, node, false);
                 self.report.files += 1;
                 self.report.bytes += written;
@@ -286,7 +310,10 @@ impl<'p> Extractor<'p> {
                     Err(e) => return Err(io_error(&dest)(e)),
                 }
                 self.report.dirs += 1;
-                let children = tree.list(&src, self.limits.max_dir_entries)?;
+                let children = match tree.list(&src, self.limits.max_dir_entries) {
+                    Ok(children) => children,
+                    Err(e) => return self.skip_or_fail(shown, depth, e),
+                };
                 for child in &children {
                     let mut child_src = src.clone();
                     child_src.push(child.raw_name.clone());
@@ -307,7 +334,6 @@ impl<'p> Extractor<'p> {
                     .open(&dest)
                     .map_err(io_error(&dest))?;
                 set_meta(&dir, node, true);
-                dir.sync_all().map_err(io_error(&dest))?;
             }
             NodeKind::Symlink => {
                 let target = tree.read_link(&src)?;

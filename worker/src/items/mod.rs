@@ -326,6 +326,6 @@ impl Disk {
                 ex.extract_item(tree.as_mut(), item, rest, &name)
             })?;
         }
-        Ok(ex.finish())
+        ex.finish()
     }
 }
