@@ -11,7 +11,7 @@ use std::pin::Pin;
 use cairn_schemas::Command;
 
 use crate::views::{
-    Accepted, AuditReport, EventView, GroupView, JobView, NodeView, RpView, VmView,
+    Accepted, AuditReport, BrowseView, EventView, GroupView, JobView, NodeView, RpView, VmView,
 };
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -100,5 +100,21 @@ pub trait Control: Send + Sync + 'static {
     /// default, empty, makes such a request fail validation (`repository must not be empty`).
     fn default_repository(&self) -> String {
         String::new()
+    }
+
+    /// Lists `path` inside disk `disk` (default: the first) of recovery point `rp` of `vm`,
+    /// asking the worker of the VM's node (item-level recovery). The default: unavailable.
+    fn browse(
+        &self,
+        _vm: &str,
+        _rp: &str,
+        _disk: Option<&str>,
+        _path: &str,
+    ) -> BoxFuture<'_, Result<BrowseView, ControlError>> {
+        Box::pin(async {
+            Err(ControlError::Unavailable(
+                "this orchestrator cannot browse recovery points".into(),
+            ))
+        })
     }
 }

@@ -143,3 +143,13 @@ pub struct Accepted {
     /// Sequence of the last event the command appended (read-your-writes for `events tail`).
     pub seq: u64,
 }
+
+/// A folder listing inside a recovery point (item-level recovery).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrowseView {
+    pub vm: String,
+    pub rp: String,
+    pub disk: String,
+    pub path: String,
+    pub entries: Vec<cairn_schemas::BrowseEntry>,
+}

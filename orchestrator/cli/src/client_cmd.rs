@@ -73,6 +73,8 @@ pub enum ClientCommand {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Extract files and folders of a recovery point into a folder on a node (a job).
+    RecoverItems(crate::items_cmd::RecoverItemsArgs),
 }
 
 /// Options of every client command.
@@ -80,10 +82,10 @@ pub enum ClientCommand {
 pub struct ServerOpts {
     /// URL of the orchestrator's HTTP API.
     #[arg(long, env = "CAIRN_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
+    pub(crate) server: String,
     /// Print the server's JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,7 +141,7 @@ pub struct WaitOpts {
     /// Wait for the job to end, printing its progress; exit 0 when it succeeded, 1 when it
     /// failed or was cancelled.
     #[arg(long)]
-    wait: bool,
+    pub(crate) wait: bool,
     /// Give up waiting after this long (e.g. 90s, 30m, 6h) and exit 2; the job goes on.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     timeout: Duration,
@@ -203,6 +205,10 @@ pub enum RpCommand {
         #[command(flatten)]
         opts: ServerOpts,
     },
+    /// List partitions, folders and files inside a recovery point, without restoring it.
+    Browse(crate::items_cmd::RpBrowseArgs),
+    /// Serve a recovery point's disk read-only over NBD (from the repository folder).
+    Export(crate::items_cmd::RpExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -326,6 +332,13 @@ pub fn run(command: ClientCommand) -> Result<i32> {
             }
             Ok(0)
         }
+        ClientCommand::Rp {
+            command: RpCommand::Browse(args),
+        } => crate::items_cmd::rp_browse(&args),
+        ClientCommand::Rp {
+            command: RpCommand::Export(args),
+        } => crate::items_cmd::rp_export(&args),
+        ClientCommand::RecoverItems(args) => crate::items_cmd::recover_items(&args),
         ClientCommand::Restore(args) => restore(&args),
         ClientCommand::Events {
             command:
@@ -450,7 +463,12 @@ fn restore(args: &RestoreArgs) -> Result<i32> {
 
 /// Follows a job until it ends or the deadline passes: long-polls the event log and
 /// re-reads the job whenever one of its events (or nothing for a while) comes by.
-fn wait_for_job(client: &Client, accepted: &Accepted, wait: &WaitOpts, json: bool) -> Result<i32> {
+pub(crate) fn wait_for_job(
+    client: &Client,
+    accepted: &Accepted,
+    wait: &WaitOpts,
+    json: bool,
+) -> Result<i32> {
     let started = Instant::now();
     let deadline = started + wait.timeout;
     let job_path = format!("/v1/jobs/{}", segment(&accepted.id)?);
@@ -619,13 +637,13 @@ impl ApiError {
 }
 
 /// A blocking client of one server.
-struct Client {
+pub(crate) struct Client {
     agent: ureq::Agent,
     base: String,
 }
 
 impl Client {
-    fn new(server: &str) -> Result<Client> {
+    pub(crate) fn new(server: &str) -> Result<Client> {
         let base = server.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") {
             bail!(
@@ -644,7 +662,7 @@ impl Client {
         Ok(Client { agent, base })
     }
 
-    fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+    pub(crate) fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
         let mut request = self.agent.get(format!("{}{path}", self.base));
         for (key, value) in query {
             request = request.query(*key, value);
@@ -652,7 +670,7 @@ impl Client {
         self.finish(request.call())
     }
 
-    fn post<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<Value> {
+    pub(crate) fn post<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<Value> {
         let request = self.agent.post(format!("{}{path}", self.base));
         let result = match body {
             Some(body) => {
@@ -710,11 +728,11 @@ fn transport_error(base: &str, err: ureq::Error) -> anyhow::Error {
     }
 }
 
-fn from_value<T: DeserializeOwned>(value: Value) -> Result<T> {
+pub(crate) fn from_value<T: DeserializeOwned>(value: Value) -> Result<T> {
     serde_json::from_value(value).context("the server's answer is not what this client expects")
 }
 
-fn print_json(value: &Value) {
+pub(crate) fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
@@ -766,7 +784,7 @@ fn pick_vm(vms: &[VmView], arg: &str) -> Result<String, String> {
 }
 
 /// Resolves a VM argument; ids are passed through without asking the server.
-fn resolve_vm(client: &Client, arg: &str) -> Result<String> {
+pub(crate) fn resolve_vm(client: &Client, arg: &str) -> Result<String> {
     Ok(resolve_vms(client, std::slice::from_ref(&arg.to_owned()))?.remove(0))
 }
 
@@ -788,7 +806,7 @@ fn resolve_vms(client: &Client, args: &[String]) -> Result<Vec<String>> {
 
 /// The recovery point that `arg` names among a VM's: `latest`, an id, or a unique prefix of
 /// at least 8 characters.
-fn pick_rp(rps: &[RpView], arg: &str) -> Result<String, String> {
+pub(crate) fn pick_rp(rps: &[RpView], arg: &str) -> Result<String, String> {
     if arg == "latest" {
         return rps
             .iter()

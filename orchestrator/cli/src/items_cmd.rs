@@ -296,3 +296,217 @@ pub fn run_repo(command: RepoItemsCommand) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// The worker side of `GET /v1/vms/{vm}/browse` in `cairn up`: lists a folder through the agent.
+pub fn browse_on_worker(
+    agent: &cairn_worker::agent::Agent,
+    request: &cairn_schemas::BrowseRequest,
+) -> Result<Vec<cairn_schemas::BrowseEntry>, String> {
+    let nodes = cairn_worker::agent::items::browse(
+        agent,
+        &request.repository,
+        request.vm,
+        &request.disk,
+        request.rp,
+        &request.path,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(nodes
+        .into_iter()
+        .map(|n| cairn_schemas::BrowseEntry {
+            name: n.name,
+            kind: serde_json::to_value(n.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            size: n.size,
+            mode: n.mode,
+            mtime: n.mtime,
+            detail: n.detail,
+        })
+        .collect())
+}
+
+/// `cairn rp browse VM --rp RP [--disk D] [--path P]`.
+#[derive(Debug, Args)]
+pub struct RpBrowseArgs {
+    /// The VM (id or unique name).
+    vm: String,
+    /// Recovery point: its id, a unique prefix of at least 8 characters, or `latest`.
+    #[arg(long)]
+    rp: String,
+    /// The disk (default: the recovery point's first disk).
+    #[arg(long)]
+    disk: Option<String>,
+    /// `/` lists the volumes (p1, p2, … or `disk`), `/p2/etc` a folder.
+    #[arg(long, default_value = "/")]
+    path: String,
+    #[command(flatten)]
+    opts: crate::client_cmd::ServerOpts,
+}
+
+/// `cairn recover-items VM --rp RP --item PATH... --to DIR`.
+#[derive(Debug, Args)]
+pub struct RecoverItemsArgs {
+    /// The VM (id or unique name).
+    vm: String,
+    /// Recovery point: its id, a unique prefix of at least 8 characters, or `latest`.
+    #[arg(long)]
+    rp: String,
+    /// The disk (default: the recovery point's first disk).
+    #[arg(long)]
+    disk: Option<String>,
+    /// An item to extract (repeatable), e.g. `/p2/etc/hosts`, `/p2/home`.
+    #[arg(long = "item", required = true)]
+    items: Vec<String>,
+    /// Absolute folder on the node; each item lands in `DIR/<its name>`.
+    #[arg(long)]
+    to: String,
+    /// Node that writes (default: the node hosting the VM).
+    #[arg(long)]
+    node: Option<String>,
+    #[command(flatten)]
+    wait: crate::client_cmd::WaitOpts,
+    #[command(flatten)]
+    opts: crate::client_cmd::ServerOpts,
+}
+
+/// `cairn rp export VM --rp RP [--disk D] --socket PATH | --listen ADDR --repository DIR`.
+#[derive(Debug, Args)]
+pub struct RpExportArgs {
+    /// The VM (id or unique name).
+    vm: String,
+    /// Recovery point: its id, a unique prefix of at least 8 characters, or `latest`.
+    #[arg(long)]
+    rp: String,
+    /// The disk (default: the recovery point's first disk).
+    #[arg(long)]
+    disk: Option<String>,
+    /// The repository folder that holds the recovery point (this process reads it and serves
+    /// the export; with `cairn up` it is `DATA_DIR/repo`).
+    #[arg(long, env = "CAIRN_REPOSITORY")]
+    repository: PathBuf,
+    /// Key file of an encrypted repository.
+    #[arg(long, env = "CAIRN_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    #[command(flatten)]
+    target: ExportTarget,
+    #[command(flatten)]
+    opts: crate::client_cmd::ServerOpts,
+}
+
+/// Resolves VM and recovery point names with the server; returns (vm id, rp id, disk).
+fn resolve_rp(
+    client: &crate::client_cmd::Client,
+    vm: &str,
+    rp: &str,
+    disk: Option<&str>,
+) -> Result<(String, String, String)> {
+    use crate::client_cmd::{from_value, pick_rp, resolve_vm};
+    let vm = resolve_vm(client, vm)?;
+    let rps: Vec<cairn_orchestrator::views::RpView> =
+        from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
+    let rp = pick_rp(&rps, rp).map_err(|message| anyhow::anyhow!(message))?;
+    let view = rps
+        .iter()
+        .find(|r| r.rp == rp)
+        .context("recovery point vanished")?;
+    let disk = match disk {
+        Some(d) => {
+            if !view.disks.iter().any(|x| x.disk == d) {
+                bail!(
+                    "recovery point {rp} has no disk {d}; it has {}",
+                    view.disks
+                        .iter()
+                        .map(|x| x.disk.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            d.to_string()
+        }
+        None => view
+            .disks
+            .first()
+            .map(|x| x.disk.clone())
+            .context("the recovery point has no disk")?,
+    };
+    Ok((vm, rp, disk))
+}
+
+pub fn rp_browse(args: &RpBrowseArgs) -> Result<i32> {
+    let client = crate::client_cmd::Client::new(&args.opts.server)?;
+    let (vm, rp, disk) = resolve_rp(&client, &args.vm, &args.rp, args.disk.as_deref())?;
+    let value = client.get(
+        &format!("/v1/vms/{vm}/browse"),
+        &[("rp", rp), ("disk", disk), ("path", args.path.clone())],
+    )?;
+    if args.opts.json {
+        crate::client_cmd::print_json(&value);
+    } else {
+        let view: cairn_orchestrator::views::BrowseView = crate::client_cmd::from_value(value)?;
+        println!("recovery point {} disk {}", view.rp, view.disk);
+        for e in &view.entries {
+            let kind = match e.kind.as_str() {
+                "file" => "-",
+                "dir" => "d",
+                "symlink" => "l",
+                "volume" => "v",
+                _ => "s",
+            };
+            let mode = e
+                .mode
+                .map_or_else(|| "    ".to_string(), |m| format!("{m:04o}"));
+            let name = if e.name.chars().any(char::is_control) {
+                format!("{:?}", e.name)
+            } else {
+                e.name.clone()
+            };
+            let detail = e
+                .detail
+                .as_deref()
+                .map(|d| format!("  ({d})"))
+                .unwrap_or_default();
+            println!("  {kind} {mode} {:>10}  {name}{detail}", human(e.size));
+        }
+    }
+    Ok(0)
+}
+
+pub fn recover_items(args: &RecoverItemsArgs) -> Result<i32> {
+    let client = crate::client_cmd::Client::new(&args.opts.server)?;
+    let (vm, rp, disk) = resolve_rp(&client, &args.vm, &args.rp, args.disk.as_deref())?;
+    let body =
+        json!({"rp": rp, "disk": disk, "items": args.items, "to": args.to, "node": args.node});
+    let value = client.post(&format!("/v1/vms/{vm}/recover-items"), Some(&body))?;
+    let accepted: cairn_orchestrator::views::Accepted =
+        crate::client_cmd::from_value(value.clone())?;
+    if !args.opts.json {
+        println!(
+            "item recovery job {} accepted: {} item(s) of recovery point {rp} disk {disk} to {}",
+            accepted.id,
+            args.items.len(),
+            args.to
+        );
+    }
+    if !args.wait.wait {
+        if args.opts.json {
+            crate::client_cmd::print_json(&value);
+        }
+        return Ok(0);
+    }
+    crate::client_cmd::wait_for_job(&client, &accepted, &args.wait, args.opts.json)
+}
+
+pub fn rp_export(args: &RpExportArgs) -> Result<i32> {
+    let client = crate::client_cmd::Client::new(&args.opts.server)?;
+    let (vm, rp, disk) = resolve_rp(&client, &args.vm, &args.rp, args.disk.as_deref())?;
+    let repo = cairn_worker::repo::Repository::open(&args.repository, args.key_file.as_deref())?;
+    let vm_id: cairn_schemas::VmId = vm.parse().map_err(|e| anyhow::anyhow!("vm {vm}: {e}"))?;
+    let disk_id = cairn_schemas::DiskId::new(disk.as_str())
+        .map_err(|e| anyhow::anyhow!("disk {disk}: {e}"))?;
+    let lineage = cairn_worker::agent::lineage_id(vm_id, &disk_id)?;
+    let image = RpImage::open(&repo, &lineage, Some(&rp), DEFAULT_CACHE_CHUNKS)?;
+    let what = format!("disk {disk} of VM {} at recovery point {rp}", args.vm);
+    run_export(Arc::new(image), &args.target, &disk, args.opts.json, &what)
+}

@@ -35,6 +35,7 @@
 mod error;
 mod extract;
 mod handlers;
+mod items;
 mod middleware;
 pub mod wire;
 
@@ -144,6 +145,8 @@ fn routes() -> Vec<Route> {
         route("post", "/v1/jobs/{job}/cancel", handlers::cancel_job),
         route("get", "/v1/events", handlers::events),
         route("get", "/v1/audit/verify", handlers::audit_verify),
+        route("get", "/v1/vms/{vm}/browse", items::browse),
+        route("post", "/v1/vms/{vm}/recover-items", items::recover_items),
     ]
 }
 

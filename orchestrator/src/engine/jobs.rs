@@ -78,6 +78,15 @@ fn step_id(job: &Job, index: u8) -> StepId {
 /// The plan of a job for its VM.
 pub fn plan(job: &Job, vm: &Vm) -> Vec<PlannedStep> {
     match &job.kind {
+        JobKind::Recovery {
+            target: RecoveryTarget::ItemLevel { disk, .. },
+            ..
+        } => vec![PlannedStep {
+            step: step_id(job, 0),
+            kind: StepKind::ExtractItems { disk: disk.clone() },
+            after: vec![],
+            always: false,
+        }],
         JobKind::Recovery { .. } => vm
             .disks
             .iter()
@@ -344,6 +353,7 @@ pub fn step_label(kind: &StepKind) -> String {
         StepKind::ReleaseSnapshot => "ReleaseSnapshot".into(),
         StepKind::CommitRecoveryPoint => "CommitRecoveryPoint".into(),
         StepKind::Restore { disk } => format!("Restore {disk}"),
+        StepKind::ExtractItems { disk } => format!("ExtractItems {disk}"),
     }
 }
 
@@ -493,6 +503,22 @@ fn build_spec(
                     extension(source.format)
                 ),
                 target_format: source.format,
+            }
+        }
+        StepKind::ExtractItems { disk } => {
+            let JobKind::Recovery {
+                rp,
+                target: RecoveryTarget::ItemLevel { items, path, .. },
+            } = &job.kind
+            else {
+                return Err("an item extraction outside an item-level recovery job".into());
+            };
+            StepWork::ExtractItems {
+                disk: disk.clone(),
+                repository,
+                rp: *rp,
+                items: items.clone(),
+                target_path: path.clone(),
             }
         }
     };

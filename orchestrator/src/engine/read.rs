@@ -282,6 +282,18 @@ fn summary(event: &Event) -> String {
                     } => {
                         format!(": disk {disk}, {bytes_written} bytes written")
                     }
+                    cairn_schemas::StepResult::ExtractItems {
+                        disk,
+                        files,
+                        bytes,
+                        skipped,
+                        ..
+                    } => {
+                        format!(
+                            ": disk {disk}, {files} files ({bytes} bytes) extracted, {} skipped",
+                            skipped.len()
+                        )
+                    }
                     _ => String::new(),
                 };
                 format!("{} attempt {attempt} succeeded{detail}", step_name(step))

@@ -31,6 +31,11 @@ pub enum StepKind {
         /// The disk.
         disk: DiskId,
     },
+    /// Extract files and folders out of one disk of a recovery point (item-level recovery).
+    ExtractItems {
+        /// The disk.
+        disk: DiskId,
+    },
 }
 
 /// One step in a job's plan.
@@ -138,6 +143,19 @@ pub enum StepWork {
         /// Format to write.
         target_format: ImageFormat,
     },
+    /// Extract items out of one disk of a recovery point, read straight from the repository.
+    ExtractItems {
+        /// The disk.
+        disk: DiskId,
+        /// Repository location.
+        repository: String,
+        /// The recovery point to read.
+        rp: RecoveryPointId,
+        /// Paths inside the disk: `/<volume>/<path>` with volume `p1`, `p2`, … or `disk`.
+        items: Vec<String>,
+        /// Target folder; nothing is written outside it.
+        target_path: String,
+    },
 }
 
 /// One attempt of one step, as dispatched to a worker.
@@ -172,6 +190,7 @@ impl StepSpec {
             StepWork::ReleaseSnapshot { .. } => StepKind::ReleaseSnapshot,
             StepWork::CommitRecoveryPoint { .. } => StepKind::CommitRecoveryPoint,
             StepWork::Restore { disk, .. } => StepKind::Restore { disk: disk.clone() },
+            StepWork::ExtractItems { disk, .. } => StepKind::ExtractItems { disk: disk.clone() },
         }
     }
 }
@@ -209,6 +228,19 @@ pub enum StepResult {
         disk: DiskId,
         /// Bytes written to the target.
         bytes_written: u64,
+    },
+    /// Items were extracted.
+    ExtractItems {
+        /// The disk.
+        disk: DiskId,
+        /// Files written.
+        files: u64,
+        /// Folders created.
+        dirs: u64,
+        /// Bytes written.
+        bytes: u64,
+        /// What was not extracted and why (`path: reason`), at most a few hundred lines.
+        skipped: Vec<String>,
     },
 }
 

@@ -94,11 +94,12 @@ pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
         StepWork::ReleaseSnapshot { .. } => (2, "release_snapshot"),
         StepWork::CommitRecoveryPoint { .. } => (3, "commit_recovery_point"),
         StepWork::Restore { .. } => (4, "restore"),
+        StepWork::ExtractItems { .. } => (5, "extract_items"),
     }
 }
 
 /// Number of step work variants.
-pub const N_WORK_VARIANTS: usize = 5;
+pub const N_WORK_VARIANTS: usize = 6;
 
 /// Index and name of a report variant, by body and, for successes, by result kind.
 pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
@@ -111,13 +112,14 @@ pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
             StepResult::ReleaseSnapshot => (4, "succeeded_release_snapshot"),
             StepResult::CommitRecoveryPoint => (5, "succeeded_commit_recovery_point"),
             StepResult::Restore { .. } => (6, "succeeded_restore"),
+            StepResult::ExtractItems { .. } => (8, "succeeded_extract_items"),
         },
         ReportBody::Failed { .. } => (7, "failed"),
     }
 }
 
 /// Number of report variants.
-pub const N_REPORT_VARIANTS: usize = 8;
+pub const N_REPORT_VARIANTS: usize = 9;
 
 /// Index and name of a command variant.
 pub fn command_variant(command: &Command) -> (usize, &'static str) {
@@ -289,6 +291,16 @@ fn specs() -> Vec<StepSpec> {
                 target_format: ImageFormat::Vhdx,
             },
         ),
+        with(
+            6,
+            StepWork::ExtractItems {
+                disk: disk("vda"),
+                repository: "/srv/cairn/repo".into(),
+                rp: parent_rp(),
+                items: vec!["/p2/etc/hosts".into(), "/p1/EFI".into()],
+                target_path: "/restore/items".into(),
+            },
+        ),
     ]
 }
 
@@ -332,6 +344,15 @@ fn report_bodies() -> Vec<ReportBody> {
         ReportBody::Failed {
             class: FailureClass::Retryable,
             message: "NBD connection reset by peer".into(),
+        },
+        ReportBody::Succeeded {
+            result: StepResult::ExtractItems {
+                disk: disk("vda"),
+                files: 12,
+                dirs: 3,
+                bytes: 1 << 20,
+                skipped: vec!["/p2/dev/null: device node".into()],
+            },
         },
     ]
 }

@@ -3,7 +3,7 @@
 //!
 //! Set [`FAULT_DELAY_ENV`] (`CAIRN_FAULT_STEP_DELAY_MS`) to a comma-separated list of
 //! `<StepKind>=<milliseconds>`, e.g. `Snapshot=3000,CommitRecoveryPoint=3000,Transfer=0`. Kinds
-//! are `Snapshot`, `Transfer`, `ReleaseSnapshot`, `CommitRecoveryPoint` and `Restore` (any case);
+//! are `Snapshot`, `Transfer`, `ReleaseSnapshot`, `CommitRecoveryPoint`, `Restore` and `ExtractItems` (any case);
 //! spaces around items are ignored; an empty value means no delays. A malformed value makes
 //! [`super::Agent::new`] fail rather than be ignored, so a crash test never runs without the
 //! delay it asked for. This is a test hook: production workers leave the variable unset.
@@ -19,12 +19,13 @@ pub const FAULT_DELAY_ENV: &str = "CAIRN_FAULT_STEP_DELAY_MS";
 const MAX_DELAY_MS: u64 = 3_600_000;
 
 /// The kinds of step a delay may apply to.
-const KINDS: [&str; 5] = [
+const KINDS: [&str; 6] = [
     "Snapshot",
     "Transfer",
     "ReleaseSnapshot",
     "CommitRecoveryPoint",
     "Restore",
+    "ExtractItems",
 ];
 
 /// Why a fault hook value is refused.
@@ -99,6 +100,7 @@ impl FaultDelays {
             StepWork::ReleaseSnapshot { .. } => 2,
             StepWork::CommitRecoveryPoint { .. } => 3,
             StepWork::Restore { .. } => 4,
+            StepWork::ExtractItems { .. } => 5,
         };
         self.delays
             .iter()

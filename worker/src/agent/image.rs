@@ -156,7 +156,7 @@ fn repository_dir(location: &str) -> Result<&Path, Error> {
     }
 }
 
-fn open_repository(agent: &Agent, location: &str) -> Result<Repository, Error> {
+pub(super) fn open_repository(agent: &Agent, location: &str) -> Result<Repository, Error> {
     let dir = repository_dir(location)?;
     Repository::open(dir, agent.config.key_file.as_deref()).map_err(|source| Error::Repo {
         repository: location.to_owned(),

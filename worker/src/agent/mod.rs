@@ -35,6 +35,7 @@
 pub mod descriptor;
 pub mod fault;
 mod image;
+pub mod items;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -183,6 +184,9 @@ pub enum Error {
         #[source]
         source: repo::Error,
     },
+    /// Item-level recovery failed (a path, the image's file systems or the target folder).
+    #[error(transparent)]
+    Items(crate::items::Error),
     /// The caller set the cancel flag.
     #[error("step cancelled")]
     Cancelled,
@@ -203,6 +207,8 @@ impl Error {
             }
             Error::Source { source, .. } => source_class(source),
             Error::Repo { source, .. } => repo_class(source),
+            Error::Items(crate::items::Error::Io { source, .. }) => io_class(source),
+            Error::Items(_) => FailureClass::Permanent,
             Error::FaultHook(_)
             | Error::WrongNode { .. }
             | Error::InvalidStep(_)
@@ -291,6 +297,11 @@ impl Agent {
             faults,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
         })
+    }
+
+    /// The node this agent works for.
+    pub fn node(&self) -> &NodeId {
+        &self.config.node
     }
 
     /// Replaces the fault delays (tests that cannot set the environment).
@@ -454,6 +465,24 @@ impl Agent {
                     rp: *rp,
                     target_path,
                     target_format: *target_format,
+                },
+                progress,
+            ),
+            StepWork::ExtractItems {
+                disk,
+                repository,
+                rp,
+                items: paths,
+                target_path,
+            } => items::extract(
+                self,
+                spec,
+                &items::ExtractWork {
+                    disk,
+                    repository,
+                    rp: *rp,
+                    items: paths,
+                    target_path,
                 },
                 progress,
             ),
