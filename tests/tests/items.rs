@@ -6,6 +6,7 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use cairn_tests::*;
 
@@ -844,4 +845,146 @@ fn nbd_export_of_a_recovery_point_reads_like_the_original() {
         );
     }
     drop(export);
+}
+
+#[test]
+fn through_the_server_browse_recover_items_as_a_job_and_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let disk = dir.path().join("web-root.raw");
+    sparse_copy(&vm_disk(DISK_MIB), &disk);
+    write_vm(
+        &data.join("vms"),
+        "web",
+        "0b3c6f1e-2a5b-4c6d-8e7f-901a2b3c4d5f",
+        &[("root", &disk)],
+    );
+    let server = UpServer::start(&data, &[], &[]);
+    let url = server.url();
+    wait_until(Duration::from_secs(60), "the VM in the inventory", || {
+        server
+            .get("/v1/vms")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "web")
+    });
+    cairn_ok(&[
+        "group",
+        "create",
+        "items",
+        "--vm",
+        "web",
+        "--retention-days",
+        "7",
+        "--sync",
+        "24h",
+        "--server",
+        &url,
+    ]);
+    wait_until(Duration::from_secs(180), "the first backup", || {
+        server
+            .get("/v1/jobs")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["state"] == "Succeeded")
+    });
+    let listing = cairn_json(&[
+        "rp", "browse", "web", "--rp", "latest", "--path", "/p2/etc", "--server", &url,
+    ]);
+    assert_eq!(listing["disk"], "root");
+    let names: Vec<&str> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hosts", "passwd"]);
+    let text = cairn_ok(&["rp", "browse", "web", "--rp", "latest", "--server", &url]);
+    assert!(text.contains("p2") && text.contains("ext4, root"), "{text}");
+    // A bad path is a 400 naming the problem, and the server keeps serving.
+    let bad = cairn(&[
+        "rp", "browse", "web", "--rp", "latest", "--path", "/p9", "--server", &url,
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("/p9"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    let to = dir.path().join("recovered");
+    let out = cairn_ok(&[
+        "recover-items",
+        "web",
+        "--rp",
+        "latest",
+        "--item",
+        "/p2/etc/hosts",
+        "--item",
+        "/p1/EFI",
+        "--to",
+        s(&to),
+        "--wait",
+        "--server",
+        &url,
+    ]);
+    assert!(out.contains("Succeeded"), "{out}");
+    assert_eq!(
+        std::fs::read(to.join("hosts")).unwrap(),
+        b"127.0.0.1 localhost\n"
+    );
+    assert_eq!(
+        std::fs::read(to.join("EFI/BOOT/grub.cfg")).unwrap(),
+        b"default=linux\ntimeout=3\n"
+    );
+    let jobs = server.get("/v1/jobs");
+    let job = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"].as_str().unwrap_or_default().contains("Recovery"))
+        .unwrap_or_else(|| panic!("no recovery job: {jobs}"))
+        .clone();
+    let shown = server.get(&format!("/v1/jobs/{}", job["job"].as_str().unwrap()));
+    assert!(shown.to_string().contains("ExtractItems root"), "{shown}");
+    // Items with `..` are refused before a job exists.
+    let refused = cairn(&[
+        "recover-items",
+        "web",
+        "--rp",
+        "latest",
+        "--item",
+        "/p2/../etc",
+        "--to",
+        s(&to),
+        "--server",
+        &url,
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("invalid_path")
+            || String::from_utf8_lossy(&refused.stderr).contains("must look like")
+    );
+
+    // The instant export of the same recovery point, compared with the original disk.
+    let socket = dir.path().join("rp.sock");
+    let export = Export::start(&[
+        "rp",
+        "export",
+        "web",
+        "--rp",
+        "latest",
+        "--repository",
+        s(&data.join("repo")),
+        "--socket",
+        s(&socket),
+        "--server",
+        &url,
+    ]);
+    sh(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", s(&disk), &export.uri],
+    );
 }
