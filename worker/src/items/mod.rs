@@ -18,6 +18,8 @@ mod fs_ntfs;
 pub mod partition;
 pub mod probe;
 mod slice;
+#[cfg(test)]
+mod tests;
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;

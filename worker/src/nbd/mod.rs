@@ -22,6 +22,8 @@ mod handshake;
 pub mod proto;
 pub mod server;
 #[cfg(test)]
+mod server_tests;
+#[cfg(test)]
 mod tests;
 mod wire;
 
