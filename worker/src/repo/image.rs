@@ -160,7 +160,7 @@ impl RpImage {
     }
 
     /// The plaintext of chunk `pos` (`None` = all zeros), from the cache or the pack.
-    fn chunk(&self, pos: u64) -> Result<Option<Arc<Vec<u8>>>, Error> {
+    fn chunk(&self, pos: u64) -> Result<Plain, Error> {
         if let Some(hit) = self.cache.lock().expect("chunk cache lock").get(pos) {
             return Ok(hit);
         }
@@ -272,13 +272,17 @@ impl DiskView for RpImage {
     }
 }
 
+/// A decoded chunk; `None` = all zeros.
+type Plain = Option<Arc<Vec<u8>>>;
+
 /// Decoded chunks by position, least recently used evicted first. Small (tens of entries), so
 /// eviction scans.
 #[derive(Debug)]
 struct ChunkCache {
     cap: usize,
     tick: u64,
-    entries: HashMap<u64, (u64, Option<Arc<Vec<u8>>>)>,
+    /// Position → (last use, chunk).
+    entries: HashMap<u64, (u64, Plain)>,
 }
 
 impl ChunkCache {
@@ -291,8 +295,7 @@ impl ChunkCache {
     }
 
     /// `Some(None)` is a cached zero chunk.
-    #[allow(clippy::option_option)] // reason: "not cached" and "cached as zero" differ
-    fn get(&mut self, pos: u64) -> Option<Option<Arc<Vec<u8>>>> {
+    fn get(&mut self, pos: u64) -> Option<Plain> {
         self.tick += 1;
         let tick = self.tick;
         self.entries.get_mut(&pos).map(|(used, chunk)| {
@@ -301,7 +304,7 @@ impl ChunkCache {
         })
     }
 
-    fn put(&mut self, pos: u64, chunk: Option<Arc<Vec<u8>>>) {
+    fn put(&mut self, pos: u64, chunk: Plain) {
         if self.entries.len() >= self.cap && !self.entries.contains_key(&pos) {
             if let Some((&oldest, _)) = self.entries.iter().min_by_key(|(_, (used, _))| *used) {
                 self.entries.remove(&oldest);
