@@ -66,7 +66,10 @@ pub(crate) fn extract(
     })?;
     let report = disk
         .extract(work.items, target, &Limits::default(), progress)
-        .map_err(Error::Items)?;
+        .map_err(|e| match e {
+            crate::items::Error::Cancelled => Error::Cancelled,
+            e => Error::Items(e),
+        })?;
     tracing::info!(
         files = report.files, dirs = report.dirs, bytes = report.bytes,
         skipped = report.skipped.len(), target = %target.display(), "items extracted"

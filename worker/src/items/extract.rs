@@ -3,9 +3,12 @@
 //!
 //! - Names must be 1–255 bytes, not `.`/`..`, without `/` or NUL; anything else is skipped and
 //!   reported.
-//! - Files are created with `O_CREAT|O_EXCL|O_NOFOLLOW` and folders with `mkdir`, so nothing is
-//!   ever written through an existing entry or a link; a name that already exists is skipped and
-//!   reported. We only descend into folders this run created.
+//! - Files are written under a temporary name (`.cairn-partial-PID-N`, created with
+//!   `O_CREAT|O_EXCL|O_NOFOLLOW`) and renamed into place with `RENAME_NOREPLACE`; folders are
+//!   made with `mkdir`. So nothing is ever written through an existing entry or a link, a crash
+//!   never leaves a half-written file under an item's name, and a name that already exists is
+//!   skipped and reported. We only descend into folders this run created. All of it is made
+//!   durable by one `syncfs` at the end.
 //! - A symlink is recreated only when its target is relative, made of leading `..` components
 //!   that stay within the target folder followed by plain names; such a link resolves inside the
 //!   target folder whatever the other links point to (each of them obeys the same rule). Others
@@ -49,6 +52,8 @@ pub(super) struct Extractor<'p> {
     limits: Limits,
     report: ExtractReport,
     entries: u64,
+    /// Temporary files made so far (their names are numbered).
+    partials: u64,
     progress: &'p dyn Progress,
 }
 
@@ -100,6 +105,28 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// `rename(from, to)` that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths that live across the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn set_meta(file: &File, node: &Node, dir: bool) {
     if let Some(mode) = node.mode {
         let mode = if dir {
@@ -140,6 +167,7 @@ impl<'p> Extractor<'p> {
             limits,
             report: ExtractReport::default(),
             entries: 0,
+            partials: 0,
             progress,
         })
     }
@@ -173,10 +201,7 @@ impl<'p> Extractor<'p> {
             });
         }
         if self.progress.cancelled() {
-            return Err(Error::Limit {
-                what: "cancelled; entries extracted".into(),
-                limit: self.entries,
-            });
+            return Err(Error::Cancelled);
         }
         Ok(())
     }
@@ -255,20 +280,25 @@ impl<'p> Extractor<'p> {
                         limit: self.limits.max_total_bytes,
                     });
                 }
-                let mut file = match OpenOptions::new()
+                if std::fs::symlink_metadata(&dest).is_ok() {
+                    self.skip(shown, format!("{} already exists", dest.display()));
+                    return Ok(());
+                }
+                // Written under a temporary name and renamed into place without replacing, so
+                // a crash never leaves a half-written file under the item's name.
+                self.partials += 1;
+                let partial = parent.join(format!(
+                    ".cairn-partial-{}-{}",
+                    std::process::id(),
+                    self.partials
+                ));
+                let mut file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .custom_flags(libc::O_NOFOLLOW)
-                    .open(&dest)
-                {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        self.skip(shown, format!("{} already exists", dest.display()));
-                        return Ok(());
-                    }
-                    Err(e) => return Err(io_error(&dest)(e)),
-                };
+                    .open(&partial)
+                    .map_err(io_error(&partial))?;
                 let budget = self
                     .limits
                     .max_file_bytes
@@ -276,7 +306,7 @@ impl<'p> Extractor<'p> {
                 let progress = self.progress;
                 let written = {
                     let mut sink = |bytes: &[u8]| -> Result<(), Error> {
-                        file.write_all(bytes).map_err(io_error(&dest))?;
+                        file.write_all(bytes).map_err(io_error(&partial))?;
                         progress.advance(bytes.len() as u64);
                         Ok(())
                     };
@@ -286,10 +316,21 @@ impl<'p> Extractor<'p> {
                     Ok(n) => n,
                     Err(e) => {
                         drop(file);
-                        let _ = std::fs::remove_file(&dest);
+                        let _ = std::fs::remove_file(&partial);
                         return self.skip_or_fail(shown, depth, e);
                     }
                 };
+                match rename_noreplace(&partial, &dest) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&partial);
+                        if e.kind() == std::io::ErrorKind::AlreadyExists {
+                            self.skip(shown, format!("{} already exists", dest.display()));
+                            return Ok(());
+                        }
+                        return Err(io_error(&dest)(e));
+                    }
+                }
                 set_meta(&file, node, false);
                 self.report.files += 1;
                 self.report.bytes += written;

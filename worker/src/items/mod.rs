@@ -58,6 +58,9 @@ pub enum Error {
     },
     #[error("target folder {path}: {reason}")]
     BadTarget { path: PathBuf, reason: String },
+    /// The caller asked the extraction to stop; what was written so far stays.
+    #[error("extraction cancelled")]
+    Cancelled,
 }
 
 /// Bounds on what one browse or extraction may do, whatever the image claims.
