@@ -307,6 +307,13 @@ impl JobMaker {
                 disk: disk.clone(),
                 bytes_written: 0,
             },
+            StepKind::ExtractItems { disk } => StepResult::ExtractItems {
+                disk: disk.clone(),
+                files: 0,
+                dirs: 0,
+                bytes: 0,
+                skipped: vec![],
+            },
             StepKind::PrepareRecovery => StepResult::PrepareRecovery,
             StepKind::FinishRecovery => StepResult::FinishRecovery {
                 written: String::new(),

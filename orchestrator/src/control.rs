@@ -11,8 +11,8 @@ use std::pin::Pin;
 use cairn_schemas::Command;
 
 use crate::views::{
-    Accepted, AlertView, AuditReport, CalendarDayView, CapacityView, EventView, GroupDetailView,
-    GroupView, JobView, NodeView, RpView, VmView,
+    Accepted, AlertView, AuditReport, BrowseView, CalendarDayView, CapacityView, EventView,
+    GroupDetailView, GroupView, JobView, NodeView, RpView, VmView,
 };
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -124,5 +124,20 @@ pub trait Control: Send + Sync + 'static {
         Err(ControlError::Unavailable(
             "calendars are not served here".into(),
         ))
+    }
+    /// Lists `path` inside disk `disk` (default: the first) of recovery point `rp` of `vm`,
+    /// asking the worker of the VM's node (item-level recovery). The default: unavailable.
+    fn browse(
+        &self,
+        _vm: &str,
+        _rp: &str,
+        _disk: Option<&str>,
+        _path: &str,
+    ) -> BoxFuture<'_, Result<BrowseView, ControlError>> {
+        Box::pin(async {
+            Err(ControlError::Unavailable(
+                "this orchestrator cannot browse recovery points".into(),
+            ))
+        })
     }
 }

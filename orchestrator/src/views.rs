@@ -528,3 +528,13 @@ impl PolicyView {
         })
     }
 }
+
+/// A folder listing inside a recovery point (item-level recovery).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrowseView {
+    pub vm: String,
+    pub rp: String,
+    pub disk: String,
+    pub path: String,
+    pub entries: Vec<cairn_schemas::BrowseEntry>,
+}

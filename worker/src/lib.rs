@@ -8,6 +8,7 @@
 //! - [`repo`]: the repository format and its operations (backup, restore, verify, forget, gc).
 
 pub mod agent;
+pub mod items;
 pub mod nbd;
 pub mod qmp;
 pub mod repo;

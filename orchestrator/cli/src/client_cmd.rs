@@ -86,6 +86,8 @@ pub enum ClientCommand {
     /// Recover a recovery point to the original VM, to another host or to a folder, with
     /// throttling and notification.
     Recover(crate::recover_cmd::RecoverArgs),
+    /// Extract files and folders of a recovery point into a folder on a node (a job).
+    RecoverItems(crate::items_cmd::RecoverItemsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,6 +277,10 @@ pub enum RpCommand {
         #[command(flatten)]
         opts: ServerOpts,
     },
+    /// List partitions, folders and files inside a recovery point, without restoring it.
+    Browse(crate::items_cmd::RpBrowseArgs),
+    /// Serve a recovery point's disk read-only over NBD (from the repository folder).
+    Export(crate::items_cmd::RpExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -419,6 +425,13 @@ pub fn run(command: ClientCommand) -> Result<i32> {
             }
             Ok(0)
         }
+        ClientCommand::Rp {
+            command: RpCommand::Browse(args),
+        } => crate::items_cmd::rp_browse(&args),
+        ClientCommand::Rp {
+            command: RpCommand::Export(args),
+        } => crate::items_cmd::rp_export(&args),
+        ClientCommand::RecoverItems(args) => crate::items_cmd::recover_items(&args),
         ClientCommand::Restore(args) => restore(&args),
         ClientCommand::Recover(args) => crate::recover_cmd::recover(&args),
         ClientCommand::Events {

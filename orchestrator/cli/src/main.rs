@@ -3,6 +3,7 @@
 
 mod client_cmd;
 mod demo;
+mod items_cmd;
 mod policy_cmd;
 mod progress;
 mod recover_cmd;

@@ -99,6 +99,9 @@ pub enum RepoCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Item-level recovery and instant export: browse, extract, export.
+    #[command(flatten)]
+    Items(crate::items_cmd::RepoItemsCommand),
 }
 
 /// Options every repo command takes.
@@ -106,13 +109,13 @@ pub enum RepoCommand {
 pub struct Common {
     /// Key file of an encrypted repository.
     #[arg(long, env = "CAIRN_KEY_FILE")]
-    key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
-fn open(dir: &Path, common: &Common) -> Result<Repository> {
+pub(crate) fn open(dir: &Path, common: &Common) -> Result<Repository> {
     Ok(Repository::open(dir, common.key_file.as_deref())?)
 }
 
@@ -439,6 +442,7 @@ pub fn run(command: RepoCommand) -> Result<i32> {
                 );
             }
         }
+        RepoCommand::Items(command) => return crate::items_cmd::run_repo(command),
     }
     Ok(0)
 }

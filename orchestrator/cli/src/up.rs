@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use cairn_orchestrator::control::BoxFuture;
 use cairn_orchestrator::control::Control;
 use cairn_orchestrator::engine::jobs::EngineConfig;
 use cairn_orchestrator::engine::service::{
@@ -22,7 +23,9 @@ use cairn_orchestrator::engine::service::{
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
 use cairn_orchestrator::notify::{Notifier, NotifyConfig};
 use cairn_orchestrator::policy::tz::TimeZone;
-use cairn_schemas::{Command, JobId, NodeId, Report, ReportBody, StepResult, StepSpec};
+use cairn_schemas::{
+    BrowseEntry, BrowseRequest, Command, JobId, NodeId, Report, ReportBody, StepResult, StepSpec,
+};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
 use cairn_worker::repo::Repository;
 use clap::Args;
@@ -75,6 +78,8 @@ fn parse_timezone(text: &str) -> Result<TimeZone, String> {
 struct LocalBus {
     steps: mpsc::UnboundedSender<StepSpec>,
     running: Arc<Mutex<HashMap<JobId, Vec<Arc<AtomicBool>>>>>,
+    /// This node's worker, for quick queries (browse) that are not steps.
+    agent: Arc<Agent>,
 }
 
 impl StepSink for LocalBus {
@@ -88,6 +93,25 @@ impl StepSink for LocalBus {
                 flag.store(true, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Browsing runs on this process's worker, on a blocking thread: it reads the repository.
+    fn browse(
+        &self,
+        node: NodeId,
+        request: BrowseRequest,
+    ) -> BoxFuture<'static, Result<Vec<BrowseEntry>, String>> {
+        let agent = self.agent.clone();
+        Box::pin(async move {
+            if &node != agent.node() {
+                return Err(format!("node {node} has no worker in this process"));
+            }
+            tokio::task::spawn_blocking(move || {
+                crate::items_cmd::browse_on_worker(&agent, &request)
+            })
+            .await
+            .map_err(|e| format!("browse worker failed: {e}"))?
+        })
     }
 }
 
@@ -136,29 +160,6 @@ async fn serve(args: UpArgs) -> Result<i32> {
         snapshot_every: 50_000,
         tick: Duration::from_millis(250),
     };
-    let (steps_tx, mut steps_rx) = mpsc::unbounded_channel();
-    let running: Arc<Mutex<HashMap<JobId, Vec<Arc<AtomicBool>>>>> = Arc::default();
-    let bus = Arc::new(LocalBus {
-        steps: steps_tx,
-        running: running.clone(),
-    });
-    let (engine, handle) = Engine::start(log, options, Arc::new(SystemClock), bus).await?;
-    let from = args
-        .smtp_from
-        .clone()
-        .unwrap_or_else(|| format!("cairn@{node}.localdomain"));
-    if cairn_orchestrator::engine::recovery::check_email(&from).is_err() {
-        anyhow::bail!("--smtp-from {from:?} is not a plain local@domain address");
-    }
-    let mut notify = NotifyConfig::new(args.smtp.clone(), from);
-    notify.hostname = format!("{node}.localdomain");
-    let engine = engine.with_notifier(Notifier::new(notify));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let engine_task = tokio::spawn(engine.run(wait_shutdown(shutdown_rx.clone())));
-
     let faults = FaultDelays::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
     let agent = Arc::new(
         Agent::new(AgentConfig {
@@ -192,6 +193,30 @@ async fn serve(args: UpArgs) -> Result<i32> {
     let agents = Arc::new(agents);
     // Nodes whose inventory should be reported now (a recovery described a new VM there).
     let (rescan_tx, mut rescan_rx) = mpsc::unbounded_channel::<NodeId>();
+
+    let (steps_tx, mut steps_rx) = mpsc::unbounded_channel();
+    let running: Arc<Mutex<HashMap<JobId, Vec<Arc<AtomicBool>>>>> = Arc::default();
+    let bus = Arc::new(LocalBus {
+        steps: steps_tx,
+        running: running.clone(),
+        agent: agent.clone(),
+    });
+    let (engine, handle) = Engine::start(log, options, Arc::new(SystemClock), bus).await?;
+    let from = args
+        .smtp_from
+        .clone()
+        .unwrap_or_else(|| format!("cairn@{node}.localdomain"));
+    if cairn_orchestrator::engine::recovery::check_email(&from).is_err() {
+        anyhow::bail!("--smtp-from {from:?} is not a plain local@domain address");
+    }
+    let mut notify = NotifyConfig::new(args.smtp.clone(), from);
+    notify.hostname = format!("{node}.localdomain");
+    let engine = engine.with_notifier(Notifier::new(notify));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let engine_task = tokio::spawn(engine.run(wait_shutdown(shutdown_rx.clone())));
 
     // Worker: run each dispatched step on a blocking thread; forward its reports.
     let worker_handle = handle.clone();

@@ -44,6 +44,7 @@
 mod error;
 mod extract;
 mod handlers;
+mod items;
 mod middleware;
 mod policy_handlers;
 pub mod recover;
@@ -176,6 +177,8 @@ fn routes() -> Vec<Route> {
         route("post", "/v1/jobs/{job}/cancel", handlers::cancel_job),
         route("get", "/v1/events", handlers::events),
         route("get", "/v1/audit/verify", handlers::audit_verify),
+        route("get", "/v1/vms/{vm}/browse", items::browse),
+        route("post", "/v1/vms/{vm}/recover-items", items::recover_items),
     ]
 }
 

@@ -229,6 +229,31 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
                     }
                     check_path(path)?;
                 }
+                RecoveryTarget::ItemLevel {
+                    node,
+                    disk,
+                    items,
+                    path,
+                } => {
+                    if !state.nodes.contains_key(node) {
+                        return Err(not_found("unknown_node", format!("no node {node}")));
+                    }
+                    check_path(path)?;
+                    check_items(items)?;
+                    let rp_has_disk = state.rps.get(vm).is_some_and(|list| {
+                        list.iter()
+                            .any(|r| r.rp == *rp && r.disks.iter().any(|d| &d.disk == disk))
+                    });
+                    if !rp_has_disk {
+                        return Err(not_found(
+                            "unknown_disk",
+                            format!(
+                                "recovery point {rp} of VM {} has no disk {disk}",
+                                known.name
+                            ),
+                        ));
+                    }
+                }
                 other => {
                     return Err(invalid(
                         "unsupported",
@@ -496,6 +521,36 @@ pub(super) fn check_path(path: &str) -> Result<(), ControlError> {
             "invalid_path",
             format!("{path:?} must be an absolute path without '..'"),
         ));
+    }
+    Ok(())
+}
+
+/// Most items one item-level recovery may name.
+const MAX_ITEMS: usize = 1000;
+
+/// Item paths of an item-level recovery: `/<volume>/<path>`, no `.`/`..`, no NUL, bounded.
+/// The worker checks them again against the image; this refuses what can never work.
+fn check_items(items: &[String]) -> Result<(), ControlError> {
+    if items.is_empty() || items.len() > MAX_ITEMS {
+        return Err(invalid(
+            "invalid_request",
+            format!("name 1 to {MAX_ITEMS} items (got {})", items.len()),
+        ));
+    }
+    for item in items {
+        let bad = !item.starts_with('/')
+            || item.len() > 4096
+            || item.contains('\0')
+            || item.split('/').any(|c| c == "." || c == "..")
+            || item.split('/').all(str::is_empty);
+        if bad {
+            return Err(invalid(
+                "invalid_path",
+                format!(
+                    "item {item:?} must look like /p2/etc/hosts: a volume, then a path, without . or .."
+                ),
+            ));
+        }
     }
     Ok(())
 }

@@ -192,6 +192,15 @@ pub fn plan(job: &Job, vm: &Vm, rps: &[RecoveryPoint]) -> Vec<PlannedStep> {
             });
             steps
         }
+        JobKind::Recovery {
+            target: RecoveryTarget::ItemLevel { disk, .. },
+            ..
+        } => vec![PlannedStep {
+            step: step_id(job, 0),
+            kind: StepKind::ExtractItems { disk: disk.clone() },
+            after: vec![],
+            always: false,
+        }],
         JobKind::Recovery { rp, .. } => recovery_plan(job, vm, &recovery_disks(vm, *rp, rps)),
         _ => {
             let snapshot = step_id(job, 0);
@@ -537,6 +546,7 @@ pub fn step_label(kind: &StepKind) -> String {
         StepKind::ImportSeed { disk } => format!("ImportSeed {disk}"),
         StepKind::PrepareRecovery => "PrepareRecovery".into(),
         StepKind::FinishRecovery => "FinishRecovery".into(),
+        StepKind::ExtractItems { disk } => format!("ExtractItems {disk}"),
     }
 }
 
@@ -834,6 +844,22 @@ fn build_spec(
                 return Err("a recovery step outside a recovery job".into());
             };
             recovery_work(state, job, vm, &step.kind, *rp, target, repository)?
+        }
+        StepKind::ExtractItems { disk } => {
+            let JobKind::Recovery {
+                rp,
+                target: RecoveryTarget::ItemLevel { items, path, .. },
+            } = &job.kind
+            else {
+                return Err("an item extraction outside an item-level recovery job".into());
+            };
+            StepWork::ExtractItems {
+                disk: disk.clone(),
+                repository,
+                rp: *rp,
+                items: items.clone(),
+                target_path: path.clone(),
+            }
         }
     };
     Ok(StepSpec {

@@ -309,6 +309,18 @@ fn summary(event: &Event) -> String {
                     cairn_schemas::StepResult::CollectGarbage { bytes_freed } => {
                         format!(": {bytes_freed} bytes freed")
                     }
+                    cairn_schemas::StepResult::ExtractItems {
+                        disk,
+                        files,
+                        bytes,
+                        skipped,
+                        ..
+                    } => {
+                        format!(
+                            ": disk {disk}, {files} files ({bytes} bytes) extracted, {} skipped",
+                            skipped.len()
+                        )
+                    }
                     _ => String::new(),
                 };
                 format!("{} attempt {attempt} succeeded{detail}", step_name(step))

@@ -1025,6 +1025,62 @@ fn recoveries_beyond_the_limit_wait_for_a_slot() {
     assert_eq!(w.state.jobs[&jobs[2]].state, JobState::Running);
 }
 
+#[test]
+fn item_recoveries_are_validated_and_planned_as_one_extract_step() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    let job = backup(&mut w, vm);
+    run_backup_to_success(&mut w, job);
+    let rp = w.state.rps[&vm][0].rp;
+    let disk = w.state.rps[&vm][0].disks[0].disk.clone();
+    let target = |items: Vec<&str>, disk: &str| RecoveryTarget::ItemLevel {
+        node: node(),
+        disk: cairn_schemas::DiskId::new(disk).unwrap(),
+        items: items.into_iter().map(String::from).collect(),
+        path: "/srv/items".into(),
+    };
+    let recovery = w.id(JobId::new_v7);
+    for (items, disk_name, code) in [
+        (vec!["/p2/../etc"], disk.as_str(), "invalid_path"),
+        (vec!["etc/hosts"], disk.as_str(), "invalid_path"),
+        (vec!["/"], disk.as_str(), "invalid_path"),
+        (vec![], disk.as_str(), "invalid_request"),
+        (vec!["/p2/etc/hosts"], "nodisk", "unknown_disk"),
+    ] {
+        let refused = w.submit(Command::RequestRestore {
+            job: recovery,
+            vm,
+            rp,
+            target: target(items.clone(), disk_name),
+        });
+        assert_eq!(refused.unwrap_err().code(), code, "{items:?} {disk_name}");
+    }
+    w.submit(Command::RequestRestore {
+        job: recovery,
+        vm,
+        rp,
+        target: target(vec!["/p2/etc/hosts", "/p1/EFI"], disk.as_str()),
+    })
+    .unwrap();
+    w.settle();
+    let steps = &w.state.jobs[&recovery].steps;
+    assert_eq!(steps.len(), 1);
+    match &steps[0].spec.as_ref().unwrap().work {
+        StepWork::ExtractItems {
+            disk: d,
+            rp: r,
+            items,
+            target_path,
+            ..
+        } => {
+            assert_eq!((d, r), (&disk, &rp));
+            assert_eq!(items, &["/p2/etc/hosts".to_string(), "/p1/EFI".to_string()]);
+            assert_eq!(target_path, "/srv/items");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Drives a random mix of commands and worker outcomes and returns the log it produced.
 fn random_history(seed: u64, steps: usize) -> Vec<StoredEvent> {
     let mut w = World::new();
@@ -1109,6 +1165,15 @@ fn random_history(seed: u64, steps: usize) -> Vec<StoredEvent> {
                             StepKind::FinishRecovery => ReportBody::Succeeded {
                                 result: StepResult::FinishRecovery {
                                     written: String::new(),
+                                },
+                            },
+                            StepKind::ExtractItems { disk } => ReportBody::Succeeded {
+                                result: StepResult::ExtractItems {
+                                    disk: disk.clone(),
+                                    files: 1,
+                                    dirs: 0,
+                                    bytes: 1,
+                                    skipped: vec![],
                                 },
                             },
                             other => ok_policy_step(other),

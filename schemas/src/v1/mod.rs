@@ -27,6 +27,7 @@ mod command;
 mod domain;
 mod envelope;
 mod event;
+mod items;
 mod policy;
 mod step;
 
@@ -39,6 +40,7 @@ pub use domain::{
 };
 pub use envelope::Envelope;
 pub use event::{CommittedDisk, Event, GroupEvent, JobEvent, NodeEvent, VmEvent};
+pub use items::{BrowseEntry, BrowseRequest};
 pub use policy::{
     ConsistencyCheckPolicy, ConsistencyCheckWindow, ConsistencyWanted, GroupPolicy, Limits,
     OnlineProtection, PolicyError, ReplicaCreation, Schedule, SyncFrequency, TimeOfDay, Weekdays,

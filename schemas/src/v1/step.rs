@@ -60,6 +60,11 @@ pub enum StepKind {
     /// After the disks: write the new VM's descriptor (alternate host) or the folder's
     /// manifest (copy to a folder).
     FinishRecovery,
+    /// Extract files and folders out of one disk of a recovery point (item-level recovery).
+    ExtractItems {
+        /// The disk.
+        disk: DiskId,
+    },
 }
 
 /// One step in a job's plan.
@@ -259,6 +264,19 @@ pub enum StepWork {
         /// The disks as written (`image_path` = the target path).
         disks: Vec<DiskSource>,
     },
+    /// Extract items out of one disk of a recovery point, read straight from the repository.
+    ExtractItems {
+        /// The disk.
+        disk: DiskId,
+        /// Repository location.
+        repository: String,
+        /// The recovery point to read.
+        rp: RecoveryPointId,
+        /// Paths inside the disk: `/<volume>/<path>` with volume `p1`, `p2`, … or `disk`.
+        items: Vec<String>,
+        /// Target folder; nothing is written outside it.
+        target_path: String,
+    },
 }
 
 /// One attempt of one step, as dispatched to a worker.
@@ -304,6 +322,7 @@ impl StepSpec {
             }
             StepWork::PrepareRecovery { .. } => StepKind::PrepareRecovery,
             StepWork::FinishRecovery { .. } => StepKind::FinishRecovery,
+            StepWork::ExtractItems { disk, .. } => StepKind::ExtractItems { disk: disk.clone() },
         }
     }
 }
@@ -392,6 +411,19 @@ pub enum StepResult {
         /// The file written: the new VM's descriptor or the folder's manifest (empty for the
         /// original VM).
         written: String,
+    },
+    /// Items were extracted.
+    ExtractItems {
+        /// The disk.
+        disk: DiskId,
+        /// Files written.
+        files: u64,
+        /// Folders created.
+        dirs: u64,
+        /// Bytes written.
+        bytes: u64,
+        /// What was not extracted and why (`path: reason`), at most a few hundred lines.
+        skipped: Vec<String>,
     },
 }
 

@@ -112,11 +112,12 @@ pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
         StepWork::RestoreDisk { .. } => (10, "restore_disk"),
         StepWork::PrepareRecovery { .. } => (11, "prepare_recovery"),
         StepWork::FinishRecovery { .. } => (12, "finish_recovery"),
+        StepWork::ExtractItems { .. } => (13, "extract_items"),
     }
 }
 
 /// Number of step work variants.
-pub const N_WORK_VARIANTS: usize = 13;
+pub const N_WORK_VARIANTS: usize = 14;
 
 /// Index and name of a report variant, by body and, for successes, by result kind.
 pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
@@ -134,6 +135,7 @@ pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
             StepResult::Prune { .. } => (10, "succeeded_prune"),
             StepResult::CollectGarbage { .. } => (11, "succeeded_collect_garbage"),
             StepResult::ImportSeed { .. } => (12, "succeeded_import_seed"),
+            StepResult::ExtractItems { .. } => (15, "succeeded_extract_items"),
             late => report_variant_late(late).expect("every result kind has an index"),
         },
         ReportBody::Failed { .. } => (7, "failed"),
@@ -150,7 +152,7 @@ fn report_variant_late(result: &StepResult) -> Option<(usize, &'static str)> {
 }
 
 /// Number of report variants.
-pub const N_REPORT_VARIANTS: usize = 15;
+pub const N_REPORT_VARIANTS: usize = 16;
 
 /// Index and name of a command variant.
 pub fn command_variant(command: &Command) -> (usize, &'static str) {
@@ -423,6 +425,16 @@ fn specs() -> Vec<StepSpec> {
                 disks: vec![disk_info("vda", ImageFormat::Vhdx).into()],
             },
         ),
+        with(
+            14,
+            StepWork::ExtractItems {
+                disk: disk("vda"),
+                repository: "/srv/cairn/repo".into(),
+                rp: parent_rp(),
+                items: vec!["/p2/etc/hosts".into(), "/p1/EFI".into()],
+                target_path: "/restore/items".into(),
+            },
+        ),
     ]
 }
 
@@ -507,6 +519,15 @@ fn report_bodies() -> Vec<ReportBody> {
         ReportBody::Succeeded {
             result: StepResult::FinishRecovery {
                 written: "/var/lib/cairn/vms/0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d00.json".into(),
+            },
+        },
+        ReportBody::Succeeded {
+            result: StepResult::ExtractItems {
+                disk: disk("vda"),
+                files: 12,
+                dirs: 3,
+                bytes: 1 << 20,
+                skipped: vec!["/p2/dev/null: device node".into()],
             },
         },
     ]

@@ -4,7 +4,8 @@
 //! Set [`FAULT_DELAY_ENV`] (`CAIRN_FAULT_STEP_DELAY_MS`) to a comma-separated list of
 //! `<StepKind>=<milliseconds>`, e.g. `Snapshot=3000,CommitRecoveryPoint=3000,Transfer=0`. Kinds
 //! are `Snapshot`, `Transfer`, `ReleaseSnapshot`, `CommitRecoveryPoint`, `Restore`,
-//! `PrepareRecovery` and `FinishRecovery` (any case);
+//! `VerifyDisk`, `CheckDisk`, `Prune`, `CollectGarbage`, `ImportSeed`, `PrepareRecovery`,
+//! `FinishRecovery` and `ExtractItems` (any case);
 //! spaces around items are ignored; an empty value means no delays. A malformed value makes
 //! [`super::Agent::new`] fail rather than be ignored, so a crash test never runs without the
 //! delay it asked for. This is a test hook: production workers leave the variable unset.
@@ -20,7 +21,7 @@ pub const FAULT_DELAY_ENV: &str = "CAIRN_FAULT_STEP_DELAY_MS";
 const MAX_DELAY_MS: u64 = 3_600_000;
 
 /// The kinds of step a delay may apply to.
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 13] = [
     "Snapshot",
     "Transfer",
     "ReleaseSnapshot",
@@ -33,6 +34,7 @@ const KINDS: [&str; 12] = [
     "ImportSeed",
     "PrepareRecovery",
     "FinishRecovery",
+    "ExtractItems",
 ];
 
 /// Why a fault hook value is refused.
@@ -114,6 +116,7 @@ impl FaultDelays {
             StepWork::ImportSeed { .. } => 9,
             StepWork::PrepareRecovery { .. } => 10,
             StepWork::FinishRecovery { .. } => 11,
+            StepWork::ExtractItems { .. } => 12,
         };
         self.delays
             .iter()

@@ -35,6 +35,7 @@
 pub mod descriptor;
 pub mod fault;
 mod image;
+pub mod items;
 mod progress;
 pub mod qemu;
 mod recovery;
@@ -188,6 +189,9 @@ pub enum Error {
         #[source]
         source: repo::Error,
     },
+    /// Item-level recovery failed (a path, the image's file systems or the target folder).
+    #[error(transparent)]
+    Items(crate::items::Error),
     /// The caller set the cancel flag.
     #[error("step cancelled")]
     Cancelled,
@@ -245,6 +249,8 @@ impl Error {
                 _ => FailureClass::Retryable,
             },
             Error::Repo { source, .. } => repo_class(source),
+            Error::Items(crate::items::Error::Io { source, .. }) => io_class(source),
+            Error::Items(_) => FailureClass::Permanent,
             Error::FaultHook(_)
             | Error::WrongNode { .. }
             | Error::InvalidStep(_)
@@ -335,6 +341,11 @@ impl Agent {
             faults,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
         })
+    }
+
+    /// The node this agent works for.
+    pub fn node(&self) -> &NodeId {
+        &self.config.node
     }
 
     /// Replaces the fault delays (tests that cannot set the environment).
@@ -609,6 +620,24 @@ impl Agent {
                     vm_name,
                     disks,
                 },
+            ),
+            StepWork::ExtractItems {
+                disk,
+                repository,
+                rp,
+                items: paths,
+                target_path,
+            } => items::extract(
+                self,
+                spec,
+                &items::ExtractWork {
+                    disk,
+                    repository,
+                    rp: *rp,
+                    items: paths,
+                    target_path,
+                },
+                progress,
             ),
         }
     }

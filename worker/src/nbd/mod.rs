@@ -20,6 +20,9 @@
 mod client;
 mod handshake;
 pub mod proto;
+pub mod server;
+#[cfg(test)]
+mod server_tests;
 #[cfg(test)]
 mod tests;
 mod wire;

@@ -59,6 +59,7 @@
 pub mod backup;
 pub mod config;
 pub mod crypto;
+pub mod image;
 pub mod index;
 pub mod lineage;
 pub mod maintenance;

@@ -589,3 +589,73 @@ fn forget_of_chosen_recovery_points_keeps_the_others_restorable() {
         );
     }
 }
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, .. ProptestConfig::default() })]
+
+    /// Random reads of every recovery point of a lineage (delta chains included) through
+    /// [`image::RpImage`] equal the bytes that were backed up, with a cache smaller than the disk.
+    #[test]
+    fn random_access_reads_every_recovery_point_exactly(
+        seed in any::<u64>(),
+        size_blocks in 1usize..120,
+        tail in 0usize..4096,
+        rounds in 1usize..6,
+        encrypted in any::<bool>(),
+        reads in proptest::collection::vec((any::<u64>(), 0usize..20_000), 1..40),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo_in(dir.path(), 4096, encrypted);
+        let size = size_blocks * 4096 + tail / 512 * 512;
+        let mut image = vec![0u8; size];
+        churn(&mut image, seed, 8);
+        let mut history = Vec::new();
+        for round in 0..rounds {
+            let summary = do_backup(&repo, &MemImage::new(image.clone()), "disk0", 1000 + round as u64);
+            history.push((summary.rp, image.clone()));
+            churn(&mut image, seed.wrapping_add(round as u64 + 1), 3);
+        }
+        for (rp, expected) in &history {
+            let view = image::RpImage::open(&repo, "disk0", Some(rp), 3).unwrap();
+            prop_assert_eq!(view.header().disk_size, size as u64);
+            for &(at, len) in &reads {
+                let at = (at % size as u64) as usize;
+                let len = len.min(size - at);
+                let mut buf = vec![0xAAu8; len];
+                view.read_exact_at(at as u64, &mut buf).unwrap();
+                prop_assert!(buf == expected[at..at + len], "rp {} differs at {}+{}", rp, at, len);
+            }
+            let mut past = [0u8; 2];
+            prop_assert!(view.read_exact_at(size as u64 - 1, &mut past).is_err());
+        }
+    }
+}
+
+#[test]
+fn random_access_reports_a_damaged_chunk_and_holds_off_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path(), 4096, false);
+    let data = fill(9, 8 * 4096, false);
+    let rp = do_backup(&repo, &MemImage::new(data.clone()), "d", 1).rp;
+    let view = image::RpImage::open(&repo, "d", Some(&rp), 4).unwrap();
+    let gc = maintenance::gc(&repo).unwrap();
+    assert!(
+        gc.disks[0]
+            .skipped
+            .as_deref()
+            .is_some_and(|s| s.contains("busy")),
+        "gc must skip a disk being read: {gc:?}"
+    );
+    drop(view);
+    let pack = std::fs::read_dir(repo.packs_dir("d"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "pack"))
+        .unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&pack, bytes).unwrap();
+    let view = image::RpImage::open(&repo, "d", Some(&rp), 4).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = view.read_exact_at(0, &mut buf).unwrap_err();
+    assert!(matches!(err, Error::DamagedChunk { pos: 0, .. }), "{err}");
+}

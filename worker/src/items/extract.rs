@@ -1,0 +1,458 @@
+//! Writes items of an image's file system below a target folder, treating every name, link
+//! target, size and count from the image as hostile.
+//!
+//! - Names must be 1–255 bytes, not `.`/`..`, without `/` or NUL; anything else is skipped and
+//!   reported.
+//! - Files are written under a temporary name (`.cairn-partial-PID-N`, created with
+//!   `O_CREAT|O_EXCL|O_NOFOLLOW`) and renamed into place with `RENAME_NOREPLACE`; folders are
+//!   made with `mkdir`. So nothing is ever written through an existing entry or a link, a crash
+//!   never leaves a half-written file under an item's name, and a name that already exists is
+//!   skipped and reported. We only descend into folders this run created. All of it is made
+//!   durable by one `syncfs` at the end.
+//! - A symlink is recreated only when its target is relative, made of leading `..` components
+//!   that stay within the target folder followed by plain names; such a link resolves inside the
+//!   target folder whatever the other links point to (each of them obeys the same rule). Others
+//!   (absolute, escaping, `..` after a name) are skipped and reported. Links are never followed.
+//! - Device nodes, fifos and sockets are skipped and reported.
+//! - Permissions (without set-uid/set-gid/sticky; owners keep write access to folders) and
+//!   modification times are set through the open file, never through a path.
+//! - [`Limits`] bound entries, bytes and depth.
+
+use std::fs::{File, FileTimes, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::{Error, Limits, Node, NodeKind, Tree};
+use crate::repo::Progress;
+
+/// Something that was not extracted, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// The item path inside the image.
+    pub path: String,
+    pub reason: String,
+}
+
+/// What an extraction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ExtractReport {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub skipped: Vec<Skipped>,
+}
+
+pub(super) struct Extractor<'p> {
+    root: PathBuf,
+    limits: Limits,
+    report: ExtractReport,
+    entries: u64,
+    /// Temporary files made so far (their names are numbered).
+    partials: u64,
+    progress: &'p dyn Progress,
+}
+
+/// Why `name` cannot be a file name in the target folder, if it cannot.
+pub fn invalid_name(name: &[u8]) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("empty name")
+    } else if name.len() > 255 {
+        Some("name longer than 255 bytes")
+    } else if name == b"." || name == b".." {
+        Some("name is . or ..")
+    } else if name.contains(&b'/') {
+        Some("name contains /")
+    } else if name.contains(&0) {
+        Some("name contains a NUL byte")
+    } else {
+        None
+    }
+}
+
+/// Whether a symlink at `depth` folders below the target root, pointing at `target`, stays
+/// inside the root under the rule in the module docs.
+pub fn link_stays_inside(target: &[u8], depth: usize) -> bool {
+    if target.is_empty() || target.len() > 4095 || target.starts_with(b"/") || target.contains(&0) {
+        return false;
+    }
+    let mut ups = 0usize;
+    let mut seen_name = false;
+    for comp in target.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." if seen_name => return false,
+            b".." => ups += 1,
+            _ => seen_name = true,
+        }
+    }
+    ups <= depth
+}
+
+fn to_os(name: &[u8]) -> &std::ffi::OsStr {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::OsStr::from_bytes(name)
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// `rename(from, to)` that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths that live across the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn set_meta(file: &File, node: &Node, dir: bool) {
+    if let Some(mode) = node.mode {
+        let mode = if dir {
+            (mode & 0o777) | 0o700
+        } else {
+            mode & 0o777
+        };
+        if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(mode)) {
+            tracing::debug!(error = %e, "could not set permissions");
+        }
+    }
+    if let Some(mtime) = node.mtime.filter(|&t| t >= 0) {
+        let t = UNIX_EPOCH + Duration::from_secs(mtime as u64);
+        if let Err(e) = file.set_times(FileTimes::new().set_modified(t).set_accessed(t)) {
+            tracing::debug!(error = %e, "could not set times");
+        }
+    }
+}
+
+impl<'p> Extractor<'p> {
+    pub(super) fn new(
+        target: &Path,
+        limits: Limits,
+        progress: &'p dyn Progress,
+    ) -> Result<Extractor<'p>, Error> {
+        let meta = std::fs::symlink_metadata(target).map_err(|e| Error::BadTarget {
+            path: target.into(),
+            reason: e.to_string(),
+        })?;
+        if !meta.is_dir() {
+            return Err(Error::BadTarget {
+                path: target.into(),
+                reason: "not a folder (create it first)".into(),
+            });
+        }
+        Ok(Extractor {
+            root: target.into(),
+            limits,
+            report: ExtractReport::default(),
+            entries: 0,
+            partials: 0,
+            progress,
+        })
+    }
+
+    /// Makes everything written durable (one `syncfs` of the target's file system rather than
+    /// an fsync per file) and returns the report.
+    pub(super) fn finish(self) -> Result<ExtractReport, Error> {
+        let root = File::open(&self.root).map_err(io_error(&self.root))?;
+        // SAFETY: syncfs on a valid, owned descriptor has no memory-safety preconditions.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+            return Err(io_error(&self.root)(std::io::Error::last_os_error()));
+        }
+        Ok(self.report)
+    }
+
+    fn skip(&mut self, path: &str, reason: impl Into<String>) {
+        let reason = reason.into();
+        tracing::warn!(path, %reason, "item skipped");
+        self.report.skipped.push(Skipped {
+            path: path.into(),
+            reason,
+        });
+    }
+
+    fn count(&mut self) -> Result<(), Error> {
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(Error::Limit {
+                what: "number of extracted entries".into(),
+                limit: self.limits.max_entries,
+            });
+        }
+        if self.progress.cancelled() {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Below an item, a file or folder the file system cannot give (damaged, or a name the
+    /// driver refuses) is skipped and reported so the rest still comes out; limits, errors of
+    /// the target and errors of the item itself stop the extraction.
+    fn skip_or_fail(&mut self, shown: &str, depth: usize, e: Error) -> Result<(), Error> {
+        match e {
+            Error::Damaged(_)
+            | Error::Read(_)
+            | Error::NotFound { .. }
+            | Error::Unsupported { .. }
+                if depth > 0 =>
+            {
+                self.skip(shown, e.to_string());
+                Ok(())
+            }
+            e => Err(e),
+        }
+    }
+
+    /// Extracts the item at `src` (inside its volume) as `root/<name>`.
+    pub(super) fn extract_item(
+        &mut self,
+        tree: &mut dyn Tree,
+        item: &str,
+        src: &[Vec<u8>],
+        name: &[u8],
+    ) -> Result<(), Error> {
+        let node = tree.stat(src)?;
+        let root = self.root.clone();
+        self.copy(
+            tree,
+            item.trim_end_matches('/'),
+            src.to_vec(),
+            &node,
+            name,
+            &root,
+            0,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)] // reason: one recursive walk; a struct would only rename them
+    fn copy(
+        &mut self,
+        tree: &mut dyn Tree,
+        shown: &str,
+        src: Vec<Vec<u8>>,
+        node: &Node,
+        name: &[u8],
+        parent: &Path,
+        depth: usize,
+    ) -> Result<(), Error> {
+        if let Some(reason) = invalid_name(name) {
+            self.skip(shown, reason);
+            return Ok(());
+        }
+        self.count()?;
+        let dest = parent.join(to_os(name));
+        match node.kind {
+            NodeKind::File => {
+                if node.size > self.limits.max_file_bytes {
+                    self.skip(
+                        shown,
+                        format!(
+                            "{} bytes is more than the file size limit {}",
+                            node.size, self.limits.max_file_bytes
+                        ),
+                    );
+                    return Ok(());
+                }
+                if self.report.bytes + node.size > self.limits.max_total_bytes {
+                    return Err(Error::Limit {
+                        what: "bytes extracted".into(),
+                        limit: self.limits.max_total_bytes,
+                    });
+                }
+                if std::fs::symlink_metadata(&dest).is_ok() {
+                    self.skip(shown, format!("{} already exists", dest.display()));
+                    return Ok(());
+                }
+                // Written under a temporary name and renamed into place without replacing, so
+                // a crash never leaves a half-written file under the item's name.
+                self.partials += 1;
+                let partial = parent.join(format!(
+                    ".cairn-partial-{}-{}",
+                    std::process::id(),
+                    self.partials
+                ));
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&partial)
+                    .map_err(io_error(&partial))?;
+                let budget = self
+                    .limits
+                    .max_file_bytes
+                    .min(self.limits.max_total_bytes - self.report.bytes);
+                let progress = self.progress;
+                let written = {
+                    let mut sink = |bytes: &[u8]| -> Result<(), Error> {
+                        file.write_all(bytes).map_err(io_error(&partial))?;
+                        progress.advance(bytes.len() as u64);
+                        Ok(())
+                    };
+                    tree.read_file(&src, budget, &mut sink)
+                };
+                let written = match written {
+                    Ok(n) => n,
+                    Err(e) => {
+                        drop(file);
+                        let _ = std::fs::remove_file(&partial);
+                        return self.skip_or_fail(shown, depth, e);
+                    }
+                };
+                match rename_noreplace(&partial, &dest) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&partial);
+                        if e.kind() == std::io::ErrorKind::AlreadyExists {
+                            self.skip(shown, format!("{} already exists", dest.display()));
+                            return Ok(());
+                        }
+                        return Err(io_error(&dest)(e));
+                    }
+                }
+                set_meta(&file, node, false);
+                self.report.files += 1;
+                self.report.bytes += written;
+            }
+            NodeKind::Dir => {
+                if depth as u32 >= self.limits.max_depth {
+                    return Err(Error::Limit {
+                        what: format!("folder depth at {shown}"),
+                        limit: self.limits.max_depth.into(),
+                    });
+                }
+                match std::fs::create_dir(&dest) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        self.skip(shown, format!("{} already exists", dest.display()));
+                        return Ok(());
+                    }
+                    Err(e) => return Err(io_error(&dest)(e)),
+                }
+                self.report.dirs += 1;
+                let children = match tree.list(&src, self.limits.max_dir_entries) {
+                    Ok(children) => children,
+                    Err(e) => return self.skip_or_fail(shown, depth, e),
+                };
+                for child in &children {
+                    let mut child_src = src.clone();
+                    child_src.push(child.raw_name.clone());
+                    let child_shown = format!("{shown}/{}", child.name);
+                    self.copy(
+                        tree,
+                        &child_shown,
+                        child_src,
+                        child,
+                        &child.raw_name,
+                        &dest,
+                        depth + 1,
+                    )?;
+                }
+                let dir = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+                    .open(&dest)
+                    .map_err(io_error(&dest))?;
+                set_meta(&dir, node, true);
+            }
+            NodeKind::Symlink => {
+                let target = tree.read_link(&src)?;
+                // Depth of the link's folder below the target root.
+                let link_depth = dest
+                    .parent()
+                    .and_then(|p| p.strip_prefix(&self.root).ok())
+                    .map_or(0, |rel| rel.components().count());
+                if !link_stays_inside(&target, link_depth) {
+                    self.skip(
+                        shown,
+                        format!(
+                            "symlink to {:?} would lead outside the target folder",
+                            String::from_utf8_lossy(&target)
+                        ),
+                    );
+                    return Ok(());
+                }
+                match std::os::unix::fs::symlink(to_os(&target), &dest) {
+                    Ok(()) => self.report.symlinks += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        self.skip(shown, format!("{} already exists", dest.display()));
+                    }
+                    Err(e) => return Err(io_error(&dest)(e)),
+                }
+            }
+            NodeKind::Special | NodeKind::Volume => {
+                self.skip(
+                    shown,
+                    "device node, fifo, socket or reparse point: not extracted",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b", &[b'x'; 256]] {
+            assert!(invalid_name(bad).is_some(), "{bad:?}");
+        }
+        for good in [
+            &b"hosts"[..],
+            b"..hidden",
+            b"a b",
+            "ünï".as_bytes(),
+            &[b'x'; 255],
+        ] {
+            assert!(invalid_name(good).is_none(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn links_must_stay_inside() {
+        let cases: &[(&[u8], usize, bool)] = &[
+            (b"hosts", 0, true),
+            (b"../x", 0, false),
+            (b"../x", 1, true),
+            (b"../../x", 1, false),
+            (b"/etc/passwd", 5, false),
+            (b"a/../../x", 5, false),
+            (b"a/./b", 0, true),
+            (b"", 0, false),
+            (b"..", 1, true),
+            (b"s/..", 3, false),
+        ];
+        for &(target, depth, ok) in cases {
+            assert_eq!(
+                link_stays_inside(target, depth),
+                ok,
+                "{:?} at {depth}",
+                String::from_utf8_lossy(target)
+            );
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! FAT12/16/32 volumes (long names included) through the `fatfs` crate, opened over a
+//! write-refusing [`Slice`]. Names are matched exactly first, then ASCII case-insensitively as
+//! FAT does. Never writes: the slice refuses every write.
+
+use std::io::Read;
+
+use super::slice::Slice;
+use super::{Error, Node, NodeKind, Tree};
+
+type Fs = fatfs::FileSystem<Slice>;
+type Dir<'a> = fatfs::Dir<'a, Slice>;
+type Entry<'a> = fatfs::DirEntry<'a, Slice>;
+
+pub(super) struct FatTree {
+    fs: Fs,
+}
+
+fn display(path: &[Vec<u8>]) -> String {
+    let mut s = String::from("/");
+    s.push_str(
+        &path
+            .iter()
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join("/"),
+    );
+    s
+}
+
+fn damaged(path: &[Vec<u8>], e: std::io::Error) -> Error {
+    Error::Damaged(format!("FAT {}: {e}", display(path)))
+}
+
+/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn node(entry: &Entry<'_>) -> Node {
+    let mut node = Node::new(
+        entry.file_name().into_bytes(),
+        if entry.is_dir() {
+            NodeKind::Dir
+        } else {
+            NodeKind::File
+        },
+    );
+    node.size = if entry.is_dir() { 0 } else { entry.len() };
+    let m = entry.modified();
+    if (1..=12).contains(&m.date.month) && (1..=31).contains(&m.date.day) {
+        let days = days_from_civil(m.date.year.into(), m.date.month.into(), m.date.day.into());
+        node.mtime = Some(
+            days * 86_400
+                + i64::from(m.time.hour) * 3600
+                + i64::from(m.time.min) * 60
+                + i64::from(m.time.sec),
+        );
+    }
+    let read_only = entry
+        .attributes()
+        .contains(fatfs::FileAttributes::READ_ONLY);
+    node.mode = Some(match (entry.is_dir(), read_only) {
+        (true, _) => 0o755,
+        (false, true) => 0o444,
+        (false, false) => 0o644,
+    });
+    node
+}
+
+impl FatTree {
+    pub(super) fn open(slice: Slice) -> Result<FatTree, Error> {
+        let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())
+            .map_err(|e| Error::Damaged(format!("FAT boot sector: {e}")))?;
+        Ok(FatTree { fs })
+    }
+
+    fn find<'a>(
+        dir: &Dir<'a>,
+        name: &[u8],
+        max: u64,
+        at: &[Vec<u8>],
+    ) -> Result<Option<Entry<'a>>, Error> {
+        let mut loose = None;
+        for (i, entry) in dir.iter().enumerate() {
+            if i as u64 >= max {
+                return Err(Error::Limit {
+                    what: format!("entries of folder {}", display(at)),
+                    limit: max,
+                });
+            }
+            let entry = entry.map_err(|e| damaged(at, e))?;
+            let entry_name = entry.file_name();
+            if entry_name.as_bytes() == name {
+                return Ok(Some(entry));
+            }
+            if loose.is_none() && entry_name.as_bytes().eq_ignore_ascii_case(name) {
+                loose = Some(entry);
+            }
+        }
+        Ok(loose)
+    }
+
+    /// The entry at `path` (`None` = the root folder).
+    fn walk(&self, path: &[Vec<u8>]) -> Result<Option<Entry<'_>>, Error> {
+        let mut dir = self.fs.root_dir();
+        let mut found = None;
+        for (i, comp) in path.iter().enumerate() {
+            let at = &path[..=i];
+            let entry = Self::find(
+                &dir,
+                comp,
+                super::Limits::default().max_dir_entries,
+                &path[..i],
+            )?
+            .ok_or_else(|| Error::NotFound { path: display(at) })?;
+            if i + 1 < path.len() {
+                if !entry.is_dir() {
+                    return Err(Error::NotADirectory { path: display(at) });
+                }
+                dir = entry.to_dir();
+            }
+            found = Some(entry);
+        }
+        Ok(found)
+    }
+}
+
+impl Tree for FatTree {
+    fn list(&mut self, dir_path: &[Vec<u8>], max: u64) -> Result<Vec<Node>, Error> {
+        let dir = match self.walk(dir_path)? {
+            None => self.fs.root_dir(),
+            Some(e) if e.is_dir() => e.to_dir(),
+            Some(_) => {
+                return Err(Error::NotADirectory {
+                    path: display(dir_path),
+                });
+            }
+        };
+        let mut out = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.map_err(|e| damaged(dir_path, e))?;
+            let name = entry.file_name();
+            if name == "." || name == ".." {
+                continue;
+            }
+            if out.len() as u64 >= max {
+                return Err(Error::Limit {
+                    what: format!("entries of folder {}", display(dir_path)),
+                    limit: max,
+                });
+            }
+            out.push(node(&entry));
+        }
+        Ok(out)
+    }
+
+    fn stat(&mut self, path: &[Vec<u8>]) -> Result<Node, Error> {
+        Ok(match self.walk(path)? {
+            None => {
+                let mut n = Node::new(b"/".to_vec(), NodeKind::Dir);
+                n.mode = Some(0o755);
+                n
+            }
+            Some(entry) => node(&entry),
+        })
+    }
+
+    fn read_file(
+        &mut self,
+        path: &[Vec<u8>],
+        max: u64,
+        out: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<u64, Error> {
+        let entry = self.walk(path)?.ok_or_else(|| Error::NotFound {
+            path: display(path),
+        })?;
+        if !entry.is_file() {
+            return Err(Error::NotFound {
+                path: display(path),
+            });
+        }
+        if entry.len() > max {
+            return Err(Error::Limit {
+                what: format!("size of {}", display(path)),
+                limit: max,
+            });
+        }
+        let mut file = entry.to_file();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(|e| damaged(path, e))?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n as u64;
+            if total > max {
+                return Err(Error::Limit {
+                    what: format!("size of {}", display(path)),
+                    limit: max,
+                });
+            }
+            out(&buf[..n])?;
+        }
+    }
+
+    fn read_link(&mut self, path: &[Vec<u8>]) -> Result<Vec<u8>, Error> {
+        Err(Error::Unsupported {
+            volume: display(path),
+            reason: "FAT has no symbolic links".into(),
+        })
+    }
+}
