@@ -288,6 +288,9 @@ pub struct CapacityView {
     /// From the worker's last report; `None` when none came yet.
     pub free_bytes: Option<u64>,
     pub under_provisioned_bytes: Option<u64>,
+    /// Space the fleecing overlay of the largest member's backup needs beside its disks
+    /// (disk size × churn rate × a one-hour backup window).
+    pub overlay_bytes: u64,
 }
 
 /// An alert.

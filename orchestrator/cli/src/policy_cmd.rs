@@ -382,6 +382,10 @@ pub fn group_plan(name: &str, opts: &ServerOpts) -> Result<i32> {
         "  under-provisioned           {}",
         or_unknown(p.under_provisioned_bytes)
     );
+    println!(
+        "  fleecing overlay per backup {} (largest member: disk × churn × 1 h window)",
+        human(p.overlay_bytes)
+    );
     Ok(0)
 }
 

@@ -94,6 +94,7 @@ pub fn group_plan(state: &State, group: &Group, repository: &str, now: u64) -> C
         recommended_bytes: plan.recommended_bytes,
         free_bytes: plan.free_bytes,
         under_provisioned_bytes: plan.under_provisioned_bytes,
+        overlay_bytes: plan.overlay_bytes,
     }
 }
 

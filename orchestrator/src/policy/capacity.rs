@@ -9,10 +9,18 @@
 //! from the bytes the last 7 days of incremental recovery points stored; with no measurement
 //! yet it is estimated as 10% of the replica per day (MABS's planning assumption).
 //!
+//! The review also gives the space a running VM's backup needs beside its disks for the
+//! fleecing overlay (MABS's shadow-copy formula: disk size × churn × backup window): the
+//! guest's writes during the backup window copy the old blocks there. With each member's
+//! churn rate (its daily churn over its replica), the largest member's overlay is
+//! `disk size × churn rate × BACKUP_WINDOW_MS / day`.
+//!
 //! Must not: read the filesystem. Free space comes from workers' reports (events).
 
 const DAY_MS: u64 = 86_400_000;
 const CHURN_WINDOW_MS: u64 = 7 * DAY_MS;
+/// The backup window the fleecing overlay estimate assumes: one hour.
+pub const BACKUP_WINDOW_MS: u64 = 3_600_000;
 
 /// One recovery point as capacity planning sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +60,39 @@ pub struct CapacityPlan {
     pub free_bytes: Option<u64>,
     /// Space that has to be added for the recommendation to fit, if free space is known.
     pub under_provisioned_bytes: Option<u64>,
+    /// Space the fleecing overlay of the largest member's backup needs on its node (disk size
+    /// × churn rate × [`BACKUP_WINDOW_MS`]).
+    pub overlay_bytes: u64,
+}
+
+/// Bytes a day of changes costs, over the incremental recovery points of the last 7 days (at
+/// least an hour, so one early backup does not extrapolate wildly); `None` without any.
+fn measured_churn<'a>(rps: impl Iterator<Item = &'a RpUsage>, now: u64) -> Option<u64> {
+    let window_start = now.saturating_sub(CHURN_WINDOW_MS);
+    let (mut oldest, mut bytes, mut any) = (u64::MAX, 0u64, false);
+    for r in rps.filter(|r| !r.full && r.taken_at >= window_start && r.taken_at <= now) {
+        oldest = oldest.min(r.taken_at);
+        bytes = bytes.saturating_add(r.bytes_stored);
+        any = true;
+    }
+    any.then(|| {
+        let span = now.saturating_sub(oldest).max(3_600_000);
+        (bytes as u128 * DAY_MS as u128 / span as u128) as u64
+    })
+}
+
+/// The fleecing overlay one VM's backup needs: its disk size × its churn rate (daily churn
+/// over its replica, 10% when not measured yet) × the backup window.
+pub fn overlay_estimate(vm: &VmUsage, now: u64) -> u64 {
+    let replica = vm
+        .rps
+        .iter()
+        .find(|r| r.full)
+        .map_or(vm.disk_bytes, |r| r.bytes_stored)
+        .max(1);
+    let per_day = measured_churn(vm.rps.iter(), now).unwrap_or(replica / 10);
+    let rate_per_day = (per_day as f64 / replica as f64).min(1.0);
+    (vm.disk_bytes as f64 * rate_per_day * BACKUP_WINDOW_MS as f64 / DAY_MS as f64) as u64
 }
 
 /// Reviews a group of `vms` kept `retention_days` in a repository with `free_bytes` free.
@@ -76,22 +117,11 @@ pub fn plan(
         .flat_map(|v| v.rps.iter())
         .map(|r| r.bytes_stored)
         .sum();
-    let window_start = now.saturating_sub(CHURN_WINDOW_MS);
-    let recent: Vec<&RpUsage> = vms
-        .iter()
-        .flat_map(|v| v.rps.iter())
-        .filter(|r| !r.full && r.taken_at >= window_start && r.taken_at <= now)
-        .collect();
-    let (churn_bytes_per_day, churn_measured) = match recent.iter().map(|r| r.taken_at).min() {
-        Some(oldest) => {
-            // Over the span the measurement covers, at least an hour so one early backup
-            // does not extrapolate wildly.
-            let span = now.saturating_sub(oldest).max(3_600_000);
-            let bytes: u64 = recent.iter().map(|r| r.bytes_stored).sum();
-            ((bytes as u128 * DAY_MS as u128 / span as u128) as u64, true)
-        }
-        None => (replica_bytes / 10, false),
-    };
+    let (churn_bytes_per_day, churn_measured) =
+        match measured_churn(vms.iter().flat_map(|v| v.rps.iter()), now) {
+            Some(per_day) => (per_day, true),
+            None => (replica_bytes / 10, false),
+        };
     let needed = replica_bytes
         .saturating_add(churn_bytes_per_day.saturating_mul(u64::from(retention_days) + 1));
     let recommended_bytes = needed.saturating_add(needed / 10);
@@ -109,6 +139,11 @@ pub fn plan(
         recommended_bytes,
         free_bytes,
         under_provisioned_bytes,
+        overlay_bytes: vms
+            .iter()
+            .map(|v| overlay_estimate(v, now))
+            .max()
+            .unwrap_or(0),
     }
 }
 
@@ -174,6 +209,13 @@ mod tests {
         // (40 + 6 × 1) × 1.1 = 50.6 GiB; 44 stored, so 6.6 more, 10 free: nothing missing.
         assert_eq!(plan.recommended_bytes, 46 * GIB + 46 * GIB / 10);
         assert_eq!(plan.under_provisioned_bytes, Some(0));
+        // 1 GiB a day over a 40 GiB replica is 2.5% a day; an hour of it on a 100 GiB disk.
+        let overlay = plan.overlay_bytes as f64;
+        let expected = 100.0 * GIB as f64 * 0.025 / 24.0;
+        assert!(
+            (overlay - expected).abs() < 1024.0,
+            "{overlay} vs {expected}"
+        );
         let tight = super::plan(&vms, 30, Some(GIB), NOW);
         // (40 + 31) × 1.1 = 78.1 GiB; 44 stored + 1 free → 33.1 GiB missing.
         assert_eq!(
