@@ -4,7 +4,7 @@
 use ext4_view::{Ext4, Ext4Error, Metadata};
 
 use super::slice::Slice;
-use super::{Error, Node, NodeKind, Tree};
+use super::{Error, Node, NodeKind, Tree, display_path as display};
 
 pub(super) struct Ext4Tree {
     fs: Ext4,
@@ -20,10 +20,6 @@ fn path_bytes(path: &[Vec<u8>]) -> Vec<u8> {
         out.extend_from_slice(comp);
     }
     out
-}
-
-fn display(path: &[Vec<u8>]) -> String {
-    String::from_utf8_lossy(&path_bytes(path)).into_owned()
 }
 
 fn map_err(path: &[Vec<u8>], e: Ext4Error) -> Error {
@@ -120,22 +116,12 @@ impl Tree for Ext4Tree {
     ) -> Result<u64, Error> {
         let p = path_bytes(path);
         let mut file = self.fs.open(p.as_slice()).map_err(|e| map_err(path, e))?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = file.read_bytes(&mut buf).map_err(|e| map_err(path, e))?;
-            if n == 0 {
-                return Ok(total);
-            }
-            total += n as u64;
-            if total > max {
-                return Err(Error::Limit {
-                    what: format!("size of {}", display(path)),
-                    limit: max,
-                });
-            }
-            out(&buf[..n])?;
-        }
+        super::copy_bounded(
+            path,
+            max,
+            |buf| file.read_bytes(buf).map_err(|e| map_err(path, e)),
+            out,
+        )
     }
 
     fn read_link(&mut self, path: &[Vec<u8>]) -> Result<Vec<u8>, Error> {

@@ -5,7 +5,7 @@
 use std::io::Read;
 
 use super::slice::Slice;
-use super::{Error, Node, NodeKind, Tree};
+use super::{Error, Node, NodeKind, Tree, display_path as display};
 
 type Fs = fatfs::FileSystem<Slice>;
 type Dir<'a> = fatfs::Dir<'a, Slice>;
@@ -13,18 +13,6 @@ type Entry<'a> = fatfs::DirEntry<'a, Slice>;
 
 pub(super) struct FatTree {
     fs: Fs,
-}
-
-fn display(path: &[Vec<u8>]) -> String {
-    let mut s = String::from("/");
-    s.push_str(
-        &path
-            .iter()
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect::<Vec<_>>()
-            .join("/"),
-    );
-    s
 }
 
 fn damaged(path: &[Vec<u8>], e: std::io::Error) -> Error {
@@ -192,22 +180,12 @@ impl Tree for FatTree {
             });
         }
         let mut file = entry.to_file();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = file.read(&mut buf).map_err(|e| damaged(path, e))?;
-            if n == 0 {
-                return Ok(total);
-            }
-            total += n as u64;
-            if total > max {
-                return Err(Error::Limit {
-                    what: format!("size of {}", display(path)),
-                    limit: max,
-                });
-            }
-            out(&buf[..n])?;
-        }
+        super::copy_bounded(
+            path,
+            max,
+            |buf| file.read(buf).map_err(|e| damaged(path, e)),
+            out,
+        )
     }
 
     fn read_link(&mut self, path: &[Vec<u8>]) -> Result<Vec<u8>, Error> {

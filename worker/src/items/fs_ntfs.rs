@@ -9,7 +9,7 @@ use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileName, NtfsFileName
 use ntfs::{Ntfs, NtfsFile};
 
 use super::slice::Slice;
-use super::{Error, Node, NodeKind, Tree};
+use super::{Error, Node, NodeKind, Tree, display_path as display};
 
 /// File record numbers below this are NTFS's own metafiles.
 const FIRST_USER_RECORD: u64 = 24;
@@ -19,16 +19,6 @@ const NT_EPOCH_OFFSET: u64 = 116_444_736_000_000_000;
 pub(super) struct NtfsTree {
     ntfs: Ntfs,
     io: Slice,
-}
-
-fn display(path: &[Vec<u8>]) -> String {
-    format!(
-        "/{}",
-        path.iter()
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect::<Vec<_>>()
-            .join("/")
-    )
 }
 
 fn damaged(path: &[Vec<u8>], e: impl std::fmt::Display) -> Error {

@@ -156,6 +156,44 @@ trait Tree {
 
 const MAX_PATH_LEN: usize = 4096;
 
+/// A path inside a volume as text, for messages: `/a/b`, names decoded lossily.
+fn display_path(path: &[Vec<u8>]) -> String {
+    let mut text = String::from("/");
+    for (i, comp) in path.iter().enumerate() {
+        if i > 0 {
+            text.push('/');
+        }
+        text.push_str(&String::from_utf8_lossy(comp));
+    }
+    text
+}
+
+/// Streams a file of unknown length from `read` (0 = end) to `out` in 256 KiB pieces,
+/// refusing it once it grows past `max` bytes; returns its length.
+fn copy_bounded(
+    path: &[Vec<u8>],
+    max: u64,
+    mut read: impl FnMut(&mut [u8]) -> Result<usize, Error>,
+    out: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+        if total > max {
+            return Err(Error::Limit {
+                what: format!("size of {}", display_path(path)),
+                limit: max,
+            });
+        }
+        out(&buf[..n])?;
+    }
+}
+
 /// Splits an item path (`/p2/etc/hosts`) into components; `.`/`..` and NUL are refused.
 pub fn parse_path(path: &str) -> Result<Vec<Vec<u8>>, Error> {
     let bad = |reason: &str| Error::BadPath {
