@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -113,6 +113,26 @@ impl QemuNbd {
         // An operator's own tunables win.
         if std::env::var_os("GLIBC_TUNABLES").is_none() {
             cmd.env("GLIBC_TUNABLES", MALLOC_TUNABLES);
+        }
+        // qemu-nbd must not outlive a worker killed with SIGKILL (its drop never runs then):
+        // the kernel kills it when the thread that started it dies. Steps and inventory probes
+        // keep their qemu-nbd on the thread that started it, and drop it before returning.
+        // SAFETY: between fork and exec the closure only makes async-signal-safe calls
+        // (prctl, getppid) and allocates nothing.
+        let parent = std::process::id() as libc::pid_t;
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before the prctl took effect.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other(
+                        "the worker exited while starting qemu-nbd",
+                    ));
+                }
+                Ok(())
+            });
         }
         let child = cmd.spawn().map_err(|e| Error::Tool {
             path: image.to_path_buf(),
