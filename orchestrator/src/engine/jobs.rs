@@ -899,21 +899,23 @@ pub fn change_tracking(
     vm.tracking.get(disk).cloned()
 }
 
+/// The job and step a report is about, if it is for the step's current attempt and epoch and
+/// the step is still in flight; `None` for reports to ignore.
+fn reported_step<'s>(state: &'s State, report: &Report) -> Option<(&'s Job, &'s Step)> {
+    let job = state.jobs.get(&report.job)?;
+    let step = job.step(report.step)?;
+    let current = step.attempt == report.attempt
+        && step.spec.as_ref().is_some_and(|s| s.epoch == report.epoch);
+    (current && step.status.in_flight() && !job.state.is_terminal()).then_some((job, step))
+}
+
 /// VM events a worker's report implies: a transfer that was handed a bitmap but could not use
 /// it (the worker read everything) means the disk's change tracking was lost. Pure; empty for
 /// reports that [`on_report`] ignores.
 pub fn tracking_events(state: &State, report: &Report) -> Vec<cairn_schemas::VmEvent> {
-    let Some(job) = state.jobs.get(&report.job) else {
+    let Some((_, step)) = reported_step(state, report) else {
         return vec![];
     };
-    let Some(step) = job.step(report.step) else {
-        return vec![];
-    };
-    let current = step.attempt == report.attempt
-        && step.spec.as_ref().is_some_and(|s| s.epoch == report.epoch);
-    if !current || !step.status.in_flight() || job.state.is_terminal() {
-        return vec![];
-    }
     let (
         ReportBody::Succeeded {
             result:
@@ -1078,17 +1080,9 @@ fn recovery_work(
 /// Events for a worker's report. Reports of another attempt or epoch, or for a step that is
 /// not in flight, are ignored (an empty list).
 pub fn on_report(state: &State, cfg: &EngineConfig, report: &Report, now: u64) -> Vec<JobEvent> {
-    let Some(job) = state.jobs.get(&report.job) else {
+    let Some((job, step)) = reported_step(state, report) else {
         return vec![];
     };
-    let Some(step) = job.step(report.step) else {
-        return vec![];
-    };
-    let current = step.attempt == report.attempt
-        && step.spec.as_ref().is_some_and(|s| s.epoch == report.epoch);
-    if !current || !step.status.in_flight() || job.state.is_terminal() {
-        return vec![];
-    }
     match &report.body {
         ReportBody::Started => {
             if step.status == StepStatus::Dispatched {
