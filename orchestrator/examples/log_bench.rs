@@ -64,6 +64,7 @@ async fn append_sequential(log: &SledLog, n_events: u64, batch: u64, seq_base: u
             .collect();
         let stored = log
             .append(AppendRequest {
+                partition: 0,
                 aggregate: Aggregate::Job(job_id),
                 expected_version: versions[agg_idx],
                 command: None,
@@ -89,6 +90,7 @@ async fn append_concurrent(log: &SledLog, n_tasks: u64, per_task: u64) -> f64 {
                 let job_id = job(1_000_000 + task_idx);
                 for version in 0..per_task {
                     log.append(AppendRequest {
+                        partition: 0,
                         aggregate: Aggregate::Job(job_id),
                         expected_version: version,
                         command: None,

@@ -411,6 +411,7 @@ impl JobMaker {
             list.drain(..n.saturating_sub(1));
         }
         AppendRequest {
+            partition: 0,
             aggregate: Aggregate::Job(job),
             expected_version: 0,
             command: None,
@@ -544,6 +545,7 @@ async fn submit(log: &SledLog, base: &mut State, command: Command, actor: &str) 
     for (i, emit) in emits.into_iter().enumerate() {
         let n = base.last_seq + i as u64;
         let request = AppendRequest {
+            partition: 0,
             expected_version: base.version(&emit.aggregate),
             aggregate: emit.aggregate,
             command: None,

@@ -10,7 +10,7 @@
 
 use std::num::NonZeroU16;
 
-use crate::ids::{GroupId, NodeId};
+use crate::ids::{GroupId, NodeId, VmId};
 use crate::v1::Aggregate;
 
 /// Number of partitions when the configuration names none.
@@ -37,12 +37,28 @@ pub const fn fnv1a64(bytes: &[u8]) -> u64 {
     hash
 }
 
-/// The partition (0..n_partitions) that owns a protection group and its jobs.
+/// The partition (0..n_partitions) of a protection group's events.
 ///
-/// Changing this function or the number of partitions moves groups between partitions; a
+/// Changing this function or the number of partitions moves aggregates between partitions; a
 /// cluster keeps its partition count for its lifetime.
 pub fn partition_of(group: &GroupId, n_partitions: NonZeroU16) -> u16 {
-    let hash = fnv1a64(group.as_bytes());
+    partition_of_key(group.as_bytes(), n_partitions)
+}
+
+/// The partition of a VM, of its jobs and of its events: the unit an orchestrator owns. A VM is
+/// scheduled, and its jobs are driven, by its partition's owner.
+pub fn partition_of_vm(vm: &VmId, n_partitions: NonZeroU16) -> u16 {
+    partition_of_key(vm.as_bytes(), n_partitions)
+}
+
+/// The partition of a node's events (registration, inventory, heartbeats).
+pub fn partition_of_node(node: &NodeId, n_partitions: NonZeroU16) -> u16 {
+    partition_of_key(node.as_str().as_bytes(), n_partitions)
+}
+
+/// The partition of any key: FNV-1a, then a multiply-shift range reduction.
+pub fn partition_of_key(key: &[u8], n_partitions: NonZeroU16) -> u16 {
+    let hash = fnv1a64(key);
     // Multiply-shift range reduction: it takes the hash's high bits, which FNV mixes well.
     // (`hash % n` would take the low bits, and FNV's low 4 bits depend only on the low 4 bits
     // of each input byte.) The result is below n, so it fits in u16.

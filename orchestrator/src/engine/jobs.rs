@@ -42,6 +42,8 @@ pub struct EngineConfig {
     pub timezone: crate::policy::tz::TimeZone,
     /// How often (clock time) retention looks for recovery points to prune.
     pub retention_every_ms: u64,
+    /// Number of partitions VMs, groups and nodes hash into (fixed for a cluster's life).
+    pub partitions: std::num::NonZeroU16,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +59,7 @@ impl Default for EngineConfig {
             recoveries_per_node: 8,
             timezone: crate::policy::tz::TimeZone::UTC,
             retention_every_ms: 60_000,
+            partitions: cairn_schemas::subjects::DEFAULT_PARTITIONS,
         }
     }
 }

@@ -554,12 +554,13 @@ impl<L: EventLog + 'static> Engine<L> {
             Aggregate::Job(job) => Some(*job),
             _ => None,
         };
-        let expected = self
-            .shared
-            .state
-            .read()
-            .expect("state lock")
-            .version(&emit.aggregate);
+        let (expected, partition) = {
+            let state = self.shared.state.read().expect("state lock");
+            (
+                state.version(&emit.aggregate),
+                state.partition_of(&emit.aggregate, &emit.events, self.shared.config.partitions),
+            )
+        };
         let events = emit
             .events
             .into_iter()
@@ -574,6 +575,7 @@ impl<L: EventLog + 'static> Engine<L> {
             .collect();
         let request = AppendRequest {
             aggregate: emit.aggregate,
+            partition,
             expected_version: expected,
             command,
             recorded_at: now,

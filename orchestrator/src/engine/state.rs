@@ -369,6 +369,37 @@ impl State {
         self.versions.get(aggregate).copied().unwrap_or(0)
     }
 
+    /// The partition an aggregate's events are filed under, and whose owner acts on it: a
+    /// group's own; a VM's own; a job's is its VM's (from the projection, or from the
+    /// `JobRequested` among `new_events` for a job that is being created); a node's own.
+    pub fn partition_of(
+        &self,
+        aggregate: &Aggregate,
+        new_events: &[Event],
+        n_partitions: std::num::NonZeroU16,
+    ) -> u16 {
+        use cairn_schemas::subjects;
+        match aggregate {
+            Aggregate::Group(group) => subjects::partition_of(group, n_partitions),
+            Aggregate::Vm(vm) => subjects::partition_of_vm(vm, n_partitions),
+            Aggregate::Node(node) => subjects::partition_of_node(node, n_partitions),
+            Aggregate::Job(job) => {
+                let vm = self.jobs.get(job).map(|j| j.vm).or_else(|| {
+                    new_events.iter().find_map(|e| match e {
+                        Event::Job(JobEvent::JobRequested { vm, .. }) => Some(*vm),
+                        _ => None,
+                    })
+                });
+                // A job event for a job nobody requested is refused by `decide`; file it by
+                // its own id rather than guess.
+                vm.map_or_else(
+                    || subjects::partition_of_key(job.as_bytes(), n_partitions),
+                    |vm| subjects::partition_of_vm(&vm, n_partitions),
+                )
+            }
+        }
+    }
+
     fn apply_group(&mut self, id: GroupId, event: &GroupEvent, at: u64) {
         match event {
             GroupEvent::GroupCreated {

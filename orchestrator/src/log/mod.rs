@@ -73,6 +73,10 @@ impl NewEvent {
 pub struct AppendRequest {
     /// The aggregate; every event's payload must belong to its kind.
     pub aggregate: Aggregate,
+    /// The partition the aggregate's events are filed under (the JetStream log's subject
+    /// `cairn.evt.<partition>.…`). It must be the same for every append to one aggregate; the
+    /// engine derives it from ids ([`cairn_schemas::subjects`]). The sled log ignores it.
+    pub partition: u16,
     /// The aggregate's version the caller decided on (0 = no events yet). Anything else
     /// fails with [`Error::Conflict`].
     pub expected_version: u64,

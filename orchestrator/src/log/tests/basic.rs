@@ -18,6 +18,7 @@ async fn append_assigns_sequences_versions_and_chain_links() {
     let cmd = command();
     let stored = log
         .append(AppendRequest {
+            partition: 0,
             command: Some(cmd),
             recorded_at: T0 + 5,
             ..request(&job(1), 0, vec![first.clone(), progress(2)])
@@ -118,6 +119,7 @@ async fn repeated_command_returns_the_first_events_and_appends_nothing() {
         let log = open(dir.path());
         let first = log
             .append(AppendRequest {
+                partition: 0,
                 command: Some(cmd),
                 ..request(&job(1), 0, vec![progress(1), progress(2)])
             })
@@ -126,6 +128,7 @@ async fn repeated_command_returns_the_first_events_and_appends_nothing() {
         // Same command, now stale version and other events: still the first result.
         let again = log
             .append(AppendRequest {
+                partition: 0,
                 command: Some(cmd),
                 ..request(&job(1), 0, vec![progress(3)])
             })
@@ -140,6 +143,7 @@ async fn repeated_command_returns_the_first_events_and_appends_nothing() {
     let log = open(dir.path());
     let again = log
         .append(AppendRequest {
+            partition: 0,
             command: Some(cmd),
             ..request(&job(7), 5, vec![progress(4)])
         })
@@ -150,6 +154,7 @@ async fn repeated_command_returns_the_first_events_and_appends_nothing() {
     // A new command id appends.
     let next = log
         .append(AppendRequest {
+            partition: 0,
             command: Some(command()),
             ..request(&job(1), 2, vec![progress(5)])
         })
@@ -208,6 +213,7 @@ async fn invalid_appends_are_refused_and_change_nothing() {
     );
     let refused = log
         .append(AppendRequest {
+            partition: 0,
             command: Some(cmd),
             ..request(&group, 1, vec![deleted.clone()])
         })
@@ -215,6 +221,7 @@ async fn invalid_appends_are_refused_and_change_nothing() {
     assert!(refused.unwrap_err().is_conflict());
     let stored = log
         .append(AppendRequest {
+            partition: 0,
             command: Some(cmd),
             ..request(&group, 0, vec![deleted])
         })

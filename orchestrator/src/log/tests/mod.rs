@@ -67,6 +67,7 @@ fn heartbeat_lost(tag: u64) -> NewEvent {
 /// An append of `events` to `aggregate` at `expected_version`, recorded at `T0`.
 fn request(aggregate: &Aggregate, expected_version: u64, events: Vec<NewEvent>) -> AppendRequest {
     AppendRequest {
+        partition: 0,
         aggregate: aggregate.clone(),
         expected_version,
         command: None,

@@ -60,6 +60,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     versions[op.aggregate_idx].saturating_add_signed(op.version_skew.into());
                 let result = log
                     .append(AppendRequest {
+                        partition: 0,
                         command: op.command.map(|idx| commands[idx]),
                         ..request(aggregate, expected, events)
                     })
