@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: the `cairn` binary, realistic disk images built by
 //! the project's shared bench tools, hashing and polling with deadlines.
 
+pub mod nats;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
