@@ -138,6 +138,7 @@ fn engine_options(snapshot_path: &Path) -> EngineOptions {
         snapshot_path: Some(snapshot_path.to_path_buf()),
         snapshot_every: 50_000,
         tick: Duration::from_millis(250),
+        ownership: None,
     }
 }
 

@@ -159,6 +159,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
         snapshot_path: Some(data.join("snapshot.bin")),
         snapshot_every: 50_000,
         tick: Duration::from_millis(250),
+        ownership: None,
     };
     let faults = FaultDelays::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
     let agent = Arc::new(

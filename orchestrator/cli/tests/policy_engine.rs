@@ -108,6 +108,7 @@ impl World {
             snapshot_path: None,
             snapshot_every: 1_000_000,
             tick: Duration::from_millis(5),
+            ownership: None,
         };
         let (engine, handle) = Engine::start(log, options, clock.clone(), Arc::new(Bus(steps_tx)))
             .await

@@ -6,6 +6,7 @@
 
 pub mod decide;
 pub mod jobs;
+pub mod ownership;
 pub mod protect;
 pub mod read;
 pub mod read_policy;

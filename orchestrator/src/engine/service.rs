@@ -20,11 +20,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::decide::{Emit, decide, request_job};
 use super::jobs::{EngineConfig, Liveness, on_report, reconcile, tracking_events};
+use super::ownership::Ownership;
 use super::protect;
 use super::state::State;
 use super::{read, read_policy, snapshot};
 use crate::control::{BoxFuture, Control, ControlError};
-use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent};
+use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent, Tail};
 use crate::notify::{self, Notifier, NotifyConfig};
 use crate::policy::datasource;
 use crate::views::{
@@ -66,6 +67,18 @@ pub trait StepSink: Send + Sync {
     }
 }
 
+/// Where commands for partitions this instance does not own go (distributed: a NATS request
+/// to the owner). Without one, such commands are refused as unavailable.
+pub trait CommandRouter: Send + Sync {
+    /// Submits `command` as `actor` to the owner of `partition`.
+    fn forward(
+        &self,
+        partition: u16,
+        actor: String,
+        command: Command,
+    ) -> BoxFuture<'static, Result<Accepted, ControlError>>;
+}
+
 /// Options of an engine instance.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -80,6 +93,9 @@ pub struct EngineOptions {
     pub snapshot_every: u64,
     /// How often the reconciler and the scheduler run.
     pub tick: Duration,
+    /// The partitions this instance acts on; `None` = every partition with `epoch` (the
+    /// embedded server).
+    pub ownership: Option<Arc<Ownership>>,
 }
 
 /// Errors that stop the engine.
@@ -95,7 +111,9 @@ enum Input {
         command: Command,
         reply: oneshot::Sender<Result<Accepted, ControlError>>,
     },
-    Report(Report),
+    Report(Report, Option<oneshot::Sender<bool>>),
+    /// Nodes whose worker stopped heartbeating: (node, last heartbeat, Unix ms).
+    NodesSilent(Vec<(NodeId, u64)>),
     /// A notification about a finished recovery was delivered or given up on.
     Notified {
         job: JobId,
@@ -114,6 +132,8 @@ struct Shared<L> {
     config: EngineConfig,
     /// The step seam, for queries to workers (browse); the engine owns dispatching.
     steps: Arc<dyn StepSink>,
+    ownership: Arc<Ownership>,
+    router: std::sync::OnceLock<Arc<dyn CommandRouter>>,
 }
 
 /// A cheap, cloneable handle to a running engine.
@@ -144,6 +164,11 @@ pub struct Engine<L> {
     notifier: Arc<Notifier>,
     /// Notifications being delivered by a task of this process: (job, target).
     notifying: BTreeSet<(JobId, String)>,
+    /// The log from the last applied event on: every event is applied in log order, this
+    /// instance's own appends and other instances' alike.
+    tail: Tail,
+    /// Events applied since the last snapshot.
+    since_snapshot: u64,
 }
 
 /// Notifications of jobs that ended longer ago than this are not sent after a restart.
@@ -198,6 +223,11 @@ impl<L: EventLog + 'static> Engine<L> {
         let (seq, _) = watch::channel(state.last_seq);
         let now = clock.now_ms();
         let snapshot_seq = state.last_seq;
+        let tail = log.tail(state.last_seq + 1);
+        let ownership = opts
+            .ownership
+            .clone()
+            .unwrap_or_else(|| Arc::new(Ownership::all(opts.config.partitions, opts.epoch, now)));
         let shared = Arc::new(Shared {
             log,
             state: RwLock::new(state),
@@ -206,6 +236,8 @@ impl<L: EventLog + 'static> Engine<L> {
             seq,
             config: opts.config.clone(),
             steps: steps.clone(),
+            ownership,
+            router: std::sync::OnceLock::new(),
         });
         let engine = Engine {
             shared: shared.clone(),
@@ -224,6 +256,8 @@ impl<L: EventLog + 'static> Engine<L> {
                 "cairn@localhost".into(),
             ))),
             notifying: BTreeSet::new(),
+            tail,
+            since_snapshot: 0,
         };
         Ok((engine, Handle { shared }))
     }
@@ -247,13 +281,27 @@ impl<L: EventLog + 'static> Engine<L> {
                         let result = self.submit(&actor, command).await;
                         let _ = reply.send(result);
                     }
-                    Some(Input::Report(report)) => self.report(report).await,
+                    Some(Input::Report(report, done)) => {
+                        let appended = self.report(report).await;
+                        if let Some(done) = done {
+                            let _ = done.send(appended);
+                        }
+                    }
+                    Some(Input::NodesSilent(nodes)) => self.nodes_silent(nodes).await,
                     Some(Input::Notified { job, target, delivered, detail }) => {
                         self.notified(job, target, delivered, detail).await;
                     }
                     None => break,
                 },
                 _ = tick.tick() => self.tick().await,
+                next = self.tail.next() => match next {
+                    Some(Ok(stored)) => self.apply_foreign(stored),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "reading the event log failed");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    None => break,
+                },
             }
             while let Some(job) = self.to_reconcile.pop() {
                 self.reconcile_job(job).await;
@@ -267,7 +315,38 @@ impl<L: EventLog + 'static> Engine<L> {
         self.shared.clock.now_ms()
     }
 
+    /// Decides and commits a command of a partition this instance owns. A version conflict
+    /// (another instance wrote one of the aggregates since this one read it) catches up with
+    /// the log and decides again, a few times.
     async fn submit(&mut self, actor: &str, command: Command) -> Result<Accepted, ControlError> {
+        let partition = {
+            let state = self.shared.state.read().expect("state lock");
+            command_partition(&state, &command, self.shared.config.partitions)
+        };
+        if self.shared.ownership.get(partition).is_none() {
+            return Err(ControlError::Unavailable(format!(
+                "partition {partition} is not owned by this orchestrator"
+            )));
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.submit_once(actor, &command).await {
+                Err(e) if is_version_conflict(&e) && attempt < 4 => {
+                    tracing::debug!(attempt, error = %e, "version conflict; catching up");
+                    self.catch_up_to_log().await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn submit_once(
+        &mut self,
+        actor: &str,
+        command: &Command,
+    ) -> Result<Accepted, ControlError> {
+        let command = command.clone();
         let now = self.now();
         let command_id = command_id_of(&command);
         let emits = {
@@ -293,7 +372,9 @@ impl<L: EventLog + 'static> Engine<L> {
         })
     }
 
-    async fn report(&mut self, report: Report) {
+    /// Turns a worker's report into events; false when they could not be appended (the
+    /// report should be delivered again).
+    async fn report(&mut self, report: Report) -> bool {
         let now = self.now();
         self.live
             .last_report
@@ -330,11 +411,112 @@ impl<L: EventLog + 'static> Engine<L> {
                 .await
             {
                 tracing::error!(job = %report.job, error = %e, "could not record a worker report");
-                return;
+                return false;
             }
             self.follow_up(report.job, &events).await;
         }
         self.reconcile_job(report.job).await;
+        true
+    }
+
+    /// Records that nodes of owned partitions stopped heartbeating; their jobs then wait with
+    /// `NodeOffline` until the worker registers again.
+    async fn nodes_silent(&mut self, nodes: Vec<(NodeId, u64)>) {
+        for (node, last_seen) in nodes {
+            let partition =
+                cairn_schemas::subjects::partition_of_node(&node, self.shared.config.partitions);
+            let online = {
+                let state = self.shared.state.read().expect("state lock");
+                state.nodes.get(&node).is_some_and(|n| n.online)
+            };
+            if !online || self.shared.ownership.get(partition).is_none() {
+                continue;
+            }
+            tracing::warn!(node = %node, last_seen, "worker stopped heartbeating; node offline");
+            let emit = Emit::new(
+                Aggregate::Node(node.clone()),
+                vec![cairn_schemas::NodeEvent::NodeHeartbeatLost { last_seen }.into()],
+            );
+            let actor = format!("{}/liveness", self.opts.actor);
+            if let Err(e) = self.commit(emit, &actor, None).await {
+                tracing::warn!(node = %node, error = %e, "could not record a silent node");
+            }
+        }
+    }
+
+    /// Whether this instance owns the job's partition now, with the owner details.
+    fn owns_job(&self, job: JobId) -> Option<super::ownership::Owned> {
+        let partition = {
+            let state = self.shared.state.read().expect("state lock");
+            state.partition_of(&Aggregate::Job(job), &[], self.shared.config.partitions)
+        };
+        self.shared.ownership.get(partition)
+    }
+
+    /// Applies one event read from the log's tail, in order.
+    fn apply_stored(&mut self, stored: &StoredEvent) {
+        let applied = {
+            let mut state = self.shared.state.write().expect("state lock");
+            let before = state.last_seq;
+            state.apply(stored);
+            state.last_seq > before
+        };
+        if !applied {
+            return;
+        }
+        self.since_snapshot += 1;
+        let last = stored.seq;
+        self.shared.seq.send_if_modified(|seq| {
+            let newer = last > *seq;
+            if newer {
+                *seq = last;
+            }
+            newer
+        });
+    }
+
+    /// Applies an event another instance (or an earlier append of this one) wrote; a job of
+    /// an owned partition that moved is reconciled.
+    fn apply_foreign(&mut self, stored: StoredEvent) {
+        self.apply_stored(&stored);
+        if let Aggregate::Job(job) = stored.envelope.aggregate
+            && self.owns_job(job).is_some()
+            && !self.to_reconcile.contains(&job)
+        {
+            self.to_reconcile.push(job);
+        }
+    }
+
+    /// Applies the tail until the projections include event `until`.
+    async fn catch_up(&mut self, until: u64, own: Option<(u64, u64)>) {
+        while self.shared.state.read().expect("state lock").last_seq < until {
+            match tokio::time::timeout(Duration::from_secs(30), self.tail.next()).await {
+                Ok(Some(Ok(stored))) => {
+                    if own.is_some_and(|(first, last)| (first..=last).contains(&stored.seq)) {
+                        self.apply_stored(&stored);
+                    } else {
+                        self.apply_foreign(stored);
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::error!(error = %e, until, "catching up with the event log failed");
+                    return;
+                }
+                Ok(None) => return,
+                Err(_) => {
+                    tracing::error!(until, "the event log's tail did not deliver within 30 s");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Catches up with everything durable in the log now.
+    async fn catch_up_to_log(&mut self) {
+        match self.shared.log.last_seq().await {
+            Ok(last) => self.catch_up(last, None).await,
+            Err(e) => tracing::warn!(error = %e, "could not read the log's last sequence"),
+        }
     }
 
     async fn notified(&mut self, job: JobId, target: String, delivered: bool, detail: String) {
@@ -368,6 +550,11 @@ impl<L: EventLog + 'static> Engine<L> {
                 let Some(job) = state.jobs.get(id) else {
                     continue;
                 };
+                let partition =
+                    state.partition_of(&Aggregate::Job(*id), &[], self.shared.config.partitions);
+                if self.shared.ownership.get(partition).is_none() {
+                    continue;
+                }
                 if !job.state.is_terminal()
                     || job
                         .finished_at
@@ -411,10 +598,18 @@ impl<L: EventLog + 'static> Engine<L> {
         self.schedule_runs().await;
         let open: Vec<JobId> = {
             let state = self.shared.state.read().expect("state lock");
+            let n = self.shared.config.partitions;
             state
                 .jobs
                 .values()
-                .filter(|j| !j.state.is_terminal())
+                .filter(|j| {
+                    !j.state.is_terminal()
+                        && self
+                            .shared
+                            .ownership
+                            .get(cairn_schemas::subjects::partition_of_vm(&j.vm, n))
+                            .is_some()
+                })
                 .map(|j| j.id)
                 .collect()
         };
@@ -456,8 +651,12 @@ impl<L: EventLog + 'static> Engine<L> {
             }
             out
         };
+        let n = self.shared.config.partitions;
         for (vm, kind, reason) in requests {
-            self.request(vm, kind, reason).await;
+            let partition = cairn_schemas::subjects::partition_of_vm(&vm, n);
+            if self.shared.ownership.get(partition).is_some() {
+                self.request(vm, kind, reason).await;
+            }
         }
     }
 
@@ -510,6 +709,10 @@ impl<L: EventLog + 'static> Engine<L> {
     /// Runs the reconciler on one job until it has nothing more to say.
     async fn reconcile_job(&mut self, job: JobId) {
         for _ in 0..16 {
+            let Some(owned) = self.owns_job(job) else {
+                return;
+            };
+            self.live.started_at = owned.since_ms;
             let now = self.now();
             let events = {
                 let state = self.shared.state.read().expect("state lock");
@@ -519,7 +722,7 @@ impl<L: EventLog + 'static> Engine<L> {
                 reconcile(
                     &state,
                     &self.shared.config,
-                    self.opts.epoch,
+                    owned.epoch,
                     found,
                     &self.live,
                     now,
@@ -581,36 +784,40 @@ impl<L: EventLog + 'static> Engine<L> {
             recorded_at: now,
             events,
         };
-        let stored = self
-            .shared
-            .log
-            .append(request)
-            .await
-            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        // Fencing: a job's events are written only by the owner of its partition, and only
+        // while this instance holds the partition's lease.
+        if matches!(request.aggregate, Aggregate::Job(_))
+            && self.shared.ownership.get(request.partition).is_none()
+        {
+            return Err(ControlError::Unavailable(format!(
+                "partition {} is not owned by this orchestrator",
+                request.partition
+            )));
+        }
+        let stored = self.shared.log.append(request).await.map_err(|e| match e {
+            crate::log::Error::Conflict { .. } => ControlError::Conflict {
+                code: "version_conflict",
+                message: e.to_string(),
+            },
+            e => ControlError::Internal(e.to_string()),
+        })?;
         let mut specs = Vec::new();
         let mut cancels = Vec::new();
-        {
-            let mut state = self.shared.state.write().expect("state lock");
-            for s in &stored {
-                state.apply(s);
-                match &s.envelope.payload {
-                    Event::Job(JobEvent::StepDispatched { spec, .. }) => specs.push(spec.clone()),
-                    Event::Job(JobEvent::JobCancelRequested { .. }) => cancels.extend(correlation),
-                    _ => {}
-                }
+        for s in &stored {
+            match &s.envelope.payload {
+                Event::Job(JobEvent::StepDispatched { spec, .. }) => specs.push(spec.clone()),
+                Event::Job(JobEvent::JobCancelRequested { .. }) => cancels.extend(correlation),
+                _ => {}
             }
         }
+        let first = stored.first().map_or(0, |s| s.seq);
+        let last = stored.last().map_or(0, |s| s.seq);
+        // Applied through the tail, so events of other instances that came before are applied
+        // first, in log order.
+        self.catch_up(last, Some((first, last))).await;
         for job in cancels {
             self.steps.cancel(job);
         }
-        let last = stored.last().map_or(0, |s| s.seq);
-        self.shared.seq.send_if_modified(|seq| {
-            let newer = last > *seq;
-            if newer {
-                *seq = last;
-            }
-            newer
-        });
         for spec in specs {
             tracing::info!(job = %spec.job, step = %spec.step, attempt = spec.attempt, node = %spec.node, "dispatching step");
             self.steps.dispatch(spec);
@@ -623,9 +830,7 @@ impl<L: EventLog + 'static> Engine<L> {
             return;
         };
         let last = *self.shared.seq.borrow();
-        if last == self.snapshot_seq
-            || (!force && last - self.snapshot_seq < self.opts.snapshot_every)
-        {
+        if last == self.snapshot_seq || (!force && self.since_snapshot < self.opts.snapshot_every) {
             return;
         }
         let state = self.shared.state.read().expect("state lock").clone();
@@ -633,6 +838,7 @@ impl<L: EventLog + 'static> Engine<L> {
         match tokio::task::spawn_blocking(move || snapshot::save(&path, &state)).await {
             Ok(Ok(())) => {
                 self.snapshot_seq = seq;
+                self.since_snapshot = 0;
                 tracing::debug!(seq, "snapshot written");
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "could not write the snapshot"),
@@ -643,6 +849,38 @@ impl<L: EventLog + 'static> Engine<L> {
 
 fn command_id_of(_command: &Command) -> Option<CommandId> {
     None
+}
+
+fn is_version_conflict(e: &ControlError) -> bool {
+    matches!(
+        e,
+        ControlError::Conflict {
+            code: "version_conflict",
+            ..
+        }
+    )
+}
+
+/// The partition whose owner decides a command: the group's, the VM's, the job's (its VM's),
+/// or the node's.
+pub fn command_partition(state: &State, command: &Command, n: std::num::NonZeroU16) -> u16 {
+    use cairn_schemas::subjects::{partition_of, partition_of_node, partition_of_vm};
+    match command {
+        Command::CreateGroup { group, .. }
+        | Command::ChangeGroupMembers { group, .. }
+        | Command::ChangeGroupPolicy { group, .. }
+        | Command::DeleteGroup { group, .. } => partition_of(group, n),
+        Command::RequestBackup { vm, .. }
+        | Command::RequestConsistencyCheck { vm, .. }
+        | Command::RequestRestore { vm, .. }
+        | Command::RequestRecovery { vm, .. }
+        | Command::ImportSeed { vm, .. }
+        | Command::RequestVerify { vm, .. } => partition_of_vm(vm, n),
+        Command::CancelJob { job, .. } => state.partition_of(&Aggregate::Job(*job), &[], n),
+        Command::RegisterNode { node, .. }
+        | Command::ReportInventory { node, .. }
+        | Command::ReportRepositorySpace { node, .. } => partition_of_node(node, n),
+    }
 }
 
 fn created_id(command: &Command) -> String {
@@ -666,11 +904,68 @@ fn created_id(command: &Command) -> String {
 impl<L: EventLog + 'static> Handle<L> {
     /// Hands a worker's report to the engine.
     pub async fn report(&self, report: Report) {
-        let _ = self.shared.tx.send(Input::Report(report)).await;
+        let _ = self.shared.tx.send(Input::Report(report, None)).await;
     }
 
-    /// Submits a command as `actor`.
+    /// Hands a worker's report to the engine and waits until its events are durable: true
+    /// when the report is done with (recorded, or ignored as stale), false when it should be
+    /// delivered again.
+    pub async fn report_acked(&self, report: Report) -> bool {
+        let (done, rx) = oneshot::channel();
+        if self
+            .shared
+            .tx
+            .send(Input::Report(report, Some(done)))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Tells the engine that these nodes' workers stopped heartbeating.
+    pub async fn nodes_silent(&self, nodes: Vec<(NodeId, u64)>) {
+        if !nodes.is_empty() {
+            let _ = self.shared.tx.send(Input::NodesSilent(nodes)).await;
+        }
+    }
+
+    /// The partitions this instance acts on.
+    pub fn ownership(&self) -> &Arc<Ownership> {
+        &self.shared.ownership
+    }
+
+    /// Sets where commands for partitions owned elsewhere go (once).
+    pub fn set_router(&self, router: Arc<dyn CommandRouter>) {
+        let _ = self.shared.router.set(router);
+    }
+
+    /// The partition whose owner decides `command`.
+    pub fn command_partition(&self, command: &Command) -> u16 {
+        self.read(|s| command_partition(s, command, self.shared.config.partitions))
+    }
+
+    /// Submits a command as `actor`: to this instance's engine when it owns the command's
+    /// partition, otherwise through the router to the owner.
     pub async fn submit_as(
+        &self,
+        actor: String,
+        command: Command,
+    ) -> Result<Accepted, ControlError> {
+        let partition = self.command_partition(&command);
+        if self.shared.ownership.get(partition).is_none()
+            && let Some(router) = self.shared.router.get()
+        {
+            return router.forward(partition, actor, command).await;
+        }
+        self.submit_local(actor, command).await
+    }
+
+    /// Submits a command to this instance's engine only (a command forwarded here by
+    /// another instance); refused as unavailable when this instance does not own its
+    /// partition.
+    pub async fn submit_local(
         &self,
         actor: String,
         command: Command,

@@ -1,0 +1,413 @@
+//! `cairn orchestrator`: one orchestrator instance of a distributed cluster on NATS
+//! JetStream. Several instances share the partitions through leases; every instance applies
+//! the whole event log and answers the HTTP API for all partitions, forwarding commands to
+//! the owner of their partition.
+//!
+//! Per partition it owns, an instance consumes the partition's worker reports and answers
+//! the partition's command subject; these start when a lease is won and stop when it is lost.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_orchestrator::bus::commands::{self, API_COMMANDS, Decider, NatsRouter, QUEUE_GROUP};
+use cairn_orchestrator::bus::lease::{LeaseChange, LeaseConfig, LeaseManager, lease_bucket};
+use cairn_orchestrator::bus::{self, NatsOptions};
+use cairn_orchestrator::control::Control;
+use cairn_orchestrator::engine::jobs::EngineConfig;
+use cairn_orchestrator::engine::ownership::Ownership;
+use cairn_orchestrator::engine::service::{Engine, EngineOptions, SystemClock};
+use cairn_orchestrator::log::{JetStreamLog, JetStreamLogConfig};
+use cairn_orchestrator::notify::{Notifier, NotifyConfig};
+use cairn_orchestrator::policy::tz::TimeZone;
+use clap::Args;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, Args)]
+pub struct OrchestratorArgs {
+    /// A TOML configuration file (`ops/cairn.toml`); flags and environment win over it.
+    #[arg(long, env = "CAIRN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL(s), comma separated (`nats://host:4222`, `tls://host:4222`).
+    #[arg(long, env = "CAIRN_NATS")]
+    pub nats: Option<String>,
+    /// Address of the HTTP API.
+    #[arg(long, env = "CAIRN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// This instance's id, unique in the cluster (default: host name and process id).
+    #[arg(long, env = "CAIRN_INSTANCE")]
+    pub instance: Option<String>,
+    /// Where this instance keeps its projection snapshot.
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Number of partitions (fixed for the cluster's life; every instance must agree).
+    #[arg(long)]
+    pub partitions: Option<u16>,
+    /// Lease TTL in seconds: a dead instance's partitions move this long after it died.
+    #[arg(long)]
+    pub lease_ttl_secs: Option<u64>,
+    /// JetStream replicas of cairn's streams and buckets (1, or 3 in a NATS cluster).
+    #[arg(long)]
+    pub replicas: Option<usize>,
+    /// The repository jobs write to when a group's policy names none (a path the workers
+    /// reach).
+    #[arg(long, env = "CAIRN_REPOSITORY")]
+    pub repository: Option<String>,
+    /// Time zone of protection groups' schedules.
+    #[arg(long, env = "CAIRN_TIMEZONE")]
+    pub timezone: Option<String>,
+    /// Parallel backups per node.
+    #[arg(long)]
+    pub backups_per_node: Option<usize>,
+    /// Parallel recoveries per node.
+    #[arg(long)]
+    pub recoveries_per_node: Option<usize>,
+    /// Seconds without a report before a running step counts as lost and is retried.
+    #[arg(long)]
+    pub heartbeat_timeout_secs: Option<u64>,
+    /// SMTP relay for recovery notifications.
+    #[arg(long, env = "CAIRN_SMTP")]
+    pub smtp: Option<String>,
+    /// Sender address of notification e-mail.
+    #[arg(long, env = "CAIRN_SMTP_FROM")]
+    pub smtp_from: Option<String>,
+    /// NATS credentials file.
+    #[arg(long, env = "CAIRN_NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// CA certificate for TLS to NATS.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate for TLS to NATS.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key for TLS to NATS.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The settings after merging flags, environment, the configuration file and defaults.
+struct Settings {
+    nats: NatsOptions,
+    listen: SocketAddr,
+    instance: String,
+    data_dir: PathBuf,
+    partitions: NonZeroU16,
+    lease_ttl: Duration,
+    replicas: usize,
+    repository: String,
+    timezone: TimeZone,
+    backups_per_node: usize,
+    recoveries_per_node: usize,
+    heartbeat_timeout: Duration,
+    smtp: Option<String>,
+    smtp_from: Option<String>,
+}
+
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let host: String = host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "orch" } else { &host },
+        std::process::id()
+    )
+}
+
+fn settings(args: OrchestratorArgs) -> Result<Settings> {
+    let file = match &args.config {
+        Some(path) => Some(crate::config::load(path)?),
+        None => None,
+    };
+    let nats_file = file.as_ref().map(|f| f.nats.clone()).unwrap_or_default();
+    let orch = file
+        .as_ref()
+        .map(|f| f.orchestrator.clone())
+        .unwrap_or_default();
+    let url = args
+        .nats
+        .or(nats_file.url.clone())
+        .context("--nats URL is required (or [nats] url in the configuration file)")?;
+    let partitions = args
+        .partitions
+        .or(orch.partitions)
+        .unwrap_or(cairn_schemas::subjects::DEFAULT_PARTITIONS.get());
+    let partitions = NonZeroU16::new(partitions)
+        .filter(|p| p.get() <= 1024)
+        .with_context(|| format!("--partitions {partitions}: must be 1 to 1024"))?;
+    let ttl = args.lease_ttl_secs.or(orch.lease_ttl_secs).unwrap_or(6);
+    if !(2..=300).contains(&ttl) {
+        anyhow::bail!("--lease-ttl-secs {ttl}: must be 2 to 300");
+    }
+    let replicas = args.replicas.or(nats_file.replicas).unwrap_or(1);
+    if !(1..=5).contains(&replicas) {
+        anyhow::bail!("--replicas {replicas}: must be 1 to 5");
+    }
+    let tz_text = args
+        .timezone
+        .or(orch.timezone.clone())
+        .unwrap_or_else(|| "UTC".into());
+    let timezone =
+        TimeZone::parse(&tz_text).map_err(|e| anyhow::anyhow!("--timezone {tz_text:?}: {e}"))?;
+    let heartbeat = args.heartbeat_timeout_secs.unwrap_or(60);
+    if !(5..=3600).contains(&heartbeat) {
+        anyhow::bail!("--heartbeat-timeout-secs {heartbeat}: must be 5 to 3600");
+    }
+    let instance = args
+        .instance
+        .or(orch.instance.clone())
+        .unwrap_or_else(default_instance);
+    Ok(Settings {
+        nats: NatsOptions {
+            url,
+            creds: args.creds.or(nats_file.creds.clone()),
+            tls_ca: args.tls_ca.or(nats_file.tls_ca.clone()),
+            tls_cert: args.tls_cert.or(nats_file.tls_cert.clone()),
+            tls_key: args.tls_key.or(nats_file.tls_key.clone()),
+            name: format!("cairn-orchestrator-{instance}"),
+        },
+        listen: args
+            .listen
+            .or(orch.listen)
+            .unwrap_or_else(|| "127.0.0.1:7480".parse().expect("address")),
+        data_dir: args
+            .data_dir
+            .or(orch.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("cairn-orchestrator")),
+        instance,
+        partitions,
+        lease_ttl: Duration::from_secs(ttl),
+        replicas,
+        repository: args
+            .repository
+            .or(orch.repository.clone())
+            .unwrap_or_else(|| "/var/lib/cairn/repo".into()),
+        timezone,
+        backups_per_node: args.backups_per_node.or(orch.backups_per_node).unwrap_or(3),
+        recoveries_per_node: args
+            .recoveries_per_node
+            .or(orch.recoveries_per_node)
+            .unwrap_or(8)
+            .max(1),
+        heartbeat_timeout: Duration::from_secs(heartbeat),
+        smtp: args.smtp.or(orch.smtp.clone()),
+        smtp_from: args.smtp_from.or(orch.smtp_from.clone()),
+    })
+}
+
+pub fn run(args: OrchestratorArgs) -> Result<i32> {
+    let settings = settings(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(settings))
+}
+
+/// Per-partition work started when a lease is won.
+struct PartitionWork {
+    reports: bus::ReportConsumerHandle,
+    commands: tokio::task::JoinHandle<()>,
+}
+
+async fn serve(settings: Settings) -> Result<i32> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+    let client = bus::connect(&settings.nats).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    bus::ensure_streams(&js, settings.replicas).await?;
+    let log = JetStreamLog::open(
+        client.clone(),
+        JetStreamLogConfig {
+            replicas: settings.replicas,
+            ..JetStreamLogConfig::default()
+        },
+    )
+    .await
+    .context("opening the event log on JetStream")?;
+    let ownership = Arc::new(Ownership::none(settings.partitions));
+    let sink = Arc::new(bus::NatsStepSink::new(client.clone()));
+    let options = EngineOptions {
+        config: EngineConfig {
+            repository: settings.repository.clone(),
+            backups_per_node: settings.backups_per_node,
+            recoveries_per_node: settings.recoveries_per_node,
+            timezone: settings.timezone,
+            partitions: settings.partitions,
+            heartbeat_timeout_ms: settings.heartbeat_timeout.as_millis() as u64,
+            // Steps of a previous owner are adopted: their reports keep them alive; silent
+            // ones are retried after this.
+            orphan_grace_ms: (settings.lease_ttl * 2).as_millis() as u64,
+            ..EngineConfig::default()
+        },
+        epoch: 0,
+        actor: format!("orchestrator/{}", settings.instance),
+        snapshot_path: Some(settings.data_dir.join("snapshot.bin")),
+        snapshot_every: 50_000,
+        tick: Duration::from_millis(250),
+        ownership: Some(ownership.clone()),
+    };
+    let (engine, handle) = Engine::start(log, options, Arc::new(SystemClock), sink)
+        .await
+        .context("replaying the event log")?;
+    handle.set_router(Arc::new(NatsRouter::new(client.clone())));
+    let from = settings
+        .smtp_from
+        .clone()
+        .unwrap_or_else(|| format!("cairn@{}.localdomain", settings.instance));
+    let mut notify = NotifyConfig::new(settings.smtp.clone(), from);
+    notify.hostname = format!("{}.localdomain", settings.instance);
+    let engine = engine.with_notifier(Notifier::new(notify));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let (engine_stop_tx, engine_stop_rx) = watch::channel(false);
+    let engine_task = tokio::spawn(engine.run(wait_shutdown(engine_stop_rx)));
+
+    // Commands that arrive over NATS: decided here, or routed to the owner.
+    let decider: Decider = {
+        let handle = handle.clone();
+        Arc::new(move |actor, command, local_only| {
+            let handle = handle.clone();
+            Box::pin(async move {
+                if local_only {
+                    handle.submit_local(actor, command).await
+                } else {
+                    handle.submit_as(actor, command).await
+                }
+            })
+        })
+    };
+    let api_sub = client
+        .queue_subscribe(API_COMMANDS, QUEUE_GROUP.into())
+        .await
+        .context("subscribing to worker commands")?;
+    let api_cmd_task = tokio::spawn(commands::serve(
+        api_sub,
+        client.clone(),
+        decider.clone(),
+        false,
+    ));
+
+    // Leases: ownership of partitions, and the work that goes with each one.
+    let store = lease_bucket(&js, settings.lease_ttl, settings.replicas).await?;
+    let (changes_tx, mut changes_rx) = mpsc::unbounded_channel();
+    let leases = LeaseManager::new(
+        store,
+        LeaseConfig {
+            instance: settings.instance.clone(),
+            ttl: settings.lease_ttl,
+            replicas: settings.replicas,
+        },
+        ownership.clone(),
+        changes_tx,
+    )?;
+    let lease_task = tokio::spawn(leases.run(shutdown_rx.clone()));
+    let partition_client = client.clone();
+    let partition_js = js.clone();
+    let partition_handle = handle.clone();
+    let partition_task = tokio::spawn(async move {
+        let mut work: HashMap<u16, PartitionWork> = HashMap::new();
+        while let Some(change) = changes_rx.recv().await {
+            match change {
+                LeaseChange::Granted { partition, epoch } => {
+                    tracing::info!(partition, epoch, "owning partition");
+                    let report_handle = partition_handle.clone();
+                    let reports = match bus::ReportConsumer::start(
+                        partition_js.clone(),
+                        partition,
+                        Arc::new(move |report| {
+                            let handle = report_handle.clone();
+                            Box::pin(async move { handle.report_acked(report).await })
+                        }),
+                    )
+                    .await
+                    {
+                        Ok(reports) => reports,
+                        Err(e) => {
+                            tracing::error!(partition, error = %e, "could not consume reports");
+                            continue;
+                        }
+                    };
+                    let commands = match partition_client
+                        .subscribe(commands::command_subject(partition))
+                        .await
+                    {
+                        Ok(sub) => tokio::spawn(commands::serve(
+                            sub,
+                            partition_client.clone(),
+                            decider.clone(),
+                            true,
+                        )),
+                        Err(e) => {
+                            tracing::error!(partition, error = %e, "could not take commands");
+                            continue;
+                        }
+                    };
+                    work.insert(partition, PartitionWork { reports, commands });
+                }
+                LeaseChange::Revoked { partition } => {
+                    tracing::info!(partition, "no longer owning partition");
+                    if let Some(old) = work.remove(&partition) {
+                        old.commands.abort();
+                        old.reports.stop();
+                    }
+                }
+            }
+        }
+    });
+
+    // Worker liveness: nodes that stopped heartbeating are marked offline by their owner.
+    let watcher = bus::NodeWatcher::start(&js, settings.replicas).await?;
+    let liveness_handle = handle.clone();
+    let liveness_task = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            every.tick().await;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let silent = watcher.silent_nodes(now, 10_000);
+            liveness_handle.nodes_silent(silent).await;
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let api_addr = listener.local_addr()?;
+    let control: Arc<dyn Control> = Arc::new(handle.clone());
+    let api_task = tokio::spawn(cairn_orchestrator::api::serve(
+        listener,
+        control,
+        wait_shutdown(shutdown_rx.clone()),
+    ));
+    println!(
+        "cairn orchestrator is up: API on http://{api_addr}, instance {}, {} partitions",
+        settings.instance, settings.partitions
+    );
+
+    crate::up::shutdown_signal().await;
+    println!("shutting down");
+    // Hand the partitions over first, then stop the engine.
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), lease_task).await;
+    let _ = engine_stop_tx.send(true);
+    let _ = engine_task.await;
+    let _ = api_task.await;
+    partition_task.abort();
+    api_cmd_task.abort();
+    liveness_task.abort();
+    Ok(0)
+}

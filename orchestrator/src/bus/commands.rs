@@ -1,0 +1,331 @@
+//! Commands over NATS: forwarding to the owner of a partition, and the command entry point
+//! workers use.
+//!
+//! - `cairn.cmd.<p>`: subscribed by the owner of partition p only (while it holds the
+//!   lease); a request is decided by that instance's engine.
+//! - `cairn.api.cmd`: subscribed by every orchestrator in queue group `orchestrators`; workers
+//!   send registration, inventory and space reports there, and the instance that receives one
+//!   decides it or forwards it to the owner.
+//!
+//! Requests carry `codec::encode_command(CommandEnvelope)`; replies are a versioned
+//! [`WireReply`] (a format byte, then JSON): the accepted command, or the refusal with its
+//! HTTP status and stable code. A forwarded command is retried while the partition has no
+//! owner (no responders) or its owner is changing, up to [`FORWARD_FOR`].
+//!
+//! Must not: decide commands (the engine does); keep state beyond subscriptions.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use cairn_schemas::codec;
+use cairn_schemas::{Command, CommandEnvelope, CommandId};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::control::{BoxFuture, ControlError};
+use crate::engine::service::CommandRouter;
+use crate::views::Accepted;
+
+/// Subject every orchestrator answers, in queue group [`QUEUE_GROUP`].
+pub const API_COMMANDS: &str = "cairn.api.cmd";
+/// Queue group of the orchestrators on [`API_COMMANDS`].
+pub const QUEUE_GROUP: &str = "orchestrators";
+/// How long a forwarded command is retried while its partition changes owner.
+pub const FORWARD_FOR: Duration = Duration::from_secs(20);
+/// Largest command request accepted (an inventory of 10,000 VMs fits).
+const MAX_REQUEST: usize = 8 << 20;
+
+/// `cairn.cmd.<partition>`: the owner's command subject.
+pub fn command_subject(partition: u16) -> String {
+    format!("cairn.cmd.{partition}")
+}
+
+/// Format byte in front of a [`WireReply`].
+const REPLY_FORMAT: u8 = 1;
+
+/// A refusal as it travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// HTTP status (400, 404, 409, 500, 503).
+    pub status: u16,
+    /// Stable code.
+    pub code: String,
+    /// For humans.
+    pub message: String,
+}
+
+/// The reply to a command request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireReply {
+    /// Accepted.
+    Accepted(Accepted),
+    /// Refused.
+    Refused(WireError),
+}
+
+impl WireReply {
+    /// The reply for a decided command.
+    pub fn of(result: &Result<Accepted, ControlError>) -> WireReply {
+        match result {
+            Ok(accepted) => WireReply::Accepted(accepted.clone()),
+            Err(e) => WireReply::Refused(WireError {
+                status: e.status(),
+                code: e.code().to_string(),
+                message: match e {
+                    ControlError::Internal(m) | ControlError::Unavailable(m) => m.clone(),
+                    other => other.to_string(),
+                },
+            }),
+        }
+    }
+
+    /// Encoded: a format byte, then JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![REPLY_FORMAT];
+        out.extend(serde_json::to_vec(self).expect("a reply serializes"));
+        out
+    }
+
+    /// Decodes a reply; bad bytes are an error naming what is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<WireReply, String> {
+        match bytes.split_first() {
+            Some((&REPLY_FORMAT, rest)) => {
+                serde_json::from_slice(rest).map_err(|e| format!("malformed command reply: {e}"))
+            }
+            Some((other, _)) => Err(format!("command reply in unknown format {other}")),
+            None => Err("empty command reply".into()),
+        }
+    }
+
+    /// Back to the caller's result.
+    pub fn into_result(self) -> Result<Accepted, ControlError> {
+        match self {
+            WireReply::Accepted(accepted) => Ok(accepted),
+            WireReply::Refused(e) => Err(control_error(e)),
+        }
+    }
+}
+
+/// Codes travel as text; `ControlError` keeps `&'static str`. Known codes map to themselves;
+/// others are interned in a small bounded table (a peer cannot grow it without bound).
+fn intern(code: &str) -> &'static str {
+    static TABLE: Mutex<BTreeMap<String, &'static str>> = Mutex::new(BTreeMap::new());
+    let mut table = TABLE.lock().expect("code table");
+    if let Some(code) = table.get(code) {
+        return code;
+    }
+    let valid = !code.is_empty()
+        && code.len() <= 40
+        && code.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+    if !valid || table.len() >= 256 {
+        return "remote_error";
+    }
+    let leaked: &'static str = Box::leak(code.to_string().into_boxed_str());
+    table.insert(code.to_string(), leaked);
+    leaked
+}
+
+fn control_error(e: WireError) -> ControlError {
+    match e.status {
+        404 => ControlError::NotFound {
+            code: intern(&e.code),
+            message: e.message,
+        },
+        409 => ControlError::Conflict {
+            code: intern(&e.code),
+            message: e.message,
+        },
+        400 => ControlError::Invalid {
+            code: intern(&e.code),
+            message: e.message,
+        },
+        503 => ControlError::Unavailable(e.message),
+        _ => ControlError::Internal(e.message),
+    }
+}
+
+/// Forwards commands to partition owners with NATS requests.
+pub struct NatsRouter {
+    client: Client,
+    /// How long one request waits for its reply.
+    pub request_timeout: Duration,
+}
+
+impl NatsRouter {
+    /// A router over `client`.
+    pub fn new(client: Client) -> NatsRouter {
+        NatsRouter {
+            client,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+fn new_command_id() -> CommandId {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut rand = [0u8; 10];
+    getrandom::getrandom(&mut rand).expect("the OS random source works");
+    CommandId::new_v7(now, rand)
+}
+
+/// Sends one command request to `subject` and retries while nobody owns the partition (no
+/// responders) or the owner is moving (unavailable), up to [`FORWARD_FOR`].
+pub async fn request_command(
+    client: &Client,
+    subject: String,
+    envelope: &CommandEnvelope,
+    request_timeout: Duration,
+) -> Result<Accepted, ControlError> {
+    let payload: bytes::Bytes = codec::encode_command(envelope).into();
+    let deadline = Instant::now() + FORWARD_FOR;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let outcome = tokio::time::timeout(
+            request_timeout,
+            client.request(subject.clone(), payload.clone()),
+        )
+        .await;
+        let retry_reason = match outcome {
+            Ok(Ok(reply)) => match WireReply::decode(&reply.payload) {
+                Ok(reply) => match reply.into_result() {
+                    Err(ControlError::Unavailable(m)) => m,
+                    other => return other,
+                },
+                Err(e) => return Err(ControlError::Internal(e)),
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no reply within {request_timeout:?}"),
+        };
+        if Instant::now() + delay > deadline {
+            return Err(ControlError::Unavailable(format!(
+                "{subject}: no orchestrator took the command within {FORWARD_FOR:?} \
+                 (last: {retry_reason})"
+            )));
+        }
+        tracing::debug!(subject, reason = %retry_reason, "command not taken yet; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+impl CommandRouter for NatsRouter {
+    fn forward(
+        &self,
+        partition: u16,
+        actor: String,
+        command: Command,
+    ) -> BoxFuture<'static, Result<Accepted, ControlError>> {
+        let client = self.client.clone();
+        let timeout = self.request_timeout;
+        Box::pin(async move {
+            let envelope = CommandEnvelope {
+                id: new_command_id(),
+                actor,
+                traceparent: None,
+                command,
+            };
+            request_command(&client, command_subject(partition), &envelope, timeout).await
+        })
+    }
+}
+
+/// What decides a command that arrived over NATS: `(actor, command, local_only)`.
+pub type Decider = Arc<
+    dyn Fn(String, Command, bool) -> BoxFuture<'static, Result<Accepted, ControlError>>
+        + Send
+        + Sync,
+>;
+
+/// Answers requests on one subscription until it ends. `local_only`: decide here or refuse
+/// (the owner's subject); otherwise route as needed (the shared entry point).
+pub async fn serve(
+    mut sub: async_nats::Subscriber,
+    client: Client,
+    decide: Decider,
+    local_only: bool,
+) {
+    while let Some(message) = sub.next().await {
+        let Some(reply_to) = message.reply.clone() else {
+            tracing::debug!(subject = %message.subject, "command without a reply subject ignored");
+            continue;
+        };
+        let result = if message.payload.len() > MAX_REQUEST {
+            Err(ControlError::Invalid {
+                code: "invalid_request",
+                message: format!(
+                    "command of {} bytes is larger than {MAX_REQUEST}",
+                    message.payload.len()
+                ),
+            })
+        } else {
+            match codec::decode_command(&message.payload) {
+                Ok(envelope) => {
+                    let decide = decide.clone();
+                    // Each command on a task of its own: a forwarded one may wait for its
+                    // owner while others are served.
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let result = decide(envelope.actor, envelope.command, local_only).await;
+                        let reply = WireReply::of(&result).encode();
+                        if let Err(e) = client.publish(reply_to, reply.into()).await {
+                            tracing::debug!(error = %e, "could not send a command reply");
+                        }
+                    });
+                    continue;
+                }
+                Err(e) => Err(ControlError::Invalid {
+                    code: "invalid_request",
+                    message: format!("undecodable command on {}: {e}", message.subject),
+                }),
+            }
+        };
+        let reply = WireReply::of(&result).encode();
+        if let Err(e) = client.publish(reply_to, reply.into()).await {
+            tracing::debug!(error = %e, "could not send a command reply");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_round_trip() {
+        let ok: Result<Accepted, ControlError> = Ok(Accepted {
+            id: "x".into(),
+            seq: 7,
+        });
+        let back = WireReply::decode(&WireReply::of(&ok).encode()).unwrap();
+        assert_eq!(back.into_result(), ok);
+        let refused: Result<Accepted, ControlError> = Err(ControlError::Conflict {
+            code: "duplicate_group",
+            message: "a group named \"a\" exists".into(),
+        });
+        let back = WireReply::decode(&WireReply::of(&refused).encode()).unwrap();
+        assert_eq!(back.into_result(), refused);
+        let gone: Result<Accepted, ControlError> = Err(ControlError::Unavailable("moving".into()));
+        let back = WireReply::decode(&WireReply::of(&gone).encode()).unwrap();
+        assert_eq!(back.into_result(), gone);
+    }
+
+    #[test]
+    fn hostile_replies_are_errors() {
+        assert!(WireReply::decode(b"").is_err());
+        assert!(WireReply::decode(b"\x07{}").is_err());
+        assert!(WireReply::decode(b"\x01not json").is_err());
+        let weird = WireError {
+            status: 409,
+            code: "NOT A CODE".repeat(10),
+            message: "m".into(),
+        };
+        let ControlError::Conflict { code, .. } = control_error(weird) else {
+            panic!("status 409 is a conflict");
+        };
+        assert_eq!(code, "remote_error");
+    }
+}
