@@ -377,3 +377,155 @@ impl LeaseManager {
         self.held.keys().copied().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU16;
+
+    use super::*;
+
+    async fn manager(
+        js: &jetstream::Context,
+        instance: &str,
+        ttl: Duration,
+    ) -> (
+        LeaseManager,
+        Arc<Ownership>,
+        mpsc::UnboundedReceiver<LeaseChange>,
+    ) {
+        let store = lease_bucket(js, ttl, 1).await.unwrap();
+        let ownership = Arc::new(Ownership::none(NonZeroU16::new(4).unwrap()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let manager = LeaseManager::new(
+            store,
+            LeaseConfig {
+                instance: instance.into(),
+                ttl,
+                replicas: 1,
+            },
+            ownership.clone(),
+            tx,
+        )
+        .unwrap();
+        (manager, ownership, rx)
+    }
+
+    async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if check().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_share_partitions_and_take_over_a_dead_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = cairn_tests::nats::NatsServer::start(dir.path());
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = jetstream::new(client);
+        let ttl = Duration::from_secs(2);
+
+        let (mut a, own_a, mut changes_a) = manager(&js, "orch-a", ttl).await;
+        a.round().await;
+        assert_eq!(a.held().len(), 4, "alone, an instance takes every partition");
+        let epochs_a: Vec<u64> = (0..4).map(|p| own_a.get(p).unwrap().epoch).collect();
+        assert!(epochs_a.iter().all(|&e| e > 0));
+        let mut granted = 0;
+        while let Ok(change) = changes_a.try_recv() {
+            assert!(matches!(change, LeaseChange::Granted { .. }));
+            granted += 1;
+        }
+        assert_eq!(granted, 4);
+
+        let (mut b, own_b, _changes_b) = manager(&js, "orch-b", ttl).await;
+        // b joins: a gives up its extra partitions, b takes them.
+        wait_for("a fair share each", async || {
+            a.round().await;
+            b.round().await;
+            a.held().len() == 2 && b.held().len() == 2
+        })
+        .await;
+        for p in 0..4u16 {
+            assert!(
+                own_a.get(p).is_some() != own_b.get(p).is_some(),
+                "partition {p} has exactly one owner"
+            );
+        }
+        // The stored value names the owner and its epoch; workers fence with it.
+        let store = lease_bucket(&js, ttl, 1).await.unwrap();
+        for p in b.held() {
+            let value = LeaseValue::decode(&store.get(partition_key(p)).await.unwrap().unwrap())
+                .unwrap();
+            assert_eq!(value.instance, "orch-b");
+            assert_eq!(value.epoch, own_b.get(p).unwrap().epoch);
+        }
+
+        // a dies without releasing anything: b takes its partitions with newer epochs once
+        // the leases expire.
+        let a_held = a.held();
+        drop(a);
+        wait_for("b owning everything", async || {
+            b.round().await;
+            b.held().len() == 4
+        })
+        .await;
+        for p in a_held {
+            assert!(own_b.get(p).unwrap().epoch > epochs_a[usize::from(p)]);
+        }
+        // own_a still says a owns them: a dead process's table is never consulted again,
+        // and a live one would have revoked them on its failed renewals (next test).
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_taken_over_is_revoked_on_renewal() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = cairn_tests::nats::NatsServer::start(dir.path());
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = jetstream::new(client);
+        let ttl = Duration::from_secs(2);
+        let (mut a, own_a, mut changes_a) = manager(&js, "orch-a", ttl).await;
+        a.round().await;
+        assert_eq!(a.held().len(), 4);
+        while changes_a.try_recv().is_ok() {}
+        // Someone else overwrites partition 0's lease (as if a's lease had expired and been
+        // won while a was paused).
+        let store = lease_bucket(&js, ttl, 1).await.unwrap();
+        store
+            .put(
+                partition_key(0),
+                LeaseValue {
+                    instance: "orch-z".into(),
+                    epoch: 999,
+                }
+                .encode(),
+            )
+            .await
+            .unwrap();
+        a.renew_leases().await;
+        assert!(own_a.get(0).is_none(), "a stops acting on partition 0");
+        assert_eq!(
+            changes_a.try_recv().unwrap(),
+            LeaseChange::Revoked { partition: 0 }
+        );
+        assert!(own_a.get(1).is_some());
+    }
+
+    #[test]
+    fn lease_values_and_instances_are_validated() {
+        assert!(LeaseValue::decode(b"{\"instance\":\"a\"}").is_err());
+        assert!(LeaseValue::decode(b"garbage").is_err());
+        let v = LeaseValue {
+            instance: "a".into(),
+            epoch: 3,
+        };
+        assert_eq!(LeaseValue::decode(&v.encode()).unwrap(), v);
+        assert!(valid_instance("orch-1_a"));
+        assert!(!valid_instance("orch.1"));
+        assert!(!valid_instance(""));
+        assert!(!valid_instance(&"x".repeat(65)));
+    }
+}

@@ -1,0 +1,401 @@
+//! Distributed cairn end to end: real `nats-server` (single, and a three-node cluster),
+//! several `cairn orchestrator` processes sharing the partitions through leases, one
+//! `cairn worker` per node, VMs over real images, and a repository folder they share.
+//! Processes and servers are killed with SIGKILL while backups run; every job must end
+//! Succeeded with exactly one recovery point.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_tests::nats::{NatsCluster, NatsServer};
+use cairn_tests::*;
+use serde_json::Value;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A `cairn orchestrator` or `cairn worker` process, logging to a file; killed on drop.
+struct Proc {
+    child: Child,
+    name: String,
+    log: PathBuf,
+    /// The API address (orchestrators).
+    addr: Option<String>,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[String], log: &Path, env: &[(&str, &str)]) -> Proc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let mut command = Command::new(cairn_bin());
+        command
+            .args(args)
+            .env("CAIRN_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(out);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("cairn starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
+            }
+        });
+        let mut addr = None;
+        if args[0] == "orchestrator" {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(line) => {
+                        if let Some(rest) =
+                            line.strip_prefix("cairn orchestrator is up: API on http://")
+                        {
+                            addr = Some(rest.split(',').next().expect("address").to_string());
+                            break;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = child.kill();
+                        panic!(
+                            "{name} did not start; log:\n{}",
+                            std::fs::read_to_string(log).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+        }
+        Proc {
+            child,
+            name: name.into(),
+            log: log.into(),
+            addr,
+        }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("---- {} log (last lines) ----", self.name);
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+fn get(addr: &str, path: &str) -> Value {
+    let (status, body) = http(addr, "GET", path, None);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: bad JSON {body:?}: {e}"))
+}
+
+struct Lab {
+    dir: tempfile::TempDir,
+    repo: PathBuf,
+    nats_url: String,
+    /// VM name → node index.
+    vms: BTreeMap<String, usize>,
+}
+
+impl Lab {
+    /// `nodes` nodes with `per_node` VMs of one small random raw disk each, and a repository.
+    fn new(nats_url: String, nodes: usize, per_node: usize, dir: tempfile::TempDir) -> Lab {
+        let repo = dir.path().join("repo");
+        cairn_ok(&["repo", "init", s(&repo)]);
+        let mut vms = BTreeMap::new();
+        for node in 0..nodes {
+            for i in 0..per_node {
+                let name = format!("vm-{node}-{i}");
+                let disk = dir.path().join("disks").join(format!("{name}.raw"));
+                std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+                random_file(&disk, 2 << 20, (node * 100 + i) as u64);
+                let uuid = format!("6f1c2d3e-4a5b-4c6d-8e7f-{:06x}{:06x}", node + 1, i + 1);
+                write_vm(&self_vms(dir.path(), node), &name, &uuid, &[("disk0", &disk)]);
+                vms.insert(name, node);
+            }
+        }
+        Lab {
+            dir,
+            repo,
+            nats_url,
+            vms,
+        }
+    }
+
+    fn orchestrator(&self, index: usize, extra: &[&str]) -> Proc {
+        let name = format!("o{index}");
+        let data = self.dir.path().join(&name);
+        let mut args: Vec<String> = [
+            "orchestrator",
+            "--nats",
+            &self.nats_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--instance",
+            &name,
+            "--data-dir",
+            s(&data),
+            "--repository",
+            s(&self.repo),
+            "--lease-ttl-secs",
+            "3",
+            "--heartbeat-timeout-secs",
+            "15",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let log = self.dir.path().join(format!("{name}.log"));
+        Proc::spawn(&name, &args, &log, &[])
+    }
+
+    fn worker(&self, node: usize, env: &[(&str, &str)]) -> Proc {
+        let name = format!("kvm-{node}");
+        let args: Vec<String> = [
+            "worker",
+            "--nats",
+            &self.nats_url,
+            "--node",
+            &name,
+            "--vms",
+            s(&self_vms(self.dir.path(), node)),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let log = self.dir.path().join(format!("{name}.log"));
+        Proc::spawn(&name, &args, &log, env)
+    }
+}
+
+fn self_vms(root: &Path, node: usize) -> PathBuf {
+    root.join(format!("vms-{node}"))
+}
+
+/// VM name → VM id, once every VM is in the inventory.
+fn vm_ids(addr: &str, expected: usize) -> BTreeMap<String, String> {
+    let mut ids = BTreeMap::new();
+    wait_until(Duration::from_secs(90), "every VM in the inventory", || {
+        ids = get(addr, "/v1/vms")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap().to_string(),
+                    v["vm"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        ids.len() == expected
+    });
+    ids
+}
+
+fn request_backup(addr: &str, vm: &str) -> String {
+    let (status, body) = http(addr, "POST", &format!("/v1/vms/{vm}/backup"), Some("{}"));
+    assert_eq!(status, 202, "backup of {vm} via {addr}: {body}");
+    serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn job_state(addr: &str, job: &str) -> String {
+    let (status, body) = http(addr, "GET", &format!("/v1/jobs/{job}"), None);
+    if status != 200 {
+        return String::new();
+    }
+    let job: Value = serde_json::from_str(&body).unwrap();
+    job["state"].as_str().unwrap_or_default().to_string()
+}
+
+/// Waits until every job ended; fails on any job that did not succeed.
+fn wait_all_succeeded(addr: &str, jobs: &[String], timeout: Duration) {
+    wait_until(timeout, "every job to end", || {
+        jobs.iter().all(|j| {
+            let state = job_state(addr, j);
+            assert!(
+                state != "Failed" && state != "Cancelled",
+                "job {j} ended {state}: {:#}",
+                get(addr, &format!("/v1/jobs/{j}"))
+            );
+            state == "Succeeded"
+        })
+    });
+}
+
+/// Every event of the log, through one orchestrator's API.
+fn all_events(addr: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut from = 0u64;
+    loop {
+        let page = get(addr, &format!("/v1/events?from={from}&limit=1000"));
+        let events = page["events"].as_array().unwrap().clone();
+        if events.is_empty() {
+            return out;
+        }
+        from = page["next_from"].as_u64().unwrap();
+        out.extend(events);
+    }
+}
+
+/// Each VM has `per_vm` recovery points, each job made exactly one, the repository agrees
+/// and verifies clean.
+fn check_recovery_points(lab: &Lab, addr: &str, ids: &BTreeMap<String, String>, per_vm: usize) {
+    let mut jobs_seen = BTreeSet::new();
+    for (name, vm) in ids {
+        let rps = get(addr, &format!("/v1/vms/{vm}/recovery-points"));
+        let rps = rps.as_array().unwrap();
+        assert_eq!(rps.len(), per_vm, "{name}: {rps:#?}");
+        for rp in rps {
+            assert!(
+                jobs_seen.insert(rp["job"].as_str().unwrap().to_string()),
+                "a job committed two recovery points: {rp}"
+            );
+        }
+    }
+    let listed = cairn_json(&["repo", "list", s(&lab.repo)]);
+    assert_eq!(
+        listed["recovery_points"].as_array().unwrap().len(),
+        ids.len() * per_vm,
+        "one recovery point per disk and backup in the repository"
+    );
+    assert_eq!(cairn(&["repo", "verify", s(&lab.repo)]).status.code(), Some(0));
+}
+
+#[test]
+fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(dir.path());
+    let lab = Lab::new(nats.url(), 3, 10, dir);
+    let mut orchestrators: Vec<Option<Proc>> =
+        (0..3).map(|i| Some(lab.orchestrator(i, &[]))).collect();
+    // Transfers take a second each, so kills land mid-backup.
+    let slow = [("CAIRN_FAULT_STEP_DELAY_MS", "Transfer=1000")];
+    let mut workers: Vec<Option<Proc>> = (0..3).map(|n| Some(lab.worker(n, &slow))).collect();
+    let addr = |o: &[Option<Proc>], i: usize| -> String {
+        o[i].as_ref().unwrap().addr.clone().unwrap()
+    };
+    let ids = vm_ids(&addr(&orchestrators, 0), 30);
+
+    // Round 1: 30 backups requested through all three APIs; one orchestrator is killed
+    // while they run.
+    let mut jobs = Vec::new();
+    for (i, vm) in ids.values().enumerate() {
+        jobs.push(request_backup(&addr(&orchestrators, i % 3), vm));
+    }
+    let a0 = addr(&orchestrators, 0);
+    wait_until(Duration::from_secs(60), "some backups running", || {
+        jobs.iter()
+            .filter(|j| job_state(&a0, j) == "Succeeded")
+            .count()
+            >= 3
+    });
+    let killed_at = Instant::now();
+    orchestrators[1].take().unwrap().kill9();
+    wait_all_succeeded(&a0, &jobs, Duration::from_secs(240));
+    eprintln!(
+        "round 1: all 30 jobs succeeded {:.1} s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
+    check_recovery_points(&lab, &a0, &ids, 1);
+    // The load was spread: steps were dispatched by every instance, including the one that
+    // was killed (before it died) and the survivors (after).
+    let events = all_events(&a0);
+    let dispatchers: BTreeSet<String> = events
+        .iter()
+        .filter(|e| e["name"] == "StepDispatched")
+        .map(|e| e["actor"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        dispatchers.len() >= 3,
+        "steps dispatched by every orchestrator: {dispatchers:?}"
+    );
+
+    // The killed orchestrator comes back and gets a share again.
+    orchestrators[1] = Some(lab.orchestrator(1, &[]));
+
+    // A worker killed mid-transfer: its step is retried on that node when it returns.
+    let node0_vm = &ids["vm-0-0"];
+    workers[0].take().unwrap().kill9();
+    workers[0] = Some(lab.worker(0, &[("CAIRN_FAULT_STEP_DELAY_MS", "Transfer=20000")]));
+    let job = request_backup(&addr(&orchestrators, 2), node0_vm);
+    wait_until(Duration::from_secs(60), "the transfer running", || {
+        let j = get(&a0, &format!("/v1/jobs/{job}"));
+        j["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["kind"].as_str().unwrap_or("").starts_with("Transfer") && s["state"] == "Running")
+    });
+    workers[0].take().unwrap().kill9();
+    workers[0] = Some(lab.worker(0, &[]));
+    wait_all_succeeded(&a0, std::slice::from_ref(&job), Duration::from_secs(180));
+    let rps = get(&a0, &format!("/v1/vms/{node0_vm}/recovery-points"));
+    assert_eq!(rps.as_array().unwrap().len(), 2);
+
+    // nats-server killed and restarted in the middle of a round: nothing is lost.
+    let mut round = Vec::new();
+    for (i, (name, vm)) in ids.iter().enumerate() {
+        if name != "vm-0-0" {
+            round.push(request_backup(&addr(&orchestrators, i % 3), vm));
+        }
+    }
+    nats.kill9();
+    nats.restart();
+    wait_all_succeeded(&a0, &round, Duration::from_secs(300));
+    check_recovery_points(&lab, &a0, &ids, 2);
+    // Every orchestrator sees the same log.
+    let n = all_events(&a0).len();
+    for i in 1..3 {
+        let other = addr(&orchestrators, i);
+        wait_until(Duration::from_secs(30), "the same log everywhere", || {
+            all_events(&other).len() == n
+        });
+    }
+    let audit = get(&a0, "/v1/audit/verify");
+    assert_eq!(audit["ok"], true, "{audit:#}");
+    drop(workers);
+}
+
+#[test]
+fn a_three_node_nats_cluster_keeps_working_with_one_node_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = NatsCluster::start(dir.path());
+    let lab = Lab::new(cluster.urls(), 1, 3, dir);
+    let orchestrator = lab.orchestrator(0, &["--replicas", "3"]);
+    let _worker = lab.worker(0, &[]);
+    let addr = orchestrator.addr.clone().unwrap();
+    let ids = vm_ids(&addr, 3);
+    let jobs: Vec<String> = ids.values().map(|vm| request_backup(&addr, vm)).collect();
+    wait_all_succeeded(&addr, &jobs, Duration::from_secs(120));
+    cluster.servers[0].kill9();
+    let jobs: Vec<String> = ids.values().map(|vm| request_backup(&addr, vm)).collect();
+    wait_all_succeeded(&addr, &jobs, Duration::from_secs(180));
+    check_recovery_points(&lab, &addr, &ids, 2);
+}
