@@ -185,7 +185,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut versions = vec![vec![0u64; AGGREGATES_PER_PARTITION as usize]; PARTITIONS as usize];
     // Warm-up: every aggregate's head is cached afterwards, as in a running owner.
     for (partition, v) in versions.iter_mut().enumerate() {
-        append_partition(&log, partition as u16, AGGREGATES_PER_PARTITION, 1, false, v).await;
+        append_partition(
+            &log,
+            partition as u16,
+            AGGREGATES_PER_PARTITION,
+            1,
+            false,
+            v,
+        )
+        .await;
     }
     let n_seq = count(5_000);
     let one = append_partition(&log, 0, n_seq, 1, false, &mut versions[0]).await;
@@ -246,13 +254,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     row("raw JetStream publish, 256 in flight (baseline)", raw, raw);
     row("raw JetStream publish, 1 in flight", raw_sync, raw);
     row("append, one partition, 1 event per append", one, raw);
-    row("append, one partition, 1 event, with command id", one_cmd, raw);
-    row("append, one partition, 10 events per append", one_batch10, raw);
-    row("append, 16 partitions concurrently, 1 event per append", all16, raw);
+    row(
+        "append, one partition, 1 event, with command id",
+        one_cmd,
+        raw,
+    );
+    row(
+        "append, one partition, 10 events per append",
+        one_batch10,
+        raw,
+    );
+    row(
+        "append, 16 partitions concurrently, 1 event per append",
+        all16,
+        raw,
+    );
     println!();
     println!("| replay | events/s | ratio to raw ordered-consumer replay |");
     println!("|---|---:|---:|");
-    row("raw ordered consumer (baseline)", raw_replay_rate, raw_replay_rate);
+    row(
+        "raw ordered consumer (baseline)",
+        raw_replay_rate,
+        raw_replay_rate,
+    );
     row("read_from, batches of 16,384", replay, raw_replay_rate);
     row("tail from 0", tail_rate, raw_replay_rate);
     row("verify_chain", verify, raw_replay_rate);

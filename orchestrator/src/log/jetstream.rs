@@ -48,7 +48,7 @@
 //! `sync_interval` (2 min by default): run single servers with `sync_interval: always` (as the
 //! configs in `ops/` do) or replicas 3 to survive power loss, not only process crashes.
 
-mod record;
+pub(crate) mod record;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -1089,6 +1089,7 @@ impl EventLog for JetStreamLog {
             messages: None,
             next_stream_seq: (from_seq / SEQ_STRIDE).max(1),
             from_seq,
+            pending_error: None,
         }))
     }
 
@@ -1110,6 +1111,8 @@ struct JetStreamTail {
     next_stream_seq: u64,
     /// Events below this are skipped (the first record may be partly before it).
     from_seq: u64,
+    /// A record that did not decode while a batch was being gathered: returned next.
+    pending_error: Option<Error>,
 }
 
 impl JetStreamTail {
@@ -1151,6 +1154,9 @@ impl JetStreamTail {
 impl TailSource for JetStreamTail {
     fn next_batch(&mut self) -> NextBatch<'_> {
         Box::pin(async move {
+            if let Some(err) = self.pending_error.take() {
+                return Err(err);
+            }
             let mut backoff = Duration::from_millis(50);
             loop {
                 if self.inner.strong_count() == 0 {
@@ -1196,13 +1202,8 @@ impl TailSource for JetStreamTail {
                             match self.take(&message) {
                                 Ok(more) => batch.extend(more),
                                 Err(err) => {
-                                    // Return what came before it; the bad record is skipped
-                                    // after being reported in the log.
-                                    tracing::error!(error = %err, "event log tail: a record does not decode");
-                                    if batch.is_empty() {
-                                        self.messages = Some(messages);
-                                        return Err(err);
-                                    }
+                                    // Return the events before it now, the error next time.
+                                    self.pending_error = Some(err);
                                     break;
                                 }
                             }
@@ -1210,6 +1211,9 @@ impl TailSource for JetStreamTail {
                         self.messages = Some(messages);
                         if !batch.is_empty() {
                             return Ok(Some(batch));
+                        }
+                        if let Some(err) = self.pending_error.take() {
+                            return Err(err);
                         }
                     }
                     Some(Err(err)) => {

@@ -27,7 +27,7 @@
 //! If `append` fails with [`Error::Storage`] the outcome is unknown (the events may be stored
 //! and become durable later): retry with the same command id.
 
-mod jetstream;
+pub(crate) mod jetstream;
 mod sled;
 #[cfg(test)]
 mod tests;
