@@ -256,7 +256,6 @@ async fn a_repeated_command_returns_its_first_events_also_past_the_duplicate_win
     let other = open_log(&server.url(), config).await;
     let js = jetstream::new(connect(&server.url()).await);
     let aggregate = job(1);
-    let subject = event_subject(0, &aggregate);
     let cmd = command();
     // A probe: a valid first record of another aggregate, published raw with the command's
     // msg id. While the server remembers the id it answers "duplicate" and stores nothing;
