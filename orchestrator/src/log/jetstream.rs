@@ -465,6 +465,44 @@ impl Inner {
         Ok((head, Some(raw)))
     }
 
+    /// Forgets the cached head of an aggregate (the next append reads it from the leader).
+    fn forget_head(&self, aggregate: &Aggregate) {
+        self.heads
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(aggregate);
+    }
+
+    /// The first message on subjects matching `filter` after stream sequence `after`, from the
+    /// leader.
+    async fn first_record_after(
+        &self,
+        filter: &str,
+        after: u64,
+    ) -> Result<Option<RawRecord>, Error> {
+        retrying(
+            self.config.retry_for,
+            &|| {
+                format!(
+                    "reading the record after {after} on {filter} of stream {}",
+                    self.config.stream
+                )
+            },
+            || async {
+                match self
+                    .stream
+                    .get_first_raw_message_by_subject(filter, after + 1)
+                    .await
+                {
+                    Ok(message) => Ok(Some(RawRecord::from(message))),
+                    Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                    Err(err) => Err(err),
+                }
+            },
+        )
+        .await
+    }
+
     /// The stream sequence a processed command's record is at, from the index.
     async fn command_record(&self, command: CommandId) -> Result<Option<u64>, Error> {
         let subject = format!("$KV.{}.{command}", self.config.commands_bucket);
@@ -718,16 +756,21 @@ impl Inner {
                     ))
                 }
                 Published::WrongLastSequence => {
-                    let (fresh, last) = self.load_head(aggregate).await?;
-                    // A retried publish whose first attempt was stored after all.
-                    match last {
+                    // The record that follows the one we expected is the only one that was
+                    // published expecting it. If it carries our msg id, it is a retried
+                    // publish whose first attempt was stored after all (the server checks the
+                    // expected sequence before the msg id, so such a retry is refused rather
+                    // than answered "duplicate"), even if more records followed it since.
+                    match self.first_record_after(&filter, head.stream_seq).await? {
                         Some(raw) if raw.msg_id.as_deref() == Some(msg_id.as_str()) => {
+                            tracing::debug!(%aggregate, stream_seq = raw.stream_seq, "event log: a retried publish was stored by an earlier attempt");
+                            self.forget_head(aggregate);
                             let events = raw.decode()?.events;
                             Some((raw.stream_seq, events))
                         }
                         _ => {
-                            tracing::debug!(%aggregate, round, ?fresh, "event log: wrong last sequence, re-reading the head");
-                            head = fresh;
+                            head = self.load_head(aggregate).await?.0;
+                            tracing::debug!(%aggregate, round, ?head, "event log: wrong last sequence, re-read the head");
                             None
                         }
                     }
@@ -833,31 +876,9 @@ impl Inner {
     async fn read_aggregate(&self, aggregate: &Aggregate) -> Result<Vec<StoredEvent>, Error> {
         let filter = aggregate_filter(aggregate);
         let mut out = Vec::new();
-        let mut next = 1u64;
+        let mut after = 0u64;
         loop {
-            let found = retrying(
-                self.config.retry_for,
-                &|| {
-                    format!(
-                        "reading the records of {aggregate} from stream {}",
-                        self.config.stream
-                    )
-                },
-                || async {
-                    match self
-                        .stream
-                        .get_first_raw_message_by_subject(&filter, next)
-                        .await
-                    {
-                        Ok(message) => Ok(Some(RawRecord::from(message))),
-                        Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                            Ok(None)
-                        }
-                        Err(err) => Err(err),
-                    }
-                },
-            )
-            .await?;
+            let found = self.first_record_after(&filter, after).await?;
             let Some(raw) = found else {
                 return Ok(out);
             };
@@ -872,7 +893,7 @@ impl Inner {
                 });
             }
             out.extend(record.events);
-            next = raw.stream_seq + 1;
+            after = raw.stream_seq;
         }
     }
 

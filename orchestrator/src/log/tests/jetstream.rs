@@ -233,15 +233,23 @@ async fn one_of_two_handles_wins_a_version() {
         .unwrap();
     assert_eq!(stored[0].envelope.aggregate_version, version + 2);
 
+    // An append retried after its first attempt was stored: the server answers "wrong last
+    // sequence" (it checks the expected sequence before the msg id), and the log recognises
+    // its own record by the msg id. Here the first attempt went through the other handle,
+    // so `second`'s head cache is stale, as after a lost acknowledgement.
+    let retried = request_in(2, &aggregate, version + 2, vec![progress(10)]);
+    let stored = first.append(retried.clone()).await.unwrap();
+    assert_eq!(second.append(retried).await.unwrap(), stored);
+
     // The same aggregate filed under another partition is checked against the same version.
     match second
         .append(request_in(9, &aggregate, 1, vec![progress(9)]))
         .await
     {
-        Err(Error::Conflict { actual, .. }) => assert_eq!(actual, version + 2),
+        Err(Error::Conflict { actual, .. }) => assert_eq!(actual, version + 3),
         other => panic!("expected a conflict, got {other:?}"),
     }
-    assert_eq!(first.verify_chain().await.unwrap(), version + 2);
+    assert_eq!(first.verify_chain().await.unwrap(), version + 3);
 }
 
 #[tokio::test]
