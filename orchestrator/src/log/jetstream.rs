@@ -596,8 +596,9 @@ impl Inner {
                 return Err(Error::Corrupt {
                     seq: record.events[0].seq,
                     detail: format!(
-                        "the command index points command {command} to stream sequence \
-                         {stream_seq}, whose events belong to another command"
+                        "command {command} leads to the record at stream sequence \
+                         {stream_seq} (by the command index or the stream's msg id \
+                         deduplication), but that record's events belong to another command"
                     ),
                 });
             }

@@ -15,7 +15,7 @@
 //! - **Global order**: events get increasing sequence numbers from 1 (consecutive in the sled
 //!   log; `stream_seq * 1000 + index` in the JetStream log, so with gaps); an aggregate's
 //!   events get consecutive versions from 1. `expected_version` 0 means "the aggregate has no
-//!   events". One append holds at most 1000 events.
+//!   events". The JetStream log refuses an append of more than 1000 events.
 //! - **Idempotency**: an append carrying a [`CommandId`] that was already appended returns the
 //!   events stored the first time and appends nothing, whatever the new request contains.
 //! - **Hash chain**: each envelope's `prev_hash` is the BLAKE3 hash of the previous event's
