@@ -12,17 +12,22 @@
 //!   a crash. Readers ([`EventLog::read_from`], [`EventLog::read_aggregate`], [`Tail`],
 //!   [`EventLog::last_seq`]) see only durable events, so no effect is ever derived from an
 //!   event that a crash could take back.
-//! - **Global order**: events get consecutive sequence numbers from 1; an aggregate's events
-//!   get consecutive versions from 1. `expected_version` 0 means "the aggregate has no events".
+//! - **Global order**: events get increasing sequence numbers from 1 (consecutive in the sled
+//!   log; `stream_seq * 1000 + index` in the JetStream log, so with gaps); an aggregate's
+//!   events get consecutive versions from 1. `expected_version` 0 means "the aggregate has no
+//!   events". The JetStream log refuses an append of more than 1000 events.
 //! - **Idempotency**: an append carrying a [`CommandId`] that was already appended returns the
 //!   events stored the first time and appends nothing, whatever the new request contains.
 //! - **Hash chain**: each envelope's `prev_hash` is the BLAKE3 hash of the previous event's
-//!   stored bytes (one chain per log here; the JetStream log chains per partition).
+//!   stored bytes: of the previous event in the log (sled: one chain per log), or of the
+//!   previous event of the same aggregate (JetStream: one chain per aggregate, since several
+//!   orchestrators append to one stream concurrently).
 //! - Time comes from the caller (`recorded_at`); the log reads no clock.
 //!
 //! If `append` fails with [`Error::Storage`] the outcome is unknown (the events may be stored
 //! and become durable later): retry with the same command id.
 
+pub(crate) mod jetstream;
 mod sled;
 #[cfg(test)]
 mod tests;
@@ -35,6 +40,7 @@ use cairn_schemas::{
     Aggregate, AggregateKind, CodecError, CommandId, Envelope, Event, EventId, JobId,
 };
 
+pub use self::jetstream::{JetStreamLog, JetStreamLogConfig};
 pub use self::sled::{SledLog, SledLogConfig, SledLogStats};
 
 /// An event to append, before the log gives it a place.
@@ -91,7 +97,7 @@ pub struct AppendRequest {
 /// An event as stored: its global sequence number and its envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
-    /// Position in the log, from 1, without gaps.
+    /// Position in the log, from 1, increasing (without gaps in the sled log).
     pub seq: u64,
     /// The event with its metadata.
     pub envelope: Envelope,
@@ -178,6 +184,16 @@ pub enum Error {
         context: String,
         /// The storage engine's error.
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An append with more events than one append may hold.
+    #[error("append to {aggregate} has {count} events, at most {max} are allowed in one append")]
+    TooManyEvents {
+        /// The aggregate.
+        aggregate: Aggregate,
+        /// Events in the request.
+        count: usize,
+        /// The most one append may hold.
+        max: usize,
     },
 }
 
