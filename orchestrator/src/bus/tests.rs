@@ -1,0 +1,1 @@
+//! Bus tests against a real nats-server.
