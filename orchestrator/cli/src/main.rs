@@ -8,6 +8,7 @@ mod policy_cmd;
 mod progress;
 mod recover_cmd;
 mod repo_cmd;
+mod step_runner;
 mod units;
 mod up;
 

@@ -33,7 +33,7 @@ pub use worker::{StepLease, WorkerBus, WorkerBusConfig};
 pub const STEPS_STREAM: &str = "CAIRN_STEPS";
 /// Work-queue stream of worker reports, subjects `cairn.report.<partition>`.
 pub const REPORTS_STREAM: &str = "CAIRN_REPORTS";
-/// KV bucket of worker heartbeats: key = node token, value = [`Heartbeat`].
+/// KV bucket of worker heartbeats: key = [`Heartbeat::key`], value = [`Heartbeat`].
 pub const NODES_BUCKET: &str = "CAIRN_NODES";
 /// KV bucket of partition leases (owned by the lease module): `partition.<p>` = [`LeaseValue`].
 pub const LEASES_BUCKET: &str = "CAIRN_LEASES";

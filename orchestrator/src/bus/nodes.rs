@@ -1,5 +1,5 @@
-//! Worker heartbeats in KV `CAIRN_NODES`: the value a worker puts every 2 s under its node
-//! token ([`Heartbeat`]), and [`NodeWatcher`], which follows the bucket for an orchestrator and
+//! Worker heartbeats in KV `CAIRN_NODES`: the value a worker puts every 2 s under its node's
+//! key ([`Heartbeat::key`], [`Heartbeat`]), and [`NodeWatcher`], which follows the bucket for an orchestrator and
 //! says which nodes went silent.
 //!
 //! The watcher only observes: deciding that a silent node is offline (and appending
@@ -14,7 +14,6 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::jetstream::kv::Operation;
 use cairn_schemas::NodeId;
-use cairn_schemas::subjects::subject_token;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -41,9 +40,11 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// The KV key of this node's heartbeat.
+    /// The KV key of this node's heartbeat: the name with '.' written as `=2E` (KV keys
+    /// cannot hold '%', the subject escape, and a name may hold "..", which a key cannot;
+    /// '=' never occurs in a name, so the key is unambiguous).
     pub fn key(node: &NodeId) -> String {
-        subject_token(node.as_str())
+        node.as_str().replace('.', "=2E")
     }
 
     /// The bytes stored in the bucket (JSON, readable with `nats kv get`).
@@ -234,7 +235,7 @@ mod unit_tests {
             running_steps: 2,
         };
         let key = Heartbeat::key(&node);
-        assert_eq!(key, "kvm-01%2Elab");
+        assert_eq!(key, "kvm-01=2Elab");
         assert_eq!(
             Heartbeat::decode(&key, &heartbeat.encode()).unwrap(),
             heartbeat

@@ -435,6 +435,7 @@ impl WorkerBus {
                     subject: CANCEL_SUBJECT.into(),
                     reason: e.to_string(),
                 })?;
+        self.flush_subscription(CANCEL_SUBJECT).await?;
         let task = tokio::spawn(async move {
             while let Some(message) = subscription.next().await {
                 match std::str::from_utf8(&message.payload)
@@ -470,6 +471,7 @@ impl WorkerBus {
                     subject: subject.clone(),
                     reason: e.to_string(),
                 })?;
+        self.flush_subscription(&subject).await?;
         let client = self.client.clone();
         let browse = Arc::new(browse);
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_BROWSES));
@@ -503,6 +505,14 @@ impl WorkerBus {
         });
         self.own(task);
         Ok(())
+    }
+
+    /// Makes sure the server has a new subscription before it is relied on.
+    async fn flush_subscription(&self, subject: &str) -> Result<(), Error> {
+        self.client.flush().await.map_err(|e| Error::Subscribe {
+            subject: subject.into(),
+            reason: e.to_string(),
+        })
     }
 
     /// Sends a command to the orchestrators (`cairn.api.cmd`) as `node:<name>`, retrying
