@@ -11,6 +11,7 @@ mod repo_cmd;
 mod step_runner;
 mod units;
 mod up;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,9 @@ struct Cli {
 enum Command {
     /// Run orchestrator, worker, event log, repository and HTTP API in one process.
     Up(up::UpArgs),
+    /// Run this node's worker of a distributed deployment: take its steps from NATS, run
+    /// them, report back.
+    Worker(worker_cmd::WorkerArgs),
     /// Work with a repository folder directly: backup, restore, verify, forget, gc.
     Repo {
         #[command(subcommand)]
@@ -48,6 +52,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Up(args) => up::run(args),
+        Command::Worker(args) => worker_cmd::run(args),
         Command::Repo { command } => repo_cmd::run(command),
         Command::Client(command) => client_cmd::run(command),
     };

@@ -22,9 +22,7 @@ use cairn_orchestrator::engine::service::{
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
 use cairn_orchestrator::notify::{Notifier, NotifyConfig};
 use cairn_orchestrator::policy::tz::TimeZone;
-use cairn_schemas::{
-    BrowseEntry, BrowseRequest, Command, JobId, NodeId, Report, ReportBody, StepResult, StepSpec,
-};
+use cairn_schemas::{BrowseEntry, BrowseRequest, Command, JobId, NodeId, StepSpec};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
 use cairn_worker::repo::Repository;
 use clap::Args;
@@ -350,7 +348,8 @@ pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &st
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
     tokio::select! {
