@@ -166,6 +166,28 @@ pub fn decode_command(bytes: &[u8]) -> Result<v1::CommandEnvelope, CodecError> {
     decode_versioned("command", bytes)
 }
 
+/// Encodes a browse request (orchestrator → worker, `cairn.browse.<node>`).
+pub fn encode_browse_request(request: &v1::BrowseRequest) -> Vec<u8> {
+    encode_current(request)
+}
+
+/// Decodes a browse request.
+pub fn decode_browse_request(bytes: &[u8]) -> Result<v1::BrowseRequest, CodecError> {
+    decode_versioned("browse request", bytes)
+}
+
+/// Encodes a worker's answer to a browse request: the listing, or why there is none.
+pub fn encode_browse_reply(reply: &Result<Vec<v1::BrowseEntry>, String>) -> Vec<u8> {
+    encode_current(reply)
+}
+
+/// Decodes a worker's answer to a browse request.
+pub fn decode_browse_reply(
+    bytes: &[u8],
+) -> Result<Result<Vec<v1::BrowseEntry>, String>, CodecError> {
+    decode_versioned("browse reply", bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +257,58 @@ mod tests {
                 .contains("carries a group event (GroupDeleted)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn browse_request_and_reply_round_trip() {
+        use crate::ids::{DiskId, RecoveryPointId, VmId};
+        use crate::v1::{BrowseEntry, BrowseRequest};
+        let request = BrowseRequest {
+            vm: VmId::new_v7(5, [3; 10]),
+            rp: RecoveryPointId::new_v7(6, [4; 10]),
+            disk: DiskId::new("root").unwrap(),
+            repository: "/srv/repo".into(),
+            path: "/p2/etc".into(),
+        };
+        let bytes = encode_browse_request(&request);
+        assert_eq!(bytes[0], FORMAT_VERSION);
+        assert_eq!(decode_browse_request(&bytes).unwrap(), request);
+        assert!(matches!(
+            decode_browse_request(&bytes[..bytes.len() - 1]),
+            Err(CodecError::Malformed { .. })
+        ));
+
+        let listing: Result<Vec<BrowseEntry>, String> = Ok(vec![BrowseEntry {
+            name: "passwd".into(),
+            kind: "file".into(),
+            size: 1234,
+            mode: Some(0o644),
+            mtime: Some(1_700_000_000),
+            detail: None,
+        }]);
+        let bytes = encode_browse_reply(&listing);
+        assert_eq!(decode_browse_reply(&bytes).unwrap(), listing);
+        let refused: Result<Vec<BrowseEntry>, String> = Err("no such folder".into());
+        assert_eq!(
+            decode_browse_reply(&encode_browse_reply(&refused)).unwrap(),
+            refused
+        );
+
+        let mut bytes = encode_browse_reply(&refused);
+        bytes.push(7);
+        assert!(matches!(
+            decode_browse_reply(&bytes),
+            Err(CodecError::TrailingBytes { n_bytes: 1, .. })
+        ));
+        assert!(matches!(
+            decode_browse_reply(&[]),
+            Err(CodecError::Empty {
+                what: "browse reply"
+            })
+        ));
+        assert!(matches!(
+            decode_browse_request(&[9, 1, 2]),
+            Err(CodecError::UnknownVersion { version: 9, .. })
+        ));
     }
 }

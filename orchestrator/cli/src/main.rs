@@ -8,8 +8,10 @@ mod policy_cmd;
 mod progress;
 mod recover_cmd;
 mod repo_cmd;
+mod step_runner;
 mod units;
 mod up;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,9 @@ struct Cli {
 enum Command {
     /// Run orchestrator, worker, event log, repository and HTTP API in one process.
     Up(up::UpArgs),
+    /// Run this node's worker of a distributed deployment: take its steps from NATS, run
+    /// them, report back.
+    Worker(worker_cmd::WorkerArgs),
     /// Work with a repository folder directly: backup, restore, verify, forget, gc.
     Repo {
         #[command(subcommand)]
@@ -47,6 +52,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Up(args) => up::run(args),
+        Command::Worker(args) => worker_cmd::run(args),
         Command::Repo { command } => repo_cmd::run(command),
         Command::Client(command) => client_cmd::run(command),
     };

@@ -9,8 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -23,13 +22,15 @@ use cairn_orchestrator::engine::service::{
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
 use cairn_orchestrator::notify::{Notifier, NotifyConfig};
 use cairn_orchestrator::policy::tz::TimeZone;
-use cairn_schemas::{
-    BrowseEntry, BrowseRequest, Command, JobId, NodeId, Report, ReportBody, StepResult, StepSpec,
-};
+use cairn_schemas::{BrowseEntry, BrowseRequest, Command, JobId, NodeId, StepSpec};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
 use cairn_worker::repo::Repository;
 use clap::Args;
 use tokio::sync::{mpsc, watch};
+
+use crate::step_runner::{
+    CancelFlags, inventory_command, recovery_finished, run_step, space_command,
+};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -77,7 +78,7 @@ fn parse_timezone(text: &str) -> Result<TimeZone, String> {
 /// The in-process bus: steps go to this node's worker, cancels to its running steps.
 struct LocalBus {
     steps: mpsc::UnboundedSender<StepSpec>,
-    running: Arc<Mutex<HashMap<JobId, Vec<Arc<AtomicBool>>>>>,
+    running: Arc<CancelFlags>,
     /// This node's worker, for quick queries (browse) that are not steps.
     agent: Arc<Agent>,
 }
@@ -88,11 +89,7 @@ impl StepSink for LocalBus {
     }
 
     fn cancel(&self, job: JobId) {
-        if let Some(flags) = self.running.lock().expect("cancel map").get(&job) {
-            for flag in flags {
-                flag.store(true, Ordering::Relaxed);
-            }
-        }
+        self.running.cancel(job);
     }
 
     /// Browsing runs on this process's worker, on a blocking thread: it reads the repository.
@@ -196,7 +193,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
     let (rescan_tx, mut rescan_rx) = mpsc::unbounded_channel::<NodeId>();
 
     let (steps_tx, mut steps_rx) = mpsc::unbounded_channel();
-    let running: Arc<Mutex<HashMap<JobId, Vec<Arc<AtomicBool>>>>> = Arc::default();
+    let running: Arc<CancelFlags> = Arc::default();
     let bus = Arc::new(LocalBus {
         steps: steps_tx,
         running: running.clone(),
@@ -233,56 +230,17 @@ async fn serve(args: UpArgs) -> Result<i32> {
                 .or_else(|| worker_agents.values().next())
                 .expect("at least this node's agent")
                 .clone();
-            let cancel = Arc::new(AtomicBool::new(false));
-            running
-                .lock()
-                .expect("cancel map")
-                .entry(spec.job)
-                .or_default()
-                .push(cancel.clone());
-            let running = running.clone();
-            tokio::spawn(async move {
-                let (body_tx, mut body_rx) = mpsc::unbounded_channel();
-                let job = spec.job;
-                let header = spec.clone();
-                let step_cancel = cancel.clone();
-                let work = tokio::task::spawn_blocking(move || {
-                    let progress_tx = body_tx.clone();
-                    let last = agent.execute(
-                        &spec,
-                        &mut |body| {
-                            let _ = progress_tx.send(body);
-                        },
-                        &step_cancel,
-                    );
-                    let _ = body_tx.send(last);
-                });
-                while let Some(body) = body_rx.recv().await {
-                    if matches!(
-                        body,
-                        ReportBody::Succeeded {
-                            result: StepResult::FinishRecovery { .. }
-                        }
-                    ) {
-                        let _ = rescan.send(header.node.clone());
-                    }
-                    handle
-                        .report(Report {
-                            step: header.step,
-                            attempt: header.attempt,
-                            job: header.job,
-                            partition: header.partition,
-                            epoch: header.epoch,
-                            node: header.node.clone(),
-                            body,
-                        })
-                        .await;
+            let step = run_step(agent, spec, running.clone(), move |report, _final| {
+                if recovery_finished(&report.body) {
+                    let _ = rescan.send(report.node.clone());
                 }
-                let _ = work.await;
-                if let Some(flags) = running.lock().expect("cancel map").get_mut(&job) {
-                    flags.retain(|f| !Arc::ptr_eq(f, &cancel));
+                let handle = handle.clone();
+                async move {
+                    handle.report(report).await;
+                    true
                 }
             });
+            tokio::spawn(step);
         }
     });
 
@@ -372,16 +330,8 @@ async fn serve(args: UpArgs) -> Result<i32> {
 
 /// Scans this node's descriptors and reports the inventory; descriptor problems are logged.
 pub async fn report_inventory(handle: &Handle<SledLog>, agent: &Arc<Agent>, node: &NodeId) {
-    let scan_agent = agent.clone();
-    let Ok(inventory) = tokio::task::spawn_blocking(move || scan_agent.inventory()).await else {
+    let Some(command) = inventory_command(agent, node).await else {
         return;
-    };
-    for problem in &inventory.problems {
-        tracing::warn!(file = %problem.file.display(), "{}", problem.message);
-    }
-    let command = Command::ReportInventory {
-        node: node.clone(),
-        vms: inventory.vms,
     };
     if let Err(e) = handle.submit_as("worker".into(), command).await {
         tracing::warn!(error = %e, "inventory report refused");
@@ -391,25 +341,16 @@ pub async fn report_inventory(handle: &Handle<SledLog>, agent: &Arc<Agent>, node
 /// Measures the repository's filesystem and reports it (the engine records changes of 1% or
 /// more), so capacity planning and jobs' early space checks see real numbers.
 pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &std::path::Path) {
-    let dir = repo_dir.to_path_buf();
-    let measured =
-        tokio::task::spawn_blocking(move || cairn_worker::repo::maintenance::space(&dir)).await;
-    let Ok(Ok((total_bytes, free_bytes))) = measured else {
-        tracing::warn!(repo = %repo_dir.display(), "could not measure the repository's free space");
+    let Some(command) = space_command(node, repo_dir).await else {
         return;
-    };
-    let command = Command::ReportRepositorySpace {
-        node: node.clone(),
-        repository: repo_dir.display().to_string(),
-        total_bytes,
-        free_bytes,
     };
     if let Err(e) = handle.submit_as("worker".into(), command).await {
         tracing::warn!(error = %e, "repository space report refused");
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
     tokio::select! {

@@ -26,41 +26,13 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::ownership::Ownership;
 
-/// The lease bucket.
-pub const LEASE_BUCKET: &str = "CAIRN_LEASES";
-
-/// The owner of a partition, as stored in `partition.<p>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseValue {
-    /// The owning orchestrator instance.
-    pub instance: String,
-    /// Its owner epoch; 0 for the moment between winning the lease and writing the epoch.
-    pub epoch: u64,
-}
-
-impl LeaseValue {
-    /// The stored form (JSON, so operators can read it with `nats kv get`).
-    pub fn encode(&self) -> bytes::Bytes {
-        serde_json::to_vec(self)
-            .expect("a lease value serializes")
-            .into()
-    }
-
-    /// Parses a stored value; bad bytes are an error naming what is wrong.
-    pub fn decode(bytes: &[u8]) -> Result<LeaseValue, Error> {
-        serde_json::from_slice(bytes).map_err(|e| Error::BadValue(e.to_string()))
-    }
-}
-
-/// The key of a partition's lease.
-pub fn partition_key(partition: u16) -> String {
-    format!("partition.{partition}")
-}
+pub use super::LEASES_BUCKET as LEASE_BUCKET;
+pub use super::lease_key as partition_key;
+pub use super::lease_value::LeaseValue;
 
 fn instance_key(instance: &str) -> String {
     format!(
@@ -75,9 +47,6 @@ pub enum Error {
     /// The lease bucket could not be created or opened.
     #[error("lease bucket {LEASE_BUCKET}: {0}")]
     Bucket(String),
-    /// A stored lease value does not parse.
-    #[error("lease value does not parse: {0}")]
-    BadValue(String),
     /// The instance id cannot be a key.
     #[error("instance id {0:?} must be 1 to 64 letters, digits, '-' or '_'")]
     BadInstance(String),
@@ -262,7 +231,7 @@ impl LeaseManager {
             };
             match self
                 .store
-                .update(partition_key(partition), value.encode(), held.revision)
+                .update(partition_key(partition), value.encode().into(), held.revision)
                 .await
             {
                 Ok(revision) => {
@@ -327,7 +296,7 @@ impl LeaseManager {
                 instance: self.config.instance.clone(),
                 epoch: 0,
             };
-            let created = match self.store.create(&key, claim.encode()).await {
+            let created = match self.store.create(&key, claim.encode().into()).await {
                 Ok(revision) => revision,
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
                 Err(e) => {
@@ -339,7 +308,7 @@ impl LeaseManager {
                 instance: self.config.instance.clone(),
                 epoch: created,
             };
-            let revision = match self.store.update(&key, value.encode(), created).await {
+            let revision = match self.store.update(&key, value.encode().into(), created).await {
                 Ok(revision) => revision,
                 Err(e) => {
                     tracing::warn!(partition, error = %e, "won a lease but could not stamp its epoch");
@@ -501,7 +470,8 @@ mod tests {
                     instance: "orch-z".into(),
                     epoch: 999,
                 }
-                .encode(),
+                .encode()
+                .into(),
             )
             .await
             .unwrap();
@@ -515,14 +485,7 @@ mod tests {
     }
 
     #[test]
-    fn lease_values_and_instances_are_validated() {
-        assert!(LeaseValue::decode(b"{\"instance\":\"a\"}").is_err());
-        assert!(LeaseValue::decode(b"garbage").is_err());
-        let v = LeaseValue {
-            instance: "a".into(),
-            epoch: 3,
-        };
-        assert_eq!(LeaseValue::decode(&v.encode()).unwrap(), v);
+    fn instance_ids_are_validated() {
         assert!(valid_instance("orch-1_a"));
         assert!(!valid_instance("orch.1"));
         assert!(!valid_instance(""));

@@ -1,0 +1,330 @@
+//! `cairn worker`: one node's worker in a distributed deployment. It takes the node's steps
+//! from NATS ([`WorkerBus`]), runs them on the worker agent exactly as `cairn up` does
+//! ([`crate::step_runner`]), publishes the reports, answers browse requests and cancel
+//! notices, and keeps the orchestrators informed: `RegisterNode` at start and after every
+//! reconnect, `ReportInventory` every 30 s and after a recovery described a new VM,
+//! `ReportRepositorySpace` for the repositories its steps write to.
+//!
+//! A service: no progress bars, everything logs through tracing. On SIGTERM it stops taking
+//! steps and gives the running ones up to 30 s to finish; a step still running then is
+//! handed to the node's next worker by NATS (its message was never acknowledged).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_orchestrator::bus::{self, NatsOptions, WorkerBus};
+use cairn_schemas::{Command, NodeId};
+use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
+use clap::Args;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::step_runner::{
+    CancelFlags, inventory_command, recovery_finished, run_step, space_command, written_repository,
+};
+
+/// Most steps one worker runs at once.
+const MAX_PARALLEL: usize = 64;
+/// How long running steps may take to finish after SIGTERM.
+const DRAIN_FOR: Duration = Duration::from_secs(30);
+/// How often the inventory and the repositories' space are reported.
+const REPORT_EVERY: Duration = Duration::from_secs(30);
+/// How long a command to the orchestrators is retried while none answers.
+const COMMAND_FOR: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// NATS server URL; several separated by commas for a cluster.
+    #[arg(long, env = "CAIRN_NATS")]
+    pub nats: String,
+    /// This node's name (the hypervisor host).
+    #[arg(long, env = "CAIRN_NODE")]
+    pub node: String,
+    /// Folder of this node's VM descriptors.
+    #[arg(long, env = "CAIRN_VMS_DIR")]
+    pub vms: PathBuf,
+    /// The hypervisor cluster this node belongs to.
+    #[arg(long, env = "CAIRN_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Key file, when repositories are encrypted.
+    #[arg(long, env = "CAIRN_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Steps run at once.
+    #[arg(long, default_value_t = 3)]
+    pub parallel: usize,
+    /// NATS credentials file (JWT and NKey seed).
+    #[arg(long, env = "CAIRN_NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// CA certificate of the NATS servers (TLS is required when given).
+    #[arg(long, env = "CAIRN_NATS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate for NATS (mutual TLS).
+    #[arg(long, env = "CAIRN_NATS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Key of the client certificate.
+    #[arg(long, env = "CAIRN_NATS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+pub fn run(args: WorkerArgs) -> Result<i32> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: WorkerArgs) -> Result<i32> {
+    let node = NodeId::new(args.node.clone())
+        .map_err(|e| anyhow::anyhow!("--node {:?}: {e}", args.node))?;
+    if !(1..=MAX_PARALLEL).contains(&args.parallel) {
+        anyhow::bail!("--parallel {}: must be 1 to {MAX_PARALLEL}", args.parallel);
+    }
+    if args.cluster.trim().is_empty() || args.cluster.chars().any(char::is_control) {
+        anyhow::bail!("--cluster {:?}: must be a non-empty name", args.cluster);
+    }
+    if !args.vms.is_dir() {
+        anyhow::bail!(
+            "--vms {}: not a folder (the node's VM descriptors)",
+            args.vms.display()
+        );
+    }
+    let faults = FaultDelays::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let agent = Arc::new(
+        Agent::new(AgentConfig {
+            node: node.clone(),
+            vms_dir: args.vms.clone(),
+            key_file: args.key_file.clone(),
+            threads: 0,
+        })?
+        .with_fault_delays(faults),
+    );
+    let client = bus::connect(&NatsOptions {
+        url: args.nats.clone(),
+        creds: args.creds.clone(),
+        tls_ca: args.tls_ca.clone(),
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        name: format!("cairn-worker-{node}"),
+    })
+    .await?;
+    let bus = Arc::new(WorkerBus::connect(client, node.clone(), args.parallel).await?);
+
+    let cancels: Arc<CancelFlags> = Arc::default();
+    let cancel_flags = cancels.clone();
+    bus.on_cancel(move |job| cancel_flags.cancel(job)).await?;
+    let browse_agent = agent.clone();
+    bus.serve_browse(move |request| {
+        let agent = browse_agent.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                crate::items_cmd::browse_on_worker(&agent, &request)
+            })
+            .await
+            .map_err(|e| format!("browse worker failed: {e}"))?
+        })
+    })
+    .await?;
+
+    // Repositories the node's steps wrote to, whose free space is reported.
+    let repositories: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let (rescan_tx, rescan_rx) = mpsc::unbounded_channel::<()>();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reports_task = tokio::spawn(node_reports(
+        bus.clone(),
+        agent.clone(),
+        args.cluster.clone(),
+        repositories.clone(),
+        rescan_rx,
+        stop_rx,
+    ));
+    println!(
+        "cairn worker of node {node}: steps from NATS at {}, VMs in {}",
+        args.nats,
+        args.vms.display()
+    );
+
+    let slots = Arc::new(Semaphore::new(args.parallel));
+    let mut running = tokio::task::JoinSet::new();
+    let shutdown = crate::up::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        while running.try_join_next().is_some() {}
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the step slots are never closed"),
+        };
+        let (spec, lease) = tokio::select! {
+            () = &mut shutdown => break,
+            taken = bus.next_step() => taken,
+        };
+        tracing::info!(step = %spec.step, attempt = spec.attempt, job = %spec.job,
+            kind = ?spec.kind(), delivered = lease.delivered(), "step taken");
+        if let Some(repository) = written_repository(&spec.work) {
+            repositories
+                .lock()
+                .expect("repository set")
+                .insert(repository.to_string());
+        }
+        let report_bus = bus.clone();
+        let rescan = rescan_tx.clone();
+        let step = spec.step;
+        let run = run_step(
+            agent.clone(),
+            spec,
+            cancels.clone(),
+            move |report, is_final| {
+                if recovery_finished(&report.body) {
+                    let _ = rescan.send(());
+                }
+                let bus = report_bus.clone();
+                async move {
+                    match bus.report(&report, is_final).await {
+                        Ok(()) => true,
+                        Err(e) if is_final => {
+                            tracing::warn!(step = %report.step, error = %e, "final report not delivered");
+                            false
+                        }
+                        Err(e) => {
+                            tracing::debug!(step = %report.step, error = %e, "progress report lost");
+                            false
+                        }
+                    }
+                }
+            },
+        );
+        running.spawn(async move {
+            let delivered = run.await;
+            if delivered {
+                if let Err(e) = lease.finish().await {
+                    // The report is durable; a redelivered step reruns idempotently.
+                    tracing::warn!(%step, error = %e, "could not acknowledge the step");
+                }
+            } else {
+                lease.release(Duration::from_secs(5)).await;
+            }
+            drop(slot);
+        });
+    }
+
+    let n_running = running.len();
+    if n_running > 0 {
+        tracing::warn!(
+            steps = n_running,
+            "stopping: no new steps; waiting up to {} s for the running ones",
+            DRAIN_FOR.as_secs()
+        );
+    }
+    let drained = tokio::time::timeout(DRAIN_FOR, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            steps = running.len(),
+            "steps still running at exit; NATS hands them to the node's next worker"
+        );
+    }
+    let _ = stop_tx.send(true);
+    let _ = reports_task.await;
+    Ok(0)
+}
+
+/// Sends one command; `true` if an orchestrator answered. The answer's format is the
+/// orchestrators' business: it is only logged.
+async fn send(bus: &WorkerBus, command: Command) -> bool {
+    let what = command_name(&command);
+    match bus.send_command(command, COMMAND_FOR).await {
+        Ok(reply) => {
+            tracing::debug!(
+                command = what,
+                reply_bytes = reply.len(),
+                "command answered"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(command = what, error = %e, "no orchestrator answered");
+            false
+        }
+    }
+}
+
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::RegisterNode { .. } => "RegisterNode",
+        Command::ReportInventory { .. } => "ReportInventory",
+        Command::ReportRepositorySpace { .. } => "ReportRepositorySpace",
+        _ => "command",
+    }
+}
+
+async fn report_inventory(bus: &WorkerBus, agent: &Arc<Agent>) {
+    if let Some(command) = inventory_command(agent, bus.node()).await {
+        send(bus, command).await;
+    }
+}
+
+async fn report_spaces(bus: &WorkerBus, repositories: &Mutex<BTreeSet<String>>) {
+    let repositories: Vec<String> = repositories
+        .lock()
+        .expect("repository set")
+        .iter()
+        .cloned()
+        .collect();
+    for repository in repositories {
+        if let Some(command) = space_command(bus.node(), repository.as_ref()).await {
+            send(bus, command).await;
+        }
+    }
+}
+
+/// Registration and inventory: `RegisterNode` whenever the client has (re)connected and no
+/// registration went through since, then the inventory; the inventory and repository space
+/// every 30 s; the inventory again when a recovery finished.
+async fn node_reports(
+    bus: Arc<WorkerBus>,
+    agent: Arc<Agent>,
+    cluster: String,
+    repositories: Arc<Mutex<BTreeSet<String>>>,
+    mut rescan: mpsc::UnboundedReceiver<()>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut registered_at_connect = 0u64;
+    let mut every = tokio::time::interval(REPORT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let connects = bus.connects();
+        if connects != registered_at_connect {
+            let register = Command::RegisterNode {
+                node: bus.node().clone(),
+                cluster: cluster.clone(),
+                worker_version: env!("CARGO_PKG_VERSION").into(),
+            };
+            let registered = tokio::select! {
+                _ = stop.changed() => return,
+                ok = send(&bus, register) => ok,
+            };
+            if registered {
+                tracing::info!(node = %bus.node(), "registered with the orchestrators");
+                registered_at_connect = connects;
+                report_inventory(&bus, &agent).await;
+                report_spaces(&bus, &repositories).await;
+                every.reset();
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = every.tick() => {
+                report_inventory(&bus, &agent).await;
+                report_spaces(&bus, &repositories).await;
+            }
+            Some(()) = rescan.recv() => report_inventory(&bus, &agent).await,
+            _ = check.tick() => {}
+        }
+    }
+}
