@@ -22,6 +22,14 @@ const PARTITIONS: u16 = 16;
 const AGGREGATES_PER_PARTITION: u64 = 100;
 const RAW_IN_FLIGHT: usize = 256;
 
+type AckFuture = std::pin::Pin<
+    Box<
+        dyn Future<
+                Output = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+            > + Send,
+    >,
+>;
+
 fn rand_of(n: u64) -> [u8; 10] {
     let mut rand = [0u8; 10];
     rand[2..].copy_from_slice(&n.to_be_bytes());
@@ -81,7 +89,7 @@ fn load() -> String {
 /// --batch`). Returns msgs/s.
 async fn raw_publish(js: &jetstream::Context, n: u64, payload: bytes::Bytes) -> f64 {
     let started = Instant::now();
-    let mut in_flight = FuturesUnordered::new();
+    let mut in_flight: FuturesUnordered<AckFuture> = FuturesUnordered::new();
     for idx in 0..n {
         if in_flight.len() >= RAW_IN_FLIGHT {
             in_flight.next().await.unwrap().unwrap();

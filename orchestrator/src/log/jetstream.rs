@@ -22,16 +22,19 @@
 //! the stream leader to learn the truth, and answers [`Error::Conflict`] if the version moved.
 //! `Nats-Msg-Id` is the command id, or the first event's id: a publish is retried with the same
 //! id and the same expected sequence on timeouts and "no responders" (leader elections, server
-//! restarts) for up to `retry_for`; a retry that meets `wrong last sequence` recognises its own
-//! record (the aggregate's last record carries its msg id) and succeeds with it, and a
-//! `duplicate` ack returns the events of the record it names.
+//! restarts) for up to `retry_for`. The server checks the expected sequence before the msg id,
+//! so a retry whose first attempt was stored meets `wrong last sequence`: the log then reads the
+//! record that follows the expected one (only one publish could be stored there) and, if it
+//! carries the append's msg id, succeeds with it. A `duplicate` ack (the same msg id on another
+//! subject) returns the events of the record it names. The wildcard check needs nats-server
+//! 2.11 or newer (older servers ignore the header and check the exact subject only).
 //!
 //! **Processed commands.** The server deduplicates msg ids only for the duplicate window. KV
 //! bucket `CAIRN_COMMANDS` (key = command id, value = the record's stream sequence, 8 bytes
 //! big-endian) is checked before an append that carries a command id and written after it, so
 //! a repeated command returns its first events for as long as the log exists. A crash between
-//! the publish and the KV write leaves the command to the duplicate window; the envelopes carry
-//! the command id, so the index can be rebuilt from the stream.
+//! the publish and the KV write leaves the command to the duplicate window. (The envelopes carry
+//! the command id, so the index could be rebuilt from the stream; nothing does that yet.)
 //!
 //! **Hash chain.** Per aggregate: an envelope's `prev_hash` is the BLAKE3 hash of the previous
 //! event of the same aggregate (zeros for its first event). [`EventLog::verify_chain`] walks
@@ -44,9 +47,10 @@
 //! an ordered consumer, recreated from the last record it returned when it fails.
 //!
 //! **Durability.** An append returns once the stream leader (and a quorum of replicas) stored
-//! the record. nats-server writes it to its files before acknowledging but fsyncs every
-//! `sync_interval` (2 min by default): run single servers with `sync_interval: always` (as the
-//! configs in `ops/` do) or replicas 3 to survive power loss, not only process crashes.
+//! the record. nats-server fsyncs its files every `sync_interval` (2 min by default): a
+//! `kill -9` of the server loses nothing acknowledged (the tests check it), but surviving power
+//! loss needs `sync_interval: always` in the server's
+//! `jetstream` block, or replicas 3 on separate machines.
 
 pub(crate) mod record;
 
