@@ -178,7 +178,7 @@ pub fn parse(path: &Path, text: &str) -> Result<CairnConfig, Error> {
 
 /// 1-based line and column of byte `offset` in `text`.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
@@ -548,6 +548,21 @@ mod tests {
         assert!(e.contains("invalid type"), "{e}");
         let e = err("[nats\nurl = 1\n");
         assert!(e.starts_with("/etc/cairn/cairn.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn hostile_text_gives_errors_not_panics() {
+        let e = err("# Grüße\n[worker]\nnode = \"kvm-01\"\nnöde = 1\n");
+        assert!(e.starts_with("/etc/cairn/cairn.toml:4:"), "{e}");
+        let e = err("[worker]\nnode = \"knoten-ü\"\n");
+        assert!(e.contains("worker.node = \"knoten-ü\""), "{e}");
+        let e = err("[nats]\nurl = \"nats://hôte:4222\"\n");
+        assert!(e.contains("is not a host name"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("cairn.toml");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x5b]).unwrap();
+        let e = load(&binary).unwrap_err().to_string();
+        assert!(e.contains("cannot read the configuration file"), "{e}");
     }
 
     #[test]
