@@ -133,7 +133,12 @@ impl Lab {
                 std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
                 random_file(&disk, 2 << 20, (node * 100 + i) as u64);
                 let uuid = format!("6f1c2d3e-4a5b-4c6d-8e7f-{:06x}{:06x}", node + 1, i + 1);
-                write_vm(&self_vms(dir.path(), node), &name, &uuid, &[("disk0", &disk)]);
+                write_vm(
+                    &self_vms(dir.path(), node),
+                    &name,
+                    &uuid,
+                    &[("disk0", &disk)],
+                );
                 vms.insert(name, node);
             }
         }
@@ -285,7 +290,10 @@ fn check_recovery_points(lab: &Lab, addr: &str, ids: &BTreeMap<String, String>, 
         ids.len() * per_vm,
         "one recovery point per disk and backup in the repository"
     );
-    assert_eq!(cairn(&["repo", "verify", s(&lab.repo)]).status.code(), Some(0));
+    assert_eq!(
+        cairn(&["repo", "verify", s(&lab.repo)]).status.code(),
+        Some(0)
+    );
 }
 
 #[test]
@@ -298,9 +306,8 @@ fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
     // Transfers take a second each, so kills land mid-backup.
     let slow = [("CAIRN_FAULT_STEP_DELAY_MS", "Transfer=1000")];
     let mut workers: Vec<Option<Proc>> = (0..3).map(|n| Some(lab.worker(n, &slow))).collect();
-    let addr = |o: &[Option<Proc>], i: usize| -> String {
-        o[i].as_ref().unwrap().addr.clone().unwrap()
-    };
+    let addr =
+        |o: &[Option<Proc>], i: usize| -> String { o[i].as_ref().unwrap().addr.clone().unwrap() };
     let ids = vm_ids(&addr(&orchestrators, 0), 30);
 
     // Round 1: 30 backups requested through all three APIs; one orchestrator is killed
@@ -347,11 +354,9 @@ fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
     let job = request_backup(&addr(&orchestrators, 2), node0_vm);
     wait_until(Duration::from_secs(60), "the transfer running", || {
         let j = get(&a0, &format!("/v1/jobs/{job}"));
-        j["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["kind"].as_str().unwrap_or("").starts_with("Transfer") && s["state"] == "Running")
+        j["steps"].as_array().unwrap().iter().any(|s| {
+            s["kind"].as_str().unwrap_or("").starts_with("Transfer") && s["state"] == "Running"
+        })
     });
     workers[0].take().unwrap().kill9();
     workers[0] = Some(lab.worker(0, &[]));

@@ -2,8 +2,10 @@
 //! into the worker (data plane) and orchestrator (control plane) libraries.
 
 mod client_cmd;
+mod config;
 mod demo;
 mod items_cmd;
+mod orchestrator_cmd;
 mod policy_cmd;
 mod progress;
 mod recover_cmd;
@@ -27,6 +29,9 @@ struct Cli {
 enum Command {
     /// Run orchestrator, worker, event log, repository and HTTP API in one process.
     Up(up::UpArgs),
+    /// Run one orchestrator instance of a distributed deployment on NATS JetStream; several
+    /// share the load and take over from each other.
+    Orchestrator(orchestrator_cmd::OrchestratorArgs),
     /// Run this node's worker of a distributed deployment: take its steps from NATS, run
     /// them, report back.
     Worker(worker_cmd::WorkerArgs),
@@ -53,6 +58,7 @@ fn main() {
     let result = match cli.command {
         Command::Up(args) => up::run(args),
         Command::Worker(args) => worker_cmd::run(args),
+        Command::Orchestrator(args) => orchestrator_cmd::run(args),
         Command::Repo { command } => repo_cmd::run(command),
         Command::Client(command) => client_cmd::run(command),
     };

@@ -124,83 +124,92 @@ fn default_instance() -> String {
 }
 
 fn settings(args: OrchestratorArgs) -> Result<Settings> {
+    use crate::config::{pick, pick_opt};
     let file = match &args.config {
-        Some(path) => Some(crate::config::load(path)?),
-        None => None,
+        Some(path) => crate::config::load(path)?,
+        None => crate::config::CairnConfig::default(),
     };
-    let nats_file = file.as_ref().map(|f| f.nats.clone()).unwrap_or_default();
-    let orch = file
-        .as_ref()
-        .map(|f| f.orchestrator.clone())
-        .unwrap_or_default();
-    let url = args
-        .nats
-        .or(nats_file.url.clone())
+    let nats_file = file.nats;
+    let orch = file.orchestrator;
+    let url = pick_opt(args.nats, nats_file.url.map(|urls| urls.join(",")))
         .context("--nats URL is required (or [nats] url in the configuration file)")?;
-    let partitions = args
-        .partitions
-        .or(orch.partitions)
-        .unwrap_or(cairn_schemas::subjects::DEFAULT_PARTITIONS.get());
-    let partitions = NonZeroU16::new(partitions)
+    let partitions = pick(
+        args.partitions.map(u32::from),
+        orch.partitions,
+        u32::from(cairn_schemas::subjects::DEFAULT_PARTITIONS.get()),
+    );
+    let partitions = u16::try_from(partitions)
+        .ok()
+        .and_then(NonZeroU16::new)
         .filter(|p| p.get() <= 1024)
         .with_context(|| format!("--partitions {partitions}: must be 1 to 1024"))?;
-    let ttl = args.lease_ttl_secs.or(orch.lease_ttl_secs).unwrap_or(6);
-    if !(2..=300).contains(&ttl) {
-        anyhow::bail!("--lease-ttl-secs {ttl}: must be 2 to 300");
+    let ttl = pick(
+        args.lease_ttl_secs.map(Duration::from_secs),
+        orch.lease_ttl,
+        Duration::from_secs(6),
+    );
+    if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&ttl) {
+        anyhow::bail!("--lease-ttl-secs {}: must be 2 to 300", ttl.as_secs());
     }
-    let replicas = args.replicas.or(nats_file.replicas).unwrap_or(1);
+    let replicas = pick(args.replicas, nats_file.replicas.map(|r| r as usize), 1);
     if !(1..=5).contains(&replicas) {
         anyhow::bail!("--replicas {replicas}: must be 1 to 5");
     }
-    let tz_text = args
-        .timezone
-        .or(orch.timezone.clone())
-        .unwrap_or_else(|| "UTC".into());
-    let timezone =
-        TimeZone::parse(&tz_text).map_err(|e| anyhow::anyhow!("--timezone {tz_text:?}: {e}"))?;
+    let timezone = match args.timezone {
+        Some(text) => {
+            TimeZone::parse(&text).map_err(|e| anyhow::anyhow!("--timezone {text:?}: {e}"))?
+        }
+        None => orch.timezone.unwrap_or(TimeZone::UTC),
+    };
     let heartbeat = args.heartbeat_timeout_secs.unwrap_or(60);
     if !(5..=3600).contains(&heartbeat) {
         anyhow::bail!("--heartbeat-timeout-secs {heartbeat}: must be 5 to 3600");
     }
-    let instance = args
-        .instance
-        .or(orch.instance.clone())
+    let instance = pick_opt(args.instance, orch.instance.map(|i| i.to_string()))
         .unwrap_or_else(default_instance);
     Ok(Settings {
         nats: NatsOptions {
             url,
-            creds: args.creds.or(nats_file.creds.clone()),
-            tls_ca: args.tls_ca.or(nats_file.tls_ca.clone()),
-            tls_cert: args.tls_cert.or(nats_file.tls_cert.clone()),
-            tls_key: args.tls_key.or(nats_file.tls_key.clone()),
+            creds: pick_opt(args.creds, nats_file.creds),
+            tls_ca: pick_opt(args.tls_ca, nats_file.tls_ca),
+            tls_cert: pick_opt(args.tls_cert, nats_file.tls_cert),
+            tls_key: pick_opt(args.tls_key, nats_file.tls_key),
             name: format!("cairn-orchestrator-{instance}"),
         },
-        listen: args
-            .listen
-            .or(orch.listen)
-            .unwrap_or_else(|| "127.0.0.1:7480".parse().expect("address")),
-        data_dir: args
-            .data_dir
-            .or(orch.data_dir.clone())
-            .unwrap_or_else(|| PathBuf::from("cairn-orchestrator")),
+        listen: pick(
+            args.listen,
+            orch.listen,
+            "127.0.0.1:7480".parse().expect("address"),
+        ),
+        data_dir: pick(
+            args.data_dir,
+            orch.data_dir,
+            PathBuf::from("cairn-orchestrator"),
+        ),
         instance,
         partitions,
-        lease_ttl: Duration::from_secs(ttl),
+        lease_ttl: ttl,
         replicas,
-        repository: args
-            .repository
-            .or(orch.repository.clone())
-            .unwrap_or_else(|| "/var/lib/cairn/repo".into()),
+        repository: pick(
+            args.repository,
+            orch.repository.map(|p| p.display().to_string()),
+            "/var/lib/cairn/repo".into(),
+        ),
         timezone,
-        backups_per_node: args.backups_per_node.or(orch.backups_per_node).unwrap_or(3),
-        recoveries_per_node: args
-            .recoveries_per_node
-            .or(orch.recoveries_per_node)
-            .unwrap_or(8)
-            .max(1),
+        backups_per_node: pick(
+            args.backups_per_node,
+            orch.backups_per_node.map(|n| n as usize),
+            3,
+        ),
+        recoveries_per_node: pick(
+            args.recoveries_per_node,
+            orch.recoveries_per_node.map(|n| n as usize),
+            8,
+        )
+        .max(1),
         heartbeat_timeout: Duration::from_secs(heartbeat),
-        smtp: args.smtp.or(orch.smtp.clone()),
-        smtp_from: args.smtp_from.or(orch.smtp_from.clone()),
+        smtp: pick_opt(args.smtp, orch.smtp),
+        smtp_from: pick_opt(args.smtp_from, orch.smtp_from),
     })
 }
 
@@ -223,8 +232,8 @@ async fn serve(settings: Settings) -> Result<i32> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating {}", settings.data_dir.display()))?;
     let client = bus::connect(&settings.nats).await?;
-    let js = async_nats::jetstream::new(client.clone());
-    bus::ensure_streams(&js, settings.replicas).await?;
+    let js = bus::jetstream(&client);
+    bus::ensure_bus(&js, settings.replicas).await?;
     let log = JetStreamLog::open(
         client.clone(),
         JetStreamLogConfig {
@@ -324,22 +333,14 @@ async fn serve(settings: Settings) -> Result<i32> {
                 LeaseChange::Granted { partition, epoch } => {
                     tracing::info!(partition, epoch, "owning partition");
                     let report_handle = partition_handle.clone();
-                    let reports = match bus::ReportConsumer::start(
+                    let reports = bus::ReportConsumer::start(
                         partition_js.clone(),
                         partition,
                         Arc::new(move |report| {
                             let handle = report_handle.clone();
                             Box::pin(async move { handle.report_acked(report).await })
                         }),
-                    )
-                    .await
-                    {
-                        Ok(reports) => reports,
-                        Err(e) => {
-                            tracing::error!(partition, error = %e, "could not consume reports");
-                            continue;
-                        }
-                    };
+                    );
                     let commands = match partition_client
                         .subscribe(commands::command_subject(partition))
                         .await
@@ -361,7 +362,7 @@ async fn serve(settings: Settings) -> Result<i32> {
                     tracing::info!(partition, "no longer owning partition");
                     if let Some(old) = work.remove(&partition) {
                         old.commands.abort();
-                        old.reports.stop();
+                        old.reports.stop().await;
                     }
                 }
             }
@@ -369,7 +370,7 @@ async fn serve(settings: Settings) -> Result<i32> {
     });
 
     // Worker liveness: nodes that stopped heartbeating are marked offline by their owner.
-    let watcher = bus::NodeWatcher::start(&js, settings.replicas).await?;
+    let watcher = bus::NodeWatcher::start(js.clone(), Arc::new(SystemClock)).await?;
     let liveness_handle = handle.clone();
     let liveness_task = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(2));

@@ -36,24 +36,27 @@ const COMMAND_FOR: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
+    /// A TOML configuration file (`ops/cairn.toml`); flags and environment win over it.
+    #[arg(long, env = "CAIRN_CONFIG")]
+    pub config: Option<PathBuf>,
     /// NATS server URL; several separated by commas for a cluster.
     #[arg(long, env = "CAIRN_NATS")]
-    pub nats: String,
+    pub nats: Option<String>,
     /// This node's name (the hypervisor host).
     #[arg(long, env = "CAIRN_NODE")]
-    pub node: String,
+    pub node: Option<String>,
     /// Folder of this node's VM descriptors.
     #[arg(long, env = "CAIRN_VMS_DIR")]
-    pub vms: PathBuf,
+    pub vms: Option<PathBuf>,
     /// The hypervisor cluster this node belongs to.
-    #[arg(long, env = "CAIRN_CLUSTER", default_value = "default")]
-    pub cluster: String,
+    #[arg(long, env = "CAIRN_CLUSTER")]
+    pub cluster: Option<String>,
     /// Key file, when repositories are encrypted.
     #[arg(long, env = "CAIRN_KEY_FILE")]
     pub key_file: Option<PathBuf>,
-    /// Steps run at once.
-    #[arg(long, default_value_t = 3)]
-    pub parallel: usize,
+    /// Steps run at once (default 3).
+    #[arg(long)]
+    pub parallel: Option<usize>,
     /// NATS credentials file (JWT and NKey seed).
     #[arg(long, env = "CAIRN_NATS_CREDS")]
     pub creds: Option<PathBuf>,
@@ -68,7 +71,52 @@ pub struct WorkerArgs {
     pub tls_key: Option<PathBuf>,
 }
 
+/// The worker's settings after merging flags, environment, the configuration file and
+/// defaults (see `config`).
+#[derive(Debug)]
+pub struct WorkerSettings {
+    pub nats: String,
+    pub node: String,
+    pub vms: PathBuf,
+    pub cluster: String,
+    pub key_file: Option<PathBuf>,
+    pub parallel: usize,
+    pub creds: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+fn settings(args: WorkerArgs) -> Result<WorkerSettings> {
+    use crate::config::{pick, pick_opt};
+    let file = match &args.config {
+        Some(path) => crate::config::load(path)?,
+        None => crate::config::CairnConfig::default(),
+    };
+    let (nats, worker) = (file.nats, file.worker);
+    Ok(WorkerSettings {
+        nats: pick_opt(args.nats, nats.url.map(|urls| urls.join(",")))
+            .context("--nats URL is required (or [nats] url in the configuration file)")?,
+        node: pick_opt(args.node, worker.node.map(|n| n.to_string()))
+            .context("--node NAME is required (or [worker] node in the configuration file)")?,
+        vms: pick_opt(args.vms, worker.vms_dir)
+            .context("--vms DIR is required (or [worker] vms_dir in the configuration file)")?,
+        cluster: pick(
+            args.cluster,
+            worker.cluster.map(|c| c.to_string()),
+            "default".into(),
+        ),
+        key_file: pick_opt(args.key_file, worker.key_file),
+        parallel: pick(args.parallel, worker.parallel.map(|p| p as usize), 3),
+        creds: pick_opt(args.creds, nats.creds),
+        tls_ca: pick_opt(args.tls_ca, nats.tls_ca),
+        tls_cert: pick_opt(args.tls_cert, nats.tls_cert),
+        tls_key: pick_opt(args.tls_key, nats.tls_key),
+    })
+}
+
 pub fn run(args: WorkerArgs) -> Result<i32> {
+    let args = settings(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -76,7 +124,7 @@ pub fn run(args: WorkerArgs) -> Result<i32> {
     runtime.block_on(serve(args))
 }
 
-async fn serve(args: WorkerArgs) -> Result<i32> {
+async fn serve(args: WorkerSettings) -> Result<i32> {
     let node = NodeId::new(args.node.clone())
         .map_err(|e| anyhow::anyhow!("--node {:?}: {e}", args.node))?;
     if !(1..=MAX_PARALLEL).contains(&args.parallel) {

@@ -156,7 +156,11 @@ impl LeaseManager {
         loop {
             tokio::select! {
                 _ = every.tick() => self.round().await,
-                _ = stop.wait_for(|s| *s) => break,
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
             }
         }
         self.release_all().await;
@@ -231,7 +235,11 @@ impl LeaseManager {
             };
             match self
                 .store
-                .update(partition_key(partition), value.encode().into(), held.revision)
+                .update(
+                    partition_key(partition),
+                    value.encode().into(),
+                    held.revision,
+                )
                 .await
             {
                 Ok(revision) => {
@@ -308,7 +316,11 @@ impl LeaseManager {
                 instance: self.config.instance.clone(),
                 epoch: created,
             };
-            let revision = match self.store.update(&key, value.encode().into(), created).await {
+            let revision = match self
+                .store
+                .update(&key, value.encode().into(), created)
+                .await
+            {
                 Ok(revision) => revision,
                 Err(e) => {
                     tracing::warn!(partition, error = %e, "won a lease but could not stamp its epoch");
@@ -400,7 +412,11 @@ mod tests {
 
         let (mut a, own_a, mut changes_a) = manager(&js, "orch-a", ttl).await;
         a.round().await;
-        assert_eq!(a.held().len(), 4, "alone, an instance takes every partition");
+        assert_eq!(
+            a.held().len(),
+            4,
+            "alone, an instance takes every partition"
+        );
         let epochs_a: Vec<u64> = (0..4).map(|p| own_a.get(p).unwrap().epoch).collect();
         assert!(epochs_a.iter().all(|&e| e > 0));
         let mut granted = 0;
@@ -427,8 +443,8 @@ mod tests {
         // The stored value names the owner and its epoch; workers fence with it.
         let store = lease_bucket(&js, ttl, 1).await.unwrap();
         for p in b.held() {
-            let value = LeaseValue::decode(&store.get(partition_key(p)).await.unwrap().unwrap())
-                .unwrap();
+            let value =
+                LeaseValue::decode(&store.get(partition_key(p)).await.unwrap().unwrap()).unwrap();
             assert_eq!(value.instance, "orch-b");
             assert_eq!(value.epoch, own_b.get(p).unwrap().epoch);
         }

@@ -58,6 +58,11 @@ pub fn lease_key(partition: u16) -> String {
     format!("partition.{partition}")
 }
 
+/// The JetStream context of a connection.
+pub fn jetstream(client: &async_nats::Client) -> jetstream::Context {
+    jetstream::new(client.clone())
+}
+
 /// How to reach NATS.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatsOptions {

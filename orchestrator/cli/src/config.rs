@@ -1,0 +1,713 @@
+//! `cairn.toml`: the configuration file of the distributed processes (`cairn orchestrator`,
+//! `cairn worker`). This module owns the file's format (sections `[nats]`, `[orchestrator]`
+//! and `[worker]`), reads it, and validates every value, naming the file, the key and what is
+//! wrong. It does not connect to anything, open the files the configuration names (a worker's
+//! key file need not exist on an orchestrator host) or read the environment.
+//!
+//! Precedence, for every setting of the commands that read this file:
+//!
+//! 1. a command-line flag,
+//! 2. the flag's `CAIRN_*` environment variable (clap fills the flag from it, so 1 and 2 reach
+//!    this module as one `Option`),
+//! 3. the value in the file given by `--config` (or `CAIRN_CONFIG`),
+//! 4. the built-in default.
+//!
+//! The commands merge with [`pick`] (settings with a default) and [`pick_opt`] (settings that
+//! may stay unset, such as `creds`). A key the file does not know is refused rather than
+//! ignored, so a misspelt setting never silently falls back to its default. Secrets (NATS
+//! credentials, TLS keys, the repository key) are given as paths to files, never inline.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_orchestrator::policy::tz::TimeZone;
+use cairn_schemas::NodeId;
+use serde::Deserialize;
+
+/// Partition counts a cluster may be created with.
+pub const PARTITIONS: std::ops::RangeInclusive<u32> = 1..=1024;
+/// Lease time-to-live, in seconds.
+pub const LEASE_TTL_SECS: std::ops::RangeInclusive<u64> = 2..=300;
+/// JetStream replica counts (a stream has at most 5 replicas).
+pub const REPLICAS: std::ops::RangeInclusive<u32> = 1..=5;
+/// Parallel backups, recoveries or steps per node.
+pub const PER_NODE: std::ops::RangeInclusive<u32> = 1..=256;
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML, has an unknown key or a value of the wrong type.
+    #[error("{path}{location}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// `:line:column`, when known.
+        location: String,
+        /// The TOML parser's message (it names an unknown key and the keys it expected).
+        message: String,
+    },
+    /// A value has the right type but is not acceptable.
+    #[error("{path}: {key} = {value}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// `section.key`, e.g. `nats.url`.
+        key: &'static str,
+        /// The value as written (quoted when it is a string).
+        value: String,
+        /// What is wrong with it and what is accepted.
+        problem: String,
+    },
+}
+
+/// The validated configuration. Every field is `None` when the file does not set it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CairnConfig {
+    /// `[nats]`: how both processes reach NATS.
+    pub nats: NatsConfig,
+    /// `[orchestrator]`: `cairn orchestrator`.
+    pub orchestrator: OrchestratorConfig,
+    /// `[worker]`: `cairn worker`.
+    pub worker: WorkerConfig,
+}
+
+/// `[nats]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// Server URLs (`nats://host:port` or `tls://host:port`), comma separated in the file.
+    pub url: Option<Vec<String>>,
+    /// NATS credentials file (JWT and NKey seed).
+    pub creds: Option<PathBuf>,
+    /// CA certificate that signs the servers' TLS certificates.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// Client key for mutual TLS (with `tls_cert`).
+    pub tls_key: Option<PathBuf>,
+    /// Replicas of cairn's streams and buckets when they are created (1, or 3 in a cluster).
+    pub replicas: Option<u32>,
+}
+
+/// `[orchestrator]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OrchestratorConfig {
+    /// Address of the HTTP API.
+    pub listen: Option<SocketAddr>,
+    /// This instance's name in the lease bucket (default: the host name).
+    pub instance: Option<NodeId>,
+    /// Local folder for projection snapshots.
+    pub data_dir: Option<PathBuf>,
+    /// Partition count of a new cluster.
+    pub partitions: Option<u32>,
+    /// Partition lease time-to-live.
+    pub lease_ttl: Option<Duration>,
+    /// The repository, as the workers see it.
+    pub repository: Option<PathBuf>,
+    /// Time zone of protection groups' schedules.
+    pub timezone: Option<TimeZone>,
+    /// Parallel backups per node.
+    pub backups_per_node: Option<u32>,
+    /// Parallel recoveries per node.
+    pub recoveries_per_node: Option<u32>,
+    /// SMTP relay, `host:port`.
+    pub smtp: Option<String>,
+    /// Sender address of notification e-mail.
+    pub smtp_from: Option<String>,
+}
+
+/// `[worker]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// This node's name.
+    pub node: Option<NodeId>,
+    /// The cluster the node belongs to (VMs move only within a cluster).
+    pub cluster: Option<NodeId>,
+    /// Folder of this node's VM descriptors.
+    pub vms_dir: Option<PathBuf>,
+    /// Repository key file, when the repository is encrypted.
+    pub key_file: Option<PathBuf>,
+    /// Steps this worker runs at once.
+    pub parallel: Option<u32>,
+}
+
+/// The value of a setting: the flag (already filled from its environment variable by clap)
+/// if given, else the file's, else `default`.
+pub fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
+    flag.or(file).unwrap_or(default)
+}
+
+/// Like [`pick`], for settings that may stay unset.
+pub fn pick_opt<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
+    flag.or(file)
+}
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<CairnConfig, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates `text`, the contents of the file `path` (named in errors).
+pub fn parse(path: &Path, text: &str) -> Result<CairnConfig, Error> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| Error::Syntax {
+        path: path.to_owned(),
+        location: e
+            .span()
+            .map(|span| {
+                let (line, column) = line_column(text, span.start);
+                format!(":{line}:{column}")
+            })
+            .unwrap_or_default(),
+        message: e.message().trim().to_owned(),
+    })?;
+    raw.validate(path)
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+// The file as written: plain types, every key optional, unknown keys refused.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    nats: RawNats,
+    #[serde(default)]
+    orchestrator: RawOrchestrator,
+    #[serde(default)]
+    worker: RawWorker,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNats {
+    url: Option<String>,
+    creds: Option<String>,
+    tls_ca: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    replicas: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrchestrator {
+    listen: Option<String>,
+    instance: Option<String>,
+    data_dir: Option<String>,
+    partitions: Option<i64>,
+    lease_ttl_secs: Option<i64>,
+    repository: Option<String>,
+    timezone: Option<String>,
+    backups_per_node: Option<i64>,
+    recoveries_per_node: Option<i64>,
+    smtp: Option<String>,
+    smtp_from: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    node: Option<String>,
+    cluster: Option<String>,
+    vms_dir: Option<String>,
+    key_file: Option<String>,
+    parallel: Option<i64>,
+}
+
+/// Builds [`Error::Invalid`] for one key of one file.
+struct Checker<'a> {
+    path: &'a Path,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, key: &'static str, value: &dyn fmt::Debug, problem: String) -> Error {
+        Error::Invalid {
+            path: self.path.to_owned(),
+            key,
+            value: format!("{value:?}"),
+            problem,
+        }
+    }
+
+    /// Applies `check` to a text value when it is set.
+    fn text<T>(
+        &self,
+        key: &'static str,
+        raw: Option<String>,
+        check: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, Error> {
+        raw.map(|value| check(&value).map_err(|problem| self.invalid(key, &value, problem)))
+            .transpose()
+    }
+
+    /// Checks that a number, when set, lies in `range`.
+    fn number<T>(
+        &self,
+        key: &'static str,
+        raw: Option<i64>,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<Option<T>, Error>
+    where
+        T: TryFrom<i64> + PartialOrd + fmt::Display + Copy,
+    {
+        raw.map(|value| {
+            in_range(value, &range).map_err(|problem| self.invalid(key, &value, problem))
+        })
+        .transpose()
+    }
+}
+
+fn path_value(value: &str) -> Result<PathBuf, String> {
+    if value.trim().is_empty() {
+        return Err("a path must not be empty".into());
+    }
+    if value.contains('\0') {
+        return Err("a path must not contain NUL".into());
+    }
+    Ok(PathBuf::from(value))
+}
+
+fn name_value(value: &str) -> Result<NodeId, String> {
+    NodeId::new(value).map_err(|e| e.to_string())
+}
+
+fn in_range<T>(value: i64, range: &std::ops::RangeInclusive<T>) -> Result<T, String>
+where
+    T: TryFrom<i64> + PartialOrd + fmt::Display + Copy,
+{
+    match T::try_from(value) {
+        Ok(v) if range.contains(&v) => Ok(v),
+        _ => Err(format!(
+            "must be between {} and {}",
+            range.start(),
+            range.end()
+        )),
+    }
+}
+
+/// A port number from text: 1..=65535.
+fn port_value(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(0) => Err("port 0 is not a usable port".into()),
+        Ok(port) => Ok(port),
+        Err(_) => Err(format!("port {text:?} is not a number from 1 to 65535")),
+    }
+}
+
+/// Splits `host:port` (host may be `[v6]`); both parts required.
+fn host_port(text: &str) -> Result<(&str, u16), String> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| "an IPv6 address needs a closing ']'".to_string())?;
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| "needs a port: host:port".to_string())?;
+        (host, port)
+    } else {
+        text.rsplit_once(':')
+            .ok_or_else(|| "needs a port: host:port".to_string())?
+    };
+    if host.is_empty() {
+        return Err("needs a host name or address before the port".into());
+    }
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c))
+    {
+        return Err(format!("host {host:?} is not a host name or address"));
+    }
+    Ok((host, port_value(port)?))
+}
+
+/// One NATS server URL: `nats://host:port` or `tls://host:port` (port defaults to 4222).
+fn nats_url(url: &str) -> Result<String, String> {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!(
+            "{url:?} is not a URL: write nats://host:port or tls://host:port"
+        ));
+    };
+    if scheme != "nats" && scheme != "tls" {
+        return Err(format!(
+            "scheme {scheme}:// is not supported: use nats:// or tls://"
+        ));
+    }
+    if rest.contains('@') {
+        return Err(
+            "credentials do not belong in the URL: put them in a file named by \
+                    nats.creds"
+                .into(),
+        );
+    }
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains('/') || authority.contains('?') {
+        return Err(format!(
+            "{url:?} has a path or query; a server URL has neither"
+        ));
+    }
+    let has_port = match authority.strip_prefix('[') {
+        Some(rest) => rest.contains("]:"),
+        None => authority.contains(':'),
+    };
+    if has_port {
+        host_port(authority)?;
+    } else {
+        host_port(&format!("{authority}:4222"))?;
+    }
+    Ok(url.to_owned())
+}
+
+/// The API's listening address: an IP address and a port (not 0).
+fn listen_address(value: &str) -> Result<SocketAddr, String> {
+    host_port(value)?;
+    value
+        .parse()
+        .map_err(|_| format!("{value:?} is not an IP address and port, e.g. 0.0.0.0:7481"))
+}
+
+const CERT_AND_KEY: &str = "a client certificate needs both nats.tls_cert and nats.tls_key";
+
+fn nats_urls(value: &str) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = value.split(',').map(nats_url).collect::<Result<_, _>>()?;
+    Ok(urls)
+}
+
+impl RawFile {
+    fn validate(self, path: &Path) -> Result<CairnConfig, Error> {
+        let c = Checker { path };
+        let n = self.nats;
+        let nats = NatsConfig {
+            url: c.text("nats.url", n.url, nats_urls)?,
+            creds: c.text("nats.creds", n.creds, path_value)?,
+            tls_ca: c.text("nats.tls_ca", n.tls_ca, path_value)?,
+            tls_cert: c.text("nats.tls_cert", n.tls_cert, path_value)?,
+            tls_key: c.text("nats.tls_key", n.tls_key, path_value)?,
+            replicas: c.number("nats.replicas", n.replicas, REPLICAS)?,
+        };
+        match (&nats.tls_cert, &nats.tls_key) {
+            (Some(cert), None) => {
+                return Err(c.invalid("nats.tls_cert", cert, CERT_AND_KEY.into()));
+            }
+            (None, Some(key)) => {
+                return Err(c.invalid("nats.tls_key", key, CERT_AND_KEY.into()));
+            }
+            _ => {}
+        }
+        let o = self.orchestrator;
+        let orchestrator = OrchestratorConfig {
+            listen: c.text("orchestrator.listen", o.listen, listen_address)?,
+            instance: c.text("orchestrator.instance", o.instance, name_value)?,
+            data_dir: c.text("orchestrator.data_dir", o.data_dir, path_value)?,
+            partitions: c.number("orchestrator.partitions", o.partitions, PARTITIONS)?,
+            lease_ttl: c
+                .number(
+                    "orchestrator.lease_ttl_secs",
+                    o.lease_ttl_secs,
+                    LEASE_TTL_SECS,
+                )?
+                .map(Duration::from_secs),
+            repository: c.text("orchestrator.repository", o.repository, path_value)?,
+            timezone: c.text("orchestrator.timezone", o.timezone, |v| {
+                TimeZone::parse(v).map_err(|e| e.to_string())
+            })?,
+            backups_per_node: c.number(
+                "orchestrator.backups_per_node",
+                o.backups_per_node,
+                PER_NODE,
+            )?,
+            recoveries_per_node: c.number(
+                "orchestrator.recoveries_per_node",
+                o.recoveries_per_node,
+                PER_NODE,
+            )?,
+            smtp: c.text("orchestrator.smtp", o.smtp, |v| {
+                host_port(v).map(|_| v.to_owned())
+            })?,
+            smtp_from: c.text("orchestrator.smtp_from", o.smtp_from, |v| {
+                cairn_orchestrator::engine::recovery::check_email(v).map(|()| v.to_owned())
+            })?,
+        };
+        let w = self.worker;
+        let worker = WorkerConfig {
+            node: c.text("worker.node", w.node, name_value)?,
+            cluster: c.text("worker.cluster", w.cluster, name_value)?,
+            vms_dir: c.text("worker.vms_dir", w.vms_dir, path_value)?,
+            key_file: c.text("worker.key_file", w.key_file, path_value)?,
+            parallel: c.number("worker.parallel", w.parallel, PER_NODE)?,
+        };
+        Ok(CairnConfig {
+            nats,
+            orchestrator,
+            worker,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops/cairn.toml")
+    }
+
+    fn err(text: &str) -> String {
+        parse(Path::new("/etc/cairn/cairn.toml"), text)
+            .expect_err("refused")
+            .to_string()
+    }
+
+    #[test]
+    fn the_example_file_parses_with_every_setting() {
+        let config = load(&example()).unwrap();
+        let nats = &config.nats;
+        assert_eq!(
+            nats.url.as_deref(),
+            Some(&["nats://127.0.0.1:4222".to_string()][..])
+        );
+        assert_eq!(nats.replicas, Some(1));
+        let o = &config.orchestrator;
+        assert_eq!(o.listen, Some("127.0.0.1:7481".parse().unwrap()));
+        assert_eq!(o.partitions, Some(16));
+        assert_eq!(o.lease_ttl, Some(Duration::from_secs(6)));
+        assert_eq!(o.timezone, Some(TimeZone::parse("UTC").unwrap()));
+        assert_eq!(o.backups_per_node, Some(3));
+        assert_eq!(o.recoveries_per_node, Some(8));
+        let w = &config.worker;
+        assert_eq!(w.node.as_ref().map(NodeId::as_str), Some("kvm-01"));
+        assert_eq!(w.vms_dir.as_deref(), Some(Path::new("/var/lib/cairn/vms")));
+        assert_eq!(w.parallel, Some(3));
+    }
+
+    #[test]
+    fn an_empty_file_sets_nothing() {
+        let config = parse(Path::new("empty.toml"), "").unwrap();
+        assert_eq!(config, CairnConfig::default());
+    }
+
+    #[test]
+    fn a_cluster_url_list_and_tls_parse() {
+        let config = parse(
+            Path::new("c.toml"),
+            "[nats]\nurl = \"tls://n1.example.net:4222, tls://n2.example.net,tls://[::1]:4223\"\n\
+             tls_ca = \"/etc/cairn/ca.pem\"\ntls_cert = \"/etc/cairn/c.pem\"\n\
+             tls_key = \"/etc/cairn/c.key\"\nreplicas = 3\n",
+        )
+        .unwrap();
+        assert_eq!(config.nats.url.unwrap().len(), 3);
+        assert_eq!(config.nats.replicas, Some(3));
+    }
+
+    #[test]
+    fn precedence_flag_then_file_then_default() {
+        assert_eq!(pick(Some(1), Some(2), 3), 1);
+        assert_eq!(pick(None, Some(2), 3), 2);
+        assert_eq!(pick(None::<u32>, None, 3), 3);
+        assert_eq!(pick_opt(None, Some("file")), Some("file"));
+        assert_eq!(pick_opt(Some("flag"), Some("file")), Some("flag"));
+        assert_eq!(pick_opt::<u8>(None, None), None);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name_and_place() {
+        let e = err("[nats]\nurl = \"nats://h:4222\"\nreplica = 3\n");
+        assert!(e.starts_with("/etc/cairn/cairn.toml:3:1:"), "{e}");
+        assert!(e.contains("unknown field `replica`"), "{e}");
+        assert!(e.contains("replicas"), "the expected keys are listed: {e}");
+        let e = err("[orchestrator]\nlease_ttl = 6\n");
+        assert!(e.contains("unknown field `lease_ttl`"), "{e}");
+        let e = err("[workers]\nnode = \"a\"\n");
+        assert!(e.contains("unknown field `workers`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_bad_toml_are_refused() {
+        let e = err("[orchestrator]\npartitions = \"16\"\n");
+        assert!(e.starts_with("/etc/cairn/cairn.toml:2:"), "{e}");
+        assert!(e.contains("invalid type"), "{e}");
+        let e = err("[nats\nurl = 1\n");
+        assert!(e.starts_with("/etc/cairn/cairn.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn hostile_text_gives_errors_not_panics() {
+        let e = err("# Grüße\n[worker]\nnode = \"kvm-01\"\nnöde = 1\n");
+        assert!(e.starts_with("/etc/cairn/cairn.toml:4:"), "{e}");
+        let e = err("[worker]\nnode = \"knoten-ü\"\n");
+        assert!(e.contains("worker.node = \"knoten-ü\""), "{e}");
+        let e = err("[nats]\nurl = \"nats://hôte:4222\"\n");
+        assert!(e.contains("is not a host name"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("cairn.toml");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x5b]).unwrap();
+        let e = load(&binary).unwrap_err().to_string();
+        assert!(e.contains("cannot read the configuration file"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let e = load(Path::new("/nonexistent/cairn.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot read the configuration file /nonexistent/cairn.toml"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn each_bad_value_names_file_key_value_and_problem() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "[nats]\nurl = \"http://h:4222\"",
+                "nats.url = \"http://h:4222\"",
+                "use nats:// or tls://",
+            ),
+            ("[nats]\nurl = \"h:4222\"", "nats.url", "is not a URL"),
+            ("[nats]\nurl = \"nats://h:99999\"", "nats.url", "1 to 65535"),
+            ("[nats]\nurl = \"nats://h:0\"", "nats.url", "port 0"),
+            ("[nats]\nurl = \"nats://:4222\"", "nats.url", "needs a host"),
+            ("[nats]\nurl = \"\"", "nats.url", "is not a URL"),
+            (
+                "[nats]\nurl = \"nats://a:4222,\"",
+                "nats.url",
+                "is not a URL",
+            ),
+            (
+                "[nats]\nurl = \"nats://u:secret@h:4222\"",
+                "nats.url",
+                "credentials do not belong",
+            ),
+            ("[nats]\ncreds = \"\"", "nats.creds", "must not be empty"),
+            ("[nats]\nreplicas = 0", "nats.replicas", "between 1 and 5"),
+            (
+                "[nats]\ntls_cert = \"/c.pem\"",
+                "nats.tls_cert",
+                "needs both",
+            ),
+            ("[nats]\ntls_key = \"/c.key\"", "nats.tls_key", "needs both"),
+            (
+                "[orchestrator]\nlisten = \"127.0.0.1\"",
+                "orchestrator.listen",
+                "needs a port",
+            ),
+            (
+                "[orchestrator]\nlisten = \"127.0.0.1:70000\"",
+                "orchestrator.listen",
+                "1 to 65535",
+            ),
+            (
+                "[orchestrator]\nlisten = \"localhost:7481\"",
+                "orchestrator.listen",
+                "not an IP address",
+            ),
+            (
+                "[orchestrator]\npartitions = 0",
+                "orchestrator.partitions = 0",
+                "between 1 and 1024",
+            ),
+            (
+                "[orchestrator]\npartitions = 1025",
+                "orchestrator.partitions",
+                "between 1 and 1024",
+            ),
+            (
+                "[orchestrator]\nlease_ttl_secs = 1",
+                "orchestrator.lease_ttl_secs",
+                "between 2 and 300",
+            ),
+            (
+                "[orchestrator]\nlease_ttl_secs = 301",
+                "orchestrator.lease_ttl_secs",
+                "between 2 and 300",
+            ),
+            (
+                "[orchestrator]\ninstance = \"orch 1\"",
+                "orchestrator.instance",
+                "only A-Z",
+            ),
+            (
+                "[orchestrator]\ndata_dir = \" \"",
+                "orchestrator.data_dir",
+                "must not be empty",
+            ),
+            (
+                "[orchestrator]\ntimezone = \"Mars/Olympus\"",
+                "orchestrator.timezone",
+                "is not understood",
+            ),
+            (
+                "[orchestrator]\nbackups_per_node = -1",
+                "orchestrator.backups_per_node",
+                "between 1 and 256",
+            ),
+            (
+                "[orchestrator]\nrecoveries_per_node = 0",
+                "orchestrator.recoveries_per_node",
+                "between 1 and 256",
+            ),
+            (
+                "[orchestrator]\nsmtp = \"mail.example.net\"",
+                "orchestrator.smtp",
+                "needs a port",
+            ),
+            (
+                "[orchestrator]\nsmtp_from = \"cairn\"",
+                "orchestrator.smtp_from",
+                "has no '@'",
+            ),
+            ("[worker]\nnode = \"\"", "worker.node", "must not be empty"),
+            ("[worker]\nnode = \".kvm\"", "worker.node", "must not start"),
+            ("[worker]\ncluster = \"a/b\"", "worker.cluster", "only A-Z"),
+            (
+                "[worker]\nvms_dir = \"\"",
+                "worker.vms_dir",
+                "must not be empty",
+            ),
+            (
+                "[worker]\nkey_file = \"\"",
+                "worker.key_file",
+                "must not be empty",
+            ),
+            (
+                "[worker]\nparallel = 0",
+                "worker.parallel",
+                "between 1 and 256",
+            ),
+            (
+                "[worker]\nparallel = 9999999999999",
+                "worker.parallel",
+                "between 1 and 256",
+            ),
+        ];
+        for (text, key, problem) in cases {
+            let e = err(text);
+            assert!(
+                e.starts_with(&format!("/etc/cairn/cairn.toml: {key}")),
+                "{text:?} gave {e}"
+            );
+            assert!(e.contains(problem), "{text:?} gave {e}");
+        }
+    }
+}
