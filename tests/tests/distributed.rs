@@ -165,8 +165,6 @@ impl Lab {
             s(&data),
             "--repository",
             s(&self.repo),
-            "--lease-ttl-secs",
-            "3",
             "--heartbeat-timeout-secs",
             "15",
         ]

@@ -169,8 +169,8 @@ impl LeaseManager {
     /// One round: membership, renewals, then giving up or taking partitions towards the
     /// fair share.
     pub async fn round(&mut self) {
-        self.renew_membership().await;
         self.renew_leases().await;
+        self.renew_membership().await;
         let instances = self.live_instances().await;
         let n = self.ownership.partitions().get() as usize;
         let target = n.div_ceil(instances.max(1));
@@ -222,37 +222,42 @@ impl LeaseManager {
         live.len()
     }
 
+    /// Renews every held lease at once (one round trip, not one per partition, so a round
+    /// stays well inside the TTL on a slow or loaded cluster).
     async fn renew_leases(&mut self) {
-        let partitions: Vec<u16> = self.held.keys().copied().collect();
         let half_ttl = self.config.ttl / 2;
-        for partition in partitions {
-            let Some(held) = self.held.get(&partition) else {
-                continue;
-            };
+        let renewals = self.held.iter().map(|(&partition, held)| {
             let value = LeaseValue {
                 instance: self.config.instance.clone(),
                 epoch: held.epoch,
             };
-            match self
-                .store
-                .update(
-                    partition_key(partition),
-                    value.encode().into(),
-                    held.revision,
-                )
-                .await
-            {
+            let store = self.store.clone();
+            let revision = held.revision;
+            async move {
+                let result = store
+                    .update(partition_key(partition), value.encode().into(), revision)
+                    .await;
+                (partition, result)
+            }
+        });
+        let results = futures::future::join_all(renewals).await;
+        for (partition, result) in results {
+            match result {
                 Ok(revision) => {
-                    let held = self.held.get_mut(&partition).expect("held");
-                    held.revision = revision;
-                    held.renewed = Instant::now();
+                    if let Some(held) = self.held.get_mut(&partition) {
+                        held.revision = revision;
+                        held.renewed = Instant::now();
+                    }
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     tracing::warn!(partition, error = %e, "lease lost to another orchestrator");
                     self.drop_lease(partition);
                 }
                 Err(e) => {
-                    let since = held.renewed.elapsed();
+                    let since = self
+                        .held
+                        .get(&partition)
+                        .map_or(Duration::MAX, |h| h.renewed.elapsed());
                     tracing::warn!(partition, error = %e, ?since, "could not renew a lease");
                     if since >= half_ttl {
                         tracing::warn!(partition, "lease not renewed for half its TTL; giving up");

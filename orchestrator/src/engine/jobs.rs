@@ -1080,6 +1080,37 @@ fn recovery_work(
     })
 }
 
+/// A step dispatched under an earlier owner epoch and refused by the worker for that reason
+/// never ran: whatever `on_report` decided, it is retried at once and the refusal does not
+/// use up its attempts. `current_epoch` is the partition owner's epoch now. Pure.
+pub fn retry_superseded(
+    mut events: Vec<JobEvent>,
+    report: &Report,
+    current_epoch: u64,
+    now: u64,
+) -> Vec<JobEvent> {
+    let refused = matches!(
+        &report.body,
+        ReportBody::Failed {
+            class: FailureClass::Retryable,
+            ..
+        }
+    ) && report.epoch < current_epoch;
+    if !refused {
+        return events;
+    }
+    let Some(JobEvent::StepFailed { step, attempt, .. }) = events.first().cloned() else {
+        return events;
+    };
+    events.retain(|e| !matches!(e, JobEvent::StepRetryScheduled { .. }));
+    events.push(JobEvent::StepRetryScheduled {
+        step,
+        attempt,
+        at: now,
+    });
+    events
+}
+
 /// Events for a worker's report. Reports of another attempt or epoch, or for a step that is
 /// not in flight, are ignored (an empty list).
 pub fn on_report(state: &State, cfg: &EngineConfig, report: &Report, now: u64) -> Vec<JobEvent> {
@@ -1145,5 +1176,49 @@ pub fn on_report(state: &State, cfg: &EngineConfig, report: &Report, now: u64) -
             }
             events
         }
+    }
+}
+
+#[cfg(test)]
+mod superseded_tests {
+    use super::*;
+    use cairn_schemas::JobId;
+
+    #[test]
+    fn a_step_refused_for_its_old_epoch_is_retried_at_once_whatever_its_attempts() {
+        let step = StepId::new_v7(1, [1; 10]);
+        let report = |epoch: u64| Report {
+            step,
+            attempt: 5,
+            job: JobId::new_v7(1, [2; 10]),
+            partition: 3,
+            epoch,
+            node: NodeId::new("kvm-1").unwrap(),
+            body: ReportBody::Failed {
+                class: FailureClass::Retryable,
+                message: "dispatched by an earlier owner".into(),
+            },
+        };
+        let failed = vec![JobEvent::StepFailed {
+            step,
+            attempt: 5,
+            class: FailureClass::Retryable,
+            message: "x".into(),
+        }];
+        let out = retry_superseded(failed.clone(), &report(2), 14, 1000);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[1],
+            JobEvent::StepRetryScheduled {
+                step,
+                attempt: 5,
+                at: 1000
+            }
+        );
+        // The current epoch's own failures keep their retry budget.
+        assert_eq!(
+            retry_superseded(failed.clone(), &report(14), 14, 1000),
+            failed
+        );
     }
 }

@@ -19,7 +19,9 @@ use cairn_schemas::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::decide::{Emit, decide, request_job};
-use super::jobs::{EngineConfig, Liveness, on_report, reconcile, tracking_events};
+use super::jobs::{
+    EngineConfig, Liveness, on_report, reconcile, retry_superseded, tracking_events,
+};
 use super::ownership::Ownership;
 use super::protect;
 use super::state::State;
@@ -383,7 +385,13 @@ impl<L: EventLog + 'static> Engine<L> {
             let state = self.shared.state.read().expect("state lock");
             let vm = state.jobs.get(&report.job).map(|j| j.vm);
             (
-                on_report(&state, &self.shared.config, &report, now),
+                {
+                    let events = on_report(&state, &self.shared.config, &report, now);
+                    match self.shared.ownership.get(report.partition) {
+                        Some(owned) => retry_superseded(events, &report, owned.epoch, now),
+                        None => events,
+                    }
+                },
                 vm.map(|vm| (vm, tracking_events(&state, &report))),
             )
         };
