@@ -45,6 +45,9 @@ impl Default for ReportConsumerConfig {
     }
 }
 
+/// Reports requested per pull.
+const PULL_BATCH: usize = 32;
+
 /// The name of partition `p`'s durable report consumer.
 pub fn consumer_name(partition: u16) -> String {
     format!("reports-{partition}")
@@ -152,11 +155,18 @@ async fn consume(
     let mut failures = 0u32;
     while !*stop.borrow() {
         let messages = match open(&js, partition, &config).await {
-            Ok(consumer) => consumer.messages().await.map_err(|e| Error::Setup {
-                what: "pull of consumer",
-                name: consumer_name(partition),
-                reason: e.to_string(),
-            }),
+            // Small pulls: a report's ack_wait runs from its delivery, so a big prefetch
+            // behind a slow engine would time out and come back as duplicates.
+            Ok(consumer) => consumer
+                .stream()
+                .max_messages_per_batch(PULL_BATCH)
+                .messages()
+                .await
+                .map_err(|e| Error::Setup {
+                    what: "pull of consumer",
+                    name: consumer_name(partition),
+                    reason: e.to_string(),
+                }),
             Err(e) => Err(e),
         };
         let mut messages = match messages {

@@ -507,12 +507,28 @@ impl WorkerBus {
         Ok(())
     }
 
-    /// Makes sure the server has a new subscription before it is relied on.
+    /// Makes sure the server has processed a new subscription before it is relied on: the
+    /// server handles a connection's messages in order, so a message to a probe subscription
+    /// made after it coming back proves it. (`flush` only empties the client's buffer.)
     async fn flush_subscription(&self, subject: &str) -> Result<(), Error> {
-        self.client.flush().await.map_err(|e| Error::Subscribe {
+        let fail = |reason: String| Error::Subscribe {
             subject: subject.into(),
-            reason: e.to_string(),
-        })
+            reason,
+        };
+        let inbox = self.client.new_inbox();
+        let mut probe = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        self.client
+            .publish(inbox, bytes::Bytes::new())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        match tokio::time::timeout(Duration::from_secs(10), probe.next()).await {
+            Ok(Some(_)) => Ok(()),
+            _ => Err(fail("the server did not confirm it within 10 s".into())),
+        }
     }
 
     /// Sends a command to the orchestrators (`cairn.api.cmd`) as `node:<name>`, retrying
