@@ -869,7 +869,7 @@ fn build_spec(
         step: step.id,
         attempt: step.attempt + 1,
         job: job.id,
-        partition: 0,
+        partition: cairn_schemas::subjects::partition_of_vm(&job.vm, cfg.partitions),
         epoch,
         node,
         vm: job.vm,
@@ -1082,11 +1082,14 @@ fn recovery_work(
 
 /// A step dispatched under an earlier owner epoch and refused by the worker for that reason
 /// never ran: whatever `on_report` decided, it is retried at once and the refusal does not
-/// use up its attempts. `current_epoch` is the partition owner's epoch now. Pure.
+/// use up its attempts (up to four times the attempts a step has, so that a partition whose
+/// ownership keeps moving still ends its jobs). `current_epoch` is the partition owner's epoch
+/// now. Pure.
 pub fn retry_superseded(
     mut events: Vec<JobEvent>,
     report: &Report,
     current_epoch: u64,
+    max_attempts: u32,
     now: u64,
 ) -> Vec<JobEvent> {
     let refused = matches!(
@@ -1095,7 +1098,8 @@ pub fn retry_superseded(
             class: FailureClass::Retryable,
             ..
         }
-    ) && report.epoch < current_epoch;
+    ) && report.epoch < current_epoch
+        && report.attempt < max_attempts.saturating_mul(4);
     if !refused {
         return events;
     }
@@ -1205,7 +1209,7 @@ mod superseded_tests {
             class: FailureClass::Retryable,
             message: "x".into(),
         }];
-        let out = retry_superseded(failed.clone(), &report(2), 14, 1000);
+        let out = retry_superseded(failed.clone(), &report(2), 14, 5, 1000);
         assert_eq!(out.len(), 2);
         assert_eq!(
             out[1],
@@ -1217,7 +1221,7 @@ mod superseded_tests {
         );
         // The current epoch's own failures keep their retry budget.
         assert_eq!(
-            retry_superseded(failed.clone(), &report(14), 14, 1000),
+            retry_superseded(failed.clone(), &report(14), 14, 5, 1000),
             failed
         );
     }

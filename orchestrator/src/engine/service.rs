@@ -388,7 +388,13 @@ impl<L: EventLog + 'static> Engine<L> {
                 {
                     let events = on_report(&state, &self.shared.config, &report, now);
                     match self.shared.ownership.get(report.partition) {
-                        Some(owned) => retry_superseded(events, &report, owned.epoch, now),
+                        Some(owned) => retry_superseded(
+                            events,
+                            &report,
+                            owned.epoch,
+                            self.shared.config.max_attempts,
+                            now,
+                        ),
                         None => events,
                     }
                 },
