@@ -307,6 +307,17 @@ fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
     let addr =
         |o: &[Option<Proc>], i: usize| -> String { o[i].as_ref().unwrap().addr.clone().unwrap() };
     let ids = vm_ids(&addr(&orchestrators, 0), 30);
+    // The instances share the partitions before the load starts.
+    wait_until(
+        Duration::from_secs(60),
+        "every orchestrator owning partitions",
+        || {
+            orchestrators.iter().all(|o| {
+                let o = o.as_ref().unwrap();
+                std::fs::read_to_string(&o.log).is_ok_and(|log| log.contains("owning partition"))
+            })
+        },
+    );
 
     // Round 1: 30 backups requested through all three APIs; one orchestrator is killed
     // while they run.
