@@ -116,8 +116,6 @@ struct Lab {
     dir: tempfile::TempDir,
     repo: PathBuf,
     nats_url: String,
-    /// VM name → node index.
-    vms: BTreeMap<String, usize>,
 }
 
 impl Lab {
@@ -125,7 +123,6 @@ impl Lab {
     fn new(nats_url: String, nodes: usize, per_node: usize, dir: tempfile::TempDir) -> Lab {
         let repo = dir.path().join("repo");
         cairn_ok(&["repo", "init", s(&repo)]);
-        let mut vms = BTreeMap::new();
         for node in 0..nodes {
             for i in 0..per_node {
                 let name = format!("vm-{node}-{i}");
@@ -139,14 +136,12 @@ impl Lab {
                     &uuid,
                     &[("disk0", &disk)],
                 );
-                vms.insert(name, node);
             }
         }
         Lab {
             dir,
             repo,
             nats_url,
-            vms,
         }
     }
 
