@@ -1188,41 +1188,44 @@ impl TailSource for JetStreamTail {
                 if self.inner.strong_count() == 0 {
                     return Ok(None);
                 }
-                let mut messages = match self.messages.take() {
-                    Some(messages) => messages,
-                    None => {
-                        let mut closed = self.closed.clone();
-                        tokio::select! {
-                            _ = closed.changed() => return Ok(None),
-                            opened = self.open_consumer() => match opened {
-                                Ok(messages) => messages,
-                                Err(err) => {
-                                    tracing::warn!(error = %err, "event log tail: cannot start a consumer, retrying");
-                                    tokio::time::sleep(backoff).await;
-                                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                                    continue;
-                                }
-                            },
-                        }
+                // The consumer stays in `self` across every await, so a caller that drops
+                // this future (a `select!` over several inputs) keeps it: no consumer is
+                // created per call.
+                if self.messages.is_none() {
+                    let mut closed = self.closed.clone();
+                    tokio::select! {
+                        _ = closed.changed() => return Ok(None),
+                        opened = self.open_consumer() => match opened {
+                            Ok(messages) => self.messages = Some(messages),
+                            Err(err) => {
+                                tracing::warn!(error = %err, "event log tail: cannot start a consumer, retrying");
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(2));
+                                continue;
+                            }
+                        },
                     }
-                };
+                }
                 let mut closed = self.closed.clone();
-                let first = tokio::select! {
-                    _ = closed.changed() => return Ok(None),
-                    message = messages.next() => message,
+                let first = {
+                    let messages = self.messages.as_mut().expect("opened above");
+                    tokio::select! {
+                        _ = closed.changed() => return Ok(None),
+                        message = messages.next() => message,
+                    }
                 };
                 match first {
                     Some(Ok(message)) => {
-                        let mut batch = match self.take(&message) {
-                            Ok(batch) => batch,
-                            Err(err) => {
-                                self.messages = Some(messages);
-                                return Err(err);
-                            }
-                        };
+                        let mut batch = self.take(&message)?;
                         // Take what else is already delivered, without waiting.
                         while batch.len() < TAIL_BATCH {
-                            let Some(Some(Ok(message))) = messages.next().now_or_never() else {
+                            let next = self
+                                .messages
+                                .as_mut()
+                                .expect("opened above")
+                                .next()
+                                .now_or_never();
+                            let Some(Some(Ok(message))) = next else {
                                 break;
                             };
                             match self.take(&message) {
@@ -1234,7 +1237,6 @@ impl TailSource for JetStreamTail {
                                 }
                             }
                         }
-                        self.messages = Some(messages);
                         if !batch.is_empty() {
                             return Ok(Some(batch));
                         }
@@ -1243,11 +1245,13 @@ impl TailSource for JetStreamTail {
                         }
                     }
                     Some(Err(err)) => {
+                        self.messages = None;
                         tracing::warn!(error = %err, next = self.next_stream_seq, "event log tail: consumer failed, recreating it");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
                     None => {
+                        self.messages = None;
                         tracing::warn!(
                             next = self.next_stream_seq,
                             "event log tail: consumer ended, recreating it"

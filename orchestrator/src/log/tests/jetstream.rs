@@ -679,3 +679,44 @@ async fn a_three_node_cluster_keeps_appending_with_one_node_down() {
     assert_eq!(log.read_from(0, usize::MAX).await.unwrap(), all);
     assert_eq!(log.verify_chain().await.unwrap(), 15);
 }
+
+/// A tail polled inside `select!` loses its pending `next()` future every time another branch
+/// wins; it must keep its consumer (not open a new one per call) and lose no event.
+#[tokio::test]
+async fn a_tail_whose_next_is_dropped_keeps_one_consumer_and_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path());
+    let log = open_log(&server.url(), fast_config()).await;
+    let mut tail = log.tail(0);
+    let first = log
+        .append(request(&job(1), 0, vec![progress(1)]))
+        .await
+        .unwrap();
+    assert_eq!(tail.next().await.unwrap().unwrap(), first[0]);
+    for _ in 0..50 {
+        // Nothing new: the wait is cut short, as a select! over a timer would.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), tail.next())
+                .await
+                .is_err()
+        );
+    }
+    let client = connect(&server.url()).await;
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream("CAIRN_EVENTS").await.unwrap();
+    let consumers = stream.info().await.unwrap().state.consumer_count;
+    assert!(
+        consumers <= 1,
+        "{consumers} consumers after 50 dropped waits"
+    );
+    let second = log
+        .append(request(&job(1), 1, vec![progress(2)]))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), tail.next())
+        .await
+        .expect("the tail still delivers")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, second[0]);
+}
