@@ -116,8 +116,7 @@ impl Proc {
                         std::fs::read_to_string(log).unwrap_or_default()
                     )
                 })?;
-                if let Some(rest) = line.strip_prefix("cairn orchestrator is up: API on http://")
-                {
+                if let Some(rest) = line.strip_prefix("cairn orchestrator is up: API on http://") {
                     proc.addr = Some(rest.split(',').next().unwrap_or_default().to_string());
                     break;
                 }
@@ -152,7 +151,12 @@ fn cpu_secs(pid: u32) -> f64 {
     // Fields after the command name (which may hold spaces) start at ") ".
     let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name and state.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) as f64 / hz
@@ -245,7 +249,11 @@ impl EventReader {
     }
 }
 
-fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check()? {
@@ -333,8 +341,12 @@ fn failover(runs: usize) -> Result<()> {
     }
     let (a, b, c) = stats(results.iter().map(|r| r.driven_again_s).collect());
     let (d, e, f) = stats(results.iter().map(|r| r.succeeded_s).collect());
-    println!("kill -9 → every job of the dead instance driven again: min {a:.2} s, median {b:.2} s, max {c:.2} s (goal ≤ 10 s)");
-    println!("kill -9 → all of them Succeeded:                      min {d:.2} s, median {e:.2} s, max {f:.2} s");
+    println!(
+        "kill -9 → every job of the dead instance driven again: min {a:.2} s, median {b:.2} s, max {c:.2} s (goal ≤ 10 s)"
+    );
+    println!(
+        "kill -9 → all of them Succeeded:                      min {d:.2} s, median {e:.2} s, max {f:.2} s"
+    );
     println!(
         "jobs of the dead instance per run: {:?}",
         results.iter().map(|r| r.jobs_of_dead).collect::<Vec<_>>()
@@ -361,7 +373,11 @@ fn failover_in(rt: &tokio::runtime::Runtime, run: usize, root: &Path) -> Result<
         let disk = root.join("disks").join(format!("{name}.raw"));
         std::fs::create_dir_all(disk.parent().expect("parent"))?;
         // 1 to 2 MiB.
-        random_file(&disk, (1 << 20) + (i as u64 % 5) * (256 << 10), (run * 1000 + i) as u64);
+        random_file(
+            &disk,
+            (1 << 20) + (i as u64 % 5) * (256 << 10),
+            (run * 1000 + i) as u64,
+        );
         let uuid = format!("6f1c2d3e-4a5b-4c6d-8e7f-{:012x}", i + 1);
         write_vm(&vms_dir, &name, &uuid, &[("disk0", &disk)]);
     }
@@ -439,28 +455,32 @@ fn failover_in(rt: &tokio::runtime::Runtime, run: usize, root: &Path) -> Result<
     let mut dispatchers: BTreeSet<String> = BTreeSet::new();
     let mut succeeded_before: BTreeSet<String> = BTreeSet::new();
     let mut last_seq = 0u64;
-    wait_for(Duration::from_secs(120), "jobs running on both instances", || {
-        for e in events.poll()? {
-            last_seq = e["seq"].as_u64().unwrap_or(last_seq);
-            let Some(job) = e["correlation"].as_str() else {
-                continue;
-            };
-            match e["name"].as_str() {
-                Some("StepStarted") => {
-                    *started.entry(job.to_string()).or_default() += 1;
+    wait_for(
+        Duration::from_secs(120),
+        "jobs running on both instances",
+        || {
+            for e in events.poll()? {
+                last_seq = e["seq"].as_u64().unwrap_or(last_seq);
+                let Some(job) = e["correlation"].as_str() else {
+                    continue;
+                };
+                match e["name"].as_str() {
+                    Some("StepStarted") => {
+                        *started.entry(job.to_string()).or_default() += 1;
+                    }
+                    Some("StepDispatched") => {
+                        dispatchers.insert(e["actor"].as_str().unwrap_or_default().to_string());
+                    }
+                    Some("JobSucceeded") => {
+                        succeeded_before.insert(job.to_string());
+                    }
+                    _ => {}
                 }
-                Some("StepDispatched") => {
-                    dispatchers.insert(e["actor"].as_str().unwrap_or_default().to_string());
-                }
-                Some("JobSucceeded") => {
-                    succeeded_before.insert(job.to_string());
-                }
-                _ => {}
             }
-        }
-        let transfers = started.values().filter(|n| **n >= 2).count();
-        Ok((dispatchers.len() >= 2 && transfers * 4 >= FAILOVER_VMS).then_some(()))
-    })?;
+            let transfers = started.values().filter(|n| **n >= 2).count();
+            Ok((dispatchers.len() >= 2 && transfers * 4 >= FAILOVER_VMS).then_some(()))
+        },
+    )?;
     let owners = rt.block_on(lease_owners(&client))?;
     let dead_partitions: BTreeSet<u16> = owners
         .iter()
@@ -755,7 +775,11 @@ fn load_in(secs: u64, nodes: usize, per_node: usize, root: &Path) -> Result<()> 
 
     // Steady phase: backups at 10,000 per hour (one every 360 ms), round robin over the VMs.
     let interval = Duration::from_secs_f64(3600.0 / 10_000.0);
-    let cpu0 = (cpu_secs(pid), cpu_secs(nats_pid), cpu_secs(std::process::id()));
+    let cpu0 = (
+        cpu_secs(pid),
+        cpu_secs(nats_pid),
+        cpu_secs(std::process::id()),
+    );
     let steps0 = steps.load(Ordering::Relaxed);
     let started = Instant::now();
     let mut requested: Vec<(String, u64)> = Vec::new();
@@ -774,27 +798,43 @@ fn load_in(secs: u64, nodes: usize, per_node: usize, root: &Path) -> Result<()> 
             peak_rss = peak_rss.max(memory_mib(pid).0);
             next_sample += Duration::from_secs(1);
         }
-        std::thread::sleep(next.min(next_sample).saturating_duration_since(Instant::now()));
+        std::thread::sleep(
+            next.min(next_sample)
+                .saturating_duration_since(Instant::now()),
+        );
     }
     let window = started.elapsed().as_secs_f64();
-    let cpu1 = (cpu_secs(pid), cpu_secs(nats_pid), cpu_secs(std::process::id()));
+    let cpu1 = (
+        cpu_secs(pid),
+        cpu_secs(nats_pid),
+        cpu_secs(std::process::id()),
+    );
     let steps_in_window = steps.load(Ordering::Relaxed) - steps0;
     let (rss, hwm) = memory_mib(pid);
     let done_in_window = {
         let map = succeeded.lock().expect("map");
-        requested.iter().filter(|(j, _)| map.contains_key(j)).count()
+        requested
+            .iter()
+            .filter(|(j, _)| map.contains_key(j))
+            .count()
     };
     // Let the last jobs finish (not part of the CPU window).
     let _ = wait_for(Duration::from_secs(60), "the last jobs", || {
         let map = succeeded.lock().expect("map");
-        Ok(requested.iter().all(|(j, _)| map.contains_key(j)).then_some(()))
+        Ok(requested
+            .iter()
+            .all(|(j, _)| map.contains_key(j))
+            .then_some(()))
     });
     stop.store(true, Ordering::Relaxed);
     watcher.join().expect("watcher thread")?;
     let map = succeeded.lock().expect("map").clone();
     let mut latencies: Vec<f64> = requested
         .iter()
-        .filter_map(|(j, at)| map.get(j).map(|done| done.saturating_sub(*at) as f64 / 1000.0))
+        .filter_map(|(j, at)| {
+            map.get(j)
+                .map(|done| done.saturating_sub(*at) as f64 / 1000.0)
+        })
         .collect();
     latencies.sort_by(f64::total_cmp);
     let orch_pct = (cpu1.0 - cpu0.0) / window * 100.0;
@@ -802,11 +842,26 @@ fn load_in(secs: u64, nodes: usize, per_node: usize, root: &Path) -> Result<()> 
     let gen_pct = (cpu1.2 - cpu0.2) / window * 100.0;
     let events = event_count.load(Ordering::Relaxed);
     println!("{}", machine_load());
-    println!("steady phase: {window:.0} s, {} backups requested ({:.2}/s)", requested.len(), requested.len() as f64 / window);
-    println!("orchestrator CPU: {orch_pct:.1} % of one core; RSS {rss:.0} MiB at the end, peak sampled {peak_rss:.0} MiB, VmHWM {hwm:.0} MiB");
-    println!("nats-server CPU:  {nats_pct:.1} % of one core (ratio orchestrator/nats-server {:.2})", orch_pct / nats_pct);
-    println!("load generator CPU (bench process, {nodes} simulated nodes + HTTP client): {gen_pct:.1} % (ratio orchestrator/generator {:.2})", orch_pct / gen_pct);
-    println!("events appended in the window (and the drain): {events} ({:.1}/s); {before} events before (registration)", events as f64 / window);
+    println!(
+        "steady phase: {window:.0} s, {} backups requested ({:.2}/s)",
+        requested.len(),
+        requested.len() as f64 / window
+    );
+    println!(
+        "orchestrator CPU: {orch_pct:.1} % of one core; RSS {rss:.0} MiB at the end, peak sampled {peak_rss:.0} MiB, VmHWM {hwm:.0} MiB"
+    );
+    println!(
+        "nats-server CPU:  {nats_pct:.1} % of one core (ratio orchestrator/nats-server {:.2})",
+        orch_pct / nats_pct
+    );
+    println!(
+        "load generator CPU (bench process, {nodes} simulated nodes + HTTP client): {gen_pct:.1} % (ratio orchestrator/generator {:.2})",
+        orch_pct / gen_pct
+    );
+    println!(
+        "events appended in the window (and the drain): {events} ({:.1}/s); {before} events before (registration)",
+        events as f64 / window
+    );
     println!("steps answered in the window: {steps_in_window}");
     println!(
         "jobs: {} requested, {done_in_window} succeeded within the window, {} after the drain",
