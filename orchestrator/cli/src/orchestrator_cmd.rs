@@ -384,16 +384,9 @@ async fn serve(settings: Settings) -> Result<i32> {
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("listening on {}", settings.listen))?;
-    let api_addr = listener.local_addr()?;
     let control: Arc<dyn Control> = Arc::new(handle.clone());
-    let api_task = tokio::spawn(cairn_orchestrator::api::serve(
-        listener,
-        control,
-        wait_shutdown(shutdown_rx.clone()),
-    ));
+    let (api_addr, api_task) =
+        crate::up::serve_api(settings.listen, control, shutdown_rx.clone()).await?;
     println!(
         "cairn orchestrator is up: API on http://{api_addr}, instance {}, {} partitions",
         settings.instance, settings.partitions

@@ -288,16 +288,8 @@ async fn serve(args: UpArgs) -> Result<i32> {
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let api_addr = listener.local_addr()?;
-    let control: Arc<dyn Control> = Arc::new(handle.clone());
-    let api_task = tokio::spawn(cairn_orchestrator::api::serve(
-        listener,
-        control,
-        wait_shutdown(shutdown_rx.clone()),
-    ));
+    let (api_addr, api_task) =
+        serve_api(args.listen, Arc::new(handle.clone()), shutdown_rx.clone()).await?;
     println!(
         "cairn is up: API on http://{api_addr}, data in {}",
         data.display()
@@ -350,6 +342,23 @@ pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &st
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
+/// Binds the HTTP API on `listen` and serves it until `shutdown` turns true.
+pub async fn serve_api(
+    listen: SocketAddr,
+    control: Arc<dyn Control>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    let task = tokio::spawn(cairn_orchestrator::api::serve(listener, control, stop));
+    Ok((addr, task))
+}
+
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
