@@ -26,6 +26,7 @@ use super::index::{ChainReader, ChunkRef, IndexHeader, IndexWriter, PositionCurs
 use super::lineage::{LockKind, Repository};
 use super::pack::{self, PackEntry, PackWriter, TARGET_PACK_SIZE};
 use super::{Error, Progress, is_zero};
+use crate::source::raw::AlignedBuf;
 use crate::source::{ExtentKind, Source};
 
 /// What to back up and when.
@@ -77,7 +78,7 @@ struct Batch {
     seq: u64,
     first_pos: u64,
     n: usize,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     known_zero: Vec<bool>,
     /// Chunks the change tracking says are the parent's: not read, the parent's ref is kept.
     clean: Vec<bool>,
@@ -222,10 +223,10 @@ pub fn backup(
 
     let chunks_per_batch = (BATCH_BYTES as u64 / chunk_size).max(1) as usize;
     let pool_size = threads * 2 + 2;
-    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(pool_size);
+    let (pool_tx, pool_rx) = bounded::<AlignedBuf>(pool_size);
     for _ in 0..pool_size {
         pool_tx
-            .send(vec![0u8; chunks_per_batch * chunk_size as usize])
+            .send(AlignedBuf::zeroed(chunks_per_batch * chunk_size as usize))
             .expect("pool has room");
     }
     let (work_tx, work_rx) = bounded::<Batch>(threads * 2);
@@ -467,7 +468,7 @@ fn read_batches(
     progress: &dyn Progress,
     parent: Option<ChainReader>,
     plan: ReadPlan<'_>,
-    pool: Receiver<Vec<u8>>,
+    pool: Receiver<AlignedBuf>,
     work: Sender<Batch>,
 ) -> Result<u64, Error> {
     let ReadPlan {
@@ -549,29 +550,33 @@ fn read_batches(
                 }
             }
         }
-        // Zero-fill what is not read (buffers are reused), except in clean chunks, which no
-        // stage looks at: an incremental of a big disk would otherwise spend its time in memset.
+        // A chunk none of whose bytes is read is zero: the workers take it as such unlooked.
+        let mut known_zero = vec![true; n];
+        for &(a, b) in &ranges {
+            let first = ((a - start) / chunk_size) as usize;
+            let last = ((b - 1 - start) / chunk_size) as usize;
+            known_zero[first..=last].fill(false);
+        }
+        // Zero-fill the unread bytes of chunks that are partly read (buffers are reused). Clean
+        // and known-zero chunks are skipped: no stage looks at their bytes, and filling them
+        // would spend a full backup's time on the disk's holes in memset.
         let zero_unread = |buf: &mut [u8], from: u64, to: u64| {
             let mut at = from;
             while at < to {
                 let i = ((at - start) / chunk_size) as usize;
                 let chunk_end = (start + (i as u64 + 1) * chunk_size).min(to);
-                if !clean[i] {
+                if !clean[i] && !known_zero[i] {
                     buf[(at - start) as usize..(chunk_end - start) as usize].fill(0);
                 }
                 at = chunk_end;
             }
         };
         let mut filled_to = start;
-        let mut known_zero = vec![true; n];
         for &(a, b) in &ranges {
             zero_unread(&mut buf, filled_to, a);
             source.read_at(a, &mut buf[(a - start) as usize..(b - start) as usize])?;
             bytes_read += b - a;
             filled_to = b;
-            let first = ((a - start) / chunk_size) as usize;
-            let last = ((b - 1 - start) / chunk_size) as usize;
-            known_zero[first..=last].fill(false);
         }
         zero_unread(&mut buf, filled_to, end);
         let batch = Batch {
@@ -607,7 +612,7 @@ fn process_batches(
     ctx: &WorkerCtx<'_>,
     work: Receiver<Batch>,
     done: Sender<Processed>,
-    pool: Sender<Vec<u8>>,
+    pool: Sender<AlignedBuf>,
 ) {
     let mut encoder = BlobEncoder::new(ctx.zstd_level);
     for batch in work {
@@ -658,7 +663,7 @@ fn process_batches(
                 outcomes.push(Outcome::Reused(seq, entry));
                 continue;
             }
-            let mut blob = Vec::with_capacity(raw_len / 2);
+            let mut blob = Vec::new();
             ctx.keys.encode_blob(&id, data, &mut encoder, &mut blob);
             outcomes.push(Outcome::New {
                 id,
@@ -789,14 +794,15 @@ fn fill_packs(
                             next_pack += 1;
                         }
                         let writer = pack.as_mut().expect("created above");
-                        let offset = writer.append(&id, &blob, raw_len)?;
-                        out.bytes_stored += blob.len() as u64;
+                        let stored_len = blob.len() as u32;
+                        let offset = writer.append_owned(&id, blob, raw_len)?;
+                        out.bytes_stored += u64::from(stored_len);
                         out.packs.insert(writer.seq());
                         let chunk = ChunkRef::Stored {
                             id,
                             pack: writer.seq(),
                             offset,
-                            stored_len: blob.len() as u32,
+                            stored_len,
                             raw_len,
                         };
                         out.index.push(&Record { pos, chunk })?;

@@ -120,35 +120,45 @@ impl Keys {
         out: &mut Vec<u8>,
     ) {
         out.clear();
+        // Keep the plaintext when compression saves less than 1/32: decoding is then free.
+        let worth_it = |compressed: usize| compressed < plaintext.len() - plaintext.len() / 32;
+        let Some(aead) = &self.aead else {
+            // Unencrypted: compress straight into `out`, after the flags byte, with no copy.
+            out.reserve(1 + zstd::zstd_safe::compress_bound(plaintext.len()));
+            out.push(FLAG_ZSTD);
+            let mut cursor = std::io::Cursor::new(std::mem::take(out));
+            cursor.set_position(1);
+            let compressed = encoder
+                .compressor
+                .compress_to_buffer(plaintext, &mut cursor);
+            *out = cursor.into_inner();
+            if !compressed.is_ok_and(worth_it) {
+                out.clear();
+                out.push(0);
+                out.extend_from_slice(plaintext);
+            }
+            return;
+        };
         let compressed = encoder.compress(plaintext);
         let (mut flags, body): (u8, &[u8]) = match compressed {
-            // Keep the plaintext when compression saves less than 1/32: decoding is then free.
-            Some(c) if c.len() < plaintext.len() - plaintext.len() / 32 => (FLAG_ZSTD, c),
+            Some(c) if worth_it(c.len()) => (FLAG_ZSTD, c),
             _ => (0, plaintext),
         };
-        match &self.aead {
-            None => {
-                out.push(flags);
-                out.extend_from_slice(body);
-            }
-            Some(aead) => {
-                flags |= FLAG_SEALED;
-                let nonce = random_bytes::<NONCE_LEN>();
-                let aad = aad(id, flags);
-                let sealed = aead
-                    .encrypt(
-                        XNonce::from_slice(&nonce),
-                        Payload {
-                            msg: body,
-                            aad: &aad,
-                        },
-                    )
-                    .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
-                out.push(flags);
-                out.extend_from_slice(&nonce);
-                out.extend_from_slice(&sealed);
-            }
-        }
+        flags |= FLAG_SEALED;
+        let nonce = random_bytes::<NONCE_LEN>();
+        let aad = aad(id, flags);
+        let sealed = aead
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: body,
+                    aad: &aad,
+                },
+            )
+            .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
+        out.push(flags);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
     }
 
     /// Opens, decompresses and checks a blob; returns the plaintext of `raw_len` bytes.

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -78,7 +78,11 @@ pub struct PackWriter {
     seq: u64,
     path: PathBuf,
     tmp: PathBuf,
-    file: Option<BufWriter<File>>,
+    file: Option<File>,
+    /// Blobs appended but not yet written: written together with one `writev` once they add
+    /// up to [`WRITE_EVERY`], so that a blob is never copied into a buffer of ours first.
+    pending: Vec<Vec<u8>>,
+    pending_len: usize,
     offset: u64,
     /// Bytes handed to the kernel's writeback so far.
     written_back: u64,
@@ -87,23 +91,25 @@ pub struct PackWriter {
 
 /// How much a pack writer buffers before it starts the disk writing it.
 const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
+/// How many bytes of appended blobs a pack writer holds before it writes them.
+const WRITE_EVERY: usize = 1 << 20;
 
 impl PackWriter {
     pub fn create(dir: &Path, seq: u64) -> Result<PackWriter, Error> {
         let path = pack_path(dir, seq);
         let tmp = temp_path(&path);
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut file = BufWriter::with_capacity(1 << 20, file);
         let mut header = Vec::with_capacity(HEADER_LEN as usize);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
-        file.write_all(&header).map_err(io_err(&tmp))?;
         Ok(PackWriter {
             seq,
             path,
             tmp,
             file: Some(file),
+            pending_len: header.len(),
+            pending: vec![header],
             offset: HEADER_LEN,
             written_back: 0,
             entries: Vec::new(),
@@ -125,50 +131,86 @@ impl PackWriter {
 
     /// Appends a blob; returns its offset in the pack.
     pub fn append(&mut self, id: &ChunkId, blob: &[u8], raw_len: u32) -> Result<u64, Error> {
-        let file = self
-            .file
-            .as_mut()
-            .expect("pack writer is open until finish");
-        file.write_all(blob).map_err(io_err(&self.tmp))?;
-        // Start writing out every few MiB, so the fsync at `finish` has little left to do.
-        let end = self.offset + blob.len() as u64;
-        if end - self.written_back >= WRITEBACK_EVERY {
-            file.flush().map_err(io_err(&self.tmp))?;
-            crate::source::raw::start_writeback(
-                file.get_ref(),
-                self.written_back,
-                end - self.written_back,
-            );
-            self.written_back = end;
-        }
+        self.append_owned(id, blob.to_vec(), raw_len)
+    }
+
+    /// Appends a blob the writer may keep until it is written; returns its offset in the pack.
+    pub fn append_owned(
+        &mut self,
+        id: &ChunkId,
+        blob: Vec<u8>,
+        raw_len: u32,
+    ) -> Result<u64, Error> {
         let offset = self.offset;
         let stored_len = u32::try_from(blob.len()).expect("a blob is smaller than 4 GiB");
+        self.offset += blob.len() as u64;
+        self.pending_len += blob.len();
+        self.pending.push(blob);
         self.entries.push(PackEntry {
             id: *id,
             offset,
             stored_len,
             raw_len,
         });
-        self.offset += blob.len() as u64;
+        if self.pending_len >= WRITE_EVERY {
+            self.write_pending()?;
+        }
+        // Start writing out every few MiB, so the fsync at `finish` has little left to do.
+        let written = self.offset - self.pending_len as u64;
+        if written - self.written_back >= WRITEBACK_EVERY {
+            let file = self
+                .file
+                .as_ref()
+                .expect("pack writer is open until finish");
+            crate::source::raw::start_writeback(
+                file,
+                self.written_back,
+                written - self.written_back,
+            );
+            self.written_back = written;
+        }
         Ok(offset)
+    }
+
+    /// Writes the pending blobs at the end of the file, with as few `writev` calls as it takes.
+    fn write_pending(&mut self) -> Result<(), Error> {
+        let file = self
+            .file
+            .as_mut()
+            .expect("pack writer is open until finish");
+        let mut slices: Vec<IoSlice<'_>> = self.pending.iter().map(|b| IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match file.write_vectored(rest) {
+                Ok(0) => {
+                    return Err(Error::Io {
+                        path: self.tmp.clone(),
+                        source: std::io::ErrorKind::WriteZero.into(),
+                    });
+                }
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(&self.tmp)(e)),
+            }
+        }
+        self.pending.clear();
+        self.pending_len = 0;
+        Ok(())
     }
 
     /// Writes the trailer, fsyncs, renames the pack into place and fsyncs its folder. Once this
     /// returns the pack is durable and may be referenced.
     pub fn finish(mut self) -> Result<(u64, Vec<PackEntry>), Error> {
-        let mut file = self.file.take().expect("pack writer is open until finish");
         let trailer = encode_trailer(&self.entries);
         let mut footer = Vec::with_capacity(FOOTER_LEN as usize);
         footer.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
         footer.extend_from_slice(&self.offset.to_le_bytes());
         footer.extend_from_slice(blake3::hash(&trailer).as_bytes());
         footer.extend_from_slice(END_MAGIC);
-        file.write_all(&trailer).map_err(io_err(&self.tmp))?;
-        file.write_all(&footer).map_err(io_err(&self.tmp))?;
-        let file = file.into_inner().map_err(|e| Error::Io {
-            path: self.tmp.clone(),
-            source: e.into_error(),
-        })?;
+        self.pending.push(trailer);
+        self.pending.push(footer);
+        self.write_pending()?;
+        let file = self.file.take().expect("pack writer is open until finish");
         file.sync_all().map_err(io_err(&self.tmp))?;
         drop(file);
         publish(&self.tmp, &self.path)?;

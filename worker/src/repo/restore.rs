@@ -18,7 +18,7 @@ use super::lineage::{LockKind, Repository};
 use super::pack::PackReader;
 use super::{Error, Progress, is_zero};
 use crate::source::Sink;
-use crate::source::raw::DIRECT_ALIGN;
+use crate::source::raw::AlignedBuf;
 
 /// Which recovery point to restore, and how.
 #[derive(Debug, Clone)]
@@ -480,53 +480,4 @@ fn run_job(
         bytes: end - start,
     };
     Ok(done)
-}
-
-/// A zeroed byte buffer aligned to [`DIRECT_ALIGN`], so a raw target opened for direct I/O can
-/// write it without copying it into the page cache.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the buffer owns its allocation exclusively; it is moved between threads, never shared.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn layout(len: usize) -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN)
-            .expect("a restore job buffer has a valid layout")
-    }
-
-    fn zeroed(len: usize) -> AlignedBuf {
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr =
-            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` points to `len` initialised (zeroed, then written) bytes we own.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
-    }
 }

@@ -19,8 +19,9 @@ pub(crate) struct RawImage {
     size: u64,
     /// Set by `create`: the new directory entry is made durable by the first `flush`.
     parent_unsynced: bool,
-    /// A second descriptor opened with `O_DIRECT` (new images only): aligned writes go through
-    /// it without a copy into the page cache. `None` where the file system refuses direct I/O.
+    /// A second descriptor opened with `O_DIRECT` (new images, and images opened read-only):
+    /// aligned reads and writes go through it without a copy through the page cache. `None`
+    /// where the file system refuses direct I/O.
     direct: Option<File>,
 }
 
@@ -42,12 +43,24 @@ impl RawImage {
                 reason: format!("not a disk image: size {size} is not a multiple of 512"),
             });
         }
+        // Read-only images are read with direct I/O where the file system allows it: a backup
+        // of a big disk then neither copies every byte out of the page cache nor evicts the
+        // host's cached data (the running VMs') to make room for a disk read once.
+        let direct = if writable {
+            None
+        } else {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .ok()
+        };
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
             size,
             parent_unsynced: false,
-            direct: None,
+            direct,
         })
     }
 
@@ -59,6 +72,7 @@ impl RawImage {
             return Err(io_error(path, e));
         }
         let direct = OpenOptions::new()
+            .read(true)
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(path)
@@ -123,6 +137,13 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option
     }
 }
 
+/// Whether an I/O of `buf` at `offset` meets direct I/O's alignment.
+fn is_aligned(offset: u64, buf: &[u8]) -> bool {
+    offset % DIRECT_ALIGN as u64 == 0
+        && buf.len() % DIRECT_ALIGN == 0
+        && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
+}
+
 /// Appends an extent, merging it into the previous one if it has the same kind.
 fn push(out: &mut Vec<Extent>, offset: u64, len: u64, kind: ExtentKind) {
     if len == 0 {
@@ -180,6 +201,16 @@ impl Source for RawImage {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
+        if let Some(direct) = &self.direct
+            && is_aligned(offset, buf)
+        {
+            match direct.read_exact_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                // Some file systems accept O_DIRECT at open but not the read.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                Err(e) => return Err(io_error(&self.path, e)),
+            }
+        }
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| io_error(&self.path, e))
@@ -194,11 +225,7 @@ impl Sink for RawImage {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
         check_range(&self.path, self.size, offset, data.len() as u64)?;
         if let Some(direct) = &self.direct {
-            let align = DIRECT_ALIGN as u64;
-            if offset % align == 0
-                && data.len() as u64 % align == 0
-                && (data.as_ptr() as usize) % DIRECT_ALIGN == 0
-            {
+            if is_aligned(offset, data) {
                 match direct.write_all_at(data, offset) {
                     Ok(()) => return Ok(()),
                     // Some file systems accept O_DIRECT at open but not the write.
@@ -278,6 +305,55 @@ pub(crate) fn sync_parent_dir(path: &Path) -> Result<(), Error> {
     File::open(parent)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_error(parent, e))
+}
+
+/// A zeroed byte buffer aligned to [`DIRECT_ALIGN`], so a raw image opened for direct I/O can
+/// read into it or write it without a copy through the page cache.
+pub(crate) struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its allocation exclusively; it is moved between threads, never shared.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN)
+            .expect("an I/O buffer has a valid layout")
+    }
+
+    pub(crate) fn zeroed(len: usize) -> AlignedBuf {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `len` initialised (zeroed, then written) bytes we own.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
 }
 
 #[cfg(test)]
