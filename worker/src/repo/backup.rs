@@ -9,13 +9,15 @@
 //! batches, parent refs       parent, compress, encrypt         packs, write index records
 //! ```
 //! Batches travel in bounded channels and their buffers come from a fixed pool, so at most a
-//! few dozen MiB are in flight. Only chunks whose id differs from the parent's at the same
+//! few dozen MiB are in flight. A raw image is not read but mapped a batch at a time
+//! ([`crate::source::mapped`]): the workers hash and compress the page cache's pages in place. Only chunks whose id differs from the parent's at the same
 //! position are stored; chunks that an interrupted earlier backup already made durable (packs no
 //! index references yet) are referenced instead of stored again. The new recovery point exists
 //! once its index is published, after all its packs are durable.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use serde::Serialize;
@@ -26,6 +28,7 @@ use super::index::{ChainReader, ChunkRef, IndexHeader, IndexWriter, PositionCurs
 use super::lineage::{LockKind, Repository};
 use super::pack::{self, PackEntry, PackWriter, TARGET_PACK_SIZE};
 use super::{Error, Progress, is_zero};
+use crate::source::mapped::MappedWindow;
 use crate::source::raw::AlignedBuf;
 use crate::source::{ExtentKind, Source};
 
@@ -78,11 +81,17 @@ struct Batch {
     seq: u64,
     first_pos: u64,
     n: usize,
-    buf: AlignedBuf,
+    data: BatchData,
     known_zero: Vec<bool>,
     /// Chunks the change tracking says are the parent's: not read, the parent's ref is kept.
     clean: Vec<bool>,
     parent: Vec<Option<ChunkRef>>,
+}
+
+/// The bytes of a batch: read into a buffer from the pool, or the source's own pages mapped.
+enum BatchData {
+    Read(AlignedBuf),
+    Mapped(MappedWindow),
 }
 
 enum Outcome {
@@ -243,6 +252,7 @@ pub fn backup(
         size,
         reusable: &reusable,
         damaged: &damaged,
+        shrank: AtomicBool::new(false),
     };
     let writer_ctx = WriterCtx {
         packs_dir: &packs_dir,
@@ -256,9 +266,10 @@ pub fn backup(
 
     let (reader_result, writer_result) = std::thread::scope(|scope| {
         let damaged = &damaged;
+        let reader_source = &mut *source;
         let reader = scope.spawn(move || {
             read_batches(
-                source,
+                reader_source,
                 progress,
                 parent_chain,
                 ReadPlan {
@@ -288,6 +299,13 @@ pub fn backup(
     });
     let bytes_read = reader_result?;
     let written = writer_result?;
+    source.recheck()?;
+    if ctx.shrank.load(Ordering::Acquire) {
+        return Err(Error::Invalid(format!(
+            "{source_desc}: the image became shorter while the backup read it; nothing was \
+             published"
+        )));
+    }
 
     let header = IndexHeader {
         rp: rp.clone(),
@@ -495,9 +513,6 @@ fn read_batches(
         let n = (chunks_per_batch as u64).min(n_chunks - first_pos) as usize;
         let start = first_pos * chunk_size;
         let end = ((first_pos + n as u64) * chunk_size).min(size);
-        let Ok(mut buf) = pool.recv() else {
-            return Ok(bytes_read);
-        };
         let mut parent_refs = Vec::with_capacity(n);
         for i in 0..n as u64 {
             parent_refs.push(parent.at(first_pos + i)?);
@@ -557,33 +572,52 @@ fn read_batches(
             let last = ((b - 1 - start) / chunk_size) as usize;
             known_zero[first..=last].fill(false);
         }
-        // Zero-fill the unread bytes of chunks that are partly read (buffers are reused). Clean
-        // and known-zero chunks are skipped: no stage looks at their bytes, and filling them
-        // would spend a full backup's time on the disk's holes in memset.
-        let zero_unread = |buf: &mut [u8], from: u64, to: u64| {
-            let mut at = from;
-            while at < to {
-                let i = ((at - start) / chunk_size) as usize;
-                let chunk_end = (start + (i as u64 + 1) * chunk_size).min(to);
-                if !clean[i] && !known_zero[i] {
-                    buf[(at - start) as usize..(chunk_end - start) as usize].fill(0);
+        // A raw image is mapped rather than read: the workers hash and compress the page
+        // cache's own pages, and no byte is copied. Anything else is read into a pool buffer.
+        let mapped = if ranges.is_empty() {
+            None
+        } else {
+            source.map_window(start, end - start)
+        };
+        let data = match mapped {
+            Some(window) => {
+                bytes_read += ranges.iter().map(|&(a, b)| b - a).sum::<u64>();
+                BatchData::Mapped(window)
+            }
+            None => {
+                let Ok(mut buf) = pool.recv() else {
+                    return Ok(bytes_read);
+                };
+                // Zero-fill the unread bytes of chunks that are partly read (buffers are reused). Clean
+                // and known-zero chunks are skipped: no stage looks at their bytes, and filling them
+                // would spend a full backup's time on the disk's holes in memset.
+                let zero_unread = |buf: &mut [u8], from: u64, to: u64| {
+                    let mut at = from;
+                    while at < to {
+                        let i = ((at - start) / chunk_size) as usize;
+                        let chunk_end = (start + (i as u64 + 1) * chunk_size).min(to);
+                        if !clean[i] && !known_zero[i] {
+                            buf[(at - start) as usize..(chunk_end - start) as usize].fill(0);
+                        }
+                        at = chunk_end;
+                    }
+                };
+                let mut filled_to = start;
+                for &(a, b) in &ranges {
+                    zero_unread(&mut buf, filled_to, a);
+                    source.read_at(a, &mut buf[(a - start) as usize..(b - start) as usize])?;
+                    bytes_read += b - a;
+                    filled_to = b;
                 }
-                at = chunk_end;
+                zero_unread(&mut buf, filled_to, end);
+                BatchData::Read(buf)
             }
         };
-        let mut filled_to = start;
-        for &(a, b) in &ranges {
-            zero_unread(&mut buf, filled_to, a);
-            source.read_at(a, &mut buf[(a - start) as usize..(b - start) as usize])?;
-            bytes_read += b - a;
-            filled_to = b;
-        }
-        zero_unread(&mut buf, filled_to, end);
         let batch = Batch {
             seq,
             first_pos,
             n,
-            buf,
+            data,
             known_zero,
             clean,
             parent: parent_refs,
@@ -605,6 +639,8 @@ struct WorkerCtx<'a> {
     size: u64,
     reusable: &'a HashMap<ChunkId, (u64, PackEntry)>,
     damaged: &'a HashSet<ChunkId>,
+    /// Set when a mapped image turned out shorter than it was (truncated during the backup).
+    shrank: AtomicBool,
 }
 
 /// The worker stage: classify each chunk and encode the new ones.
@@ -624,7 +660,11 @@ fn process_batches(
             let raw_len = (ctx.size - start).min(ctx.chunk_size) as usize;
             bytes += raw_len as u64;
             let offset = i * ctx.chunk_size as usize;
-            let data = &batch.buf[offset..offset + raw_len];
+            let bytes: &[u8] = match &batch.data {
+                BatchData::Read(buf) => buf,
+                BatchData::Mapped(window) => window,
+            };
+            let data = &bytes[offset..offset + raw_len];
             let parent = batch.parent[i];
             if batch.clean[i] {
                 outcomes.push(match parent {
@@ -671,7 +711,16 @@ fn process_batches(
                 raw_len: raw_len as u32,
             });
         }
-        let _ = pool.send(batch.buf);
+        match batch.data {
+            BatchData::Read(buf) => {
+                let _ = pool.send(buf);
+            }
+            BatchData::Mapped(window) => {
+                if window.shrank() {
+                    ctx.shrank.store(true, Ordering::Release);
+                }
+            }
+        }
         if done
             .send(Processed {
                 seq: batch.seq,

@@ -390,6 +390,42 @@ mod tests {
     }
 
     #[test]
+    fn thousands_of_pending_blobs_are_written_in_order_through_several_writev_calls() {
+        // More blobs than one writev takes (IOV_MAX is 1024), then one big enough to make the
+        // writer write them all at once, then a few that stay pending until `finish`.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::create(dir.path(), 3).unwrap();
+        let blob = |i: u32| -> Vec<u8> { (0..(i % 97 + 1)).map(|j| (i + j) as u8).collect() };
+        let mut expected = Vec::new();
+        for i in 0..5000u32 {
+            let id = *blake3::hash(&i.to_le_bytes()).as_bytes();
+            let offset = w.append_owned(&id, blob(i), i).unwrap();
+            expected.push((offset, blob(i)));
+        }
+        let big = vec![0xa5u8; WRITE_EVERY];
+        let big_offset = w.append(&[9; 32], &big, big.len() as u32).unwrap();
+        assert_eq!(w.pending_len, 0, "a full buffer is written at once");
+        let tail_offset = w.append(&[8; 32], b"tail", 4).unwrap();
+        let (_, entries) = w.finish().unwrap();
+        assert_eq!(entries.len(), 5002);
+        let mut reader = PackReader::new(dir.path());
+        let mut buf = Vec::new();
+        for (offset, data) in &expected {
+            reader
+                .read(3, *offset, data.len() as u32, &mut buf)
+                .unwrap();
+            assert_eq!(&buf, data);
+        }
+        reader
+            .read(3, big_offset, big.len() as u32, &mut buf)
+            .unwrap();
+        assert_eq!(buf, big);
+        reader.read(3, tail_offset, 4, &mut buf).unwrap();
+        assert_eq!(buf, b"tail");
+        assert_eq!(read_trailer(&pack_path(dir.path(), 3)).unwrap(), entries);
+    }
+
+    #[test]
     fn abandoned_writer_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = PackWriter::create(dir.path(), 1).unwrap();

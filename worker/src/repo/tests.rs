@@ -388,6 +388,70 @@ fn interrupted_backup_leaves_repository_consistent_and_rerun_reuses_durable_chun
     assert_eq!(do_restore(&repo, "d", &rerun.rp, image.len()), image);
 }
 
+/// A progress that truncates a file the second time the backup asks whether to go on.
+struct TruncateMidway {
+    path: std::path::PathBuf,
+    to: u64,
+    asked: std::sync::atomic::AtomicU32,
+}
+
+impl Progress for TruncateMidway {
+    fn start(&self, _what: &str, _total: u64) {}
+    fn advance(&self, _bytes: u64) {}
+    fn finish(&self) {}
+    fn cancelled(&self) -> bool {
+        let n = self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n == 1 {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.path)
+                .unwrap();
+            file.set_len(self.to).unwrap();
+        }
+        false
+    }
+}
+
+#[test]
+fn a_raw_image_truncated_during_its_backup_fails_it_and_publishes_nothing() {
+    // The raw image is mapped batch by batch: batches mapped before the truncation fault past
+    // the new end (the guard turns that into zeros and a mark), those after it see holes; both
+    // must fail the backup, not store zeros as the disk's content.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path(), 65536, false);
+    let path = dir.path().join("disk.raw");
+    let image = fill(11, 64 * 65536 * 6, true);
+    std::fs::write(&path, &image).unwrap();
+    let mut source = source::open_source(&path, Some(source::ImageFormat::Raw)).unwrap();
+    let opts = BackupOptions {
+        disk: "d".into(),
+        now_ms: 1,
+        threads: 2,
+        rp: None,
+        unchanged_since: None,
+    };
+    let progress = TruncateMidway {
+        path: path.clone(),
+        to: 64 * 65536,
+        asked: Default::default(),
+    };
+    let err = backup(&repo, source.as_mut(), &opts, &progress).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("became shorter"), "{text}");
+    assert!(text.contains("disk.raw"), "names the image: {text}");
+    assert!(
+        repo.list(Some("d")).unwrap().is_empty(),
+        "nothing published"
+    );
+    assert!(verify(&repo, None, 2, &NoProgress).unwrap().ok);
+
+    // The same file, whole again, backs up and restores exactly: mapped reads are the bytes.
+    std::fs::write(&path, &image).unwrap();
+    let mut source = source::open_source(&path, Some(source::ImageFormat::Raw)).unwrap();
+    let summary = backup(&repo, source.as_mut(), &opts, &NoProgress).unwrap();
+    assert_eq!(do_restore(&repo, "d", &summary.rp, image.len()), image);
+}
+
 #[test]
 fn forget_keeps_the_newest_restorable_and_gc_reclaims() {
     let dir = tempfile::tempdir().unwrap();

@@ -19,6 +19,7 @@
 //! - [`throttle`]: a [`Sink`] wrapper that paces writes by a work-hours bandwidth schedule.
 
 mod detect;
+pub mod mapped;
 mod nbd_image;
 pub mod qemu_nbd;
 pub(crate) mod raw;
@@ -211,6 +212,16 @@ pub trait Source: Send {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error>;
     /// A short human description, e.g. `qcow2 image /var/lib/vm/a.qcow2`.
     fn describe(&self) -> String;
+    /// The bytes `[offset, offset + len)` mapped read-only, when the source is a file that can
+    /// be mapped (raw images); `None` means: use [`Source::read_at`].
+    fn map_window(&self, _offset: u64, _len: u64) -> Option<mapped::MappedWindow> {
+        None
+    }
+    /// Checks, after everything was read, that the source still has the size it had when it
+    /// was opened: a raw image truncated during a backup reads as zeros past its new end.
+    fn recheck(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// A writable disk image (restore target). It is readable too, so delta restore can compare.

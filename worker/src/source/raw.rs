@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::detect::disk_file_size;
+use super::mapped::MappedWindow;
 use super::{Error, Extent, ExtentKind, Sink, Source, check_range, io_error};
 
 /// Zeros written per call when hole punching is unavailable.
@@ -23,6 +24,8 @@ pub(crate) struct RawImage {
     /// it without a copy into the page cache. `None` where the file system refuses direct I/O.
     /// Reads stay buffered: a warm page cache serves them faster than any disk.
     direct: Option<File>,
+    /// Opened read-only and a regular file: backups may map it instead of reading it.
+    mappable: bool,
 }
 
 /// Alignment direct I/O needs for buffers, offsets and lengths.
@@ -43,12 +46,14 @@ impl RawImage {
                 reason: format!("not a disk image: size {size} is not a multiple of 512"),
             });
         }
+        let mappable = !writable && file.metadata().is_ok_and(|m| m.file_type().is_file());
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
             size,
             parent_unsynced: false,
             direct: None,
+            mappable,
         })
     }
 
@@ -70,6 +75,7 @@ impl RawImage {
             size,
             parent_unsynced: true,
             direct,
+            mappable: false,
         })
     }
 
@@ -195,6 +201,27 @@ impl Source for RawImage {
 
     fn describe(&self) -> String {
         format!("raw image {}", self.path.display())
+    }
+
+    fn recheck(&mut self) -> Result<(), Error> {
+        let now = disk_file_size(&self.file, &self.path)?;
+        if now < self.size {
+            return Err(Error::Invalid {
+                path: self.path.clone(),
+                reason: format!(
+                    "the image became shorter while it was read ({} bytes, now {now})",
+                    self.size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn map_window(&self, offset: u64, len: u64) -> Option<MappedWindow> {
+        if !self.mappable || offset.checked_add(len)? > self.size {
+            return None;
+        }
+        MappedWindow::map(&self.file, offset, usize::try_from(len).ok()?)
     }
 }
 

@@ -137,6 +137,10 @@ impl Source for ThrottledSink<'_> {
     fn describe(&self) -> String {
         format!("{} (throttled)", self.inner.describe())
     }
+
+    fn recheck(&mut self) -> Result<(), Error> {
+        self.inner.recheck()
+    }
 }
 
 impl Sink for ThrottledSink<'_> {
