@@ -239,9 +239,21 @@ pub struct BlobEncoder {
 }
 
 impl BlobEncoder {
+    /// An encoder at zstd `level`. The default level is tuned for disk chunks: zstd's level 2
+    /// with a minimum match of 6 bytes and a 16 Ki-entry hash table, which on disk images in
+    /// 64 KiB chunks costs 10–17% less CPU for 0.9% more bytes. The frames are ordinary zstd
+    /// frames; decoding does not depend on it.
     pub fn new(level: i32) -> BlobEncoder {
+        use zstd::zstd_safe::CParameter;
+        let mut compressor = zstd::bulk::Compressor::new(level).expect("zstd context allocation");
+        if level == super::config::DEFAULT_ZSTD_LEVEL {
+            compressor
+                .set_parameter(CParameter::MinMatch(6))
+                .and_then(|()| compressor.set_parameter(CParameter::HashLog(14)))
+                .expect("zstd accepts a minimum match of 6 and a hash log of 14");
+        }
         BlobEncoder {
-            compressor: zstd::bulk::Compressor::new(level).expect("zstd context allocation"),
+            compressor,
             scratch: Vec::new(),
         }
     }
