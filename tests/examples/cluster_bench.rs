@@ -23,10 +23,9 @@
 //! for the numbers to mean anything (every job succeeded, one recovery point each).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::BufRead;
 use std::num::NonZeroU16;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,11 +34,10 @@ use anyhow::{Context, Result, bail};
 use cairn_orchestrator::bus::{self, LeaseValue, NatsOptions, WorkerBus};
 use cairn_schemas::{
     Command as CairnCommand, Consistency, DiskId, DiskInfo, DiskTracking, FailureClass,
-    ImageFormat, NodeId, PowerState, Report, ReportBody, StepResult, StepSpec, StepWork, VmId,
-    VmInventory,
+    ImageFormat, NodeId, PowerState, ReportBody, StepResult, StepSpec, StepWork, VmId, VmInventory,
 };
 use cairn_tests::nats::NatsServer;
-use cairn_tests::{cairn_bin, cairn_ok, http, random_file, write_vm};
+use cairn_tests::{cairn_bin, cairn_ok, http, random_file, spawn_cairn, write_vm};
 use serde_json::Value;
 
 const PARTITIONS: u16 = 16;
@@ -87,24 +85,7 @@ struct Proc {
 impl Proc {
     fn spawn(args: &[String], log: &Path, env: &[(&str, &str)]) -> Result<Proc> {
         let out = std::fs::File::create(log)?;
-        let mut command = Command::new(cairn_bin());
-        command
-            .args(args)
-            .env("CAIRN_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(out);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().context("cairn starts")?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
+        let (child, rx) = spawn_cairn(args, out, env).context("cairn starts")?;
         let mut proc = Proc { child, addr: None };
         if args[0] == "orchestrator" {
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -598,18 +579,6 @@ fn plausible_result(spec: &StepSpec) -> ReportBody {
     ReportBody::Succeeded { result }
 }
 
-fn report_of(spec: &StepSpec, body: ReportBody) -> Report {
-    Report {
-        step: spec.step,
-        attempt: spec.attempt,
-        job: spec.job,
-        partition: spec.partition,
-        epoch: spec.epoch,
-        node: spec.node.clone(),
-        body,
-    }
-}
-
 /// One simulated node: registers, reports its VMs, then answers every step at once
 /// (`Started`, then the final `Succeeded`), acknowledging the step after the report is durable.
 async fn play_node(
@@ -665,10 +634,10 @@ async fn play_node(
     ready.fetch_add(1, Ordering::Relaxed);
     loop {
         let (spec, lease) = bus.next_step().await;
-        bus.report(&report_of(&spec, ReportBody::Started), false)
+        bus.report(&spec.report(ReportBody::Started), false)
             .await
             .ok();
-        bus.report(&report_of(&spec, plausible_result(&spec)), true)
+        bus.report(&spec.report(plausible_result(&spec)), true)
             .await?;
         lease.finish().await?;
         steps.fetch_add(1, Ordering::Relaxed);

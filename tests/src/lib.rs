@@ -220,6 +220,39 @@ pub fn tree_state(root: &Path) -> Vec<(PathBuf, (u64, u64))> {
     out
 }
 
+/// Starts the `cairn` binary with `args` at log level info, its log going to `log`, with a
+/// thread that forwards each line it prints on stdout to the returned channel.
+pub fn spawn_cairn<I, S>(
+    args: I,
+    log: std::fs::File,
+    env: &[(&str, &str)],
+) -> std::io::Result<(std::process::Child, std::sync::mpsc::Receiver<String>)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    use std::io::BufRead;
+    let mut command = Command::new(cairn_bin());
+    command
+        .args(args)
+        .env("CAIRN_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn()?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    Ok((child, rx))
+}
+
 /// A running `cairn up` started by a test, on a loopback port chosen by the kernel. Its log is
 /// kept in the data folder (`cairn.log`) and printed when the test fails. Dropping it kills it.
 pub struct UpServer {
@@ -231,34 +264,17 @@ pub struct UpServer {
 impl UpServer {
     /// Starts `cairn up --data-dir DATA --listen 127.0.0.1:0 EXTRA...` with extra environment.
     pub fn start(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> UpServer {
-        use std::io::BufRead;
         std::fs::create_dir_all(data).expect("data folder");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(data.join("cairn.log"))
             .expect("log file");
-        let mut command = Command::new(cairn_bin());
-        command
-            .args(["up", "--data-dir"])
-            .arg(data)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("CAIRN_LOG", "info")
-            .stdout(std::process::Stdio::piped())
-            .stderr(log);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("cairn up starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
+        let mut args: Vec<std::ffi::OsString> = vec!["up".into(), "--data-dir".into()];
+        args.push(data.into());
+        args.extend(["--listen", "127.0.0.1:0"].map(Into::into));
+        args.extend(extra.iter().map(Into::into));
+        let (mut child, rx) = spawn_cairn(args, log, env).expect("cairn up starts");
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -5,9 +5,8 @@
 //! Succeeded with exactly one recovery point.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use cairn_tests::nats::{NatsCluster, NatsServer};
@@ -34,24 +33,7 @@ impl Proc {
             .append(true)
             .open(log)
             .expect("log file");
-        let mut command = Command::new(cairn_bin());
-        command
-            .args(args)
-            .env("CAIRN_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(out);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("cairn starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
+        let (mut child, rx) = spawn_cairn(args, out, env).expect("cairn starts");
         let mut addr = None;
         if args[0] == "orchestrator" {
             let deadline = Instant::now() + Duration::from_secs(60);

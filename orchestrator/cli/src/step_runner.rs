@@ -56,19 +56,6 @@ impl CancelFlags {
     }
 }
 
-/// The report of `spec`'s attempt with `body`.
-fn report_of(spec: &StepSpec, body: ReportBody) -> Report {
-    Report {
-        step: spec.step,
-        attempt: spec.attempt,
-        job: spec.job,
-        partition: spec.partition,
-        epoch: spec.epoch,
-        node: spec.node.clone(),
-        body,
-    }
-}
-
 /// Whether a report body says a recovery finished (a new VM may be described on the node, so
 /// its inventory should be reported again).
 pub fn recovery_finished(body: &ReportBody) -> bool {
@@ -113,7 +100,7 @@ where
         });
         let mut final_delivered = false;
         while let Some((body, is_final)) = body_rx.recv().await {
-            let delivered = forward(report_of(&header, body), is_final).await;
+            let delivered = forward(header.report(body), is_final).await;
             if is_final {
                 final_delivered = delivered;
             }

@@ -101,18 +101,6 @@ fn spec(node: &str, partition: u16, epoch: u64, seed: u8) -> StepSpec {
     }
 }
 
-fn report_of(spec: &StepSpec, body: ReportBody) -> Report {
-    Report {
-        step: spec.step,
-        attempt: spec.attempt,
-        job: spec.job,
-        partition: spec.partition,
-        epoch: spec.epoch,
-        node: spec.node.clone(),
-        body,
-    }
-}
-
 async fn within<T>(seconds: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(seconds), fut)
         .await
@@ -301,13 +289,10 @@ async fn reports_reach_the_partition_consumer_and_come_back_when_refused() {
     let step = spec("kvm-a", 3, 1, 5);
     steps::publish_step(&lab.js, &step).await.unwrap();
     let (got, lease) = within(10, "the step", bus.next_step()).await;
-    let started = report_of(&got, ReportBody::Started);
-    let done = report_of(
-        &got,
-        ReportBody::Succeeded {
-            result: StepResult::ReleaseSnapshot,
-        },
-    );
+    let started = got.report(ReportBody::Started);
+    let done = got.report(ReportBody::Succeeded {
+        result: StepResult::ReleaseSnapshot,
+    });
     bus.report(&started, false).await.unwrap();
     bus.report(&done, true).await.unwrap();
     lease.finish().await.unwrap();
@@ -326,7 +311,7 @@ async fn reports_reach_the_partition_consumer_and_come_back_when_refused() {
     // A stopped consumer takes nothing more; a new one for the partition takes over.
     consumer.stop().await;
     other.stop().await;
-    let later = report_of(&got, ReportBody::Started);
+    let later = got.report(ReportBody::Started);
     bus.report(&later, true).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(seen.lock().unwrap().len(), 3);
@@ -576,14 +561,14 @@ async fn malformed_steps_and_reports_are_terminated_and_the_consumers_go_on() {
         .await
         .unwrap();
     // A report whose partition is not its subject's is dropped too.
-    let misfiled = report_of(&spec("kvm-a", 6, 1, 11), ReportBody::Started);
+    let misfiled = spec("kvm-a", 6, 1, 11).report(ReportBody::Started);
     lab.js
         .publish(report_subject(1), codec::encode_report(&misfiled).into())
         .await
         .unwrap()
         .await
         .unwrap();
-    let report = report_of(&good, ReportBody::Started);
+    let report = good.report(ReportBody::Started);
     bus.report(&report, true).await.unwrap();
     until(10, "the good report", async || {
         seen.lock().unwrap().as_slice() == [report.clone()]

@@ -325,6 +325,19 @@ impl StepSpec {
             StepWork::ExtractItems { disk, .. } => StepKind::ExtractItems { disk: disk.clone() },
         }
     }
+
+    /// The report of this attempt, by the node it was sent to, with `body`.
+    pub fn report(&self, body: ReportBody) -> Report {
+        Report {
+            step: self.step,
+            attempt: self.attempt,
+            job: self.job,
+            partition: self.partition,
+            epoch: self.epoch,
+            node: self.node.clone(),
+            body,
+        }
+    }
 }
 
 /// What a successful step produced.

@@ -29,7 +29,6 @@ use super::lineage::{LockKind, Repository};
 use super::pack::{self, PackEntry, PackWriter, TARGET_PACK_SIZE};
 use super::{Error, Progress, is_zero};
 use crate::source::mapped::MappedWindow;
-use crate::source::raw::AlignedBuf;
 use crate::source::{ExtentKind, Source};
 
 /// What to back up and when.
@@ -90,7 +89,7 @@ struct Batch {
 
 /// The bytes of a batch: read into a buffer from the pool, or the source's own pages mapped.
 enum BatchData {
-    Read(AlignedBuf),
+    Read(Vec<u8>),
     Mapped(MappedWindow),
 }
 
@@ -232,10 +231,10 @@ pub fn backup(
 
     let chunks_per_batch = (BATCH_BYTES as u64 / chunk_size).max(1) as usize;
     let pool_size = threads * 2 + 2;
-    let (pool_tx, pool_rx) = bounded::<AlignedBuf>(pool_size);
+    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(pool_size);
     for _ in 0..pool_size {
         pool_tx
-            .send(AlignedBuf::zeroed(chunks_per_batch * chunk_size as usize))
+            .send(vec![0u8; chunks_per_batch * chunk_size as usize])
             .expect("pool has room");
     }
     let (work_tx, work_rx) = bounded::<Batch>(threads * 2);
@@ -486,7 +485,7 @@ fn read_batches(
     progress: &dyn Progress,
     parent: Option<ChainReader>,
     plan: ReadPlan<'_>,
-    pool: Receiver<AlignedBuf>,
+    pool: Receiver<Vec<u8>>,
     work: Sender<Batch>,
 ) -> Result<u64, Error> {
     let ReadPlan {
@@ -648,7 +647,7 @@ fn process_batches(
     ctx: &WorkerCtx<'_>,
     work: Receiver<Batch>,
     done: Sender<Processed>,
-    pool: Sender<AlignedBuf>,
+    pool: Sender<Vec<u8>>,
 ) {
     let mut encoder = BlobEncoder::new(ctx.zstd_level);
     for batch in work {

@@ -312,7 +312,7 @@ pub(crate) fn sync_parent_dir(path: &Path) -> Result<(), Error> {
 }
 
 /// A zeroed byte buffer aligned to [`DIRECT_ALIGN`], so a raw image opened for direct I/O can
-/// read into it or write it without a copy through the page cache.
+/// write it without copying it into the page cache.
 pub(crate) struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
