@@ -16,7 +16,7 @@
 # Every timed step ends with `sync -f`. Prints a markdown table on stdout.
 #
 # Environment: BENCH_SIZE_MIB [4096], BENCH_DIR [mktemp under /var/tmp], KEEP [0],
-#   CAIRN [target/release/cairn], MAKE_VM_DISK [../shared/bench/make-vm-disk], RUNS [3].
+#   CAIRN [target/release/cairn], MAKE_VM_DISK [ops/vmdisk's make-vm-disk], RUNS [3].
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,7 +25,9 @@ BENCH_SIZE_MIB=${BENCH_SIZE_MIB:-4096}
 RUNS=${RUNS:-3}
 KEEP=${KEEP:-0}
 CAIRN=${CAIRN:-${CARGO_TARGET_DIR:-$repo_root/target}/release/cairn}
-MAKE_VM_DISK=${MAKE_VM_DISK:-$repo_root/../shared/bench/make-vm-disk}
+# shellcheck source=ops/bench/vmdisk.sh
+source "$script_dir/vmdisk.sh"
+vmdisk_tools "$repo_root"
 [ -x "$CAIRN" ] || { echo "items-bench: build first: cargo build --release -p cairn" >&2; exit 2; }
 BENCH_DIR=${BENCH_DIR:-$(mktemp -d /var/tmp/items-bench.XXXXXX)}
 [ "$KEEP" = 1 ] || trap 'rm -rf "$BENCH_DIR"' EXIT

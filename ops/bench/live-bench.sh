@@ -15,7 +15,7 @@
 #   BENCH_SIZE_MIB  size of the VM disk [4096]
 #   BENCH_DIR       work dir [a new mktemp dir under /var/tmp]; removed at the end unless KEEP=1
 #   IMAGE           use this raw image instead of building one
-#   MAKE_VM_DISK    path of make-vm-disk [../shared/bench/make-vm-disk beside the repository]
+#   MAKE_VM_DISK    path of make-vm-disk [ops/vmdisk's, built in release mode]
 #   CHURN_PERCENT   percent of the disk the guest overwrites [1]
 #   CHURN_SEED      seed of the guest's writes [1]
 set -euo pipefail
@@ -24,12 +24,14 @@ size=${BENCH_SIZE_MIB:-4096}
 work=${BENCH_DIR:-$(mktemp -d /var/tmp/cairn-live-bench.XXXXXX)}
 mkdir -p "$work"
 [[ ${KEEP:-0} == 1 ]] || trap 'rm -rf "$work"' EXIT
-make_vm_disk=${MAKE_VM_DISK:-$repo/../shared/bench/make-vm-disk}
+# shellcheck source=ops/bench/vmdisk.sh
+source "$repo/ops/bench/vmdisk.sh"
+vmdisk_tools "$repo"
 raw=${IMAGE:-}
 if [[ -z $raw ]]; then
   raw=$work/disk.raw
-  echo "building a ${size} MiB VM disk with $make_vm_disk" >&2
-  TMPDIR=$work bash "$make_vm_disk" "$raw" "$size" >&2
+  echo "building a ${size} MiB VM disk with $MAKE_VM_DISK" >&2
+  "$MAKE_VM_DISK" "$raw" "$size" >&2
 fi
 qemu-img convert -f raw -O qcow2 "$raw" "$work/disk.qcow2"
 [[ -n ${IMAGE:-} ]] || rm -f "$raw"

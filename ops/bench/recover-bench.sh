@@ -27,7 +27,7 @@
 #   BENCH_DIR       work dir [a new mktemp dir under /var/tmp]; removed unless KEEP=1
 #   KEEP            1 keeps the work dir [0]
 #   OUT             results file [ops/bench/recover-results.md]
-#   MAKE_VM_DISK, CHURN_DISK  the shared bench tools [../shared/bench/* beside the repository]
+#   MAKE_VM_DISK, CHURN_DISK  the disk builder and churn tool [ops/vmdisk's, built in release mode]
 #   CAIRN           cairn binary [target/release/cairn, or under $CARGO_TARGET_DIR]
 set -euo pipefail
 
@@ -46,12 +46,11 @@ KEEP=${KEEP:-0}
 OUT=${OUT:-$repo_root/ops/bench/recover-results.md}
 cargo_target=${CARGO_TARGET_DIR:-$repo_root/target}
 CAIRN=${CAIRN:-$cargo_target/release/cairn}
-MAKE_VM_DISK=${MAKE_VM_DISK:-$repo_root/../shared/bench/make-vm-disk}
-CHURN_DISK=${CHURN_DISK:-$repo_root/../shared/bench/churn-disk}
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'recover-bench: ERROR: %s\n' "$*" >&2; exit 1; }
-[[ -x $MAKE_VM_DISK ]] || die "make-vm-disk not found at $MAKE_VM_DISK (set MAKE_VM_DISK)"
-[[ -x $CHURN_DISK ]] || die "churn-disk not found at $CHURN_DISK (set CHURN_DISK)"
+# shellcheck source=ops/bench/vmdisk.sh
+source "$repo_root/ops/bench/vmdisk.sh"
+vmdisk_tools "$repo_root" || die "cannot build the disk tools (ops/vmdisk)"
 if ((force_build)) || [[ ! -x $CAIRN ]]; then
   log "building cairn (release)"
   (cd "$repo_root" && cargo build --release -p cairn >&2)

@@ -23,8 +23,8 @@
 #   OUT             results file [ops/bench/results.md in this repository]
 #   IMAGE           use this existing raw image as the pristine disk instead of building one
 #   VM_DISK_SOURCE  directory make-vm-disk fills the root filesystem from [its default, /usr/lib]
-#   MAKE_VM_DISK    path of make-vm-disk [../shared/bench/make-vm-disk beside the repository]
-#   CHURN_DISK      path of churn-disk [../shared/bench/churn-disk beside the repository]
+#   MAKE_VM_DISK    path of make-vm-disk [ops/vmdisk's, built in release mode]
+#   CHURN_DISK      path of churn-disk [ops/vmdisk's, built in release mode]
 #   CHURN_PERCENT   percent of the image churn-disk overwrites [1]
 #   CHURN_SEED      churn-disk seed [1]
 #   CAIRN           cairn binary [target/release/cairn in this repository, or under $CARGO_TARGET_DIR]
@@ -76,23 +76,10 @@ for tool in $TOOLS; do
 done
 [[ $BENCH_SIZE_MIB =~ ^[0-9]+$ ]] || die "BENCH_SIZE_MIB must be a number of MiB, not '$BENCH_SIZE_MIB'"
 
-# The shared bench helpers live in ../shared beside the clone (on a developer's machine and in CI).
-find_helper() {
-  local name=$1 candidate
-  for candidate in "$repo_root/../shared/bench/$name" "$repo_root/../../shared/bench/$name" "/work/shared/bench/$name"; do
-    if [[ -f $candidate ]]; then
-      printf '%s\n' "$(cd "$(dirname "$candidate")" && pwd)/$name"
-      return 0
-    fi
-  done
-  die "cannot find shared/bench/$name beside $repo_root; set ${2}=PATH"
-}
-if [[ -z ${IMAGE:-} ]]; then
-  MAKE_VM_DISK=${MAKE_VM_DISK:-$(find_helper make-vm-disk MAKE_VM_DISK)}
-  [[ -f $MAKE_VM_DISK ]] || die "MAKE_VM_DISK=$MAKE_VM_DISK does not exist"
-fi
-CHURN_DISK=${CHURN_DISK:-$(find_helper churn-disk CHURN_DISK)}
-[[ -f $CHURN_DISK ]] || die "CHURN_DISK=$CHURN_DISK does not exist"
+# The disk builder and churn tool are the repository's own (ops/vmdisk).
+# shellcheck source=ops/bench/vmdisk.sh
+source "$repo_root/ops/bench/vmdisk.sh"
+vmdisk_tools "$repo_root" || die "cannot build the disk tools (ops/vmdisk)"
 
 # --- 1. tools --------------------------------------------------------------------------------
 declare -A pkg_of=(
@@ -178,10 +165,10 @@ if [[ -n ${IMAGE:-} ]]; then
   cp --sparse=always "$IMAGE" "$pristine"
   image_origin="given as IMAGE=$IMAGE"
 else
-  log "building a ${BENCH_SIZE_MIB} MiB VM disk with $MAKE_VM_DISK (takes ~45 s per GiB)"
+  log "building a ${BENCH_SIZE_MIB} MiB VM disk with $MAKE_VM_DISK "
   start=$(date +%s.%N)
-  # Its own scratch files go to the work dir too, not to a small /tmp.
-  TMPDIR=$work bash "$MAKE_VM_DISK" "$pristine" "$BENCH_SIZE_MIB" ${VM_DISK_SOURCE:+"$VM_DISK_SOURCE"} >&2
+  # Its scratch files go beside the image, in the work dir, not to a small /tmp.
+  "$MAKE_VM_DISK" "$pristine" "$BENCH_SIZE_MIB" ${VM_DISK_SOURCE:+--source "$VM_DISK_SOURCE"} >&2
   make_vm_disk_secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
   image_origin="built by make-vm-disk from ${VM_DISK_SOURCE:-/usr/lib} in ${make_vm_disk_secs} s"
 fi
@@ -237,7 +224,7 @@ fresh_image() {
 churn() {
   local tool=$1 img=$2 ranges=$work/$1/churn-ranges.txt
   log "$tool: churn-disk $CHURN_PERCENT% seed $CHURN_SEED"
-  python3 "$CHURN_DISK" "$img" "$CHURN_PERCENT" "$CHURN_SEED" >"$ranges"
+  "$CHURN_DISK" "$img" "$CHURN_PERCENT" "$CHURN_SEED" >"$ranges"
   if [[ -z $churn_ref ]]; then
     churn_ref=$work/churn-ranges.txt
     cp "$ranges" "$churn_ref"

@@ -46,7 +46,7 @@ fn rand10(n: u64) -> [u8; 10] {
 fn build(n_vms: usize, n_groups: usize, n_rps: usize) -> State {
     let mut state = State::default();
     let node = NodeId::new("kvm-01").unwrap();
-    let mut policy = GroupPolicy::with_defaults("/srv/cairn/repo");
+    let mut policy = GroupPolicy::with_defaults("/var/lib/cairn/repo");
     policy.sync = SyncFrequency::EveryMinutes(15);
     policy.recovery_points.times = vec![
         cairn_schemas::TimeOfDay::hm(8, 0),

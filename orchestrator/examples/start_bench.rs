@@ -49,7 +49,7 @@ const READ_BATCH: usize = 16_384;
 const TAIL_EVENTS: u64 = 10_000;
 /// How often each VM is backed up (the default policy's synchronization frequency).
 const SYNC_EVERY_MS: u64 = 15 * 60_000;
-const REPOSITORY: &str = "/srv/cairn/repo";
+const REPOSITORY: &str = "/var/lib/cairn/repo";
 const NODE: &str = "kvm-01";
 const EPOCH: u64 = T0;
 const ENGINE_ACTOR: &str = "orchestrator";

@@ -668,7 +668,7 @@ fn load_in(secs: u64, nodes: usize, per_node: usize, root: &Path) -> Result<()> 
         "--data-dir",
         &root.join("o0").display().to_string(),
         "--repository",
-        "/srv/cairn/repo",
+        &root.join("repo").display().to_string(),
     ]
     .iter()
     .map(|a| a.to_string())

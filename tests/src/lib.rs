@@ -1,5 +1,5 @@
-//! Helpers shared by the end-to-end tests: the `cairn` binary, realistic disk images built by
-//! the project's shared bench tools, hashing and polling with deadlines.
+//! Helpers shared by the end-to-end tests: the `cairn` binary, realistic disk images and guest
+//! churn (`ops/vmdisk`), hashing and polling with deadlines.
 
 pub mod nats;
 
@@ -75,30 +75,20 @@ pub fn cairn_json(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("cairn {args:?}: bad JSON {stdout:?}: {e}"))
 }
 
-/// A tool from the project's shared bench folder (`../shared/bench` beside the repository).
-pub fn bench_tool(name: &str) -> PathBuf {
-    let path = workspace()
-        .parent()
-        .expect("workspace has a parent")
-        .join("shared/bench")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: the tests need the shared bench tools",
-        path.display()
-    );
-    path
-}
-
-/// A realistic raw VM disk of `size_mib` MiB (GPT, FAT ESP, ext4 root, swap), built once per
-/// target folder with `make-vm-disk` and reused. Callers copy it before changing it.
+/// A realistic raw VM disk of `size_mib` MiB (GPT, FAT ESP, ext4 root of /usr/lib's files,
+/// swap), built once per target folder by `cairn-vmdisk` and reused. Callers copy it before
+/// changing it.
 pub fn vm_disk(size_mib: u32) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/tmp/images, shared by every test binary.
     let target = exe.ancestors().nth(3).expect("target folder");
     let dir = target.join("tmp").join("images");
     std::fs::create_dir_all(&dir).expect("image folder");
-    let path = dir.join(format!("vm-{size_mib}.raw"));
+    // The builder's version is in the name: a changed builder never reuses an old image.
+    let path = dir.join(format!(
+        "vm-{size_mib}-v{}.raw",
+        cairn_vmdisk::disk::BUILDER_VERSION
+    ));
     static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_builder = BUILDING
         .lock()
@@ -106,17 +96,27 @@ pub fn vm_disk(size_mib: u32) -> PathBuf {
     if path.exists() {
         return path;
     }
-    // Build under a unique name and rename, so concurrent tests never see a half-built image.
-    let tmp = dir.join(format!(".build-{}-{size_mib}.raw", std::process::id()));
-    let status = Command::new(bench_tool("make-vm-disk"))
-        .arg(&tmp)
-        .arg(size_mib.to_string())
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("make-vm-disk runs");
-    assert!(status.success(), "make-vm-disk failed");
-    std::fs::rename(&tmp, &path).expect("rename image");
+    // Other test processes may build the same image: `build` renames a complete image into
+    // place, so a reader never sees half of one.
+    let spec = cairn_vmdisk::DiskSpec {
+        size_mib,
+        ..cairn_vmdisk::DiskSpec::default()
+    };
+    cairn_vmdisk::build(&spec, &path, &mut |_| {})
+        .unwrap_or_else(|e| panic!("building {}: {e}", path.display()));
     path
+}
+
+/// A guest's writes between two backups: overwrites `percent` of a raw image with fresh
+/// blocks of 64 KiB, deterministically by `seed`; returns the written `(offset, length)`s.
+pub fn churn_disk(image: &Path, percent: f64, seed: u64) -> Vec<(u64, u64)> {
+    let spec = cairn_vmdisk::ChurnSpec {
+        percent,
+        seed,
+        block: cairn_vmdisk::ChurnSpec::DEFAULT_BLOCK,
+    };
+    cairn_vmdisk::churn(image, &spec)
+        .unwrap_or_else(|e| panic!("churning {}: {e}", image.display()))
 }
 
 /// Copies an image keeping it sparse.

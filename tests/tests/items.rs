@@ -485,9 +485,9 @@ fn hostile_names_and_links_never_reach_outside_the_target() {
         .iter()
         .map(|s| s["path"].as_str().unwrap().to_string())
         .collect();
-    for hostile in ["/d/bad", "/out", "/abs", "/up2", "/via", "/null"] {
+    for hostile in ["d/bad", "d/out", "d/abs", "up2", "via", "null"] {
         assert!(
-            skipped.iter().any(|p| p.ends_with(hostile)),
+            skipped.iter().any(|p| p.ends_with(&format!("/{hostile}"))),
             "{hostile} not reported as skipped: {report}"
         );
     }

@@ -367,7 +367,7 @@ fn recovery_to_another_node_creates_a_new_unprotected_vm_in_qcow2_and_vhdx() {
             "invalid_request",
         ),
         (
-            json!({"rp": rp, "target": "folder", "path": "/x", "notify_email": ["a\r\nRCPT TO:<b@c>"]}),
+            json!({"rp": rp, "target": "folder", "path": "/tmp/x", "notify_email": ["a\r\nRCPT TO:<b@c>"]}),
             "invalid_request",
         ),
     ] {

@@ -1,5 +1,5 @@
 //! `cairn repo` end to end: the real binary, realistic VM disks in every supported format,
-//! guest churn from the shared bench tools, damage, bad input and `kill -9`.
+//! guest churn (`ops/vmdisk`), damage, bad input and `kill -9`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -108,13 +108,9 @@ fn churn_rounds_restore_every_recovery_point_and_store_little() {
     let mut history = Vec::new();
     for round in 0..4u32 {
         if round > 0 {
-            let ranges = sh(
-                s(&bench_tool("churn-disk")),
-                &[s(&image), "1", &round.to_string()],
-            );
-            let churned: u64 = ranges
-                .lines()
-                .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+            let churned: u64 = churn_disk(&image, 1.0, u64::from(round))
+                .iter()
+                .map(|&(_, len)| len)
                 .sum();
             let summary = cairn_json(&[
                 "repo",

@@ -2,8 +2,7 @@
 //! full of real files, swap), a protection group with a short schedule, and their first
 //! backups, so a newcomer sees cairn work within a minute.
 
-use std::path::{Path, PathBuf};
-use std::process::Command as Process;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use cairn_orchestrator::engine::service::Handle;
 use cairn_orchestrator::log::SledLog;
 use cairn_schemas::{Command, GroupPolicy, NodeId, SyncFrequency};
+use cairn_vmdisk::{DiskSpec, ImageLayout};
 use cairn_worker::agent::Agent;
 use cairn_worker::agent::descriptor::{Descriptor, DescriptorDisk, write_descriptor};
 
@@ -44,9 +44,12 @@ pub async fn run(
 ) -> Result<()> {
     let images = data.join("images");
     let vms_dir = data.join("vms");
+    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
+    let mut seed = 0;
     for vm in &VMS {
         let mut disks = Vec::new();
         for (id, mib, format) in vm.disks {
+            seed += 1;
             let path = images.join(format!("{}-{id}.{format}", vm.name));
             if !path.exists() {
                 println!(
@@ -54,9 +57,8 @@ pub async fn run(
                     path.display(),
                     vm.name
                 );
-                let (path2, images2, format2, mib2) =
-                    (path.clone(), images.clone(), format.to_string(), *mib);
-                tokio::task::spawn_blocking(move || build_disk(&path2, &images2, mib2, &format2))
+                let (path2, format2, mib2) = (path.clone(), format.to_string(), *mib);
+                tokio::task::spawn_blocking(move || build_disk(&path2, mib2, &format2, seed))
                     .await??;
             }
             disks.push(DescriptorDisk {
@@ -167,228 +169,33 @@ pub async fn run(
     Ok(())
 }
 
-/// Builds a realistic disk image: GPT with an EFI system partition (FAT32), an ext4 root
-/// filled with real files from /usr/share, and random swap; or, for a `raw` data disk, an ext4
-/// file system over the whole disk.
-fn build_disk(path: &Path, scratch_parent: &Path, size_mib: u32, format: &str) -> Result<()> {
-    let scratch = tempfile_dir(scratch_parent)?;
-    let result = build_disk_in(path, &scratch, size_mib, format);
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
-}
-
-fn tempfile_dir(parent: &Path) -> Result<PathBuf> {
-    let dir = parent.join(format!(".build-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-fn tool(program: &str, args: &[&str]) -> Result<()> {
-    let out = Process::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program} (install it with ops/install-deps)"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn build_disk_in(path: &Path, scratch: &Path, size_mib: u32, format: &str) -> Result<()> {
-    let raw = scratch.join("disk.raw");
-    let raw_s = raw.to_str().context("utf-8 path")?;
-    let file = std::fs::File::create(&raw)?;
-    file.set_len(size_mib as u64 * 1024 * 1024)?;
-    drop(file);
-    let root = scratch.join("root");
-    fill_root(&root, size_mib as u64 * 1024 * 1024 / 3)?;
-    if format == "raw" {
-        tool(
-            "mkfs.ext4",
-            &[
-                "-q",
-                "-F",
-                "-L",
-                "data",
-                "-d",
-                root.to_str().context("utf-8")?,
-                raw_s,
-            ],
-        )?;
+/// Builds a realistic disk image with `cairn-vmdisk`: GPT with an EFI system partition
+/// (FAT32), an ext4 root filled with real files from /usr/share, and random swap; or, for a
+/// `raw` data disk, an ext4 file system over the whole disk.
+fn build_disk(path: &Path, size_mib: u32, format: &str, seed: u64) -> Result<()> {
+    let layout = if format == "raw" {
+        ImageLayout::Ext4
     } else {
-        let esp_mib = 64u32;
-        let swap_mib = size_mib / 16;
-        let root_mib = size_mib - esp_mib - swap_mib - 2;
-        let layout = format!(
-            "label: gpt\nstart=1MiB, size={esp_mib}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp\n\
-             size={root_mib}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n\
-             size={swap_mib}MiB, type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F, name=swap\n"
-        );
-        let mut sfdisk = Process::new("sfdisk")
-            .args(["-q", raw_s])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("running sfdisk (install it with ops/install-deps)")?;
-        std::io::Write::write_all(
-            sfdisk.stdin.as_mut().context("sfdisk stdin")?,
-            layout.as_bytes(),
-        )?;
-        drop(sfdisk.stdin.take());
-        if !sfdisk.wait()?.success() {
-            bail!("sfdisk failed to partition {}", raw.display());
+        ImageLayout::Gpt {
+            esp_mib: 64,
+            swap_mib: size_mib / 16,
         }
-        let esp = scratch.join("esp");
-        std::fs::File::create(&esp)?.set_len(esp_mib as u64 * 1024 * 1024)?;
-        tool(
-            "mkfs.vfat",
-            &["-F", "32", "-n", "ESP", esp.to_str().context("utf-8")?],
-        )?;
-        let efi = scratch.join("efi/EFI/cairn");
-        std::fs::create_dir_all(&efi)?;
-        std::fs::write(
-            efi.join("loader.conf"),
-            "title cairn demo guest\nlinux /vmlinuz\n",
-        )?;
-        std::fs::write(efi.join("shimx64.efi"), pseudo_random(262_144, 11))?;
-        let out = Process::new("mcopy")
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .args([
-                "-s",
-                "-i",
-                esp.to_str().context("utf-8")?,
-                scratch.join("efi/EFI").to_str().context("utf-8")?,
-                "::/",
-            ])
-            .output()
-            .context("running mcopy")?;
-        if !out.status.success() {
-            bail!("mcopy: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        let rootfs = scratch.join("rootfs");
-        std::fs::File::create(&rootfs)?.set_len(root_mib as u64 * 1024 * 1024)?;
-        tool(
-            "mkfs.ext4",
-            &[
-                "-q",
-                "-F",
-                "-L",
-                "root",
-                "-d",
-                root.to_str().context("utf-8")?,
-                rootfs.to_str().context("utf-8")?,
-            ],
-        )?;
-        let swap = scratch.join("swap");
-        std::fs::write(&swap, pseudo_random(swap_mib as usize * 1024 * 1024, 7))?;
-        tool("mkswap", &["-L", "swap", swap.to_str().context("utf-8")?])?;
-        let mut offset = 1024 * 1024u64;
-        for (part, mib) in [(&esp, esp_mib), (&rootfs, root_mib), (&swap, swap_mib)] {
-            copy_sparse(part, &raw, offset)?;
-            offset += mib as u64 * 1024 * 1024;
-        }
-    }
-    let tmp = path.with_extension("building");
-    let fmt = if format == "raw" { "raw" } else { format };
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            fmt,
-            raw_s,
-            tmp.to_str().context("utf-8")?,
-        ],
-    )?;
-    std::fs::rename(&tmp, path)?;
+    };
+    let spec = DiskSpec {
+        size_mib,
+        layout,
+        sources: vec!["/usr/share".into()],
+        // Mid-sized files fill the disk quickly: few files, real content.
+        file_sizes: (16 * 1024, 1024 * 1024),
+        fill_percent: 40,
+        seed,
+        format: format.into(),
+    };
+    cairn_vmdisk::build(
+        &spec,
+        path,
+        &mut |stage| tracing::debug!(%stage, "demo disk"),
+    )
+    .with_context(|| format!("building the demo disk {}", path.display()))?;
     Ok(())
-}
-
-/// Copies real files (16 KiB to 1 MiB) from /usr/share into `root` until `cap` bytes, plus the
-/// /etc files a guest has.
-fn fill_root(root: &Path, cap: u64) -> Result<()> {
-    std::fs::create_dir_all(root.join("etc"))?;
-    std::fs::write(
-        root.join("etc/hosts"),
-        "127.0.0.1 localhost\n10.0.0.5 db01.example.internal db01\n",
-    )?;
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/bash\nadmin:x:1000:1000::/home/admin:/bin/bash\n",
-    )?;
-    let mut used = 0u64;
-    let mut stack = vec![PathBuf::from("/usr/share")];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut entries: Vec<_> = entries.filter_map(|e| e.ok()).collect();
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            let source = entry.path();
-            if kind.is_dir() {
-                stack.push(source);
-            } else if kind.is_file() {
-                let Ok(meta) = entry.metadata() else { continue };
-                // Mid-sized files fill the disk quickly (few files, real content).
-                if !(16 * 1024..=1024 * 1024).contains(&meta.len()) {
-                    continue;
-                }
-                if used + meta.len() > cap {
-                    return Ok(());
-                }
-                let relative = source.strip_prefix("/").expect("absolute");
-                let target = root.join(relative);
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                if std::fs::copy(&source, &target).is_ok() {
-                    used += meta.len();
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn copy_sparse(from: &Path, to: &Path, offset: u64) -> Result<()> {
-    use std::io::Read;
-    use std::os::unix::fs::FileExt;
-    let mut input = std::fs::File::open(from)?;
-    let output = std::fs::OpenOptions::new().write(true).open(to)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = offset;
-    loop {
-        let n = input.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        if buf[..n].iter().any(|&b| b != 0) {
-            output.write_all_at(&buf[..n], at)?;
-        }
-        at += n as u64;
-    }
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
