@@ -4,6 +4,7 @@
 mod client_cmd;
 mod config;
 mod demo;
+mod docs_cmd;
 mod items_cmd;
 mod orchestrator_cmd;
 mod policy_cmd;
@@ -15,7 +16,7 @@ mod units;
 mod up;
 mod worker_cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// cairn: backup and recovery of KVM/QEMU virtual machines.
 #[derive(Debug, Parser)]
@@ -44,6 +45,10 @@ enum Command {
     /// backup, jobs, job, rp, restore, recover, events, audit, check, verify, alerts, seed.
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
+    /// Print the completion script of a shell (bash, zsh, fish, elvish, powershell).
+    Completions(docs_cmd::CompletionsArgs),
+    /// Print cairn's man page (roff), or write it and every subcommand's page into a folder.
+    Man(docs_cmd::ManArgs),
 }
 
 fn main() {
@@ -61,6 +66,8 @@ fn main() {
         Command::Orchestrator(args) => orchestrator_cmd::run(args),
         Command::Repo { command } => repo_cmd::run(command),
         Command::Client(command) => client_cmd::run(command),
+        Command::Completions(args) => docs_cmd::run_completions(args, Cli::command()),
+        Command::Man(args) => docs_cmd::run_man(args, Cli::command()),
     };
     match result {
         Ok(code) => std::process::exit(code),
