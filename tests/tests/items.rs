@@ -1,7 +1,7 @@
 //! Item-level recovery and the instant NBD export, end to end: the real binary on `make-vm-disk`
 //! images (GPT, FAT32, ext4, swap), an MBR disk with an extended partition holding NTFS written
-//! through ntfs-3g, a crafted hostile ext4 image, damaged file systems, and `qemu-img` reading a
-//! recovery point over NBD.
+//! through ntfs-3g, crafted hostile ext4 images (names and links; folder loops and a chain past
+//! the depth limit), damaged file systems, and `qemu-img` reading a recovery point over NBD.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -619,6 +619,176 @@ fn hostile_names_and_links_never_reach_outside_the_target() {
     ]);
     assert!(!limited.status.success());
     assert!(String::from_utf8_lossy(&limited.stderr).contains("exceeds the limit of 3"));
+}
+
+/// The good files of [`looped_ext4`], relative to the extracted volume, with their bytes.
+const LOOPED_GOOD: &[(&str, &[u8])] = &[
+    ("a-before/one.txt", b"before the loop\n"),
+    ("b-loop/inner.txt", b"inside the loop\n"),
+    ("c-deep/l1/l2/mid.txt", b"within the depth limit\n"),
+    ("z-after.txt", b"after everything\n"),
+];
+
+/// An ext4 file system with folders that must not be walked twice, made with `debugfs`:
+/// `b-loop/self` is a hard link to `b-loop` and `b-loop/up` one to the root (loops),
+/// `d-hardlink` a hard link to `a-before` (the same folder twice, no loop), and `c-deep` a
+/// chain `l1/…/l10` with `bottom.txt` at its end. The good files of [`LOOPED_GOOD`] lie before
+/// and after them in name order.
+fn looped_ext4(dir: &Path) -> PathBuf {
+    let image = dir.join("looped.img");
+    sh("truncate", &["-s", "8M", s(&image)]);
+    sh("mkfs.ext4", &["-q", "-F", s(&image)]);
+    let mut cmds = String::new();
+    for (i, (rel, bytes)) in LOOPED_GOOD.iter().enumerate() {
+        let payload = dir.join(format!("payload-{i}"));
+        std::fs::write(&payload, bytes).unwrap();
+        let mut folder = String::new();
+        for part in rel.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
+            folder = if folder.is_empty() {
+                part.to_string()
+            } else {
+                format!("{folder}/{part}")
+            };
+            cmds.push_str(&format!("mkdir {folder}\n"));
+        }
+        cmds.push_str(&format!("write {} {rel}\n", s(&payload)));
+    }
+    let mut chain = "c-deep/l1/l2".to_string();
+    for level in 3..=10 {
+        chain.push_str(&format!("/l{level}"));
+        cmds.push_str(&format!("mkdir {chain}\n"));
+    }
+    let bottom = dir.join("payload-bottom");
+    std::fs::write(&bottom, b"at the bottom\n").unwrap();
+    cmds.push_str(&format!("write {} {chain}/bottom.txt\n", s(&bottom)));
+    // Directory hard links; `sif` gives the folders the link counts such links would have.
+    cmds.push_str("link b-loop b-loop/self\nlink / b-loop/up\nlink a-before d-hardlink\n");
+    cmds.push_str("sif b-loop links_count 3\nsif a-before links_count 3\n");
+    let script = dir.join("looped.cmds");
+    std::fs::write(&script, cmds).unwrap();
+    sh("debugfs", &["-w", "-f", s(&script), s(&image)]);
+    image
+}
+
+#[test]
+fn folder_loops_and_too_deep_folders_are_skipped_and_the_rest_comes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = looped_ext4(dir.path());
+    let repo = dir.path().join("repo");
+    cairn_ok(&["repo", "init", s(&repo)]);
+    backup(&repo, &image, "looped");
+    let inode = |path: &str| {
+        let stat = sh("debugfs", &["-R", &format!("stat {path}"), s(&image)]);
+        stat.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("debugfs stat {path}: {stat}"))
+    };
+    let (b_loop, a_before) = (inode("/b-loop"), inode("/a-before"));
+
+    // Browsing lists one folder and never recurses: a path through the loop is just a path.
+    let listing = cairn_json(&[
+        "repo",
+        "browse",
+        s(&repo),
+        "--disk",
+        "looped",
+        "--path",
+        "/disk/b-loop/self/up/b-loop/self",
+    ]);
+    assert_eq!(names(&listing), ["inner.txt", "self", "up"]);
+
+    // With a depth limit of 8, `l7` of the chain is the first folder too deep.
+    let out = dir.path().join("out");
+    let report = cairn_json(&[
+        "repo",
+        "extract",
+        s(&repo),
+        "--disk",
+        "looped",
+        "--item",
+        "/disk",
+        "--to",
+        s(&out),
+        "--max-depth",
+        "8",
+    ]);
+    let skipped: Vec<(&str, &str)> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["path"].as_str().unwrap(), s["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        skipped,
+        [
+            (
+                "/disk/b-loop/self",
+                format!("directory loop: inode {b_loop} is already extracted at /disk/b-loop")
+                    .as_str()
+            ),
+            (
+                "/disk/b-loop/up",
+                "directory loop: inode 2 is already extracted at /disk"
+            ),
+            (
+                "/disk/c-deep/l1/l2/l3/l4/l5/l6/l7",
+                "deeper than 8 folders (the depth limit): skipped with everything in it"
+            ),
+            (
+                "/disk/d-hardlink",
+                format!(
+                    "directory hard link: inode {a_before} is already extracted at /disk/a-before"
+                )
+                .as_str()
+            ),
+        ],
+        "{report}"
+    );
+    // Every good file once, byte-identical, and nothing else: no second copy of any folder.
+    let got = files_below(&out.join("disk"));
+    let want: Vec<(PathBuf, Vec<u8>)> = LOOPED_GOOD
+        .iter()
+        .map(|(rel, bytes)| (PathBuf::from(rel), bytes.to_vec()))
+        .collect();
+    assert_eq!(got, want, "{report}");
+    assert_eq!(report["files"], 4, "{report}");
+    // disk, a-before, b-loop, c-deep, l1…l6 and lost+found.
+    assert_eq!(report["dirs"], 11, "{report}");
+    assert!(!out.join("disk/d-hardlink").exists());
+    assert!(out.join("disk/c-deep/l1/l2/l3/l4/l5/l6").is_dir());
+    assert!(!out.join("disk/c-deep/l1/l2/l3/l4/l5/l6/l7").exists());
+
+    // With the default limit the whole chain comes out; the loops are still walked once.
+    let full = dir.path().join("full");
+    let report = cairn_json(&[
+        "repo",
+        "extract",
+        s(&repo),
+        "--disk",
+        "looped",
+        "--item",
+        "/disk",
+        "--to",
+        s(&full),
+    ]);
+    let paths: Vec<&str> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/disk/b-loop/self", "/disk/b-loop/up", "/disk/d-hardlink"],
+        "{report}"
+    );
+    let got = files_below(&full.join("disk"));
+    assert_eq!(got.len(), LOOPED_GOOD.len() + 1, "{report}");
+    assert_eq!(
+        std::fs::read(full.join("disk/c-deep/l1/l2/l3/l4/l5/l6/l7/l8/l9/l10/bottom.txt")).unwrap(),
+        b"at the bottom\n"
+    );
 }
 
 #[test]

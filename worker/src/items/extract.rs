@@ -16,7 +16,11 @@
 //! - Device nodes, fifos and sockets are skipped and reported.
 //! - Permissions (without set-uid/set-gid/sticky; owners keep write access to folders) and
 //!   modification times are set through the open file, never through a path.
-//! - [`Limits`] bound entries, bytes and depth.
+//! - [`Limits`] bound entries, bytes and depth. A folder deeper than the depth limit, and a
+//!   folder already entered for this item (one of its own ancestors, or a second name of a
+//!   folder already extracted), is skipped and reported, never descended, and the walk goes on
+//!   with the rest (see `walk`). Reaching the totals (entries, bytes) or the entries of one
+//!   folder stops the extraction.
 
 use std::fs::{File, FileTimes, OpenOptions};
 use std::io::Write;
@@ -26,6 +30,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use super::walk::Visited;
 use super::{Error, Limits, Node, NodeKind, Tree};
 use crate::repo::Progress;
 
@@ -54,6 +59,8 @@ pub(super) struct Extractor<'p> {
     entries: u64,
     /// Temporary files made so far (their names are numbered).
     partials: u64,
+    /// The folders entered for the item being extracted; reset for each item.
+    visited: Visited,
     progress: &'p dyn Progress,
 }
 
@@ -168,6 +175,7 @@ impl<'p> Extractor<'p> {
             report: ExtractReport::default(),
             entries: 0,
             partials: 0,
+            visited: Visited::default(),
             progress,
         })
     }
@@ -234,6 +242,7 @@ impl<'p> Extractor<'p> {
     ) -> Result<(), Error> {
         let node = tree.stat(src)?;
         let root = self.root.clone();
+        self.visited = Visited::default();
         self.copy(
             tree,
             item.trim_end_matches('/'),
@@ -336,11 +345,12 @@ impl<'p> Extractor<'p> {
                 self.report.bytes += written;
             }
             NodeKind::Dir => {
-                if depth as u32 >= self.limits.max_depth {
-                    return Err(Error::Limit {
-                        what: format!("folder depth at {shown}"),
-                        limit: self.limits.max_depth.into(),
-                    });
+                let decision = self
+                    .visited
+                    .decide(shown, node.id, depth, self.limits.max_depth);
+                if let Some(reason) = decision.skip_reason() {
+                    self.skip(shown, reason);
+                    return Ok(());
                 }
                 match std::fs::create_dir(&dest) {
                     Ok(()) => {}
@@ -351,6 +361,7 @@ impl<'p> Extractor<'p> {
                     Err(e) => return Err(io_error(&dest)(e)),
                 }
                 self.report.dirs += 1;
+                self.visited.entered(shown, node.id);
                 let children = match tree.list(&src, self.limits.max_dir_entries) {
                     Ok(children) => children,
                     Err(e) => return self.skip_or_fail(shown, depth, e),

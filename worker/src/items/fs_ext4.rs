@@ -1,10 +1,14 @@
 //! ext2/3/4 volumes through the `ext4-view` crate (read-only, checks metadata checksums). Maps
-//! its errors onto [`Error`]; never writes.
+//! its errors onto [`Error`]; folders carry their inode number as [`NodeId::Inode`], taken from
+//! the directory entry that leads to them (the vendored crate's one addition). Never writes.
 
 use ext4_view::{Ext4, Ext4Error, Metadata};
 
 use super::slice::Slice;
-use super::{Error, Node, NodeKind, Tree, display_path as display};
+use super::{Error, Node, NodeId, NodeKind, Tree, display_path as display};
+
+/// The root folder's inode, fixed by the on-disk format.
+const ROOT_INODE: u32 = 2;
 
 pub(super) struct Ext4Tree {
     fs: Ext4,
@@ -65,6 +69,24 @@ impl Ext4Tree {
         })?;
         Ok(Ext4Tree { fs })
     }
+
+    /// The inode number of the entry at `path`, from its folder's entry of that name; `None`
+    /// when that folder cannot be read (the caller then has no identity for it, and the walk
+    /// falls back on the depth limit).
+    fn inode_of(&self, path: &[Vec<u8>]) -> Option<u32> {
+        let Some((name, parent)) = path.split_last() else {
+            return Some(ROOT_INODE);
+        };
+        let entries = self.fs.read_dir(path_bytes(parent).as_slice()).ok()?;
+        entries
+            .filter_map(Result::ok)
+            .find(|entry| {
+                let entry_name = entry.file_name();
+                let entry_name: &[u8] = entry_name.as_ref();
+                entry_name == name.as_slice()
+            })
+            .map(|entry| entry.inode())
+    }
 }
 
 impl Tree for Ext4Tree {
@@ -90,7 +112,11 @@ impl Tree for Ext4Tree {
             }
             let name = name.to_vec();
             let meta = entry.metadata().map_err(|e| map_err(dir, e))?;
-            out.push(node(name, &meta));
+            let mut child = node(name, &meta);
+            if child.kind == NodeKind::Dir {
+                child.id = Some(NodeId::Inode(entry.inode().into()));
+            }
+            out.push(child);
         }
         out.sort_by(|a, b| a.raw_name.cmp(&b.raw_name));
         Ok(out)
@@ -102,10 +128,11 @@ impl Tree for Ext4Tree {
             .fs
             .symlink_metadata(p.as_slice())
             .map_err(|e| map_err(path, e))?;
-        Ok(node(
-            path.last().cloned().unwrap_or_else(|| b"/".to_vec()),
-            &meta,
-        ))
+        let mut found = node(path.last().cloned().unwrap_or_else(|| b"/".to_vec()), &meta);
+        if found.kind == NodeKind::Dir {
+            found.id = self.inode_of(path).map(|n| NodeId::Inode(n.into()));
+        }
+        Ok(found)
     }
 
     fn read_file(

@@ -1,11 +1,22 @@
 //! FAT12/16/32 volumes (long names included) through the `fatfs` crate, opened over a
 //! write-refusing [`Slice`]. Names are matched exactly first, then ASCII case-insensitively as
 //! FAT does. Never writes: the slice refuses every write.
+//!
+//! FAT has no hard links, but a damaged or hostile one can still make a folder its own child
+//! (an entry whose first cluster is an ancestor's, or 0, the root) or cross-link two folders,
+//! and can make a folder's cluster chain loop back on itself. `fatfs` hides cluster numbers,
+//! so both are found through where reads land on the volume ([`ReadProbe`]): a folder's
+//! [`NodeId::FatData`] is where the first read of its entries starts (its first cluster, or the
+//! FAT12/16 root area), and a listing whose reads come back to a position already read stops
+//! as damaged instead of repeating its entries until the entry limit.
 
+use std::collections::HashSet;
 use std::io::Read;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
-use super::slice::Slice;
-use super::{Error, Node, NodeKind, Tree, display_path as display};
+use super::slice::{ReadProbe, Slice};
+use super::{Error, Node, NodeId, NodeKind, Tree, display_path as display};
 
 type Fs = fatfs::FileSystem<Slice>;
 type Dir<'a> = fatfs::Dir<'a, Slice>;
@@ -13,6 +24,8 @@ type Entry<'a> = fatfs::DirEntry<'a, Slice>;
 
 pub(super) struct FatTree {
     fs: Fs,
+    /// Watches the reads `fs` makes through its slice.
+    probe: Arc<ReadProbe>,
 }
 
 fn damaged(path: &[Vec<u8>], e: std::io::Error) -> Error {
@@ -63,35 +76,86 @@ fn node(entry: &Entry<'_>) -> Node {
 
 impl FatTree {
     pub(super) fn open(slice: Slice) -> Result<FatTree, Error> {
+        let probe = slice.probe();
         let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())
             .map_err(|e| Error::Damaged(format!("FAT boot sector: {e}")))?;
-        Ok(FatTree { fs })
+        Ok(FatTree { fs, probe })
     }
 
-    fn find<'a>(
+    /// The identity of folder `dir`: where the first read of its entries lands. `None` when
+    /// nothing could be read (the driver failing on a cluster number outside the volume
+    /// included); the walk then bounds the folder by the depth limit alone.
+    fn folder_id(probe: &ReadProbe, dir: &Dir<'_>) -> Option<NodeId> {
+        probe.arm();
+        let read = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let _ = dir.iter().next();
+        }));
+        let at = probe.take();
+        read.ok().and(at).map(NodeId::FatData)
+    }
+
+    /// Visits the entries of `dir` (`.` and `..` included) until `f` returns `true`, at most
+    /// `max` of them. Where each entry's reads start is watched: coming back to a position
+    /// means the cluster chain loops, and the folder is damaged.
+    fn each_entry<'a>(
+        probe: &ReadProbe,
         dir: &Dir<'a>,
-        name: &[u8],
-        max: u64,
         at: &[Vec<u8>],
-    ) -> Result<Option<Entry<'a>>, Error> {
-        let mut loose = None;
-        for (i, entry) in dir.iter().enumerate() {
-            if i as u64 >= max {
+        max: u64,
+        mut f: impl FnMut(Entry<'a>) -> bool,
+    ) -> Result<(), Error> {
+        let mut iter = dir.iter();
+        let mut read_at = HashSet::new();
+        for i in 0.. {
+            probe.arm();
+            let next = iter.next();
+            if let Some(pos) = probe.take()
+                && !read_at.insert(pos)
+            {
+                return Err(damaged(
+                    at,
+                    std::io::Error::other(format!(
+                        "the folder's cluster chain loops back to byte {pos}"
+                    )),
+                ));
+            }
+            let Some(entry) = next else {
+                return Ok(());
+            };
+            if i >= max {
                 return Err(Error::Limit {
                     what: format!("entries of folder {}", display(at)),
                     limit: max,
                 });
             }
-            let entry = entry.map_err(|e| damaged(at, e))?;
+            if f(entry.map_err(|e| damaged(at, e))?) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn find<'a>(
+        probe: &ReadProbe,
+        dir: &Dir<'a>,
+        name: &[u8],
+        max: u64,
+        at: &[Vec<u8>],
+    ) -> Result<Option<Entry<'a>>, Error> {
+        let mut exact = None;
+        let mut loose = None;
+        Self::each_entry(probe, dir, at, max, |entry| {
             let entry_name = entry.file_name();
             if entry_name.as_bytes() == name {
-                return Ok(Some(entry));
+                exact = Some(entry);
+                return true;
             }
             if loose.is_none() && entry_name.as_bytes().eq_ignore_ascii_case(name) {
                 loose = Some(entry);
             }
-        }
-        Ok(loose)
+            false
+        })?;
+        Ok(exact.or(loose))
     }
 
     /// The entry at `path` (`None` = the root folder).
@@ -101,6 +165,7 @@ impl FatTree {
         for (i, comp) in path.iter().enumerate() {
             let at = &path[..=i];
             let entry = Self::find(
+                &self.probe,
                 &dir,
                 comp,
                 super::Limits::default().max_dir_entries,
@@ -130,22 +195,37 @@ impl Tree for FatTree {
                 });
             }
         };
-        let mut out = Vec::new();
-        for entry in dir.iter() {
-            let entry = entry.map_err(|e| damaged(dir_path, e))?;
-            let name = entry.file_name();
-            if name == "." || name == ".." {
-                continue;
-            }
-            if out.len() as u64 >= max {
-                return Err(Error::Limit {
-                    what: format!("entries of folder {}", display(dir_path)),
-                    limit: max,
-                });
-            }
-            out.push(node(&entry));
+        let mut entries = Vec::new();
+        // `.` and `..` count towards the limit here; the two extra entries do not matter.
+        Self::each_entry(
+            &self.probe,
+            &dir,
+            dir_path,
+            max.saturating_add(2),
+            |entry| {
+                let name = entry.file_name();
+                if name != "." && name != ".." {
+                    entries.push(entry);
+                }
+                false
+            },
+        )?;
+        if entries.len() as u64 > max {
+            return Err(Error::Limit {
+                what: format!("entries of folder {}", display(dir_path)),
+                limit: max,
+            });
         }
-        Ok(out)
+        Ok(entries
+            .iter()
+            .map(|entry| {
+                let mut n = node(entry);
+                if entry.is_dir() {
+                    n.id = Self::folder_id(&self.probe, &entry.to_dir());
+                }
+                n
+            })
+            .collect())
     }
 
     fn stat(&mut self, path: &[Vec<u8>]) -> Result<Node, Error> {
@@ -153,9 +233,16 @@ impl Tree for FatTree {
             None => {
                 let mut n = Node::new(b"/".to_vec(), NodeKind::Dir);
                 n.mode = Some(0o755);
+                n.id = Self::folder_id(&self.probe, &self.fs.root_dir());
                 n
             }
-            Some(entry) => node(&entry),
+            Some(entry) => {
+                let mut n = node(&entry);
+                if entry.is_dir() {
+                    n.id = Self::folder_id(&self.probe, &entry.to_dir());
+                }
+                n
+            }
         })
     }
 

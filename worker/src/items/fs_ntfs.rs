@@ -1,7 +1,7 @@
 //! NTFS volumes through the `ntfs` crate (read-only). Lists the Win32/POSIX names of folder
 //! indexes (DOS 8.3 aliases and the system metafiles `$MFT`, … are hidden), reads the unnamed
 //! `$DATA` stream of files; reparse points (links, junctions) are listed as special and never
-//! followed. Never writes.
+//! followed. Folders carry their file record number as [`NodeId::NtfsRecord`]. Never writes.
 
 use std::io::Read;
 
@@ -9,7 +9,7 @@ use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileName, NtfsFileName
 use ntfs::{Ntfs, NtfsFile};
 
 use super::slice::Slice;
-use super::{Error, Node, NodeKind, Tree, display_path as display};
+use super::{Error, Node, NodeId, NodeKind, Tree, display_path as display};
 
 /// File record numbers below this are NTFS's own metafiles.
 const FIRST_USER_RECORD: u64 = 24;
@@ -25,7 +25,8 @@ fn damaged(path: &[Vec<u8>], e: impl std::fmt::Display) -> Error {
     Error::Damaged(format!("NTFS {}: {e}", display(path)))
 }
 
-fn node(key: &NtfsFileName) -> Node {
+/// The node of index key `key`, an entry for file record `record`.
+fn node(key: &NtfsFileName, record: u64) -> Node {
     let attrs = key.file_attributes();
     let kind = if attrs.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
         NodeKind::Special
@@ -49,12 +50,16 @@ fn node(key: &NtfsFileName) -> Node {
             _ => 0o644,
         },
     );
+    if kind == NodeKind::Dir {
+        node.id = Some(NodeId::NtfsRecord(record));
+    }
     node
 }
 
-fn root_node() -> Node {
+fn root_node(record: u64) -> Node {
     let mut n = Node::new(b"/".to_vec(), NodeKind::Dir);
     n.mode = Some(0o755);
+    n.id = Some(NodeId::NtfsRecord(record));
     n
 }
 
@@ -153,9 +158,9 @@ impl Tree for NtfsTree {
         let io = &mut self.io;
         let file = ntfs.file(io, record).map_err(|e| damaged(dir, e))?;
         let mut out = Vec::new();
-        Self::each_entry(ntfs, io, &file, dir, max, &mut |k, _| {
+        Self::each_entry(ntfs, io, &file, dir, max, &mut |k, record| {
             if k.name().to_string_lossy() != "." {
-                out.push(node(k));
+                out.push(node(k, record));
             }
             false
         })?;
@@ -165,8 +170,12 @@ impl Tree for NtfsTree {
     }
 
     fn stat(&mut self, path: &[Vec<u8>]) -> Result<Node, Error> {
-        let (_, key) = self.walk(path)?;
-        Ok(key.as_ref().map_or_else(root_node, node))
+        let (file, key) = self.walk(path)?;
+        let record = file.file_record_number();
+        Ok(match key {
+            Some(key) => node(&key, record),
+            None => root_node(record),
+        })
     }
 
     fn read_file(

@@ -7,7 +7,10 @@
 //! without a partition table). The file system drivers run inside a panic guard: a damaged file
 //! system gives [`Error::Damaged`], never a crash. Extraction ([`extract`]) writes only below
 //! the target folder: names are validated, symlinks are recreated only when they cannot lead
-//! out, device nodes are skipped and reported, and counts and sizes are bounded by [`Limits`].
+//! out, device nodes are skipped and reported, counts and sizes are bounded by [`Limits`], and
+//! a folder reached a second time (a loop, a directory hard link) or deeper than the limit is
+//! skipped and reported while the rest comes out (the decisions are in `walk`). Browsing lists
+//! one folder and never recurses, so loops cannot trap it.
 //!
 //! This module never writes to the image or the repository.
 
@@ -20,6 +23,7 @@ pub mod probe;
 mod slice;
 #[cfg(test)]
 mod tests;
+mod walk;
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -72,7 +76,8 @@ pub struct Limits {
     pub max_total_bytes: u64,
     /// Bytes of one file.
     pub max_file_bytes: u64,
-    /// Folder nesting below an extracted item.
+    /// Folder nesting below an extracted item (the item's own folder counts as one); deeper
+    /// folders are skipped and reported.
     pub max_depth: u32,
     /// Entries of one folder (browse and extract).
     pub max_dir_entries: u64,
@@ -103,6 +108,40 @@ pub enum NodeKind {
     Volume,
 }
 
+/// What tells one folder of a file system from another, whatever names lead to it: the same
+/// folder reached twice (a directory hard link, a loop, cross-linked FAT clusters) has the same
+/// id. Only meaningful within one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeId {
+    /// ext2/3/4: the inode number.
+    Inode(u64),
+    /// FAT: where the folder's first cluster (or the FAT12/16 root folder) lies, in bytes from
+    /// the volume start.
+    FatData(u64),
+    /// NTFS: the file record number.
+    NtfsRecord(u64),
+}
+
+impl NodeId {
+    /// How a second name of an already extracted folder is called on this file system.
+    fn second_name(self) -> &'static str {
+        match self {
+            NodeId::Inode(_) | NodeId::NtfsRecord(_) => "directory hard link",
+            NodeId::FatData(_) => "cross-linked folder",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeId::Inode(n) => write!(f, "inode {n}"),
+            NodeId::FatData(at) => write!(f, "the folder whose data starts at byte {at}"),
+            NodeId::NtfsRecord(n) => write!(f, "file record {n}"),
+        }
+    }
+}
+
 /// One entry of a listing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
@@ -119,6 +158,9 @@ pub struct Node {
     /// Volumes: the file system and partition label.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Folders: the file system's identity of the folder, when the driver can tell it.
+    #[serde(skip)]
+    pub id: Option<NodeId>,
 }
 
 impl Node {
@@ -131,13 +173,15 @@ impl Node {
             mode: None,
             mtime: None,
             detail: None,
+            id: None,
         }
     }
 }
 
 /// A file system driver, over the bytes of one volume. Paths are lists of raw names below the
 /// volume's root (empty = root). Implementations return errors for anything damaged; the
-/// callers in this module also contain panics.
+/// callers in this module also contain panics. Folders they return carry a [`NodeId`] where
+/// the file system has one, so that extraction walks each folder once.
 trait Tree {
     /// The entries of folder `dir` (without `.` and `..`), at most `max` of them.
     fn list(&mut self, dir: &[Vec<u8>], max: u64) -> Result<Vec<Node>, Error>;

@@ -1,9 +1,12 @@
 //! A window onto one volume of a disk: `Read + Seek` (and a `Write` that always fails, for
 //! drivers whose types demand one) over `[start, start + len)` of a [`DiskView`]. Reads past the
-//! window's end return what is left; nothing can be written.
+//! window's end return what is left; nothing can be written. A [`ReadProbe`] shared by a slice
+//! and its clones tells where the next read starts, for drivers that hide the position of what
+//! they read.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::repo::image::DiskView;
 
@@ -13,6 +16,30 @@ pub(crate) struct Slice {
     start: u64,
     len: u64,
     pos: u64,
+    /// Shared with every clone and with whoever called [`Slice::probe`].
+    probe: Arc<ReadProbe>,
+}
+
+/// Records the position of the first `Read::read` after [`ReadProbe::arm`].
+#[derive(Debug, Default)]
+pub(crate) struct ReadProbe {
+    armed: AtomicBool,
+    at: AtomicU64,
+}
+
+impl ReadProbe {
+    /// Watches for the next read, forgetting any earlier one.
+    pub(crate) fn arm(&self) {
+        self.at.store(u64::MAX, Ordering::Relaxed);
+        self.armed.store(true, Ordering::Relaxed);
+    }
+
+    /// Where the first read since [`ReadProbe::arm`] started, in bytes from the window's start;
+    /// stops watching.
+    pub(crate) fn take(&self) -> Option<u64> {
+        self.armed.store(false, Ordering::Relaxed);
+        Some(self.at.swap(u64::MAX, Ordering::Relaxed)).filter(|&at| at != u64::MAX)
+    }
 }
 
 impl std::fmt::Debug for Slice {
@@ -32,7 +59,13 @@ impl Slice {
             start,
             len,
             pos: 0,
+            probe: Arc::default(),
         }
+    }
+
+    /// The probe that watches this slice's reads (and its clones').
+    pub(crate) fn probe(&self) -> Arc<ReadProbe> {
+        self.probe.clone()
     }
 
     /// Exactly `buf.len()` bytes at `offset` of the window.
@@ -56,6 +89,9 @@ impl Slice {
 
 impl Read for Slice {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.probe.armed.swap(false, Ordering::Relaxed) {
+            self.probe.at.store(self.pos, Ordering::Relaxed);
+        }
         let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
         if n == 0 {
             return Ok(0);

@@ -173,3 +173,135 @@ fn random_bytes_never_panic() {
         let _ = disk.browse("/disk/a/b", &Limits::default());
     }
 }
+
+/// Runs an mtools command on the FAT image `image`.
+fn mtools(tool: &str, image: &std::path::Path, args: &[&str]) {
+    let status = std::process::Command::new(tool)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(image)
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{tool} {args:?}");
+}
+
+/// Where the 32-byte short entry of folder `name` (8.3, padded to 11 bytes) lies; the only one.
+fn short_entry(disk: &[u8], name: &[u8; 11]) -> usize {
+    let found: Vec<usize> = (0..disk.len() - 32)
+        .step_by(32)
+        .filter(|&at| &disk[at..at + 11] == name && disk[at + 11] & 0x10 != 0)
+        .collect();
+    assert_eq!(found.len(), 1, "{}", String::from_utf8_lossy(name));
+    found[0]
+}
+
+fn first_cluster(disk: &[u8], entry: usize) -> u16 {
+    u16::from_le_bytes([disk[entry + 26], disk[entry + 27]])
+}
+
+fn set_first_cluster(disk: &mut [u8], entry: usize, cluster: u16) {
+    disk[entry + 26..entry + 28].copy_from_slice(&cluster.to_le_bytes());
+}
+
+#[test]
+fn fat_folders_that_are_their_own_ancestors_are_walked_once() {
+    // FAT16: /A holding f.txt, B and C; /D; /E; /z.txt. Then, in the raw bytes: A/B points at
+    // A's clusters and A/C at cluster 0 (the root), D at A's clusters (cross-linked), and E's
+    // only cluster is chained to itself with no end marker in it.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("fat.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let status = std::process::Command::new("mkfs.vfat")
+        .args(["-F", "16"])
+        .arg(&image)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for folder in ["::/A", "::/A/B", "::/A/C", "::/D", "::/E"] {
+        mtools("mmd", &image, &[folder]);
+    }
+    let payload = dir.path().join("f.txt");
+    std::fs::write(&payload, b"inside A\n").unwrap();
+    mtools("mcopy", &image, &[payload.to_str().unwrap(), "::/A/f.txt"]);
+    std::fs::write(&payload, b"after the loops\n").unwrap();
+    mtools("mcopy", &image, &[payload.to_str().unwrap(), "::/z.txt"]);
+
+    let mut disk = std::fs::read(&image).unwrap();
+    let a = short_entry(&disk, b"A          ");
+    let a_cluster = first_cluster(&disk, a);
+    let b = short_entry(&disk, b"B          ");
+    set_first_cluster(&mut disk, b, a_cluster);
+    let c = short_entry(&disk, b"C          ");
+    set_first_cluster(&mut disk, c, 0);
+    let d = short_entry(&disk, b"D          ");
+    set_first_cluster(&mut disk, d, a_cluster);
+    let e = short_entry(&disk, b"E          ");
+    let e_cluster = first_cluster(&disk, e);
+    let bytes_per_sector = usize::from(u16::from_le_bytes([disk[11], disk[12]]));
+    let reserved = usize::from(u16::from_le_bytes([disk[14], disk[15]]));
+    let fat_sectors = usize::from(u16::from_le_bytes([disk[22], disk[23]]));
+    for copy in 0..usize::from(disk[16]) {
+        let at = (reserved + copy * fat_sectors) * bytes_per_sector + 2 * usize::from(e_cluster);
+        disk[at..at + 2].copy_from_slice(&e_cluster.to_le_bytes());
+    }
+    // E's data: `.`, `..`, then deleted entries (never an end marker) to the cluster's end.
+    // E's data starts with the `.` entry that names E's own cluster.
+    let e_data = (0..disk.len() - 32)
+        .step_by(32)
+        .find(|&at| &disk[at..at + 11] == b".          " && first_cluster(&disk, at) == e_cluster)
+        .unwrap();
+    let cluster_bytes = usize::from(disk[13]) * bytes_per_sector;
+    for record in (e_data + 64..e_data + cluster_bytes).step_by(32) {
+        disk[record] = 0xE5;
+    }
+
+    let disk = Disk::open(Arc::new(Mem(disk))).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let report = disk
+        .extract(
+            &["/disk".to_string()],
+            out.path(),
+            &Limits::default(),
+            &crate::repo::NoProgress,
+        )
+        .unwrap();
+    let skipped: Vec<(&str, &str)> = report
+        .skipped
+        .iter()
+        .map(|s| (s.path.as_str(), s.reason.as_str()))
+        .collect();
+    assert_eq!(skipped.len(), 4, "{skipped:#?}");
+    let reason = |path: &str| {
+        skipped
+            .iter()
+            .find(|s| s.0 == path)
+            .unwrap_or_else(|| panic!("{path} not skipped: {skipped:#?}"))
+            .1
+    };
+    assert!(
+        reason("/disk/A/B").starts_with("directory loop: the folder whose data starts at byte ")
+    );
+    assert!(reason("/disk/A/B").ends_with(" is already extracted at /disk/A"));
+    assert!(reason("/disk/A/C").starts_with("directory loop: "));
+    assert!(reason("/disk/A/C").ends_with(" is already extracted at /disk"));
+    assert!(reason("/disk/D").starts_with("cross-linked folder: "));
+    assert!(reason("/disk/D").ends_with(" is already extracted at /disk/A"));
+    assert!(
+        reason("/disk/E").contains("cluster chain loops back"),
+        "{skipped:#?}"
+    );
+    assert_eq!(report.files, 2, "{report:?}");
+    assert_eq!(
+        std::fs::read(out.path().join("disk/A/f.txt")).unwrap(),
+        b"inside A\n"
+    );
+    assert_eq!(
+        std::fs::read(out.path().join("disk/z.txt")).unwrap(),
+        b"after the loops\n"
+    );
+}
