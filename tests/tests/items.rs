@@ -655,7 +655,7 @@ fn looped_ext4(dir: &Path) -> PathBuf {
     }
     let mut chain = "c-deep/l1/l2".to_string();
     for level in 3..=10 {
-        chain.push_str(&format!("/l{level}"));
+        chain = format!("{chain}/l{level}");
         cmds.push_str(&format!("mkdir {chain}\n"));
     }
     let bottom = dir.join("payload-bottom");
@@ -677,6 +677,7 @@ fn folder_loops_and_too_deep_folders_are_skipped_and_the_rest_comes_out() {
     let repo = dir.path().join("repo");
     cairn_ok(&["repo", "init", s(&repo)]);
     backup(&repo, &image, "looped");
+    // Paths of debugfs, relative to the root of the image's file system.
     let inode = |path: &str| {
         let stat = sh("debugfs", &["-R", &format!("stat {path}"), s(&image)]);
         stat.split_whitespace()
@@ -684,7 +685,7 @@ fn folder_loops_and_too_deep_folders_are_skipped_and_the_rest_comes_out() {
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("debugfs stat {path}: {stat}"))
     };
-    let (b_loop, a_before) = (inode("/b-loop"), inode("/a-before"));
+    let (b_loop, a_before) = (inode("b-loop"), inode("a-before"));
 
     // Browsing lists one folder and never recurses: a path through the loop is just a path.
     let listing = cairn_json(&[
