@@ -407,6 +407,12 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     std::fs::write(&truncated, &qcow2[..1024]).unwrap();
     let wrong_key = dir.path().join("wrong-key");
     std::fs::write(&wrong_key, "0".repeat(64)).unwrap();
+    // Private, as every key file must be, so that what is refused is the key itself.
+    std::fs::set_permissions(
+        &wrong_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let not_repo = dir.path().join("not-a-repo");
     std::fs::create_dir(&not_repo).unwrap();
     let missing = dir.path().join("missing.raw");

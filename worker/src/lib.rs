@@ -6,10 +6,12 @@
 //! - [`source`]: where disk bytes come from and go to (raw files, qemu-nbd exports).
 //! - [`nbd`]: our NBD client (newstyle, structured replies, block status).
 //! - [`repo`]: the repository format and its operations (backup, restore, verify, forget, gc).
+//! - [`perms`]: the modes of what cairn keeps at rest (files 0600, folders 0700).
 
 pub mod agent;
 pub mod items;
 pub mod nbd;
+pub mod perms;
 pub mod qmp;
 pub mod repo;
 pub mod source;

@@ -207,6 +207,9 @@ pub enum Error {
         /// This node.
         node: NodeId,
     },
+    /// The configured key file is unusable: missing, too short, not private to this user.
+    #[error(transparent)]
+    KeyFile(repo::Error),
     /// The step's thread could not be started.
     #[error("cannot start the step's thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -262,6 +265,7 @@ impl Error {
             | Error::Target { .. }
             | Error::Replica { .. }
             | Error::VmNotStopped { .. }
+            | Error::KeyFile(_)
             | Error::Panicked(_) => FailureClass::Permanent,
         }
     }
@@ -327,7 +331,13 @@ pub struct Agent {
 
 impl Agent {
     /// An agent for `config`, with the test fault hook read from [`FAULT_DELAY_ENV`].
+    /// Checks the configuration: the key file, when one is given, must be readable and private
+    /// to this user (see [`repo::config::read_key_file`]), so a worker with an exposed key
+    /// refuses to start rather than failing every step.
     pub fn new(config: AgentConfig) -> Result<Agent, Error> {
+        if let Some(key_file) = &config.key_file {
+            repo::config::read_key_file(key_file).map_err(Error::KeyFile)?;
+        }
         let faults = FaultDelays::from_env()?;
         if faults != FaultDelays::default() {
             tracing::warn!(

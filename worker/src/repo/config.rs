@@ -2,14 +2,18 @@
 //! consolidation interval and, for an encrypted repository, the key salt and key check.
 //!
 //! The config is JSON so that an administrator can read it; it holds no secret. The key itself
-//! lives in a key file outside the repository and is never written into it.
+//! lives in a key file outside the repository and is never written into it. A key file is read
+//! only when its owner is the process's effective user and neither group nor others have any
+//! permission on it ([`read_key_file`]).
 
+use std::fs::DirBuilder;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::crypto::Keys;
-use super::fsutil::{sync_dir, write_atomic};
+use super::fsutil::{DIR_MODE, FILE_MODE, create_dirs, sync_dir, write_atomic};
 use super::{Error, io_err};
 
 pub const CONFIG_FILE: &str = "cairn-repo.json";
@@ -52,45 +56,56 @@ pub fn validate_chunk_size(chunk_size: u64) -> Result<u32, Error> {
 }
 
 /// Creates a repository in `dir` (which must not exist or be empty). With `key_file`, the
-/// repository is encrypted: the file is read when it exists, or created with 32 random bytes
-/// (hex, mode 0600) when it does not.
+/// repository is encrypted: the file is read when it exists (and refused unless only this
+/// user can read it, see [`read_key_file`]), or created with 32 random bytes (hex, mode 0600)
+/// when it does not. The key is read before anything is created, so a refused key leaves no
+/// folder behind. The repository folder is made 0700 (an existing empty one is restricted to
+/// 0700 before anything is put in it).
 pub fn init(dir: &Path, chunk_size: u64, key_file: Option<&Path>) -> Result<RepoConfig, Error> {
     let chunk_size = validate_chunk_size(chunk_size)?;
-    match std::fs::read_dir(dir) {
+    let exists = match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
                 return Err(Error::AlreadyExists { path: dir.into() });
             }
+            true
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent)?;
-            }
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => {
             return Err(Error::Io {
                 path: dir.into(),
                 source: e,
             });
         }
+    };
+    let secret = key_file.map(read_or_create_key_file).transpose()?;
+    if exists {
+        restrict_dir(dir)?;
+    } else {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(io_err(dir))?;
+        if let Some(parent) = parent {
+            sync_dir(parent)?;
+        }
     }
     let id = uuid::Uuid::from_bytes(random_bytes::<16>())
         .hyphenated()
         .to_string();
-    let encryption = match key_file {
-        None => None,
-        Some(key_file) => {
-            let secret = read_or_create_key_file(key_file)?;
-            let salt = random_bytes::<32>();
-            let keys = Keys::derive(&secret, &salt);
-            Some(EncryptionConfig {
-                scheme: "xchacha20poly1305+blake3-keyed".into(),
-                salt: hex::encode(salt),
-                key_check: hex::encode(keys.key_check(&id)),
-            })
+    let encryption = secret.map(|secret| {
+        let salt = random_bytes::<32>();
+        let keys = Keys::derive(&secret, &salt);
+        EncryptionConfig {
+            scheme: "xchacha20poly1305+blake3-keyed".into(),
+            salt: hex::encode(salt),
+            key_check: hex::encode(keys.key_check(&id)),
         }
-    };
+    });
     let config = RepoConfig {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
@@ -100,15 +115,57 @@ pub fn init(dir: &Path, chunk_size: u64, key_file: Option<&Path>) -> Result<Repo
         full_every: DEFAULT_FULL_EVERY,
         encryption,
     };
-    std::fs::create_dir_all(dir.join("disks")).map_err(io_err(dir.join("disks")))?;
+    create_dirs(&dir.join("disks"))?;
     let json = serde_json::to_vec_pretty(&config).expect("config serialises");
     write_atomic(&dir.join(CONFIG_FILE), &json)?;
     Ok(config)
 }
 
+/// Takes group and others' permissions off an existing, still empty folder that becomes a
+/// repository.
+fn restrict_dir(dir: &Path) -> Result<(), Error> {
+    let mode = std::fs::metadata(dir).map_err(io_err(dir))?.mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7700))
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
 /// Reads and validates the config of the repository in `dir`, and derives the keys when the
 /// repository is encrypted.
 pub fn open(dir: &Path, key_file: Option<&Path>) -> Result<(RepoConfig, Keys), Error> {
+    let config = load(dir)?;
+    let path = dir.join(CONFIG_FILE);
+    let corrupt = |reason: String| Error::CorruptConfig {
+        path: path.clone(),
+        reason,
+    };
+    let keys = match (&config.encryption, key_file) {
+        (None, _) => Keys::plain(),
+        (Some(_), None) => return Err(Error::KeyRequired { path: dir.into() }),
+        (Some(enc), Some(key_file)) => {
+            let salt = decode_hex32(&enc.salt)
+                .ok_or_else(|| corrupt("salt is not 32 hex bytes".into()))?;
+            let check = decode_hex32(&enc.key_check)
+                .ok_or_else(|| corrupt("key_check is not 32 hex bytes".into()))?;
+            let secret = read_key_file(key_file)?;
+            let keys = Keys::derive(&secret, &salt);
+            if keys.key_check(&config.id) != check {
+                return Err(Error::WrongKey {
+                    key_file: key_file.into(),
+                    repo: dir.into(),
+                });
+            }
+            keys
+        }
+    };
+    Ok((config, keys))
+}
+
+/// Reads and validates the config of the repository in `dir`, without its key: enough to tell
+/// whether it is encrypted.
+pub fn load(dir: &Path) -> Result<RepoConfig, Error> {
     let path = dir.join(CONFIG_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
@@ -154,26 +211,7 @@ pub fn open(dir: &Path, key_file: Option<&Path>) -> Result<(RepoConfig, Keys), E
             config.zstd_level
         )));
     }
-    let keys = match (&config.encryption, key_file) {
-        (None, _) => Keys::plain(),
-        (Some(_), None) => return Err(Error::KeyRequired { path: dir.into() }),
-        (Some(enc), Some(key_file)) => {
-            let salt = decode_hex32(&enc.salt)
-                .ok_or_else(|| corrupt("salt is not 32 hex bytes".into()))?;
-            let check = decode_hex32(&enc.key_check)
-                .ok_or_else(|| corrupt("key_check is not 32 hex bytes".into()))?;
-            let secret = read_key_file(key_file)?;
-            let keys = Keys::derive(&secret, &salt);
-            if keys.key_check(&config.id) != check {
-                return Err(Error::WrongKey {
-                    key_file: key_file.into(),
-                    repo: dir.into(),
-                });
-            }
-            keys
-        }
-    };
-    Ok((config, keys))
+    Ok(config)
 }
 
 fn decode_hex32(s: &str) -> Option<[u8; 32]> {
@@ -186,36 +224,111 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     buf
 }
 
-fn read_key_file(path: &Path) -> Result<Vec<u8>, Error> {
-    let bytes = std::fs::read(path).map_err(|e| Error::BadKeyFile {
-        path: PathBuf::from(path),
-        reason: e.to_string(),
-    })?;
+/// The longest key file read; a key is 32 to a few hundred bytes.
+const MAX_KEY_FILE_LEN: u64 = 64 * 1024;
+
+/// Where a repository's key file is looked for when none is given: beside the repository
+/// folder, named after it (`/backup/repo` → `/backup/repo.key`; `cairn up` keeps its key in
+/// `DATA/repo.key`). `None` for a path without a final name (`/`, `.`, `..`).
+pub fn default_key_file(dir: &Path) -> Option<PathBuf> {
+    let mut name = dir.file_name()?.to_os_string();
+    name.push(".key");
+    Some(dir.with_file_name(name))
+}
+
+/// Reads a key file: a regular file of 32 to 64 KiB bytes (surrounding whitespace aside) that
+/// only this process's user can read or change: owned by the effective uid, with no
+/// permission for group or others. Anything else is refused with the fix in the message.
+/// The checks are made on the opened file, so a file swapped in between cannot slip past.
+pub fn read_key_file(path: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let bad = |reason: String| Error::BadKeyFile {
+        path: path.into(),
+        reason,
+    };
+    // Non-blocking, so a FIFO put in the key's place fails below instead of hanging.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    check_key_file_access(path, meta.uid(), meta.mode())?;
+    let mut bytes = Vec::new();
+    file.take(MAX_KEY_FILE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(e.to_string()))?;
+    if bytes.len() as u64 > MAX_KEY_FILE_LEN {
+        return Err(bad(format!(
+            "longer than {MAX_KEY_FILE_LEN} bytes; a key file holds one key"
+        )));
+    }
     let trimmed = bytes.trim_ascii();
     if trimmed.len() < 32 {
-        return Err(Error::BadKeyFile {
-            path: path.into(),
-            reason: format!("holds {} bytes; a key needs at least 32", trimmed.len()),
-        });
+        return Err(bad(format!(
+            "holds {} bytes; a key needs at least 32",
+            trimmed.len()
+        )));
     }
     Ok(trimmed.to_vec())
 }
 
-fn read_or_create_key_file(path: &Path) -> Result<Vec<u8>, Error> {
-    if path.exists() {
-        return read_key_file(path);
+/// Refuses a key file owned by another user than the effective uid, or with any permission
+/// bit for group or others.
+fn check_key_file_access(path: &Path, owner: u32, mode: u32) -> Result<(), Error> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if owner != euid {
+        return Err(Error::KeyFileOwner {
+            path: path.into(),
+            owner,
+            euid,
+        });
     }
+    let mode = mode & 0o7777;
+    if mode & 0o077 != 0 {
+        let who = if mode & 0o004 != 0 {
+            "readable by others"
+        } else if mode & 0o040 != 0 {
+            "readable by its group"
+        } else {
+            "writable by its group or others"
+        };
+        return Err(Error::KeyFileExposed {
+            path: path.into(),
+            mode,
+            who,
+        });
+    }
+    Ok(())
+}
+
+fn read_or_create_key_file(path: &Path) -> Result<Vec<u8>, Error> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let secret = hex::encode(random_bytes::<32>());
-    let mut file = std::fs::OpenOptions::new()
+    let mut file = match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(FILE_MODE)
         .open(path)
-        .map_err(io_err(path))?;
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read_key_file(path),
+        Err(e) => {
+            return Err(Error::Io {
+                path: path.into(),
+                source: e,
+            });
+        }
+    };
     file.write_all(format!("{secret}\n").as_bytes())
         .map_err(io_err(path))?;
     file.sync_all().map_err(io_err(path))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
     Ok(secret.into_bytes())
 }

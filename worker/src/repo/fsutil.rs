@@ -1,12 +1,47 @@
-//! Small file-system helpers with the durability rules of the repository: temp file, fsync,
-//! rename, fsync of the folder; and `flock`-based locks that die with their process.
+//! Small file-system helpers with the durability and permission rules of the repository: temp
+//! file, fsync, rename, fsync of the folder; every file created 0600 and every folder 0700 (the
+//! mode is given to `open`/`mkdir`, so there is no moment when others could open it; a umask can
+//! only tighten it); and `flock`-based locks that die with their process.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{Error, io_err};
+
+pub(crate) use crate::perms::{DIR_MODE, FILE_MODE};
+
+/// Creates a new file for writing with mode [`FILE_MODE`]. A file already at `path` is a
+/// dead writer's leftover under a name only this writer uses (see [`temp_path`]): it is
+/// removed first, so the new file never inherits its mode.
+pub(crate) fn create_file(path: &Path) -> Result<File, Error> {
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(path)
+    };
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path).map_err(io_err(path))?;
+            open().map_err(io_err(path))
+        }
+        other => other.map_err(io_err(path)),
+    }
+}
+
+/// Creates `dir` and its missing parents with mode [`DIR_MODE`]; an existing folder keeps its
+/// mode. Only for folders inside the repository, whose root exists already.
+pub(crate) fn create_dirs(dir: &Path) -> Result<(), Error> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(io_err(dir))
+}
 
 /// Fsyncs a folder so that a rename or a new file in it survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
@@ -31,7 +66,7 @@ pub(crate) fn temp_path(path: &Path) -> PathBuf {
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut f = create_file(&tmp)?;
         f.write_all(bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         drop(f);
@@ -96,6 +131,7 @@ impl FileLock {
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(FILE_MODE)
             .open(path)
             .map_err(io_err(path))?;
         let op = match mode {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::crypto::{ChunkId, Keys};
-use super::fsutil::{publish, temp_path};
+use super::fsutil::{create_file, publish, temp_path};
 use super::{Error, io_err};
 
 const MAGIC: &[u8; 8] = b"CAIRNRPI";
@@ -153,7 +153,7 @@ pub struct IndexWriter {
 impl IndexWriter {
     pub fn create(path: &Path, keys: &Keys) -> Result<IndexWriter, Error> {
         let tmp = temp_path(path);
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let file = create_file(&tmp)?;
         let mut writer = IndexWriter {
             path: path.into(),
             tmp,

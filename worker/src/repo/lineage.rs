@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::config::{self, RepoConfig};
 use super::crypto::Keys;
-use super::fsutil::{FileLock, LockMode, sync_dir};
+use super::fsutil::{FileLock, LockMode, create_dirs, sync_dir};
 use super::index::IndexFile;
 use super::{Error, io_err};
 
@@ -149,7 +149,7 @@ impl Repository {
             return Ok(());
         }
         for sub in ["packs", "rps"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(io_err(dir.join(sub)))?;
+            create_dirs(&dir.join(sub))?;
         }
         sync_dir(&dir)?;
         sync_dir(&self.disks_dir())

@@ -15,7 +15,14 @@
 //! DIR/disks/<disk-id>/damaged.json         chunk ids the last verify found damaged (healing)
 //! DIR/disks/<disk-id>/write.lock           flock: backup, forget and gc (exclusive)
 //! DIR/disks/<disk-id>/read.lock            flock: restore, verify (shared); gc (exclusive)
+//! DIR.key                                  the key file looked for when none is given
+//!                                          (beside the folder, never inside it)
 //! ```
+//!
+//! - Every file the repository creates is mode 0600 and every folder 0700, given to `open` and
+//!   `mkdir` (a umask can only tighten them), so there is no moment when another user could
+//!   open one. A key file is read only when the process's effective user owns it and group and
+//!   others have no permission on it.
 //!
 //! - A disk is cut into fixed-size chunks (default 64 KiB, set at `init`, a power of two from
 //!   4 KiB to 16 MiB). Chunk *position* `p` covers bytes `[p * chunk_size, (p + 1) * chunk_size)`.
@@ -98,6 +105,21 @@ pub enum Error {
     WrongKey { key_file: PathBuf, repo: PathBuf },
     #[error("{path}: unusable key file: {reason}")]
     BadKeyFile { path: PathBuf, reason: String },
+    #[error("key file {path} is {who} (mode {mode:04o}): chmod 600 it")]
+    KeyFileExposed {
+        path: PathBuf,
+        mode: u32,
+        who: &'static str,
+    },
+    #[error(
+        "key file {path} is owned by uid {owner}, but cairn runs as uid {euid}: chown it to uid \
+         {euid} (and chmod 600 it), or run cairn as its owner"
+    )]
+    KeyFileOwner {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
     #[error("invalid chunk size {0}: must be a power of two from 4 KiB to 16 MiB")]
     InvalidChunkSize(u64),
     #[error("invalid disk id {id:?}: {reason}")]

@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::crypto::ChunkId;
-use super::fsutil::{publish, temp_path};
+use super::fsutil::{create_file, publish, temp_path};
 use super::{Error, io_err};
 
 const MAGIC: &[u8; 8] = b"CAIRNPAK";
@@ -98,7 +98,7 @@ impl PackWriter {
     pub fn create(dir: &Path, seq: u64) -> Result<PackWriter, Error> {
         let path = pack_path(dir, seq);
         let tmp = temp_path(&path);
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let file = create_file(&tmp)?;
         let mut header = Vec::with_capacity(HEADER_LEN as usize);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&VERSION.to_le_bytes());

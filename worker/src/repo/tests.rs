@@ -544,6 +544,24 @@ fn bad_repositories_and_keys_are_refused_clearly() {
     ));
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "f".repeat(64)).unwrap();
+    // Open to group or others: refused before it is tried, with the fix in the message.
+    use std::os::unix::fs::PermissionsExt;
+    for (mode, who) in [
+        (0o644, "readable by others"),
+        (0o640, "readable by its group"),
+    ] {
+        std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = Repository::open(&repo_dir, Some(&wrong)).unwrap_err();
+        assert!(matches!(err, Error::KeyFileExposed { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "key file {} is {who} (mode {mode:04o}): chmod 600 it",
+                wrong.display()
+            )
+        );
+    }
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(matches!(
         Repository::open(&repo_dir, Some(&wrong)),
         Err(Error::WrongKey { .. })
