@@ -220,6 +220,48 @@ pub fn tree_state(root: &Path) -> Vec<(PathBuf, (u64, u64))> {
     out
 }
 
+/// The permission bits (`0o7777`) of a file or folder, not following a symlink.
+pub fn mode_of(path: &Path) -> u32 {
+    mode_of_meta(
+        &std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+}
+
+/// Every file, folder and link at or below `root` with its mode, `root` first (what
+/// `find ROOT` lists), without following links.
+pub fn walk_modes(root: &Path) -> Vec<(PathBuf, u32, bool)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta =
+            std::fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).expect("read_dir") {
+                stack.push(entry.expect("entry").path());
+            }
+        }
+        out.push((path, mode_of_meta(&meta), meta.is_dir()));
+    }
+    out
+}
+
+fn mode_of_meta(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mode() & 0o7777
+}
+
+/// What `find ROOT -perm /077` prints: everything below `root` (and `root` itself) that
+/// gives group or others any permission. Symlinks are left out (their mode means nothing).
+pub fn open_to_others(root: &Path) -> Vec<String> {
+    walk_modes(root)
+        .into_iter()
+        .filter(|(path, mode, _)| {
+            mode & 0o077 != 0 && !std::fs::symlink_metadata(path).unwrap().is_symlink()
+        })
+        .map(|(path, mode, _)| format!("{mode:04o} {}", path.display()))
+        .collect()
+}
+
 /// Starts the `cairn` binary with `args` at log level info, its log going to `log`, with a
 /// thread that forwards each line it prints on stdout to the returned channel.
 pub fn spawn_cairn<I, S>(
@@ -254,20 +296,27 @@ where
 }
 
 /// A running `cairn up` started by a test, on a loopback port chosen by the kernel. Its log is
-/// kept in the data folder (`cairn.log`) and printed when the test fails. Dropping it kills it.
+/// kept in the data folder (`cairn.log`, private like everything there) and printed when the
+/// test fails. Dropping it kills it.
 pub struct UpServer {
     child: std::process::Child,
     pub addr: String,
     pub data: PathBuf,
+    /// What it printed on stdout before it said it is up (e.g. a new repository's key hint).
+    pub banner: Vec<String>,
 }
 
 impl UpServer {
     /// Starts `cairn up --data-dir DATA --listen 127.0.0.1:0 EXTRA...` with extra environment.
+    /// The data folder is made with the test's umask (usually 0755), as an administrator might
+    /// have made it; `cairn up` makes it 0700.
     pub fn start(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> UpServer {
+        use std::os::unix::fs::OpenOptionsExt;
         std::fs::create_dir_all(data).expect("data folder");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(data.join("cairn.log"))
             .expect("log file");
         let mut args: Vec<std::ffi::OsString> = vec!["up".into(), "--data-dir".into()];
@@ -276,6 +325,7 @@ impl UpServer {
         args.extend(extra.iter().map(Into::into));
         let (mut child, rx) = spawn_cairn(args, log, env).expect("cairn up starts");
         let deadline = Instant::now() + Duration::from_secs(120);
+        let mut banner = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
@@ -286,8 +336,10 @@ impl UpServer {
                             child,
                             addr,
                             data: data.into(),
+                            banner,
                         };
                     }
+                    banner.push(line);
                 }
                 Err(_) => {
                     let _ = child.kill();
@@ -303,6 +355,15 @@ impl UpServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// SIGTERM, as an administrator stops it; waits until it has exited.
+    pub fn stop(mut self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: kill has no memory-safety preconditions; the child is ours and not reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
+        let status = self.child.wait().expect("reaped");
+        assert!(status.success(), "cairn up exited with {status}");
     }
 
     /// `kill -9`.

@@ -369,9 +369,18 @@ fn bad_input_gets_4xx_with_a_code_and_the_server_keeps_serving() {
 }
 
 #[test]
-fn the_demo_protects_two_vms_with_realistic_disks() {
+fn the_demo_protects_two_vms_with_realistic_disks_in_a_private_encrypted_data_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let server = UpServer::start(&dir.path().join("data"), &["--demo"], &[]);
+    let data = dir.path().join("data");
+    let server = UpServer::start(&data, &["--demo"], &[]);
+    // A new repository is encrypted, with a generated key in the data folder and a hint to
+    // back it up.
+    let banner = server.banner.join("\n");
+    assert!(
+        banner.contains("created an encrypted repository")
+            && banner.contains("cairn repo key export"),
+        "{banner}"
+    );
     wait_until(
         Duration::from_secs(300),
         "both demo VMs to have a recovery point",
@@ -401,4 +410,36 @@ fn the_demo_protects_two_vms_with_realistic_disks() {
             && table.contains("name=\"root\""),
         "{table}"
     );
+    server.stop();
+    // Nothing in the data folder is open to group or others (`find DATA -perm /077` is
+    // empty): event log, snapshot, repository, key, descriptors, demo images, the test's log.
+    assert_eq!(open_to_others(&data), Vec::<String>::new());
+    assert!(data.join("snapshot.bin").exists() && data.join("events").is_dir());
+    // The repository's own files are exactly 0600 and its folders 0700.
+    let repo = data.join("repo");
+    let entries = walk_modes(&repo);
+    assert!(
+        entries
+            .iter()
+            .any(|(p, ..)| p.extension().is_some_and(|e| e == "pack"))
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|(p, ..)| p.extension().is_some_and(|e| e == "rpi"))
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|(p, ..)| p.extension().is_some_and(|e| e == "lock"))
+    );
+    for (path, mode, is_dir) in entries {
+        let want = if is_dir { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{:o} {}", mode, path.display());
+    }
+    assert_eq!(mode_of(&data.join("repo.key")), 0o600);
+    // `cairn repo` finds the key beside the repository folder.
+    let stats = cairn_json(&["repo", "stats", s(&repo)]);
+    assert_eq!(stats["encrypted"], true, "{stats:#}");
+    assert_eq!(stats["recovery_points"], 3, "{stats:#}");
 }

@@ -386,7 +386,8 @@ pub struct RpExportArgs {
     /// the export; with `cairn up` it is `DATA_DIR/repo`).
     #[arg(long, env = "CAIRN_REPOSITORY")]
     repository: PathBuf,
-    /// Key file of an encrypted repository.
+    /// Key file of an encrypted repository (default: `REPOSITORY.key` when it exists, as
+    /// `cairn up` keeps `DATA_DIR/repo.key`).
     #[arg(long, env = "CAIRN_KEY_FILE")]
     key_file: Option<PathBuf>,
     #[command(flatten)]
@@ -501,7 +502,8 @@ pub fn recover_items(args: &RecoverItemsArgs) -> Result<i32> {
 pub fn rp_export(args: &RpExportArgs) -> Result<i32> {
     let client = crate::client_cmd::Client::new(&args.opts.server)?;
     let (vm, rp, disk) = resolve_rp(&client, &args.vm, &args.rp, args.disk.as_deref())?;
-    let repo = cairn_worker::repo::Repository::open(&args.repository, args.key_file.as_deref())?;
+    let key_file = crate::repo_cmd::key_file_for(&args.repository, args.key_file.as_deref());
+    let repo = cairn_worker::repo::Repository::open(&args.repository, key_file.as_deref())?;
     let vm_id: cairn_schemas::VmId = vm.parse().map_err(|e| anyhow::anyhow!("vm {vm}: {e}"))?;
     let disk_id = cairn_schemas::DiskId::new(disk.as_str())
         .map_err(|e| anyhow::anyhow!("disk {disk}: {e}"))?;

@@ -574,7 +574,8 @@ pub struct SeedExportArgs {
     /// The node's data folder (its `vms/` holds the VM descriptors).
     #[arg(long, env = "CAIRN_DATA_DIR", default_value = "cairn-data")]
     data_dir: PathBuf,
-    /// Key file to encrypt the seed with (the repository's key, when it is encrypted).
+    /// Key file to encrypt the seed with (the repository's key, when it is encrypted; default:
+    /// the data folder's `repo.key` when it exists).
     #[arg(long, env = "CAIRN_KEY_FILE")]
     key_file: Option<PathBuf>,
 }
@@ -598,8 +599,11 @@ pub fn seed_export(args: &SeedExportArgs) -> Result<i32> {
             args.to.display()
         );
     }
-    std::fs::create_dir_all(&args.to).with_context(|| format!("creating {}", args.to.display()))?;
-    let repo = Repository::init(&args.to, 64 * 1024, args.key_file.as_deref())
+    // A seed travels on removable media: it is encrypted with the repository's key when the
+    // node's repository has one.
+    let key_file =
+        crate::repo_cmd::key_file_for(&args.data_dir.join("repo"), args.key_file.as_deref());
+    let repo = Repository::init(&args.to, 64 * 1024, key_file.as_deref())
         .with_context(|| format!("initialising the seed in {}", args.to.display()))?;
     for disk in &descriptor.disks {
         let lineage = lineage_id(descriptor.vm_id(), &disk.id)?;

@@ -102,12 +102,34 @@ pub enum RepoCommand {
     /// Item-level recovery and instant export: browse, extract, export.
     #[command(flatten)]
     Items(crate::items_cmd::RepoItemsCommand),
+    /// The key of an encrypted repository.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Print the key of an encrypted repository, or write it to a new file, to keep a copy
+    /// apart from the repository: without its key no recovery point in it can be read.
+    Export {
+        dir: PathBuf,
+        /// Write the key to this new file (created 0600; an existing file is never
+        /// overwritten) instead of printing it.
+        #[arg(long)]
+        to: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// Options every repo command takes.
 #[derive(Debug, Args)]
 pub struct Common {
-    /// Key file of an encrypted repository.
+    /// Key file of an encrypted repository (default: `DIR.key` beside the repository folder,
+    /// when it exists, as `cairn up` keeps `DATA/repo.key`). It must be owned by the user
+    /// running cairn and private to it (mode 0600 or stricter).
     #[arg(long, env = "CAIRN_KEY_FILE")]
     pub(crate) key_file: Option<PathBuf>,
     /// Print one JSON object on stdout instead of text.
@@ -116,7 +138,16 @@ pub struct Common {
 }
 
 pub(crate) fn open(dir: &Path, common: &Common) -> Result<Repository> {
-    Ok(Repository::open(dir, common.key_file.as_deref())?)
+    let key_file = key_file_for(dir, common.key_file.as_deref());
+    Ok(Repository::open(dir, key_file.as_deref())?)
+}
+
+/// The key file of the repository in `dir`: the one given, else `DIR.key` when it exists
+/// ([`repo::config::default_key_file`]).
+pub(crate) fn key_file_for(dir: &Path, given: Option<&Path>) -> Option<PathBuf> {
+    given.map(Path::to_path_buf).or_else(|| {
+        repo::config::default_key_file(dir).filter(|key| key.symlink_metadata().is_ok())
+    })
 }
 
 fn now_ms() -> u64 {
@@ -443,8 +474,88 @@ pub fn run(command: RepoCommand) -> Result<i32> {
             }
         }
         RepoCommand::Items(command) => return crate::items_cmd::run_repo(command),
+        RepoCommand::Key {
+            command: KeyCommand::Export { dir, to, common },
+        } => key_export(&dir, to.as_deref(), &common)?,
     }
     Ok(0)
+}
+
+/// `cairn repo key export`: the key is checked against the repository before it is shown, so
+/// what is exported opens it.
+fn key_export(dir: &Path, to: Option<&Path>, common: &Common) -> Result<()> {
+    let config = repo::config::load(dir)?;
+    if config.encryption.is_none() {
+        bail!(
+            "{}: the repository is not encrypted, so it has no key to export",
+            dir.display()
+        );
+    }
+    let key_file = key_file_for(dir, common.key_file.as_deref())
+        .ok_or_else(|| repo::Error::KeyRequired { path: dir.into() })?;
+    Repository::open(dir, Some(&key_file))?;
+    let key = repo::config::read_key_file(&key_file)?;
+    let Some(to) = to else {
+        if common.json {
+            let key = String::from_utf8_lossy(&key);
+            println!(
+                "{}",
+                json!({"repository": dir, "key_file": key_file, "key": key})
+            );
+        } else {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&key)?;
+            out.write_all(b"\n")?;
+        }
+        return Ok(());
+    };
+    write_new_private(to, &key)?;
+    if common.json {
+        println!(
+            "{}",
+            json!({"repository": dir, "key_file": key_file, "to": to})
+        );
+    } else {
+        println!(
+            "wrote the key of repository {} to {} (mode 0600); keep it apart from the repository",
+            dir.display(),
+            to.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `bytes` and a newline to a new file created 0600 (`O_EXCL`: an existing file or a
+/// symlink at `path` is refused, never followed or overwritten), durably.
+fn write_new_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(cairn_worker::perms::FILE_MODE)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "creating {} (the key is written only to a new file)",
+                path.display()
+            )
+        })?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    std::fs::File::open(parent.unwrap_or(Path::new(".")))
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("syncing the folder of {}", path.display()))?;
+    Ok(())
 }
 
 fn format_from_name(path: &Path) -> ImageFormat {

@@ -3,12 +3,18 @@
 //! in the data folder, and the HTTP API.
 //!
 //! Data folder layout: `events/` (sled event log), `snapshot.bin` (projection snapshot),
-//! `repo/` (repository), `vms/` (this node's VM descriptors), `images/` (demo disks),
-//! `nodes/NAME/vms/` (descriptors of the `--extra-node`s).
+//! `repo/` (repository), `repo.key` (its generated key, when `cairn up` made it encrypted),
+//! `vms/` (this node's VM descriptors), `images/` (demo disks), `nodes/NAME/vms/`
+//! (descriptors of the `--extra-node`s).
+//!
+//! Everything in the data folder is private to the user running cairn: the folder is 0700,
+//! and the process's umask gains `077` before anything is created, so files made without an
+//! explicit mode (the event log's, the demo's images) are 0600 as well. A new repository is
+//! encrypted unless `--no-encrypt` is given; an existing one keeps what it is.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +30,7 @@ use cairn_orchestrator::notify::{Notifier, NotifyConfig};
 use cairn_orchestrator::policy::tz::TimeZone;
 use cairn_schemas::{BrowseEntry, BrowseRequest, Command, JobId, NodeId, StepSpec};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
+use cairn_worker::perms::{self, PrivateDir};
 use cairn_worker::repo::Repository;
 use clap::Args;
 use tokio::sync::{mpsc, watch};
@@ -46,9 +53,13 @@ pub struct UpArgs {
     /// This node's name.
     #[arg(long, env = "CAIRN_NODE", default_value = "local")]
     pub node: String,
-    /// Key file, when the repository is encrypted.
+    /// Key file of the repository (default: `DATA/repo.key`, generated with a new repository).
+    /// It must be owned by the user running cairn and private to it (mode 0600).
     #[arg(long, env = "CAIRN_KEY_FILE")]
     pub key_file: Option<PathBuf>,
+    /// Make a new repository without encryption (an existing repository keeps what it is).
+    #[arg(long, conflicts_with = "key_file")]
+    pub no_encrypt: bool,
     /// Parallel backups per node.
     #[arg(long, default_value_t = 3)]
     pub backups_per_node: usize,
@@ -121,20 +132,27 @@ pub fn run(args: UpArgs) -> Result<i32> {
 }
 
 async fn serve(args: UpArgs) -> Result<i32> {
+    cairn_worker::perms::restrict_umask();
+    // The key is checked before anything is created: a refused key changes nothing.
+    let plan = RepoPlan::new(&args)?;
     let data = args.data_dir.clone();
-    for sub in ["events", "repo", "vms", "images"] {
-        std::fs::create_dir_all(data.join(sub))
-            .with_context(|| format!("creating {}", data.join(sub).display()))?;
+    if let PrivateDir::Restricted { from } = perms::private_dir(&data)? {
+        tracing::warn!(data = %data.display(), from = format!("{from:04o}"), "the data folder was open to group or others; it is 0700 now");
     }
     let data = data
         .canonicalize()
         .with_context(|| format!("{}", data.display()))?;
-    let repo_dir = data.join("repo");
-    if !repo_dir.join("cairn-repo.json").exists() {
-        Repository::init(&repo_dir, 64 * 1024, args.key_file.as_deref())?;
-        tracing::info!(repo = %repo_dir.display(), "created the repository");
+    for sub in ["events", "vms", "images"] {
+        perms::private_dir(&data.join(sub))?;
     }
-    Repository::open(&repo_dir, args.key_file.as_deref())?;
+    let repo_dir = data.join("repo");
+    let key_file = plan.key_file(&data);
+    if plan.create {
+        Repository::init(&repo_dir, 64 * 1024, key_file.as_deref())?;
+        tracing::info!(repo = %repo_dir.display(), "created the repository");
+        print_new_repository(&repo_dir, key_file.as_deref());
+    }
+    Repository::open(&repo_dir, key_file.as_deref())?;
     let node = NodeId::new(args.node.clone())
         .map_err(|e| anyhow::anyhow!("--node {:?}: {e}", args.node))?;
 
@@ -163,7 +181,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
         Agent::new(AgentConfig {
             node: node.clone(),
             vms_dir: data.join("vms"),
-            key_file: args.key_file.clone(),
+            key_file: key_file.clone(),
             threads: 0,
         })?
         .with_fault_delays(faults.clone()),
@@ -177,12 +195,13 @@ async fn serve(args: UpArgs) -> Result<i32> {
             anyhow::bail!("node {extra} is named twice");
         }
         let vms_dir = data.join("nodes").join(extra.as_str()).join("vms");
-        std::fs::create_dir_all(&vms_dir)
-            .with_context(|| format!("creating {}", vms_dir.display()))?;
+        perms::private_dir(&data.join("nodes"))?;
+        perms::private_dir(&data.join("nodes").join(extra.as_str()))?;
+        perms::private_dir(&vms_dir)?;
         let extra_agent = Agent::new(AgentConfig {
             node: extra.clone(),
             vms_dir,
-            key_file: args.key_file.clone(),
+            key_file: key_file.clone(),
             threads: 0,
         })?
         .with_fault_delays(faults.clone());
@@ -290,6 +309,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
 
     let (api_addr, api_task) =
         serve_api(args.listen, Arc::new(handle.clone()), shutdown_rx.clone()).await?;
+    let stop_signal = shutdown_signal();
     println!(
         "cairn is up: API on http://{api_addr}, data in {}",
         data.display()
@@ -310,7 +330,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
         });
     }
 
-    shutdown_signal().await;
+    stop_signal.await;
     println!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = engine_task.await;
@@ -318,6 +338,112 @@ async fn serve(args: UpArgs) -> Result<i32> {
     inventory_task.abort();
     worker_task.abort();
     Ok(0)
+}
+
+/// What `cairn up` does with its repository, decided before anything is written.
+#[derive(Debug)]
+struct RepoPlan {
+    /// No repository yet: make one.
+    create: bool,
+    key: KeyChoice,
+}
+
+#[derive(Debug)]
+enum KeyChoice {
+    /// A plain repository (an existing one, or `--no-encrypt`).
+    None,
+    /// `--key-file`.
+    Given(PathBuf),
+    /// `DATA/repo.key`: read, or generated with a new repository.
+    Default,
+}
+
+impl RepoPlan {
+    /// Reads the repository's config (if any) and the key file it will use, so that a key
+    /// cairn would refuse is refused before the data folder is touched.
+    fn new(args: &UpArgs) -> Result<RepoPlan> {
+        let repo_dir = args.data_dir.join("repo");
+        let default_key = args.data_dir.join(DEFAULT_KEY_FILE);
+        let create = !repo_dir
+            .join(cairn_worker::repo::config::CONFIG_FILE)
+            .exists();
+        let key = if create {
+            match (&args.key_file, args.no_encrypt) {
+                (Some(key), _) => KeyChoice::Given(key.clone()),
+                (None, true) => KeyChoice::None,
+                (None, false) => KeyChoice::Default,
+            }
+        } else {
+            let config = cairn_worker::repo::config::load(&repo_dir)?;
+            match (&config.encryption, &args.key_file) {
+                (None, Some(key)) => KeyChoice::Given(key.clone()),
+                (None, None) => KeyChoice::None,
+                (Some(_), _) if args.no_encrypt => anyhow::bail!(
+                    "{} is an encrypted repository; --no-encrypt applies only when cairn up \
+                     creates one",
+                    repo_dir.display()
+                ),
+                (Some(_), Some(key)) => KeyChoice::Given(key.clone()),
+                (Some(_), None) if default_key.symlink_metadata().is_ok() => KeyChoice::Default,
+                (Some(_), None) => anyhow::bail!(
+                    "{} is encrypted and {} does not exist: pass its key with --key-file",
+                    repo_dir.display(),
+                    default_key.display()
+                ),
+            }
+        };
+        let plan = RepoPlan { create, key };
+        // A key file that exists is read now, and refused unless it is private; a missing one
+        // is generated with a new repository, or named by the error of opening an existing one.
+        if let Some(key) = plan
+            .key_file(&args.data_dir)
+            .filter(|k| k.symlink_metadata().is_ok())
+        {
+            cairn_worker::repo::config::read_key_file(&key)?;
+        }
+        Ok(plan)
+    }
+
+    /// The key file, with the default one inside the (canonical) data folder `data`.
+    fn key_file(&self, data: &Path) -> Option<PathBuf> {
+        match &self.key {
+            KeyChoice::None => None,
+            KeyChoice::Given(key) => Some(key.clone()),
+            KeyChoice::Default => Some(data.join(DEFAULT_KEY_FILE)),
+        }
+    }
+}
+
+/// The generated key of `cairn up`'s repository, in the data folder: `DATA/repo.key`, the
+/// name `cairn repo` looks for beside `DATA/repo`.
+const DEFAULT_KEY_FILE: &str = "repo.key";
+
+/// Says what kind of repository was made, and how to back up its key.
+fn print_new_repository(repo_dir: &Path, key_file: Option<&Path>) {
+    match key_file {
+        None => println!(
+            "created a repository without encryption in {} (--no-encrypt)",
+            repo_dir.display()
+        ),
+        Some(key) => {
+            println!(
+                "created an encrypted repository in {}; its key is {}",
+                repo_dir.display(),
+                key.display()
+            );
+            let key_arg =
+                if cairn_worker::repo::config::default_key_file(repo_dir).as_deref() == Some(key) {
+                    String::new()
+                } else {
+                    format!(" --key-file {}", key.display())
+                };
+            println!(
+                "  back the key up now, away from this machine: without it no backup can be read\n  \
+                 cairn repo key export {}{key_arg} --to /somewhere/safe/cairn-repo.key",
+                repo_dir.display()
+            );
+        }
+    }
 }
 
 /// Scans this node's descriptors and reports the inventory; descriptor problems are logged.
@@ -341,7 +467,6 @@ pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &st
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
 /// Binds the HTTP API on `listen` and serves it until `shutdown` turns true.
 pub async fn serve_api(
     listen: SocketAddr,
@@ -359,11 +484,17 @@ pub async fn serve_api(
     Ok((addr, task))
 }
 
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this is called, not when the future is first polled: call
+/// it before saying the process is up, so that a SIGTERM sent right after that is a clean stop
+/// rather than the default death.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }

@@ -40,12 +40,23 @@ pub fn decode(bytes: &[u8]) -> Result<State, String> {
     postcard::from_bytes(&body[9..]).map_err(|e| format!("does not decode: {e}"))
 }
 
-/// Writes a snapshot atomically (temp file, fsync, rename, fsync of the folder).
+/// Writes a snapshot atomically (temp file, fsync, rename, fsync of the folder). The file is
+/// created 0600: it holds the whole projected state (VMs, paths, the recovery point catalog).
 pub fn save(path: &Path, state: &State) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let bytes = encode(state);
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    // A leftover temp file of a crashed save goes first, so the new one gets the new mode.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     file.write_all(&bytes)?;
     file.sync_all()?;
     drop(file);
