@@ -1,14 +1,17 @@
 //! ext2/3/4 volumes through the `ext4-view` crate (read-only, checks metadata checksums). Maps
-//! its errors onto [`Error`]; folders carry their inode number as [`NodeId::Inode`], taken from
-//! the directory entry that leads to them (the vendored crate's one addition). Never writes.
+//! its errors onto [`Error`]; folders carry [`NodeId::Ext4Look`], a digest of their inode
+//! metadata and entries (the crate does not give inode numbers). Never writes.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use ext4_view::{Ext4, Ext4Error, Metadata};
 
 use super::slice::Slice;
 use super::{Error, Node, NodeId, NodeKind, Tree, display_path as display};
 
-/// The root folder's inode, fixed by the on-disk format.
-const ROOT_INODE: u32 = 2;
+/// Entries of a folder that go into its digest: enough to tell folders apart, bounded so a
+/// huge folder is not read twice in full.
+const LOOK_ENTRIES: usize = 4096;
 
 pub(super) struct Ext4Tree {
     fs: Ext4,
@@ -70,22 +73,23 @@ impl Ext4Tree {
         Ok(Ext4Tree { fs })
     }
 
-    /// The inode number of the entry at `path`, from its folder's entry of that name; `None`
-    /// when that folder cannot be read (the caller then has no identity for it, and the walk
-    /// falls back on the depth limit).
-    fn inode_of(&self, path: &[Vec<u8>]) -> Option<u32> {
-        let Some((name, parent)) = path.split_last() else {
-            return Some(ROOT_INODE);
-        };
-        let entries = self.fs.read_dir(path_bytes(parent).as_slice()).ok()?;
-        entries
-            .filter_map(Result::ok)
-            .find(|entry| {
-                let entry_name = entry.file_name();
-                let entry_name: &[u8] = entry_name.as_ref();
-                entry_name == name.as_slice()
-            })
-            .map(|entry| entry.inode())
+    /// The identity of the folder at `path` whose metadata is `meta`: a digest of that
+    /// metadata (all of the inode's times to the nanosecond, size, mode, owner) and of its
+    /// first entries' names and types in on-disk order. A hard link to the folder reads the
+    /// same inode and the same blocks, so it has the same digest. `None` when the folder cannot
+    /// be read (then only the depth limit bounds it).
+    fn look(&self, path: &[u8], meta: &Metadata) -> Option<NodeId> {
+        let entries = self.fs.read_dir(path).ok()?;
+        let mut digest = DefaultHasher::new();
+        meta.hash(&mut digest);
+        for entry in entries.take(LOOK_ENTRIES) {
+            let entry = entry.ok()?;
+            let name = entry.file_name();
+            let name: &[u8] = name.as_ref();
+            name.hash(&mut digest);
+            entry.file_type().ok().hash(&mut digest);
+        }
+        Some(NodeId::Ext4Look(digest.finish()))
     }
 }
 
@@ -114,7 +118,12 @@ impl Tree for Ext4Tree {
             let meta = entry.metadata().map_err(|e| map_err(dir, e))?;
             let mut child = node(name, &meta);
             if child.kind == NodeKind::Dir {
-                child.id = Some(NodeId::Inode(entry.inode().into()));
+                let mut child_path = p.clone();
+                if child_path.len() > 1 {
+                    child_path.push(b'/');
+                }
+                child_path.extend_from_slice(&child.raw_name);
+                child.id = self.look(&child_path, &meta);
             }
             out.push(child);
         }
@@ -130,7 +139,7 @@ impl Tree for Ext4Tree {
             .map_err(|e| map_err(path, e))?;
         let mut found = node(path.last().cloned().unwrap_or_else(|| b"/".to_vec()), &meta);
         if found.kind == NodeKind::Dir {
-            found.id = self.inode_of(path).map(|n| NodeId::Inode(n.into()));
+            found.id = self.look(&p, &meta);
         }
         Ok(found)
     }

@@ -110,11 +110,17 @@ pub enum NodeKind {
 
 /// What tells one folder of a file system from another, whatever names lead to it: the same
 /// folder reached twice (a directory hard link, a loop, cross-linked FAT clusters) has the same
-/// id. Only meaningful within one volume.
+/// id. Only meaningful within one volume. An [exact](NodeId::is_exact) id is the file system's
+/// own number for the folder; an inexact one is a digest of what the folder looks like, which
+/// two distinct folders may share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NodeId {
-    /// ext2/3/4: the inode number.
-    Inode(u64),
+    /// ext2/3/4: a digest of the folder's inode metadata (size, mode, owner and the access,
+    /// change, modification and creation times to the nanosecond) and of its entries' names
+    /// and types, in on-disk order. `ext4-view` keeps inode numbers to itself; a hard link
+    /// shares its inode, so it has the same digest, and two distinct folders share one only
+    /// when all of that is equal (images built with fixed timestamps can have such twins).
+    Ext4Look(u64),
     /// FAT: where the folder's first cluster (or the FAT12/16 root folder) lies, in bytes from
     /// the volume start.
     FatData(u64),
@@ -123,10 +129,17 @@ pub enum NodeId {
 }
 
 impl NodeId {
+    /// Whether two folders with this id are surely one. An inexact id is trusted only where
+    /// the other folder is an ancestor (a loop: walking on would never end), never to skip a
+    /// folder as a second name of one extracted elsewhere.
+    pub fn is_exact(self) -> bool {
+        !matches!(self, NodeId::Ext4Look(_))
+    }
+
     /// How a second name of an already extracted folder is called on this file system.
     fn second_name(self) -> &'static str {
         match self {
-            NodeId::Inode(_) | NodeId::NtfsRecord(_) => "directory hard link",
+            NodeId::Ext4Look(_) | NodeId::NtfsRecord(_) => "directory hard link",
             NodeId::FatData(_) => "cross-linked folder",
         }
     }
@@ -135,7 +148,9 @@ impl NodeId {
 impl std::fmt::Display for NodeId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NodeId::Inode(n) => write!(f, "inode {n}"),
+            NodeId::Ext4Look(_) => {
+                write!(f, "the same folder (same inode metadata and entries)")
+            }
             NodeId::FatData(at) => write!(f, "the folder whose data starts at byte {at}"),
             NodeId::NtfsRecord(n) => write!(f, "file record {n}"),
         }

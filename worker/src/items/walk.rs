@@ -45,10 +45,11 @@ impl Folder {
     }
 }
 
-/// The folders entered so far while extracting one item: where each was extracted, by id.
+/// The folders entered so far while extracting one item: where each was extracted, by id
+/// (several places for an inexact id, which distinct folders may share).
 #[derive(Debug, Default)]
 pub(super) struct Visited {
-    at: HashMap<NodeId, String>,
+    at: HashMap<NodeId, Vec<String>>,
 }
 
 /// Whether `path` lies below `ancestor` (both as the walk shows them, `/p2/a/b`).
@@ -69,13 +70,17 @@ impl Visited {
         max_depth: u32,
     ) -> Folder {
         if let Some(id) = id
-            && let Some(at) = self.at.get(&id)
+            && let Some(places) = self.at.get(&id)
         {
-            return if is_below(shown, at) {
-                Folder::Loop { id, at: at.clone() }
-            } else {
-                Folder::Again { id, at: at.clone() }
-            };
+            if let Some(at) = places.iter().find(|at| is_below(shown, at)) {
+                return Folder::Loop { id, at: at.clone() };
+            }
+            if id.is_exact() {
+                return Folder::Again {
+                    id,
+                    at: places[0].clone(),
+                };
+            }
         }
         if depth >= max_depth as usize {
             return Folder::TooDeep { limit: max_depth };
@@ -86,7 +91,11 @@ impl Visited {
     /// Records that the folder shown as `shown` was entered (created in the target).
     pub(super) fn entered(&mut self, shown: &str, id: Option<NodeId>) {
         if let Some(id) = id {
-            self.at.entry(id).or_insert_with(|| shown.to_string());
+            let places = self.at.entry(id).or_default();
+            // An exact id is entered once; the first place is the one reports name.
+            if places.is_empty() || !id.is_exact() {
+                places.push(shown.to_string());
+            }
         }
     }
 }
@@ -107,9 +116,9 @@ mod tests {
     fn folders_are_entered_once_and_within_the_depth_limit() {
         use NodeId::*;
         let v = visited(&[
-            ("/p2", Inode(2)),
-            ("/p2/a", Inode(12)),
-            ("/p2/ab", Inode(13)),
+            ("/p2", NtfsRecord(2)),
+            ("/p2/a", NtfsRecord(12)),
+            ("/p2/ab", NtfsRecord(13)),
         ]);
         let loop_at = |id, at: &str| Folder::Loop {
             id,
@@ -120,53 +129,65 @@ mod tests {
             at: at.to_string(),
         };
         let cases: &[(&str, Option<NodeId>, usize, u32, Folder)] = &[
-            ("/p2/b", Some(Inode(14)), 1, 128, Folder::Enter),
+            ("/p2/b", Some(NtfsRecord(14)), 1, 128, Folder::Enter),
             (
                 "/p2/a/self",
-                Some(Inode(12)),
+                Some(NtfsRecord(12)),
                 2,
                 128,
-                loop_at(Inode(12), "/p2/a"),
+                loop_at(NtfsRecord(12), "/p2/a"),
             ),
-            ("/p2/a/up", Some(Inode(2)), 2, 128, loop_at(Inode(2), "/p2")),
+            (
+                "/p2/a/up",
+                Some(NtfsRecord(2)),
+                2,
+                128,
+                loop_at(NtfsRecord(2), "/p2"),
+            ),
             // A second name beside the first one, not below it: a hard link, no loop.
             (
                 "/p2/link",
-                Some(Inode(12)),
+                Some(NtfsRecord(12)),
                 1,
                 128,
-                again_at(Inode(12), "/p2/a"),
+                again_at(NtfsRecord(12), "/p2/a"),
             ),
             // `/p2/ab/x` is not below `/p2/a` although its text starts with it.
             (
                 "/p2/ab/x",
-                Some(Inode(12)),
+                Some(NtfsRecord(12)),
                 2,
                 128,
-                again_at(Inode(12), "/p2/a"),
+                again_at(NtfsRecord(12), "/p2/a"),
             ),
             (
                 "/p2/ab/x",
-                Some(Inode(13)),
+                Some(NtfsRecord(13)),
                 2,
                 128,
-                loop_at(Inode(13), "/p2/ab"),
+                loop_at(NtfsRecord(13), "/p2/ab"),
             ),
             // Ids of different kinds never match.
-            ("/p2/c", Some(NtfsRecord(12)), 1, 128, Folder::Enter),
+            ("/p2/c", Some(Ext4Look(12)), 1, 128, Folder::Enter),
             ("/p2/c", Some(FatData(12)), 1, 128, Folder::Enter),
             // The depth limit: the item is at 0, so 8 allows depths 0 to 7.
             ("/p2/d", None, 7, 8, Folder::Enter),
             ("/p2/d", None, 8, 8, Folder::TooDeep { limit: 8 }),
-            ("/p2/d", Some(Inode(99)), 9, 8, Folder::TooDeep { limit: 8 }),
+            (
+                "/p2/d",
+                Some(NtfsRecord(99)),
+                9,
+                8,
+                Folder::TooDeep { limit: 8 },
+            ),
             ("/p2", None, 0, 0, Folder::TooDeep { limit: 0 }),
             // A loop is named as one even past the limit.
             (
                 "/p2/a/self",
-                Some(Inode(12)),
+                Some(NtfsRecord(12)),
                 200,
                 8,
-                loop_at(Inode(12), "/p2/a"),
+                loop_at(NtfsRecord(12), "/p2/a"),
             ),
             // Without an id only the depth limit applies.
             ("/p2/a/self", None, 2, 128, Folder::Enter),
@@ -181,15 +202,44 @@ mod tests {
     }
 
     #[test]
+    fn a_look_alike_ext4_folder_is_a_loop_only_below_its_twin() {
+        let twin = NodeId::Ext4Look(7);
+        let mut v = Visited::default();
+        v.entered("/p2/a", Some(twin));
+        // Elsewhere, a folder that looks the same is extracted: it may be another folder.
+        assert_eq!(v.decide("/p2/b", Some(twin), 1, 128), Folder::Enter);
+        v.entered("/p2/b", Some(twin));
+        // Below either place, it is a loop.
+        for (shown, at) in [("/p2/a/self", "/p2/a"), ("/p2/b/x/up", "/p2/b")] {
+            assert_eq!(
+                v.decide(shown, Some(twin), 2, 128),
+                Folder::Loop {
+                    id: twin,
+                    at: at.into()
+                }
+            );
+        }
+        assert!(
+            Folder::Loop {
+                id: twin,
+                at: "/p2/a".into()
+            }
+            .skip_reason()
+            .unwrap()
+            .contains("same inode metadata and entries")
+        );
+    }
+
+    #[test]
     fn the_first_place_a_folder_was_extracted_is_kept() {
         let mut v = Visited::default();
-        v.entered("/p2/a", Some(NodeId::Inode(5)));
-        v.entered("/p2/b", Some(NodeId::Inode(5)));
+        v.entered("/p2/a", Some(NodeId::NtfsRecord(5)));
+        v.entered("/p2/b", Some(NodeId::NtfsRecord(5)));
         v.entered("/p2/c", None);
         assert_eq!(
-            v.decide("/p2/b/x", Some(NodeId::Inode(5)), 2, 128),
+            v.decide("/p2/b/x", Some(NodeId::NtfsRecord(5)), 2, 128),
             Folder::Again {
-                id: NodeId::Inode(5),
+                id: NodeId::NtfsRecord(5),
                 at: "/p2/a".into()
             }
         );
@@ -200,17 +250,17 @@ mod tests {
         let reason = |f: Folder| f.skip_reason().unwrap();
         assert_eq!(
             reason(Folder::Loop {
-                id: NodeId::Inode(14),
+                id: NodeId::NtfsRecord(14),
                 at: "/p2/a".into()
             }),
-            "directory loop: inode 14 is already extracted at /p2/a"
+            "directory loop: file record 14 is already extracted at /p2/a"
         );
         assert_eq!(
             reason(Folder::Again {
-                id: NodeId::Inode(12),
+                id: NodeId::NtfsRecord(12),
                 at: "/p2/a".into()
             }),
-            "directory hard link: inode 12 is already extracted at /p2/a"
+            "directory hard link: file record 12 is already extracted at /p2/a"
         );
         assert_eq!(
             reason(Folder::Again {
