@@ -20,7 +20,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 /// cairn: backup and recovery of KVM/QEMU virtual machines.
 #[derive(Debug, Parser)]
-#[command(name = "cairn", version, about, propagate_version = true)]
+#[command(name = "cairn", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
