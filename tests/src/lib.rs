@@ -250,8 +250,9 @@ fn mode_of_meta(meta: &std::fs::Metadata) -> u32 {
     meta.mode() & 0o7777
 }
 
-/// What `find ROOT -perm /077` prints: everything below `root` (and `root` itself) that
-/// gives group or others any permission. Symlinks are left out (their mode means nothing).
+/// What `find` prints for `root` when asked for any of the permission bits 077 (`-perm` in its
+/// any-bit form): everything at or below `root` that gives group or others any permission.
+/// Symlinks are left out (their mode means nothing).
 pub fn open_to_others(root: &Path) -> Vec<String> {
     walk_modes(root)
         .into_iter()

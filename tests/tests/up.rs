@@ -411,8 +411,9 @@ fn the_demo_protects_two_vms_with_realistic_disks_in_a_private_encrypted_data_fo
         "{table}"
     );
     server.stop();
-    // Nothing in the data folder is open to group or others (`find DATA -perm /077` is
-    // empty): event log, snapshot, repository, key, descriptors, demo images, the test's log.
+    // Nothing in the data folder is open to group or others (`find` with `-perm` for any of
+    // 077 finds nothing): event log, snapshot, repository, key, descriptors, demo images, and
+    // the test's own log.
     assert_eq!(open_to_others(&data), Vec::<String>::new());
     assert!(data.join("snapshot.bin").exists() && data.join("events").is_dir());
     // The repository's own files are exactly 0600 and its folders 0700.
