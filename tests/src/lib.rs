@@ -177,6 +177,27 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
     }
 }
 
+/// Makes the encrypted repository `repo` with its key in `key`, and backs up `image` (made
+/// here: 4 MiB of random bytes from `seed`) into it as disk `d`.
+pub fn encrypted_repo_with_one_backup(repo: &Path, key: &Path, image: &Path, seed: u64) {
+    let arg = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    let (repo, key) = (arg(repo), arg(key));
+    cairn_ok(&["repo", "init", &repo, "--encrypt", "--key-file", &key]);
+    random_file(image, 4 << 20, seed);
+    let image = arg(image);
+    cairn_ok(&[
+        "repo",
+        "backup",
+        &repo,
+        "--source",
+        &image,
+        "--disk",
+        "d",
+        "--key-file",
+        &key,
+    ]);
+}
+
 /// Writes `len` bytes of incompressible pseudo-random data (xorshift) to `path`.
 pub fn random_file(path: &Path, len: u64, seed: u64) {
     use std::io::Write;

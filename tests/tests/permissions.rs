@@ -158,20 +158,8 @@ fn a_key_file_open_to_group_or_others_is_refused_everywhere_and_nothing_changes(
     let repo = data.join("repo");
     let key = data.join("repo.key");
     let k = s(&key);
-    cairn_ok(&["repo", "init", s(&repo), "--encrypt", "--key-file", k]);
     let image = dir.path().join("disk.raw");
-    random_file(&image, 4 << 20, 12);
-    cairn_ok(&[
-        "repo",
-        "backup",
-        s(&repo),
-        "--source",
-        s(&image),
-        "--disk",
-        "d",
-        "--key-file",
-        k,
-    ]);
+    encrypted_repo_with_one_backup(&repo, &key, &image, 12);
     let vms = dir.path().join("vms");
     std::fs::create_dir(&vms).unwrap();
     for (mode, who) in [
@@ -302,18 +290,8 @@ fn cairn_repo_key_export_gives_a_key_that_opens_the_repository() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
     let key = dir.path().join("repo.key");
-    cairn_ok(&["repo", "init", s(&repo), "--encrypt", "--key-file", s(&key)]);
     let image = dir.path().join("disk.raw");
-    random_file(&image, 4 << 20, 13);
-    cairn_ok(&[
-        "repo",
-        "backup",
-        s(&repo),
-        "--source",
-        s(&image),
-        "--disk",
-        "d",
-    ]);
+    encrypted_repo_with_one_backup(&repo, &key, &image, 13);
     let stored = std::fs::read_to_string(&key).unwrap();
 
     // Printed (the key beside the repository is found without --key-file) ...

@@ -375,20 +375,8 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
     let key = dir.path().join("key");
-    cairn_ok(&["repo", "init", s(&repo), "--encrypt", "--key-file", s(&key)]);
     let good = dir.path().join("good.raw");
-    random_file(&good, 4 << 20, 3);
-    cairn_ok(&[
-        "repo",
-        "backup",
-        s(&repo),
-        "--source",
-        s(&good),
-        "--disk",
-        "d",
-        "--key-file",
-        s(&key),
-    ]);
+    encrypted_repo_with_one_backup(&repo, &key, &good, 3);
     let before = tree_state(&repo);
 
     let text = dir.path().join("notes.txt");
