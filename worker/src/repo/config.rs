@@ -64,9 +64,15 @@ pub fn validate_chunk_size(chunk_size: u64) -> Result<u32, Error> {
 pub fn init(dir: &Path, chunk_size: u64, key_file: Option<&Path>) -> Result<RepoConfig, Error> {
     let chunk_size = validate_chunk_size(chunk_size)?;
     let exists = match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(Error::AlreadyExists { path: dir.into() });
+        Ok(entries) => {
+            let names = entries
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(io_err(dir))?;
+            match interrupted_init(&names) {
+                Leftovers::None => {}
+                Leftovers::OfInit => remove_init_leftovers(dir, &names)?,
+                Leftovers::Other => return Err(Error::AlreadyExists { path: dir.into() }),
             }
             true
         }
@@ -119,6 +125,57 @@ pub fn init(dir: &Path, chunk_size: u64, key_file: Option<&Path>) -> Result<Repo
     let json = serde_json::to_vec_pretty(&config).expect("config serialises");
     write_atomic(&dir.join(CONFIG_FILE), &json)?;
     Ok(config)
+}
+
+/// What a folder given to [`init`] already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leftovers {
+    None,
+    /// Only what an `init` interrupted by a crash leaves: `disks/` and temp files of the
+    /// config. The config's rename is the moment a repository exists, so these are no
+    /// repository yet and a new `init` may clear them.
+    OfInit,
+    /// Anything else: the folder is not cairn's to take.
+    Other,
+}
+
+/// Classifies the entry names of a folder given to [`init`] (pure).
+fn interrupted_init(names: &[String]) -> Leftovers {
+    if names.is_empty() {
+        return Leftovers::None;
+    }
+    let config_temp = format!(".{CONFIG_FILE}.");
+    let of_init = names
+        .iter()
+        .all(|n| n == "disks" || (n.starts_with(&config_temp) && n.ends_with(".tmp")));
+    if of_init {
+        Leftovers::OfInit
+    } else {
+        Leftovers::Other
+    }
+}
+
+/// Removes what an interrupted `init` left: its config temp files and `disks/`, which must
+/// still be empty (a non-empty one is refused, and nothing is removed).
+fn remove_init_leftovers(dir: &Path, names: &[String]) -> Result<(), Error> {
+    let disks = dir.join("disks");
+    if names.iter().any(|n| n == "disks")
+        && std::fs::read_dir(&disks)
+            .map_err(io_err(&disks))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::AlreadyExists { path: dir.into() });
+    }
+    for name in names {
+        let path = dir.join(name);
+        if name == "disks" {
+            std::fs::remove_dir(&path).map_err(io_err(&path))?;
+        } else {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// Takes group and others' permissions off an existing, still empty folder that becomes a

@@ -579,6 +579,29 @@ fn bad_repositories_and_keys_are_refused_clearly() {
         Repository::init(&dir.path().join("x"), 5000, None),
         Err(Error::InvalidChunkSize(5000))
     ));
+    // What an init killed before its config was renamed into place leaves (an empty disks/,
+    // a config temp file) is no repository: a new init takes the folder. Anything more, or a
+    // disks/ with something in it, is refused and kept.
+    let interrupted = dir.path().join("interrupted");
+    std::fs::create_dir_all(interrupted.join("disks")).unwrap();
+    std::fs::write(interrupted.join(".cairn-repo.json.4242-0.tmp"), b"{ half").unwrap();
+    Repository::init(&interrupted, 65536, None).unwrap();
+    assert!(Repository::open(&interrupted, None).is_ok());
+    for (extra, inside_disks) in [(Some("notes.txt"), false), (None, true)] {
+        let taken = dir.path().join(format!("taken-{inside_disks}"));
+        std::fs::create_dir_all(taken.join("disks")).unwrap();
+        if let Some(extra) = extra {
+            std::fs::write(taken.join(extra), b"mine").unwrap();
+        }
+        if inside_disks {
+            std::fs::create_dir(taken.join("disks/vm")).unwrap();
+        }
+        assert!(matches!(
+            Repository::init(&taken, 65536, None),
+            Err(Error::AlreadyExists { .. })
+        ));
+        assert!(taken.join("disks").is_dir(), "nothing removed");
+    }
     std::fs::write(repo_dir.join("cairn-repo.json"), b"{ not json").unwrap();
     assert!(matches!(
         Repository::open(&repo_dir, Some(&key)),
