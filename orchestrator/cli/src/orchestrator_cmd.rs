@@ -387,12 +387,15 @@ async fn serve(settings: Settings) -> Result<i32> {
     let control: Arc<dyn Control> = Arc::new(handle.clone());
     let (api_addr, api_task) =
         crate::up::serve_api(settings.listen, control, shutdown_rx.clone()).await?;
+    // The handlers are installed before the line that tells a supervisor we are up, so a
+    // SIGTERM right after it is a clean stop, never the default action.
+    let stop_signal = crate::up::shutdown_signal();
     println!(
         "cairn orchestrator is up: API on http://{api_addr}, instance {}, {} partitions",
         settings.instance, settings.partitions
     );
 
-    crate::up::shutdown_signal().await;
+    stop_signal.await;
     println!("shutting down");
     // Hand the partitions over first, then stop the engine.
     let _ = shutdown_tx.send(true);

@@ -188,6 +188,9 @@ async fn serve(args: WorkerSettings) -> Result<i32> {
         rescan_rx,
         stop_rx,
     ));
+    // The handlers are installed before the line that tells a supervisor we are up, so a
+    // SIGTERM right after it is a clean stop, never the default action.
+    let shutdown = crate::up::shutdown_signal();
     println!(
         "cairn worker of node {node}: steps from NATS at {}, VMs in {}",
         args.nats,
@@ -196,7 +199,6 @@ async fn serve(args: WorkerSettings) -> Result<i32> {
 
     let slots = Arc::new(Semaphore::new(args.parallel));
     let mut running = tokio::task::JoinSet::new();
-    let shutdown = crate::up::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         while running.try_join_next().is_some() {}
