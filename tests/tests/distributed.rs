@@ -339,7 +339,14 @@ fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
     workers[0] = Some(lab.worker(0, &[("CAIRN_FAULT_STEP_DELAY_MS", "Transfer=20000")]));
     let job = request_backup(&addr(&orchestrators, 2), node0_vm);
     wait_until(Duration::from_secs(60), "the transfer running", || {
-        let j = get(&a0, &format!("/v1/jobs/{job}"));
+        // The job was requested through another orchestrator: this one knows it once it has
+        // applied the job's events from the log (404 until then).
+        let (status, body) = http(&a0, "GET", &format!("/v1/jobs/{job}"), None);
+        if status == 404 {
+            return false;
+        }
+        assert_eq!(status, 200, "GET /v1/jobs/{job}: {body}");
+        let j: Value = serde_json::from_str(&body).unwrap();
         j["steps"].as_array().unwrap().iter().any(|s| {
             s["kind"].as_str().unwrap_or("").starts_with("Transfer") && s["state"] == "Running"
         })
