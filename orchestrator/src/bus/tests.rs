@@ -140,6 +140,9 @@ fn recording(
         callback,
         ReportConsumerConfig {
             retry_delay: Duration::from_millis(200),
+            // A report that a stopped consumer's last pull took comes back after ack_wait;
+            // short here, so the consumer that takes over gets it within the tests' deadlines.
+            ack_wait: Duration::from_secs(2),
             ..Default::default()
         },
     );
