@@ -193,6 +193,10 @@ uuid_id!(
     /// One recovery point of a VM (all its disks at one point in time).
     RecoveryPointId
 );
+uuid_id!(
+    /// One API token (an identity with a role); its secret is never stored, only its hash.
+    TokenId
+);
 
 /// Checks a name against `[A-Za-z0-9._-]{1,max_len}`, not starting with '.'.
 fn check_name(kind: &'static str, value: &str, max_len: usize) -> Result<(), IdError> {

@@ -20,6 +20,7 @@ pub use codec::{
     encode_command, encode_report, encode_spec,
 };
 pub use ids::{
-    CommandId, DiskId, EventId, GroupId, IdError, JobId, NodeId, RecoveryPointId, StepId, VmId,
+    CommandId, DiskId, EventId, GroupId, IdError, JobId, NodeId, RecoveryPointId, StepId, TokenId,
+    VmId,
 };
 pub use v1::*;

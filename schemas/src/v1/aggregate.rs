@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{GroupId, JobId, NodeId, VmId};
+use crate::ids::{GroupId, JobId, NodeId, TokenId, VmId};
 
 /// The kind of an aggregate, without its id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -18,6 +18,8 @@ pub enum AggregateKind {
     Job,
     /// A hypervisor node and its worker.
     Node,
+    /// An API token (an identity with a role).
+    Token,
 }
 
 impl AggregateKind {
@@ -28,6 +30,7 @@ impl AggregateKind {
             AggregateKind::Vm => "vm",
             AggregateKind::Job => "job",
             AggregateKind::Node => "node",
+            AggregateKind::Token => "token",
         }
     }
 }
@@ -49,6 +52,8 @@ pub enum Aggregate {
     Job(JobId),
     /// A node.
     Node(NodeId),
+    /// An API token.
+    Token(TokenId),
 }
 
 impl Aggregate {
@@ -59,6 +64,7 @@ impl Aggregate {
             Aggregate::Vm(_) => AggregateKind::Vm,
             Aggregate::Job(_) => AggregateKind::Job,
             Aggregate::Node(_) => AggregateKind::Node,
+            Aggregate::Token(_) => AggregateKind::Token,
         }
     }
 
@@ -69,6 +75,7 @@ impl Aggregate {
             Aggregate::Vm(id) => id.to_string(),
             Aggregate::Job(id) => id.to_string(),
             Aggregate::Node(id) => id.to_string(),
+            Aggregate::Token(id) => id.to_string(),
         }
     }
 
@@ -79,6 +86,7 @@ impl Aggregate {
             Aggregate::Vm(id) => id.as_bytes(),
             Aggregate::Job(id) => id.as_bytes(),
             Aggregate::Node(id) => id.as_str().as_bytes(),
+            Aggregate::Token(id) => id.as_bytes(),
         }
     }
 }

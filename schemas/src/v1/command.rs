@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::domain::{BackupMode, RecoveryOptions, RecoveryTarget, VmInventory};
 use super::policy::GroupPolicy;
-use crate::ids::{CommandId, GroupId, JobId, NodeId, RecoveryPointId, VmId};
+use super::token::Role;
+use crate::ids::{CommandId, GroupId, JobId, NodeId, RecoveryPointId, TokenId, VmId};
 
 /// A command to the orchestrator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +136,28 @@ pub enum Command {
         target: RecoveryTarget,
         /// Throttle, notifications, new name.
         options: RecoveryOptions,
+    },
+    /// Make an API token.
+    CreateToken {
+        /// Id of the new token.
+        token: TokenId,
+        /// Its name (`[A-Za-z0-9._-]{1,64}`, unique among live tokens).
+        name: String,
+        /// Its role.
+        role: Role,
+        /// For app owners: the VMs of its scope.
+        vms: Vec<VmId>,
+        /// For app owners: the groups of its scope.
+        groups: Vec<GroupId>,
+        /// BLAKE3 of its secret (the API edge makes the secret and keeps only this).
+        secret_hash: [u8; 32],
+        /// Lifetime from its creation, in seconds; `None`: it does not expire.
+        expires_in_secs: Option<u64>,
+    },
+    /// Revoke an API token.
+    RevokeToken {
+        /// The token.
+        token: TokenId,
     },
 }
 

@@ -12,6 +12,7 @@ use super::domain::{
 };
 use super::policy::GroupPolicy;
 use super::step::{PlannedStep, StepResult, StepSpec};
+use super::token::TokenEvent;
 use crate::ids::{DiskId, GroupId, NodeId, RecoveryPointId, StepId, VmId};
 
 /// Events of a protection group.
@@ -314,6 +315,8 @@ pub enum Event {
     Job(JobEvent),
     /// A node's event.
     Node(NodeEvent),
+    /// An API token's event.
+    Token(TokenEvent),
 }
 
 impl Event {
@@ -324,6 +327,7 @@ impl Event {
             Event::Vm(_) => AggregateKind::Vm,
             Event::Job(_) => AggregateKind::Job,
             Event::Node(_) => AggregateKind::Node,
+            Event::Token(_) => AggregateKind::Token,
         }
     }
 
@@ -372,6 +376,10 @@ impl Event {
                 NodeEvent::NodeInventoryReported { .. } => "NodeInventoryReported",
                 NodeEvent::RepositorySpaceReported { .. } => "RepositorySpaceReported",
             },
+            Event::Token(event) => match event {
+                TokenEvent::TokenCreated { .. } => "TokenCreated",
+                TokenEvent::TokenRevoked => "TokenRevoked",
+            },
         }
     }
 }
@@ -397,5 +405,11 @@ impl From<JobEvent> for Event {
 impl From<NodeEvent> for Event {
     fn from(event: NodeEvent) -> Self {
         Event::Node(event)
+    }
+}
+
+impl From<TokenEvent> for Event {
+    fn from(event: TokenEvent) -> Self {
+        Event::Token(event)
     }
 }

@@ -30,6 +30,7 @@ mod event;
 mod items;
 mod policy;
 mod step;
+mod token;
 
 pub use aggregate::{Aggregate, AggregateKind};
 pub use command::{Command, CommandEnvelope};
@@ -45,6 +46,7 @@ pub use policy::{
     ConsistencyCheckPolicy, ConsistencyCheckWindow, ConsistencyWanted, GroupPolicy, Limits,
     OnlineProtection, PolicyError, ReplicaCreation, Schedule, SyncFrequency, TimeOfDay, Weekdays,
 };
+pub use token::{Role, TokenEvent};
 pub use step::{
     DiskSource, DiskTracking, PlannedStep, Report, ReportBody, StepKind, StepResult, StepSpec,
     StepWork,

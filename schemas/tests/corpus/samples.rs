@@ -90,11 +90,13 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Node(NodeEvent::RepositorySpaceReported { .. }) => (31, "repository_space_reported"),
         Event::Job(JobEvent::RecoveryOptionsSet { .. }) => (32, "recovery_options_set"),
         Event::Job(JobEvent::NotificationSent { .. }) => (33, "notification_sent"),
+        Event::Token(TokenEvent::TokenCreated { .. }) => (34, "token_created"),
+        Event::Token(TokenEvent::TokenRevoked) => (35, "token_revoked"),
     }
 }
 
 /// Number of event variants; bump it together with `event_variant`.
-pub const N_EVENT_VARIANTS: usize = 34;
+pub const N_EVENT_VARIANTS: usize = 36;
 
 /// Index and name of a step work variant (exhaustive, see `event_variant`).
 pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
@@ -171,11 +173,13 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::ImportSeed { .. } => (11, "import_seed"),
         Command::RequestVerify { .. } => (12, "request_verify"),
         Command::RequestRecovery { .. } => (13, "request_recovery"),
+        Command::CreateToken { .. } => (14, "create_token"),
+        Command::RevokeToken { .. } => (15, "revoke_token"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 14;
+pub const N_COMMAND_VARIANTS: usize = 16;
 
 fn throttle() -> Throttle {
     Throttle {
@@ -771,7 +775,21 @@ fn events() -> Vec<Event> {
             detail: "250 Message accepted for delivery".into(),
         }
         .into(),
+        TokenEvent::TokenCreated {
+            name: "app-web".into(),
+            role: Role::AppOwner,
+            vms: vec![vm()],
+            groups: vec![group()],
+            secret_hash: [0x5c; 32],
+            expires_at: Some(T0 + 90 * 86_400_000),
+        }
+        .into(),
+        TokenEvent::TokenRevoked.into(),
     ]
+}
+
+fn token() -> TokenId {
+    TokenId::new_v7(T0 + 4, rand(7))
 }
 
 fn aggregate_for(event: &Event) -> Aggregate {
@@ -780,6 +798,7 @@ fn aggregate_for(event: &Event) -> Aggregate {
         AggregateKind::Vm => Aggregate::Vm(vm()),
         AggregateKind::Job => Aggregate::Job(job()),
         AggregateKind::Node => Aggregate::Node(node()),
+        AggregateKind::Token => Aggregate::Token(token()),
     }
 }
 
@@ -862,6 +881,16 @@ fn commands() -> Vec<Command> {
             target: RecoveryTarget::OriginalVm,
             options: recovery_options(),
         },
+        Command::CreateToken {
+            token: token(),
+            name: "viewer-1".into(),
+            role: Role::Viewer,
+            vms: vec![],
+            groups: vec![],
+            secret_hash: [0xa5; 32],
+            expires_in_secs: None,
+        },
+        Command::RevokeToken { token: token() },
     ]
 }
 
