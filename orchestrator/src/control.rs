@@ -10,10 +10,22 @@ use std::pin::Pin;
 
 use cairn_schemas::Command;
 
+use crate::auth::Principal;
 use crate::views::{
     Accepted, AlertView, AuditReport, BrowseView, CalendarDayView, CapacityView, EventView,
-    GroupDetailView, GroupView, JobView, NodeView, RpView, VmView,
+    GroupDetailView, GroupView, JobView, NodeView, RpView, TokenView, VmView,
 };
+
+/// Why a token was not accepted (401 `unauthenticated`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthRefusal {
+    #[error("the token is not known to this orchestrator")]
+    Unknown,
+    #[error("the token was revoked")]
+    Revoked,
+    #[error("the token expired")]
+    Expired,
+}
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -101,6 +113,20 @@ pub trait Control: Send + Sync + 'static {
     /// default, empty, makes such a request fail validation (`repository must not be empty`).
     fn default_repository(&self) -> String {
         String::new()
+    }
+
+    /// The principal of the live token whose secret hashes to `secret_hash`. App owners'
+    /// scopes come resolved: the VMs listed and the current members of the groups listed.
+    fn authenticate(&self, secret_hash: &[u8; 32]) -> Result<Principal, AuthRefusal>;
+    /// Every token, live or not (never a secret).
+    fn tokens(&self) -> Vec<TokenView>;
+    /// A new id for a token.
+    fn new_token_id(&self) -> cairn_schemas::TokenId;
+
+    /// The folders below which `node` lets app owners write recoveries (from its worker's
+    /// registration); none by default.
+    fn app_owner_roots(&self, _node: &cairn_schemas::NodeId) -> Vec<String> {
+        Vec::new()
     }
 
     /// One group with its policy, next runs and members' retention.

@@ -541,3 +541,33 @@ pub struct BrowseView {
     pub path: String,
     pub entries: Vec<cairn_schemas::BrowseEntry>,
 }
+
+/// An API token, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    /// The token's id (not its secret).
+    pub id: String,
+    pub name: String,
+    /// `admin`, `operator`, `viewer` or `app-owner`.
+    pub role: String,
+    /// An app owner's VMs (ids).
+    pub vms: Vec<String>,
+    /// An app owner's groups (ids).
+    pub groups: Vec<String>,
+    pub created_at: u64,
+    pub created_by: String,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+    pub revoked_by: Option<String>,
+    /// Accepted now: neither revoked nor expired.
+    pub live: bool,
+}
+
+/// A token just made: its secret, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTokenView {
+    #[serde(flatten)]
+    pub view: TokenView,
+    /// The secret to send as `Authorization: Bearer ...`; cairn keeps only its hash.
+    pub token: String,
+}

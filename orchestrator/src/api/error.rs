@@ -32,6 +32,18 @@ pub enum Error {
         /// The request's path.
         path: String,
     },
+    /// No valid token (401 `unauthenticated`): none sent, malformed, unknown, revoked or
+    /// expired.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The token's role lacks a right the request needs (403 `forbidden`).
+    #[error("{message}")]
+    Forbidden {
+        /// The right that is missing.
+        right: &'static str,
+        /// What was refused, naming the right.
+        message: String,
+    },
     /// The path exists but not with this method (405 `method_not_allowed`).
     #[error("{path} does not accept {method}")]
     MethodNotAllowed {
@@ -43,6 +55,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// 403 `forbidden`: the principal's role lacks `right`.
+    pub fn forbidden(right: crate::auth::Right, what: impl std::fmt::Display) -> Self {
+        Self::Forbidden {
+            right: right.as_str(),
+            message: format!(
+                "{what} needs the right {:?}, which this token's role lacks",
+                right.as_str()
+            ),
+        }
+    }
+
     /// 400 `invalid_request`: a malformed body, query or header.
     pub fn invalid_request(message: impl Into<String>) -> Self {
         Self::invalid("invalid_request", message)
@@ -79,6 +102,8 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NoRoute { .. } => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -89,6 +114,8 @@ impl Error {
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::NoRoute { .. } => "not_found",
             Error::MethodNotAllowed { .. } => "method_not_allowed",
+            Error::Unauthenticated(_) => "unauthenticated",
+            Error::Forbidden { .. } => "forbidden",
         }
     }
 
@@ -114,6 +141,18 @@ impl IntoResponse for Error {
         let status = self.status();
         if status.is_server_error() {
             tracing::error!(code = self.code(), error = %self, "request failed");
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: say which scheme is wanted.
+            return (
+                status,
+                [(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"cairn\"",
+                )],
+                Json(self.body()),
+            )
+                .into_response();
         }
         (status, Json(self.body())).into_response()
     }

@@ -1,6 +1,6 @@
 //! Extractors that refuse bad input with the API's JSON errors instead of axum's plain-text
 //! rejections: JSON bodies (content type, size, syntax, unknown fields, with the path of the
-//! offending field), ids in the path, query strings, and the actor.
+//! offending field), ids in the path, query strings, the actor and the principal.
 
 use std::str::FromStr;
 
@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use super::{AppState, Error};
 
 /// Who issued a request: recorded as the actor of the events its command appends. Set by
-/// the identification layer ([`super::middleware::identify`]) for every request.
+/// the authentication layer ([`super::middleware::authenticate`]) from the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor(pub String);
 
@@ -176,22 +176,6 @@ where
     }
 }
 
-/// Checks an `X-Cairn-Actor` value: 1-64 printable ASCII characters.
-pub(crate) fn parse_actor(value: &axum::http::HeaderValue) -> Result<Actor, Error> {
-    let bad = || {
-        Error::invalid_request(format!(
-            "header {}: the actor must be 1 to 64 printable ASCII characters",
-            super::ACTOR_HEADER
-        ))
-    };
-    let text = value.to_str().map_err(|_| bad())?;
-    let ok_chars = text.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
-    if text.is_empty() || text.len() > 64 || !ok_chars || text.trim().is_empty() {
-        return Err(bad());
-    }
-    Ok(Actor(text.to_owned()))
-}
-
 impl<S: Send + Sync> FromRequestParts<S> for Actor {
     type Rejection = Error;
 
@@ -202,5 +186,26 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
                 "the request reached a handler without an actor".to_owned(),
             ))
         })
+    }
+}
+
+/// The authenticated principal of a request (set by the authentication layer).
+#[derive(Debug, Clone)]
+pub struct Caller(pub crate::auth::Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
+        parts
+            .extensions
+            .get::<crate::auth::Principal>()
+            .cloned()
+            .map(Caller)
+            .ok_or_else(|| {
+                Error::Control(crate::control::ControlError::Internal(
+                    "the request reached a handler without a principal".to_owned(),
+                ))
+            })
     }
 }

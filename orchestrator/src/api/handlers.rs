@@ -12,7 +12,8 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use cairn_schemas::{Command, JobId, NodeId, RecoveryPointId, RecoveryTarget, VmId};
 
-use super::extract::{Actor, IdPath, JsonBody, OptionalJsonBody, QueryParams};
+use super::extract::{Actor, Caller, IdPath, JsonBody, OptionalJsonBody, QueryParams};
+use super::scope;
 use super::wire::{
     BackupRequest, CancelRequest, CreateGroupRequest, DEFAULT_EVENTS_LIMIT, DEFAULT_JOBS_LIMIT,
     EventsPage, EventsQuery, Health, JOB_STATES, JobsQuery, MAX_EVENTS_LIMIT, MAX_JOBS_LIMIT,
@@ -49,8 +50,11 @@ pub(super) async fn method_not_allowed(method: Method, uri: Uri) -> Error {
     }
 }
 
-pub(super) async fn list_vms(State(state): State<AppState>) -> Json<Vec<VmView>> {
-    Json(state.control.vms())
+pub(super) async fn list_vms(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> Json<Vec<VmView>> {
+    Json(scope::vms(&caller, state.control.vms()))
 }
 
 pub(super) async fn list_recovery_points(
@@ -60,16 +64,27 @@ pub(super) async fn list_recovery_points(
     Ok(Json(state.control.recovery_points(&vm.to_string())?))
 }
 
-pub(super) async fn list_groups(State(state): State<AppState>) -> Json<Vec<GroupView>> {
-    Json(state.control.groups())
+pub(super) async fn list_groups(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> Json<Vec<GroupView>> {
+    Json(scope::groups(&caller, state.control.groups()))
 }
 
-pub(super) async fn list_nodes(State(state): State<AppState>) -> Json<Vec<NodeView>> {
-    Json(state.control.nodes())
+pub(super) async fn list_nodes(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> Json<Vec<NodeView>> {
+    Json(scope::nodes(
+        &caller,
+        state.control.nodes(),
+        &state.control.vms(),
+    ))
 }
 
 pub(super) async fn list_jobs(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     QueryParams(query): QueryParams<JobsQuery>,
 ) -> Answer<Vec<JobView>> {
     if let Some(wanted) = &query.state {
@@ -96,6 +111,7 @@ pub(super) async fn list_jobs(
         .into_iter()
         .filter(|job| query.state.as_ref().is_none_or(|s| &job.state == s))
         .filter(|job| vm.as_ref().is_none_or(|vm| &job.vm == vm))
+        .filter(|job| caller.sees_vm_text(&job.vm))
         .collect();
     // Newest first: v7 job ids sort by creation time, so they break ties of `requested_at`.
     jobs.sort_by(|a, b| (b.requested_at, b.job.as_str()).cmp(&(a.requested_at, a.job.as_str())));
@@ -168,6 +184,7 @@ pub(super) async fn request_backup(
 pub(super) async fn request_restore(
     State(state): State<AppState>,
     actor: Actor,
+    Caller(caller): Caller,
     IdPath(vm): IdPath<VmId>,
     JsonBody(request): JsonBody<RestoreRequest>,
 ) -> Created {
@@ -182,14 +199,16 @@ pub(super) async fn request_restore(
         }
         None => vm_node(&state, vm)?,
     };
+    let target = RecoveryTarget::CopyToFolder {
+        node,
+        path: request.to,
+    };
+    scope::check_recovery_target(&caller, state.control.as_ref(), &target)?;
     let command = Command::RequestRestore {
         job: state.control.new_job_id(),
         vm,
         rp,
-        target: RecoveryTarget::CopyToFolder {
-            node,
-            path: request.to,
-        },
+        target,
     };
     let accepted = state.control.submit(actor.0, command).await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
@@ -235,6 +254,7 @@ pub(super) async fn cancel_job(
 
 pub(super) async fn events(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     QueryParams(query): QueryParams<EventsQuery>,
 ) -> Answer<EventsPage> {
     let from = query.from.unwrap_or(0);
@@ -256,7 +276,9 @@ pub(super) async fn events(
         }
         events = state.control.events(from, limit).await?;
     }
+    // Past every event read, shown or not, so an app owner's reader moves on.
     let next_from = events.last().map_or(from, |event| event.seq + 1);
+    let events = scope::events(&caller, events, || state.control.jobs());
     Ok(Json(EventsPage { events, next_from }))
 }
 

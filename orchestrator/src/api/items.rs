@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use cairn_schemas::{Command, DiskId, NodeId, RecoveryPointId, RecoveryTarget, VmId};
 use serde::{Deserialize, Serialize};
 
-use super::extract::{Actor, IdPath, JsonBody, QueryParams};
+use super::extract::{Actor, Caller, IdPath, JsonBody, QueryParams};
 use super::wire::check_target_path;
 use super::{AppState, Error};
 use crate::views::{Accepted, BrowseView};
@@ -68,6 +68,7 @@ pub(super) async fn browse(
 pub(super) async fn recover_items(
     State(state): State<AppState>,
     actor: Actor,
+    Caller(caller): Caller,
     IdPath(vm): IdPath<VmId>,
     JsonBody(request): JsonBody<RecoverItemsRequest>,
 ) -> Result<(StatusCode, Json<Accepted>), Error> {
@@ -107,16 +108,18 @@ pub(super) async fn recover_items(
                 .map_err(|err| Error::invalid_id(format!("node: {err}")))?
         }
     };
+    let target = RecoveryTarget::ItemLevel {
+        node,
+        disk,
+        items: request.items,
+        path: request.to,
+    };
+    super::scope::check_recovery_target(&caller, state.control.as_ref(), &target)?;
     let command = Command::RequestRestore {
         job: state.control.new_job_id(),
         vm,
         rp,
-        target: RecoveryTarget::ItemLevel {
-            node,
-            disk,
-            items: request.items,
-            path: request.to,
-        },
+        target,
     };
     let accepted = state.control.submit(actor.0, command).await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))

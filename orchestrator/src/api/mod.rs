@@ -37,9 +37,11 @@
 //! and a stable code (see [`Error`]); internal faults are 5xx and their details go to the log,
 //! not to the client.
 //!
-//! Layers, outermost first: request log (method, path, status, ms) → identification (the
-//! actor recorded on events; authentication will sit in the same place) → body size limit →
-//! routes. Handlers never see a request that the outer layers refused.
+//! Layers, outermost first: request log (method, path, status, ms) → authentication (a
+//! bearer token → the principal, whose name and token id are the actor recorded on events;
+//! 401 without one) → body size limit → routes, each with its [`Access`] rule (403 for a
+//! right the role lacks, 404 for an app owner's out-of-scope VM, group or job). Handlers
+//! never see a request that the outer layers refused. `/healthz` alone is open.
 
 mod error;
 mod extract;
@@ -48,6 +50,8 @@ mod items;
 mod middleware;
 mod policy_handlers;
 pub mod recover;
+mod scope;
+mod tokens;
 pub mod wire;
 
 #[cfg(test)]
@@ -62,7 +66,9 @@ use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter, on};
 use tokio::sync::watch;
 
+use crate::auth::Right;
 use crate::control::Control;
+use middleware::{Access, Target};
 
 pub use error::Error;
 
@@ -72,9 +78,6 @@ use cairn_schemas::Command;
 /// The API's description, served at `/openapi.yaml`.
 pub const OPENAPI_YAML: &str = include_str!("../../api/openapi.yaml");
 
-/// The header a caller may use to name the actor recorded on the events its commands append.
-pub const ACTOR_HEADER: &str = "x-cairn-actor";
-
 /// Settings of the HTTP API. The defaults suit every deployment; tests shorten them.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -82,8 +85,6 @@ pub struct ApiConfig {
     pub body_limit_bytes: usize,
     /// Longest long poll of `GET /v1/events`, in milliseconds; longer `wait_ms` are cut to it.
     pub max_wait_ms: u64,
-    /// Actor recorded on commands whose request names none (no `X-Cairn-Actor` header).
-    pub default_actor: String,
 }
 
 impl Default for ApiConfig {
@@ -91,7 +92,6 @@ impl Default for ApiConfig {
         Self {
             body_limit_bytes: 1 << 20,
             max_wait_ms: 30_000,
-            default_actor: "api".to_owned(),
         }
     }
 }
@@ -106,6 +106,8 @@ struct AppState {
     /// [`serve_with`]; once it is dropped (or for a router built by [`router`], which has
     /// none) long polls end only by their timeout.
     stopping: watch::Receiver<bool>,
+    /// Paths of the routes that need no token ([`Access::Open`]).
+    open_paths: Arc<std::collections::HashSet<&'static str>>,
 }
 
 /// One route of the API: its method and path as the OpenAPI description names them, and its
@@ -114,12 +116,14 @@ struct AppState {
 struct Route {
     method: &'static str,
     path: &'static str,
+    /// Who may call it; every route has a rule, and a test checks each against each role.
+    access: Access,
     handler: MethodRouter<AppState>,
 }
 
 /// A route whose handler answers `method` (`get` or `post`), so the method that the table
 /// names is the one that is served.
-fn route<H, T>(method: &'static str, path: &'static str, handler: H) -> Route
+fn route<H, T>(method: &'static str, path: &'static str, access: Access, handler: H) -> Route
 where
     H: Handler<T, AppState>,
     T: 'static,
@@ -132,53 +136,169 @@ where
     Route {
         method,
         path,
+        access,
         handler: on(filter, handler),
     }
 }
 
 fn routes() -> Vec<Route> {
+    use Right::*;
+    use Target as T;
+    let needs = Access::Needs;
     vec![
-        route("get", "/healthz", handlers::healthz),
-        route("get", "/openapi.yaml", handlers::openapi),
-        route("get", "/v1/vms", handlers::list_vms),
+        route("get", "/healthz", Access::Open, handlers::healthz),
+        route(
+            "get",
+            "/openapi.yaml",
+            needs(Authenticated, T::None),
+            handlers::openapi,
+        ),
+        route("get", "/v1/vms", needs(Read, T::None), handlers::list_vms),
         route(
             "get",
             "/v1/vms/{vm}/recovery-points",
+            needs(Read, T::Vm),
             handlers::list_recovery_points,
         ),
-        route("post", "/v1/vms/{vm}/backup", handlers::request_backup),
-        route("post", "/v1/vms/{vm}/restore", handlers::request_restore),
-        route("post", "/v1/vms/{vm}/recover", recover::request_recover),
-        route("get", "/v1/groups", handlers::list_groups),
-        route("post", "/v1/groups", handlers::create_group),
-        route("get", "/v1/groups/{group}", policy_handlers::get_group),
+        route(
+            "post",
+            "/v1/vms/{vm}/backup",
+            needs(Backup, T::Vm),
+            handlers::request_backup,
+        ),
+        route(
+            "post",
+            "/v1/vms/{vm}/restore",
+            needs(Recover, T::Vm),
+            handlers::request_restore,
+        ),
+        route(
+            "post",
+            "/v1/vms/{vm}/recover",
+            needs(Recover, T::Vm),
+            recover::request_recover,
+        ),
+        route(
+            "get",
+            "/v1/groups",
+            needs(Read, T::None),
+            handlers::list_groups,
+        ),
+        route(
+            "post",
+            "/v1/groups",
+            needs(Policy, T::None),
+            handlers::create_group,
+        ),
+        route(
+            "get",
+            "/v1/groups/{group}",
+            needs(Read, T::Group),
+            policy_handlers::get_group,
+        ),
         route(
             "post",
             "/v1/groups/{group}/policy",
+            needs(Policy, T::Group),
             policy_handlers::set_policy,
         ),
         route(
             "get",
             "/v1/groups/{group}/plan",
+            needs(Read, T::Group),
             policy_handlers::group_plan,
         ),
-        route("post", "/v1/vms/{vm}/check", policy_handlers::request_check),
+        route(
+            "post",
+            "/v1/vms/{vm}/check",
+            needs(Maintain, T::Vm),
+            policy_handlers::request_check,
+        ),
         route(
             "post",
             "/v1/vms/{vm}/verify",
+            needs(Maintain, T::Vm),
             policy_handlers::request_verify,
         ),
-        route("post", "/v1/vms/{vm}/seed", policy_handlers::import_seed),
-        route("get", "/v1/vms/{vm}/calendar", policy_handlers::calendar),
-        route("get", "/v1/alerts", policy_handlers::alerts),
-        route("get", "/v1/nodes", handlers::list_nodes),
-        route("get", "/v1/jobs", handlers::list_jobs),
-        route("get", "/v1/jobs/{job}", handlers::get_job),
-        route("post", "/v1/jobs/{job}/cancel", handlers::cancel_job),
-        route("get", "/v1/events", handlers::events),
-        route("get", "/v1/audit/verify", handlers::audit_verify),
-        route("get", "/v1/vms/{vm}/browse", items::browse),
-        route("post", "/v1/vms/{vm}/recover-items", items::recover_items),
+        route(
+            "post",
+            "/v1/vms/{vm}/seed",
+            needs(Policy, T::Vm),
+            policy_handlers::import_seed,
+        ),
+        route(
+            "get",
+            "/v1/vms/{vm}/calendar",
+            needs(Read, T::Vm),
+            policy_handlers::calendar,
+        ),
+        route(
+            "get",
+            "/v1/alerts",
+            needs(Read, T::None),
+            policy_handlers::alerts,
+        ),
+        route(
+            "get",
+            "/v1/nodes",
+            needs(Read, T::None),
+            handlers::list_nodes,
+        ),
+        route("get", "/v1/jobs", needs(Read, T::None), handlers::list_jobs),
+        route(
+            "get",
+            "/v1/jobs/{job}",
+            needs(Read, T::Job),
+            handlers::get_job,
+        ),
+        route(
+            "post",
+            "/v1/jobs/{job}/cancel",
+            needs(Backup, T::Job),
+            handlers::cancel_job,
+        ),
+        route(
+            "get",
+            "/v1/events",
+            needs(Events, T::None),
+            handlers::events,
+        ),
+        route(
+            "get",
+            "/v1/audit/verify",
+            needs(Audit, T::None),
+            handlers::audit_verify,
+        ),
+        route(
+            "get",
+            "/v1/vms/{vm}/browse",
+            needs(Recover, T::Vm),
+            items::browse,
+        ),
+        route(
+            "post",
+            "/v1/vms/{vm}/recover-items",
+            needs(Recover, T::Vm),
+            items::recover_items,
+        ),
+        route(
+            "get",
+            "/v1/tokens",
+            needs(Tokens, T::None),
+            tokens::list_tokens,
+        ),
+        route(
+            "post",
+            "/v1/tokens",
+            needs(Tokens, T::None),
+            tokens::create_token,
+        ),
+        route(
+            "post",
+            "/v1/tokens/{token}/revoke",
+            needs(Tokens, T::Token),
+            tokens::revoke_token,
+        ),
     ]
 }
 
@@ -187,19 +307,39 @@ fn build_router(
     config: ApiConfig,
     stopping: watch::Receiver<bool>,
 ) -> Router {
+    let routes = routes();
+    let open_paths = routes
+        .iter()
+        .filter(|r| r.access == Access::Open)
+        .map(|r| r.path)
+        .collect();
     let state = AppState {
         control,
         config: Arc::new(config),
         stopping,
+        open_paths: Arc::new(open_paths),
     };
     let mut router = Router::new();
     for Route {
         method,
         path,
+        access,
         handler,
-    } in routes()
+    } in routes
     {
-        tracing::trace!(method, path, "route");
+        tracing::trace!(method, path, ?access, "route");
+        let handler = match access {
+            Access::Open => handler,
+            Access::Needs(right, target) => handler.layer(axum::middleware::from_fn_with_state(
+                middleware::RouteAccess {
+                    state: state.clone(),
+                    right,
+                    target,
+                    what: route_label(method, path),
+                },
+                middleware::authorize,
+            )),
+        };
         // Routes on one path (GET and POST `/v1/groups`) are merged by axum.
         router = router.route(path, handler);
     }
@@ -209,10 +349,15 @@ fn build_router(
         .layer(DefaultBodyLimit::max(state.config.body_limit_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            middleware::identify,
+            middleware::authenticate,
         ))
         .layer(axum::middleware::from_fn(middleware::log_request))
         .with_state(state)
+}
+
+/// `POST /v1/vms/{vm}/backup`, for messages; made once per route when the router is built.
+fn route_label(method: &str, path: &str) -> Arc<str> {
+    format!("{} {path}", method.to_ascii_uppercase()).into()
 }
 
 /// The API's router, for embedding it in another server or calling it in tests without a

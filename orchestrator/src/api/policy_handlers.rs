@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use cairn_schemas::{Command, GroupId, VmId};
 
-use super::extract::{Actor, IdPath, JsonBody, QueryParams};
+use super::extract::{Actor, Caller, IdPath, JsonBody, QueryParams};
 use super::wire::{AlertsQuery, SeedRequest, check_target_path, policy_from_view};
 use super::{AppState, Error};
 use crate::views::{
@@ -98,7 +98,9 @@ pub(super) async fn calendar(
 
 pub(super) async fn alerts(
     State(state): State<AppState>,
+    Caller(caller): Caller,
     QueryParams(query): QueryParams<AlertsQuery>,
 ) -> Answer<Vec<AlertView>> {
-    Ok(Json(state.control.alerts(query.all.unwrap_or(false))))
+    let alerts = state.control.alerts(query.all.unwrap_or(false));
+    Ok(Json(super::scope::alerts(&caller, alerts)))
 }

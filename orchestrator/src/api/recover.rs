@@ -10,7 +10,7 @@ use cairn_schemas::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::extract::{Actor, IdPath, JsonBody};
+use super::extract::{Actor, Caller, IdPath, JsonBody};
 use super::wire::check_target_path;
 use super::{AppState, Error};
 use crate::views::Accepted;
@@ -164,6 +164,7 @@ pub struct RecoverRequest {
 pub(super) async fn request_recover(
     State(state): State<AppState>,
     actor: Actor,
+    Caller(caller): Caller,
     IdPath(vm): IdPath<VmId>,
     JsonBody(request): JsonBody<RecoverRequest>,
 ) -> Result<(StatusCode, Json<Accepted>), Error> {
@@ -218,6 +219,7 @@ pub(super) async fn request_recover(
             }
         }
     };
+    super::scope::check_recovery_target(&caller, state.control.as_ref(), &target)?;
     let throttle = match &request.throttle {
         Some(wire) => Some(
             wire.to_throttle()

@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use cairn_schemas::{
-    BackupMode, Command, CommandId, GroupId, JobId, RecoveryTarget, SyncFrequency,
+    BackupMode, Command, CommandId, GroupId, JobId, RecoveryTarget, Role, SyncFrequency,
 };
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -33,6 +33,31 @@ const JOB_RUNNING: &str = "0190b000-0000-7000-8000-000000000001";
 const JOB_DONE: &str = "0190b000-0000-7000-8000-000000000002";
 const JOB_UNKNOWN: &str = "0190b000-0000-7000-8000-0000000000ff";
 const RP_1: &str = "0190c000-0000-7000-8000-000000000001";
+const GROUP_WEB: &str = "0190f000-0000-7000-8000-000000000001";
+const TOKEN_1: &str = "0191a000-0000-7000-8000-000000000001";
+
+/// The secret of the fake's token of `role`. The app owner's scope is VM web-01 and group web.
+fn secret(role: Role) -> String {
+    let tag = match role {
+        Role::Admin => 1,
+        Role::Operator => 2,
+        Role::Viewer => 3,
+        Role::AppOwner => 4,
+    };
+    crate::auth::secret_from(&[tag; 32])
+}
+
+fn principal(role: Role) -> crate::auth::Principal {
+    crate::auth::Principal {
+        token: TOKEN_1.parse().unwrap(),
+        name: format!("{role}-token"),
+        role,
+        scope: (role == Role::AppOwner).then(|| crate::auth::Scope {
+            vms: [VM_WEB.parse().unwrap()].into(),
+            groups: [GROUP_WEB.parse().unwrap()].into(),
+        }),
+    }
+}
 
 /// An in-memory [`Control`] that records the commands it is given and refuses a few the way
 /// `decide` would (unknown VM, duplicate group name, job already over).
@@ -53,6 +78,8 @@ struct Fake {
     submit_error: Mutex<Option<ControlError>>,
     audit: AuditReport,
     next_id: AtomicU64,
+    /// Tokens made through `CreateToken` (listed as `tokens()`).
+    tokens: Mutex<Vec<crate::views::TokenView>>,
 }
 
 fn vm(vm: &str, name: &str, node: &str) -> VmView {
@@ -142,7 +169,7 @@ impl Fake {
         Self {
             vms: vec![vm(VM_WEB, "web-01", "kvm-01"), vm(VM_DB, "db-01", "kvm-02")],
             groups: vec![GroupView {
-                group: "0190f000-0000-7000-8000-000000000001".into(),
+                group: GROUP_WEB.into(),
                 name: "web".into(),
                 members: vec![VM_WEB.into()],
                 retention_days: 5,
@@ -175,6 +202,7 @@ impl Fake {
                 detail: None,
             },
             next_id: AtomicU64::new(1),
+            tokens: Mutex::new(Vec::new()),
         }
     }
 
@@ -208,6 +236,37 @@ impl Fake {
             }
         };
         match command {
+            Command::CreateToken {
+                token, name, role, ..
+            } => {
+                self.tokens.lock().unwrap().push(crate::views::TokenView {
+                    id: token.to_string(),
+                    name: name.clone(),
+                    role: role.to_string(),
+                    vms: vec![],
+                    groups: vec![],
+                    created_at: 1_800_000_000_000,
+                    created_by: "admin-token".into(),
+                    expires_at: None,
+                    revoked_at: None,
+                    revoked_by: None,
+                    live: true,
+                });
+                Ok(token.to_string())
+            }
+            Command::RevokeToken { token } => {
+                let text = token.to_string();
+                let mut tokens = self.tokens.lock().unwrap();
+                let found = tokens.iter_mut().find(|t| t.id == text).ok_or_else(|| {
+                    ControlError::NotFound {
+                        code: "unknown_token",
+                        message: format!("no token {text}"),
+                    }
+                })?;
+                found.revoked_at = Some(1_800_000_000_001);
+                found.live = false;
+                Ok(text)
+            }
             Command::CreateGroup { group, name, .. } => {
                 if self.groups.iter().any(|g| &g.name == name) {
                     return Err(ControlError::Conflict {
@@ -363,6 +422,33 @@ impl Control for Fake {
     fn default_repository(&self) -> String {
         "local".into()
     }
+
+    fn authenticate(
+        &self,
+        secret_hash: &[u8; 32],
+    ) -> Result<crate::auth::Principal, crate::control::AuthRefusal> {
+        Role::ALL
+            .into_iter()
+            .find(|role| crate::auth::secret_hash(&secret(*role)) == *secret_hash)
+            .map(principal)
+            .ok_or(crate::control::AuthRefusal::Unknown)
+    }
+
+    fn tokens(&self) -> Vec<crate::views::TokenView> {
+        self.tokens.lock().unwrap().clone()
+    }
+
+    fn new_token_id(&self) -> cairn_schemas::TokenId {
+        cairn_schemas::TokenId::new_v7(1_800_000_000_000, self.next_rand())
+    }
+
+    fn app_owner_roots(&self, node: &cairn_schemas::NodeId) -> Vec<String> {
+        if node.as_str() == "kvm-01" {
+            vec!["/srv/owners".into()]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 fn app_with(fake: &Arc<Fake>, config: ApiConfig) -> Router {
@@ -373,9 +459,22 @@ fn app(fake: &Arc<Fake>) -> Router {
     app_with(fake, ApiConfig::default())
 }
 
-/// A request with an optional JSON body (sent as `application/json`).
+/// A request with an optional JSON body (sent as `application/json`), made by an admin.
 fn request(method: &str, uri: &str, body: Option<&str>) -> Request<Body> {
-    let builder = Request::builder().method(method).uri(uri);
+    request_as(Some(Role::Admin), method, uri, body)
+}
+
+/// A request builder carrying the admin's token.
+fn authed() -> axum::http::request::Builder {
+    Request::builder().header("authorization", format!("Bearer {}", secret(Role::Admin)))
+}
+
+/// A request made with the fake's token of `role`, or with no token.
+fn request_as(role: Option<Role>, method: &str, uri: &str, body: Option<&str>) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(uri);
+    if let Some(role) = role {
+        builder = builder.header("authorization", format!("Bearer {}", secret(role)));
+    }
     match body {
         Some(text) => builder
             .header("content-type", "application/json")
@@ -571,7 +670,7 @@ async fn create_group_builds_the_policy() {
     let submitted = fake.submitted();
     assert_eq!(submitted.len(), 1);
     let (actor, command) = &submitted[0];
-    assert_eq!(actor, "api");
+    assert_eq!(actor, &format!("admin-token (token {TOKEN_1})"));
     let Command::CreateGroup {
         group,
         name,
@@ -710,7 +809,7 @@ async fn create_group_refusals() {
         "invalid_request",
         &["body is required"],
     );
-    let text = Request::builder()
+    let text = authed()
         .method("POST")
         .uri("/v1/groups")
         .header("content-type", "text/plain")
@@ -723,7 +822,7 @@ async fn create_group_refusals() {
         "invalid_request",
         &["text/plain"],
     );
-    let untyped = Request::builder()
+    let untyped = authed()
         .method("POST")
         .uri("/v1/groups")
         .body(Body::from(r#"{"name": "g"}"#))
@@ -1005,7 +1104,13 @@ async fn cancel_a_job() {
             other => panic!("expected CancelJob, got {other:?}"),
         })
         .collect();
-    assert_eq!(reasons, ["window over", "cancelled by api"]);
+    assert_eq!(
+        reasons,
+        [
+            "window over",
+            &format!("cancelled by admin-token (token {TOKEN_1})")
+        ]
+    );
 
     let answer = call(&app, "POST", &format!("/v1/jobs/{JOB_DONE}/cancel"), None).await;
     assert_error(&answer, StatusCode::CONFLICT, "job_finished", &[JOB_DONE]);
@@ -1033,42 +1138,24 @@ async fn cancel_a_job() {
 }
 
 #[tokio::test]
-async fn the_actor_comes_from_the_header() {
+async fn the_actor_is_the_token_and_no_header_names_another() {
     let fake = Arc::new(Fake::new());
     let app = app(&fake);
-    let with_actor = |actor: &str| {
-        Request::builder()
-            .method("POST")
-            .uri(format!("/v1/vms/{VM_WEB}/backup"))
-            .header(ACTOR_HEADER, actor)
-            .body(Body::empty())
-            .unwrap()
-    };
-    let (status, _) = send(&app, with_actor("user:alice")).await;
+    let mut request = request_as(
+        Some(Role::Operator),
+        "POST",
+        &format!("/v1/vms/{VM_WEB}/backup"),
+        None,
+    );
+    request
+        .headers_mut()
+        .insert("x-cairn-actor", "user:mallory".parse().unwrap());
+    let (status, _) = send(&app, request).await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    assert_eq!(fake.submitted()[0].0, "user:alice");
-    for bad in ["", "   ", &"a".repeat(65)] {
-        let answer = send(&app, with_actor(bad)).await;
-        assert_error(
-            &answer,
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            &["x-cairn-actor"],
-        );
-    }
-    let mut non_ascii = with_actor("x");
-    non_ascii.headers_mut().insert(
-        ACTOR_HEADER,
-        axum::http::HeaderValue::from_bytes("ålice".as_bytes()).unwrap(),
+    assert_eq!(
+        fake.submitted()[0].0,
+        format!("operator-token (token {TOKEN_1})")
     );
-    let answer = send(&app, non_ascii).await;
-    assert_error(
-        &answer,
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-        &["actor"],
-    );
-    assert_eq!(fake.submitted().len(), 1);
 }
 
 #[tokio::test]
@@ -1115,7 +1202,7 @@ async fn oversized_bodies_are_refused() {
         &["1048576"],
     );
     // Also when the body's length is announced up front.
-    let announced = Request::builder()
+    let announced = authed()
         .method("POST")
         .uri("/v1/groups")
         .header("content-type", "application/json")
@@ -1311,7 +1398,8 @@ fn openapi_describes_every_route_and_no_other() {
 async fn raw_http(addr: std::net::SocketAddr, head: &str, body: &str) -> (u16, Value) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{head}\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        secret(Role::Admin),
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();

@@ -484,3 +484,22 @@ mod tests {
         assert!(serde_json::from_str::<BackupRequest>(r#"{"mode":"full"}"#).is_err());
     }
 }
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// `[A-Za-z0-9._-]{1,64}`, unique among live tokens.
+    pub name: String,
+    /// `admin`, `operator`, `viewer` or `app-owner`.
+    pub role: String,
+    /// An app owner's VMs (ids).
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// An app owner's groups (ids).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Lifetime in seconds; absent: the token does not expire.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+}

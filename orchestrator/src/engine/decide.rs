@@ -43,6 +43,9 @@ const MAX_DISKS_PER_VM: usize = 16;
 
 pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, ControlError> {
     match command {
+        Command::CreateToken { .. } | Command::RevokeToken { .. } => {
+            super::tokens::decide(state, command, now)
+        }
         Command::CreateGroup {
             group,
             name,

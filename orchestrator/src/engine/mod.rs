@@ -14,6 +14,7 @@ pub mod recovery;
 pub mod service;
 pub mod snapshot;
 pub mod state;
+pub mod tokens;
 
 #[cfg(test)]
 mod tests;

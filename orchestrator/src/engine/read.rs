@@ -428,6 +428,26 @@ fn summary(event: &Event) -> String {
                 free_bytes,
             } => format!("repository {repository}: {free_bytes} of {total_bytes} bytes free"),
         },
+        Event::Token(token) => match token {
+            cairn_schemas::TokenEvent::TokenCreated {
+                name,
+                role,
+                vms,
+                groups,
+                expires_at,
+                ..
+            } => {
+                let scope = if vms.is_empty() && groups.is_empty() {
+                    String::new()
+                } else {
+                    format!(", scope {} VMs and {} groups", vms.len(), groups.len())
+                };
+                let expiry = expires_at
+                    .map_or_else(|| ", no expiry".to_string(), |at| format!(", expires {at}"));
+                format!("token {name:?} created, role {role}{scope}{expiry}")
+            }
+            cairn_schemas::TokenEvent::TokenRevoked => "token revoked".into(),
+        },
     }
 }
 

@@ -894,6 +894,9 @@ pub fn command_partition(state: &State, command: &Command, n: std::num::NonZeroU
         Command::RegisterNode { node, .. }
         | Command::ReportInventory { node, .. }
         | Command::ReportRepositorySpace { node, .. } => partition_of_node(node, n),
+        Command::CreateToken { token, .. } | Command::RevokeToken { token } => {
+            cairn_schemas::subjects::partition_of_key(token.as_bytes(), n)
+        }
     }
 }
 
@@ -912,6 +915,7 @@ fn created_id(command: &Command) -> String {
         | Command::ReportInventory { node, .. }
         | Command::ReportRepositorySpace { node, .. } => node.to_string(),
         Command::ImportSeed { job, .. } | Command::RequestVerify { job, .. } => job.to_string(),
+        Command::CreateToken { token, .. } | Command::RevokeToken { token } => token.to_string(),
     }
 }
 
@@ -1129,6 +1133,29 @@ impl<L: EventLog + 'static> Control for Handle<L> {
 
     fn new_command_id(&self) -> CommandId {
         CommandId::new_v7(self.shared.clock.now_ms(), random10())
+    }
+
+    fn authenticate(
+        &self,
+        secret_hash: &[u8; 32],
+    ) -> Result<crate::auth::Principal, crate::control::AuthRefusal> {
+        let now = self.shared.clock.now_ms();
+        self.read(|s| super::tokens::authenticate(s, secret_hash, now))
+    }
+
+    fn tokens(&self) -> Vec<crate::views::TokenView> {
+        let now = self.shared.clock.now_ms();
+        self.read(|s| {
+            s.tokens
+                .by_id
+                .values()
+                .map(|t| super::tokens::view(t, now))
+                .collect()
+        })
+    }
+
+    fn new_token_id(&self) -> cairn_schemas::TokenId {
+        cairn_schemas::TokenId::new_v7(self.shared.clock.now_ms(), random10())
     }
 
     fn default_repository(&self) -> String {

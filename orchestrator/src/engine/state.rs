@@ -34,6 +34,8 @@ pub struct State {
     pub space: BTreeMap<String, RepositorySpace>,
     /// Options and notification outcomes of recovery jobs made by `RequestRecovery`.
     pub recoveries: BTreeMap<JobId, Recovery>,
+    /// API tokens (identities with roles).
+    pub tokens: super::tokens::Tokens,
 }
 
 /// What the scheduler and the retention planner need to know about one VM, kept up to date
@@ -276,6 +278,7 @@ impl State {
                 self.apply_job_protection(*id, e, at);
             }
             (Aggregate::Node(id), Event::Node(e)) => self.apply_node(id, e, at),
+            (Aggregate::Token(id), Event::Token(e)) => self.tokens.apply(*id, e, &env.actor, at),
             // The log refuses events of another aggregate kind; nothing to do if one slipped in.
             _ => {}
         }
@@ -383,6 +386,7 @@ impl State {
             Aggregate::Group(group) => subjects::partition_of(group, n_partitions),
             Aggregate::Vm(vm) => subjects::partition_of_vm(vm, n_partitions),
             Aggregate::Node(node) => subjects::partition_of_node(node, n_partitions),
+            Aggregate::Token(token) => subjects::partition_of_key(token.as_bytes(), n_partitions),
             Aggregate::Job(job) => {
                 let vm = self.jobs.get(job).map(|j| j.vm).or_else(|| {
                     new_events.iter().find_map(|e| match e {

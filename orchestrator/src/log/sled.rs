@@ -158,6 +158,7 @@ fn aggregate_key(aggregate: &Aggregate) -> Vec<u8> {
         Aggregate::Vm(_) => 2,
         Aggregate::Job(_) => 3,
         Aggregate::Node(_) => 4,
+        Aggregate::Token(_) => 5,
     };
     let id = aggregate.id_bytes();
     let mut key = Vec::with_capacity(2 + id.len() + 8);

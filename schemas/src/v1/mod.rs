@@ -46,8 +46,8 @@ pub use policy::{
     ConsistencyCheckPolicy, ConsistencyCheckWindow, ConsistencyWanted, GroupPolicy, Limits,
     OnlineProtection, PolicyError, ReplicaCreation, Schedule, SyncFrequency, TimeOfDay, Weekdays,
 };
-pub use token::{Role, TokenEvent};
 pub use step::{
     DiskSource, DiskTracking, PlannedStep, Report, ReportBody, StepKind, StepResult, StepSpec,
     StepWork,
 };
+pub use token::{Role, TokenEvent};
