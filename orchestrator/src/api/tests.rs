@@ -1450,3 +1450,396 @@ async fn serves_over_tcp_and_shuts_down() {
         .unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// Who may call each route, written out here rather than derived, so that a route whose rule
+/// changes, or a new route, fails this test until its row says what it should be. Letters:
+/// `a` admin, `o` operator, `v` viewer, `p` app owner (over its scope).
+const WHO_MAY: &[(&str, &str, &str)] = &[
+    ("get", "/healthz", "aovp"),
+    ("get", "/openapi.yaml", "aovp"),
+    ("get", "/v1/vms", "aovp"),
+    ("get", "/v1/vms/{vm}/recovery-points", "aovp"),
+    ("post", "/v1/vms/{vm}/backup", "aop"),
+    ("post", "/v1/vms/{vm}/restore", "aop"),
+    ("post", "/v1/vms/{vm}/recover", "aop"),
+    ("get", "/v1/groups", "aovp"),
+    ("post", "/v1/groups", "ao"),
+    ("get", "/v1/groups/{group}", "aovp"),
+    ("post", "/v1/groups/{group}/policy", "ao"),
+    ("get", "/v1/groups/{group}/plan", "aovp"),
+    ("post", "/v1/vms/{vm}/check", "ao"),
+    ("post", "/v1/vms/{vm}/verify", "ao"),
+    ("post", "/v1/vms/{vm}/seed", "ao"),
+    ("get", "/v1/vms/{vm}/calendar", "aovp"),
+    ("get", "/v1/alerts", "aovp"),
+    ("get", "/v1/nodes", "aovp"),
+    ("get", "/v1/jobs", "aovp"),
+    ("get", "/v1/jobs/{job}", "aovp"),
+    ("post", "/v1/jobs/{job}/cancel", "aop"),
+    ("get", "/v1/events", "aovp"),
+    ("get", "/v1/audit/verify", "aov"),
+    ("get", "/v1/vms/{vm}/browse", "aop"),
+    ("post", "/v1/vms/{vm}/recover-items", "aop"),
+    ("get", "/v1/tokens", "a"),
+    ("post", "/v1/tokens", "a"),
+    ("post", "/v1/tokens/{token}/revoke", "a"),
+];
+
+fn role_letter(role: Role) -> char {
+    match role {
+        Role::Admin => 'a',
+        Role::Operator => 'o',
+        Role::Viewer => 'v',
+        Role::AppOwner => 'p',
+    }
+}
+
+/// A route's path with its parameter filled in: things inside the app owner's scope.
+fn concrete(path: &str) -> String {
+    path.replace("{vm}", VM_WEB)
+        .replace("{group}", GROUP_WEB)
+        .replace("{job}", JOB_RUNNING)
+        .replace("{token}", TOKEN_1)
+}
+
+#[tokio::test]
+async fn every_route_refuses_each_role_it_should_and_serves_the_others() {
+    let served: Vec<(&str, &str)> = routes().iter().map(|r| (r.method, r.path)).collect();
+    let listed: Vec<(&str, &str)> = WHO_MAY.iter().map(|(m, p, _)| (*m, *p)).collect();
+    for route in &served {
+        assert!(
+            listed.contains(route),
+            "route {route:?} has no row in WHO_MAY: say which roles may call it"
+        );
+    }
+    for row in &listed {
+        assert!(
+            served.contains(row),
+            "WHO_MAY lists {row:?}, which is no route"
+        );
+    }
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let mut accepted = 0;
+    for route in routes() {
+        let (_, _, who) = WHO_MAY
+            .iter()
+            .find(|(m, p, _)| (*m, *p) == (route.method, route.path))
+            .unwrap();
+        let uri = concrete(route.path);
+        let method = route.method.to_ascii_uppercase();
+        let body = (method == "POST").then_some("{}");
+        for role in Role::ALL {
+            let answer = send(&app, request_as(Some(role), &method, &uri, body)).await;
+            let status = answer.0;
+            if who.contains(role_letter(role)) {
+                if status == StatusCode::ACCEPTED {
+                    accepted += 1;
+                }
+                assert!(
+                    status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                    "{role} should be let through {method} {uri}, got {status}: {}",
+                    answer.1
+                );
+            } else {
+                let Access::Needs(right, _) = route.access else {
+                    panic!("{method} {uri} is open but {role} is not in its row");
+                };
+                assert_error(
+                    &answer,
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    &[right.as_str(), route.path],
+                );
+            }
+        }
+        // Without a token, only the open routes answer.
+        let answer = send(&app, request_as(None, &method, &uri, body)).await;
+        if route.access == Access::Open {
+            assert_eq!(answer.0, StatusCode::OK, "{method} {uri}");
+        } else {
+            assert_error(
+                &answer,
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                &["Bearer"],
+            );
+        }
+    }
+    // Refusals change nothing: only the calls that were let through and accepted submitted a
+    // command (backup, check, verify and cancel take `{}`), and none of a refused role.
+    let submitted = fake.submitted();
+    assert_eq!(submitted.len(), accepted, "{submitted:?}");
+    assert!(
+        submitted
+            .iter()
+            .all(|(actor, _)| !actor.starts_with("viewer")),
+        "{submitted:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_are_unauthenticated_and_say_why() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let with_header = |value: &str| {
+        Request::builder()
+            .uri("/v1/vms")
+            .header("authorization", value)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let unknown = crate::auth::secret_from(&[0x77; 32]);
+    for (header, words) in [
+        ("Basic YWRtaW46YWRtaW4=", &["Basic", "not Bearer"][..]),
+        ("Bearer", &["not Bearer <token>"][..]),
+        ("Bearer hunter2", &["not a cairn token"][..]),
+        (&format!("Bearer {unknown}") as &str, &["not known"][..]),
+    ] {
+        let answer = send(&app, with_header(header)).await;
+        assert_error(&answer, StatusCode::UNAUTHORIZED, "unauthenticated", words);
+    }
+    // The scheme is case-insensitive (RFC 7235); the secret is exact to its last digit.
+    let lower = send(
+        &app,
+        with_header(&format!("bearer {}", secret(Role::Viewer))),
+    )
+    .await;
+    assert_eq!(lower.0, StatusCode::OK);
+    let mut near = secret(Role::Viewer);
+    near.pop();
+    near.push('4');
+    let answer = send(&app, with_header(&format!("Bearer {near}"))).await;
+    assert_eq!(answer.0, StatusCode::UNAUTHORIZED);
+    // /healthz needs none.
+    let health = send(&app, request_as(None, "GET", "/healthz", None)).await;
+    assert_eq!(health.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_app_owner_sees_only_its_scope_and_outside_it_things_do_not_exist() {
+    let fake = Arc::new(Fake::new());
+    for (seq, aggregate) in [
+        (1, format!("vm/{VM_WEB}")),
+        (2, format!("vm/{VM_DB}")),
+        (3, format!("job/{JOB_RUNNING}")),
+        (4, format!("job/{JOB_DONE}")),
+        (5, format!("group/{GROUP_WEB}")),
+        (6, format!("token/{TOKEN_1}")),
+        (7, "node/kvm-02".to_string()),
+    ] {
+        fake.push_event(EventView {
+            aggregate,
+            ..event(seq)
+        });
+    }
+    let app = app(&fake);
+    let owner = |method: &str, uri: &str, body: Option<&str>| {
+        request_as(Some(Role::AppOwner), method, uri, body)
+    };
+    let list = |answer: &(StatusCode, Value), field: &str| -> Vec<String> {
+        assert_eq!(answer.0, StatusCode::OK, "{}", answer.1);
+        answer
+            .1
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v[field].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let vms = send(&app, owner("GET", "/v1/vms", None)).await;
+    assert_eq!(list(&vms, "vm"), [VM_WEB]);
+    let jobs = send(&app, owner("GET", "/v1/jobs", None)).await;
+    assert_eq!(list(&jobs, "job"), [JOB_RUNNING]);
+    let groups = send(&app, owner("GET", "/v1/groups", None)).await;
+    assert_eq!(list(&groups, "group"), [GROUP_WEB]);
+    let nodes = send(&app, owner("GET", "/v1/nodes", None)).await;
+    assert_eq!(list(&nodes, "node"), ["kvm-01"]);
+    let page = send(&app, owner("GET", "/v1/events?from=1", None)).await;
+    let shown: Vec<&str> = page.1["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["aggregate"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            format!("vm/{VM_WEB}"),
+            format!("job/{JOB_RUNNING}"),
+            format!("group/{GROUP_WEB}")
+        ]
+    );
+    // The reader moves past what it was not shown.
+    assert_eq!(page.1["next_from"], 8);
+    // An admin sees everything.
+    let all = send(&app, request("GET", "/v1/vms", None)).await;
+    assert_eq!(list(&all, "vm").len(), 2);
+
+    // Outside the scope: 404 with the codes of things that do not exist.
+    for (method, uri, code) in [
+        (
+            "GET",
+            format!("/v1/vms/{VM_DB}/recovery-points"),
+            "unknown_vm",
+        ),
+        ("POST", format!("/v1/vms/{VM_DB}/backup"), "unknown_vm"),
+        ("GET", format!("/v1/vms/{VM_DB}/calendar"), "unknown_vm"),
+        (
+            "GET",
+            format!("/v1/vms/{VM_DB}/browse?rp={RP_1}&path=/"),
+            "unknown_vm",
+        ),
+        ("GET", format!("/v1/jobs/{JOB_DONE}"), "unknown_job"),
+        ("POST", format!("/v1/jobs/{JOB_DONE}/cancel"), "unknown_job"),
+        (
+            "GET",
+            "/v1/groups/0190f000-0000-7000-8000-0000000000ff".to_string(),
+            "unknown_group",
+        ),
+    ] {
+        let answer = send(&app, owner(method, &uri, None)).await;
+        assert_error(&answer, StatusCode::NOT_FOUND, code, &[]);
+    }
+    // Inside it, it may back up.
+    let backup = send(
+        &app,
+        owner("POST", &format!("/v1/vms/{VM_WEB}/backup"), None),
+    )
+    .await;
+    assert_eq!(backup.0, StatusCode::ACCEPTED, "{}", backup.1);
+    assert_eq!(fake.submitted().len(), 1);
+}
+
+#[tokio::test]
+async fn an_app_owner_recovers_only_to_the_original_vm_or_below_its_nodes_owner_roots() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let owner = |uri: &str, body: Value| {
+        request_as(Some(Role::AppOwner), "POST", uri, Some(&body.to_string()))
+    };
+    let restore = format!("/v1/vms/{VM_WEB}/restore");
+    let recover = format!("/v1/vms/{VM_WEB}/recover");
+    let items = format!("/v1/vms/{VM_WEB}/recover-items");
+    let allowed = [
+        owner(&restore, json!({"rp": RP_1, "to": "/srv/owners/web"})),
+        owner(&recover, json!({"rp": RP_1, "target": "original"})),
+        owner(
+            &recover,
+            json!({"rp": RP_1, "target": "folder", "path": "/srv/owners/copy"}),
+        ),
+        owner(
+            &items,
+            json!({"rp": RP_1, "items": ["/p1/etc/hosts"], "to": "/srv/owners/items"}),
+        ),
+    ];
+    for request in allowed {
+        let answer = send(&app, request).await;
+        assert_eq!(answer.0, StatusCode::ACCEPTED, "{}", answer.1);
+    }
+    let refused = [
+        (
+            owner(&restore, json!({"rp": RP_1, "to": "/srv/ownersX"})),
+            "/srv/owners",
+        ),
+        (
+            owner(&restore, json!({"rp": RP_1, "to": "/etc/cron.d"})),
+            "app-owner roots",
+        ),
+        (
+            owner(
+                &restore,
+                json!({"rp": RP_1, "to": "/srv/owners/web", "node": "kvm-02"}),
+            ),
+            "it has none",
+        ),
+        (
+            owner(
+                &recover,
+                json!({"rp": RP_1, "target": "host", "node": "kvm-01", "path": "/srv/owners/dr"}),
+            ),
+            "another host",
+        ),
+        (
+            owner(
+                &items,
+                json!({"rp": RP_1, "items": ["/p1/etc/shadow"], "to": "/root"}),
+            ),
+            "/root",
+        ),
+    ];
+    for (request, word) in refused {
+        let answer = send(&app, request).await;
+        assert_error(&answer, StatusCode::FORBIDDEN, "forbidden", &[word]);
+    }
+    assert_eq!(fake.submitted().len(), 4);
+    // An operator is not limited to the owners' roots.
+    let answer = send(
+        &app,
+        request(
+            "POST",
+            &restore,
+            Some(&json!({"rp": RP_1, "to": "/srv/dr"}).to_string()),
+        ),
+    )
+    .await;
+    assert_eq!(answer.0, StatusCode::ACCEPTED, "{}", answer.1);
+}
+
+#[tokio::test]
+async fn tokens_are_made_listed_and_revoked_by_admins() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let body = json!({"name": "ci", "role": "operator", "expires_in_secs": 3600}).to_string();
+    let made = call(&app, "POST", "/v1/tokens", Some(&body)).await;
+    assert_eq!(made.0, StatusCode::CREATED, "{}", made.1);
+    let secret_text = made.1["token"].as_str().unwrap();
+    assert!(crate::auth::looks_like_secret(secret_text), "{secret_text}");
+    assert_eq!(made.1["role"], "operator");
+    let Command::CreateToken {
+        secret_hash,
+        expires_in_secs,
+        ..
+    } = &fake.submitted()[0].1
+    else {
+        panic!("{:?}", fake.submitted());
+    };
+    // Only the hash goes to the engine.
+    assert_eq!(*secret_hash, crate::auth::secret_hash(secret_text));
+    assert_eq!(*expires_in_secs, Some(3600));
+    let listed = call(&app, "GET", "/v1/tokens", None).await;
+    assert_eq!(listed.1[0]["name"], "ci");
+    assert!(listed.1[0].get("token").is_none(), "no secret in lists");
+    let id = made.1["id"].as_str().unwrap();
+    let revoked = call(&app, "POST", &format!("/v1/tokens/{id}/revoke"), None).await;
+    assert_eq!(revoked.0, StatusCode::OK, "{}", revoked.1);
+    assert_eq!(revoked.1["live"], false);
+    for (body, code, word) in [
+        (
+            json!({"name": "x", "role": "root"}),
+            "invalid_request",
+            "root",
+        ),
+        (
+            json!({"name": "x", "role": "app-owner", "vms": ["web-01"]}),
+            "invalid_id",
+            "vms[0]",
+        ),
+        (
+            json!({"name": "x", "role": "viewer", "secret": "mine"}),
+            "invalid_request",
+            "secret",
+        ),
+    ] {
+        let answer = call(&app, "POST", "/v1/tokens", Some(&body.to_string())).await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, code, &[word]);
+    }
+    let unknown = call(
+        &app,
+        "POST",
+        "/v1/tokens/0191a000-0000-7000-8000-0000000000ff/revoke",
+        None,
+    )
+    .await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "unknown_token", &[]);
+}

@@ -323,3 +323,164 @@ fn revoke(state: &State, token: TokenId) -> Result<Vec<Emit>, ControlError> {
         vec![TokenEvent::TokenRevoked.into()],
     )])
 }
+
+#[cfg(test)]
+mod tests {
+    use cairn_schemas::{Envelope, EventId};
+
+    use super::*;
+    use crate::control::AuthRefusal;
+    use crate::log::StoredEvent;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn commit(state: &mut State, emits: Vec<Emit>, at: u64) {
+        for emit in emits {
+            for payload in emit.events {
+                let seq = state.last_seq + 1;
+                let version = state.version(&emit.aggregate) + 1;
+                state.apply(&StoredEvent {
+                    seq,
+                    envelope: Envelope {
+                        event_id: EventId::new_v7(at, [seq as u8; 10]),
+                        aggregate: emit.aggregate.clone(),
+                        aggregate_version: version,
+                        recorded_at: at,
+                        actor: "root (token x)".into(),
+                        correlation: None,
+                        causation: None,
+                        command: None,
+                        traceparent: None,
+                        prev_hash: [0; 32],
+                        payload,
+                    },
+                });
+            }
+        }
+    }
+
+    fn token_id(name: &str) -> TokenId {
+        TokenId::new_v7(NOW, [name.bytes().fold(0u8, |a, b| a.wrapping_add(b)); 10])
+    }
+
+    fn create(name: &str, role: Role, hash: u8, expires_in_secs: Option<u64>) -> Command {
+        Command::CreateToken {
+            token: token_id(name),
+            name: name.into(),
+            role,
+            vms: vec![],
+            groups: vec![],
+            secret_hash: [hash; 32],
+            expires_in_secs,
+        }
+    }
+
+    #[test]
+    fn a_token_authenticates_until_it_expires_or_is_revoked() {
+        let mut state = State::default();
+        let made = decide(&state, &create("ci", Role::Operator, 1, Some(60)), NOW).unwrap();
+        commit(&mut state, made, NOW);
+        let principal = authenticate(&state, &[1; 32], NOW + 59_999).unwrap();
+        assert_eq!(
+            (principal.name.as_str(), principal.role),
+            ("ci", Role::Operator)
+        );
+        assert!(principal.scope.is_none());
+        assert_eq!(
+            authenticate(&state, &[1; 32], NOW + 60_000),
+            Err(AuthRefusal::Expired)
+        );
+        assert_eq!(
+            authenticate(&state, &[2; 32], NOW),
+            Err(AuthRefusal::Unknown)
+        );
+        let id = token_id("ci");
+        let revoked = decide(&state, &Command::RevokeToken { token: id }, NOW).unwrap();
+        commit(&mut state, revoked, NOW + 1);
+        assert_eq!(
+            authenticate(&state, &[1; 32], NOW + 2),
+            Err(AuthRefusal::Revoked)
+        );
+        // Revoking again is no change; the view says who did it.
+        assert!(
+            decide(&state, &Command::RevokeToken { token: id }, NOW)
+                .unwrap()
+                .is_empty()
+        );
+        let view = view(&state.tokens.by_id[&id], NOW + 2);
+        assert_eq!(view.revoked_by.as_deref(), Some("root (token x)"));
+        assert!(!view.live);
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_with_codes() {
+        let mut state = State::default();
+        let made = decide(&state, &create("ci", Role::Viewer, 1, None), NOW).unwrap();
+        commit(&mut state, made, NOW);
+        let code = |command: Command| decide(&state, &command, NOW).unwrap_err().code();
+        assert_eq!(code(create("ci", Role::Viewer, 2, None)), "duplicate_token");
+        assert_eq!(
+            code(create("bad name", Role::Viewer, 3, None)),
+            "invalid_request"
+        );
+        assert_eq!(
+            code(create(".hidden", Role::Viewer, 3, None)),
+            "invalid_request"
+        );
+        assert_eq!(
+            code(create("other", Role::Viewer, 1, None)),
+            "invalid_request"
+        );
+        assert_eq!(
+            code(create("other", Role::Viewer, 3, Some(0))),
+            "invalid_request"
+        );
+        assert_eq!(
+            code(create(
+                "other",
+                Role::Viewer,
+                3,
+                Some(MAX_LIFETIME_SECS + 1)
+            )),
+            "invalid_request"
+        );
+        assert_eq!(
+            code(create("owner", Role::AppOwner, 4, None)),
+            "invalid_request"
+        );
+        let vm = VmId::new_v7(NOW, [9; 10]);
+        let scoped = |role| Command::CreateToken {
+            token: TokenId::new_v7(NOW, [5; 10]),
+            name: "owner".into(),
+            role,
+            vms: vec![vm],
+            groups: vec![],
+            secret_hash: [5; 32],
+            expires_in_secs: None,
+        };
+        assert_eq!(code(scoped(Role::Operator)), "invalid_request");
+        assert_eq!(code(scoped(Role::AppOwner)), "unknown_vm");
+        assert_eq!(
+            code(Command::RevokeToken {
+                token: TokenId::new_v7(NOW, [7; 10])
+            }),
+            "unknown_token"
+        );
+        // A revoked token's name may be used again.
+        let revoke = Command::RevokeToken {
+            token: token_id("ci"),
+        };
+        let revoked = decide(&state, &revoke, NOW).unwrap();
+        commit(&mut state, revoked, NOW);
+        let again = Command::CreateToken {
+            token: TokenId::new_v7(NOW, [6; 10]),
+            name: "ci".into(),
+            role: Role::Viewer,
+            vms: vec![],
+            groups: vec![],
+            secret_hash: [6; 32],
+            expires_in_secs: None,
+        };
+        assert!(decide(&state, &again, NOW).is_ok());
+    }
+}
