@@ -221,7 +221,7 @@ impl AllowList {
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<AllowList, String> {
         entries
             .iter()
-            .map(|e| AllowEntry::parse(e.as_ref()).map_err(|problem| problem.to_string()))
+            .map(|e| AllowEntry::parse(e.as_ref()))
             .collect::<Result<Vec<_>, _>>()
             .map(AllowList::new)
     }
