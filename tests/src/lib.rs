@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests: the `cairn` binary, realistic disk images and guest
-//! churn (`ops/vmdisk`), hashing and polling with deadlines.
+//! churn (`ops/vmdisk`), hashing and polling with deadlines, HTTPS webhook receivers (`hook`).
 
+pub mod hook;
 pub mod nats;
 
 use std::path::{Path, PathBuf};

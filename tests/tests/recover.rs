@@ -5,7 +5,6 @@
 //! real SMTP server (`aiosmtpd`) and a webhook, and `kill -9` in the middle of a throttled
 //! recovery (the restarted recovery continues and writes only what was missing).
 
-use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -359,7 +358,7 @@ fn recovery_to_another_node_creates_a_new_unprotected_vm_in_qcow2_and_vhdx() {
             "invalid_path",
         ),
         (
-            json!({"rp": rp, "target": "original", "webhooks": ["https://x/"]}),
+            json!({"rp": rp, "target": "original", "webhooks": ["http://hooks.example.com/x"]}),
             "invalid_request",
         ),
         (
@@ -375,6 +374,16 @@ fn recovery_to_another_node_creates_a_new_unprotected_vm_in_qcow2_and_vhdx() {
         assert!((400..500).contains(&status), "{body}: {status} {answer}");
         assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
     }
+    // Webhooks are https only: a plain http:// URL is a 400 that says so.
+    let (status, answer) = post(
+        &server,
+        &format!("/v1/vms/{vm}/recover"),
+        json!({"rp": rp, "target": "folder", "path": "/tmp/x",
+               "webhooks": ["http://127.0.0.1:8080/hook"]}),
+    );
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("must use https://"), "{message}");
 }
 
 /// A real SMTP server (aiosmtpd, from PyPI) that stores mail in a maildir.
@@ -431,53 +440,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A one-shot HTTP listener: answers `200 OK` to the first request and hands its body over.
-fn webhook_listener() -> (String, std::sync::mpsc::Receiver<(String, String)>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hooks/cairn", listener.local_addr().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut data = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut buf).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            data.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&data).to_string();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                if body.len() >= len {
-                    stream
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                        )
-                        .unwrap();
-                    let _ = tx.send((head.to_string(), body.to_string()));
-                    return;
-                }
-            }
-        }
-    });
-    (url, rx)
-}
-
 #[test]
 fn a_finished_recovery_is_mailed_through_smtp_and_posted_to_a_webhook() {
     let lab = lab(Some(8));
     let smtp = SmtpServer::start(&lab.root);
+    let ca = hook::TestCa::new();
+    let ca_file = ca.write_pem(&lab.root);
+    let hook = ca.hook_server("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     let server = UpServer::start(
         &lab.data,
         &[
@@ -485,6 +454,10 @@ fn a_finished_recovery_is_mailed_through_smtp_and_posted_to_a_webhook() {
             &format!("127.0.0.1:{}", smtp.port),
             "--smtp-from",
             "backup@lab.example",
+            "--webhook-allow",
+            "127.0.0.1",
+            "--webhook-ca-file",
+            s(&ca_file),
         ],
         &[],
     );
@@ -493,7 +466,7 @@ fn a_finished_recovery_is_mailed_through_smtp_and_posted_to_a_webhook() {
         .unwrap()
         .to_string();
     let rp = backup(&server, &vm);
-    let (url, posted) = webhook_listener();
+    let url = hook.url("/hooks/cairn");
     let folder = lab.root.join("out");
     let job = accepted_id(
         &server,
@@ -502,11 +475,20 @@ fn a_finished_recovery_is_mailed_through_smtp_and_posted_to_a_webhook() {
                "notify_email": ["ops@example.com"], "webhooks": [url]}),
     );
     wait_job(&server, &job, "Succeeded", Duration::from_secs(120));
-    let (head, body) = posted
-        .recv_timeout(Duration::from_secs(60))
-        .expect("webhook POST");
-    assert!(head.starts_with("POST /hooks/cairn HTTP/1.1"), "{head}");
-    let body: Value = serde_json::from_str(&body).unwrap();
+    let posted = hook.wait_request(Duration::from_secs(60));
+    assert!(
+        posted.head.starts_with("POST /hooks/cairn HTTP/1.1"),
+        "{}",
+        posted.head
+    );
+    assert!(
+        posted
+            .header("user-agent")
+            .is_some_and(|agent| agent.starts_with("cairn/")),
+        "{}",
+        posted.head
+    );
+    let body: Value = serde_json::from_str(&posted.body).unwrap();
     assert_eq!(body["event"], "recovery.finished");
     assert_eq!(body["job"], job.as_str());
     assert_eq!(body["state"], "Succeeded");
@@ -537,6 +519,67 @@ fn a_finished_recovery_is_mailed_through_smtp_and_posted_to_a_webhook() {
     );
     for n in view["recovery"]["notifications"].as_array().unwrap() {
         assert_eq!(n["delivered"], true, "{n}");
+    }
+}
+
+/// The same webhook without `--webhook-allow`: the recovery succeeds, its notification is
+/// recorded as not delivered with the host and the loopback address, and nothing reaches the
+/// receiver.
+#[test]
+fn a_webhook_to_loopback_is_refused_unless_allow_listed() {
+    let lab = lab(Some(8));
+    let ca = hook::TestCa::new();
+    let ca_file = ca.write_pem(&lab.root);
+    let hook = ca.hook_server("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let server = UpServer::start(&lab.data, &["--webhook-ca-file", s(&ca_file)], &[]);
+    let vm = find_vm(&server, "alpha")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rp = backup(&server, &vm);
+    let url = hook.url("/hooks/cairn");
+    let job = accepted_id(
+        &server,
+        &format!("/v1/vms/{vm}/recover"),
+        json!({"rp": rp, "target": "folder", "path": lab.root.join("out"), "webhooks": [url]}),
+    );
+    wait_job(&server, &job, "Succeeded", Duration::from_secs(120));
+    let mut view = Value::Null;
+    wait_until(Duration::from_secs(30), "the notification recorded", || {
+        view = server.get(&format!("/v1/jobs/{job}"));
+        !view["recovery"]["notifications"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+    let notifications = view["recovery"]["notifications"].as_array().unwrap();
+    assert_eq!(notifications.len(), 1, "{view}");
+    let outcome = &notifications[0];
+    assert_eq!(outcome["delivered"], false, "{outcome}");
+    let detail = outcome["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("host 127.0.0.1 has address 127.0.0.1, a loopback address"),
+        "{detail}"
+    );
+    assert_eq!(hook.connections(), 0, "nothing reached the receiver");
+    // A bad allow-list entry or CA file is refused at start, naming it.
+    let other = lab.root.join("other-data");
+    let not_pem = lab.root.join("not-a-ca.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    for (args, problem) in [
+        (vec!["--webhook-allow", "10.0.0.0/33"], "is not a network"),
+        (
+            vec!["--webhook-ca-file", s(&not_pem)],
+            "holds no PEM CERTIFICATE block",
+        ),
+    ] {
+        let mut command = vec!["up", "--data-dir", s(&other), "--listen", "127.0.0.1:0"];
+        command.extend(args);
+        let out = cairn(&command);
+        assert!(!out.status.success(), "{command:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(problem), "{command:?}: {stderr}");
+        assert!(!other.exists(), "a refused start creates no data folder");
     }
 }
 

@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_orchestrator::notify::address::{AllowEntry, AllowList};
 use cairn_orchestrator::policy::tz::TimeZone;
 use cairn_schemas::NodeId;
 use serde::Deserialize;
@@ -123,6 +124,10 @@ pub struct OrchestratorConfig {
     pub smtp: Option<String>,
     /// Sender address of notification e-mail.
     pub smtp_from: Option<String>,
+    /// Hosts, addresses and CIDR networks webhooks may reach although they are not public.
+    pub webhook_allow: Option<AllowList>,
+    /// Extra CA certificates (PEM) for webhooks' servers.
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 /// `[worker]`.
@@ -222,6 +227,8 @@ struct RawOrchestrator {
     recoveries_per_node: Option<i64>,
     smtp: Option<String>,
     smtp_from: Option<String>,
+    webhook_allow: Option<Vec<String>>,
+    webhook_ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,6 +265,23 @@ impl Checker<'_> {
     ) -> Result<Option<T>, Error> {
         raw.map(|value| check(&value).map_err(|problem| self.invalid(key, &value, problem)))
             .transpose()
+    }
+
+    /// Applies `check` to each item of a list of texts when it is set; an error names the
+    /// first bad item.
+    fn list<T>(
+        &self,
+        key: &'static str,
+        raw: Option<Vec<String>>,
+        check: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<Vec<T>>, Error> {
+        raw.map(|items| {
+            items
+                .iter()
+                .map(|item| check(item).map_err(|problem| self.invalid(key, item, problem)))
+                .collect()
+        })
+        .transpose()
     }
 
     /// Checks that a number, when set, lies in `range`.
@@ -447,6 +471,18 @@ impl RawFile {
             smtp_from: c.text("orchestrator.smtp_from", o.smtp_from, |v| {
                 cairn_orchestrator::engine::recovery::check_email(v).map(|()| v.to_owned())
             })?,
+            webhook_allow: c
+                .list(
+                    "orchestrator.webhook_allow",
+                    o.webhook_allow,
+                    AllowEntry::parse,
+                )?
+                .map(AllowList::new),
+            webhook_ca_file: c.text(
+                "orchestrator.webhook_ca_file",
+                o.webhook_ca_file,
+                path_value,
+            )?,
         };
         let w = self.worker;
         let worker = WorkerConfig {
@@ -494,6 +530,10 @@ mod tests {
         assert_eq!(o.timezone, Some(TimeZone::parse("UTC").unwrap()));
         assert_eq!(o.backups_per_node, Some(3));
         assert_eq!(o.recoveries_per_node, Some(8));
+        assert_eq!(
+            o.webhook_allow, None,
+            "nothing is allowed unless the operator says so"
+        );
         let w = &config.worker;
         assert_eq!(w.node.as_ref().map(NodeId::as_str), Some("kvm-01"));
         assert_eq!(w.vms_dir.as_deref(), Some(Path::new("/var/lib/cairn/vms")));
@@ -517,6 +557,26 @@ mod tests {
         .unwrap();
         assert_eq!(config.nats.url.unwrap().len(), 3);
         assert_eq!(config.nats.replicas, Some(3));
+    }
+
+    #[test]
+    fn webhook_settings_parse() {
+        let config = parse(
+            Path::new("c.toml"),
+            "[orchestrator]\nwebhook_allow = [\"127.0.0.1\", \"hooks.internal\", \"10.0.0.0/8\"]\n\
+             webhook_ca_file = \"/etc/cairn/hooks-ca.pem\"\n",
+        )
+        .unwrap();
+        let o = config.orchestrator;
+        let allow = o.webhook_allow.unwrap();
+        let entries: Vec<String> = allow.entries().iter().map(|e| e.to_string()).collect();
+        assert_eq!(entries, ["127.0.0.1", "hooks.internal", "10.0.0.0/8"]);
+        assert_eq!(
+            o.webhook_ca_file.as_deref(),
+            Some(Path::new("/etc/cairn/hooks-ca.pem"))
+        );
+        let empty = parse(Path::new("c.toml"), "[orchestrator]\nwebhook_allow = []\n").unwrap();
+        assert_eq!(empty.orchestrator.webhook_allow, Some(AllowList::default()));
     }
 
     #[test]
@@ -676,6 +736,21 @@ mod tests {
                 "[orchestrator]\nsmtp_from = \"cairn\"",
                 "orchestrator.smtp_from",
                 "has no '@'",
+            ),
+            (
+                "[orchestrator]\nwebhook_allow = [\"127.0.0.1\", \"10.0.0.0/33\"]",
+                "orchestrator.webhook_allow = \"10.0.0.0/33\"",
+                "is not a network",
+            ),
+            (
+                "[orchestrator]\nwebhook_allow = [\"hooks internal\"]",
+                "orchestrator.webhook_allow = \"hooks internal\"",
+                "neither an IP address",
+            ),
+            (
+                "[orchestrator]\nwebhook_ca_file = \"\"",
+                "orchestrator.webhook_ca_file",
+                "must not be empty",
             ),
             ("[worker]\nnode = \"\"", "worker.node", "must not be empty"),
             ("[worker]\nnode = \".kvm\"", "worker.node", "must not start"),

@@ -22,6 +22,8 @@ use cairn_orchestrator::engine::jobs::EngineConfig;
 use cairn_orchestrator::engine::ownership::Ownership;
 use cairn_orchestrator::engine::service::{Engine, EngineOptions, SystemClock};
 use cairn_orchestrator::log::{JetStreamLog, JetStreamLogConfig};
+use cairn_orchestrator::notify::address::{AllowEntry, AllowList};
+use cairn_orchestrator::notify::webhook::{self, CertificateDer};
 use cairn_orchestrator::notify::{Notifier, NotifyConfig};
 use cairn_orchestrator::policy::tz::TimeZone;
 use clap::Args;
@@ -75,6 +77,14 @@ pub struct OrchestratorArgs {
     /// Sender address of notification e-mail.
     #[arg(long, env = "CAIRN_SMTP_FROM")]
     pub smtp_from: Option<String>,
+    /// A host, address or CIDR network webhooks may reach although it is loopback, link-local
+    /// or private (e.g. 10.0.0.0/8, hooks.internal). Repeat, or separate with commas.
+    #[arg(long = "webhook-allow", env = "CAIRN_WEBHOOK_ALLOW", value_name = "HOST|ADDRESS|CIDR",
+          value_delimiter = ',', value_parser = AllowEntry::parse)]
+    pub webhook_allow: Vec<AllowEntry>,
+    /// Extra CA certificates (PEM) trusted for webhooks' servers, besides the system's.
+    #[arg(long, env = "CAIRN_WEBHOOK_CA_FILE", value_name = "PEM")]
+    pub webhook_ca_file: Option<PathBuf>,
     /// NATS credentials file.
     #[arg(long, env = "CAIRN_NATS_CREDS")]
     pub creds: Option<PathBuf>,
@@ -105,6 +115,8 @@ struct Settings {
     heartbeat_timeout: Duration,
     smtp: Option<String>,
     smtp_from: Option<String>,
+    webhook_allow: AllowList,
+    webhook_roots: Vec<CertificateDer<'static>>,
 }
 
 fn default_instance() -> String {
@@ -167,6 +179,15 @@ fn settings(args: OrchestratorArgs) -> Result<Settings> {
     }
     let instance = pick_opt(args.instance, orch.instance.map(|i| i.to_string()))
         .unwrap_or_else(default_instance);
+    let webhook_allow = pick(
+        (!args.webhook_allow.is_empty()).then(|| AllowList::new(args.webhook_allow)),
+        orch.webhook_allow,
+        AllowList::default(),
+    );
+    let webhook_roots = match pick_opt(args.webhook_ca_file, orch.webhook_ca_file) {
+        Some(path) => webhook::read_ca_file(&path)?,
+        None => Vec::new(),
+    };
     Ok(Settings {
         nats: NatsOptions {
             url,
@@ -210,6 +231,8 @@ fn settings(args: OrchestratorArgs) -> Result<Settings> {
         heartbeat_timeout: Duration::from_secs(heartbeat),
         smtp: pick_opt(args.smtp, orch.smtp),
         smtp_from: pick_opt(args.smtp_from, orch.smtp_from),
+        webhook_allow,
+        webhook_roots,
     })
 }
 
@@ -275,6 +298,8 @@ async fn serve(settings: Settings) -> Result<i32> {
         .unwrap_or_else(|| format!("cairn@{}.localdomain", settings.instance));
     let mut notify = NotifyConfig::new(settings.smtp.clone(), from);
     notify.hostname = format!("{}.localdomain", settings.instance);
+    notify.webhook_allow = settings.webhook_allow.clone();
+    notify.webhook_roots = settings.webhook_roots.clone();
     let engine = engine.with_notifier(Notifier::new(notify));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -215,7 +215,7 @@ mod tests {
             "--notify-email",
             "ops@example.com",
             "--webhook",
-            "http://h/x",
+            "https://h/x",
         ])
         .unwrap();
         let request = request(&args, "RP".into()).unwrap();

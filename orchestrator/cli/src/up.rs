@@ -26,6 +26,8 @@ use cairn_orchestrator::engine::service::{
     Clock, Engine, EngineOptions, Handle, StepSink, SystemClock,
 };
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
+use cairn_orchestrator::notify::address::{AllowEntry, AllowList};
+use cairn_orchestrator::notify::webhook;
 use cairn_orchestrator::notify::{Notifier, NotifyConfig};
 use cairn_orchestrator::policy::tz::TimeZone;
 use cairn_schemas::{BrowseEntry, BrowseRequest, Command, JobId, NodeId, StepSpec};
@@ -80,6 +82,15 @@ pub struct UpArgs {
     /// Sender address of notification e-mail (default `cairn@<node>.localdomain`).
     #[arg(long, env = "CAIRN_SMTP_FROM")]
     pub smtp_from: Option<String>,
+    /// A host, address or CIDR network webhooks may reach although it is loopback, link-local
+    /// or private (e.g. 127.0.0.1, hooks.internal, 10.0.0.0/8). Repeat, or separate with
+    /// commas.
+    #[arg(long = "webhook-allow", env = "CAIRN_WEBHOOK_ALLOW", value_name = "HOST|ADDRESS|CIDR",
+          value_delimiter = ',', value_parser = AllowEntry::parse)]
+    pub webhook_allow: Vec<AllowEntry>,
+    /// Extra CA certificates (PEM) trusted for webhooks' servers, besides the system's.
+    #[arg(long, env = "CAIRN_WEBHOOK_CA_FILE", value_name = "PEM")]
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 fn parse_timezone(text: &str) -> Result<TimeZone, String> {
@@ -135,6 +146,11 @@ async fn serve(args: UpArgs) -> Result<i32> {
     cairn_worker::perms::restrict_umask();
     // The key is checked before anything is created: a refused key changes nothing.
     let plan = RepoPlan::new(&args)?;
+    // So is the webhook CA file.
+    let webhook_roots = match &args.webhook_ca_file {
+        Some(path) => webhook::read_ca_file(path)?,
+        None => Vec::new(),
+    };
     let data = args.data_dir.clone();
     if let PrivateDir::Restricted { from } = perms::private_dir(&data)? {
         tracing::warn!(data = %data.display(), from = format!("{from:04o}"), "the data folder was open to group or others; it is 0700 now");
@@ -228,6 +244,8 @@ async fn serve(args: UpArgs) -> Result<i32> {
     }
     let mut notify = NotifyConfig::new(args.smtp.clone(), from);
     notify.hostname = format!("{node}.localdomain");
+    notify.webhook_allow = AllowList::new(args.webhook_allow.clone());
+    notify.webhook_roots = webhook_roots;
     let engine = engine.with_notifier(Notifier::new(notify));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {

@@ -982,7 +982,7 @@ async fn recover_to_each_target_with_options() {
                "throttle": {"work_bytes_per_sec": 1048576, "off_bytes_per_sec": 0,
                             "work_hours": "07:30-19:00", "work_days": "mon-sat",
                             "utc_offset_minutes": -300},
-               "notify_email": ["ops@example.com"], "webhooks": ["http://h:81/x"]}),
+               "notify_email": ["ops@example.com"], "webhooks": ["https://h:81/x"]}),
         json!({"rp": RP_1, "target": "host", "node": "kvm-09", "path": "/dr", "format": "vhdx",
                "name": "db-dr"}),
         json!({"rp": RP_1, "target": "folder", "path": "/copies"}),

@@ -974,7 +974,7 @@ fn recovery_to_another_host_names_a_new_vm_and_runs_there() {
     })
     .unwrap();
     let bad = cairn_schemas::RecoveryOptions {
-        webhooks: vec!["https://x.org/".into()],
+        webhooks: vec!["http://x.org/".into()],
         ..Default::default()
     };
     assert_eq!(

@@ -1,5 +1,8 @@
-//! Notifications when a recovery ends: an e-mail through SMTP ([`smtp`]) and a JSON POST to a
-//! webhook ([`webhook`]), as MABS's "send an e-mail when the recovery completes".
+//! Notifications when a recovery ends: an e-mail through SMTP ([`smtp`]) and a JSON POST to an
+//! HTTPS webhook ([`webhook`]), as MABS's "send an e-mail when the recovery completes".
+//! A webhook goes only to public addresses unless the operator allow-lists the host, the
+//! address or its network ([`address`]); a refused webhook is a failed delivery, recorded like
+//! any other, and not retried.
 //!
 //! [`notice`] is pure: it turns a finished job in the projections into the text and JSON that
 //! go out. [`Notifier::deliver`] does the IO, with a few retries; the engine service calls it
@@ -9,6 +12,7 @@
 //!
 //! Must not: read the event log or the projections itself, or block the engine's loop.
 
+pub mod address;
 pub mod smtp;
 pub mod webhook;
 
@@ -47,7 +51,7 @@ impl Error {
     }
 }
 
-/// Where e-mail goes out.
+/// Where e-mail goes out, and what webhooks may reach.
 #[derive(Debug, Clone, Default)]
 pub struct NotifyConfig {
     /// `host:port` of the SMTP relay; `None` = e-mail notifications fail with a clear reason.
@@ -60,6 +64,10 @@ pub struct NotifyConfig {
     pub attempts: u32,
     /// Timeout of one attempt.
     pub timeout: Duration,
+    /// Hosts, addresses and networks webhooks may reach although they are not public.
+    pub webhook_allow: address::AllowList,
+    /// Extra CA certificates for webhooks' servers ([`webhook::read_ca_file`]).
+    pub webhook_roots: Vec<webhook::CertificateDer<'static>>,
 }
 
 impl NotifyConfig {
@@ -70,6 +78,8 @@ impl NotifyConfig {
             hostname: "cairn.localdomain".into(),
             attempts: 3,
             timeout: Duration::from_secs(10),
+            webhook_allow: address::AllowList::default(),
+            webhook_roots: Vec::new(),
         }
     }
 }
@@ -187,14 +197,23 @@ pub fn recovery_note(target: &RecoveryTarget, state: JobState) -> Option<String>
 #[derive(Debug, Clone)]
 pub struct Notifier {
     config: NotifyConfig,
+    webhooks: std::sync::Arc<webhook::Client>,
 }
 
 impl Notifier {
     pub fn new(config: NotifyConfig) -> Notifier {
-        Notifier { config }
+        let webhooks = webhook::Client::new(webhook::WebhookConfig {
+            allow: config.webhook_allow.clone(),
+            extra_roots: config.webhook_roots.clone(),
+            timeout: config.timeout,
+        });
+        Notifier {
+            config,
+            webhooks: std::sync::Arc::new(webhooks),
+        }
     }
 
-    /// Delivers `notice` to `target` (`mailto:ADDRESS` or an `http://` URL), retrying
+    /// Delivers `notice` to `target` (`mailto:ADDRESS` or an `https://` URL), retrying
     /// transient failures. Returns whether it was delivered and the receiver's answer or the
     /// last error.
     pub async fn deliver(&self, target: &str, notice: &Notice) -> (bool, String) {
@@ -217,36 +236,41 @@ impl Notifier {
     }
 
     async fn attempt(&self, target: &str, notice: &Notice) -> Result<String, Error> {
-        let work = async {
-            if let Some(address) = target.strip_prefix("mailto:") {
-                let server = self
-                    .config
-                    .smtp_server
-                    .as_deref()
-                    .ok_or(Error::NoSmtpServer)?;
-                let mail = smtp::Mail {
-                    from: self.config.from.clone(),
-                    to: address.to_string(),
-                    subject: notice.subject.clone(),
-                    body: notice.text.clone(),
-                    date_ms: now_ms(),
-                    message_id: format!(
-                        "{}.{}@{}",
-                        notice.json["job"].as_str().unwrap_or("job"),
-                        now_ms(),
-                        self.config.hostname
-                    ),
-                };
-                Ok(smtp::send(server, &self.config.hostname, &mail).await?)
-            } else if target.starts_with("http://") {
-                let body = serde_json::to_vec(&notice.json).unwrap_or_default();
-                Ok(webhook::post(target, &body).await?)
-            } else {
-                Err(Error::UnknownTarget(target.to_string()))
-            }
+        if target.starts_with("https://") || target.starts_with("http://") {
+            // The webhook client has its own timeout (the same one) and names the URL in it.
+            // An `http://` target (recorded before webhooks became https only) is refused by
+            // the client with the reason.
+            let body = serde_json::to_vec(&notice.json).unwrap_or_default();
+            return Ok(self.webhooks.post(target, &body).await?);
+        }
+        let Some(address) = target.strip_prefix("mailto:") else {
+            return Err(Error::UnknownTarget(target.to_string()));
         };
-        match tokio::time::timeout(self.config.timeout, work).await {
-            Ok(result) => result,
+        let server = self
+            .config
+            .smtp_server
+            .as_deref()
+            .ok_or(Error::NoSmtpServer)?;
+        let mail = smtp::Mail {
+            from: self.config.from.clone(),
+            to: address.to_string(),
+            subject: notice.subject.clone(),
+            body: notice.text.clone(),
+            date_ms: now_ms(),
+            message_id: format!(
+                "{}.{}@{}",
+                notice.json["job"].as_str().unwrap_or("job"),
+                now_ms(),
+                self.config.hostname
+            ),
+        };
+        match tokio::time::timeout(
+            self.config.timeout,
+            smtp::send(server, &self.config.hostname, &mail),
+        )
+        .await
+        {
+            Ok(result) => Ok(result?),
             Err(_) => Err(Error::Timeout),
         }
     }
@@ -257,3 +281,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests;
