@@ -45,11 +45,53 @@ pub fn cairn_bin() -> PathBuf {
         .clone()
 }
 
+/// The config folder (`XDG_CONFIG_HOME`) of every `cairn` the tests run, under the target
+/// folder: `cairn up` saves its admin token there for the address it serves, and the CLI
+/// finds it there, as on an administrator's machine, without touching the real user's.
+pub fn config_home() -> PathBuf {
+    static HOME: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| {
+        use std::os::unix::fs::DirBuilderExt;
+        let exe = std::env::current_exe().expect("test executable path");
+        let target = exe.ancestors().nth(3).expect("target folder");
+        let dir = target.join("tmp").join("cairn-config");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .expect("config folder");
+        dir
+    })
+    .clone()
+}
+
+/// The admin token the `cairn up` or `cairn orchestrator --bootstrap-token` at `addr`
+/// (`host:port`) saved for the CLI, if any.
+pub fn token_for(addr: &str) -> Option<String> {
+    let name: String = addr
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = config_home().join("cairn").join("tokens").join(name);
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|t| t.trim().to_string())
+}
+
 /// Runs `cairn ARGS`; returns its output whatever the exit code.
 pub fn cairn(args: &[&str]) -> Output {
     Command::new(cairn_bin())
         .args(args)
         .env("CAIRN_LOG", "warn")
+        .env("XDG_CONFIG_HOME", config_home())
+        .env_remove("CAIRN_TOKEN")
+        .env_remove("CAIRN_TOKEN_FILE")
         .output()
         .expect("cairn runs")
 }
@@ -301,6 +343,9 @@ where
     command
         .args(args)
         .env("CAIRN_LOG", "info")
+        .env("XDG_CONFIG_HOME", config_home())
+        .env_remove("CAIRN_TOKEN")
+        .env_remove("CAIRN_TOKEN_FILE")
         .stdout(std::process::Stdio::piped())
         .stderr(log);
     for (k, v) in env {
@@ -428,15 +473,29 @@ impl Drop for UpServer {
 }
 
 /// A minimal HTTP/1.1 client (one request per connection), so tests can send malformed bodies.
+/// It sends the admin token saved for `addr` (see [`token_for`]), if there is one.
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_as(addr, token_for(addr).as_deref(), method, path, body)
+}
+
+/// [`http`] with a given token, or none.
+pub fn http_as(
+    addr: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     let body = body.unwrap_or("");
+    let authorization =
+        token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).expect("send request");

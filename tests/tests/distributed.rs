@@ -144,6 +144,8 @@ impl Lab {
             s(&self.repo),
             "--heartbeat-timeout-secs",
             "15",
+            "--bootstrap-token",
+            s(&self.dir.path().join("admin.token")),
         ]
         .iter()
         .map(|a| a.to_string())

@@ -889,6 +889,7 @@ struct Export {
 impl Export {
     fn start(args: &[&str]) -> Export {
         let mut child = Command::new(cairn_bin())
+            .env("XDG_CONFIG_HOME", cairn_tests::config_home())
             .args(args)
             .arg("--json")
             .stdout(Stdio::piped())

@@ -27,6 +27,7 @@ fn cairn_umask_000(args: &[&str]) -> String {
         .arg("umask 000 && exec \"$0\" \"$@\"")
         .arg(cairn_bin())
         .args(args)
+        .env("XDG_CONFIG_HOME", cairn_tests::config_home())
         .env("CAIRN_LOG", "warn")
         .output()
         .expect("sh runs");
@@ -44,6 +45,7 @@ fn cairn_refused(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let stderr_path = dir.path().join("stderr");
     let mut child = Command::new(cairn_bin())
+        .env("XDG_CONFIG_HOME", cairn_tests::config_home())
         .args(args)
         .env("CAIRN_LOG", "warn")
         .stdout(Stdio::null())

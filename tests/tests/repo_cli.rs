@@ -226,6 +226,7 @@ fn kill_9_mid_backup_leaves_a_clean_repository_and_the_rerun_completes() {
     let repo = dir.path().join("repo");
     cairn_ok(&["repo", "init", s(&repo)]);
     let mut child = Command::new(cairn_bin())
+        .env("XDG_CONFIG_HOME", cairn_tests::config_home())
         .args([
             "repo",
             "backup",
@@ -651,6 +652,7 @@ fn encrypted_repository_round_trip_and_ids_are_keyed() {
 fn backup_with_key_from_env(repo: &Path, key: &Path, image: &Path) {
     // The key file may come from the environment instead of argv.
     let out = Command::new(cairn_bin())
+        .env("XDG_CONFIG_HOME", cairn_tests::config_home())
         .args([
             "repo",
             "backup",

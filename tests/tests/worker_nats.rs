@@ -123,6 +123,7 @@ async fn a_backup_runs_through_the_worker_over_nats() {
 
     let log = root.join("worker.log");
     let child = Command::new(cairn_bin())
+        .env("XDG_CONFIG_HOME", cairn_tests::config_home())
         .args([
             "worker",
             "--nats",

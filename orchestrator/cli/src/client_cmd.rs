@@ -88,6 +88,11 @@ pub enum ClientCommand {
     Recover(crate::recover_cmd::RecoverArgs),
     /// Extract files and folders of a recovery point into a folder on a node (a job).
     RecoverItems(crate::items_cmd::RecoverItemsArgs),
+    /// API tokens: make (admin, operator, viewer, app-owner), list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: crate::token_cmd::TokenCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,10 +105,6 @@ pub enum SeedCommand {
 }
 
 impl ServerOpts {
-    pub(crate) fn server(&self) -> &str {
-        &self.server
-    }
-
     pub(crate) fn json(&self) -> bool {
         self.json
     }
@@ -124,6 +125,10 @@ pub struct ServerOpts {
     /// Print the server's JSON instead of text.
     #[arg(long)]
     pub(crate) json: bool,
+    /// File holding the API token (0600). Without it: CAIRN_TOKEN, then the token `cairn up`
+    /// saved for this server in ~/.config/cairn/tokens/.
+    #[arg(long, env = "CAIRN_TOKEN_FILE")]
+    pub(crate) token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,6 +338,7 @@ pub enum AuditCommand {
 /// Runs a client command; returns the process exit code.
 pub fn run(command: ClientCommand) -> Result<i32> {
     match command {
+        ClientCommand::Token { command } => crate::token_cmd::run(command),
         ClientCommand::Vm {
             command: VmCommand::List { opts },
         } => vm_list(&opts),
@@ -346,7 +352,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 policy,
                 opts,
             } => {
-                let client = Client::new(&opts.server)?;
+                let client = Client::from_opts(&opts)?;
                 let vms = resolve_vms(&client, &vms)?;
                 let request = crate::policy_cmd::create_request(
                     name.clone(),
@@ -387,7 +393,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
         ClientCommand::Jobs(args) => jobs(&args),
         ClientCommand::Job { command } => match command {
             JobCommand::Show { job, opts } => {
-                let client = Client::new(&opts.server)?;
+                let client = Client::from_opts(&opts)?;
                 let value = client.get(&format!("/v1/jobs/{}", segment(&job)?), &[])?;
                 if opts.json {
                     print_json(&value);
@@ -397,7 +403,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 Ok(0)
             }
             JobCommand::Cancel { job, reason, opts } => {
-                let client = Client::new(&opts.server)?;
+                let client = Client::from_opts(&opts)?;
                 let request = CancelRequest { reason };
                 let path = format!("/v1/jobs/{}/cancel", segment(&job)?);
                 let value = client.post(&path, Some(&request))?;
@@ -412,7 +418,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
         ClientCommand::Rp {
             command: RpCommand::List { vm, calendar, opts },
         } => {
-            let client = Client::new(&opts.server)?;
+            let client = Client::from_opts(&opts)?;
             let vm = resolve_vm(&client, &vm)?;
             if calendar {
                 return crate::policy_cmd::calendar(&client, &vm, &opts);
@@ -446,7 +452,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
         ClientCommand::Audit {
             command: AuditCommand::Verify { opts },
         } => {
-            let client = Client::new(&opts.server)?;
+            let client = Client::from_opts(&opts)?;
             let value = client.get("/v1/audit/verify", &[])?;
             let report: AuditReport = from_value(value.clone())?;
             if opts.json {
@@ -460,7 +466,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
 }
 
 fn vm_list(opts: &ServerOpts) -> Result<i32> {
-    let client = Client::new(&opts.server)?;
+    let client = Client::from_opts(&opts)?;
     let value = client.get("/v1/vms", &[])?;
     if opts.json {
         print_json(&value);
@@ -475,7 +481,7 @@ fn vm_list(opts: &ServerOpts) -> Result<i32> {
 }
 
 fn group_list(opts: &ServerOpts) -> Result<i32> {
-    let client = Client::new(&opts.server)?;
+    let client = Client::from_opts(&opts)?;
     let value = client.get("/v1/groups", &[])?;
     if opts.json {
         print_json(&value);
@@ -486,7 +492,7 @@ fn group_list(opts: &ServerOpts) -> Result<i32> {
 }
 
 fn backup(args: &BackupArgs) -> Result<i32> {
-    let client = Client::new(&args.opts.server)?;
+    let client = Client::from_opts(&args.opts)?;
     let vm = resolve_vm(&client, &args.vm)?;
     let request = BackupRequest {
         mode: Some(match args.mode {
@@ -511,7 +517,7 @@ fn backup(args: &BackupArgs) -> Result<i32> {
 }
 
 fn jobs(args: &JobsArgs) -> Result<i32> {
-    let client = Client::new(&args.opts.server)?;
+    let client = Client::from_opts(&args.opts)?;
     let mut query = vec![("limit", args.limit.to_string())];
     if let Some(state) = &args.state {
         query.push(("state", state.clone()));
@@ -529,7 +535,7 @@ fn jobs(args: &JobsArgs) -> Result<i32> {
 }
 
 fn restore(args: &RestoreArgs) -> Result<i32> {
-    let client = Client::new(&args.opts.server)?;
+    let client = Client::from_opts(&args.opts)?;
     let vm = resolve_vm(&client, &args.vm)?;
     let rps: Vec<RpView> = from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
     let rp = pick_rp(&rps, &args.rp).map_err(|message| anyhow!(message))?;
@@ -632,7 +638,7 @@ fn is_terminal(state: &str) -> bool {
 }
 
 fn events_tail(opts: &ServerOpts, follow: bool, from: Option<u64>, lines: usize) -> Result<i32> {
-    let client = Client::new(&opts.server)?;
+    let client = Client::from_opts(&opts)?;
     let fetch = |from: u64, wait_ms: u64| -> Result<EventsPage> {
         let query = [
             ("from", from.to_string()),
@@ -734,9 +740,22 @@ impl ApiError {
 pub(crate) struct Client {
     agent: ureq::Agent,
     base: String,
+    /// The API token sent as `Authorization: Bearer`, if one was found.
+    token: Option<String>,
 }
 
 impl Client {
+    /// A client of `opts.server` with the token that `opts` names or that is found for it.
+    pub(crate) fn from_opts(opts: &ServerOpts) -> Result<Client> {
+        let mut client = Client::new(&opts.server)?;
+        if opts.token_file.is_some() {
+            client.token = crate::token_cmd::discover(&opts.server, opts.token_file.as_deref())?;
+        }
+        Ok(client)
+    }
+
+    /// A client of `server` with the token found for it (`CAIRN_TOKEN_FILE`, `CAIRN_TOKEN`,
+    /// the config folder).
     pub(crate) fn new(server: &str) -> Result<Client> {
         let base = server.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") {
@@ -753,11 +772,20 @@ impl Client {
             .user_agent(concat!("cairn/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Ok(Client { agent, base })
+        let token_file = std::env::var_os("CAIRN_TOKEN_FILE").map(std::path::PathBuf::from);
+        let token = crate::token_cmd::discover(&base, token_file.as_deref())?;
+        Ok(Client { agent, base, token })
+    }
+
+    fn authorize<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(token) => request.header("authorization", format!("Bearer {token}")),
+            None => request,
+        }
     }
 
     pub(crate) fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
-        let mut request = self.agent.get(format!("{}{path}", self.base));
+        let mut request = self.authorize(self.agent.get(format!("{}{path}", self.base)));
         for (key, value) in query {
             request = request.query(*key, value);
         }
@@ -765,7 +793,7 @@ impl Client {
     }
 
     pub(crate) fn post<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<Value> {
-        let request = self.agent.post(format!("{}{path}", self.base));
+        let request = self.authorize(self.agent.post(format!("{}{path}", self.base)));
         let result = match body {
             Some(body) => {
                 let bytes = serde_json::to_vec(body).context("encoding the request")?;
@@ -790,6 +818,14 @@ impl Client {
             .limit(256 << 20)
             .read_to_string()
             .map_err(|err| transport_error(&self.base, err))?;
+        if status == 401 && self.token.is_none() {
+            return Err(anyhow::anyhow!(
+                "{}; no token was found for {}: pass --token-file FILE, set CAIRN_TOKEN, or run \
+                 this on the machine whose `cairn up` serves it",
+                ApiError::from_body(status, &text),
+                self.base
+            ));
+        }
         if status >= 400 {
             return Err(ApiError::from_body(status, &text).into());
         }
@@ -882,7 +918,7 @@ pub(crate) fn resolve_vm(client: &Client, arg: &str) -> Result<String> {
     Ok(resolve_vms(client, std::slice::from_ref(&arg.to_owned()))?.remove(0))
 }
 
-fn resolve_vms(client: &Client, args: &[String]) -> Result<Vec<String>> {
+pub(crate) fn resolve_vms(client: &Client, args: &[String]) -> Result<Vec<String>> {
     if args.iter().all(|arg| looks_like_uuid(arg)) {
         return Ok(args.to_vec());
     }

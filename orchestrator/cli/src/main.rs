@@ -12,6 +12,7 @@ mod progress;
 mod recover_cmd;
 mod repo_cmd;
 mod step_runner;
+mod token_cmd;
 mod units;
 mod up;
 mod worker_cmd;

@@ -85,6 +85,10 @@ pub struct OrchestratorArgs {
     /// Extra CA certificates (PEM) trusted for webhooks' servers, besides the system's.
     #[arg(long, env = "CAIRN_WEBHOOK_CA_FILE", value_name = "PEM")]
     pub webhook_ca_file: Option<PathBuf>,
+    /// Make an admin token at the first start and keep its secret in this file (0600); at
+    /// later starts the file's token is made again if the cluster does not know it.
+    #[arg(long, env = "CAIRN_BOOTSTRAP_TOKEN", value_name = "FILE")]
+    pub bootstrap_token: Option<PathBuf>,
     /// NATS credentials file.
     #[arg(long, env = "CAIRN_NATS_CREDS")]
     pub creds: Option<PathBuf>,
@@ -237,12 +241,13 @@ fn settings(args: OrchestratorArgs) -> Result<Settings> {
 }
 
 pub fn run(args: OrchestratorArgs) -> Result<i32> {
+    let bootstrap = args.bootstrap_token.clone();
     let settings = settings(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(settings))
+    runtime.block_on(serve(settings, bootstrap))
 }
 
 /// Per-partition work started when a lease is won.
@@ -251,7 +256,7 @@ struct PartitionWork {
     commands: tokio::task::JoinHandle<()>,
 }
 
-async fn serve(settings: Settings) -> Result<i32> {
+async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i32> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating {}", settings.data_dir.display()))?;
     let client = bus::connect(&settings.nats).await?;
@@ -409,9 +414,21 @@ async fn serve(settings: Settings) -> Result<i32> {
         }
     });
 
+    let bootstrap_secret = match &args_bootstrap {
+        Some(file) => Some(
+            crate::token_cmd::bootstrap(&handle, file, "cairn orchestrator (bootstrap)").await?,
+        ),
+        None => None,
+    };
     let control: Arc<dyn Control> = Arc::new(handle.clone());
     let (api_addr, api_task) =
         crate::up::serve_api(settings.listen, control, shutdown_rx.clone()).await?;
+    if let Some(secret) = &bootstrap_secret {
+        // Also where this user's CLI on this host finds it for this address.
+        if let Err(e) = crate::token_cmd::save_for_cli(secret, api_addr) {
+            tracing::warn!(error = %format!("{e:#}"), "could not save the admin token for the CLI");
+        }
+    }
     // The handlers are installed before the line that tells a supervisor we are up, so a
     // SIGTERM right after it is a clean stop, never the default action.
     let stop_signal = crate::up::shutdown_signal();

@@ -325,14 +325,28 @@ async fn serve(args: UpArgs) -> Result<i32> {
         }
     });
 
+    // The admin token, before the API serves anyone: made at the first start, kept after.
+    let token_file = data.join(crate::token_cmd::DATA_TOKEN_FILE);
+    let secret = crate::token_cmd::bootstrap(&handle, &token_file, "cairn up (bootstrap)").await?;
     let (api_addr, api_task) =
         serve_api(args.listen, Arc::new(handle.clone()), shutdown_rx.clone()).await?;
+    // Where this user's CLI finds it for this address; the data folder's copy stays the truth.
+    match crate::token_cmd::save_for_cli(&secret, api_addr) {
+        Ok(paths) => tracing::info!(paths = ?paths, "saved the admin token for the CLI"),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "could not save the admin token for the CLI; use --token-file DATA/admin.token")
+        }
+    }
     let stop_signal = shutdown_signal();
     println!(
         "cairn is up: API on http://{api_addr}, data in {}",
         data.display()
     );
     println!("  try: cairn vm list --server http://{api_addr}");
+    println!(
+        "  admin token: {} (the CLI of this user finds it by itself)",
+        token_file.display()
+    );
 
     if args.demo {
         let demo_handle = handle.clone();
