@@ -160,6 +160,22 @@ pub fn secret_from(random: &[u8; 32]) -> String {
     out
 }
 
+/// The file name under `cairn/tokens/` in a user's config folder that holds the token saved
+/// for the server at `host_port`: the address with anything but letters, digits, '.' and '-'
+/// made '_'.
+pub fn saved_token_name(host_port: &str) -> String {
+    host_port
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Whether `text` has the shape of a secret (checked before it is hashed and looked up, so
 /// junk in an `Authorization` header gets a clear answer).
 pub fn looks_like_secret(text: &str) -> bool {
