@@ -37,17 +37,25 @@
 //! and a stable code (see [`Error`]); internal faults are 5xx and their details go to the log,
 //! not to the client.
 //!
-//! Layers, outermost first: request log (method, path, status, ms) → identification (the
-//! actor recorded on events; authentication will sit in the same place) → body size limit →
-//! routes. Handlers never see a request that the outer layers refused.
+//! Layers, outermost first: request log (method, path, status, ms) → `Host` allow-list
+//! (`host`, against DNS rebinding) → JSON-only bodies (`json_only`, so a plain form cannot
+//! post) → identification (the actor recorded on events; authentication will sit in the same
+//! place) → body size limit → routes. Handlers never see a request that the outer layers
+//! refused. No layer sends CORS headers.
+//!
+//! [`serve_with`] serves plain HTTP; [`tls::serve_tls`] the same router over TLS (rustls).
+//! Which addresses may be served without TLS is the caller's decision.
 
 mod error;
 mod extract;
 mod handlers;
+pub mod host;
 mod items;
+mod json_only;
 mod middleware;
 mod policy_handlers;
 pub mod recover;
+pub mod tls;
 pub mod wire;
 
 #[cfg(test)]
@@ -84,6 +92,10 @@ pub struct ApiConfig {
     pub max_wait_ms: u64,
     /// Actor recorded on commands whose request names none (no `X-Cairn-Actor` header).
     pub default_actor: String,
+    /// Names the API answers to besides its own address (see [`host`]). A server always
+    /// checks the `Host` header; a [`router`] without a server checks it only when this list
+    /// is not empty.
+    pub api_hosts: Vec<host::ApiHost>,
 }
 
 impl Default for ApiConfig {
@@ -92,6 +104,7 @@ impl Default for ApiConfig {
             body_limit_bytes: 1 << 20,
             max_wait_ms: 30_000,
             default_actor: "api".to_owned(),
+            api_hosts: Vec::new(),
         }
     }
 }
@@ -186,7 +199,9 @@ fn build_router(
     control: Arc<dyn Control>,
     config: ApiConfig,
     stopping: watch::Receiver<bool>,
+    hosts: host::HostAllowList,
 ) -> Router {
+    let hosts = host::HostGuard(Arc::new(hosts));
     let state = AppState {
         control,
         config: Arc::new(config),
@@ -211,15 +226,27 @@ fn build_router(
             state.clone(),
             middleware::identify,
         ))
+        .layer(axum::middleware::from_fn(json_only::require_json))
+        .layer(axum::middleware::from_fn_with_state(
+            hosts,
+            host::check_host,
+        ))
         .layer(axum::middleware::from_fn(middleware::log_request))
         .with_state(state)
 }
 
 /// The API's router, for embedding it in another server or calling it in tests without a
 /// socket. Its long polls end only by their timeout; [`serve_with`] also ends them on shutdown.
+/// It checks the `Host` header only against [`ApiConfig::api_hosts`], and not at all when
+/// that is empty: it has no connection whose address it could allow.
 pub fn router(control: Arc<dyn Control>, config: ApiConfig) -> Router {
     let (_no_shutdown, stopping) = watch::channel(false);
-    build_router(control, config, stopping)
+    let hosts = if config.api_hosts.is_empty() {
+        host::HostAllowList::off()
+    } else {
+        host::HostAllowList::new(config.api_hosts.clone())
+    };
+    build_router(control, config, stopping, hosts)
 }
 
 /// Serves the API with the default [`ApiConfig`] on `listener` until `shutdown` resolves,
@@ -240,17 +267,38 @@ pub async fn serve_with(
     config: ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // `stop` lives in the shutdown future below, which axum owns and drops when it returns.
-    let (stop, stopping) = watch::channel(false);
-    let app = build_router(control, config, stopping);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "HTTP API listening");
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("HTTP API shutting down");
-            stop.send_replace(true);
-        })
-        .await
+    serve_on(listener, control, config, shutdown).await
+}
+
+/// Serves the router on any listener whose connections tell their local address, with the
+/// `Host` check on, until `shutdown` resolves; then finishes the requests in flight.
+async fn serve_on<L>(
+    listener: L,
+    control: Arc<dyn Control>,
+    config: ApiConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+    host::LocalAddr:
+        for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
+    // `stop` lives in the shutdown future below, which axum owns and drops when it returns.
+    let (stop, stopping) = watch::channel(false);
+    let hosts = host::HostAllowList::new(config.api_hosts.clone());
+    let app = build_router(control, config, stopping, hosts);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<host::LocalAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("HTTP API shutting down");
+        stop.send_replace(true);
+    })
+    .await
 }

@@ -1362,3 +1362,5 @@ async fn serves_over_tcp_and_shuts_down() {
         .unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+mod browser;
