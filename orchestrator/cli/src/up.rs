@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cairn_orchestrator::control::BoxFuture;
-use cairn_orchestrator::control::Control;
 use cairn_orchestrator::engine::jobs::EngineConfig;
 use cairn_orchestrator::engine::service::{
     Clock, Engine, EngineOptions, Handle, StepSink, SystemClock,
@@ -44,9 +43,12 @@ pub struct UpArgs {
     /// Where cairn keeps its event log, repository and VM descriptors.
     #[arg(long, env = "CAIRN_DATA_DIR", default_value = "cairn-data")]
     pub data_dir: PathBuf,
-    /// Address of the HTTP API.
+    /// Address of the HTTP API. Off loopback it needs --tls-cert/--tls-key (or
+    /// --insecure-http).
     #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7480")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub api: crate::api_server::ApiServerArgs,
     /// Create two demo VMs with realistic disks and a protection group, and back them up.
     #[arg(long)]
     pub demo: bool,
@@ -132,6 +134,8 @@ pub fn run(args: UpArgs) -> Result<i32> {
 }
 
 async fn serve(args: UpArgs) -> Result<i32> {
+    // The API's settings and TLS files are checked first too: a refusal changes nothing.
+    let api = crate::api_server::ApiServer::new(args.listen, args.api.clone())?;
     cairn_worker::perms::restrict_umask();
     // The key is checked before anything is created: a refused key changes nothing.
     let plan = RepoPlan::new(&args)?;
@@ -307,20 +311,22 @@ async fn serve(args: UpArgs) -> Result<i32> {
         }
     });
 
-    let (api_addr, api_task) =
-        serve_api(args.listen, Arc::new(handle.clone()), shutdown_rx.clone()).await?;
+    let scheme = api.scheme();
+    let (api_addr, api_task) = api
+        .serve(Arc::new(handle.clone()), shutdown_rx.clone())
+        .await?;
     let stop_signal = shutdown_signal();
     println!(
-        "cairn is up: API on http://{api_addr}, data in {}",
+        "cairn is up: API on {scheme}://{api_addr}, data in {}",
         data.display()
     );
-    println!("  try: cairn vm list --server http://{api_addr}");
+    println!("  try: cairn vm list --server {scheme}://{api_addr}");
 
     if args.demo {
         let demo_handle = handle.clone();
         let demo_agent = agent.clone();
         let demo_node = node.clone();
-        let server = format!("http://{api_addr}");
+        let server = format!("{scheme}://{api_addr}");
         tokio::spawn(async move {
             if let Err(e) =
                 crate::demo::run(&demo_handle, &demo_agent, &demo_node, &data, &server).await
@@ -465,23 +471,6 @@ pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &st
     if let Err(e) = handle.submit_as("worker".into(), command).await {
         tracing::warn!(error = %e, "repository space report refused");
     }
-}
-
-/// Binds the HTTP API on `listen` and serves it until `shutdown` turns true.
-pub async fn serve_api(
-    listen: SocketAddr,
-    control: Arc<dyn Control>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-    let addr = listener.local_addr()?;
-    let stop = async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    };
-    let task = tokio::spawn(cairn_orchestrator::api::serve(listener, control, stop));
-    Ok((addr, task))
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this is called, not when the future is first polled: call
