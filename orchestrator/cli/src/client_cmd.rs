@@ -871,7 +871,18 @@ fn transport_error(base: &str, err: ureq::Error) -> anyhow::Error {
         ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
         _ => false,
     };
-    if unreachable {
+    let tls_failed = base.starts_with("https://")
+        && match &err {
+            ureq::Error::Rustls(_) => true,
+            ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+            _ => false,
+        };
+    if tls_failed {
+        anyhow!(
+            "TLS with the cairn server at {base} failed ({err}); if its certificate is signed by \
+             a CA of your own, give that CA's certificate with --ca-file FILE or CAIRN_CA_FILE"
+        )
+    } else if unreachable {
         anyhow!(
             "cannot reach the cairn server at {base} ({err}); is `cairn up` running? \
              set --server or CAIRN_SERVER"
