@@ -217,7 +217,10 @@ fn the_cli_talks_https_with_the_ca_file_and_refuses_an_unknown_certificate() {
     let plain = format!("http://{}", server.addr);
     let out = cairn_env(&["vm", "list", "--server", &plain], &[]);
     assert!(!out.status.success());
-    assert_says(&String::from_utf8_lossy(&out.stderr), &[&plain]);
+    assert_says(
+        &String::from_utf8_lossy(&out.stderr),
+        &[&plain, "does not answer plain HTTP", "https://"],
+    );
 
     // The Host allow-list over TLS: the address and localhost pass, another name does not.
     let (status, body) = https_get(&server.addr, &pki.ca, &server.addr, "/v1/vms");

@@ -89,19 +89,41 @@ impl ApiServer {
         if self.tls.is_some() { "https" } else { "http" }
     }
 
-    /// Binds the listen address and serves the API until `shutdown` turns true. Returns the
-    /// bound address (the port when `--listen` named port 0) and the server's task, which
-    /// ends after the requests in flight are answered.
+    /// A URL for clients on this machine, for hints: with TLS the first `--api-host` (the
+    /// name the certificate is likely made for), else the bound address, with 127.0.0.1 (or
+    /// ::1) in place of a wildcard address.
+    pub fn client_url(&self, bound: SocketAddr) -> String {
+        if self.tls.is_some() {
+            if let Some(name) = self.api_hosts.first() {
+                return match name.port() {
+                    Some(_) => format!("https://{name}"),
+                    None => format!("https://{name}:{}", bound.port()),
+                };
+            }
+        }
+        let mut addr = bound;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("{}://{addr}", self.scheme())
+    }
+
+    /// Binds the listen address and serves the API until `shutdown` turns true.
     pub async fn serve(
         self,
         control: Arc<dyn Control>,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    ) -> Result<Serving> {
         let listen = self.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr()?;
+        let url = format!("{}://{addr}", self.scheme());
+        let client_url = self.client_url(addr);
         let stop = async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         };
@@ -113,8 +135,23 @@ impl ApiServer {
             Some(tls) => tokio::spawn(api::tls::serve_tls(listener, tls, control, config, stop)),
             None => tokio::spawn(api::serve_with(listener, control, config, stop)),
         };
-        Ok((addr, task))
+        Ok(Serving {
+            url,
+            client_url,
+            task,
+        })
     }
+}
+
+/// A running API server.
+#[derive(Debug)]
+pub struct Serving {
+    /// `SCHEME://ADDR` of the bound address (the port when `--listen` named port 0).
+    pub url: String,
+    /// What a client on this machine would use ([`ApiServer::client_url`]).
+    pub client_url: String,
+    /// The server; it ends after the requests in flight are answered.
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 /// Plain HTTP is for loopback addresses; elsewhere only with `--insecure-http`.
@@ -179,5 +216,14 @@ mod tests {
         assert!(message.contains("/nonexistent/c.pem"), "{message}");
         let plain = ApiServer::new(addr("127.0.0.1:0"), ApiServerArgs::default()).unwrap();
         assert_eq!(plain.scheme(), "http");
+        assert_eq!(
+            plain.client_url(addr("127.0.0.1:7480")),
+            "http://127.0.0.1:7480"
+        );
+        assert_eq!(
+            plain.client_url(addr("0.0.0.0:7480")),
+            "http://127.0.0.1:7480"
+        );
+        assert_eq!(plain.client_url(addr("[::]:7480")), "http://[::1]:7480");
     }
 }

@@ -882,6 +882,11 @@ fn transport_error(base: &str, err: ureq::Error) -> anyhow::Error {
             "TLS with the cairn server at {base} failed ({err}); if its certificate is signed by \
              a CA of your own, give that CA's certificate with --ca-file FILE or CAIRN_CA_FILE"
         )
+    } else if base.starts_with("http://") && matches!(err, ureq::Error::Protocol(_)) {
+        anyhow!(
+            "the server at {base} does not answer plain HTTP ({err}); if it serves HTTPS, use \
+             --server https://…"
+        )
     } else if unreachable {
         anyhow!(
             "cannot reach the cairn server at {base} ({err}); is `cairn up` running? \

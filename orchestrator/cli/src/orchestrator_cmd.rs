@@ -408,14 +408,13 @@ async fn serve(settings: Settings) -> Result<i32> {
     });
 
     let control: Arc<dyn Control> = Arc::new(handle.clone());
-    let scheme = settings.api.scheme();
-    let (api_addr, api_task) = settings.api.serve(control, shutdown_rx.clone()).await?;
+    let api = settings.api.serve(control, shutdown_rx.clone()).await?;
     // The handlers are installed before the line that tells a supervisor we are up, so a
     // SIGTERM right after it is a clean stop, never the default action.
     let stop_signal = crate::up::shutdown_signal();
     println!(
-        "cairn orchestrator is up: API on {scheme}://{api_addr}, instance {}, {} partitions",
-        settings.instance, settings.partitions
+        "cairn orchestrator is up: API on {}, instance {}, {} partitions",
+        api.url, settings.instance, settings.partitions
     );
 
     stop_signal.await;
@@ -425,7 +424,7 @@ async fn serve(settings: Settings) -> Result<i32> {
     let _ = tokio::time::timeout(Duration::from_secs(10), lease_task).await;
     let _ = engine_stop_tx.send(true);
     let _ = engine_task.await;
-    let _ = api_task.await;
+    let _ = api.task.await;
     partition_task.abort();
     api_cmd_task.abort();
     liveness_task.abort();

@@ -311,22 +311,22 @@ async fn serve(args: UpArgs) -> Result<i32> {
         }
     });
 
-    let scheme = api.scheme();
-    let (api_addr, api_task) = api
+    let api = api
         .serve(Arc::new(handle.clone()), shutdown_rx.clone())
         .await?;
     let stop_signal = shutdown_signal();
     println!(
-        "cairn is up: API on {scheme}://{api_addr}, data in {}",
+        "cairn is up: API on {}, data in {}",
+        api.url,
         data.display()
     );
-    println!("  try: cairn vm list --server {scheme}://{api_addr}");
+    println!("  try: cairn vm list --server {}", api.client_url);
 
     if args.demo {
         let demo_handle = handle.clone();
         let demo_agent = agent.clone();
         let demo_node = node.clone();
-        let server = format!("{scheme}://{api_addr}");
+        let server = api.client_url.clone();
         tokio::spawn(async move {
             if let Err(e) =
                 crate::demo::run(&demo_handle, &demo_agent, &demo_node, &data, &server).await
@@ -340,7 +340,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
     println!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = engine_task.await;
-    let _ = api_task.await;
+    let _ = api.task.await;
     inventory_task.abort();
     worker_task.abort();
     Ok(0)

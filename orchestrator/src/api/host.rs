@@ -3,8 +3,8 @@
 //! with the browser's network position. Such a request carries `Host: evil.example`, so the
 //! server answers only requests whose `Host` is one it is known by:
 //!
-//! - the address the connection arrived on, `IP:PORT` (for a server listening on a specific
-//!   address that is the listen address; on a wildcard address, the interface's address);
+//! - the listen address, `IP:PORT` (also `0.0.0.0:PORT` on a wildcard address), and the
+//!   address the connection arrived on (on a wildcard address, the interface's address);
 //! - `localhost:PORT` when that address is a loopback address;
 //! - a configured name (`--api-host NAME`, `api_hosts` in `cairn.toml`): `NAME` accepts any
 //!   port (the server may sit behind a proxy on another port), `NAME:PORT` only that port.
@@ -78,6 +78,13 @@ impl ApiHost {
     }
 }
 
+impl ApiHost {
+    /// The port, when the name was given with one.
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+}
+
 impl std::fmt::Display for ApiHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let bracketed = self.host.contains(':');
@@ -133,6 +140,8 @@ pub struct HostAllowList {
     /// Off only for a router without a server ([`super::router`] with no configured names),
     /// as in-memory tests use; every real server checks.
     enforce: bool,
+    /// The address the server listens on, when it is known.
+    listen: Option<SocketAddr>,
     names: Vec<ApiHost>,
 }
 
@@ -141,8 +150,15 @@ impl HostAllowList {
     pub fn new(names: Vec<ApiHost>) -> Self {
         Self {
             enforce: true,
+            listen: None,
             names,
         }
+    }
+
+    /// Also allows the listen address itself as `Host`.
+    pub fn with_listen(mut self, listen: SocketAddr) -> Self {
+        self.listen = Some(listen);
+        self
     }
 
     /// No check at all.
@@ -161,19 +177,21 @@ impl HostAllowList {
         };
         let name = name.to_ascii_lowercase();
         let name = name.strip_suffix('.').unwrap_or(&name);
-        if let Some(local) = local {
+        let ip = name.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+        let names_own = |own: SocketAddr, localhost_too: bool| {
             let port_matches = match port {
-                Some(port) => port == local.port(),
-                None => matches!(local.port(), 80 | 443),
+                Some(port) => port == own.port(),
+                None => matches!(own.port(), 80 | 443),
             };
-            let local_ip = local.ip().to_canonical();
-            let is_own_address = name
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| ip.to_canonical() == local_ip);
-            let is_localhost = name == "localhost" && local_ip.is_loopback();
-            if port_matches && (is_own_address || is_localhost) {
-                return true;
-            }
+            let own_ip = own.ip().to_canonical();
+            let is_own_address = ip == Some(own_ip);
+            let is_localhost = localhost_too && name == "localhost" && own_ip.is_loopback();
+            port_matches && (is_own_address || is_localhost)
+        };
+        if local.is_some_and(|local| names_own(local, true))
+            || self.listen.is_some_and(|listen| names_own(listen, false))
+        {
+            return true;
         }
         self.names.iter().any(|allowed| {
             let allowed_name = allowed.host.strip_suffix('.').unwrap_or(&allowed.host);
@@ -244,7 +262,8 @@ pub(super) async fn check_host(
         ),
         Some(Err(_)) => "the Host header is not ASCII text".to_owned(),
     };
-    tracing::warn!(target: "cairn::api", host = ?host.and_then(Result::ok), "refused: bad Host");
+    let shown = host.and_then(Result::ok).unwrap_or("");
+    tracing::warn!(target: "cairn::api", host = shown, "refused: bad Host");
     let body = ErrorBody {
         error: ErrorDetail {
             code: BAD_HOST.to_owned(),
@@ -339,6 +358,18 @@ mod tests {
         // In memory (no local address) only the names count.
         assert!(list.allows(Some("cairn.example.net"), None));
         assert!(!list.allows(Some("10.0.0.5:7480"), None));
+    }
+
+    #[test]
+    fn the_listen_address_itself_even_when_it_is_a_wildcard() {
+        let list = names(&[]).with_listen("0.0.0.0:7480".parse().unwrap());
+        let local = addr("192.0.2.10:7480");
+        assert!(list.allows(Some("0.0.0.0:7480"), local));
+        assert!(list.allows(Some("0.0.0.0:7480"), None));
+        assert!(list.allows(Some("192.0.2.10:7480"), local));
+        assert!(!list.allows(Some("0.0.0.0:7481"), local));
+        assert!(!list.allows(Some("localhost:7480"), local));
+        assert!(!list.allows(Some("192.0.2.11:7480"), local));
     }
 
     #[test]

@@ -267,16 +267,17 @@ pub async fn serve_with(
     config: ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "HTTP API listening");
-    }
-    serve_on(listener, control, config, shutdown).await
+    let listen = listener.local_addr()?;
+    tracing::info!(addr = %listen, "HTTP API listening");
+    serve_on(listener, listen, control, config, shutdown).await
 }
 
 /// Serves the router on any listener whose connections tell their local address, with the
-/// `Host` check on, until `shutdown` resolves; then finishes the requests in flight.
+/// `Host` check on (`listen` is the address it is bound to), until `shutdown` resolves; then
+/// finishes the requests in flight.
 async fn serve_on<L>(
     listener: L,
+    listen: std::net::SocketAddr,
     control: Arc<dyn Control>,
     config: ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -289,7 +290,7 @@ where
 {
     // `stop` lives in the shutdown future below, which axum owns and drops when it returns.
     let (stop, stopping) = watch::channel(false);
-    let hosts = host::HostAllowList::new(config.api_hosts.clone());
+    let hosts = host::HostAllowList::new(config.api_hosts.clone()).with_listen(listen);
     let app = build_router(control, config, stopping, hosts);
     axum::serve(
         listener,

@@ -257,7 +257,7 @@ pub async fn serve_tls(
         ready_tx,
     ));
     let tls_listener = TlsListener { local_addr, ready };
-    let served = super::serve_on(tls_listener, control, config, shutdown).await;
+    let served = super::serve_on(tls_listener, local_addr, control, config, shutdown).await;
     accept_loop.abort();
     let _ = accept_loop.await;
     served
