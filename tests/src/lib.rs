@@ -369,6 +369,8 @@ where
 pub struct UpServer {
     child: std::process::Child,
     pub addr: String,
+    /// `http`, or `https` when it serves TLS.
+    pub scheme: String,
     pub data: PathBuf,
     /// What it printed on stdout before it said it is up (e.g. a new repository's key hint).
     pub banner: Vec<String>,
@@ -398,11 +400,13 @@ impl UpServer {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("cairn is up: API on http://") {
-                        let addr = rest.split(',').next().expect("address").to_string();
+                    if let Some(url) = line.strip_prefix("cairn is up: API on ") {
+                        let url = url.split(',').next().expect("address");
+                        let (scheme, addr) = url.split_once("://").expect("a URL");
                         return UpServer {
                             child,
-                            addr,
+                            addr: addr.to_string(),
+                            scheme: scheme.to_string(),
                             data: data.into(),
                             banner,
                         };
@@ -422,7 +426,7 @@ impl UpServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// SIGTERM, as an administrator stops it; waits until it has exited.

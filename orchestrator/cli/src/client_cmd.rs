@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -119,9 +121,13 @@ impl WaitOpts {
 /// Options of every client command.
 #[derive(Debug, Clone, Args)]
 pub struct ServerOpts {
-    /// URL of the orchestrator's HTTP API.
+    /// URL of the orchestrator's HTTP API: http://HOST:PORT or https://HOST:PORT.
     #[arg(long, env = "CAIRN_SERVER", default_value = DEFAULT_SERVER)]
     pub(crate) server: String,
+    /// PEM file of the CA certificate(s) that an https:// server's certificate must chain to
+    /// (default: the system's trusted roots).
+    #[arg(long, env = "CAIRN_CA_FILE", value_name = "FILE")]
+    pub(crate) ca_file: Option<PathBuf>,
     /// Print the server's JSON instead of text.
     #[arg(long)]
     pub(crate) json: bool,
@@ -352,7 +358,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 policy,
                 opts,
             } => {
-                let client = Client::from_opts(&opts)?;
+                let client = Client::new(&opts)?;
                 let vms = resolve_vms(&client, &vms)?;
                 let request = crate::policy_cmd::create_request(
                     name.clone(),
@@ -393,7 +399,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
         ClientCommand::Jobs(args) => jobs(&args),
         ClientCommand::Job { command } => match command {
             JobCommand::Show { job, opts } => {
-                let client = Client::from_opts(&opts)?;
+                let client = Client::new(&opts)?;
                 let value = client.get(&format!("/v1/jobs/{}", segment(&job)?), &[])?;
                 if opts.json {
                     print_json(&value);
@@ -403,7 +409,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 Ok(0)
             }
             JobCommand::Cancel { job, reason, opts } => {
-                let client = Client::from_opts(&opts)?;
+                let client = Client::new(&opts)?;
                 let request = CancelRequest { reason };
                 let path = format!("/v1/jobs/{}/cancel", segment(&job)?);
                 let value = client.post(&path, Some(&request))?;
@@ -418,7 +424,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
         ClientCommand::Rp {
             command: RpCommand::List { vm, calendar, opts },
         } => {
-            let client = Client::from_opts(&opts)?;
+            let client = Client::new(&opts)?;
             let vm = resolve_vm(&client, &vm)?;
             if calendar {
                 return crate::policy_cmd::calendar(&client, &vm, &opts);
@@ -452,7 +458,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
         ClientCommand::Audit {
             command: AuditCommand::Verify { opts },
         } => {
-            let client = Client::from_opts(&opts)?;
+            let client = Client::new(&opts)?;
             let value = client.get("/v1/audit/verify", &[])?;
             let report: AuditReport = from_value(value.clone())?;
             if opts.json {
@@ -466,7 +472,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
 }
 
 fn vm_list(opts: &ServerOpts) -> Result<i32> {
-    let client = Client::from_opts(&opts)?;
+    let client = Client::new(opts)?;
     let value = client.get("/v1/vms", &[])?;
     if opts.json {
         print_json(&value);
@@ -481,7 +487,7 @@ fn vm_list(opts: &ServerOpts) -> Result<i32> {
 }
 
 fn group_list(opts: &ServerOpts) -> Result<i32> {
-    let client = Client::from_opts(&opts)?;
+    let client = Client::new(opts)?;
     let value = client.get("/v1/groups", &[])?;
     if opts.json {
         print_json(&value);
@@ -492,7 +498,7 @@ fn group_list(opts: &ServerOpts) -> Result<i32> {
 }
 
 fn backup(args: &BackupArgs) -> Result<i32> {
-    let client = Client::from_opts(&args.opts)?;
+    let client = Client::new(&args.opts)?;
     let vm = resolve_vm(&client, &args.vm)?;
     let request = BackupRequest {
         mode: Some(match args.mode {
@@ -517,7 +523,7 @@ fn backup(args: &BackupArgs) -> Result<i32> {
 }
 
 fn jobs(args: &JobsArgs) -> Result<i32> {
-    let client = Client::from_opts(&args.opts)?;
+    let client = Client::new(&args.opts)?;
     let mut query = vec![("limit", args.limit.to_string())];
     if let Some(state) = &args.state {
         query.push(("state", state.clone()));
@@ -535,7 +541,7 @@ fn jobs(args: &JobsArgs) -> Result<i32> {
 }
 
 fn restore(args: &RestoreArgs) -> Result<i32> {
-    let client = Client::from_opts(&args.opts)?;
+    let client = Client::new(&args.opts)?;
     let vm = resolve_vm(&client, &args.vm)?;
     let rps: Vec<RpView> = from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
     let rp = pick_rp(&rps, &args.rp).map_err(|message| anyhow!(message))?;
@@ -638,7 +644,7 @@ fn is_terminal(state: &str) -> bool {
 }
 
 fn events_tail(opts: &ServerOpts, follow: bool, from: Option<u64>, lines: usize) -> Result<i32> {
-    let client = Client::from_opts(&opts)?;
+    let client = Client::new(opts)?;
     let fetch = |from: u64, wait_ms: u64| -> Result<EventsPage> {
         let query = [
             ("from", from.to_string()),
@@ -745,35 +751,42 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    /// A client of `opts.server` with the token that `opts` names or that is found for it.
-    pub(crate) fn from_opts(opts: &ServerOpts) -> Result<Client> {
-        let mut client = Client::new(&opts.server)?;
-        if opts.token_file.is_some() {
-            client.token = crate::token_cmd::discover(&opts.server, opts.token_file.as_deref())?;
-        }
-        Ok(client)
+    /// A client of `opts.server` with the token that `opts` names or that is found for it,
+    /// verifying an https:// server with `opts.ca_file`.
+    pub(crate) fn new(opts: &ServerOpts) -> Result<Client> {
+        Client::connect(
+            &opts.server,
+            opts.ca_file.as_deref(),
+            opts.token_file.as_deref(),
+        )
     }
 
-    /// A client of `server` with the token found for it (`CAIRN_TOKEN_FILE`, `CAIRN_TOKEN`,
-    /// the config folder).
-    pub(crate) fn new(server: &str) -> Result<Client> {
+    /// A client of `server` (`http://` or `https://`) with the token of `token_file`, else the
+    /// one found for it (`CAIRN_TOKEN_FILE`, `CAIRN_TOKEN`, the config folder); an https
+    /// server's certificate must chain to a certificate in `ca_file`, or without one to the
+    /// system's trusted roots.
+    pub(crate) fn connect(
+        server: &str,
+        ca_file: Option<&Path>,
+        token_file: Option<&Path>,
+    ) -> Result<Client> {
         let base = server.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
-            bail!(
-                "--server {server:?} is not an http:// URL (e.g. {DEFAULT_SERVER}); \
-                 https is not supported yet"
-            );
+        let https = base.starts_with("https://");
+        if !https && !base.starts_with("http://") {
+            bail!("--server {server:?} is not an http:// or https:// URL (e.g. {DEFAULT_SERVER})");
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
             // Above the longest long poll the client asks for.
             .timeout_global(Some(Duration::from_millis(POLL_WAIT_MS + 30_000)))
-            .user_agent(concat!("cairn/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
-        let token_file = std::env::var_os("CAIRN_TOKEN_FILE").map(std::path::PathBuf::from);
-        let token = crate::token_cmd::discover(&base, token_file.as_deref())?;
+            .user_agent(concat!("cairn/", env!("CARGO_PKG_VERSION")));
+        if https {
+            config = config.tls_config(tls_config(ca_file)?);
+        }
+        let agent: ureq::Agent = config.build().into();
+        let env_file = std::env::var_os("CAIRN_TOKEN_FILE").map(std::path::PathBuf::from);
+        let token = crate::token_cmd::discover(&base, token_file.or(env_file.as_deref()))?;
         Ok(Client { agent, base, token })
     }
 
@@ -834,6 +847,58 @@ impl Client {
     }
 }
 
+/// Largest CA file read, in bytes.
+const MAX_CA_FILE_BYTES: u64 = 4 << 20;
+
+/// TLS for an https:// server: the roots are the certificates of `ca_file`, or the system's
+/// trusted roots (Mozilla's bundle when the system has none).
+fn tls_config(ca_file: Option<&Path>) -> Result<ureq::tls::TlsConfig> {
+    use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+    let roots = match ca_file {
+        Some(path) => {
+            use std::io::Read;
+            let name = path.display();
+            let file = std::fs::File::open(path).with_context(|| format!("--ca-file {name}"))?;
+            let mut pem = Vec::new();
+            file.take(MAX_CA_FILE_BYTES + 1)
+                .read_to_end(&mut pem)
+                .with_context(|| format!("--ca-file {name}"))?;
+            if pem.len() as u64 > MAX_CA_FILE_BYTES {
+                bail!("--ca-file {name} is larger than {MAX_CA_FILE_BYTES} bytes");
+            }
+            let mut certs = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                match item.with_context(|| format!("--ca-file {name}: not valid PEM"))? {
+                    PemItem::Certificate(cert) => certs.push(cert),
+                    PemItem::PrivateKey(_) => bail!(
+                        "--ca-file {name} holds a private key; it should hold only the CA's \
+                         certificate (and the key should not be on this machine)"
+                    ),
+                    _ => {}
+                }
+            }
+            if certs.is_empty() {
+                bail!("--ca-file {name} holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
+            }
+            RootCerts::Specific(Arc::new(certs))
+        }
+        None => {
+            let system = rustls_native_certs::load_native_certs();
+            if system.certs.is_empty() {
+                RootCerts::WebPki
+            } else {
+                let certs = system
+                    .certs
+                    .iter()
+                    .map(|der| Certificate::from_der(der).to_owned())
+                    .collect();
+                RootCerts::Specific(Arc::new(certs))
+            }
+        }
+    };
+    Ok(TlsConfig::builder().root_certs(roots).build())
+}
+
 /// Explains a failure to talk to the server at all.
 fn transport_error(base: &str, err: ureq::Error) -> anyhow::Error {
     let unreachable = match &err {
@@ -846,7 +911,23 @@ fn transport_error(base: &str, err: ureq::Error) -> anyhow::Error {
         ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
         _ => false,
     };
-    if unreachable {
+    let tls_failed = base.starts_with("https://")
+        && match &err {
+            ureq::Error::Rustls(_) => true,
+            ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+            _ => false,
+        };
+    if tls_failed {
+        anyhow!(
+            "TLS with the cairn server at {base} failed ({err}); if its certificate is signed by \
+             a CA of your own, give that CA's certificate with --ca-file FILE or CAIRN_CA_FILE"
+        )
+    } else if base.starts_with("http://") && matches!(err, ureq::Error::Protocol(_)) {
+        anyhow!(
+            "the server at {base} does not answer plain HTTP ({err}); if it serves HTTPS, use \
+             --server https://…"
+        )
+    } else if unreachable {
         anyhow!(
             "cannot reach the cairn server at {base} ({err}); is `cairn up` running? \
              set --server or CAIRN_SERVER"
@@ -1884,7 +1965,7 @@ mod tests {
             "409 Conflict",
             r#"{"error":{"code":"job_running","message":"a backup is running"}}"#,
         );
-        let client = Client::new(&format!("{url}/")).unwrap();
+        let client = Client::connect(&format!("{url}/"), None, None).unwrap();
         let request = BackupRequest {
             mode: Some(BackupModeWire::ExpressFull),
         };
@@ -1901,7 +1982,7 @@ mod tests {
         assert!(sent.ends_with(r#"{"mode":"express-full"}"#), "{sent}");
 
         let (url, server) = one_shot_server("200 OK", "[]");
-        let client = Client::new(&url).unwrap();
+        let client = Client::connect(&url, None, None).unwrap();
         let value = client
             .get(
                 "/v1/jobs",
@@ -1924,11 +2005,48 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let client = Client::new(&format!("http://127.0.0.1:{port}")).unwrap();
+        let client = Client::connect(&format!("http://127.0.0.1:{port}"), None, None).unwrap();
         let message = client.get("/v1/vms", &[]).unwrap_err().to_string();
         assert!(message.contains("is `cairn up` running?"), "{message}");
         assert!(message.contains("CAIRN_SERVER"), "{message}");
-        assert!(Client::new("https://orch:7480").is_err());
-        assert!(Client::new("orch:7480").is_err());
+        assert!(Client::connect("https://orch:7480", None, None).is_ok());
+        for bad in ["orch:7480", "ftp://orch:7480", "HTTP//orch"] {
+            let message = Client::connect(bad, None, None).err().unwrap().to_string();
+            assert!(message.contains("http:// or https://"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_certificates_and_nothing_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHi4w8YCc0cQ2LhEYb2kG3c4x1c5F7xNn0bq2m3xXqQb\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        for (file, words) in [
+            (&missing, &["--ca-file", "missing.pem"][..]),
+            (&empty, &["empty.pem", "holds no PEM certificate"][..]),
+            (&key, &["key.pem", "private key"][..]),
+        ] {
+            let message = format!(
+                "{:#}",
+                Client::connect("https://orch:7480", Some(file), None)
+                    .err()
+                    .unwrap()
+            );
+            for word in words {
+                assert!(
+                    message.contains(word),
+                    "{message:?} should contain {word:?}"
+                );
+            }
+        }
+        // An http:// server needs no CA: the file is not read.
+        Client::connect("http://orch:7480", Some(&missing), None).unwrap();
     }
 }

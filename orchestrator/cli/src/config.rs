@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_orchestrator::api::host::ApiHost;
 use cairn_orchestrator::notify::address::{AllowEntry, AllowList};
 use cairn_orchestrator::policy::tz::TimeZone;
 use cairn_schemas::NodeId;
@@ -104,6 +105,14 @@ pub struct NatsConfig {
 pub struct OrchestratorConfig {
     /// Address of the HTTP API.
     pub listen: Option<SocketAddr>,
+    /// PEM certificate chain of the HTTPS API (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP off loopback.
+    pub insecure_http: Option<bool>,
+    /// Names the API answers to besides its address (`Host`).
+    pub api_hosts: Option<Vec<ApiHost>>,
     /// This instance's name in the lease bucket (default: the host name).
     pub instance: Option<NodeId>,
     /// Local folder for projection snapshots.
@@ -217,6 +226,10 @@ struct RawNats {
 #[serde(deny_unknown_fields)]
 struct RawOrchestrator {
     listen: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    insecure_http: Option<bool>,
+    api_hosts: Option<Vec<String>>,
     instance: Option<String>,
     data_dir: Option<String>,
     partitions: Option<i64>,
@@ -411,6 +424,8 @@ fn listen_address(value: &str) -> Result<SocketAddr, String> {
 }
 
 const CERT_AND_KEY: &str = "a client certificate needs both nats.tls_cert and nats.tls_key";
+const API_CERT_AND_KEY: &str =
+    "the HTTPS API needs both orchestrator.tls_cert and orchestrator.tls_key";
 
 fn nats_urls(value: &str) -> Result<Vec<String>, String> {
     let urls: Vec<String> = value.split(',').map(nats_url).collect::<Result<_, _>>()?;
@@ -439,8 +454,24 @@ impl RawFile {
             _ => {}
         }
         let o = self.orchestrator;
+        let api_hosts = o
+            .api_hosts
+            .map(|names| {
+                names
+                    .into_iter()
+                    .map(|name| {
+                        ApiHost::parse(&name)
+                            .map_err(|e| c.invalid("orchestrator.api_hosts", &name, e.problem))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
         let orchestrator = OrchestratorConfig {
             listen: c.text("orchestrator.listen", o.listen, listen_address)?,
+            tls_cert: c.text("orchestrator.tls_cert", o.tls_cert, path_value)?,
+            tls_key: c.text("orchestrator.tls_key", o.tls_key, path_value)?,
+            insecure_http: o.insecure_http,
+            api_hosts,
             instance: c.text("orchestrator.instance", o.instance, name_value)?,
             data_dir: c.text("orchestrator.data_dir", o.data_dir, path_value)?,
             partitions: c.number("orchestrator.partitions", o.partitions, PARTITIONS)?,
@@ -484,6 +515,15 @@ impl RawFile {
                 path_value,
             )?,
         };
+        match (&orchestrator.tls_cert, &orchestrator.tls_key) {
+            (Some(cert), None) => {
+                return Err(c.invalid("orchestrator.tls_cert", cert, API_CERT_AND_KEY.into()));
+            }
+            (None, Some(key)) => {
+                return Err(c.invalid("orchestrator.tls_key", key, API_CERT_AND_KEY.into()));
+            }
+            _ => {}
+        }
         let w = self.worker;
         let worker = WorkerConfig {
             node: c.text("worker.node", w.node, name_value)?,
@@ -577,6 +617,29 @@ mod tests {
         );
         let empty = parse(Path::new("c.toml"), "[orchestrator]\nwebhook_allow = []\n").unwrap();
         assert_eq!(empty.orchestrator.webhook_allow, Some(AllowList::default()));
+    }
+
+    #[test]
+    fn the_https_api_settings_parse() {
+        let config = parse(
+            Path::new("c.toml"),
+            "[orchestrator]\nlisten = \"0.0.0.0:7481\"\ntls_cert = \"/etc/cairn/api.pem\"\n\
+             tls_key = \"/etc/cairn/api.key\"\napi_hosts = [\"cairn.example.net\", \
+             \"CTL-01.example.net:7481\"]\n",
+        )
+        .unwrap();
+        let o = config.orchestrator;
+        assert_eq!(o.tls_cert.as_deref(), Some(Path::new("/etc/cairn/api.pem")));
+        assert_eq!(o.tls_key.as_deref(), Some(Path::new("/etc/cairn/api.key")));
+        let hosts: Vec<String> = o.api_hosts.unwrap().iter().map(|h| h.to_string()).collect();
+        assert_eq!(hosts, ["cairn.example.net", "ctl-01.example.net:7481"]);
+        assert_eq!(o.insecure_http, None);
+        let plain = parse(
+            Path::new("c.toml"),
+            "[orchestrator]\ninsecure_http = true\n",
+        )
+        .unwrap();
+        assert_eq!(plain.orchestrator.insecure_http, Some(true));
     }
 
     #[test]
@@ -681,6 +744,26 @@ mod tests {
                 "[orchestrator]\nlisten = \"localhost:7481\"",
                 "orchestrator.listen",
                 "not an IP address",
+            ),
+            (
+                "[orchestrator]\ntls_cert = \"/etc/cairn/api.pem\"",
+                "orchestrator.tls_cert",
+                "needs both",
+            ),
+            (
+                "[orchestrator]\ntls_key = \"/etc/cairn/api.key\"",
+                "orchestrator.tls_key",
+                "needs both",
+            ),
+            (
+                "[orchestrator]\napi_hosts = [\"cairn.example.net\", \"http://x\"]",
+                "orchestrator.api_hosts = \"http://x\"",
+                "NAME:PORT",
+            ),
+            (
+                "[orchestrator]\napi_hosts = [\"cairn.example.net:0\"]",
+                "orchestrator.api_hosts",
+                "port 0",
             ),
             (
                 "[orchestrator]\npartitions = 0",

@@ -436,7 +436,7 @@ fn resolve_rp(
 }
 
 pub fn rp_browse(args: &RpBrowseArgs) -> Result<i32> {
-    let client = crate::client_cmd::Client::from_opts(&args.opts)?;
+    let client = crate::client_cmd::Client::new(&args.opts)?;
     let (vm, rp, disk) = resolve_rp(&client, &args.vm, &args.rp, args.disk.as_deref())?;
     let value = client.get(
         &format!("/v1/vms/{vm}/browse"),
@@ -475,7 +475,7 @@ pub fn rp_browse(args: &RpBrowseArgs) -> Result<i32> {
 }
 
 pub fn recover_items(args: &RecoverItemsArgs) -> Result<i32> {
-    let client = crate::client_cmd::Client::from_opts(&args.opts)?;
+    let client = crate::client_cmd::Client::new(&args.opts)?;
     let (vm, rp, disk) = resolve_rp(&client, &args.vm, &args.rp, args.disk.as_deref())?;
     let body =
         json!({"rp": rp, "disk": disk, "items": args.items, "to": args.to, "node": args.node});
@@ -500,7 +500,7 @@ pub fn recover_items(args: &RecoverItemsArgs) -> Result<i32> {
 }
 
 pub fn rp_export(args: &RpExportArgs) -> Result<i32> {
-    let client = crate::client_cmd::Client::from_opts(&args.opts)?;
+    let client = crate::client_cmd::Client::new(&args.opts)?;
     let (vm, rp, disk) = resolve_rp(&client, &args.vm, &args.rp, args.disk.as_deref())?;
     let key_file = crate::repo_cmd::key_file_for(&args.repository, args.key_file.as_deref());
     let repo = cairn_worker::repo::Repository::open(&args.repository, key_file.as_deref())?;

@@ -1,6 +1,7 @@
 //! The `cairn` binary: command-line front end. It parses arguments, sets up logging and calls
 //! into the worker (data plane) and orchestrator (control plane) libraries.
 
+mod api_server;
 mod client_cmd;
 mod config;
 mod demo;

@@ -37,9 +37,12 @@ pub struct OrchestratorArgs {
     /// NATS server URL(s), comma separated (`nats://host:4222`, `tls://host:4222`).
     #[arg(long, env = "CAIRN_NATS")]
     pub nats: Option<String>,
-    /// Address of the HTTP API.
+    /// Address of the HTTP API (default 127.0.0.1:7480). Off loopback it needs
+    /// --tls-cert/--tls-key (or --insecure-http).
     #[arg(long, env = "CAIRN_LISTEN")]
     pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub api: crate::api_server::ApiServerArgs,
     /// This instance's id, unique in the cluster (default: host name and process id).
     #[arg(long, env = "CAIRN_INSTANCE")]
     pub instance: Option<String>,
@@ -93,20 +96,20 @@ pub struct OrchestratorArgs {
     #[arg(long, env = "CAIRN_NATS_CREDS")]
     pub creds: Option<PathBuf>,
     /// CA certificate for TLS to NATS.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
     /// Client certificate for TLS to NATS.
-    #[arg(long)]
-    pub tls_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub nats_tls_cert: Option<PathBuf>,
     /// Client key for TLS to NATS.
-    #[arg(long)]
-    pub tls_key: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub nats_tls_key: Option<PathBuf>,
 }
 
 /// The settings after merging flags, environment, the configuration file and defaults.
 struct Settings {
     nats: NatsOptions,
-    listen: SocketAddr,
+    api: crate::api_server::ApiServer,
     instance: String,
     data_dir: PathBuf,
     partitions: NonZeroU16,
@@ -192,20 +195,40 @@ fn settings(args: OrchestratorArgs) -> Result<Settings> {
         Some(path) => webhook::read_ca_file(&path)?,
         None => Vec::new(),
     };
+    let listen = pick(
+        args.listen,
+        orch.listen,
+        "127.0.0.1:7480".parse().expect("address"),
+    );
+    // A certificate and its key come from the same place: both flags, or both from the file.
+    let (tls_cert, tls_key) = if args.api.tls_cert.is_some() || args.api.tls_key.is_some() {
+        (args.api.tls_cert, args.api.tls_key)
+    } else {
+        (orch.tls_cert, orch.tls_key)
+    };
+    let api = crate::api_server::ApiServer::new(
+        listen,
+        crate::api_server::ApiServerArgs {
+            tls_cert,
+            tls_key,
+            insecure_http: args.api.insecure_http || orch.insecure_http.unwrap_or(false),
+            api_hosts: if args.api.api_hosts.is_empty() {
+                orch.api_hosts.unwrap_or_default()
+            } else {
+                args.api.api_hosts
+            },
+        },
+    )?;
     Ok(Settings {
         nats: NatsOptions {
             url,
             creds: pick_opt(args.creds, nats_file.creds),
-            tls_ca: pick_opt(args.tls_ca, nats_file.tls_ca),
-            tls_cert: pick_opt(args.tls_cert, nats_file.tls_cert),
-            tls_key: pick_opt(args.tls_key, nats_file.tls_key),
+            tls_ca: pick_opt(args.nats_tls_ca, nats_file.tls_ca),
+            tls_cert: pick_opt(args.nats_tls_cert, nats_file.tls_cert),
+            tls_key: pick_opt(args.nats_tls_key, nats_file.tls_key),
             name: format!("cairn-orchestrator-{instance}"),
         },
-        listen: pick(
-            args.listen,
-            orch.listen,
-            "127.0.0.1:7480".parse().expect("address"),
-        ),
+        api,
         data_dir: pick(
             args.data_dir,
             orch.data_dir,
@@ -421,11 +444,10 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
         None => None,
     };
     let control: Arc<dyn Control> = Arc::new(handle.clone());
-    let (api_addr, api_task) =
-        crate::up::serve_api(settings.listen, control, shutdown_rx.clone()).await?;
+    let api = settings.api.serve(control, shutdown_rx.clone()).await?;
     if let Some(secret) = &bootstrap_secret {
         // Also where this user's CLI on this host finds it for this address.
-        if let Err(e) = crate::token_cmd::save_for_cli(secret, api_addr) {
+        if let Err(e) = crate::token_cmd::save_for_cli(secret, api.addr, &api.client_url) {
             tracing::warn!(error = %format!("{e:#}"), "could not save the admin token for the CLI");
         }
     }
@@ -433,8 +455,8 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
     // SIGTERM right after it is a clean stop, never the default action.
     let stop_signal = crate::up::shutdown_signal();
     println!(
-        "cairn orchestrator is up: API on http://{api_addr}, instance {}, {} partitions",
-        settings.instance, settings.partitions
+        "cairn orchestrator is up: API on {}, instance {}, {} partitions",
+        api.url, settings.instance, settings.partitions
     );
 
     stop_signal.await;
@@ -444,7 +466,7 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
     let _ = tokio::time::timeout(Duration::from_secs(10), lease_task).await;
     let _ = engine_stop_tx.send(true);
     let _ = engine_task.await;
-    let _ = api_task.await;
+    let _ = api.task.await;
     partition_task.abort();
     api_cmd_task.abort();
     liveness_task.abort();

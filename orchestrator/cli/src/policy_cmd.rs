@@ -236,7 +236,7 @@ pub(crate) fn resolve_group(client: &Client, arg: &str) -> Result<String> {
 }
 
 pub fn group_show(name: &str, opts: &ServerOpts) -> Result<i32> {
-    let client = Client::from_opts(opts)?;
+    let client = Client::new(opts)?;
     let id = resolve_group(&client, name)?;
     let value = client.get(&format!("/v1/groups/{id}"), &[])?;
     if opts.json() {
@@ -322,7 +322,7 @@ pub fn group_set_policy(
     flags: &PolicyFlags,
     opts: &ServerOpts,
 ) -> Result<i32> {
-    let client = Client::from_opts(opts)?;
+    let client = Client::new(opts)?;
     let id = resolve_group(&client, name)?;
     let current: GroupDetailView = from_value(client.get(&format!("/v1/groups/{id}"), &[])?)?;
     let mut view = current.policy;
@@ -347,7 +347,7 @@ pub fn group_set_policy(
 }
 
 pub fn group_plan(name: &str, opts: &ServerOpts) -> Result<i32> {
-    let client = Client::from_opts(opts)?;
+    let client = Client::new(opts)?;
     let id = resolve_group(&client, name)?;
     let value = client.get(&format!("/v1/groups/{id}/plan"), &[])?;
     if opts.json() {
@@ -401,7 +401,7 @@ pub struct VmJobArgs {
 }
 
 pub fn vm_job(args: &VmJobArgs, what: &str) -> Result<i32> {
-    let client = Client::from_opts(&args.opts)?;
+    let client = Client::new(&args.opts)?;
     let vm = resolve_vm(&client, &args.vm)?;
     let value = client.post::<()>(&format!("/v1/vms/{vm}/{what}"), None)?;
     let accepted: Accepted = from_value(value.clone())?;
@@ -427,7 +427,7 @@ pub struct AlertsArgs {
 }
 
 pub fn alerts(args: &AlertsArgs) -> Result<i32> {
-    let client = Client::from_opts(&args.opts)?;
+    let client = Client::new(&args.opts)?;
     let query = [("all", args.all.to_string())];
     let value = client.get("/v1/alerts", &query)?;
     if args.opts.json() {
@@ -540,7 +540,7 @@ pub struct SeedImportArgs {
 }
 
 pub fn seed_import(args: &SeedImportArgs) -> Result<i32> {
-    let client = Client::from_opts(&args.opts)?;
+    let client = Client::new(&args.opts)?;
     let vm = resolve_vm(&client, &args.vm)?;
     let seed =
         std::path::absolute(&args.seed).with_context(|| format!("{}", args.seed.display()))?;

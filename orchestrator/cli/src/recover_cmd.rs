@@ -135,7 +135,7 @@ fn request(args: &RecoverArgs, rp: String) -> Result<RecoverRequest> {
 }
 
 pub fn recover(args: &RecoverArgs) -> Result<i32> {
-    let client = Client::from_opts(&args.opts)?;
+    let client = Client::new(&args.opts)?;
     let vm = resolve_vm(&client, &args.vm)?;
     let rps: Vec<RpView> = from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
     let rp = pick_rp(&rps, &args.rp).map_err(|message| anyhow!(message))?;

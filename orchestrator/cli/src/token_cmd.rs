@@ -84,7 +84,7 @@ fn create(args: &CreateArgs) -> Result<i32> {
         .map(parse_lifetime)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
-    let client = Client::from_opts(&args.opts)?;
+    let client = Client::new(&args.opts)?;
     let vms = if args.vms.is_empty() {
         Vec::new()
     } else {
@@ -126,7 +126,7 @@ fn create(args: &CreateArgs) -> Result<i32> {
 }
 
 fn list(opts: &ServerOpts) -> Result<i32> {
-    let client = Client::from_opts(opts)?;
+    let client = Client::new(opts)?;
     let answer = client.get("/v1/tokens", &[])?;
     if opts.json() {
         print_json(&answer);
@@ -163,7 +163,7 @@ fn list(opts: &ServerOpts) -> Result<i32> {
 }
 
 fn revoke(opts: &ServerOpts, token: &str) -> Result<i32> {
-    let client = Client::from_opts(opts)?;
+    let client = Client::new(opts)?;
     let id = if token.parse::<cairn_schemas::TokenId>().is_ok() {
         token.to_string()
     } else {
@@ -385,11 +385,19 @@ pub async fn bootstrap(control: &dyn Control, file: &Path, actor: &str) -> Resul
 
 /// Saves the admin token where the CLI of this user finds it for `addr` (and, for a loopback
 /// or unspecified address, for `localhost` and `127.0.0.1` at the same port).
-pub fn save_for_cli(secret: &str, addr: std::net::SocketAddr) -> Result<Vec<PathBuf>> {
+pub fn save_for_cli(
+    secret: &str,
+    addr: std::net::SocketAddr,
+    client_url: &str,
+) -> Result<Vec<PathBuf>> {
     let mut names = vec![addr.to_string()];
     if addr.ip().is_loopback() || addr.ip().is_unspecified() {
         names.push(format!("127.0.0.1:{}", addr.port()));
         names.push(format!("localhost:{}", addr.port()));
+    }
+    // The name a client on this machine is told to use (an `--api-host` with TLS).
+    if let Some(authority) = client_url.split_once("://").map(|(_, rest)| rest) {
+        names.push(authority.trim_end_matches('/').to_ascii_lowercase());
     }
     names.dedup();
     let mut written = Vec::new();

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cairn_orchestrator::control::BoxFuture;
-use cairn_orchestrator::control::Control;
 use cairn_orchestrator::engine::jobs::EngineConfig;
 use cairn_orchestrator::engine::service::{
     Clock, Engine, EngineOptions, Handle, StepSink, SystemClock,
@@ -46,9 +45,12 @@ pub struct UpArgs {
     /// Where cairn keeps its event log, repository and VM descriptors.
     #[arg(long, env = "CAIRN_DATA_DIR", default_value = "cairn-data")]
     pub data_dir: PathBuf,
-    /// Address of the HTTP API.
+    /// Address of the HTTP API. Off loopback it needs --tls-cert/--tls-key (or
+    /// --insecure-http).
     #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7480")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub api: crate::api_server::ApiServerArgs,
     /// Create two demo VMs with realistic disks and a protection group, and back them up.
     #[arg(long)]
     pub demo: bool,
@@ -143,6 +145,8 @@ pub fn run(args: UpArgs) -> Result<i32> {
 }
 
 async fn serve(args: UpArgs) -> Result<i32> {
+    // The API's settings and TLS files are checked first too: a refusal changes nothing.
+    let api = crate::api_server::ApiServer::new(args.listen, args.api.clone())?;
     cairn_worker::perms::restrict_umask();
     // The key is checked before anything is created: a refused key changes nothing.
     let plan = RepoPlan::new(&args)?;
@@ -328,10 +332,11 @@ async fn serve(args: UpArgs) -> Result<i32> {
     // The admin token, before the API serves anyone: made at the first start, kept after.
     let token_file = data.join(crate::token_cmd::DATA_TOKEN_FILE);
     let secret = crate::token_cmd::bootstrap(&handle, &token_file, "cairn up (bootstrap)").await?;
-    let (api_addr, api_task) =
-        serve_api(args.listen, Arc::new(handle.clone()), shutdown_rx.clone()).await?;
+    let api = api
+        .serve(Arc::new(handle.clone()), shutdown_rx.clone())
+        .await?;
     // Where this user's CLI finds it for this address; the data folder's copy stays the truth.
-    match crate::token_cmd::save_for_cli(&secret, api_addr) {
+    match crate::token_cmd::save_for_cli(&secret, api.addr, &api.client_url) {
         Ok(paths) => tracing::info!(paths = ?paths, "saved the admin token for the CLI"),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "could not save the admin token for the CLI; use --token-file DATA/admin.token")
@@ -339,10 +344,11 @@ async fn serve(args: UpArgs) -> Result<i32> {
     }
     let stop_signal = shutdown_signal();
     println!(
-        "cairn is up: API on http://{api_addr}, data in {}",
+        "cairn is up: API on {}, data in {}",
+        api.url,
         data.display()
     );
-    println!("  try: cairn vm list --server http://{api_addr}");
+    println!("  try: cairn vm list --server {}", api.client_url);
     println!(
         "  admin token: {} (the CLI of this user finds it by itself)",
         token_file.display()
@@ -352,7 +358,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
         let demo_handle = handle.clone();
         let demo_agent = agent.clone();
         let demo_node = node.clone();
-        let server = format!("http://{api_addr}");
+        let server = api.client_url.clone();
         tokio::spawn(async move {
             if let Err(e) =
                 crate::demo::run(&demo_handle, &demo_agent, &demo_node, &data, &server).await
@@ -366,7 +372,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
     println!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = engine_task.await;
-    let _ = api_task.await;
+    let _ = api.task.await;
     inventory_task.abort();
     worker_task.abort();
     Ok(0)
@@ -497,23 +503,6 @@ pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &st
     if let Err(e) = handle.submit_as("worker".into(), command).await {
         tracing::warn!(error = %e, "repository space report refused");
     }
-}
-
-/// Binds the HTTP API on `listen` and serves it until `shutdown` turns true.
-pub async fn serve_api(
-    listen: SocketAddr,
-    control: Arc<dyn Control>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-    let addr = listener.local_addr()?;
-    let stop = async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    };
-    let task = tokio::spawn(cairn_orchestrator::api::serve(listener, control, stop));
-    Ok((addr, task))
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this is called, not when the future is first polled: call

@@ -61,13 +61,13 @@ pub struct WorkerArgs {
     #[arg(long, env = "CAIRN_NATS_CREDS")]
     pub creds: Option<PathBuf>,
     /// CA certificate of the NATS servers (TLS is required when given).
-    #[arg(long, env = "CAIRN_NATS_TLS_CA")]
+    #[arg(long, visible_alias = "nats-tls-ca", env = "CAIRN_NATS_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// Client certificate for NATS (mutual TLS).
-    #[arg(long, env = "CAIRN_NATS_TLS_CERT")]
+    #[arg(long, visible_alias = "nats-tls-cert", env = "CAIRN_NATS_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// Key of the client certificate.
-    #[arg(long, env = "CAIRN_NATS_TLS_KEY")]
+    #[arg(long, visible_alias = "nats-tls-key", env = "CAIRN_NATS_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 }
 

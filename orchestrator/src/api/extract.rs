@@ -75,7 +75,7 @@ fn body_error(rejection: &BytesRejection, limit: usize) -> Error {
 }
 
 /// Accepts `application/json` (with parameters such as `charset`) and `application/*+json`.
-fn check_json_content_type(headers: &HeaderMap) -> Result<(), Error> {
+pub(super) fn check_json_content_type(headers: &HeaderMap) -> Result<(), Error> {
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())

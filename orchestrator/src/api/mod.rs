@@ -37,20 +37,28 @@
 //! and a stable code (see [`Error`]); internal faults are 5xx and their details go to the log,
 //! not to the client.
 //!
-//! Layers, outermost first: request log (method, path, status, ms) → authentication (a
-//! bearer token → the principal, whose name and token id are the actor recorded on events;
-//! 401 without one) → body size limit → routes, each with its [`Access`] rule (403 for a
-//! right the role lacks, 404 for an app owner's out-of-scope VM, group or job). Handlers
-//! never see a request that the outer layers refused. `/healthz` alone is open.
+//! Layers, outermost first: request log (method, path, status, ms) → `Host` allow-list
+//! (`host`, against DNS rebinding) → JSON-only bodies (`json_only`, so a plain form cannot
+//! post) → authentication (a bearer token → the principal, whose name and token id are the
+//! actor recorded on events; 401 without one) → body size limit → routes, each with its
+//! [`Access`] rule (403 for a right the role lacks, 404 for an app owner's out-of-scope VM,
+//! group or job). Handlers never see a request that the outer layers refused. `/healthz`
+//! alone is open. No layer sends CORS headers.
+//!
+//! [`serve_with`] serves plain HTTP; [`tls::serve_tls`] the same router over TLS (rustls).
+//! Which addresses may be served without TLS is the caller's decision.
 
 mod error;
 mod extract;
 mod handlers;
+pub mod host;
 mod items;
+mod json_only;
 mod middleware;
 mod policy_handlers;
 pub mod recover;
 mod scope;
+pub mod tls;
 mod tokens;
 pub mod wire;
 
@@ -85,6 +93,10 @@ pub struct ApiConfig {
     pub body_limit_bytes: usize,
     /// Longest long poll of `GET /v1/events`, in milliseconds; longer `wait_ms` are cut to it.
     pub max_wait_ms: u64,
+    /// Names the API answers to besides its own address (see [`host`]). A server always
+    /// checks the `Host` header; a [`router`] without a server checks it only when this list
+    /// is not empty.
+    pub api_hosts: Vec<host::ApiHost>,
 }
 
 impl Default for ApiConfig {
@@ -92,6 +104,7 @@ impl Default for ApiConfig {
         Self {
             body_limit_bytes: 1 << 20,
             max_wait_ms: 30_000,
+            api_hosts: Vec::new(),
         }
     }
 }
@@ -306,6 +319,7 @@ fn build_router(
     control: Arc<dyn Control>,
     config: ApiConfig,
     stopping: watch::Receiver<bool>,
+    hosts: host::HostAllowList,
 ) -> Router {
     let routes = routes();
     let open_paths = routes
@@ -313,6 +327,7 @@ fn build_router(
         .filter(|r| r.access == Access::Open)
         .map(|r| r.path)
         .collect();
+    let hosts = host::HostGuard(Arc::new(hosts));
     let state = AppState {
         control,
         config: Arc::new(config),
@@ -351,6 +366,11 @@ fn build_router(
             state.clone(),
             middleware::authenticate,
         ))
+        .layer(axum::middleware::from_fn(json_only::require_json))
+        .layer(axum::middleware::from_fn_with_state(
+            hosts,
+            host::check_host,
+        ))
         .layer(axum::middleware::from_fn(middleware::log_request))
         .with_state(state)
 }
@@ -362,9 +382,16 @@ fn route_label(method: &str, path: &str) -> Arc<str> {
 
 /// The API's router, for embedding it in another server or calling it in tests without a
 /// socket. Its long polls end only by their timeout; [`serve_with`] also ends them on shutdown.
+/// It checks the `Host` header only against [`ApiConfig::api_hosts`], and not at all when
+/// that is empty: it has no connection whose address it could allow.
 pub fn router(control: Arc<dyn Control>, config: ApiConfig) -> Router {
     let (_no_shutdown, stopping) = watch::channel(false);
-    build_router(control, config, stopping)
+    let hosts = if config.api_hosts.is_empty() {
+        host::HostAllowList::off()
+    } else {
+        host::HostAllowList::new(config.api_hosts.clone())
+    };
+    build_router(control, config, stopping, hosts)
 }
 
 /// Serves the API with the default [`ApiConfig`] on `listener` until `shutdown` resolves,
@@ -385,17 +412,39 @@ pub async fn serve_with(
     config: ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let listen = listener.local_addr()?;
+    tracing::info!(addr = %listen, "HTTP API listening");
+    serve_on(listener, listen, control, config, shutdown).await
+}
+
+/// Serves the router on any listener whose connections tell their local address, with the
+/// `Host` check on (`listen` is the address it is bound to), until `shutdown` resolves; then
+/// finishes the requests in flight.
+async fn serve_on<L>(
+    listener: L,
+    listen: std::net::SocketAddr,
+    control: Arc<dyn Control>,
+    config: ApiConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+    host::LocalAddr:
+        for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
     // `stop` lives in the shutdown future below, which axum owns and drops when it returns.
     let (stop, stopping) = watch::channel(false);
-    let app = build_router(control, config, stopping);
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "HTTP API listening");
-    }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("HTTP API shutting down");
-            stop.send_replace(true);
-        })
-        .await
+    let hosts = host::HostAllowList::new(config.api_hosts.clone()).with_listen(listen);
+    let app = build_router(control, config, stopping, hosts);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<host::LocalAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("HTTP API shutting down");
+        stop.send_replace(true);
+    })
+    .await
 }

@@ -1843,3 +1843,5 @@ async fn tokens_are_made_listed_and_revoked_by_admins() {
     .await;
     assert_error(&unknown, StatusCode::NOT_FOUND, "unknown_token", &[]);
 }
+
+mod browser;
