@@ -84,16 +84,21 @@ pub fn token_for(addr: &str) -> Option<String> {
         .map(|t| t.trim().to_string())
 }
 
-/// Runs `cairn ARGS`; returns its output whatever the exit code.
-pub fn cairn(args: &[&str]) -> Output {
-    Command::new(cairn_bin())
-        .args(args)
+/// `cairn` with the tests' environment: quiet logs, the tests' config folder, no token from
+/// outside.
+pub fn cairn_command() -> Command {
+    let mut command = Command::new(cairn_bin());
+    command
         .env("CAIRN_LOG", "warn")
         .env("XDG_CONFIG_HOME", config_home())
         .env_remove("CAIRN_TOKEN")
-        .env_remove("CAIRN_TOKEN_FILE")
-        .output()
-        .expect("cairn runs")
+        .env_remove("CAIRN_TOKEN_FILE");
+    command
+}
+
+/// Runs `cairn ARGS`; returns its output whatever the exit code.
+pub fn cairn(args: &[&str]) -> Output {
+    cairn_command().args(args).output().expect("cairn runs")
 }
 
 /// Runs `cairn ARGS`, fails the test unless it exits 0, and returns stdout.

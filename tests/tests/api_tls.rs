@@ -61,11 +61,8 @@ fn make_pki(dir: &Path) -> Pki {
 
 /// Runs `cairn ARGS` with extra environment (and without `CAIRN_CA_FILE` from outside).
 fn cairn_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(cairn_bin());
-    command
-        .args(args)
-        .env("CAIRN_LOG", "warn")
-        .env_remove("CAIRN_CA_FILE");
+    let mut command = cairn_command();
+    command.args(args).env_remove("CAIRN_CA_FILE");
     for (key, value) in env {
         command.env(key, value);
     }
@@ -77,9 +74,8 @@ fn cairn_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 fn cairn_refused(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let stderr_path = dir.path().join("stderr");
-    let mut child = Command::new(cairn_bin())
+    let mut child = cairn_command()
         .args(args)
-        .env("CAIRN_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
@@ -109,8 +105,10 @@ fn assert_says(text: &str, words: &[&str]) {
     }
 }
 
-/// One HTTP/1.1 GET over TLS (trusting `ca`) with the given `Host`; the status and body.
+/// One HTTP/1.1 GET over TLS (trusting `ca`) with the given `Host` and the admin token saved
+/// for `addr`; the status and body.
 fn https_get(addr: &str, ca: &Path, host: &str, path: &str) -> (u16, String) {
+    let token = token_for(addr).expect("the admin token saved for the server");
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
@@ -129,7 +127,8 @@ fn https_get(addr: &str, ca: &Path, host: &str, path: &str) -> (u16, String) {
     let mut tls = rustls::StreamOwned::new(connection, tcp);
     write!(
         tls,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = Vec::new();
