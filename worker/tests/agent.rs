@@ -15,6 +15,7 @@ use cairn_schemas::v1::{
 };
 use cairn_worker::agent::descriptor::{self, Descriptor, DescriptorDisk};
 use cairn_worker::agent::{Agent, AgentConfig, FaultDelays};
+use cairn_worker::boundary::{Encryption, NodeSettings, RegisteredRepository};
 use cairn_worker::repo::{self, NoProgress, Repository};
 use cairn_worker::source;
 
@@ -93,6 +94,25 @@ fn disk_id(name: &str) -> DiskId {
     DiskId::new(name).unwrap()
 }
 
+/// The settings of a test node in `dir`: repository `default` at `dir/repo` (plain), and
+/// `dir` as its recovery, image and seed root.
+fn node_settings(dir: &Path) -> NodeSettings {
+    let mut settings = NodeSettings {
+        recovery_roots: vec![dir.to_path_buf()],
+        image_roots: vec![dir.to_path_buf()],
+        seed_roots: vec![dir.to_path_buf()],
+        ..NodeSettings::default()
+    };
+    settings.repositories.insert(
+        "default".into(),
+        RegisteredRepository {
+            path: dir.join("repo"),
+            encryption: Encryption::None,
+        },
+    );
+    settings
+}
+
 /// A node: its descriptor folder, a repository and an agent.
 struct Node {
     dir: tempfile::TempDir,
@@ -110,6 +130,7 @@ impl Node {
             vms_dir: dir.path().join("vms"),
             key_file: None,
             threads: 2,
+            settings: node_settings(dir.path()),
         })
         .unwrap()
         .with_fault_delays(FaultDelays::default())
@@ -125,8 +146,9 @@ impl Node {
         self.dir.path().join(name)
     }
 
+    /// The repository's registered name.
     fn repository(&self) -> String {
-        self.path("repo").to_str().unwrap().to_owned()
+        "default".into()
     }
 
     fn repo(&self) -> Repository {
@@ -810,16 +832,23 @@ fn steps_that_must_not_run_fail_permanently_with_a_reason() {
         *handle = snapshot.clone();
         *repository = "s3://bucket/repo".into();
     }
-    check(transfer.clone(), "is not supported by this worker");
+    check(
+        transfer.clone(),
+        "repository \"s3://bucket/repo\" is not registered on this node (registered: default)",
+    );
     if let StepWork::Transfer { repository, .. } = &mut transfer.work {
         *repository = node.path("no-repo-here").to_str().unwrap().into();
     }
-    check(transfer.clone(), "no such folder");
-    std::fs::create_dir(node.path("not-a-repo")).unwrap();
+    check(transfer.clone(), "is not registered on this node");
+    // The registered repository's folder names it too (groups made before names).
     if let StepWork::Transfer { repository, .. } = &mut transfer.work {
-        *repository = node.path("not-a-repo").to_str().unwrap().into();
+        *repository = node.path("repo").to_str().unwrap().into();
     }
+    let config = node.path("repo/cairn-repo.json");
+    let aside = node.path("cairn-repo.json.aside");
+    std::fs::rename(&config, &aside).unwrap();
     check(transfer, "not a cairn repository");
+    std::fs::rename(&aside, &config).unwrap();
 
     check(
         node.restore_spec(vm.vm, "disk0", rp, &node.path("r/x.raw"), ImageFormat::Raw),

@@ -56,6 +56,7 @@ pub use descriptor::{
 pub use fault::{FAULT_DELAY_ENV, FaultDelays, FaultHookError};
 pub use progress::STALL_LIMIT;
 
+use crate::boundary::{self, Encryption, NodeSettings};
 use crate::repo;
 use crate::source;
 use progress::{Heartbeat, StepProgress};
@@ -74,6 +75,9 @@ pub struct AgentConfig {
     pub key_file: Option<PathBuf>,
     /// Hashing/compression threads of backups and restores; 0 = one per core.
     pub threads: usize,
+    /// The node's boundary: registered repositories, roots and limits. Steps asking for
+    /// anything outside it are refused before anything is touched.
+    pub settings: NodeSettings,
 }
 
 /// Why a step failed. [`Error::class`] says whether a retry may succeed.
@@ -189,6 +193,29 @@ pub enum Error {
         #[source]
         source: repo::Error,
     },
+    /// The node's settings refuse what the step asks for (a target outside the roots, an
+    /// unregistered repository).
+    #[error(transparent)]
+    Boundary(#[from] boundary::Error),
+    /// A registered repository cannot be used as its registration says.
+    #[error("repository {name} ({path}): {reason}")]
+    Registered {
+        /// Its registered name.
+        name: String,
+        /// Its folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A write below a root failed or was refused by the kernel (a link, an escape).
+    #[error("{what}: {source}")]
+    SafeFs {
+        /// What we were writing.
+        what: String,
+        /// What failed.
+        #[source]
+        source: crate::safefs::Error,
+    },
     /// Item-level recovery failed (a path, the image's file systems or the target folder).
     #[error(transparent)]
     Items(crate::items::Error),
@@ -254,6 +281,14 @@ impl Error {
             Error::Repo { source, .. } => repo_class(source),
             Error::Items(crate::items::Error::Io { source, .. }) => io_class(source),
             Error::Items(_) => FailureClass::Permanent,
+            Error::SafeFs { source, .. } => match source {
+                crate::safefs::Error::Io { source, .. }
+                    if !matches!(source.raw_os_error(), Some(libc::ELOOP) | Some(libc::EXDEV)) =>
+                {
+                    io_class(source)
+                }
+                _ => FailureClass::Permanent,
+            },
             Error::FaultHook(_)
             | Error::WrongNode { .. }
             | Error::InvalidStep(_)
@@ -266,6 +301,8 @@ impl Error {
             | Error::Replica { .. }
             | Error::VmNotStopped { .. }
             | Error::KeyFile(_)
+            | Error::Boundary(_)
+            | Error::Registered { .. }
             | Error::Panicked(_) => FailureClass::Permanent,
         }
     }
@@ -334,9 +371,18 @@ impl Agent {
     /// Checks the configuration: the key file, when one is given, must be readable and private
     /// to this user (see [`repo::config::read_key_file`]), so a worker with an exposed key
     /// refuses to start rather than failing every step.
+    ///
+    /// The node's settings are validated, and every registered repository is checked: one
+    /// that does not exist yet is initialised (encrypted with the node's key when its
+    /// registration requires it), and one registered `required` whose config says plain is
+    /// refused, naming it.
     pub fn new(config: AgentConfig) -> Result<Agent, Error> {
         if let Some(key_file) = &config.key_file {
             repo::config::read_key_file(key_file).map_err(Error::KeyFile)?;
+        }
+        config.settings.validate()?;
+        for (name, registered) in &config.settings.repositories {
+            prepare_repository(name, registered, config.key_file.as_deref())?;
         }
         let faults = FaultDelays::from_env()?;
         if faults != FaultDelays::default() {
@@ -376,8 +422,14 @@ impl Agent {
     }
 
     /// The node's VMs, from its descriptor folder; bad descriptors are listed as problems.
+    ///
+    /// A VM with a disk outside the node's image roots (or a block device the node does not
+    /// allow) is left out, with the reason among the problems.
     pub fn inventory(&self) -> Inventory {
-        descriptor::scan(&self.config.vms_dir)
+        let settings = &self.config.settings;
+        descriptor::scan_allowed(&self.config.vms_dir, &|disk| {
+            settings.image_disk_allowed(disk)
+        })
     }
 
     /// Runs one step attempt. Reports `Started` first and `Progress` heartbeats while the step
@@ -653,9 +705,10 @@ impl Agent {
     }
 
     /// The descriptor of `vm` on this node (disks not opened).
+    /// A VM with a disk outside the node's image roots is refused, with the reason.
     pub(crate) fn described_vm(&self, vm: VmId) -> Result<Descriptor, Error> {
         let (descriptors, _) = descriptor::read_all(&self.config.vms_dir);
-        descriptors
+        let descriptor = descriptors
             .into_iter()
             .map(|(_, d)| d)
             .find(|d| d.vm_id() == vm)
@@ -663,7 +716,14 @@ impl Agent {
                 vm,
                 node: self.config.node.clone(),
                 dir: self.config.vms_dir.clone(),
-            })
+            })?;
+        let settings = &self.config.settings;
+        if let Some(refusal) =
+            descriptor::refused_disk(&descriptor, &|disk| settings.image_disk_allowed(disk))
+        {
+            return Err(Error::InvalidStep(refusal));
+        }
+        Ok(descriptor)
     }
 
     /// Refuses a restore target that is a disk of another VM described on this node, or a disk
@@ -693,6 +753,65 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Makes sure a registered repository exists and is what its registration says: one that is
+/// missing (no folder, or an empty one) is initialised, encrypted with `key_file` when
+/// encryption is required; an existing one registered `required` must be encrypted.
+fn prepare_repository(
+    name: &str,
+    registered: &boundary::RegisteredRepository,
+    key_file: Option<&Path>,
+) -> Result<(), Error> {
+    let refuse = |reason: String| Error::Registered {
+        name: name.to_owned(),
+        path: registered.path.clone(),
+        reason,
+    };
+    let config_file = registered.path.join(repo::config::CONFIG_FILE);
+    if config_file.exists() {
+        return check_encryption(name, registered);
+    }
+    let key = match registered.encryption {
+        Encryption::Required => Some(key_file.ok_or_else(|| {
+            refuse(
+                "does not exist and must be encrypted, but this worker has no key file \
+                 (give one, or register it with encryption = \"none\")"
+                    .into(),
+            )
+        })?),
+        Encryption::None => None,
+    };
+    repo::Repository::init(
+        &registered.path,
+        u64::from(repo::config::DEFAULT_CHUNK_SIZE),
+        key,
+    )
+    .map_err(|e| refuse(format!("cannot initialise it: {e}")))?;
+    tracing::info!(repository = name, path = %registered.path.display(),
+        encrypted = key.is_some(), "initialised a registered repository");
+    Ok(())
+}
+
+/// Refuses a repository registered `required` whose config says it is plain.
+fn check_encryption(name: &str, registered: &boundary::RegisteredRepository) -> Result<(), Error> {
+    if registered.encryption != Encryption::Required {
+        return Ok(());
+    }
+    let config = repo::config::load(&registered.path).map_err(|source| Error::Repo {
+        repository: name.to_owned(),
+        source,
+    })?;
+    if config.encryption.is_none() {
+        return Err(Error::Registered {
+            name: name.to_owned(),
+            path: registered.path.clone(),
+            reason: "is registered with encryption = \"required\" but its config says it is \
+                     not encrypted; refusing to use it"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether a snapshot handle was made by the `qemu` adapter.
