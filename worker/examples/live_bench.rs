@@ -104,11 +104,7 @@ fn main() -> anyhow::Result<()> {
             image_roots: vec![std::env::temp_dir()],
             ..Default::default()
         }
-        .with_repository(
-            "bench",
-            &repo,
-            cairn_worker::boundary::Encryption::None,
-        ),
+        .with_repository("bench", &repo, cairn_worker::boundary::Encryption::None),
     })?;
     let inventory = agent.inventory();
     anyhow::ensure!(inventory.problems.is_empty(), "{:?}", inventory.problems);

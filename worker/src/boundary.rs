@@ -372,10 +372,7 @@ impl NodeSettings {
             .image_roots
             .iter()
             .chain(&self.recovery_roots)
-            .any(|root| {
-            root.canonicalize()
-                .is_ok_and(|root| real.starts_with(root))
-        });
+            .any(|root| root.canonicalize().is_ok_and(|root| real.starts_with(root)));
         if inside {
             Ok(())
         } else {
@@ -466,15 +463,15 @@ mod tests {
                 Box::new(|s| s.seed_roots.push("/a/../b".into())),
                 "contains `.` or `..`",
             ),
-            (Box::new(|s| s.image_roots.push("/".into())), "/ is not a root"),
+            (
+                Box::new(|s| s.image_roots.push("/".into())),
+                "/ is not a root",
+            ),
             (
                 Box::new(|s| s.app_owner_roots.push("/elsewhere".into())),
                 "/elsewhere is not below a recovery root",
             ),
-            (
-                Box::new(|s| s.item_limits.max_depth = 0),
-                "at least 1",
-            ),
+            (Box::new(|s| s.item_limits.max_depth = 0), "at least 1"),
         ];
         for (change, expected) in cases {
             let mut s = settings();
@@ -513,8 +510,14 @@ mod tests {
             .unwrap();
         assert_eq!(root.rel, Path::new(""));
         for (path, expected) in [
-            ("/srv/recovered-not", "outside the node's recovery roots: /srv/recovered-not"),
-            ("/tmp/restored", "outside the node's recovery roots: /tmp/restored"),
+            (
+                "/srv/recovered-not",
+                "outside the node's recovery roots: /srv/recovered-not",
+            ),
+            (
+                "/tmp/restored",
+                "outside the node's recovery roots: /tmp/restored",
+            ),
             ("/srv/recovered/../etc", "contains `.` or `..`"),
             ("/srv/recovered/./x", "contains `.` or `..`"),
             ("srv/recovered/x", "not an absolute path"),
@@ -525,7 +528,10 @@ mod tests {
         let err = s
             .below(RootKind::Seed, Path::new("/srv/recovered/x"))
             .unwrap_err();
-        assert_eq!(err.to_string(), "outside the node's seed roots: /srv/recovered/x");
+        assert_eq!(
+            err.to_string(),
+            "outside the node's seed roots: /srv/recovered/x"
+        );
     }
 
     #[test]
@@ -533,7 +539,15 @@ mod tests {
         for good in ["web01-disk0.qcow2", "db_01.data.raw", "A-1"] {
             assert!(is_safe_file_name(good), "{good}");
         }
-        for bad in ["", ".hidden", "a/b", "..", "web 01", "x\u{e9}", &"a".repeat(256)] {
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "..",
+            "web 01",
+            "x\u{e9}",
+            &"a".repeat(256),
+        ] {
             assert!(!is_safe_file_name(bad), "{bad:?}");
         }
     }

@@ -61,7 +61,8 @@ impl Error {
     }
 }
 
-const RESOLVE: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+const RESOLVE: u64 =
+    libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
 
 /// An open folder; everything below it is reached through its descriptor.
 #[derive(Debug)]
@@ -126,12 +127,22 @@ fn last_error(path: &Path) -> Error {
 }
 
 /// `openat2(dirfd, rel, flags, mode)` with [`RESOLVE`].
-fn openat2(dir: BorrowedFd<'_>, rel: &Path, flags: i32, mode: u32, shown: &Path) -> Result<OwnedFd, Error> {
+fn openat2(
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    flags: i32,
+    mode: u32,
+    shown: &Path,
+) -> Result<OwnedFd, Error> {
     let name = cstring(rel, shown)?;
     // SAFETY: open_how is a plain C struct; zeroed is a valid value for every field.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
-    how.mode = if flags & libc::O_CREAT != 0 { u64::from(mode) } else { 0 };
+    how.mode = if flags & libc::O_CREAT != 0 {
+        u64::from(mode)
+    } else {
+        0
+    };
     how.resolve = RESOLVE;
     loop {
         // SAFETY: `name` is NUL-terminated and `how` lives across the call; the size passed is
@@ -202,7 +213,8 @@ impl Dir {
         let fd = openat2(
             self.fd.as_fd(),
             rel,
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            // RESOLVE_NO_SYMLINKS refuses a link anywhere, the last name included (ELOOP).
+            libc::O_RDONLY | libc::O_DIRECTORY,
             0,
             &shown,
         )?;
@@ -285,7 +297,11 @@ impl Dir {
     pub fn open_file(&self, rel: &Path, writable: bool) -> Result<File, Error> {
         let shown = self.shown.join(rel);
         plain_components(rel)?;
-        let access = if writable { libc::O_RDWR } else { libc::O_RDONLY };
+        let access = if writable {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
         let fd = openat2(self.fd.as_fd(), rel, access | libc::O_NOFOLLOW, 0, &shown)?;
         let file = File::from(fd);
         let meta = file.metadata().map_err(|source| Error::Io {
@@ -343,7 +359,11 @@ impl Dir {
         self.single_name(to)?;
         let from_c = cstring(from, &shown)?;
         let to_c = cstring(to, &shown)?;
-        let flags = if no_replace { libc::RENAME_NOREPLACE } else { 0 };
+        let flags = if no_replace {
+            libc::RENAME_NOREPLACE
+        } else {
+            0
+        };
         // SAFETY: valid descriptors and NUL-terminated names that live across the call.
         let rc = unsafe {
             libc::renameat2(
@@ -441,7 +461,11 @@ pub fn temp_name(name: &Path) -> PathBuf {
 /// `/proc/<this pid>/fd/<fd>`. Opening it reaches the same inode however the name it was
 /// created under has been renamed or replaced since.
 pub fn proc_path(file: &impl AsRawFd) -> PathBuf {
-    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()))
+    PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        file.as_raw_fd()
+    ))
 }
 
 #[cfg(test)]
@@ -488,8 +512,16 @@ mod tests {
             Err(Error::BadPath { .. })
         ));
         assert!(root.open_dir(Path::new("link")).unwrap_err().is_escape());
-        assert!(root.create_dirs(Path::new("link/sub")).unwrap_err().is_escape());
-        assert!(root.open_file(Path::new("flink"), true).unwrap_err().is_escape());
+        assert!(
+            root.create_dirs(Path::new("link/sub"))
+                .unwrap_err()
+                .is_escape()
+        );
+        assert!(
+            root.open_file(Path::new("flink"), true)
+                .unwrap_err()
+                .is_escape()
+        );
         assert!(
             root.open_file(Path::new("link/victim"), true)
                 .unwrap_err()
@@ -502,7 +534,10 @@ mod tests {
             root.create_new(Path::new("a/b"), 0o600),
             Err(Error::BadPath { .. })
         ));
-        assert_eq!(std::fs::read(outside.path().join("victim")).unwrap(), b"keep");
+        assert_eq!(
+            std::fs::read(outside.path().join("victim")).unwrap(),
+            b"keep"
+        );
         assert!(!outside.path().join("sub").exists());
     }
 

@@ -314,16 +314,16 @@ impl Checker<'_> {
     }
 
     /// Applies [`root_value`] to each folder of a list, when it is set.
-    fn roots(&self, key: &'static str, raw: Option<Vec<String>>) -> Result<Option<Vec<PathBuf>>, Error> {
+    fn roots(
+        &self,
+        key: &'static str,
+        raw: Option<Vec<String>>,
+    ) -> Result<Option<Vec<PathBuf>>, Error> {
         let Some(values) = raw else {
             return Ok(None);
         };
         if values.len() > MAX_ROOTS {
-            return Err(self.invalid(
-                key,
-                &values.len(),
-                format!("at most {MAX_ROOTS} folders"),
-            ));
+            return Err(self.invalid(key, &values.len(), format!("at most {MAX_ROOTS} folders")));
         }
         values
             .iter()
@@ -550,7 +550,11 @@ impl RawFile {
             seed_roots: c.roots("worker.seed_roots", w.seed_roots)?,
             image_roots: c.roots("worker.image_roots", w.image_roots)?,
             allow_block_devices: w.allow_block_devices,
-            max_item_entries: c.number("worker.max_item_entries", w.max_item_entries, 1..=u64::MAX)?,
+            max_item_entries: c.number(
+                "worker.max_item_entries",
+                w.max_item_entries,
+                1..=u64::MAX,
+            )?,
             max_item_bytes: c.number("worker.max_item_bytes", w.max_item_bytes, 1..=u64::MAX)?,
             max_item_file_size: c.number(
                 "worker.max_item_file_size",
@@ -585,7 +589,8 @@ impl RawFile {
                     "every registered repository needs its folder".into(),
                 )
             })?;
-            let folder = root_value(&path).map_err(|problem| c.invalid(&key("path"), &path, problem))?;
+            let folder =
+                root_value(&path).map_err(|problem| c.invalid(&key("path"), &path, problem))?;
             if let Some(other) = folders.insert(folder.clone(), name.clone()) {
                 return Err(c.invalid(
                     &key("path"),

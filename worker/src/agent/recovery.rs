@@ -150,9 +150,7 @@ pub(crate) fn open_or_create_target(
     match parent.entry(name).map_err(safefs_error(what()))? {
         Entry::Missing => {}
         Entry::File => {
-            let file = parent
-                .open_file(name, true)
-                .map_err(safefs_error(what()))?;
+            let file = parent.open_file(name, true).map_err(safefs_error(what()))?;
             return Ok((file, true));
         }
         Entry::Dir => {
@@ -181,9 +179,7 @@ pub(crate) fn open_or_create_target(
         }
         // Another attempt created it between our look and now: continue on it, through no link.
         Err(e) if e.io_kind() == Some(std::io::ErrorKind::AlreadyExists) => {
-            let file = parent
-                .open_file(name, true)
-                .map_err(safefs_error(what()))?;
+            let file = parent.open_file(name, true).map_err(safefs_error(what()))?;
             Ok((file, true))
         }
         Err(e) => Err(safefs_error(what())(e)),

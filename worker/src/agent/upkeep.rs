@@ -202,8 +202,10 @@ pub(crate) fn import_seed(
     }
     let header = repo::restore::resolve(&seed, &lineage, None).map_err(repo_error(work.seed))?;
     progress.start_total(header.disk_size * 2);
-    let temp =
-        TempImage(repo.root.join(format!(".seed-{}-{}.raw", spec.vm, work.disk)));
+    let temp = TempImage(
+        repo.root
+            .join(format!(".seed-{}-{}.raw", spec.vm, work.disk)),
+    );
     let _ = std::fs::remove_file(&temp.0);
     let source_error = |source| Error::Source {
         disk: work.disk.to_string(),

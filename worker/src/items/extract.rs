@@ -359,11 +359,8 @@ impl<'p> Extractor<'p> {
                         depth + 1,
                     )?;
                 }
-                let dir_file = File::from(
-                    dir.as_fd()
-                        .try_clone_to_owned()
-                        .map_err(io_error(&dest))?,
-                );
+                let dir_file =
+                    File::from(dir.as_fd().try_clone_to_owned().map_err(io_error(&dest))?);
                 set_meta(&dir_file, node, true);
             }
             NodeKind::Symlink => {

@@ -123,7 +123,12 @@ fn qemu_img_create(path: &Path, format: ImageFormat, size: u64) -> Result<(), Er
 }
 
 /// `qemu-img create` on the absolute path `abs` (`path` for messages).
-fn qemu_img_create_at(abs: &Path, path: &Path, format: ImageFormat, size: u64) -> Result<(), Error> {
+fn qemu_img_create_at(
+    abs: &Path,
+    path: &Path,
+    format: ImageFormat,
+    size: u64,
+) -> Result<(), Error> {
     let mut cmd = Command::new("qemu-img");
     cmd.args(["create", "-q", "-f", format.qemu_name()]);
     match format {
