@@ -135,6 +135,8 @@ async fn a_backup_runs_through_the_worker_over_nats() {
             "lab",
             "--parallel",
             "2",
+            "--config",
+            s(&worker_config(root, &repo)),
         ])
         .env("CAIRN_LOG", "info")
         .stdout(Stdio::null())

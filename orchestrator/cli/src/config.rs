@@ -654,6 +654,92 @@ mod tests {
         assert_eq!(w.node.as_ref().map(NodeId::as_str), Some("kvm-01"));
         assert_eq!(w.vms_dir.as_deref(), Some(Path::new("/var/lib/cairn/vms")));
         assert_eq!(w.parallel, Some(3));
+        assert_eq!(
+            w.recovery_roots.as_deref(),
+            Some(&[PathBuf::from("/var/lib/cairn/recovered")][..])
+        );
+        assert_eq!(w.allow_block_devices, Some(false));
+        assert_eq!(w.max_item_depth, Some(128));
+        let repo = &config.repositories["default"];
+        assert_eq!(repo.path, Path::new("/srv/cairn/repo"));
+        assert_eq!(repo.encryption, Encryption::Required);
+    }
+
+    #[test]
+    fn repositories_and_roots_are_checked() {
+        let config = parse(
+            Path::new("c.toml"),
+            "[repositories.plain]\npath = \"/srv/plain\"\nencryption = \"none\"\n\
+             [repositories.secure]\npath = \"/srv/secure\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.repositories["plain"].encryption, Encryption::None);
+        assert_eq!(
+            config.repositories["secure"].encryption,
+            Encryption::Required
+        );
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "[repositories.a]\npath = \"relative\"",
+                "repositories.a.path = \"relative\"",
+                "not an absolute path",
+            ),
+            (
+                "[repositories.a]\nencryption = \"none\"",
+                "repositories.a.path",
+                "needs its folder",
+            ),
+            (
+                "[repositories.a]\npath = \"/r\"\nencryption = \"maybe\"",
+                "repositories.a.encryption = \"maybe\"",
+                "\"required\" or \"none\"",
+            ),
+            (
+                "[repositories.a]\npath = \"/r\"\n[repositories.b]\npath = \"/r\"",
+                "repositories.b.path",
+                "already registered as repository a",
+            ),
+            (
+                "[repositories.\"a b\"]\npath = \"/r\"",
+                "repositories.a b",
+                "a repository name has only",
+            ),
+            (
+                "[worker]\nrecovery_roots = [\"/srv/r\", \"srv\"]",
+                "worker.recovery_roots = \"srv\"",
+                "not an absolute path",
+            ),
+            (
+                "[worker]\nimage_roots = [\"/\"]",
+                "worker.image_roots",
+                "/ is not a root",
+            ),
+            (
+                "[worker]\nseed_roots = [\"/a/../b\"]",
+                "worker.seed_roots",
+                "contains `.` or `..`",
+            ),
+            (
+                "[worker]\nrecovery_roots = [\"/srv/r\"]\napp_owner_roots = [\"/srv/apps\"]",
+                "worker.app_owner_roots",
+                "not below one of worker.recovery_roots",
+            ),
+            (
+                "[worker]\nmax_item_depth = 0",
+                "worker.max_item_depth",
+                "between 1 and 4096",
+            ),
+        ];
+        for (text, key, problem) in cases {
+            let e = err(text);
+            assert!(
+                e.starts_with(&format!("/etc/cairn/cairn.toml: {key}")),
+                "{text:?} gave {e}"
+            );
+            assert!(e.contains(problem), "{text:?} gave {e}");
+        }
+        let e = err("[repositories.a]\npath = \"/r\"\nencrypt = \"none\"\n");
+        assert!(e.contains("unknown field `encrypt`"), "{e}");
     }
 
     #[test]
