@@ -388,7 +388,7 @@ impl NodeSettings {
     pub fn item_limits(&self, requested: Option<&Limits>) -> Limits {
         let node = &self.item_limits;
         match requested {
-            None => node.clone(),
+            None => *node,
             Some(asked) => Limits {
                 max_entries: asked.max_entries.min(node.max_entries),
                 max_total_bytes: asked.max_total_bytes.min(node.max_total_bytes),
