@@ -430,7 +430,8 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut NodeSettings)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut NodeSettings)>;
+        let cases: Vec<(Change, &str)> = vec![
             (
                 Box::new(|s| {
                     s.repositories.insert(
