@@ -676,20 +676,19 @@ fn targets_outside_the_nodes_roots_and_unregistered_repositories_are_refused() {
             "{done:#}"
         );
     }
-    // A group naming a repository the node does not register: its backups fail, naming it.
-    let (status, group) = post(
+    // A group naming a repository the node does not register is refused when it is made.
+    let (status, answer) = post(
         &server,
         "/v1/groups",
         json!({"name": "elsewhere", "vms": [vm], "sync": "1d", "repository": "offsite"}),
     );
-    assert_eq!(status, 201, "{group}");
-    let job = accepted_id(&server, &format!("/v1/vms/{vm}/backup"), json!({}));
-    let done = wait_job(&server, &job, "Failed", Duration::from_secs(120));
+    assert!((400..500).contains(&status), "{status} {answer}");
+    assert_eq!(answer["code"], "unknown_repository", "{answer}");
     assert!(
-        done["error"]
+        answer["message"]
             .as_str()
             .unwrap_or_default()
-            .contains("repository \"offsite\" is not registered on this node"),
-        "{done:#}"
+            .contains("registered: default"),
+        "{answer}"
     );
 }

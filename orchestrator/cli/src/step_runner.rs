@@ -164,3 +164,18 @@ pub async fn space_command(node: &NodeId, repository: &str, repo_dir: &Path) -> 
         free_bytes,
     })
 }
+
+/// The repositories the agent's node registers, by name, for the orchestrators (which refuse
+/// a policy naming a repository no node registers).
+pub fn repositories_command(node: &NodeId, agent: &Agent) -> Command {
+    Command::RegisterRepositories {
+        node: node.clone(),
+        names: agent
+            .config()
+            .settings
+            .repositories
+            .keys()
+            .cloned()
+            .collect(),
+    }
+}

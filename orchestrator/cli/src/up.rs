@@ -43,7 +43,8 @@ use clap::Args;
 use tokio::sync::{mpsc, watch};
 
 use crate::step_runner::{
-    CancelFlags, inventory_command, recovery_finished, run_step, space_command,
+    CancelFlags, inventory_command, recovery_finished, repositories_command, run_step,
+    space_command,
 };
 
 #[derive(Debug, Args)]
@@ -336,6 +337,13 @@ async fn serve(args: UpArgs) -> Result<i32> {
             };
             if let Err(e) = inventory_handle.submit_as("worker".into(), register).await {
                 tracing::error!(node = %node, error = %e, "could not register the node");
+            }
+            let repositories = repositories_command(node, &inventory_agents[*node]);
+            if let Err(e) = inventory_handle
+                .submit_as("worker".into(), repositories)
+                .await
+            {
+                tracing::error!(node = %node, error = %e, "could not register the node's repositories");
             }
         }
         // Probing a non-raw disk starts a qemu-nbd, so the inventory is not rescanned too often.

@@ -23,7 +23,8 @@ use clap::Args;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::step_runner::{
-    CancelFlags, inventory_command, recovery_finished, run_step, space_command, written_repository,
+    CancelFlags, inventory_command, recovery_finished, repositories_command, run_step,
+    space_command, written_repository,
 };
 
 /// Most steps one worker runs at once.
@@ -370,6 +371,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::RegisterNode { .. } => "RegisterNode",
         Command::ReportInventory { .. } => "ReportInventory",
         Command::ReportRepositorySpace { .. } => "ReportRepositorySpace",
+        Command::RegisterRepositories { .. } => "RegisterRepositories",
         _ => "command",
     }
 }
@@ -433,6 +435,7 @@ async fn node_reports(
             if registered {
                 tracing::info!(node = %bus.node(), "registered with the orchestrators");
                 registered_at_connect = connects;
+                send(&bus, repositories_command(bus.node(), &agent)).await;
                 report_inventory(&bus, &agent).await;
                 report_spaces(&bus, &agent.config().settings, &repositories).await;
                 every.reset();

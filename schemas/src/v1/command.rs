@@ -136,6 +136,13 @@ pub enum Command {
         /// Throttle, notifications, new name.
         options: RecoveryOptions,
     },
+    /// A worker reports the repositories its node registers, by name.
+    RegisterRepositories {
+        /// The node.
+        node: NodeId,
+        /// The registered names.
+        names: Vec<String>,
+    },
 }
 
 /// A command with its id and origin.

@@ -90,11 +90,12 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Node(NodeEvent::RepositorySpaceReported { .. }) => (31, "repository_space_reported"),
         Event::Job(JobEvent::RecoveryOptionsSet { .. }) => (32, "recovery_options_set"),
         Event::Job(JobEvent::NotificationSent { .. }) => (33, "notification_sent"),
+        Event::Node(NodeEvent::RepositoriesRegistered { .. }) => (34, "repositories_registered"),
     }
 }
 
 /// Number of event variants; bump it together with `event_variant`.
-pub const N_EVENT_VARIANTS: usize = 34;
+pub const N_EVENT_VARIANTS: usize = 35;
 
 /// Index and name of a step work variant (exhaustive, see `event_variant`).
 pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
@@ -171,11 +172,12 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::ImportSeed { .. } => (11, "import_seed"),
         Command::RequestVerify { .. } => (12, "request_verify"),
         Command::RequestRecovery { .. } => (13, "request_recovery"),
+        Command::RegisterRepositories { .. } => (14, "register_repositories"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 14;
+pub const N_COMMAND_VARIANTS: usize = 15;
 
 fn throttle() -> Throttle {
     Throttle {
@@ -771,6 +773,10 @@ fn events() -> Vec<Event> {
             detail: "250 Message accepted for delivery".into(),
         }
         .into(),
+        NodeEvent::RepositoriesRegistered {
+            names: vec!["default".into(), "offsite".into()],
+        }
+        .into(),
     ]
 }
 
@@ -861,6 +867,10 @@ fn commands() -> Vec<Command> {
             rp: rp(),
             target: RecoveryTarget::OriginalVm,
             options: recovery_options(),
+        },
+        Command::RegisterRepositories {
+            node: node(),
+            names: vec!["default".into(), "offsite".into()],
         },
     ]
 }
