@@ -382,7 +382,8 @@ pub struct UpServer {
 }
 
 impl UpServer {
-    /// Starts `cairn up --data-dir DATA --listen 127.0.0.1:0 EXTRA...` with extra environment.
+    /// Starts `cairn up --data-dir DATA --listen 127.0.0.1:0 EXTRA...` with extra environment,
+    /// with the folder that holds DATA (the test's) as a recovery, image and seed root.
     /// The data folder is made with the test's umask (usually 0755), as an administrator might
     /// have made it; `cairn up` makes it 0700.
     pub fn start(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> UpServer {
@@ -397,6 +398,16 @@ impl UpServer {
         let mut args: Vec<std::ffi::OsString> = vec!["up".into(), "--data-dir".into()];
         args.push(data.into());
         args.extend(["--listen", "127.0.0.1:0"].map(Into::into));
+        // The test's folder (where its images, seeds and recovery targets are) is registered
+        // as a recovery, seed and image root, besides the data folder's defaults.
+        let lab = data
+            .parent()
+            .map(|p| std::path::absolute(p).expect("absolute test folder"))
+            .expect("the data folder is inside the test's folder");
+        for flag in ["--recovery-root", "--image-root", "--seed-root"] {
+            args.push(flag.into());
+            args.push(lab.clone().into());
+        }
         args.extend(extra.iter().map(Into::into));
         let (mut child, rx) = spawn_cairn(args, log, env).expect("cairn up starts");
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -556,4 +567,30 @@ pub fn write_vm(vms_dir: &Path, name: &str, uuid: &str, disks: &[(&str, &Path)])
         serde_json::to_vec_pretty(&doc).expect("json"),
     )
     .expect("write descriptor");
+}
+
+/// Writes `dir/cairn-worker.toml` for a `cairn worker` of a test: `dir` as its recovery,
+/// image and seed root, and the plain repository `repo` registered as `default`. Returns the
+/// file, for `--config`.
+pub fn worker_config(dir: &Path, repo: &Path) -> PathBuf {
+    let dir = std::path::absolute(dir).expect("absolute test folder");
+    let repo = std::path::absolute(repo).expect("absolute repository folder");
+    let file = dir.join("cairn-worker.toml");
+    let root = toml_string(&dir);
+    std::fs::write(
+        &file,
+        format!(
+            "[worker]\nrecovery_roots = [{root}]\nimage_roots = [{root}]\nseed_roots = [{root}]\n\n\
+             [repositories.default]\npath = {}\nencryption = \"none\"\n",
+            toml_string(&repo)
+        ),
+    )
+    .expect("worker configuration");
+    file
+}
+
+/// A path as a TOML basic string.
+fn toml_string(path: &Path) -> String {
+    let text = path.to_str().expect("UTF-8 test path");
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }

@@ -165,6 +165,8 @@ impl Lab {
             &name,
             "--vms",
             s(&self_vms(self.dir.path(), node)),
+            "--config",
+            s(&worker_config(self.dir.path(), &self.repo)),
         ]
         .iter()
         .map(|a| a.to_string())

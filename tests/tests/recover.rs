@@ -656,3 +656,82 @@ fn kill_9_mid_recovery_then_restart_continues_where_it_stopped() {
     assert!(out.contains("cancel"), "{out}");
     wait_job(&server, &job, "Cancelled", Duration::from_secs(60));
 }
+
+#[test]
+fn targets_outside_the_nodes_roots_and_unregistered_repositories_are_refused() {
+    let lab = lab(Some(4));
+    let server = UpServer::start(&lab.data, &[], &[]);
+    let vm = find_vm(&server, "alpha")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rp = backup(&server, &vm);
+    // A folder outside the test's folder and the data folder: outside every recovery root.
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("dr");
+    for (route, body) in [
+        (
+            "recover",
+            json!({"rp": rp, "target": "folder", "path": target}),
+        ),
+        (
+            "recover",
+            json!({"rp": rp, "target": "host", "node": "local", "path": target}),
+        ),
+        (
+            "recover-items",
+            json!({"rp": rp, "disk": "disk0", "items": ["/disk"], "to": target}),
+        ),
+    ] {
+        let job = accepted_id(&server, &format!("/v1/vms/{vm}/{route}"), body.clone());
+        let done = wait_job(&server, &job, "Failed", Duration::from_secs(120));
+        let error = done["error"].as_str().unwrap_or_default().to_string();
+        assert!(
+            error.contains(&format!(
+                "outside the node's recovery roots: {}",
+                target.display()
+            )),
+            "{body}: {done:#}"
+        );
+    }
+    assert!(
+        std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "nothing was written outside the roots"
+    );
+    // A seed folder outside the seed roots.
+    let (status, answer) = post(
+        &server,
+        &format!("/v1/vms/{vm}/seed"),
+        json!({"seed": outside.path()}),
+    );
+    if status == 202 {
+        let done = wait_job(
+            &server,
+            answer["id"].as_str().unwrap(),
+            "Failed",
+            Duration::from_secs(120),
+        );
+        assert!(
+            done["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("outside the node's seed roots"),
+            "{done:#}"
+        );
+    }
+    // A group naming a repository the node does not register is refused when it is made.
+    let (status, answer) = post(
+        &server,
+        "/v1/groups",
+        json!({"name": "elsewhere", "vms": [vm], "sync": "1d", "repository": "offsite"}),
+    );
+    assert!((400..500).contains(&status), "{status} {answer}");
+    assert_eq!(answer["code"], "unknown_repository", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("registered: default"),
+        "{answer}"
+    );
+}

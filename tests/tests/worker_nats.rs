@@ -136,6 +136,8 @@ async fn a_backup_runs_through_the_worker_over_nats() {
             "lab",
             "--parallel",
             "2",
+            "--config",
+            s(&worker_config(root, &repo)),
         ])
         .env("CAIRN_LOG", "info")
         .stdout(Stdio::null())
@@ -147,9 +149,10 @@ async fn a_backup_runs_through_the_worker_over_nats() {
         log,
     };
 
-    // Registration first, then the inventory.
+    // Registration first, then the registered repositories, then the inventory.
     let mut inventory: Option<Vec<VmInventory>> = None;
     let mut registered = false;
+    let mut repositories = false;
     while inventory.is_none() {
         let request = tokio::time::timeout(Duration::from_secs(60), commands.next())
             .await
@@ -168,8 +171,15 @@ async fn a_backup_runs_through_the_worker_over_nats() {
                 assert!(!worker_version.is_empty());
                 registered = true;
             }
+            CairnCommand::RegisterRepositories { node, names } => {
+                assert!(registered, "repositories before registration");
+                assert_eq!(node.as_str(), "kvm-01.lab");
+                assert_eq!(names, ["default"]);
+                repositories = true;
+            }
             CairnCommand::ReportInventory { node, vms } => {
                 assert!(registered, "inventory before registration");
+                assert!(repositories, "inventory before the registered repositories");
                 assert_eq!(node.as_str(), "kvm-01.lab");
                 inventory = Some(vms);
             }

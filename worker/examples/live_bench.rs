@@ -100,6 +100,11 @@ fn main() -> anyhow::Result<()> {
         vms_dir: vms,
         key_file: None,
         threads: 0,
+        settings: cairn_worker::boundary::NodeSettings {
+            image_roots: vec![std::env::temp_dir()],
+            ..Default::default()
+        }
+        .with_repository("bench", &repo, cairn_worker::boundary::Encryption::None),
     })?;
     let inventory = agent.inventory();
     anyhow::ensure!(inventory.problems.is_empty(), "{:?}", inventory.problems);

@@ -7,11 +7,16 @@
 //! - [`nbd`]: our NBD client (newstyle, structured replies, block status).
 //! - [`repo`]: the repository format and its operations (backup, restore, verify, forget, gc).
 //! - [`perms`]: the modes of what cairn keeps at rest (files 0600, folders 0700).
+//! - [`boundary`]: the node's settings: registered repositories, recovery/seed/image roots,
+//!   item limits — what the control plane may ask this worker for.
+//! - [`safefs`]: writes below a root through directory descriptors (`openat2`).
 
 pub mod agent;
+pub mod boundary;
 pub mod items;
 pub mod nbd;
 pub mod perms;
 pub mod qmp;
 pub mod repo;
+pub mod safefs;
 pub mod source;

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use cairn_schemas::ids::{DiskId, JobId, NodeId, RecoveryPointId, StepId, VmId};
 use cairn_schemas::v1::{
-    Consistency, ConsistencyWanted, DiskSource, FailureClass, ImageFormat, PowerState, ReportBody,
-    StepResult, StepSpec, StepWork, VmInventory,
+    Consistency, ConsistencyWanted, DiskSource, FailureClass, ImageFormat, PowerState,
+    RecoveryTarget, ReportBody, StepResult, StepSpec, StepWork, VmInventory,
 };
 use cairn_worker::agent::descriptor::{self, Descriptor, DescriptorDisk};
 use cairn_worker::agent::{Agent, AgentConfig, FaultDelays};
+use cairn_worker::boundary::{Encryption, NodeSettings, RegisteredRepository};
 use cairn_worker::repo::{self, NoProgress, Repository};
 use cairn_worker::source;
 
@@ -93,6 +94,25 @@ fn disk_id(name: &str) -> DiskId {
     DiskId::new(name).unwrap()
 }
 
+/// The settings of a test node in `dir`: repository `default` at `dir/repo` (plain), and
+/// `dir` as its recovery, image and seed root.
+fn node_settings(dir: &Path) -> NodeSettings {
+    let mut settings = NodeSettings {
+        recovery_roots: vec![dir.to_path_buf()],
+        image_roots: vec![dir.to_path_buf()],
+        seed_roots: vec![dir.to_path_buf()],
+        ..NodeSettings::default()
+    };
+    settings.repositories.insert(
+        "default".into(),
+        RegisteredRepository {
+            path: dir.join("repo"),
+            encryption: Encryption::None,
+        },
+    );
+    settings
+}
+
 /// A node: its descriptor folder, a repository and an agent.
 struct Node {
     dir: tempfile::TempDir,
@@ -102,6 +122,11 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
+        Node::with_settings(node_settings)
+    }
+
+    /// A node whose settings `settings` makes from its folder.
+    fn with_settings(settings: impl FnOnce(&Path) -> NodeSettings) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let repo_dir = dir.path().join("repo");
         Repository::init(&repo_dir, 65536, None).unwrap();
@@ -110,6 +135,7 @@ impl Node {
             vms_dir: dir.path().join("vms"),
             key_file: None,
             threads: 2,
+            settings: settings(dir.path()),
         })
         .unwrap()
         .with_fault_delays(FaultDelays::default())
@@ -125,8 +151,9 @@ impl Node {
         self.dir.path().join(name)
     }
 
+    /// The repository's registered name.
     fn repository(&self) -> String {
-        self.path("repo").to_str().unwrap().to_owned()
+        "default".into()
     }
 
     fn repo(&self) -> Repository {
@@ -810,16 +837,23 @@ fn steps_that_must_not_run_fail_permanently_with_a_reason() {
         *handle = snapshot.clone();
         *repository = "s3://bucket/repo".into();
     }
-    check(transfer.clone(), "is not supported by this worker");
+    check(
+        transfer.clone(),
+        "repository \"s3://bucket/repo\" is not registered on this node (registered: default)",
+    );
     if let StepWork::Transfer { repository, .. } = &mut transfer.work {
         *repository = node.path("no-repo-here").to_str().unwrap().into();
     }
-    check(transfer.clone(), "no such folder");
-    std::fs::create_dir(node.path("not-a-repo")).unwrap();
+    check(transfer.clone(), "is not registered on this node");
+    // The registered repository's folder names it too (groups made before names).
     if let StepWork::Transfer { repository, .. } = &mut transfer.work {
-        *repository = node.path("not-a-repo").to_str().unwrap().into();
+        *repository = node.path("repo").to_str().unwrap().into();
     }
+    let config = node.path("repo/cairn-repo.json");
+    let aside = node.path("cairn-repo.json.aside");
+    std::fs::rename(&config, &aside).unwrap();
     check(transfer, "not a cairn repository");
+    std::fs::rename(&aside, &config).unwrap();
 
     check(
         node.restore_spec(vm.vm, "disk0", rp, &node.path("r/x.raw"), ImageFormat::Raw),
@@ -1090,4 +1124,340 @@ fn written_descriptors_are_read_back_and_uuids_stay_unique() {
     };
     assert!(descriptor::write_descriptor(&vms, &bad).is_err());
     assert_eq!(descriptor::scan(&vms).vms.len(), 1);
+}
+
+/// A node whose recovery root is `r/`, seed root `seeds/`, image roots `images/` and `vms/`.
+fn bounded_node() -> Node {
+    Node::with_settings(|dir| {
+        NodeSettings {
+            recovery_roots: vec![dir.join("r")],
+            seed_roots: vec![dir.join("seeds")],
+            image_roots: vec![dir.join("images")],
+            ..NodeSettings::default()
+        }
+        .with_repository("default", dir.join("repo"), Encryption::None)
+    })
+}
+
+/// Every file and folder below `dir`, as relative paths.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            out.push(path.strip_prefix(dir).unwrap().to_path_buf());
+            if path.symlink_metadata().unwrap().is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn targets_outside_the_recovery_roots_are_refused_and_nothing_is_written() {
+    let node = bounded_node();
+    std::fs::create_dir_all(node.path("r")).unwrap();
+    let vm = two_disk_vm(&node);
+    let rp = rp_id(1);
+    backup_job(&node, &vm, rp);
+    let outside = tempfile::tempdir().unwrap();
+    let before = tree(outside.path());
+    let elsewhere = outside.path().join("dr");
+    let image = |name: &str| format!("{}/{name}", elsewhere.display());
+    let disks = |folder: &str| -> Vec<DiskSource> {
+        vm.disks
+            .iter()
+            .map(|d| DiskSource {
+                disk: d.disk.clone(),
+                image_path: format!("{folder}/web01-{}.raw", d.disk),
+                format: ImageFormat::Raw,
+                size_bytes: d.size_bytes,
+            })
+            .collect()
+    };
+    let outside_folder = elsewhere.display().to_string();
+    let refusals = [
+        // A restore of one disk.
+        node.restore_spec(
+            vm.vm,
+            "disk0",
+            rp,
+            Path::new(&image("x.raw")),
+            ImageFormat::Raw,
+        ),
+        // A new VM on this node (alternate host).
+        node.spec(
+            vm.vm,
+            StepWork::PrepareRecovery {
+                target: RecoveryTarget::AlternateHost {
+                    node: NodeId::new(NODE).unwrap(),
+                    path: outside_folder.clone(),
+                    format: ImageFormat::Raw,
+                },
+                vm_name: "web01-recovered".into(),
+                disks: disks(&outside_folder),
+            },
+        ),
+        // A copy to a folder.
+        node.spec(
+            vm.vm,
+            StepWork::PrepareRecovery {
+                target: RecoveryTarget::CopyToFolder {
+                    node: NodeId::new(NODE).unwrap(),
+                    path: outside_folder.clone(),
+                },
+                vm_name: "web01".into(),
+                disks: disks(&outside_folder),
+            },
+        ),
+        // Item extraction.
+        node.spec(
+            vm.vm,
+            StepWork::ExtractItems {
+                disk: disk_id("disk0"),
+                repository: node.repository(),
+                rp,
+                items: vec!["/disk".into()],
+                target_path: outside_folder.clone(),
+            },
+        ),
+        // `..` out of a root is outside it too.
+        node.restore_spec(
+            vm.vm,
+            "disk0",
+            rp,
+            &node.path("r/../escaped.raw"),
+            ImageFormat::Raw,
+        ),
+    ];
+    for spec in refusals {
+        let (class, message) = node.fail(&spec);
+        assert_eq!(class, FailureClass::Permanent, "{message}");
+        assert!(
+            message.contains("outside the node's recovery roots")
+                || message.contains("contains `.` or `..`"),
+            "{:?}: {message}",
+            spec.kind()
+        );
+    }
+    assert_eq!(
+        tree(outside.path()),
+        before,
+        "nothing was written outside the roots"
+    );
+    assert!(!node.path("escaped.raw").exists());
+    assert_eq!(tree(&node.path("r")), Vec::<PathBuf>::new());
+
+    // A seed folder outside the seed roots is refused before anything is read.
+    let seed = node.spec(
+        vm.vm,
+        StepWork::ImportSeed {
+            disk: disk_id("disk0"),
+            seed: node.path("r").display().to_string(),
+            repository: node.repository(),
+            rp: rp_id(2),
+        },
+    );
+    let (class, message) = node.fail(&seed);
+    assert_eq!(class, FailureClass::Permanent);
+    assert!(
+        message.contains(&format!(
+            "outside the node's seed roots: {}",
+            node.path("r").display()
+        )),
+        "{message}"
+    );
+
+    // Inside the root the same restore works, creating the folders it needs.
+    let inside = node.path("r/dr/deep/web01-disk0.raw");
+    node.succeed(&node.restore_spec(vm.vm, "disk0", rp, &inside, ImageFormat::Raw));
+    assert_eq!(
+        std::fs::read(&inside).unwrap(),
+        std::fs::read(node.path("images/web01-disk0.raw")).unwrap()
+    );
+    // A VM name that would become more than one path part is refused.
+    let (_, message) = node.fail(&node.restore_spec(
+        vm.vm,
+        "disk0",
+        rp,
+        &node.path("r/dr/bad name.raw"),
+        ImageFormat::Raw,
+    ));
+    assert!(message.contains("file name must be made of"), "{message}");
+}
+
+#[test]
+fn a_symlink_at_a_restore_target_does_not_redirect_the_write() {
+    let node = bounded_node();
+    let vm = two_disk_vm(&node);
+    let rp = rp_id(1);
+    backup_job(&node, &vm, rp);
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim.raw");
+    make_raw(&victim, 8 * MIB, &[(0, 4096)], 9);
+    let victim_bytes = std::fs::read(&victim).unwrap();
+    // A link as the target file, and a link as a folder on the way to it.
+    std::fs::create_dir_all(node.path("r/dr")).unwrap();
+    std::os::unix::fs::symlink(&victim, node.path("r/dr/web01-disk0.raw")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), node.path("r/linked")).unwrap();
+    for (target, format) in [
+        (node.path("r/dr/web01-disk0.raw"), ImageFormat::Raw),
+        (node.path("r/dr/web01-disk0.raw"), ImageFormat::Qcow2),
+        (node.path("r/linked/victim.raw"), ImageFormat::Raw),
+        (node.path("r/linked/new.raw"), ImageFormat::Raw),
+    ] {
+        let (class, message) = node.fail(&node.restore_spec(vm.vm, "disk0", rp, &target, format));
+        assert_eq!(class, FailureClass::Permanent, "{message}");
+        assert!(
+            message.contains("symbolic link") || message.contains("Too many levels"),
+            "{}: {message}",
+            target.display()
+        );
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), victim_bytes);
+    assert!(!outside.path().join("new.raw").exists());
+}
+
+#[test]
+fn a_descriptor_disk_outside_the_image_roots_is_left_out_with_its_reason() {
+    let node = bounded_node();
+    let inside = node.path("images/in.raw");
+    std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+    make_raw(&inside, MIB, &[], 0);
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.raw");
+    make_raw(&secret, MIB, &[(0, 4096)], 3);
+    let link = node.path("images/link.raw");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    for (name, uuid, path) in [
+        ("good", "0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d10", &inside),
+        ("outside", "0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d11", &secret),
+        ("linked", "0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d12", &link),
+    ] {
+        let descriptor = Descriptor {
+            name: name.into(),
+            uuid: uuid::Uuid::parse_str(uuid).unwrap(),
+            disks: vec![DescriptorDisk {
+                id: disk_id("disk0"),
+                path: path.clone(),
+                format: Some(ImageFormat::Raw),
+                node: None,
+            }],
+            power: PowerState::Stopped,
+            qemu: None,
+        };
+        descriptor::write_descriptor(&node.path("vms"), &descriptor).unwrap();
+    }
+    let inventory = node.agent.inventory();
+    let names: Vec<_> = inventory.vms.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["good"]);
+    assert_eq!(inventory.problems.len(), 2, "{:?}", inventory.problems);
+    for problem in &inventory.problems {
+        assert!(
+            problem.message.contains("left out of the inventory")
+                && problem.message.contains("outside the node's image roots"),
+            "{problem:?}"
+        );
+    }
+    // A step naming that VM is refused too: its disk is never read.
+    let outside_vm = descriptor::vm_id_for_uuid(
+        uuid::Uuid::parse_str("0190b2a4-6f0e-7c3a-9d1e-5b8f4a2c1d11").unwrap(),
+    );
+    let (_, message) = node.fail(&node.spec(
+        outside_vm,
+        StepWork::Snapshot {
+            vm_name: "outside".into(),
+            disks: vec![DiskSource {
+                disk: disk_id("disk0"),
+                image_path: secret.display().to_string(),
+                format: ImageFormat::Raw,
+                size_bytes: MIB,
+            }],
+            consistency: ConsistencyWanted::CrashOnly,
+        },
+    ));
+    assert!(
+        message.contains("outside the node's image roots"),
+        "{message}"
+    );
+}
+
+#[test]
+fn registered_repositories_are_initialised_or_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("repo.key");
+    std::fs::write(&key, "00".repeat(32)).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = |settings: NodeSettings, key_file: Option<PathBuf>| AgentConfig {
+        node: NodeId::new(NODE).unwrap(),
+        vms_dir: dir.path().join("vms"),
+        key_file,
+        threads: 1,
+        settings,
+    };
+    // Missing: made at start, encrypted when required.
+    let settings = NodeSettings::default()
+        .with_repository("secure", dir.path().join("secure"), Encryption::Required)
+        .with_repository("plain", dir.path().join("plain"), Encryption::None);
+    Agent::new(config(settings.clone(), Some(key.clone()))).unwrap();
+    assert!(
+        repo::config::load(&dir.path().join("secure"))
+            .unwrap()
+            .encryption
+            .is_some()
+    );
+    assert!(
+        repo::config::load(&dir.path().join("plain"))
+            .unwrap()
+            .encryption
+            .is_none()
+    );
+    // Required without a key: refused, naming it, and nothing made.
+    let err = Agent::new(config(
+        NodeSettings::default().with_repository(
+            "nokey",
+            dir.path().join("nokey"),
+            Encryption::Required,
+        ),
+        None,
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("repository nokey") && err.contains("no key file"),
+        "{err}"
+    );
+    assert!(!dir.path().join("nokey").exists());
+    // Registered `required` but plain: refused at start, naming it.
+    let err = Agent::new(config(
+        NodeSettings::default().with_repository(
+            "plain",
+            dir.path().join("plain"),
+            Encryption::Required,
+        ),
+        Some(key.clone()),
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("repository plain") && err.contains("config says it is not encrypted"),
+        "{err}"
+    );
+    // Bad settings are refused with the setting named.
+    let err = Agent::new(config(
+        NodeSettings {
+            recovery_roots: vec!["relative".into()],
+            ..NodeSettings::default()
+        },
+        None,
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("recovery_roots"), "{err}");
 }

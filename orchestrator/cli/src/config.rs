@@ -1,6 +1,7 @@
 //! `cairn.toml`: the configuration file of the distributed processes (`cairn orchestrator`,
-//! `cairn worker`). This module owns the file's format (sections `[nats]`, `[orchestrator]`
-//! and `[worker]`), reads it, and validates every value, naming the file, the key and what is
+//! `cairn worker`). This module owns the file's format (sections `[nats]`, `[orchestrator]`,
+//! `[worker]` with the node's boundary — roots, limits, block devices — and the node's
+//! registered repositories `[repositories.NAME]`), reads it, and validates every value, naming the file, the key and what is
 //! wrong. It does not connect to anything, open the files the configuration names (a worker's
 //! key file need not exist on an orchestrator host) or read the environment.
 //!
@@ -17,6 +18,7 @@
 //! ignored, so a misspelt setting never silently falls back to its default. Secrets (NATS
 //! credentials, TLS keys, the repository key) are given as paths to files, never inline.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,7 @@ use cairn_orchestrator::api::host::ApiHost;
 use cairn_orchestrator::notify::address::{AllowEntry, AllowList};
 use cairn_orchestrator::policy::tz::TimeZone;
 use cairn_schemas::NodeId;
+use cairn_worker::boundary::Encryption;
 use serde::Deserialize;
 
 /// Partition counts a cluster may be created with.
@@ -64,7 +67,7 @@ pub enum Error {
         /// The file.
         path: PathBuf,
         /// `section.key`, e.g. `nats.url`.
-        key: &'static str,
+        key: String,
         /// The value as written (quoted when it is a string).
         value: String,
         /// What is wrong with it and what is accepted.
@@ -81,6 +84,17 @@ pub struct CairnConfig {
     pub orchestrator: OrchestratorConfig,
     /// `[worker]`: `cairn worker`.
     pub worker: WorkerConfig,
+    /// `[repositories.NAME]`: the repositories this node's worker registers, by name.
+    pub repositories: BTreeMap<String, RepositoryConfig>,
+}
+
+/// `[repositories.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepositoryConfig {
+    /// Its folder (absolute).
+    pub path: PathBuf,
+    /// Whether it must be encrypted (`encryption = "required" | "none"`, default required).
+    pub encryption: Encryption,
 }
 
 /// `[nats]`.
@@ -152,6 +166,24 @@ pub struct WorkerConfig {
     pub key_file: Option<PathBuf>,
     /// Steps this worker runs at once.
     pub parallel: Option<u32>,
+    /// Folders recoveries may write below.
+    pub recovery_roots: Option<Vec<PathBuf>>,
+    /// Recovery roots where app-owners' recoveries may write.
+    pub app_owner_roots: Option<Vec<PathBuf>>,
+    /// Folders seed imports may read from.
+    pub seed_roots: Option<Vec<PathBuf>>,
+    /// Folders VM descriptors' disks may lie in.
+    pub image_roots: Option<Vec<PathBuf>>,
+    /// Whether descriptor disks may be block devices.
+    pub allow_block_devices: Option<bool>,
+    /// Most entries one item extraction writes.
+    pub max_item_entries: Option<u64>,
+    /// Most bytes one item extraction writes.
+    pub max_item_bytes: Option<u64>,
+    /// Largest file one item extraction writes.
+    pub max_item_file_size: Option<u64>,
+    /// Deepest folder nesting one item extraction writes.
+    pub max_item_depth: Option<u32>,
 }
 
 /// The value of a setting: the flag (already filled from its environment variable by clap)
@@ -209,6 +241,15 @@ struct RawFile {
     orchestrator: RawOrchestrator,
     #[serde(default)]
     worker: RawWorker,
+    #[serde(default)]
+    repositories: BTreeMap<String, RawRepository>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepository {
+    path: Option<String>,
+    encryption: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,7 +293,19 @@ struct RawWorker {
     vms_dir: Option<String>,
     key_file: Option<String>,
     parallel: Option<i64>,
+    recovery_roots: Option<Vec<String>>,
+    app_owner_roots: Option<Vec<String>>,
+    seed_roots: Option<Vec<String>>,
+    image_roots: Option<Vec<String>>,
+    allow_block_devices: Option<bool>,
+    max_item_entries: Option<i64>,
+    max_item_bytes: Option<i64>,
+    max_item_file_size: Option<i64>,
+    max_item_depth: Option<i64>,
 }
+
+/// Most roots of one kind.
+pub const MAX_ROOTS: usize = 64;
 
 /// Builds [`Error::Invalid`] for one key of one file.
 struct Checker<'a> {
@@ -260,10 +313,10 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn invalid(&self, key: &'static str, value: &dyn fmt::Debug, problem: String) -> Error {
+    fn invalid(&self, key: &str, value: &dyn fmt::Debug, problem: String) -> Error {
         Error::Invalid {
             path: self.path.to_owned(),
-            key,
+            key: key.to_owned(),
             value: format!("{value:?}"),
             problem,
         }
@@ -297,6 +350,25 @@ impl Checker<'_> {
         .transpose()
     }
 
+    /// Applies [`root_value`] to each folder of a list, when it is set.
+    fn roots(
+        &self,
+        key: &'static str,
+        raw: Option<Vec<String>>,
+    ) -> Result<Option<Vec<PathBuf>>, Error> {
+        let Some(values) = raw else {
+            return Ok(None);
+        };
+        if values.len() > MAX_ROOTS {
+            return Err(self.invalid(key, &values.len(), format!("at most {MAX_ROOTS} folders")));
+        }
+        values
+            .iter()
+            .map(|value| root_value(value).map_err(|problem| self.invalid(key, value, problem)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
     /// Checks that a number, when set, lies in `range`.
     fn number<T>(
         &self,
@@ -322,6 +394,24 @@ fn path_value(value: &str) -> Result<PathBuf, String> {
         return Err("a path must not contain NUL".into());
     }
     Ok(PathBuf::from(value))
+}
+
+/// A root folder: an absolute path of plain names, not `/`.
+fn root_value(value: &str) -> Result<PathBuf, String> {
+    let path = path_value(value)?;
+    cairn_worker::boundary::check_plain_absolute(&path).map_err(|e| e.to_string())?;
+    if path == Path::new("/") {
+        return Err("/ is not a root: name the folders cairn may use".into());
+    }
+    Ok(path)
+}
+
+fn encryption_value(value: &str) -> Result<Encryption, String> {
+    match value {
+        "required" => Ok(Encryption::Required),
+        "none" => Ok(Encryption::None),
+        _ => Err("must be \"required\" or \"none\"".into()),
+    }
 }
 
 fn name_value(value: &str) -> Result<NodeId, String> {
@@ -531,11 +621,77 @@ impl RawFile {
             vms_dir: c.text("worker.vms_dir", w.vms_dir, path_value)?,
             key_file: c.text("worker.key_file", w.key_file, path_value)?,
             parallel: c.number("worker.parallel", w.parallel, PER_NODE)?,
+            recovery_roots: c.roots("worker.recovery_roots", w.recovery_roots)?,
+            app_owner_roots: c.roots("worker.app_owner_roots", w.app_owner_roots)?,
+            seed_roots: c.roots("worker.seed_roots", w.seed_roots)?,
+            image_roots: c.roots("worker.image_roots", w.image_roots)?,
+            allow_block_devices: w.allow_block_devices,
+            max_item_entries: c.number(
+                "worker.max_item_entries",
+                w.max_item_entries,
+                1..=u64::MAX,
+            )?,
+            max_item_bytes: c.number("worker.max_item_bytes", w.max_item_bytes, 1..=u64::MAX)?,
+            max_item_file_size: c.number(
+                "worker.max_item_file_size",
+                w.max_item_file_size,
+                1..=u64::MAX,
+            )?,
+            max_item_depth: c.number("worker.max_item_depth", w.max_item_depth, 1..=4096)?,
         };
+        if let (Some(owner_roots), Some(recovery_roots)) =
+            (&worker.app_owner_roots, &worker.recovery_roots)
+        {
+            for root in owner_roots {
+                if !recovery_roots.iter().any(|r| root.starts_with(r)) {
+                    return Err(c.invalid(
+                        "worker.app_owner_roots",
+                        root,
+                        "is not below one of worker.recovery_roots".into(),
+                    ));
+                }
+            }
+        }
+        let mut repositories = BTreeMap::new();
+        let mut folders: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for (name, raw) in self.repositories {
+            let key = |field: &str| format!("repositories.{name}.{field}");
+            cairn_worker::boundary::check_repository_name(&name)
+                .map_err(|problem| c.invalid(&format!("repositories.{name}"), &name, problem))?;
+            let path = raw.path.ok_or_else(|| {
+                c.invalid(
+                    &key("path"),
+                    &"(missing)",
+                    "every registered repository needs its folder".into(),
+                )
+            })?;
+            let folder =
+                root_value(&path).map_err(|problem| c.invalid(&key("path"), &path, problem))?;
+            if let Some(other) = folders.insert(folder.clone(), name.clone()) {
+                return Err(c.invalid(
+                    &key("path"),
+                    &path,
+                    format!("is already registered as repository {other}"),
+                ));
+            }
+            let encryption = match raw.encryption {
+                None => Encryption::Required,
+                Some(value) => encryption_value(&value)
+                    .map_err(|problem| c.invalid(&key("encryption"), &value, problem))?,
+            };
+            repositories.insert(
+                name,
+                RepositoryConfig {
+                    path: folder,
+                    encryption,
+                },
+            );
+        }
         Ok(CairnConfig {
             nats,
             orchestrator,
             worker,
+            repositories,
         })
     }
 }
@@ -578,6 +734,92 @@ mod tests {
         assert_eq!(w.node.as_ref().map(NodeId::as_str), Some("kvm-01"));
         assert_eq!(w.vms_dir.as_deref(), Some(Path::new("/var/lib/cairn/vms")));
         assert_eq!(w.parallel, Some(3));
+        assert_eq!(
+            w.recovery_roots.as_deref(),
+            Some(&[PathBuf::from("/var/lib/cairn/recovered")][..])
+        );
+        assert_eq!(w.allow_block_devices, Some(false));
+        assert_eq!(w.max_item_depth, Some(128));
+        let repo = &config.repositories["default"];
+        assert_eq!(repo.path, Path::new("/srv/cairn/repo"));
+        assert_eq!(repo.encryption, Encryption::Required);
+    }
+
+    #[test]
+    fn repositories_and_roots_are_checked() {
+        let config = parse(
+            Path::new("c.toml"),
+            "[repositories.plain]\npath = \"/srv/plain\"\nencryption = \"none\"\n\
+             [repositories.secure]\npath = \"/srv/secure\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.repositories["plain"].encryption, Encryption::None);
+        assert_eq!(
+            config.repositories["secure"].encryption,
+            Encryption::Required
+        );
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "[repositories.a]\npath = \"relative\"",
+                "repositories.a.path = \"relative\"",
+                "not an absolute path",
+            ),
+            (
+                "[repositories.a]\nencryption = \"none\"",
+                "repositories.a.path",
+                "needs its folder",
+            ),
+            (
+                "[repositories.a]\npath = \"/r\"\nencryption = \"maybe\"",
+                "repositories.a.encryption = \"maybe\"",
+                "\"required\" or \"none\"",
+            ),
+            (
+                "[repositories.a]\npath = \"/r\"\n[repositories.b]\npath = \"/r\"",
+                "repositories.b.path",
+                "already registered as repository a",
+            ),
+            (
+                "[repositories.\"a b\"]\npath = \"/r\"",
+                "repositories.a b",
+                "a repository name has only",
+            ),
+            (
+                "[worker]\nrecovery_roots = [\"/srv/r\", \"srv\"]",
+                "worker.recovery_roots = \"srv\"",
+                "not an absolute path",
+            ),
+            (
+                "[worker]\nimage_roots = [\"/\"]",
+                "worker.image_roots",
+                "/ is not a root",
+            ),
+            (
+                "[worker]\nseed_roots = [\"/a/../b\"]",
+                "worker.seed_roots",
+                "contains `.` or `..`",
+            ),
+            (
+                "[worker]\nrecovery_roots = [\"/srv/r\"]\napp_owner_roots = [\"/srv/apps\"]",
+                "worker.app_owner_roots",
+                "not below one of worker.recovery_roots",
+            ),
+            (
+                "[worker]\nmax_item_depth = 0",
+                "worker.max_item_depth",
+                "between 1 and 4096",
+            ),
+        ];
+        for (text, key, problem) in cases {
+            let e = err(text);
+            assert!(
+                e.starts_with(&format!("/etc/cairn/cairn.toml: {key}")),
+                "{text:?} gave {e}"
+            );
+            assert!(e.contains(problem), "{text:?} gave {e}");
+        }
+        let e = err("[repositories.a]\npath = \"/r\"\nencrypt = \"none\"\n");
+        assert!(e.contains("unknown field `encrypt`"), "{e}");
     }
 
     #[test]

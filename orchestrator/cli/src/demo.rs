@@ -100,7 +100,7 @@ pub async fn run(
     };
     let exists = handle.read(|s| s.groups.values().any(|g| !g.deleted && g.name == GROUP));
     if !exists {
-        let mut policy = GroupPolicy::with_defaults(data.join("repo").display().to_string());
+        let mut policy = GroupPolicy::with_defaults(crate::up::REPOSITORY_NAME.to_string());
         policy.retention_days = 7;
         policy.sync = SyncFrequency::EveryMinutes(15);
         let group = cairn_orchestrator::control::Control::new_group_id(handle);
@@ -164,7 +164,10 @@ pub async fn run(
     println!("  cairn jobs --server {server}");
     println!("  cairn rp list web01 --server {server}");
     println!("  cairn backup db01 --wait --server {server}          # an incremental backup");
-    println!("  cairn restore web01 --rp <RP> --to /tmp/restored --wait --server {server}");
+    println!(
+        "  cairn restore web01 --rp <RP> --to {} --wait --server {server}",
+        data.join("recovered").join("web01").display()
+    );
     println!("  cairn events tail --server {server}");
     Ok(())
 }

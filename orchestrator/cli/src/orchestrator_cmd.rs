@@ -58,8 +58,8 @@ pub struct OrchestratorArgs {
     /// JetStream replicas of cairn's streams and buckets (1, or 3 in a NATS cluster).
     #[arg(long)]
     pub replicas: Option<usize>,
-    /// The repository jobs write to when a group's policy names none (a path the workers
-    /// reach).
+    /// The repository jobs write to when a group's policy names none: a name the workers
+    /// register (`[repositories.NAME]`), or the folder of one.
     #[arg(long, env = "CAIRN_REPOSITORY")]
     pub repository: Option<String>,
     /// Time zone of protection groups' schedules.
@@ -241,7 +241,7 @@ fn settings(args: OrchestratorArgs) -> Result<Settings> {
         repository: pick(
             args.repository,
             orch.repository.map(|p| p.display().to_string()),
-            "/var/lib/cairn/repo".into(),
+            "default".into(),
         ),
         timezone,
         backups_per_node: pick(

@@ -148,7 +148,8 @@ pub async fn inventory_command(agent: &Arc<Agent>, node: &NodeId) -> Option<Comm
 
 /// Measures the filesystem of the repository at `repo_dir` for a `ReportRepositorySpace`
 /// command; a repository that cannot be measured here is logged and skipped.
-pub async fn space_command(node: &NodeId, repo_dir: &Path) -> Option<Command> {
+/// `repository` is the name it is reported under (the name steps use), `repo_dir` its folder.
+pub async fn space_command(node: &NodeId, repository: &str, repo_dir: &Path) -> Option<Command> {
     let dir = repo_dir.to_path_buf();
     let measured =
         tokio::task::spawn_blocking(move || cairn_worker::repo::maintenance::space(&dir)).await;
@@ -158,8 +159,23 @@ pub async fn space_command(node: &NodeId, repo_dir: &Path) -> Option<Command> {
     };
     Some(Command::ReportRepositorySpace {
         node: node.clone(),
-        repository: repo_dir.display().to_string(),
+        repository: repository.to_owned(),
         total_bytes,
         free_bytes,
     })
+}
+
+/// The repositories the agent's node registers, by name, for the orchestrators (which refuse
+/// a policy naming a repository no node registers).
+pub fn repositories_command(node: &NodeId, agent: &Agent) -> Command {
+    Command::RegisterRepositories {
+        node: node.clone(),
+        names: agent
+            .config()
+            .settings
+            .repositories
+            .keys()
+            .cloned()
+            .collect(),
+    }
 }

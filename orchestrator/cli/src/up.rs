@@ -4,8 +4,14 @@
 //!
 //! Data folder layout: `events/` (sled event log), `snapshot.bin` (projection snapshot),
 //! `repo/` (repository), `repo.key` (its generated key, when `cairn up` made it encrypted),
-//! `vms/` (this node's VM descriptors), `images/` (demo disks), `nodes/NAME/vms/`
-//! (descriptors of the `--extra-node`s).
+//! `vms/` (this node's VM descriptors), `images/` (demo disks), `recovered/` (the default
+//! recovery root), `seeds/` (the default seed root), `nodes/NAME/vms/` (descriptors of the
+//! `--extra-node`s).
+//!
+//! The repository is registered as `default` (groups name it so); recoveries write only below
+//! `DATA/recovered` and the `--recovery-root`s, seeds are read only from `DATA/seeds` and the
+//! `--seed-root`s, and descriptors' disks must lie in `DATA/vms`, `DATA/images` or an
+//! `--image-root` (see `cairn_worker::boundary`).
 //!
 //! Everything in the data folder is private to the user running cairn: the folder is 0700,
 //! and the process's umask gains `077` before anything is created, so files made without an
@@ -31,13 +37,15 @@ use cairn_orchestrator::notify::{Notifier, NotifyConfig};
 use cairn_orchestrator::policy::tz::TimeZone;
 use cairn_schemas::{BrowseEntry, BrowseRequest, Command, JobId, NodeId, StepSpec};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
+use cairn_worker::boundary::{Encryption, NodeSettings};
 use cairn_worker::perms::{self, PrivateDir};
 use cairn_worker::repo::Repository;
 use clap::Args;
 use tokio::sync::{mpsc, watch};
 
 use crate::step_runner::{
-    CancelFlags, inventory_command, recovery_finished, run_step, space_command,
+    CancelFlags, inventory_command, recovery_finished, repositories_command, run_step,
+    space_command,
 };
 
 #[derive(Debug, Args)]
@@ -93,6 +101,51 @@ pub struct UpArgs {
     /// Extra CA certificates (PEM) trusted for webhooks' servers, besides the system's.
     #[arg(long, env = "CAIRN_WEBHOOK_CA_FILE", value_name = "PEM")]
     pub webhook_ca_file: Option<PathBuf>,
+    /// Another folder recoveries may write below, besides `DATA/recovered` (repeat).
+    #[arg(long = "recovery-root", value_name = "DIR")]
+    pub recovery_roots: Vec<PathBuf>,
+    /// Another folder seed imports may read from, besides `DATA/seeds` (repeat).
+    #[arg(long = "seed-root", value_name = "DIR")]
+    pub seed_roots: Vec<PathBuf>,
+    /// Another folder VM descriptors' disks may lie in, besides `DATA/vms` and `DATA/images`
+    /// (repeat).
+    #[arg(long = "image-root", value_name = "DIR")]
+    pub image_roots: Vec<PathBuf>,
+}
+
+/// The name `cairn up` registers its repository (`DATA/repo`) under.
+pub const REPOSITORY_NAME: &str = "default";
+
+/// The boundary of `cairn up`'s nodes: repository `default` at `DATA/repo` (encryption
+/// required unless it is plain), recovery roots `DATA/recovered` and `--recovery-root`s, seed
+/// roots `DATA/seeds` and `--seed-root`s, image roots `DATA/vms`, `DATA/images` and
+/// `--image-root`s. `data` is the canonical data folder.
+fn node_settings(args: &UpArgs, data: &Path, encrypted: bool) -> Result<NodeSettings> {
+    let absolute = |flag: &str, dirs: &[PathBuf]| -> Result<Vec<PathBuf>> {
+        dirs.iter()
+            .map(|d| std::path::absolute(d).with_context(|| format!("{flag} {}", d.display())))
+            .collect()
+    };
+    let mut recovery_roots = vec![data.join("recovered")];
+    recovery_roots.extend(absolute("--recovery-root", &args.recovery_roots)?);
+    let mut seed_roots = vec![data.join("seeds")];
+    seed_roots.extend(absolute("--seed-root", &args.seed_roots)?);
+    let mut image_roots = vec![data.join("vms"), data.join("images")];
+    image_roots.extend(absolute("--image-root", &args.image_roots)?);
+    let encryption = if encrypted {
+        Encryption::Required
+    } else {
+        Encryption::None
+    };
+    let settings = NodeSettings {
+        recovery_roots,
+        seed_roots,
+        image_roots,
+        ..NodeSettings::default()
+    }
+    .with_repository(REPOSITORY_NAME, data.join("repo"), encryption);
+    settings.validate()?;
+    Ok(settings)
 }
 
 fn parse_timezone(text: &str) -> Result<TimeZone, String> {
@@ -162,7 +215,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
     let data = data
         .canonicalize()
         .with_context(|| format!("{}", data.display()))?;
-    for sub in ["events", "vms", "images"] {
+    for sub in ["events", "vms", "images", "recovered", "seeds"] {
         perms::private_dir(&data.join(sub))?;
     }
     let repo_dir = data.join("repo");
@@ -173,6 +226,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
         print_new_repository(&repo_dir, key_file.as_deref());
     }
     Repository::open(&repo_dir, key_file.as_deref())?;
+    let settings = node_settings(&args, &data, key_file.is_some())?;
     let node = NodeId::new(args.node.clone())
         .map_err(|e| anyhow::anyhow!("--node {:?}: {e}", args.node))?;
 
@@ -181,7 +235,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
     let epoch = SystemClock.now_ms();
     let options = EngineOptions {
         config: EngineConfig {
-            repository: repo_dir.display().to_string(),
+            repository: REPOSITORY_NAME.into(),
             // The worker runs in this process: steps of an earlier run died with it.
             orphan_grace_ms: 0,
             backups_per_node: args.backups_per_node,
@@ -203,6 +257,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
             vms_dir: data.join("vms"),
             key_file: key_file.clone(),
             threads: 0,
+            settings: settings.clone(),
         })?
         .with_fault_delays(faults.clone()),
     );
@@ -223,6 +278,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
             vms_dir,
             key_file: key_file.clone(),
             threads: 0,
+            settings: settings.clone(),
         })?
         .with_fault_delays(faults.clone());
         agents.insert(extra, Arc::new(extra_agent));
@@ -303,6 +359,13 @@ async fn serve(args: UpArgs) -> Result<i32> {
             };
             if let Err(e) = inventory_handle.submit_as("worker".into(), register).await {
                 tracing::error!(node = %node, error = %e, "could not register the node");
+            }
+            let repositories = repositories_command(node, &inventory_agents[*node]);
+            if let Err(e) = inventory_handle
+                .submit_as("worker".into(), repositories)
+                .await
+            {
+                tracing::error!(node = %node, error = %e, "could not register the node's repositories");
             }
         }
         // Probing a non-raw disk starts a qemu-nbd, so the inventory is not rescanned too often.
@@ -497,7 +560,7 @@ pub async fn report_inventory(handle: &Handle<SledLog>, agent: &Arc<Agent>, node
 /// Measures the repository's filesystem and reports it (the engine records changes of 1% or
 /// more), so capacity planning and jobs' early space checks see real numbers.
 pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &std::path::Path) {
-    let Some(command) = space_command(node, repo_dir).await else {
+    let Some(command) = space_command(node, REPOSITORY_NAME, repo_dir).await else {
         return;
     };
     if let Err(e) = handle.submit_as("worker".into(), command).await {

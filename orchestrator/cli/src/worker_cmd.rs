@@ -18,11 +18,13 @@ use anyhow::{Context, Result};
 use cairn_orchestrator::bus::{self, NatsOptions, WorkerBus};
 use cairn_schemas::{Command, NodeId};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
+use cairn_worker::boundary::NodeSettings;
 use clap::Args;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::step_runner::{
-    CancelFlags, inventory_command, recovery_finished, run_step, space_command, written_repository,
+    CancelFlags, inventory_command, recovery_finished, repositories_command, run_step,
+    space_command, written_repository,
 };
 
 /// Most steps one worker runs at once.
@@ -69,6 +71,15 @@ pub struct WorkerArgs {
     /// Key of the client certificate.
     #[arg(long, visible_alias = "nats-tls-key", env = "CAIRN_NATS_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// A folder recoveries may write below (repeat; replaces `[worker] recovery_roots`).
+    #[arg(long = "recovery-root", value_name = "DIR")]
+    pub recovery_roots: Vec<PathBuf>,
+    /// A folder seed imports may read from (repeat; replaces `[worker] seed_roots`).
+    #[arg(long = "seed-root", value_name = "DIR")]
+    pub seed_roots: Vec<PathBuf>,
+    /// A folder VM descriptors' disks may lie in (repeat; replaces `[worker] image_roots`).
+    #[arg(long = "image-root", value_name = "DIR")]
+    pub image_roots: Vec<PathBuf>,
 }
 
 /// The worker's settings after merging flags, environment, the configuration file and
@@ -85,16 +96,68 @@ pub struct WorkerSettings {
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The node's boundary: registered repositories, roots, limits.
+    pub boundary: NodeSettings,
 }
 
-fn settings(args: WorkerArgs) -> Result<WorkerSettings> {
+/// A repeatable flag given at least once, else `None`.
+fn flag_list(values: Vec<PathBuf>) -> Option<Vec<PathBuf>> {
+    (!values.is_empty()).then_some(values)
+}
+
+/// The node's boundary from the flags and the file: roots (a flag replaces the file's list),
+/// limits and the registered repositories (`[repositories.NAME]`; none by default, so a
+/// worker without them refuses every step that names a repository).
+fn boundary(
+    args: &mut WorkerArgs,
+    worker: &crate::config::WorkerConfig,
+    repositories: &std::collections::BTreeMap<String, crate::config::RepositoryConfig>,
+) -> NodeSettings {
+    use crate::config::pick_opt;
+    let defaults = cairn_worker::items::Limits::default();
+    let mut settings = NodeSettings {
+        recovery_roots: pick_opt(
+            flag_list(std::mem::take(&mut args.recovery_roots)),
+            worker.recovery_roots.clone(),
+        )
+        .unwrap_or_default(),
+        app_owner_roots: worker.app_owner_roots.clone().unwrap_or_default(),
+        seed_roots: pick_opt(
+            flag_list(std::mem::take(&mut args.seed_roots)),
+            worker.seed_roots.clone(),
+        )
+        .unwrap_or_default(),
+        image_roots: pick_opt(
+            flag_list(std::mem::take(&mut args.image_roots)),
+            worker.image_roots.clone(),
+        )
+        .unwrap_or_default(),
+        allow_block_devices: worker.allow_block_devices.unwrap_or(false),
+        item_limits: cairn_worker::items::Limits {
+            max_entries: worker.max_item_entries.unwrap_or(defaults.max_entries),
+            max_total_bytes: worker.max_item_bytes.unwrap_or(defaults.max_total_bytes),
+            max_file_bytes: worker.max_item_file_size.unwrap_or(defaults.max_file_bytes),
+            max_depth: worker.max_item_depth.unwrap_or(defaults.max_depth),
+            max_dir_entries: defaults.max_dir_entries,
+        },
+        ..NodeSettings::default()
+    };
+    for (name, repo) in repositories {
+        settings = settings.with_repository(name, &repo.path, repo.encryption);
+    }
+    settings
+}
+
+fn settings(mut args: WorkerArgs) -> Result<WorkerSettings> {
     use crate::config::{pick, pick_opt};
     let file = match &args.config {
         Some(path) => crate::config::load(path)?,
         None => crate::config::CairnConfig::default(),
     };
+    let boundary = boundary(&mut args, &file.worker, &file.repositories);
     let (nats, worker) = (file.nats, file.worker);
     Ok(WorkerSettings {
+        boundary,
         nats: pick_opt(args.nats, nats.url.map(|urls| urls.join(",")))
             .context("--nats URL is required (or [nats] url in the configuration file)")?,
         node: pick_opt(args.node, worker.node.map(|n| n.to_string()))
@@ -146,6 +209,7 @@ async fn serve(args: WorkerSettings) -> Result<i32> {
             vms_dir: args.vms.clone(),
             key_file: args.key_file.clone(),
             threads: 0,
+            settings: args.boundary.clone(),
         })?
         .with_fault_delays(faults),
     );
@@ -307,6 +371,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::RegisterNode { .. } => "RegisterNode",
         Command::ReportInventory { .. } => "ReportInventory",
         Command::ReportRepositorySpace { .. } => "ReportRepositorySpace",
+        Command::RegisterRepositories { .. } => "RegisterRepositories",
         _ => "command",
     }
 }
@@ -317,7 +382,11 @@ async fn report_inventory(bus: &WorkerBus, agent: &Arc<Agent>) {
     }
 }
 
-async fn report_spaces(bus: &WorkerBus, repositories: &Mutex<BTreeSet<String>>) {
+async fn report_spaces(
+    bus: &WorkerBus,
+    settings: &NodeSettings,
+    repositories: &Mutex<BTreeSet<String>>,
+) {
     let repositories: Vec<String> = repositories
         .lock()
         .expect("repository set")
@@ -325,7 +394,11 @@ async fn report_spaces(bus: &WorkerBus, repositories: &Mutex<BTreeSet<String>>) 
         .cloned()
         .collect();
     for repository in repositories {
-        if let Some(command) = space_command(bus.node(), repository.as_ref()).await {
+        // Measured at the registered folder, reported under the name the steps used.
+        let Ok((_, registered)) = settings.repository(&repository) else {
+            continue;
+        };
+        if let Some(command) = space_command(bus.node(), &repository, &registered.path).await {
             send(bus, command).await;
         }
     }
@@ -362,8 +435,9 @@ async fn node_reports(
             if registered {
                 tracing::info!(node = %bus.node(), "registered with the orchestrators");
                 registered_at_connect = connects;
+                send(&bus, repositories_command(bus.node(), &agent)).await;
                 report_inventory(&bus, &agent).await;
-                report_spaces(&bus, &repositories).await;
+                report_spaces(&bus, &agent.config().settings, &repositories).await;
                 every.reset();
             }
         }
@@ -371,7 +445,7 @@ async fn node_reports(
             _ = stop.changed() => return,
             _ = every.tick() => {
                 report_inventory(&bus, &agent).await;
-                report_spaces(&bus, &repositories).await;
+                report_spaces(&bus, &agent.config().settings, &repositories).await;
             }
             Some(()) = rescan.recv() => report_inventory(&bus, &agent).await,
             _ = check.tick() => {}

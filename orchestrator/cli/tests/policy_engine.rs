@@ -125,6 +125,15 @@ impl World {
                 vms_dir: vms_dir.clone(),
                 key_file: None,
                 threads: 2,
+                settings: cairn_worker::boundary::NodeSettings {
+                    image_roots: vec![dir.path().to_path_buf()],
+                    ..Default::default()
+                }
+                .with_repository(
+                    "default",
+                    &repo_dir,
+                    cairn_worker::boundary::Encryption::None,
+                ),
             })
             .unwrap(),
         );

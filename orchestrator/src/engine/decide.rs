@@ -75,6 +75,7 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             policy
                 .validate()
                 .map_err(|e| invalid("invalid_policy", e.to_string()))?;
+            check_repository(state, &policy.repository)?;
             Ok(vec![Emit::new(
                 Aggregate::Group(*group),
                 vec![
@@ -110,10 +111,14 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             )])
         }
         Command::ChangeGroupPolicy { group, policy } => {
-            live_group(state, *group)?;
+            let current = live_group(state, *group)?;
             policy
                 .validate()
                 .map_err(|e| invalid("invalid_policy", e.to_string()))?;
+            // A policy that keeps its repository stays editable even if no node names it now.
+            if current.policy.repository != policy.repository {
+                check_repository(state, &policy.repository)?;
+            }
             Ok(vec![Emit::new(
                 Aggregate::Group(*group),
                 vec![
@@ -327,6 +332,37 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             )])
         }
         Command::ReportInventory { node, vms } => inventory(state, node, vms),
+        Command::RegisterRepositories { node, names } => {
+            if names.len() > MAX_REPOSITORIES_PER_NODE {
+                return Err(invalid(
+                    "invalid_request",
+                    format!(
+                        "node {node} registers {} repositories, at most {MAX_REPOSITORIES_PER_NODE}",
+                        names.len()
+                    ),
+                ));
+            }
+            if let Some(bad) = names.iter().find(|n| !is_repository_name(n)) {
+                return Err(invalid(
+                    "invalid_request",
+                    format!("{bad:?} is not a repository name (A-Z a-z 0-9 . _ -, 1 to 64)"),
+                ));
+            }
+            let mut names = names.clone();
+            names.sort();
+            names.dedup();
+            if state
+                .nodes
+                .get(node)
+                .is_some_and(|n| n.repositories == names)
+            {
+                return Ok(vec![]);
+            }
+            Ok(vec![Emit::new(
+                Aggregate::Node(node.clone()),
+                vec![NodeEvent::RepositoriesRegistered { names }.into()],
+            )])
+        }
         Command::RequestRecovery {
             job,
             vm,
@@ -470,6 +506,53 @@ pub(super) fn present_vm(state: &State, vm: VmId) -> Result<&super::state::Vm, C
         )),
         Some(v) => Ok(v),
     }
+}
+
+/// Most repositories one node may register.
+const MAX_REPOSITORIES_PER_NODE: usize = 256;
+
+/// A repository name as nodes register them: `[A-Za-z0-9._-]{1,64}`, not starting with '.'.
+fn is_repository_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A policy's repository must be a name some node registers. An absolute path is let through
+/// (groups made before repositories had names): the worker takes it only when it is a
+/// registered repository's folder, and refuses the step otherwise.
+fn check_repository(state: &State, repository: &str) -> Result<(), ControlError> {
+    if repository.is_empty() || repository.starts_with('/') {
+        return Ok(());
+    }
+    if state
+        .nodes
+        .values()
+        .any(|n| n.repositories.iter().any(|r| r == repository))
+    {
+        return Ok(());
+    }
+    let mut known: Vec<&str> = state
+        .nodes
+        .values()
+        .flat_map(|n| n.repositories.iter().map(String::as_str))
+        .collect();
+    known.sort();
+    known.dedup();
+    Err(invalid(
+        "unknown_repository",
+        format!(
+            "no node registers a repository named {repository:?} (registered: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ),
+    ))
 }
 
 fn live_group(state: &State, group: GroupId) -> Result<&super::state::Group, ControlError> {

@@ -427,6 +427,9 @@ fn summary(event: &Event) -> String {
                 total_bytes,
                 free_bytes,
             } => format!("repository {repository}: {free_bytes} of {total_bytes} bytes free"),
+            NodeEvent::RepositoriesRegistered { names } => {
+                format!("repositories registered: {}", names.join(", "))
+            }
         },
         Event::Token(token) => match token {
             cairn_schemas::TokenEvent::TokenCreated {

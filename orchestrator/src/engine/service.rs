@@ -893,7 +893,8 @@ pub fn command_partition(state: &State, command: &Command, n: std::num::NonZeroU
         Command::CancelJob { job, .. } => state.partition_of(&Aggregate::Job(*job), &[], n),
         Command::RegisterNode { node, .. }
         | Command::ReportInventory { node, .. }
-        | Command::ReportRepositorySpace { node, .. } => partition_of_node(node, n),
+        | Command::ReportRepositorySpace { node, .. }
+        | Command::RegisterRepositories { node, .. } => partition_of_node(node, n),
         Command::CreateToken { token, .. } | Command::RevokeToken { token } => {
             cairn_schemas::subjects::partition_of_key(token.as_bytes(), n)
         }
@@ -913,7 +914,8 @@ fn created_id(command: &Command) -> String {
         | Command::CancelJob { job, .. } => job.to_string(),
         Command::RegisterNode { node, .. }
         | Command::ReportInventory { node, .. }
-        | Command::ReportRepositorySpace { node, .. } => node.to_string(),
+        | Command::ReportRepositorySpace { node, .. }
+        | Command::RegisterRepositories { node, .. } => node.to_string(),
         Command::ImportSeed { job, .. } | Command::RequestVerify { job, .. } => job.to_string(),
         Command::CreateToken { token, .. } | Command::RevokeToken { token } => token.to_string(),
     }

@@ -247,6 +247,8 @@ pub struct Node {
     pub registered_at: u64,
     pub last_seen: u64,
     pub online: bool,
+    /// The repository names the node's worker registers (sorted).
+    pub repositories: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -563,6 +565,7 @@ impl State {
                     registered_at: at,
                     last_seen: at,
                     online: true,
+                    repositories: Vec::new(),
                 });
                 node.cluster = cluster.clone();
                 node.worker_version = worker_version.clone();
@@ -594,6 +597,11 @@ impl State {
                         reported_at: at,
                     },
                 );
+            }
+            NodeEvent::RepositoriesRegistered { names } => {
+                if let Some(node) = self.nodes.get_mut(id) {
+                    node.repositories = names.clone();
+                }
             }
         }
     }

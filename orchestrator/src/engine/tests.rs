@@ -1782,3 +1782,80 @@ fn a_windowed_check_stops_when_its_window_has_run_out() {
     );
     assert_eq!(w.state.jobs[&check].state, JobState::Cancelled);
 }
+
+#[test]
+fn a_policy_naming_a_repository_no_node_registers_is_refused() {
+    let mut w = World::new();
+    let vms = setup(&mut w, 1);
+    let create = |w: &mut World, name: &str, repository: &str| {
+        let group = w.id(GroupId::new_v7);
+        w.submit(Command::CreateGroup {
+            group,
+            name: name.into(),
+            members: vec![],
+            policy: GroupPolicy::with_defaults(repository),
+        })
+        .map(|_| group)
+    };
+    let err = create(&mut w, "g1", "default").unwrap_err();
+    assert_eq!(err.code(), "unknown_repository");
+    assert!(err.to_string().contains("registered: none"), "{err}");
+    // Bad registrations change nothing.
+    for names in [
+        vec![".hidden".to_string()],
+        vec!["a/b".into()],
+        vec![String::new()],
+    ] {
+        let err = w
+            .submit(Command::RegisterRepositories {
+                node: node(),
+                names,
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_request");
+    }
+    w.submit(Command::RegisterRepositories {
+        node: node(),
+        names: vec!["offsite".into(), "default".into(), "default".into()],
+    })
+    .unwrap();
+    assert_eq!(w.state.nodes[&node()].repositories, ["default", "offsite"]);
+    let before = w.log.len();
+    w.submit(Command::RegisterRepositories {
+        node: node(),
+        names: vec!["default".into(), "offsite".into()],
+    })
+    .unwrap();
+    assert_eq!(
+        w.log.len(),
+        before,
+        "an unchanged registration appends nothing"
+    );
+    let group = create(&mut w, "g1", "default").unwrap();
+    let err = create(&mut w, "g2", "elsewhere").unwrap_err();
+    assert_eq!(err.code(), "unknown_repository");
+    assert!(
+        err.to_string().contains("registered: default, offsite"),
+        "{err}"
+    );
+    // A path is left to the worker (groups made before repositories had names).
+    create(&mut w, "g3", "/srv/cairn/repo").unwrap();
+    // Changing a policy to an unregistered repository is refused; keeping it is not.
+    let err = w
+        .submit(Command::ChangeGroupPolicy {
+            group,
+            policy: GroupPolicy::with_defaults("elsewhere"),
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), "unknown_repository");
+    w.submit(Command::RegisterRepositories {
+        node: node(),
+        names: vec![],
+    })
+    .unwrap();
+    let mut policy = GroupPolicy::with_defaults("default");
+    policy.retention_days = 30;
+    w.submit(Command::ChangeGroupPolicy { group, policy })
+        .unwrap();
+    let _ = vms;
+}

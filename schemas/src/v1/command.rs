@@ -159,6 +159,13 @@ pub enum Command {
         /// The token.
         token: TokenId,
     },
+    /// A worker reports the repositories its node registers, by name.
+    RegisterRepositories {
+        /// The node.
+        node: NodeId,
+        /// The registered names.
+        names: Vec<String>,
+    },
 }
 
 /// A command with its id and origin.

@@ -302,6 +302,12 @@ pub enum NodeEvent {
         /// Bytes available to cairn.
         free_bytes: u64,
     },
+    /// The worker said which repositories its node registers, by name (the names groups and
+    /// jobs may use on that node).
+    RepositoriesRegistered {
+        /// The registered names, sorted.
+        names: Vec<String>,
+    },
 }
 
 /// Any event, by aggregate kind. The payload of an [`Envelope`](super::Envelope).
@@ -375,6 +381,7 @@ impl Event {
                 NodeEvent::NodeHeartbeatLost { .. } => "NodeHeartbeatLost",
                 NodeEvent::NodeInventoryReported { .. } => "NodeInventoryReported",
                 NodeEvent::RepositorySpaceReported { .. } => "RepositorySpaceReported",
+                NodeEvent::RepositoriesRegistered { .. } => "RepositoriesRegistered",
             },
             Event::Token(event) => match event {
                 TokenEvent::TokenCreated { .. } => "TokenCreated",

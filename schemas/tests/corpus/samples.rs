@@ -92,11 +92,12 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Job(JobEvent::NotificationSent { .. }) => (33, "notification_sent"),
         Event::Token(TokenEvent::TokenCreated { .. }) => (34, "token_created"),
         Event::Token(TokenEvent::TokenRevoked) => (35, "token_revoked"),
+        Event::Node(NodeEvent::RepositoriesRegistered { .. }) => (36, "repositories_registered"),
     }
 }
 
 /// Number of event variants; bump it together with `event_variant`.
-pub const N_EVENT_VARIANTS: usize = 36;
+pub const N_EVENT_VARIANTS: usize = 37;
 
 /// Index and name of a step work variant (exhaustive, see `event_variant`).
 pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
@@ -175,11 +176,12 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::RequestRecovery { .. } => (13, "request_recovery"),
         Command::CreateToken { .. } => (14, "create_token"),
         Command::RevokeToken { .. } => (15, "revoke_token"),
+        Command::RegisterRepositories { .. } => (16, "register_repositories"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 16;
+pub const N_COMMAND_VARIANTS: usize = 17;
 
 fn throttle() -> Throttle {
     Throttle {
@@ -785,6 +787,10 @@ fn events() -> Vec<Event> {
         }
         .into(),
         TokenEvent::TokenRevoked.into(),
+        NodeEvent::RepositoriesRegistered {
+            names: vec!["default".into(), "offsite".into()],
+        }
+        .into(),
     ]
 }
 
@@ -891,6 +897,10 @@ fn commands() -> Vec<Command> {
             expires_in_secs: None,
         },
         Command::RevokeToken { token: token() },
+        Command::RegisterRepositories {
+            node: node(),
+            names: vec!["default".into(), "offsite".into()],
+        },
     ]
 }
 

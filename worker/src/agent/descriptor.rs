@@ -716,9 +716,22 @@ pub fn read_all(dir: &Path) -> (Vec<(PathBuf, Descriptor)>, Vec<DescriptorProble
 /// Reads every descriptor of `dir` and measures its disks. One bad descriptor (or a missing
 /// disk) becomes a [`DescriptorProblem`] and never hides the others.
 pub fn scan(dir: &Path) -> Inventory {
+    scan_allowed(dir, &|_| Ok(()))
+}
+
+/// [`scan`], leaving out (as a problem naming the disk and the reason) every VM with a disk
+/// that `allowed` refuses, before any of its disks is opened.
+pub fn scan_allowed(dir: &Path, allowed: &dyn Fn(&Path) -> Result<(), String>) -> Inventory {
     let (descriptors, mut problems) = read_all(dir);
     let mut vms = Vec::with_capacity(descriptors.len());
     for (file, descriptor) in descriptors {
+        if let Some(refusal) = refused_disk(&descriptor, allowed) {
+            problems.push(DescriptorProblem {
+                file,
+                message: refusal,
+            });
+            continue;
+        }
         match descriptor.probe() {
             Ok(vm) => vms.push(vm),
             Err(err) => problems.push(DescriptorProblem {
@@ -729,6 +742,21 @@ pub fn scan(dir: &Path) -> Inventory {
     }
     problems.sort_by(|a, b| a.file.cmp(&b.file));
     Inventory { vms, problems }
+}
+
+/// Why one of the descriptor's disks may not be read, if one may not.
+pub fn refused_disk(
+    descriptor: &Descriptor,
+    allowed: &dyn Fn(&Path) -> Result<(), String>,
+) -> Option<String> {
+    descriptor.disks.iter().find_map(|disk| {
+        allowed(&disk.path).err().map(|reason| {
+            format!(
+                "VM {} left out of the inventory: disk {}: {reason}",
+                descriptor.name, disk.id
+            )
+        })
+    })
 }
 
 /// The file name [`write_descriptor`] gives a VM's descriptor: `<uuid>.json`.

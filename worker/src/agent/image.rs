@@ -144,24 +144,17 @@ impl SnapshotHandle {
     }
 }
 
-/// The repository folder named by a step.
-fn repository_dir(location: &str) -> Result<&Path, Error> {
-    let path = Path::new(location);
-    if path.is_absolute() {
-        Ok(path)
-    } else {
-        Err(Error::InvalidStep(format!(
-            "repository location {location:?} is not supported by this worker: an absolute \
-             folder path is expected"
-        )))
-    }
-}
-
+/// Opens the registered repository a step names (by name, or by a registered repository's
+/// folder), refusing an unregistered one and one registered `required` whose config says
+/// plain, before anything is read or written.
 pub(crate) fn open_repository(agent: &Agent, location: &str) -> Result<Repository, Error> {
-    let dir = repository_dir(location)?;
-    Repository::open(dir, agent.config.key_file.as_deref()).map_err(|source| Error::Repo {
-        repository: location.to_owned(),
-        source,
+    let (name, registered) = agent.config.settings.repository(location)?;
+    super::check_encryption(name, registered)?;
+    Repository::open(&registered.path, agent.config.key_file.as_deref()).map_err(|source| {
+        Error::Repo {
+            repository: location.to_owned(),
+            source,
+        }
     })
 }
 
@@ -500,6 +493,10 @@ pub(crate) fn restore(
     if !target.is_absolute() {
         return Err(target_error("not an absolute path".into()));
     }
+    if !work.overwrite {
+        // A new image goes below a recovery root, refused before anything is opened.
+        super::recovery::check_image_target(agent, &target)?;
+    }
     let lineage = lineage_id(spec.vm, work.disk)?;
     let repo = open_repository(agent, work.repository)?;
     let repo_error = |source| Error::Repo {
@@ -519,52 +516,56 @@ pub(crate) fn restore(
         disk: work.disk.to_string(),
         source,
     };
-    let existing = match std::fs::metadata(&target) {
-        Ok(meta) if meta.is_dir() => {
+    // The target's descriptor, kept for the whole step: every later access (format, write,
+    // content stamp) goes through it, so nothing renamed or linked in after the checks can
+    // redirect the write.
+    let (target_file, existing, parent) = if work.overwrite {
+        // The original VM's own disk, where its descriptor (checked above) says it is.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&target)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(target_error(
+                    "the original VM's disk image is missing; recover to another host instead"
+                        .into(),
+                ));
+            }
+            Err(e) => {
+                return Err(sink_error(source::Error::Io {
+                    path: target,
+                    source: e,
+                }));
+            }
+        };
+        if file.metadata().is_ok_and(|m| m.is_dir()) {
             return Err(target_error(
                 "is a folder; a restore needs the path of an image file".into(),
             ));
         }
-        Ok(_) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && work.overwrite => {
-            return Err(target_error(
-                "the original VM's disk image is missing; recover to another host instead".into(),
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => {
-            return Err(sink_error(source::Error::Io {
-                path: target,
-                source: e,
-            }));
-        }
-    };
-    let (mut sink, delta) = if existing {
-        (
-            source::open_sink(&target, Some(format)).map_err(sink_error)?,
-            true,
-        )
+        (file, true, None)
     } else {
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                sink_error(source::Error::Io {
-                    path: parent.to_path_buf(),
-                    source: e,
-                })
-            })?;
-        }
-        match source::create_sink(&target, format, header.disk_size) {
-            Ok(sink) => (sink, false),
-            // Another attempt created it between our check and now: continue on it.
-            Err(source::Error::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::AlreadyExists =>
-            {
-                (
-                    source::open_sink(&target, Some(format)).map_err(sink_error)?,
-                    true,
-                )
+        let (parent, name) = super::recovery::target_parent(agent, &target, true)?;
+        let (file, existing) = super::recovery::open_or_create_target(&parent, &name, &target)?;
+        (file, existing, Some(parent))
+    };
+    let stamp_path = crate::safefs::proc_path(&target_file);
+    let created = !existing;
+    let opened = if existing {
+        source::open_sink_on(&target_file, &target, format)
+    } else {
+        source::create_sink_on(&target_file, &target, format, header.disk_size)
+    };
+    let (mut sink, delta) = match opened {
+        Ok(sink) => (sink, existing),
+        Err(e) => {
+            if created && let Some(parent) = &parent {
+                // Our own new, empty file: nothing of anyone else's is removed.
+                let _ = parent.remove_file(Path::new(target.file_name().unwrap_or_default()));
             }
-            Err(e) => return Err(sink_error(e)),
+            return Err(sink_error(e));
         }
     };
     if sink.size() != header.disk_size {
@@ -581,14 +582,14 @@ pub(crate) fn restore(
     // A target whose content stamp is still valid (restored or backed up by cairn, not written
     // since) is not read: only the chunks that differ between the two recovery points are.
     let known = if delta {
-        repo::stamp::current(&target, &lineage)
+        repo::stamp::current(&stamp_path, &lineage)
     } else {
         None
     };
     if let Some(known) = &known {
         tracing::info!(target = %target.display(), known, "target holds a known recovery point");
     }
-    repo::stamp::clear(&target);
+    repo::stamp::clear(&stamp_path);
     let options = RestoreOptions {
         disk: lineage.clone(),
         rp: Some(rp),
@@ -612,7 +613,9 @@ pub(crate) fn restore(
     }
     .map_err(repo_error)?;
     // The sink is closed (its qemu-nbd gone) and the content durable: stamp it.
-    repo::stamp::write(&target, &lineage, &summary.rp);
+    repo::stamp::write(&stamp_path, &lineage, &summary.rp);
+    drop(target_file);
+    drop(parent);
     Ok(StepResult::Restore {
         disk: work.disk.clone(),
         bytes_written: summary.bytes_written,

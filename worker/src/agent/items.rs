@@ -2,6 +2,10 @@
 //! a recovery point into a target folder) and the quick browse query, both read straight from
 //! the repository through [`RpImage`] — no restore first.
 //!
+//! The target folder must lie below one of the node's recovery roots; it is opened (created)
+//! from the root's descriptor and everything is written below it through descriptors. The
+//! limits are the node's ([`crate::boundary::NodeSettings::item_limits`]).
+//!
 //! Must not: write anywhere but below the step's target folder, or change the repository.
 
 use std::path::Path;
@@ -57,15 +61,16 @@ pub(crate) fn extract(
             work.target_path
         )));
     }
+    // The target must lie below a recovery root: refused before the repository is opened.
+    agent
+        .config
+        .settings
+        .below(crate::boundary::RootKind::Recovery, target)?;
     let disk = open_disk(agent, work.repository, spec.vm, work.disk, work.rp)?;
-    std::fs::create_dir_all(target).map_err(|e| {
-        Error::Items(crate::items::Error::BadTarget {
-            path: target.into(),
-            reason: e.to_string(),
-        })
-    })?;
+    let root = super::recovery::target_folder(agent, target, true)?;
+    let limits = agent.config.settings.item_limits(None);
     let report = disk
-        .extract(work.items, target, &Limits::default(), progress)
+        .extract_into(work.items, root, &limits, progress)
         .map_err(|e| match e {
             crate::items::Error::Cancelled => Error::Cancelled,
             e => Error::Items(e),

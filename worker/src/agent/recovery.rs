@@ -10,10 +10,16 @@
 //!   group) or the folder's manifest `cairn-recovery-<rp>.json` (copy to a folder). Both are
 //!   written atomically and durably, and rewriting them on a retry gives the same file.
 //!
+//! Every folder target, new image and manifest lies below one of the node's recovery roots
+//! ([`crate::boundary`]); a target outside them is refused before anything is created, and the
+//! folders and files are made through the root's descriptor ([`crate::safefs`]). The file name
+//! of a new image (VM name + disk id) must be a plain safe name directly in the target folder.
+//!
 //! Must not: write over an existing file except the original VM's own disks (and those only
-//! while it is stopped), or describe a VM whose images are missing.
+//! while it is stopped), write outside the recovery roots, or describe a VM whose images are
+//! missing.
 
-use std::io::Write;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use cairn_schemas::ids::{DiskId, RecoveryPointId, VmId};
@@ -22,7 +28,8 @@ use serde::Serialize;
 
 use super::descriptor::{self, Descriptor, DescriptorDisk};
 use super::{Agent, Error};
-use crate::source;
+use crate::boundary::{self, BelowRoot, RootKind};
+use crate::safefs::{self, Dir, Entry};
 
 fn power_text(power: PowerState) -> String {
     match power {
@@ -81,6 +88,118 @@ fn folder_of(target: &RecoveryTarget) -> Option<&str> {
     }
 }
 
+fn safefs_error(what: impl Into<String>) -> impl FnOnce(safefs::Error) -> Error {
+    let what = what.into();
+    move |source| Error::SafeFs { what, source }
+}
+
+/// Checks, without touching anything, that a new image `target` lies below a recovery root
+/// and that its file name (made of a VM name and a disk id) is a plain, safe name.
+pub(crate) fn check_image_target(agent: &Agent, target: &Path) -> Result<BelowRoot, Error> {
+    let below = agent.config.settings.below(RootKind::Recovery, target)?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if below.rel.as_os_str().is_empty() || !boundary::is_safe_file_name(&name) {
+        return Err(target_error(
+            target,
+            "the image's file name must be made of A-Z, a-z, 0-9, '.', '_' and '-' (rename the \
+             VM or the disk), and lie below a recovery root",
+        ));
+    }
+    Ok(below)
+}
+
+/// Opens a recovery root, with the error naming it.
+fn open_root(root: &Path) -> Result<Dir, Error> {
+    Dir::open_root(root).map_err(safefs_error(format!("recovery root {}", root.display())))
+}
+
+/// The folder a new image `target` goes into, opened from its recovery root (created, each new
+/// folder fsynced into its parent, when `create`), and the image's file name.
+pub(crate) fn target_parent(
+    agent: &Agent,
+    target: &Path,
+    create: bool,
+) -> Result<(Dir, OsString), Error> {
+    let below = check_image_target(agent, target)?;
+    let root = open_root(&below.root)?;
+    let parent_rel = below.rel.parent().unwrap_or(Path::new(""));
+    let what = format!("target folder {}", root.shown_join(parent_rel).display());
+    let parent = if create {
+        root.create_dirs(parent_rel)
+    } else {
+        root.open_dir(parent_rel)
+    }
+    .map_err(safefs_error(what))?;
+    let name = below.rel.file_name().expect("checked above").to_os_string();
+    Ok((parent, name))
+}
+
+/// Opens the image `name` in `parent` for writing, creating it (`O_CREAT|O_EXCL|O_NOFOLLOW`,
+/// 0600, the folder fsynced) when it does not exist. Returns whether it existed. A link, a
+/// folder or a device at that name is refused.
+pub(crate) fn open_or_create_target(
+    parent: &Dir,
+    name: &OsStr,
+    target: &Path,
+) -> Result<(std::fs::File, bool), Error> {
+    let name = Path::new(name);
+    let what = || format!("restore target {}", target.display());
+    match parent.entry(name).map_err(safefs_error(what()))? {
+        Entry::Missing => {}
+        Entry::File => {
+            let file = parent.open_file(name, true).map_err(safefs_error(what()))?;
+            return Ok((file, true));
+        }
+        Entry::Dir => {
+            return Err(target_error(
+                target,
+                "is a folder; a restore needs the path of an image file",
+            ));
+        }
+        Entry::Symlink => {
+            return Err(target_error(
+                target,
+                "is a symbolic link; a restore never writes through a link",
+            ));
+        }
+        Entry::Other => {
+            return Err(target_error(
+                target,
+                "is a device, fifo or socket; a restore writes only regular files",
+            ));
+        }
+    }
+    match parent.create_new(name, crate::perms::FILE_MODE) {
+        Ok(file) => {
+            parent.sync().map_err(safefs_error(what()))?;
+            Ok((file, false))
+        }
+        // Another attempt created it between our look and now: continue on it, through no link.
+        Err(e) if e.io_kind() == Some(std::io::ErrorKind::AlreadyExists) => {
+            let file = parent.open_file(name, true).map_err(safefs_error(what()))?;
+            Ok((file, true))
+        }
+        Err(e) => Err(safefs_error(what())(e)),
+    }
+}
+
+/// The folder of a folder target (copy, items, new VM), below a recovery root: checked, and
+/// opened (created when `create`) from the root's descriptor.
+pub(crate) fn target_folder(agent: &Agent, folder: &Path, create: bool) -> Result<Dir, Error> {
+    let below = agent.config.settings.below(RootKind::Recovery, folder)?;
+    let root = open_root(&below.root)?;
+    let what = format!("target folder {}", folder.display());
+    if create {
+        root.create_dirs(&below.rel)
+    } else {
+        root.open_dir(&below.rel)
+    }
+    .map_err(safefs_error(what))
+}
+
 pub(crate) fn prepare(
     agent: &Agent,
     spec: &StepSpec,
@@ -91,19 +210,41 @@ pub(crate) fn prepare(
     if disks.is_empty() {
         return Err(Error::InvalidStep("a recovery of no disks".into()));
     }
-    if let Some(folder) = folder_of(target) {
-        let folder = Path::new(folder);
+    // Every check first: nothing is created unless the whole recovery lies inside the roots.
+    let folder = folder_of(target).map(Path::new);
+    if let Some(folder) = folder {
         if !folder.is_absolute() {
             return Err(target_error(folder, "not an absolute path"));
         }
-        std::fs::create_dir_all(folder)
-            .map_err(|e| target_error(folder, format!("cannot create the folder: {e}")))?;
+        agent.config.settings.below(RootKind::Recovery, folder)?;
     }
     for disk in disks {
         let path = PathBuf::from(&disk.image_path);
         if !path.is_absolute() {
             return Err(target_error(&path, "not an absolute path"));
         }
+        if !matches!(target, RecoveryTarget::OriginalVm) {
+            check_image_target(agent, &path)?;
+            if let Some(folder) = folder
+                && path.parent() != Some(folder)
+            {
+                return Err(target_error(
+                    &path,
+                    format!(
+                        "is not directly in the target folder {} (a VM name or disk id with \
+                         a '/'?)",
+                        folder.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let dir = match folder {
+        Some(folder) => Some(target_folder(agent, folder, true)?),
+        None => None,
+    };
+    for disk in disks {
+        let path = PathBuf::from(&disk.image_path);
         match target {
             RecoveryTarget::OriginalVm => {
                 check_original_disk(agent, spec.vm, &disk.disk, &path)?;
@@ -116,7 +257,12 @@ pub(crate) fn prepare(
             }
             _ => {
                 agent.refuse_described_disk(spec.vm, &path)?;
-                if path.exists() {
+                let dir = dir.as_ref().expect("a folder target has a folder");
+                let name = Path::new(path.file_name().unwrap_or_default());
+                let entry = dir
+                    .entry(name)
+                    .map_err(safefs_error(format!("restore target {}", path.display())))?;
+                if entry != Entry::Missing {
                     return Err(target_error(
                         &path,
                         "exists; a recovery to another host or a folder never overwrites a file \
@@ -198,6 +344,7 @@ pub(crate) fn finish(
         }
         RecoveryTarget::AlternateHost { .. } => {
             for disk in work.disks {
+                check_image_target(agent, Path::new(&disk.image_path))?;
                 virtual_size(disk)?;
             }
             let descriptor = Descriptor {
@@ -234,7 +381,9 @@ pub(crate) fn finish(
         RecoveryTarget::CopyToFolder { path, .. } => {
             let folder = Path::new(path);
             let mut disks = Vec::new();
+            agent.config.settings.below(RootKind::Recovery, folder)?;
             for disk in work.disks {
+                check_image_target(agent, Path::new(&disk.image_path))?;
                 let file = Path::new(&disk.image_path)
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
@@ -255,8 +404,11 @@ pub(crate) fn finish(
                 disks,
             };
             let bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-            let target = folder.join(format!("cairn-recovery-{}.json", work.rp));
-            write_durably(&target, &bytes)?;
+            let name = format!("cairn-recovery-{}.json", work.rp);
+            let target = folder.join(&name);
+            let dir = target_folder(agent, folder, false)?;
+            dir.write_atomic(Path::new(&name), &bytes, crate::perms::FILE_MODE)
+                .map_err(safefs_error(format!("manifest {}", target.display())))?;
             Ok(StepResult::FinishRecovery {
                 written: target.display().to_string(),
             })
@@ -265,33 +417,4 @@ pub(crate) fn finish(
             "item-level recovery has no finish step".into(),
         )),
     }
-}
-
-/// Temp file, fsync, rename, fsync of the folder.
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let io = |e: std::io::Error| Error::Source {
-        disk: "manifest".into(),
-        source: source::Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        },
-    };
-    let folder = path.parent().unwrap_or(Path::new("/"));
-    let tmp = folder.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(folder)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
 }

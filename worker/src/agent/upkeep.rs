@@ -10,7 +10,8 @@
 //! - `CollectGarbage`: reclaims space nobody references, lineage by lineage.
 //! - `ImportSeed`: copies the latest recovery point of one disk from a seed folder written by
 //!   `cairn seed export` into the repository, through a temporary sparse raw image in the
-//!   repository's own folder (removed afterwards).
+//!   repository's own folder (removed afterwards). The seed folder must lie below one of the
+//!   node's seed roots.
 //!
 //! Must not: decide what to remove or check (the orchestrator does), or touch lineages of
 //! other VMs than the step's (gc excepted, which only drops what nothing references).
@@ -177,7 +178,6 @@ pub(crate) fn import_seed(
     progress: &StepProgress<'_>,
 ) -> Result<StepResult, Error> {
     let lineage = lineage_id(spec.vm, work.disk)?;
-    let repo = open_repository(agent, work.repository)?;
     let seed_dir = Path::new(work.seed);
     if !seed_dir.is_absolute() {
         return Err(Error::InvalidStep(format!(
@@ -185,6 +185,12 @@ pub(crate) fn import_seed(
             work.seed
         )));
     }
+    // Seeds are read only below the node's seed roots; refused before anything is opened.
+    agent
+        .config
+        .settings
+        .below(crate::boundary::RootKind::Seed, seed_dir)?;
+    let repo = open_repository(agent, work.repository)?;
     let seed = Repository::open(seed_dir, agent.config.key_file.as_deref())
         .map_err(repo_error(work.seed))?;
     // A retried attempt whose predecessor stored the recovery point reports it again.
@@ -196,8 +202,10 @@ pub(crate) fn import_seed(
     }
     let header = repo::restore::resolve(&seed, &lineage, None).map_err(repo_error(work.seed))?;
     progress.start_total(header.disk_size * 2);
-    let temp =
-        TempImage(Path::new(work.repository).join(format!(".seed-{}-{}.raw", spec.vm, work.disk)));
+    let temp = TempImage(
+        repo.root
+            .join(format!(".seed-{}-{}.raw", spec.vm, work.disk)),
+    );
     let _ = std::fs::remove_file(&temp.0);
     let source_error = |source| Error::Source {
         disk: work.disk.to_string(),

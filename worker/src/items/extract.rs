@@ -3,29 +3,33 @@
 //!
 //! - Names must be 1–255 bytes, not `.`/`..`, without `/` or NUL; anything else is skipped and
 //!   reported.
-//! - Files are written under a temporary name (`.cairn-partial-PID-N`, created with
-//!   `O_CREAT|O_EXCL|O_NOFOLLOW`) and renamed into place with `RENAME_NOREPLACE`; folders are
-//!   made with `mkdir`. So nothing is ever written through an existing entry or a link, a crash
-//!   never leaves a half-written file under an item's name, and a name that already exists is
-//!   skipped and reported. We only descend into folders this run created. All of it is made
-//!   durable by one `syncfs` at the end.
+//! - Everything goes through folder descriptors ([`crate::safefs`]): the target folder is one
+//!   open descriptor, each folder is made with `mkdirat` and opened with `openat2`
+//!   (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`) from its parent's, and no path string is ever
+//!   resolved. Files are written under a temporary name with a random suffix
+//!   (`.cairn-partial-….tmp`, created with `O_CREAT|O_EXCL|O_NOFOLLOW`) and renamed into place
+//!   with `renameat2(RENAME_NOREPLACE)` in their folder's descriptor. So nothing is ever written
+//!   through an existing entry or a link, a crash never leaves a half-written file under an
+//!   item's name, and a name that already exists is skipped and reported. We only descend into
+//!   folders this run created. All of it is made durable by one `syncfs` at the end.
 //! - A symlink is recreated only when its target is relative, made of leading `..` components
 //!   that stay within the target folder followed by plain names; such a link resolves inside the
 //!   target folder whatever the other links point to (each of them obeys the same rule). Others
 //!   (absolute, escaping, `..` after a name) are skipped and reported. Links are never followed.
 //! - Device nodes, fifos and sockets are skipped and reported.
-//! - Permissions (without set-uid/set-gid/sticky; owners keep write access to folders) and
-//!   modification times are set through the open file, never through a path.
+//! - Permissions are capped (no set-uid/set-gid/sticky, no write for group or others; owners
+//!   keep write access to folders) and set, with modification times, through the open file,
+//!   never through a path.
 //! - [`Limits`] bound entries, bytes and depth. A folder deeper than the depth limit, and a
 //!   folder already entered for this item (one of its own ancestors, or a second name of a
 //!   folder already extracted), is skipped and reported, never descended, and the walk goes on
 //!   with the rest (see `walk`). Reaching the totals (entries, bytes) or the entries of one
 //!   folder stops the extraction.
 
-use std::fs::{File, FileTimes, OpenOptions};
+use std::fs::{File, FileTimes};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -33,6 +37,7 @@ use serde::Serialize;
 use super::walk::Visited;
 use super::{Error, Limits, Node, NodeKind, Tree};
 use crate::repo::Progress;
+use crate::safefs::{self, Dir, Entry};
 
 /// Something that was not extracted, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -53,12 +58,11 @@ pub struct ExtractReport {
 }
 
 pub(super) struct Extractor<'p> {
-    root: PathBuf,
+    /// The target folder, open; everything is written below it through descriptors.
+    root: Dir,
     limits: Limits,
     report: ExtractReport,
     entries: u64,
-    /// Temporary files made so far (their names are numbered).
-    partials: u64,
     /// The folders entered for the item being extracted; reset for each item.
     visited: Visited,
     progress: &'p dyn Progress,
@@ -112,35 +116,26 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// `rename(from, to)` that fails with `AlreadyExists` instead of replacing `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
-    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
-    // SAFETY: both are valid NUL-terminated paths that live across the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+fn safe_error(e: safefs::Error) -> Error {
+    match e {
+        safefs::Error::Io { path, source } => Error::Io { path, source },
+        safefs::Error::BadPath { path, reason } => Error::BadTarget {
+            path,
+            reason: reason.into(),
+        },
     }
+}
+
+/// The mode an extracted item gets: permission bits only (no set-uid, set-gid or sticky), no
+/// write for group or others; folders stay usable by their owner.
+pub fn capped_mode(mode: u32, dir: bool) -> u32 {
+    let mode = mode & 0o755;
+    if dir { mode | 0o700 } else { mode }
 }
 
 fn set_meta(file: &File, node: &Node, dir: bool) {
     if let Some(mode) = node.mode {
-        let mode = if dir {
-            (mode & 0o777) | 0o700
-        } else {
-            mode & 0o777
-        };
+        let mode = capped_mode(mode, dir);
         if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(mode)) {
             tracing::debug!(error = %e, "could not set permissions");
         }
@@ -155,26 +150,15 @@ fn set_meta(file: &File, node: &Node, dir: bool) {
 
 impl<'p> Extractor<'p> {
     pub(super) fn new(
-        target: &Path,
+        root: Dir,
         limits: Limits,
         progress: &'p dyn Progress,
     ) -> Result<Extractor<'p>, Error> {
-        let meta = std::fs::symlink_metadata(target).map_err(|e| Error::BadTarget {
-            path: target.into(),
-            reason: e.to_string(),
-        })?;
-        if !meta.is_dir() {
-            return Err(Error::BadTarget {
-                path: target.into(),
-                reason: "not a folder (create it first)".into(),
-            });
-        }
         Ok(Extractor {
-            root: target.into(),
+            root,
             limits,
             report: ExtractReport::default(),
             entries: 0,
-            partials: 0,
             visited: Visited::default(),
             progress,
         })
@@ -183,10 +167,10 @@ impl<'p> Extractor<'p> {
     /// Makes everything written durable (one `syncfs` of the target's file system rather than
     /// an fsync per file) and returns the report.
     pub(super) fn finish(self) -> Result<ExtractReport, Error> {
-        let root = File::open(&self.root).map_err(io_error(&self.root))?;
+        use std::os::fd::AsRawFd;
         // SAFETY: syncfs on a valid, owned descriptor has no memory-safety preconditions.
-        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
-            return Err(io_error(&self.root)(std::io::Error::last_os_error()));
+        if unsafe { libc::syncfs(self.root.as_fd().as_raw_fd()) } != 0 {
+            return Err(io_error(self.root.shown())(std::io::Error::last_os_error()));
         }
         Ok(self.report)
     }
@@ -241,7 +225,7 @@ impl<'p> Extractor<'p> {
         name: &[u8],
     ) -> Result<(), Error> {
         let node = tree.stat(src)?;
-        let root = self.root.clone();
+        let root = self.root.try_clone().map_err(safe_error)?;
         self.visited = Visited::default();
         self.copy(
             tree,
@@ -262,7 +246,7 @@ impl<'p> Extractor<'p> {
         src: Vec<Vec<u8>>,
         node: &Node,
         name: &[u8],
-        parent: &Path,
+        parent: &Dir,
         depth: usize,
     ) -> Result<(), Error> {
         if let Some(reason) = invalid_name(name) {
@@ -270,7 +254,8 @@ impl<'p> Extractor<'p> {
             return Ok(());
         }
         self.count()?;
-        let dest = parent.join(to_os(name));
+        let leaf = Path::new(to_os(name));
+        let dest = parent.shown_join(leaf);
         match node.kind {
             NodeKind::File => {
                 if node.size > self.limits.max_file_bytes {
@@ -289,25 +274,17 @@ impl<'p> Extractor<'p> {
                         limit: self.limits.max_total_bytes,
                     });
                 }
-                if std::fs::symlink_metadata(&dest).is_ok() {
+                if parent.entry(leaf).map_err(safe_error)? != Entry::Missing {
                     self.skip(shown, format!("{} already exists", dest.display()));
                     return Ok(());
                 }
                 // Written under a temporary name and renamed into place without replacing, so
                 // a crash never leaves a half-written file under the item's name.
-                self.partials += 1;
-                let partial = parent.join(format!(
-                    ".cairn-partial-{}-{}",
-                    std::process::id(),
-                    self.partials
-                ));
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&partial)
-                    .map_err(io_error(&partial))?;
+                let partial_name = safefs::temp_name(Path::new("cairn-partial"));
+                let partial = parent.shown_join(&partial_name);
+                let mut file = parent
+                    .create_new(&partial_name, crate::perms::FILE_MODE)
+                    .map_err(safe_error)?;
                 let budget = self
                     .limits
                     .max_file_bytes
@@ -325,19 +302,19 @@ impl<'p> Extractor<'p> {
                     Ok(n) => n,
                     Err(e) => {
                         drop(file);
-                        let _ = std::fs::remove_file(&partial);
+                        let _ = parent.remove_file(&partial_name);
                         return self.skip_or_fail(shown, depth, e);
                     }
                 };
-                match rename_noreplace(&partial, &dest) {
+                match parent.rename(&partial_name, leaf, true) {
                     Ok(()) => {}
                     Err(e) => {
-                        let _ = std::fs::remove_file(&partial);
-                        if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        let _ = parent.remove_file(&partial_name);
+                        if e.io_kind() == Some(std::io::ErrorKind::AlreadyExists) {
                             self.skip(shown, format!("{} already exists", dest.display()));
                             return Ok(());
                         }
-                        return Err(io_error(&dest)(e));
+                        return Err(safe_error(e));
                     }
                 }
                 set_meta(&file, node, false);
@@ -352,14 +329,16 @@ impl<'p> Extractor<'p> {
                     self.skip(shown, reason);
                     return Ok(());
                 }
-                match std::fs::create_dir(&dest) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Made here (never an existing folder, never through a link) and opened from
+                // its parent's descriptor; its mode is capped below once its content is in.
+                let dir = match parent.mkdir_mode(leaf, crate::perms::DIR_MODE) {
+                    Ok(dir) => dir,
+                    Err(e) if e.io_kind() == Some(std::io::ErrorKind::AlreadyExists) => {
                         self.skip(shown, format!("{} already exists", dest.display()));
                         return Ok(());
                     }
-                    Err(e) => return Err(io_error(&dest)(e)),
-                }
+                    Err(e) => return Err(safe_error(e)),
+                };
                 self.report.dirs += 1;
                 self.visited.entered(shown, node.id);
                 let children = match tree.list(&src, self.limits.max_dir_entries) {
@@ -376,24 +355,18 @@ impl<'p> Extractor<'p> {
                         child_src,
                         child,
                         &child.raw_name,
-                        &dest,
+                        &dir,
                         depth + 1,
                     )?;
                 }
-                let dir = OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
-                    .open(&dest)
-                    .map_err(io_error(&dest))?;
-                set_meta(&dir, node, true);
+                let dir_file =
+                    File::from(dir.as_fd().try_clone_to_owned().map_err(io_error(&dest))?);
+                set_meta(&dir_file, node, true);
             }
             NodeKind::Symlink => {
                 let target = tree.read_link(&src)?;
                 // Depth of the link's folder below the target root.
-                let link_depth = dest
-                    .parent()
-                    .and_then(|p| p.strip_prefix(&self.root).ok())
-                    .map_or(0, |rel| rel.components().count());
+                let link_depth = depth;
                 if !link_stays_inside(&target, link_depth) {
                     self.skip(
                         shown,
@@ -404,12 +377,12 @@ impl<'p> Extractor<'p> {
                     );
                     return Ok(());
                 }
-                match std::os::unix::fs::symlink(to_os(&target), &dest) {
+                match parent.symlink(to_os(&target), leaf) {
                     Ok(()) => self.report.symlinks += 1,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Err(e) if e.io_kind() == Some(std::io::ErrorKind::AlreadyExists) => {
                         self.skip(shown, format!("{} already exists", dest.display()));
                     }
-                    Err(e) => return Err(io_error(&dest)(e)),
+                    Err(e) => return Err(safe_error(e)),
                 }
             }
             NodeKind::Special | NodeKind::Volume => {

@@ -409,11 +409,41 @@ impl Disk {
         limits: &Limits,
         progress: &dyn crate::repo::Progress,
     ) -> Result<ExtractReport, Error> {
+        // Bad item paths are refused before the target is looked at.
+        for item in items {
+            parse_path(item)?;
+        }
+        let meta = std::fs::symlink_metadata(target).map_err(|e| Error::BadTarget {
+            path: target.into(),
+            reason: e.to_string(),
+        })?;
+        if !meta.is_dir() {
+            return Err(Error::BadTarget {
+                path: target.into(),
+                reason: "not a folder (create it first)".into(),
+            });
+        }
+        let root = crate::safefs::Dir::open_root(target).map_err(|e| Error::BadTarget {
+            path: target.into(),
+            reason: e.to_string(),
+        })?;
+        self.extract_into(items, root, limits, progress)
+    }
+
+    /// [`Disk::extract`] into an open folder: everything is written below it through
+    /// descriptors (see `extract`).
+    pub fn extract_into(
+        &self,
+        items: &[String],
+        root: crate::safefs::Dir,
+        limits: &Limits,
+        progress: &dyn crate::repo::Progress,
+    ) -> Result<ExtractReport, Error> {
         let parsed = items
             .iter()
             .map(|i| parse_path(i))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut ex = extract::Extractor::new(target, *limits, progress)?;
+        let mut ex = extract::Extractor::new(root, *limits, progress)?;
         for (item, comps) in items.iter().zip(&parsed) {
             let Some((volume, rest)) = comps.split_first() else {
                 return Err(Error::BadPath {

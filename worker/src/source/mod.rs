@@ -170,6 +170,44 @@ pub fn open_sink(path: &Path, format: Option<ImageFormat>) -> Result<Box<dyn Sin
     })
 }
 
+/// Makes the new, empty file `file` (created by the caller below a root, and kept open by it
+/// for the whole restore) a disk image of `size` bytes and opens it writable. Nothing is
+/// reopened by name: raw images are written through a second descriptor of `file`, and
+/// `qemu-img`/`qemu-nbd` get [`crate::safefs::proc_path`] of it, which names the inode itself.
+/// `shown` is the path for messages.
+pub fn create_sink_on(
+    file: &std::fs::File,
+    shown: &Path,
+    format: ImageFormat,
+    size: u64,
+) -> Result<Box<dyn Sink>, Error> {
+    if size % 512 != 0 {
+        return Err(Error::Invalid {
+            path: shown.to_path_buf(),
+            reason: format!("disk size {size} is not a multiple of 512"),
+        });
+    }
+    let dup = file.try_clone().map_err(|e| io_error(shown, e))?;
+    Ok(match format {
+        ImageFormat::Raw => Box::new(raw::RawImage::create_on(dup, shown, size)?),
+        f => Box::new(nbd_image::NbdImage::create_on(&dup, shown, f, size)?),
+    })
+}
+
+/// Opens the existing image `file` (opened by the caller below a root) read-write, for a delta
+/// restore onto it; as [`create_sink_on`], nothing is reopened by name.
+pub fn open_sink_on(
+    file: &std::fs::File,
+    shown: &Path,
+    format: ImageFormat,
+) -> Result<Box<dyn Sink>, Error> {
+    let dup = file.try_clone().map_err(|e| io_error(shown, e))?;
+    Ok(match format {
+        ImageFormat::Raw => Box::new(raw::RawImage::from_file(dup, shown, true)?),
+        f => Box::new(nbd_image::NbdImage::open_on(&dup, shown, f)?),
+    })
+}
+
 fn resolve_format(path: &Path, format: Option<ImageFormat>) -> Result<ImageFormat, Error> {
     match format {
         Some(f) => {

@@ -78,6 +78,31 @@ impl NbdImage {
         }
     }
 
+    /// Serves the open image `file` writable through its `/proc/<pid>/fd/<fd>` path, so
+    /// qemu-nbd opens that inode whatever its name has become (`shown` for messages).
+    pub(crate) fn open_on(
+        file: &std::fs::File,
+        shown: &Path,
+        format: ImageFormat,
+    ) -> Result<NbdImage, Error> {
+        let mut image = NbdImage::open(&crate::safefs::proc_path(file), format, true)?;
+        image.path = shown.to_path_buf();
+        Ok(image)
+    }
+
+    /// Formats the new empty file `file` with `qemu-img create` (on its `/proc` path) and
+    /// opens it writable as [`NbdImage::open_on`]. The caller made the file exclusively and
+    /// removes it on failure.
+    pub(crate) fn create_on(
+        file: &std::fs::File,
+        shown: &Path,
+        format: ImageFormat,
+        size: u64,
+    ) -> Result<NbdImage, Error> {
+        qemu_img_create_at(&crate::safefs::proc_path(file), shown, format, size)?;
+        NbdImage::open_on(file, shown, format)
+    }
+
     fn client(&mut self) -> &mut Client {
         self.client.as_mut().expect("client is only taken in drop")
     }
@@ -94,6 +119,16 @@ impl NbdImage {
 /// rounding).
 fn qemu_img_create(path: &Path, format: ImageFormat, size: u64) -> Result<(), Error> {
     let abs = std::fs::canonicalize(path).map_err(|e| io_error(path, e))?;
+    qemu_img_create_at(&abs, path, format, size)
+}
+
+/// `qemu-img create` on the absolute path `abs` (`path` for messages).
+fn qemu_img_create_at(
+    abs: &Path,
+    path: &Path,
+    format: ImageFormat,
+    size: u64,
+) -> Result<(), Error> {
     let mut cmd = Command::new("qemu-img");
     cmd.args(["create", "-q", "-f", format.qemu_name()]);
     match format {
@@ -105,7 +140,7 @@ fn qemu_img_create(path: &Path, format: ImageFormat, size: u64) -> Result<(), Er
         }
         ImageFormat::Raw | ImageFormat::Qcow2 => {}
     }
-    cmd.arg(&abs).arg(size.to_string());
+    cmd.arg(abs).arg(size.to_string());
     let out = cmd.output().map_err(|e| Error::Tool {
         path: path.to_path_buf(),
         program: "qemu-img",

@@ -39,6 +39,11 @@ impl RawImage {
             .write(writable)
             .open(path)
             .map_err(|e| io_error(path, e))?;
+        RawImage::from_file(file, path, writable)
+    }
+
+    /// An existing raw image already open (`path` for messages).
+    pub(crate) fn from_file(file: File, path: &Path, writable: bool) -> Result<RawImage, Error> {
         let size = disk_file_size(&file, path)?;
         if size % 512 != 0 {
             return Err(Error::Invalid {
@@ -54,6 +59,26 @@ impl RawImage {
             parent_unsynced: false,
             direct: None,
             mappable,
+        })
+    }
+
+    /// Makes the new empty file `file` a sparse raw image of `size` bytes. Its directory entry
+    /// is the caller's to make durable; the `O_DIRECT` descriptor is a reopen of the inode
+    /// itself (`/proc/<pid>/fd/<fd>`), not of a name.
+    pub(crate) fn create_on(file: File, path: &Path, size: u64) -> Result<RawImage, Error> {
+        file.set_len(size).map_err(|e| io_error(path, e))?;
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(crate::safefs::proc_path(&file))
+            .ok();
+        Ok(RawImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+            parent_unsynced: false,
+            direct,
+            mappable: false,
         })
     }
 

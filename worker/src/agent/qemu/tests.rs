@@ -13,6 +13,7 @@ use cairn_schemas::v1::{ReportBody, StepWork};
 use super::*;
 use crate::agent::descriptor::{ReplicaState, write_descriptor};
 use crate::agent::{AgentConfig, FaultDelays};
+use crate::boundary::{Encryption, NodeSettings};
 use crate::qmp::tests::Qsd;
 use crate::repo::Repository;
 use cairn_schemas::ids::RecoveryPointId;
@@ -292,6 +293,13 @@ impl Live {
             vms_dir: vms,
             key_file: None,
             threads: 2,
+            // The live images are in temp folders.
+            settings: NodeSettings {
+                image_roots: vec![std::env::temp_dir()],
+                recovery_roots: vec![std::env::temp_dir()],
+                ..NodeSettings::default()
+            }
+            .with_repository("default", &repo, Encryption::None),
         })
         .unwrap()
         .with_fault_delays(FaultDelays::default())
@@ -777,6 +785,7 @@ fn a_moved_vm_stays_incremental_when_its_bitmap_moved_with_the_disk() {
             vms_dir: dir.path().join("empty"),
             key_file: None,
             threads: 1,
+            settings: NodeSettings::default(),
         })
         .unwrap(),
         vm: node_a.vm.clone(),
