@@ -401,3 +401,71 @@ fn a_three_node_nats_cluster_keeps_working_with_one_node_down() {
     wait_all_succeeded(&addr, &jobs, Duration::from_secs(180));
     check_recovery_points(&lab, &addr, &ids, 2);
 }
+
+#[test]
+fn a_token_revoked_through_one_orchestrator_is_refused_by_the_other_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path());
+    let lab = Lab::new(nats.url(), 0, 0, dir);
+    let a = lab.orchestrator(0, &[]);
+    let b = lab.orchestrator(1, &[]);
+    let (a, b) = (a.addr.clone().unwrap(), b.addr.clone().unwrap());
+    // The second start found the first one's bootstrap token: one admin, known to both.
+    let tokens = get(&b, "/v1/tokens");
+    let admins: Vec<&Value> = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"] == "bootstrap-admin")
+        .collect();
+    assert_eq!(admins.len(), 1, "{tokens}");
+
+    let (status, made) = http(
+        &a,
+        "POST",
+        "/v1/tokens",
+        Some(r#"{"name": "automation", "role": "operator"}"#),
+    );
+    assert_eq!(status, 201, "{made}");
+    let made: Value = serde_json::from_str(&made).unwrap();
+    let secret = made["token"].as_str().unwrap().to_owned();
+    let id = made["id"].as_str().unwrap().to_owned();
+    // B learns of the new token from the log.
+    wait_until(Duration::from_secs(10), "the token working on B", || {
+        http_as(&b, Some(&secret), "GET", "/v1/jobs", None).0 == 200
+    });
+    let (status, body) = http(&a, "POST", &format!("/v1/tokens/{id}/revoke"), None);
+    assert_eq!(status, 200, "{body}");
+    let revoked = Instant::now();
+    let refused = loop {
+        let (status, body) = http_as(&b, Some(&secret), "GET", "/v1/jobs", None);
+        if status == 401 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            revoked.elapsed() < Duration::from_secs(1),
+            "B still accepts the token {:?} after A revoked it",
+            revoked.elapsed()
+        );
+    };
+    let refused: Value = serde_json::from_str(&refused).unwrap();
+    assert_eq!(refused["error"]["code"], "unauthenticated", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{refused}"
+    );
+    // A refuses it too, and the revocation's actor is the admin that made it.
+    assert_eq!(http_as(&a, Some(&secret), "GET", "/v1/jobs", None).0, 401);
+    let listed = get(&b, "/v1/tokens");
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(row["live"], false, "{row}");
+}

@@ -735,3 +735,92 @@ fn targets_outside_the_nodes_roots_and_unregistered_repositories_are_refused() {
         "{answer}"
     );
 }
+
+/// Waits until `job`'s PrepareRecovery step succeeded (its Restore is then held by the fault
+/// hook), failing if the job ends first.
+fn wait_prepared(server: &UpServer, job: &str) {
+    wait_until(
+        Duration::from_secs(120),
+        &format!("job {job} past PrepareRecovery"),
+        || {
+            let view = server.get(&format!("/v1/jobs/{job}"));
+            assert!(
+                !["Succeeded", "Failed", "Cancelled"].contains(&view["state"].as_str().unwrap()),
+                "the job ended before the swap: {view:#}"
+            );
+            view["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|step| step["kind"] == "PrepareRecovery" && step["state"] == "Succeeded")
+        },
+    );
+}
+
+#[test]
+fn a_symlink_swapped_in_between_prepare_and_restore_does_not_redirect_the_write() {
+    let lab = lab(Some(4));
+    // Each Restore step waits 5 s at its start: the window of the swap.
+    let server = UpServer::start(
+        &lab.data,
+        &[],
+        &[("CAIRN_FAULT_STEP_DELAY_MS", "Restore=5000")],
+    );
+    let vm = find_vm(&server, "alpha")["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rp = backup(&server, &vm);
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("alpha-recovered-disk0.raw");
+    random_file(&victim, 4 * MIB, 99);
+    let victim_bytes = std::fs::read(&victim).unwrap();
+    let recovered = server.data.join("recovered");
+
+    // 1. The target file itself becomes a link to the victim.
+    let target = recovered.join("dr-file");
+    let job = accepted_id(
+        &server,
+        &format!("/v1/vms/{vm}/recover"),
+        json!({"rp": rp, "target": "host", "node": "local", "path": target, "format": "raw"}),
+    );
+    wait_prepared(&server, &job);
+    let image = target.join("alpha-recovered-disk0.raw");
+    if image.symlink_metadata().is_ok() {
+        std::fs::remove_file(&image).unwrap();
+    }
+    std::fs::create_dir_all(&target).unwrap();
+    std::os::unix::fs::symlink(&victim, &image).unwrap();
+    let done = wait_job(&server, &job, "Failed", Duration::from_secs(120));
+    let error = done["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("symbolic link")
+            || error.contains("Too many levels")
+            || error.contains("exists"),
+        "{done:#}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), victim_bytes);
+
+    // 2. The target folder is moved away and a link to the outside folder put in its place.
+    let target = recovered.join("dr-folder");
+    let job = accepted_id(
+        &server,
+        &format!("/v1/vms/{vm}/recover"),
+        json!({"rp": rp, "target": "host", "node": "local", "path": target, "format": "raw"}),
+    );
+    wait_prepared(&server, &job);
+    if target.symlink_metadata().is_ok() {
+        std::fs::rename(&target, recovered.join("dr-folder.moved")).unwrap();
+    }
+    std::os::unix::fs::symlink(outside.path(), &target).unwrap();
+    let done = wait_job(&server, &job, "Failed", Duration::from_secs(120));
+    assert!(done["error"].as_str().is_some(), "{done:#}");
+    assert_eq!(std::fs::read(&victim).unwrap(), victim_bytes);
+    let names: Vec<_> = std::fs::read_dir(outside.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["alpha-recovered-disk0.raw"], "nothing new outside");
+    // The server goes on serving.
+    assert!(server.get("/v1/vms").is_array());
+}

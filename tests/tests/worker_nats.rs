@@ -171,7 +171,7 @@ async fn a_backup_runs_through_the_worker_over_nats() {
                 assert!(!worker_version.is_empty());
                 registered = true;
             }
-            CairnCommand::RegisterRepositories { node, names } => {
+            CairnCommand::RegisterRepositories { node, names, .. } => {
                 assert!(registered, "repositories before registration");
                 assert_eq!(node.as_str(), "kvm-01.lab");
                 assert_eq!(names, ["default"]);

@@ -168,14 +168,14 @@ pub async fn space_command(node: &NodeId, repository: &str, repo_dir: &Path) -> 
 /// The repositories the agent's node registers, by name, for the orchestrators (which refuse
 /// a policy naming a repository no node registers).
 pub fn repositories_command(node: &NodeId, agent: &Agent) -> Command {
+    let settings = &agent.config().settings;
     Command::RegisterRepositories {
         node: node.clone(),
-        names: agent
-            .config()
-            .settings
-            .repositories
-            .keys()
-            .cloned()
+        names: settings.repositories.keys().cloned().collect(),
+        app_owner_roots: settings
+            .app_owner_roots
+            .iter()
+            .map(|root| root.to_string_lossy().into_owned())
             .collect(),
     }
 }

@@ -104,6 +104,10 @@ pub struct UpArgs {
     /// Another folder recoveries may write below, besides `DATA/recovered` (repeat).
     #[arg(long = "recovery-root", value_name = "DIR")]
     pub recovery_roots: Vec<PathBuf>,
+    /// Another folder recoveries asked by app-owner tokens may write below, besides
+    /// `DATA/recovered/owners`; each inside a recovery root (repeat).
+    #[arg(long = "app-owner-root", value_name = "DIR")]
+    pub app_owner_roots: Vec<PathBuf>,
     /// Another folder seed imports may read from, besides `DATA/seeds` (repeat).
     #[arg(long = "seed-root", value_name = "DIR")]
     pub seed_roots: Vec<PathBuf>,
@@ -117,7 +121,8 @@ pub struct UpArgs {
 pub const REPOSITORY_NAME: &str = "default";
 
 /// The boundary of `cairn up`'s nodes: repository `default` at `DATA/repo` (encryption
-/// required unless it is plain), recovery roots `DATA/recovered` and `--recovery-root`s, seed
+/// required unless it is plain), recovery roots `DATA/recovered` and `--recovery-root`s,
+/// app-owner roots `DATA/recovered/owners` and `--app-owner-root`s, seed
 /// roots `DATA/seeds` and `--seed-root`s, image roots `DATA/vms`, `DATA/images` and
 /// `--image-root`s. `data` is the canonical data folder.
 fn node_settings(args: &UpArgs, data: &Path, encrypted: bool) -> Result<NodeSettings> {
@@ -128,6 +133,8 @@ fn node_settings(args: &UpArgs, data: &Path, encrypted: bool) -> Result<NodeSett
     };
     let mut recovery_roots = vec![data.join("recovered")];
     recovery_roots.extend(absolute("--recovery-root", &args.recovery_roots)?);
+    let mut app_owner_roots = vec![data.join("recovered").join("owners")];
+    app_owner_roots.extend(absolute("--app-owner-root", &args.app_owner_roots)?);
     let mut seed_roots = vec![data.join("seeds")];
     seed_roots.extend(absolute("--seed-root", &args.seed_roots)?);
     let mut image_roots = vec![data.join("vms"), data.join("images")];
@@ -139,6 +146,7 @@ fn node_settings(args: &UpArgs, data: &Path, encrypted: bool) -> Result<NodeSett
     };
     let settings = NodeSettings {
         recovery_roots,
+        app_owner_roots,
         seed_roots,
         image_roots,
         ..NodeSettings::default()
@@ -215,7 +223,14 @@ async fn serve(args: UpArgs) -> Result<i32> {
     let data = data
         .canonicalize()
         .with_context(|| format!("{}", data.display()))?;
-    for sub in ["events", "vms", "images", "recovered", "seeds"] {
+    for sub in [
+        "events",
+        "vms",
+        "images",
+        "recovered",
+        "recovered/owners",
+        "seeds",
+    ] {
         perms::private_dir(&data.join(sub))?;
     }
     let repo_dir = data.join("repo");

@@ -120,11 +120,16 @@ pub(super) fn check_recovery_target(
     })
 }
 
-/// Whether `path` is `root` or below it, component by component (both absolute, no `..`).
+/// Whether `path` is `root` or below it, component by component; both must be absolute,
+/// and a `..` anywhere in `path` makes it not below anything.
 pub(crate) fn is_below(path: &str, root: &str) -> bool {
     let path = std::path::Path::new(path);
     let root = std::path::Path::new(root);
-    root.is_absolute() && path.starts_with(root)
+    root.is_absolute()
+        && path
+            .components()
+            .all(|c| c != std::path::Component::ParentDir)
+        && path.starts_with(root)
 }
 
 #[cfg(test)]
@@ -138,5 +143,6 @@ mod tests {
         assert!(!is_below("/srv/ownersX/web", "/srv/owners"));
         assert!(!is_below("/srv", "/srv/owners"));
         assert!(!is_below("/srv/owners", "relative"));
+        assert!(!is_below("/srv/owners/../../etc", "/srv/owners"));
     }
 }

@@ -332,7 +332,11 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             )])
         }
         Command::ReportInventory { node, vms } => inventory(state, node, vms),
-        Command::RegisterRepositories { node, names } => {
+        Command::RegisterRepositories {
+            node,
+            names,
+            app_owner_roots,
+        } => {
             if names.len() > MAX_REPOSITORIES_PER_NODE {
                 return Err(invalid(
                     "invalid_request",
@@ -348,19 +352,45 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
                     format!("{bad:?} is not a repository name (A-Z a-z 0-9 . _ -, 1 to 64)"),
                 ));
             }
+            if app_owner_roots.len() > MAX_REPOSITORIES_PER_NODE {
+                return Err(invalid(
+                    "invalid_request",
+                    format!(
+                        "node {node} registers {} app-owner roots, at most {MAX_REPOSITORIES_PER_NODE}",
+                        app_owner_roots.len()
+                    ),
+                ));
+            }
+            if let Some(bad) = app_owner_roots.iter().find(|r| !is_root_folder(r)) {
+                return Err(invalid(
+                    "invalid_request",
+                    format!(
+                        "app-owner root {bad:?} is not an absolute folder (no .., at most 4096 bytes)"
+                    ),
+                ));
+            }
             let mut names = names.clone();
             names.sort();
             names.dedup();
+            let mut app_owner_roots = app_owner_roots.clone();
+            app_owner_roots.sort();
+            app_owner_roots.dedup();
             if state
                 .nodes
                 .get(node)
-                .is_some_and(|n| n.repositories == names)
+                .is_some_and(|n| n.repositories == names && n.app_owner_roots == app_owner_roots)
             {
                 return Ok(vec![]);
             }
             Ok(vec![Emit::new(
                 Aggregate::Node(node.clone()),
-                vec![NodeEvent::RepositoriesRegistered { names }.into()],
+                vec![
+                    NodeEvent::RepositoriesRegistered {
+                        names,
+                        app_owner_roots,
+                    }
+                    .into(),
+                ],
             )])
         }
         Command::RequestRecovery {
@@ -510,6 +540,14 @@ pub(super) fn present_vm(state: &State, vm: VmId) -> Result<&super::state::Vm, C
 
 /// Most repositories one node may register.
 const MAX_REPOSITORIES_PER_NODE: usize = 256;
+
+/// Whether `root` is an absolute folder path without `.`/`..` parts, as app-owner roots must be.
+fn is_root_folder(root: &str) -> bool {
+    root.starts_with('/')
+        && root.len() <= 4096
+        && !root.contains('\0')
+        && root.split('/').all(|part| part != "." && part != "..")
+}
 
 /// A repository name as nodes register them: `[A-Za-z0-9._-]{1,64}`, not starting with '.'.
 fn is_repository_name(name: &str) -> bool {

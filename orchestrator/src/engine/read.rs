@@ -427,8 +427,19 @@ fn summary(event: &Event) -> String {
                 total_bytes,
                 free_bytes,
             } => format!("repository {repository}: {free_bytes} of {total_bytes} bytes free"),
-            NodeEvent::RepositoriesRegistered { names } => {
-                format!("repositories registered: {}", names.join(", "))
+            NodeEvent::RepositoriesRegistered {
+                names,
+                app_owner_roots,
+            } => {
+                if app_owner_roots.is_empty() {
+                    format!("repositories registered: {}", names.join(", "))
+                } else {
+                    format!(
+                        "repositories registered: {}; app-owner roots: {}",
+                        names.join(", "),
+                        app_owner_roots.join(", ")
+                    )
+                }
             }
         },
         Event::Token(token) => match token {

@@ -1160,6 +1160,15 @@ impl<L: EventLog + 'static> Control for Handle<L> {
         cairn_schemas::TokenId::new_v7(self.shared.clock.now_ms(), random10())
     }
 
+    fn app_owner_roots(&self, node: &NodeId) -> Vec<String> {
+        self.read(|s| {
+            s.nodes
+                .get(node)
+                .map(|n| n.app_owner_roots.clone())
+                .unwrap_or_default()
+        })
+    }
+
     fn default_repository(&self) -> String {
         self.shared.config.repository.clone()
     }

@@ -249,6 +249,8 @@ pub struct Node {
     pub online: bool,
     /// The repository names the node's worker registers (sorted).
     pub repositories: Vec<String>,
+    /// Where the node lets recoveries asked by app owners write (sorted).
+    pub app_owner_roots: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -566,6 +568,7 @@ impl State {
                     last_seen: at,
                     online: true,
                     repositories: Vec::new(),
+                    app_owner_roots: Vec::new(),
                 });
                 node.cluster = cluster.clone();
                 node.worker_version = worker_version.clone();
@@ -598,9 +601,13 @@ impl State {
                     },
                 );
             }
-            NodeEvent::RepositoriesRegistered { names } => {
+            NodeEvent::RepositoriesRegistered {
+                names,
+                app_owner_roots,
+            } => {
                 if let Some(node) = self.nodes.get_mut(id) {
                     node.repositories = names.clone();
+                    node.app_owner_roots = app_owner_roots.clone();
                 }
             }
         }

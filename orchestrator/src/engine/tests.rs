@@ -1810,6 +1810,7 @@ fn a_policy_naming_a_repository_no_node_registers_is_refused() {
             .submit(Command::RegisterRepositories {
                 node: node(),
                 names,
+                app_owner_roots: vec![],
             })
             .unwrap_err();
         assert_eq!(err.code(), "invalid_request");
@@ -1817,6 +1818,7 @@ fn a_policy_naming_a_repository_no_node_registers_is_refused() {
     w.submit(Command::RegisterRepositories {
         node: node(),
         names: vec!["offsite".into(), "default".into(), "default".into()],
+        app_owner_roots: vec![],
     })
     .unwrap();
     assert_eq!(w.state.nodes[&node()].repositories, ["default", "offsite"]);
@@ -1824,6 +1826,7 @@ fn a_policy_naming_a_repository_no_node_registers_is_refused() {
     w.submit(Command::RegisterRepositories {
         node: node(),
         names: vec!["default".into(), "offsite".into()],
+        app_owner_roots: vec![],
     })
     .unwrap();
     assert_eq!(
@@ -1851,6 +1854,7 @@ fn a_policy_naming_a_repository_no_node_registers_is_refused() {
     w.submit(Command::RegisterRepositories {
         node: node(),
         names: vec![],
+        app_owner_roots: vec![],
     })
     .unwrap();
     let mut policy = GroupPolicy::with_defaults("default");

@@ -159,12 +159,15 @@ pub enum Command {
         /// The token.
         token: TokenId,
     },
-    /// A worker reports the repositories its node registers, by name.
+    /// A worker reports the repositories its node registers, by name, and the folders where
+    /// it lets recoveries asked by app owners write.
     RegisterRepositories {
         /// The node.
         node: NodeId,
         /// The registered names.
         names: Vec<String>,
+        /// The node's app-owner roots (absolute folders, each inside a recovery root).
+        app_owner_roots: Vec<String>,
     },
 }
 

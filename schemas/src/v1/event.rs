@@ -307,6 +307,8 @@ pub enum NodeEvent {
     RepositoriesRegistered {
         /// The registered names, sorted.
         names: Vec<String>,
+        /// The node's app-owner roots, sorted: where recoveries asked by app owners may write.
+        app_owner_roots: Vec<String>,
     },
 }
 

@@ -789,6 +789,7 @@ fn events() -> Vec<Event> {
         TokenEvent::TokenRevoked.into(),
         NodeEvent::RepositoriesRegistered {
             names: vec!["default".into(), "offsite".into()],
+            app_owner_roots: vec!["/srv/recovered/apps".into()],
         }
         .into(),
     ]
@@ -900,6 +901,7 @@ fn commands() -> Vec<Command> {
         Command::RegisterRepositories {
             node: node(),
             names: vec!["default".into(), "offsite".into()],
+            app_owner_roots: vec!["/srv/recovered/apps".into()],
         },
     ]
 }
