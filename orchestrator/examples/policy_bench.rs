@@ -103,6 +103,7 @@ fn build(n_vms: usize, n_groups: usize, n_rps: usize) -> State {
                     job: None,
                     taken_at,
                     consistency: Consistency::Crash,
+                    repository: "default".into(),
                     disks: disks
                         .iter()
                         .map(|d| CommittedDisk {

@@ -726,9 +726,9 @@ fn targets_outside_the_nodes_roots_and_unregistered_repositories_are_refused() {
         json!({"name": "elsewhere", "vms": [vm], "sync": "1d", "repository": "offsite"}),
     );
     assert!((400..500).contains(&status), "{status} {answer}");
-    assert_eq!(answer["code"], "unknown_repository", "{answer}");
+    assert_eq!(answer["error"]["code"], "unknown_repository", "{answer}");
     assert!(
-        answer["message"]
+        answer["error"]["message"]
             .as_str()
             .unwrap_or_default()
             .contains("registered: default"),

@@ -734,6 +734,18 @@ fn committed(job: &Job) -> JobEvent {
     }
 }
 
+/// The repository a recovery of `rp` reads: the one the point was written to, else (a point
+/// whose job named none) the one its VM's group writes to now.
+fn source_repository(state: &State, cfg: &EngineConfig, job: &Job, rp: RecoveryPointId) -> String {
+    state
+        .rps
+        .get(&job.vm)
+        .and_then(|list| list.iter().find(|r| r.rp == rp))
+        .map(|r| r.repository.clone())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| repository(state, cfg, job))
+}
+
 fn repository(state: &State, cfg: &EngineConfig, job: &Job) -> String {
     job.group
         .and_then(|g| state.groups.get(&g))
@@ -846,6 +858,7 @@ fn build_spec(
             let JobKind::Recovery { rp, target } = &job.kind else {
                 return Err("a recovery step outside a recovery job".into());
             };
+            let repository = source_repository(state, cfg, job, *rp);
             recovery_work(state, job, vm, &step.kind, *rp, target, repository)?
         }
         StepKind::ExtractItems { disk } => {
@@ -858,7 +871,7 @@ fn build_spec(
             };
             StepWork::ExtractItems {
                 disk: disk.clone(),
-                repository,
+                repository: source_repository(state, cfg, job, *rp),
                 rp: *rp,
                 items: items.clone(),
                 target_path: path.clone(),

@@ -1315,11 +1315,16 @@ impl<L> Handle<L> {
                 disk.unwrap_or("(none at all)")
             ),
         })?;
-        let repository = found
-            .group
-            .and_then(|g| state.groups.get(&g))
-            .map(|g| g.policy.repository.clone())
+        // Where the point was written, whatever the group names now.
+        let repository = Some(point.repository.clone())
             .filter(|r| !r.is_empty())
+            .or_else(|| {
+                found
+                    .group
+                    .and_then(|g| state.groups.get(&g))
+                    .map(|g| g.policy.repository.clone())
+                    .filter(|r| !r.is_empty())
+            })
             .unwrap_or_else(|| self.shared.config.repository.clone());
         Ok((
             found.node.clone(),

@@ -9,7 +9,7 @@ use cairn_schemas::{
     Aggregate, CommittedDisk, Consistency, DataSourceState, DiskId, DiskInfo, Event, GroupEvent,
     GroupId, GroupPolicy, JobEvent, JobId, JobKind, JobReason, JobState, NodeEvent, NodeId,
     PlannedStep, PowerState, RecoveryOptions, RecoveryPointId, StepId, StepKind, StepResult,
-    StepSpec, VmEvent, VmId, WaitReason,
+    StepSpec, StepWork, VmEvent, VmId, WaitReason,
 };
 use serde::{Deserialize, Serialize};
 
@@ -261,6 +261,9 @@ pub struct RecoveryPoint {
     pub taken_at: u64,
     pub consistency: Consistency,
     pub disks: Vec<CommittedDisk>,
+    /// The repository it was written to (the one its job's commit step named); recoveries
+    /// read it from there whatever the group names later. Empty when its job said none.
+    pub repository: String,
 }
 
 impl State {
@@ -808,6 +811,7 @@ impl State {
                         _ => None,
                     })
                     .collect();
+                let repository = written_to(job);
                 let list = self.rps.entry(*vm).or_default();
                 if !list.iter().any(|r| r.rp == *rp) {
                     list.push(RecoveryPoint {
@@ -817,6 +821,7 @@ impl State {
                         taken_at: *taken_at,
                         consistency: *consistency,
                         disks: disks.clone(),
+                        repository,
                     });
                 }
                 // A backup makes an inconsistent replica no better (only a consistency check
@@ -899,4 +904,24 @@ pub(crate) fn step_from_plan(plan: &PlannedStep) -> Step {
         error: None,
         result: None,
     }
+}
+
+/// The repository a job's recovery point is written to: the one its commit step was
+/// dispatched with (or, without one, any step that wrote to a repository).
+fn written_to(job: &Job) -> String {
+    fn repository_of(work: &StepWork) -> Option<(u8, &String)> {
+        match work {
+            StepWork::CommitRecoveryPoint { repository, .. } => Some((0, repository)),
+            StepWork::Transfer { repository, .. }
+            | StepWork::CheckDisk { repository, .. }
+            | StepWork::ImportSeed { repository, .. } => Some((1, repository)),
+            _ => None,
+        }
+    }
+    job.steps
+        .iter()
+        .filter_map(|s| s.spec.as_ref().and_then(|spec| repository_of(&spec.work)))
+        .min_by_key(|(rank, _)| *rank)
+        .map(|(_, repository)| repository.clone())
+        .unwrap_or_default()
 }

@@ -950,6 +950,46 @@ fn recovery_to_the_original_vm_overwrites_its_disks_and_excludes_backups() {
 }
 
 #[test]
+fn a_recovery_reads_the_repository_its_point_was_written_to() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    let first = backup(&mut w, vm);
+    run_backup_to_success(&mut w, first);
+    assert_eq!(w.state.rps[&vm][0].repository, "/repo");
+    // The VM then joins a group that writes elsewhere.
+    w.submit(Command::RegisterRepositories {
+        node: node(),
+        names: vec!["offsite".into()],
+        app_owner_roots: vec![],
+    })
+    .unwrap();
+    let group = w.id(GroupId::new_v7);
+    w.submit(Command::CreateGroup {
+        group,
+        name: "moved".into(),
+        members: vec![vm],
+        policy: GroupPolicy::with_defaults("offsite"),
+    })
+    .unwrap();
+    w.settle();
+    let target = RecoveryTarget::CopyToFolder {
+        node: node(),
+        path: "/copies".into(),
+    };
+    let job = recover(&mut w, vm, target, Default::default()).unwrap();
+    w.report(job, &StepKind::PrepareRecovery, ok_prepare());
+    let restores: Vec<String> = w.state.jobs[&job]
+        .steps
+        .iter()
+        .filter_map(|s| match s.spec.as_ref().map(|spec| &spec.work) {
+            Some(StepWork::Restore { repository, .. }) => Some(repository.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restores, ["/repo", "/repo"]);
+}
+
+#[test]
 fn recovery_to_another_host_names_a_new_vm_and_runs_there() {
     let mut w = World::new();
     let vm = setup(&mut w, 1)[0];
