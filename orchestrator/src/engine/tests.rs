@@ -982,7 +982,7 @@ fn a_recovery_reads_the_repository_its_point_was_written_to() {
         .steps
         .iter()
         .filter_map(|s| match s.spec.as_ref().map(|spec| &spec.work) {
-            Some(StepWork::Restore { repository, .. }) => Some(repository.clone()),
+            Some(StepWork::RestoreDisk { repository, .. }) => Some(repository.clone()),
             _ => None,
         })
         .collect();
