@@ -915,14 +915,26 @@ pub fn change_tracking(
     vm.tracking.get(disk).cloned()
 }
 
-/// The job and step a report is about, if it is for the step's current attempt and epoch and
-/// the step is still in flight; `None` for reports to ignore.
+/// The job and step a report is about, if it is for the step's current attempt and epoch, comes
+/// from the node the step was dispatched to, and the step is still in flight; `None` for
+/// reports to ignore.
 fn reported_step<'s>(state: &'s State, report: &Report) -> Option<(&'s Job, &'s Step)> {
     let job = state.jobs.get(&report.job)?;
     let step = job.step(report.step)?;
     let current = step.attempt == report.attempt
-        && step.spec.as_ref().is_some_and(|s| s.epoch == report.epoch);
+        && step
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.epoch == report.epoch && s.node == report.node);
     (current && step.status.in_flight() && !job.state.is_terminal()).then_some((job, step))
+}
+
+/// The node a report's step was dispatched to, when the report names another one (a worker
+/// reporting for a step that is not its own); `None` otherwise. Such a report is ignored.
+pub fn reported_by_another_node(state: &State, report: &Report) -> Option<NodeId> {
+    let step = state.jobs.get(&report.job)?.step(report.step)?;
+    let spec = step.spec.as_ref()?;
+    (spec.node != report.node).then(|| spec.node.clone())
 }
 
 /// VM events a worker's report implies: a transfer that was handed a bitmap but could not use

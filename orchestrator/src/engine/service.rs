@@ -383,6 +383,16 @@ impl<L: EventLog + 'static> Engine<L> {
             .insert((report.step, report.attempt), now);
         let (events, vm_events) = {
             let state = self.shared.state.read().expect("state lock");
+            if let Some(dispatched_to) = super::jobs::reported_by_another_node(&state, &report) {
+                tracing::warn!(
+                    job = %report.job,
+                    step = %report.step,
+                    reporter = %report.node,
+                    dispatched_to = %dispatched_to,
+                    "ignored a report from node {} for a step dispatched to node {dispatched_to}",
+                    report.node
+                );
+            }
             let vm = state.jobs.get(&report.job).map(|j| j.vm);
             (
                 {

@@ -950,6 +950,36 @@ fn recovery_to_the_original_vm_overwrites_its_disks_and_excludes_backups() {
 }
 
 #[test]
+fn a_report_from_another_node_than_the_steps_is_ignored() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    let job = backup(&mut w, vm);
+    let step = w.state.jobs[&job].steps[0].clone();
+    let spec = step.spec.clone().unwrap();
+    let forged = Report {
+        step: step.id,
+        attempt: step.attempt,
+        job,
+        partition: 0,
+        epoch: spec.epoch,
+        node: "node-z".parse().unwrap(),
+        body: ok_snapshot(),
+    };
+    assert_eq!(
+        super::jobs::reported_by_another_node(&w.state, &forged),
+        Some(node())
+    );
+    assert!(on_report(&w.state, &w.cfg, &forged, w.now).is_empty());
+    // The same report from the step's own node is taken.
+    let own = Report {
+        node: node(),
+        ..forged
+    };
+    assert_eq!(super::jobs::reported_by_another_node(&w.state, &own), None);
+    assert!(!on_report(&w.state, &w.cfg, &own, w.now).is_empty());
+}
+
+#[test]
 fn a_recovery_reads_the_repository_its_point_was_written_to() {
     let mut w = World::new();
     let vm = setup(&mut w, 1)[0];

@@ -307,6 +307,9 @@ impl JetStreamLog {
             num_replicas: config.replicas,
             duplicate_window: config.duplicate_window,
             allow_direct: true,
+            // Acknowledged history is never removed through the API, by anyone.
+            deny_delete: true,
+            deny_purge: true,
             ..Default::default()
         };
         let stream_name = config.stream.clone();
@@ -322,6 +325,18 @@ impl JetStreamLog {
                 format!("opening stream {stream_name}"),
                 format!("the stream exists but captures {subjects:?}, not {ALL_EVENTS:?}"),
             ));
+        }
+        let existing = &stream.cached_info().config;
+        if !existing.deny_delete || !existing.deny_purge {
+            // A stream made by an earlier cairn, or by hand: say so at every start, since
+            // nats-server does not let a stream's deny flags be changed after its creation.
+            tracing::warn!(
+                stream = %stream_name,
+                deny_delete = existing.deny_delete,
+                deny_purge = existing.deny_purge,
+                "the event stream allows deleting or purging its messages; a new stream made by \
+                 this cairn refuses both (migrate by mirroring it into a new stream)"
+            );
         }
 
         let bucket = config.commands_bucket.clone();
