@@ -19,6 +19,17 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+/// The PEM files of [`TestCa::write_server_files`].
+#[derive(Debug, Clone)]
+pub struct ServerFiles {
+    /// The CA certificate, for clients (`--ca-file`).
+    pub ca: PathBuf,
+    /// The server certificate (`--tls-cert`).
+    pub cert: PathBuf,
+    /// Its private key, mode 0600 (`--tls-key`).
+    pub key: PathBuf,
+}
+
 /// A certificate authority that exists only for one test.
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
@@ -59,8 +70,40 @@ impl TestCa {
         path
     }
 
+    /// A server certificate for `localhost`, `127.0.0.1` and `::1` signed by this CA, written
+    /// to `dir` as PEM files: `ca.pem`, `cert.pem` and `key.pem` (mode 0600, as cairn wants a
+    /// private key), for a cairn that serves TLS itself.
+    pub fn write_server_files(&self, dir: &Path) -> ServerFiles {
+        use std::os::unix::fs::OpenOptionsExt;
+        let (cert, key) = self.server_certificate();
+        let write = |name: &str, text: &str, mode: u32| {
+            let path = dir.join(name);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&path)
+                .expect("a new PEM file");
+            file.write_all(text.as_bytes()).expect("write the PEM file");
+            path
+        };
+        ServerFiles {
+            ca: write("ca.pem", &self.pem, 0o644),
+            cert: write("cert.pem", &cert.pem(), 0o644),
+            key: write("key.pem", &key.serialize_pem(), 0o600),
+        }
+    }
+
     /// A certificate for `localhost`, `127.0.0.1` and `::1`, with its key.
     fn server_identity(&self) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let (cert, key) = self.server_certificate();
+        (
+            cert.der().clone(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    fn server_certificate(&self) -> (rcgen::Certificate, KeyPair) {
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
         params
             .subject_alt_names
@@ -78,10 +121,7 @@ impl TestCa {
         let cert = params
             .signed_by(&key, &self.issuer)
             .expect("server certificate");
-        (
-            cert.der().clone(),
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
+        (cert, key)
     }
 
     /// Starts an HTTPS server on `127.0.0.1:0` that answers every request with `response`

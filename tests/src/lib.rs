@@ -96,6 +96,35 @@ pub fn cairn_command() -> Command {
     command
 }
 
+/// Runs `cairn ARGS`, which must fail at once (a server that starts instead is killed and
+/// fails the test rather than hanging it); returns its stderr.
+pub fn cairn_refused(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let stderr_path = dir.path().join("stderr");
+    let mut child = cairn_command()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .expect("cairn runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cairn {args:?} did not exit within a minute");
+        }
+        // Polling a child's exit with a deadline; nothing else signals it.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(!status.success(), "cairn {args:?} succeeded: {stderr}");
+    stderr
+}
+
 /// Runs `cairn ARGS`; returns its output whatever the exit code.
 pub fn cairn(args: &[&str]) -> Output {
     cairn_command().args(args).output().expect("cairn runs")

@@ -6,25 +6,25 @@
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::path::Path;
+use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cairn_tests::hook::{ServerFiles, TestCa};
 use cairn_tests::*;
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A test CA (`ca.pem`) and a server certificate for `localhost` and 127.0.0.1 signed by it
-/// (`cert.pem`, key `key.pem` with mode 0600), in `dir`.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+/// A test CA (`ca.pem`) and a server certificate for `localhost`, 127.0.0.1 and ::1 signed by
+/// it (`cert.pem`, key `key.pem` with mode 0600), in `dir`.
+fn make_pki(dir: &Path) -> ServerFiles {
+    TestCa::new().write_server_files(dir)
 }
 
+/// Writes a new file with `mode`.
 fn write_file(path: &Path, text: &str, mode: u32) {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -35,30 +35,6 @@ fn write_file(path: &Path, text: &str, mode: u32) {
     file.write_all(text.as_bytes()).unwrap();
 }
 
-fn make_pki(dir: &Path) -> Pki {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "cairn test CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
-    let pki = Pki {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-    };
-    write_file(&pki.ca, &ca.pem(), 0o644);
-    write_file(&pki.cert, &cert.pem(), 0o644);
-    write_file(&pki.key, &key.serialize_pem(), 0o600);
-    pki
-}
-
 /// Runs `cairn ARGS` with extra environment (and without `CAIRN_CA_FILE` from outside).
 fn cairn_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = cairn_command();
@@ -67,35 +43,6 @@ fn cairn_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         command.env(key, value);
     }
     command.output().expect("cairn runs")
-}
-
-/// Runs `cairn ARGS`, which must fail at once (a server that starts instead is killed and
-/// fails the test rather than hanging it); returns its stderr.
-fn cairn_refused(args: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let stderr_path = dir.path().join("stderr");
-    let mut child = cairn_command()
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .expect("cairn runs");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("cairn {args:?} did not exit within a minute");
-        }
-        // Polling a child's exit with a deadline; nothing else signals it.
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
-    assert!(!status.success(), "cairn {args:?} succeeded: {stderr}");
-    stderr
 }
 
 #[track_caller]

@@ -7,8 +7,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use cairn_tests::*;
 
@@ -37,36 +36,6 @@ fn cairn_umask_000(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs `cairn ARGS`, which must fail at once (a server that starts instead is killed and fails
-/// the test rather than hanging it); returns its stderr.
-fn cairn_refused(args: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let stderr_path = dir.path().join("stderr");
-    let mut child = Command::new(cairn_bin())
-        .env("XDG_CONFIG_HOME", cairn_tests::config_home())
-        .args(args)
-        .env("CAIRN_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .expect("cairn runs");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("cairn {args:?} did not exit within a minute");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
-    assert!(!status.success(), "cairn {args:?} succeeded: {stderr}");
-    stderr
 }
 
 fn assert_names(stderr: &str, needle: &str, what: &str) {

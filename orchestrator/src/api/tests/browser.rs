@@ -235,45 +235,10 @@ async fn a_real_server_always_checks_the_host() {
     server.await.unwrap().unwrap();
 }
 
-/// A test CA and a server certificate for `localhost` and 127.0.0.1 signed by it, written
-/// to `dir` as `ca.pem`, `cert.pem` and `key.pem` (0600).
-struct TestPki {
-    ca: Vec<u8>,
-    cert: std::path::PathBuf,
-    key: std::path::PathBuf,
-}
-
-fn test_pki(dir: &std::path::Path) -> TestPki {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "cairn test CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
-    let write = |name: &str, text: &str, mode: u32| {
-        let path = dir.join(name);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-            .unwrap();
-        std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
-        path
-    };
-    write("ca.pem", &ca.pem(), 0o644);
-    TestPki {
-        ca: ca.pem().into_bytes(),
-        cert: write("cert.pem", &cert.pem(), 0o644),
-        key: write("key.pem", &key.serialize_pem(), 0o600),
-    }
+/// A test CA and a server certificate for `localhost`, 127.0.0.1 and ::1 signed by it,
+/// written to `dir` as `ca.pem`, `cert.pem` and `key.pem` (0600).
+fn test_pki(dir: &std::path::Path) -> cairn_tests::hook::ServerFiles {
+    cairn_tests::hook::TestCa::new().write_server_files(dir)
 }
 
 fn tls_connector(ca_pem: &[u8]) -> tokio_rustls::TlsConnector {
@@ -334,7 +299,7 @@ async fn serves_over_tls_refuses_plain_http_and_shuts_down() {
             let _ = stopped.await;
         },
     ));
-    let connector = tls_connector(&pki.ca);
+    let connector = tls_connector(&std::fs::read(&pki.ca).unwrap());
     let (status, vms) = https(&connector, addr, "/v1/vms").await;
     assert_eq!(status, 200, "{vms}");
     assert_eq!(vms[1]["name"], "db-01");
