@@ -242,6 +242,7 @@ impl JobMaker {
             let live = Liveness {
                 last_report: HashMap::new(),
                 started_at: self.now,
+                last_refused: HashMap::new(),
             };
             let events = reconcile(
                 &self.state,

@@ -44,6 +44,10 @@ pub enum ControlError {
     /// `invalid_id`, `invalid_path`.
     #[error("{message}")]
     Invalid { code: &'static str, message: String },
+    /// The caller may not do this (403). Codes: `forbidden` (a node's command about another
+    /// node, or a command no node may send).
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     /// The orchestrator failed (500); the message is for the log, not a user's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -59,6 +63,7 @@ impl ControlError {
             ControlError::NotFound { .. } => 404,
             ControlError::Conflict { .. } => 409,
             ControlError::Invalid { .. } => 400,
+            ControlError::Forbidden { .. } => 403,
             ControlError::Internal(_) => 500,
             ControlError::Unavailable(_) => 503,
         }
@@ -69,7 +74,8 @@ impl ControlError {
         match self {
             ControlError::NotFound { code, .. }
             | ControlError::Conflict { code, .. }
-            | ControlError::Invalid { code, .. } => code,
+            | ControlError::Invalid { code, .. }
+            | ControlError::Forbidden { code, .. } => code,
             ControlError::Internal(_) => "internal",
             ControlError::Unavailable(_) => "unavailable",
         }

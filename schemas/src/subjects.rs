@@ -3,7 +3,12 @@
 //!
 //! - `cairn.evt.<partition>.<aggregate kind>.<id>`: events (stream `CAIRN_EVENTS`);
 //! - `cairn.step.<node>`: step queue of one node;
-//! - `cairn.report.<partition>`: worker reports for a partition's owner.
+//! - `cairn.report.<partition>.<node>`: a node's worker reports for a partition's owner;
+//! - `cairn.node.<node>.cmd`: a node's own commands (registration, inventory, space).
+//!
+//! Every subject a worker publishes or pulls names its node, so that nats-server's
+//! per-identity permissions can bind each subject to one node's credentials, and the
+//! orchestrator can compare the node a subject names with the node a message claims.
 //!
 //! Node names may contain '.', the NATS token separator, so names are escaped in subjects:
 //! '.' becomes `%2E` ('%' cannot occur in a name, so the escaping is reversible).
@@ -20,7 +25,10 @@ pub const DEFAULT_PARTITIONS: NonZeroU16 = NonZeroU16::new(16).unwrap();
 pub const ALL_EVENTS: &str = "cairn.evt.>";
 
 /// Filter matching every report subject.
-pub const ALL_REPORTS: &str = "cairn.report.*";
+pub const ALL_REPORTS: &str = "cairn.report.>";
+
+/// Filter matching every node's command subject.
+pub const ALL_NODE_COMMANDS: &str = "cairn.node.*.cmd";
 
 /// 64-bit FNV-1a. Stable across builds, platforms and Rust versions (unlike `DefaultHasher`),
 /// which is what a persistent partition assignment needs.
@@ -70,6 +78,14 @@ pub fn subject_token(name: &str) -> String {
     name.replace('.', "%2E")
 }
 
+/// The node a subject token names ([`subject_token`] reversed), validated as a node name.
+pub fn node_of_token(token: &str) -> Option<NodeId> {
+    if token.contains('.') {
+        return None;
+    }
+    NodeId::new(token.replace("%2E", ".")).ok()
+}
+
 /// `cairn.evt.<partition>.<kind>.<id>`.
 pub fn event_subject(partition: u16, aggregate: &Aggregate) -> String {
     format!(
@@ -89,9 +105,34 @@ pub fn step_subject(node: &NodeId) -> String {
     format!("cairn.step.{}", subject_token(node.as_str()))
 }
 
-/// `cairn.report.<partition>`: reports for the partition's owner.
-pub fn report_subject(partition: u16) -> String {
-    format!("cairn.report.{partition}")
+/// `cairn.report.<partition>.<node>`: `node`'s reports for the partition's owner.
+pub fn report_subject(partition: u16, node: &NodeId) -> String {
+    format!("cairn.report.{partition}.{}", subject_token(node.as_str()))
+}
+
+/// `cairn.report.<partition>.*`: every node's reports for one partition.
+pub fn partition_reports_filter(partition: u16) -> String {
+    format!("cairn.report.{partition}.*")
+}
+
+/// The node a report subject names (`cairn.report.<p>.<node>`), or `None` for any other
+/// subject.
+pub fn node_of_report_subject(subject: &str) -> Option<NodeId> {
+    let rest = subject.strip_prefix("cairn.report.")?;
+    let (partition, node) = rest.split_once('.')?;
+    partition.parse::<u16>().ok()?;
+    node_of_token(node)
+}
+
+/// `cairn.node.<node>.cmd`: commands a node's worker sends about itself.
+pub fn node_command_subject(node: &NodeId) -> String {
+    format!("cairn.node.{}.cmd", subject_token(node.as_str()))
+}
+
+/// The node a node-command subject names (`cairn.node.<node>.cmd`), or `None`.
+pub fn node_of_command_subject(subject: &str) -> Option<NodeId> {
+    let token = subject.strip_prefix("cairn.node.")?.strip_suffix(".cmd")?;
+    node_of_token(token)
 }
 
 #[cfg(test)]
@@ -142,7 +183,39 @@ mod tests {
             "cairn.evt.0.node.kvm-01%2Elab"
         );
         assert_eq!(step_subject(&node), "cairn.step.kvm-01%2Elab");
-        assert_eq!(report_subject(15), "cairn.report.15");
+        assert_eq!(report_subject(15, &node), "cairn.report.15.kvm-01%2Elab");
+        assert_eq!(partition_reports_filter(15), "cairn.report.15.*");
+        assert_eq!(node_command_subject(&node), "cairn.node.kvm-01%2Elab.cmd");
         assert_eq!(partition_events_filter(2), "cairn.evt.2.>");
+    }
+
+    #[test]
+    fn subjects_name_their_node() {
+        let node = NodeId::new("kvm-01.lab").unwrap();
+        assert_eq!(
+            node_of_report_subject(&report_subject(3, &node)),
+            Some(node.clone())
+        );
+        assert_eq!(
+            node_of_command_subject(&node_command_subject(&node)),
+            Some(node.clone())
+        );
+        for bad in [
+            "cairn.report.3",
+            "cairn.report.x.kvm-01",
+            "cairn.report.3.kvm-01.extra",
+            "cairn.report.3.",
+            "cairn.evt.3.kvm-01",
+        ] {
+            assert_eq!(node_of_report_subject(bad), None, "{bad}");
+        }
+        for bad in [
+            "cairn.node.cmd",
+            "cairn.node.a.b.cmd",
+            "cairn.node..cmd",
+            "cairn.node.kvm-01.other",
+        ] {
+            assert_eq!(node_of_command_subject(bad), None, "{bad}");
+        }
     }
 }

@@ -10,8 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_orchestrator::bus::commands::WireReply;
 use cairn_orchestrator::bus::{self, NatsOptions, NatsStepSink, ReportCallback, ReportConsumer};
 use cairn_orchestrator::engine::service::StepSink;
+use cairn_orchestrator::views::Accepted;
 use cairn_schemas::{
     BrowseRequest, Command as CairnCommand, Consistency, ConsistencyWanted, DiskSource, JobId,
     NodeId, RecoveryPointId, Report, ReportBody, StepId, StepResult, StepSpec, StepWork,
@@ -118,7 +120,10 @@ async fn a_backup_runs_through_the_worker_over_nats() {
     let js = async_nats::jetstream::new(client.clone());
     bus::ensure_bus(&js, 1).await.unwrap();
     // The orchestrators' command endpoint: record and acknowledge.
-    let mut commands = client.subscribe(bus::API_COMMAND_SUBJECT).await.unwrap();
+    let mut commands = client
+        .subscribe(cairn_schemas::subjects::ALL_NODE_COMMANDS)
+        .await
+        .unwrap();
     client.flush().await.unwrap();
 
     let log = root.join("worker.log");
@@ -158,6 +163,8 @@ async fn a_backup_runs_through_the_worker_over_nats() {
             .await
             .unwrap_or_else(|_| panic!("no command within 60 s:\n{}", worker.log()))
             .unwrap();
+        // On the node's own subject, so that nats-server can tie it to the node's identity.
+        assert_eq!(request.subject.as_str(), "cairn.node.kvm-01%2Elab.cmd");
         let envelope = codec::decode_command(&request.payload).unwrap();
         assert_eq!(envelope.actor, "node:kvm-01.lab");
         match envelope.command {
@@ -185,8 +192,12 @@ async fn a_backup_runs_through_the_worker_over_nats() {
             }
             other => panic!("unexpected command {other:?}"),
         }
+        let accepted = WireReply::of(&Ok(Accepted {
+            id: String::new(),
+            seq: 1,
+        }));
         client
-            .publish(request.reply.unwrap(), "ok".into())
+            .publish(request.reply.unwrap(), accepted.encode().into())
             .await
             .unwrap();
     }
@@ -198,7 +209,7 @@ async fn a_backup_runs_through_the_worker_over_nats() {
     assert_eq!(vm.disks[0].size_bytes, DISK_MIB << 20);
 
     let (report_tx, mut reports) = mpsc::unbounded_channel();
-    let callback: ReportCallback = Arc::new(move |report| {
+    let callback: ReportCallback = Arc::new(move |report, _sender| {
         let _ = report_tx.send(report);
         Box::pin(async { true })
     });

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cairn_orchestrator::bus::commands::{self, API_COMMANDS, Decider, NatsRouter, QUEUE_GROUP};
+use cairn_orchestrator::bus::commands::{self, Decider, Entry, NatsRouter, QUEUE_GROUP};
 use cairn_orchestrator::bus::lease::{LeaseChange, LeaseConfig, LeaseManager, lease_bucket};
 use cairn_orchestrator::bus::{self, NatsOptions};
 use cairn_orchestrator::control::Control;
@@ -351,15 +351,18 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
             })
         })
     };
-    let api_sub = client
-        .queue_subscribe(API_COMMANDS, QUEUE_GROUP.into())
+    let node_sub = client
+        .queue_subscribe(
+            cairn_schemas::subjects::ALL_NODE_COMMANDS,
+            QUEUE_GROUP.into(),
+        )
         .await
-        .context("subscribing to worker commands")?;
+        .context("subscribing to the nodes' commands")?;
     let api_cmd_task = tokio::spawn(commands::serve(
-        api_sub,
+        node_sub,
         client.clone(),
         decider.clone(),
-        false,
+        Entry::Node,
     ));
 
     // Leases: ownership of partitions, and the work that goes with each one.
@@ -389,9 +392,9 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
                     let reports = bus::ReportConsumer::start(
                         partition_js.clone(),
                         partition,
-                        Arc::new(move |report| {
+                        Arc::new(move |report, sender| {
                             let handle = report_handle.clone();
-                            Box::pin(async move { handle.report_acked(report).await })
+                            Box::pin(async move { handle.report_acked_from(report, sender).await })
                         }),
                     );
                     let commands = match partition_client
@@ -402,7 +405,7 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
                             sub,
                             partition_client.clone(),
                             decider.clone(),
-                            true,
+                            Entry::Owner,
                         )),
                         Err(e) => {
                             tracing::error!(partition, error = %e, "could not take commands");

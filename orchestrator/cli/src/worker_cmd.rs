@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use cairn_orchestrator::bus::commands::WireReply;
 use cairn_orchestrator::bus::{self, NatsOptions, WorkerBus};
 use cairn_schemas::{Command, NodeId};
 use cairn_worker::agent::{Agent, AgentConfig, fault::FaultDelays};
@@ -346,19 +347,30 @@ async fn serve(args: WorkerSettings) -> Result<i32> {
     Ok(0)
 }
 
-/// Sends one command; `true` if an orchestrator answered. The answer's format is the
-/// orchestrators' business: it is only logged.
+/// Sends one command; `true` if an orchestrator accepted it. A refusal (a command this
+/// node's identity may not send, an invalid inventory) is logged as an error with the
+/// orchestrator's code, and counts as a failure: registration is tried again later.
 async fn send(bus: &WorkerBus, command: Command) -> bool {
     let what = command_name(&command);
     match bus.send_command(command, COMMAND_FOR).await {
-        Ok(reply) => {
-            tracing::debug!(
-                command = what,
-                reply_bytes = reply.len(),
-                "command answered"
-            );
-            true
-        }
+        Ok(reply) => match WireReply::decode(&reply).map(WireReply::into_result) {
+            Ok(Ok(accepted)) => {
+                tracing::debug!(command = what, seq = accepted.seq, "command accepted");
+                true
+            }
+            Ok(Err(refused)) => {
+                tracing::error!(
+                    command = what,
+                    code = refused.code(),
+                    "the orchestrators refused the command: {refused}"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!(command = what, error = %e, "unreadable answer to a command");
+                false
+            }
+        },
         Err(e) => {
             tracing::warn!(command = what, error = %e, "no orchestrator answered");
             false

@@ -3,9 +3,13 @@
 //!
 //! - `cairn.cmd.<p>`: subscribed by the owner of partition p only (while it holds the
 //!   lease); a request is decided by that instance's engine.
-//! - `cairn.api.cmd`: subscribed by every orchestrator in queue group `orchestrators`; workers
-//!   send registration, inventory and space reports there, and the instance that receives one
-//!   decides it or forwards it to the owner.
+//! - `cairn.node.<node>.cmd`: subscribed by every orchestrator in queue group
+//!   `orchestrators`; a node's worker sends its registration, inventory and space reports
+//!   there (nats-server lets only that node's identity publish on it), and the instance that
+//!   receives one checks that the command is a node command about that node, records it as
+//!   `node:<node>` whatever the envelope claims, and decides it or forwards it to the owner.
+//!   Every other command comes through the HTTP API with its principal, or from another
+//!   orchestrator on `cairn.cmd.<p>`.
 //!
 //! Requests carry `codec::encode_command(CommandEnvelope)`; replies are a versioned
 //! [`WireReply`] (a format byte, then JSON): the accepted command, or the refusal with its
@@ -20,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use cairn_schemas::codec;
-use cairn_schemas::{Command, CommandEnvelope, CommandId};
+use cairn_schemas::subjects::node_of_command_subject;
+use cairn_schemas::{Command, CommandEnvelope, CommandId, NodeId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -28,9 +33,8 @@ use crate::control::{BoxFuture, ControlError};
 use crate::engine::service::CommandRouter;
 use crate::views::Accepted;
 
-/// Subject every orchestrator answers, in queue group [`QUEUE_GROUP`].
-pub const API_COMMANDS: &str = "cairn.api.cmd";
-/// Queue group of the orchestrators on [`API_COMMANDS`].
+/// Queue group of the orchestrators on the node command subjects
+/// ([`cairn_schemas::subjects::ALL_NODE_COMMANDS`]).
 pub const QUEUE_GROUP: &str = "orchestrators";
 /// How long a forwarded command is retried while its partition changes owner.
 pub const FORWARD_FOR: Duration = Duration::from_secs(20);
@@ -141,6 +145,10 @@ fn control_error(e: WireError) -> ControlError {
             code: intern(&e.code),
             message: e.message,
         },
+        403 => ControlError::Forbidden {
+            code: intern(&e.code),
+            message: e.message,
+        },
         503 => ControlError::Unavailable(e.message),
         _ => ControlError::Internal(e.message),
     }
@@ -240,14 +248,53 @@ pub type Decider = Arc<
         + Sync,
 >;
 
-/// Answers requests on one subscription until it ends. `local_only`: decide here or refuse
-/// (the owner's subject); otherwise route as needed (the shared entry point).
-pub async fn serve(
-    mut sub: async_nats::Subscriber,
-    client: Client,
-    decide: Decider,
-    local_only: bool,
-) {
+/// Where a subscription's commands come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// `cairn.cmd.<p>`: forwarded by another orchestrator; decided here or refused.
+    Owner,
+    /// `cairn.node.<node>.cmd`: a node's own commands; routed as needed.
+    Node,
+}
+
+/// The node a node command is about; `None` for every command no node may send.
+pub fn node_of_command(command: &Command) -> Option<&NodeId> {
+    match command {
+        Command::RegisterNode { node, .. }
+        | Command::ReportInventory { node, .. }
+        | Command::ReportRepositorySpace { node, .. }
+        | Command::RegisterRepositories { node, .. } => Some(node),
+        _ => None,
+    }
+}
+
+/// Checks a command that arrived on `subject`, a node's command subject: it must be a node
+/// command about the node the subject names. `Ok(actor)`: the node's identity, recorded as
+/// the command's actor. Pure.
+pub fn check_node_command(subject: &str, command: &Command) -> Result<String, ControlError> {
+    let forbidden = |message: String| ControlError::Forbidden {
+        code: "forbidden",
+        message,
+    };
+    let Some(sender) = node_of_command_subject(subject) else {
+        return Err(forbidden(format!(
+            "{subject} is not a node's command subject"
+        )));
+    };
+    match node_of_command(command) {
+        Some(node) if *node == sender => Ok(format!("node:{sender}")),
+        Some(node) => Err(forbidden(format!(
+            "node {sender} may send commands only about itself, not about node {node}"
+        ))),
+        None => Err(forbidden(format!(
+            "node {sender} may send only node commands (registration, inventory, space); \
+             other commands go through the HTTP API"
+        ))),
+    }
+}
+
+/// Answers requests on one subscription until it ends.
+pub async fn serve(mut sub: async_nats::Subscriber, client: Client, decide: Decider, entry: Entry) {
     while let Some(message) = sub.next().await {
         let Some(reply_to) = message.reply.clone() else {
             tracing::debug!(subject = %message.subject, "command without a reply subject ignored");
@@ -264,18 +311,32 @@ pub async fn serve(
         } else {
             match codec::decode_command(&message.payload) {
                 Ok(envelope) => {
-                    let decide = decide.clone();
-                    // Each command on a task of its own: a forwarded one may wait for its
-                    // owner while others are served.
-                    let client = client.clone();
-                    tokio::spawn(async move {
-                        let result = decide(envelope.actor, envelope.command, local_only).await;
-                        let reply = WireReply::of(&result).encode();
-                        if let Err(e) = client.publish(reply_to, reply.into()).await {
-                            tracing::debug!(error = %e, "could not send a command reply");
+                    let checked = match entry {
+                        Entry::Owner => Ok((envelope.actor.clone(), true)),
+                        Entry::Node => check_node_command(&message.subject, &envelope.command)
+                            .map(|actor| (actor, false)),
+                    };
+                    match checked {
+                        Ok((actor, local_only)) => {
+                            let decide = decide.clone();
+                            // Each command on a task of its own: a forwarded one may wait for
+                            // its owner while others are served.
+                            let client = client.clone();
+                            tokio::spawn(async move {
+                                let result = decide(actor, envelope.command, local_only).await;
+                                let reply = WireReply::of(&result).encode();
+                                if let Err(e) = client.publish(reply_to, reply.into()).await {
+                                    tracing::debug!(error = %e, "could not send a command reply");
+                                }
+                            });
+                            continue;
                         }
-                    });
-                    continue;
+                        Err(refused) => {
+                            tracing::warn!(subject = %message.subject, actor = %envelope.actor,
+                                "refused a command from a node: {refused}");
+                            Err(refused)
+                        }
+                    }
                 }
                 Err(e) => Err(ControlError::Invalid {
                     code: "invalid_request",
@@ -311,6 +372,43 @@ mod tests {
         let gone: Result<Accepted, ControlError> = Err(ControlError::Unavailable("moving".into()));
         let back = WireReply::decode(&WireReply::of(&gone).encode()).unwrap();
         assert_eq!(back.into_result(), gone);
+    }
+
+    #[test]
+    fn nodes_send_only_their_own_node_commands() {
+        let node = |n: &str| NodeId::new(n).unwrap();
+        let register = |n: &str| Command::RegisterNode {
+            node: node(n),
+            cluster: "lab".into(),
+            worker_version: "1".into(),
+        };
+        assert_eq!(
+            check_node_command("cairn.node.kvm-01%2Elab.cmd", &register("kvm-01.lab")).unwrap(),
+            "node:kvm-01.lab"
+        );
+        let other = check_node_command("cairn.node.kvm-01.cmd", &register("kvm-02")).unwrap_err();
+        assert_eq!((other.status(), other.code()), (403, "forbidden"));
+        assert!(
+            other.to_string().contains("not about node kvm-02"),
+            "{other}"
+        );
+        let admin = Command::RevokeToken {
+            token: cairn_schemas::TokenId::new_v7(1, [0; 10]),
+        };
+        let refused = check_node_command("cairn.node.kvm-01.cmd", &admin).unwrap_err();
+        assert_eq!(refused.code(), "forbidden");
+        assert!(
+            refused.to_string().contains("only node commands"),
+            "{refused}"
+        );
+        assert!(check_node_command("cairn.cmd.3", &register("kvm-01")).is_err());
+        // A refusal travels with its status.
+        let reply = WireReply::of(&Err(other)).encode();
+        let back = WireReply::decode(&reply)
+            .unwrap()
+            .into_result()
+            .unwrap_err();
+        assert_eq!((back.status(), back.code()), (403, "forbidden"));
     }
 
     #[test]

@@ -42,8 +42,6 @@ pub const NODES_BUCKET: &str = "CAIRN_NODES";
 pub const LEASES_BUCKET: &str = "CAIRN_LEASES";
 /// Core NATS subject of cancel notices; the payload is the job id as text.
 pub const CANCEL_SUBJECT: &str = "cairn.cancel";
-/// Core NATS subject of commands sent by workers (RegisterNode, ReportInventory, ...).
-pub const API_COMMAND_SUBJECT: &str = "cairn.api.cmd";
 
 /// `cairn.browse.<node token>`: browse requests for one node's worker.
 pub fn browse_subject(node: &cairn_schemas::NodeId) -> String {

@@ -4,25 +4,28 @@
 //!
 //! A report is acknowledged only after the callback says its events are appended; otherwise
 //! it is negatively acknowledged with a delay and comes back. Bytes that are not a report are
-//! logged with their subject and terminated, so they never block the partition. The consumer
-//! judges nothing else: whether a report still matters (attempt, epoch) is the engine's call.
+//! logged with their subject and terminated, so they never block the partition. Each report
+//! goes to the engine with the node its subject names (`cairn.report.<p>.<node>`, which
+//! nats-server lets only that node's identity publish); whether the report's own node and its
+//! step agree with that sender, and whether it still matters (attempt, epoch), is the engine's
+//! call.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::AckKind;
-use cairn_schemas::subjects::report_subject;
-use cairn_schemas::{Report, codec};
+use cairn_schemas::subjects::{node_of_report_subject, partition_reports_filter};
+use cairn_schemas::{NodeId, Report, codec};
 use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::{Error, REPORTS_STREAM, backoff};
 use crate::control::BoxFuture;
 
-/// What the engine does with a report; `true` once its events are appended (the report is
-/// then acknowledged), `false` to get it again later.
-pub type ReportCallback = Arc<dyn Fn(Report) -> BoxFuture<'static, bool> + Send + Sync>;
+/// What the engine does with a report and the node whose subject it came on; `true` once
+/// its events are appended (the report is then acknowledged), `false` to get it again later.
+pub type ReportCallback = Arc<dyn Fn(Report, NodeId) -> BoxFuture<'static, bool> + Send + Sync>;
 
 /// Tuning of a report consumer.
 #[derive(Debug, Clone)]
@@ -135,7 +138,7 @@ async fn open(
     stream
         .create_consumer(jetstream::consumer::pull::Config {
             durable_name: Some(name.clone()),
-            filter_subject: report_subject(partition),
+            filter_subject: partition_reports_filter(partition),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: config.ack_wait,
             max_ack_pending: config.max_ack_pending,
@@ -218,6 +221,11 @@ async fn handle(
     message: jetstream::Message,
 ) {
     let subject = message.subject.to_string();
+    let Some(sender) = node_of_report_subject(&subject) else {
+        tracing::warn!(%subject, partition, "report on a subject that names no node; dropped");
+        terminate(&message, &subject).await;
+        return;
+    };
     let report = match codec::decode_report(&message.payload) {
         Ok(report) if report.partition == partition => report,
         Ok(report) => {
@@ -234,7 +242,7 @@ async fn handle(
         }
     };
     let step = report.step;
-    if callback(report).await {
+    if callback(report, sender).await {
         if let Err(e) = message.ack().await {
             // Not acknowledged: it comes back after ack_wait, and the engine ignores a
             // report it already has.

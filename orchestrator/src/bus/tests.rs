@@ -128,7 +128,7 @@ fn recording(
 ) -> (ReportConsumerHandle, Arc<Mutex<Vec<Report>>>) {
     let seen: Arc<Mutex<Vec<Report>>> = Arc::default();
     let record = seen.clone();
-    let callback: ReportCallback = Arc::new(move |report| {
+    let callback: ReportCallback = Arc::new(move |report, _sender| {
         let mut seen = record.lock().unwrap();
         seen.push(report);
         let take = seen.len() > refuse_first;
@@ -515,7 +515,10 @@ async fn a_command_waits_for_an_orchestrator_to_answer() {
     // No orchestrator yet: the worker keeps asking.
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!sent.is_finished());
-    let mut orchestrator = client.subscribe(API_COMMAND_SUBJECT).await.unwrap();
+    let mut orchestrator = client
+        .subscribe(cairn_schemas::subjects::ALL_NODE_COMMANDS)
+        .await
+        .unwrap();
     let request = within(10, "the command", orchestrator.next())
         .await
         .unwrap();
@@ -558,7 +561,7 @@ async fn malformed_steps_and_reports_are_terminated_and_the_consumers_go_on() {
     lease.finish().await.unwrap();
 
     lab.js
-        .publish(report_subject(1), vec![1, 200, 3].into())
+        .publish(report_subject(1, &node_id("kvm-a")), vec![1, 200, 3].into())
         .await
         .unwrap()
         .await
@@ -566,7 +569,10 @@ async fn malformed_steps_and_reports_are_terminated_and_the_consumers_go_on() {
     // A report whose partition is not its subject's is dropped too.
     let misfiled = spec("kvm-a", 6, 1, 11).report(ReportBody::Started);
     lab.js
-        .publish(report_subject(1), codec::encode_report(&misfiled).into())
+        .publish(
+            report_subject(1, &node_id("kvm-a")),
+            codec::encode_report(&misfiled).into(),
+        )
         .await
         .unwrap()
         .await

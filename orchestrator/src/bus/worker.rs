@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::message::PublishMessage;
-use cairn_schemas::subjects::{report_subject, step_subject, subject_token};
+use cairn_schemas::subjects::{node_command_subject, report_subject, step_subject, subject_token};
 use cairn_schemas::{
     BrowseEntry, BrowseRequest, Command, CommandEnvelope, CommandId, FailureClass, JobId, NodeId,
     Report, ReportBody, StepId, StepSpec, codec,
@@ -26,8 +26,8 @@ use futures::StreamExt;
 
 use super::nodes::Heartbeat;
 use super::{
-    API_COMMAND_SUBJECT, CANCEL_SUBJECT, Error, LEASES_BUCKET, LeaseValue, NODES_BUCKET,
-    STEPS_STREAM, backoff, browse_subject, lease_key,
+    CANCEL_SUBJECT, Error, LEASES_BUCKET, LeaseValue, NODES_BUCKET, STEPS_STREAM, backoff,
+    browse_subject, lease_key,
 };
 use crate::control::BoxFuture;
 use crate::engine::service::{Clock, SystemClock};
@@ -390,7 +390,7 @@ impl WorkerBus {
             entry.1 += 1;
             format!("rep-{}-{}-{}.{n}", report.step, report.attempt, entry.0)
         };
-        let subject = report_subject(report.partition);
+        let subject = report_subject(report.partition, &self.node);
         let payload: bytes::Bytes = codec::encode_report(report).into();
         let deadline = tokio::time::Instant::now() + self.config.final_report_for;
         let mut attempt = 0u32;
@@ -531,7 +531,8 @@ impl WorkerBus {
         }
     }
 
-    /// Sends a command to the orchestrators (`cairn.api.cmd`) as `node:<name>`, retrying
+    /// Sends a command about this node to the orchestrators (`cairn.node.<node>.cmd`, which
+    /// they record as the node's own: `node:<name>`), retrying
     /// while no orchestrator answers, for up to `give_up_after`. Returns the reply's bytes
     /// (the orchestrator's encoding of the outcome).
     pub async fn send_command(
@@ -549,17 +550,14 @@ impl WorkerBus {
         };
         let payload: bytes::Bytes = codec::encode_command(&envelope).into();
         let deadline = tokio::time::Instant::now() + give_up_after;
+        let subject = node_command_subject(&self.node);
         let mut attempt = 0u32;
         loop {
-            match self
-                .client
-                .request(API_COMMAND_SUBJECT, payload.clone())
-                .await
-            {
+            match self.client.request(subject.clone(), payload.clone()).await {
                 Ok(reply) => return Ok(reply.payload),
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     return Err(Error::Request {
-                        subject: API_COMMAND_SUBJECT.into(),
+                        subject,
                         reason: e.to_string(),
                     });
                 }

@@ -332,6 +332,32 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             )])
         }
         Command::ReportInventory { node, vms } => inventory(state, node, vms),
+        Command::RecordRefusedReport {
+            node,
+            claimed_node,
+            dispatched_to,
+            job,
+            step,
+        } => {
+            if !state.nodes.contains_key(node) {
+                return Err(not_found(
+                    "unknown_node",
+                    format!("node {node} is not registered"),
+                ));
+            }
+            Ok(vec![Emit::new(
+                Aggregate::Node(node.clone()),
+                vec![
+                    NodeEvent::ReportRefused {
+                        claimed_node: claimed_node.clone(),
+                        dispatched_to: dispatched_to.clone(),
+                        job: *job,
+                        step: *step,
+                    }
+                    .into(),
+                ],
+            )])
+        }
         Command::RegisterRepositories {
             node,
             names,

@@ -70,6 +70,8 @@ impl Default for EngineConfig {
 pub struct Liveness {
     pub last_report: HashMap<(StepId, u32), u64>,
     pub started_at: u64,
+    /// When each node's last refused report was recorded.
+    pub last_refused: HashMap<NodeId, u64>,
 }
 
 /// The recovery point a backup job commits: the job id's bytes.
@@ -397,6 +399,7 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
         &Liveness {
             last_report: HashMap::new(),
             started_at: now,
+            last_refused: HashMap::new(),
         },
         now,
     ));
@@ -929,13 +932,39 @@ fn reported_step<'s>(state: &'s State, report: &Report) -> Option<(&'s Job, &'s 
     (current && step.status.in_flight() && !job.state.is_terminal()).then_some((job, step))
 }
 
-/// The node a report's step was dispatched to, when the report names another one (a worker
-/// reporting for a step that is not its own); `None` otherwise. Such a report is ignored.
-pub fn reported_by_another_node(state: &State, report: &Report) -> Option<NodeId> {
-    let step = state.jobs.get(&report.job)?.step(report.step)?;
-    let spec = step.spec.as_ref()?;
-    (spec.node != report.node).then(|| spec.node.clone())
+/// Why a report is refused as another node's: the command that records it (raising a
+/// Critical alert on the sending node), or `None` for a report a node may send.
+///
+/// `sender` is the node whose NATS subject the report came on (only that node's identity may
+/// publish there), `None` when the worker runs in-process. A report is refused when it names
+/// another node than its sender, or when its step was dispatched to another node than the
+/// one it names. Pure.
+pub fn refused_report(
+    state: &State,
+    report: &Report,
+    sender: Option<&NodeId>,
+) -> Option<cairn_schemas::Command> {
+    let dispatched_to = state
+        .jobs
+        .get(&report.job)
+        .and_then(|job| job.step(report.step))
+        .and_then(|step| step.spec.as_ref())
+        .map(|spec| spec.node.clone());
+    let node = sender.unwrap_or(&report.node);
+    let foreign =
+        *node != report.node || dispatched_to.as_ref().is_some_and(|to| *to != report.node);
+    foreign.then(|| cairn_schemas::Command::RecordRefusedReport {
+        node: node.clone(),
+        claimed_node: report.node.clone(),
+        dispatched_to,
+        job: report.job,
+        step: report.step,
+    })
 }
+
+/// How often one node's refused reports are recorded as events (others are only logged): a
+/// node that floods forged reports raises one alert, not a flood of events.
+pub const REFUSED_REPORT_EVERY_MS: u64 = 60_000;
 
 /// VM events a worker's report implies: a transfer that was handed a bitmap but could not use
 /// it (the worker read everything) means the disk's change tracking was lost. Pure; empty for

@@ -441,6 +441,21 @@ fn summary(event: &Event) -> String {
                     )
                 }
             }
+            NodeEvent::ReportRefused {
+                claimed_node,
+                dispatched_to,
+                job,
+                step,
+            } => match dispatched_to {
+                Some(to) => format!(
+                    "refused its report for node {claimed_node} (step {step} of job {job}, \
+                     dispatched to {to})"
+                ),
+                None => format!(
+                    "refused its report for node {claimed_node} (step {step} of job {job}, \
+                     no such step)"
+                ),
+            },
         },
         Event::Token(token) => match token {
             cairn_schemas::TokenEvent::TokenCreated {

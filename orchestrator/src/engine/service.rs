@@ -113,7 +113,9 @@ enum Input {
         command: Command,
         reply: oneshot::Sender<Result<Accepted, ControlError>>,
     },
-    Report(Report, Option<oneshot::Sender<bool>>),
+    /// A report, the node whose subject it came on (`None`: an in-process worker), and who
+    /// waits for its events to be durable.
+    Report(Report, Option<NodeId>, Option<oneshot::Sender<bool>>),
     /// Nodes whose worker stopped heartbeating: (node, last heartbeat, Unix ms).
     NodesSilent(Vec<(NodeId, u64)>),
     /// A notification about a finished recovery was delivered or given up on.
@@ -249,6 +251,7 @@ impl<L: EventLog + 'static> Engine<L> {
             live: Liveness {
                 last_report: Default::default(),
                 started_at: now,
+                last_refused: Default::default(),
             },
             snapshot_seq,
             to_reconcile: Vec::new(),
@@ -283,8 +286,8 @@ impl<L: EventLog + 'static> Engine<L> {
                         let result = self.submit(&actor, command).await;
                         let _ = reply.send(result);
                     }
-                    Some(Input::Report(report, done)) => {
-                        let appended = self.report(report).await;
+                    Some(Input::Report(report, sender, done)) => {
+                        let appended = self.report(report, sender).await;
                         if let Some(done) = done {
                             let _ = done.send(appended);
                         }
@@ -376,23 +379,22 @@ impl<L: EventLog + 'static> Engine<L> {
 
     /// Turns a worker's report into events; false when they could not be appended (the
     /// report should be delivered again).
-    async fn report(&mut self, report: Report) -> bool {
+    async fn report(&mut self, report: Report, sender: Option<NodeId>) -> bool {
         let now = self.now();
+        let refused = {
+            let state = self.shared.state.read().expect("state lock");
+            super::jobs::refused_report(&state, &report, sender.as_ref())
+        };
+        if let Some(command) = refused {
+            self.refuse_report(&report, command, now).await;
+            // Done with: acknowledged, never applied.
+            return true;
+        }
         self.live
             .last_report
             .insert((report.step, report.attempt), now);
         let (events, vm_events) = {
             let state = self.shared.state.read().expect("state lock");
-            if let Some(dispatched_to) = super::jobs::reported_by_another_node(&state, &report) {
-                tracing::warn!(
-                    job = %report.job,
-                    step = %report.step,
-                    reporter = %report.node,
-                    dispatched_to = %dispatched_to,
-                    "ignored a report from node {} for a step dispatched to node {dispatched_to}",
-                    report.node
-                );
-            }
             let vm = state.jobs.get(&report.job).map(|j| j.vm);
             (
                 {
@@ -441,6 +443,48 @@ impl<L: EventLog + 'static> Engine<L> {
         }
         self.reconcile_job(report.job).await;
         true
+    }
+
+    /// Logs a report refused as another node's and records it on the sending node (at most
+    /// once per [`super::jobs::REFUSED_REPORT_EVERY_MS`] per node), decided here when this
+    /// instance owns the node's partition, else forwarded to its owner on a task of its own.
+    async fn refuse_report(&mut self, report: &Report, command: Command, now: u64) {
+        let Command::RecordRefusedReport {
+            node,
+            dispatched_to,
+            ..
+        } = &command
+        else {
+            return;
+        };
+        tracing::error!(
+            sender = %node,
+            claimed = %report.node,
+            dispatched_to = ?dispatched_to.as_ref().map(NodeId::as_str),
+            job = %report.job,
+            step = %report.step,
+            "refused a report: node {node} reported for node {}",
+            dispatched_to.as_ref().filter(|to| *to != node).unwrap_or(&report.node)
+        );
+        let last = self.live.last_refused.get(node).copied();
+        if last.is_some_and(|at| now.saturating_sub(at) < super::jobs::REFUSED_REPORT_EVERY_MS) {
+            return;
+        }
+        self.live.last_refused.insert(node.clone(), now);
+        let actor = format!("{}/reports", self.opts.actor);
+        let partition =
+            cairn_schemas::subjects::partition_of_node(node, self.shared.config.partitions);
+        if self.shared.ownership.get(partition).is_some() {
+            if let Err(e) = self.submit(&actor, command).await {
+                tracing::warn!(error = %e, "could not record a refused report");
+            }
+        } else if let Some(router) = self.shared.router.get().cloned() {
+            tokio::spawn(async move {
+                if let Err(e) = router.forward(partition, actor, command).await {
+                    tracing::warn!(error = %e, "could not record a refused report");
+                }
+            });
+        }
     }
 
     /// Records that nodes of owned partitions stopped heartbeating; their jobs then wait with
@@ -904,7 +948,8 @@ pub fn command_partition(state: &State, command: &Command, n: std::num::NonZeroU
         Command::RegisterNode { node, .. }
         | Command::ReportInventory { node, .. }
         | Command::ReportRepositorySpace { node, .. }
-        | Command::RegisterRepositories { node, .. } => partition_of_node(node, n),
+        | Command::RegisterRepositories { node, .. }
+        | Command::RecordRefusedReport { node, .. } => partition_of_node(node, n),
         Command::CreateToken { token, .. } | Command::RevokeToken { token } => {
             cairn_schemas::subjects::partition_of_key(token.as_bytes(), n)
         }
@@ -925,7 +970,8 @@ fn created_id(command: &Command) -> String {
         Command::RegisterNode { node, .. }
         | Command::ReportInventory { node, .. }
         | Command::ReportRepositorySpace { node, .. }
-        | Command::RegisterRepositories { node, .. } => node.to_string(),
+        | Command::RegisterRepositories { node, .. }
+        | Command::RecordRefusedReport { node, .. } => node.to_string(),
         Command::ImportSeed { job, .. } | Command::RequestVerify { job, .. } => job.to_string(),
         Command::CreateToken { token, .. } | Command::RevokeToken { token } => token.to_string(),
     }
@@ -934,18 +980,29 @@ fn created_id(command: &Command) -> String {
 impl<L: EventLog + 'static> Handle<L> {
     /// Hands a worker's report to the engine.
     pub async fn report(&self, report: Report) {
-        let _ = self.shared.tx.send(Input::Report(report, None)).await;
+        let _ = self.shared.tx.send(Input::Report(report, None, None)).await;
     }
 
     /// Hands a worker's report to the engine and waits until its events are durable: true
     /// when the report is done with (recorded, or ignored as stale), false when it should be
     /// delivered again.
     pub async fn report_acked(&self, report: Report) -> bool {
+        self.report_input(report, None).await
+    }
+
+    /// [`Handle::report_acked`] for a report that came on `sender`'s subject (so from its
+    /// NATS identity): refused, and recorded on `sender`, when it is about another node's
+    /// work.
+    pub async fn report_acked_from(&self, report: Report, sender: NodeId) -> bool {
+        self.report_input(report, Some(sender)).await
+    }
+
+    async fn report_input(&self, report: Report, sender: Option<NodeId>) -> bool {
         let (done, rx) = oneshot::channel();
         if self
             .shared
             .tx
-            .send(Input::Report(report, Some(done)))
+            .send(Input::Report(report, sender, Some(done)))
             .await
             .is_err()
         {

@@ -613,6 +613,8 @@ impl State {
                     node.app_owner_roots = app_owner_roots.clone();
                 }
             }
+            // Raises an alert (policy::alerts); nothing else changes.
+            NodeEvent::ReportRefused { .. } => {}
         }
     }
 

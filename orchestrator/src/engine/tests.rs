@@ -5,7 +5,7 @@
 use cairn_schemas::{
     Aggregate, BackupMode, Command, Consistency, DiskInfo, Envelope, Event, FailureClass, GroupId,
     GroupPolicy, ImageFormat, JobEvent, JobId, JobState, NodeId, PowerState, RecoveryTarget,
-    Report, ReportBody, StepKind, StepResult, StepWork, VmId, VmInventory,
+    Report, ReportBody, StepId, StepKind, StepResult, StepWork, VmId, VmInventory,
 };
 use proptest::prelude::*;
 
@@ -113,6 +113,7 @@ impl World {
         let live = Liveness {
             last_report: Default::default(),
             started_at: self.now,
+            last_refused: Default::default(),
         };
         let mut all = Vec::new();
         for _ in 0..50 {
@@ -950,33 +951,93 @@ fn recovery_to_the_original_vm_overwrites_its_disks_and_excludes_backups() {
 }
 
 #[test]
-fn a_report_from_another_node_than_the_steps_is_ignored() {
+fn a_report_from_another_node_than_the_steps_is_refused_and_recorded() {
     let mut w = World::new();
     let vm = setup(&mut w, 1)[0];
     let job = backup(&mut w, vm);
     let step = w.state.jobs[&job].steps[0].clone();
     let spec = step.spec.clone().unwrap();
+    let z: NodeId = "node-z".parse().unwrap();
     let forged = Report {
         step: step.id,
         attempt: step.attempt,
         job,
         partition: 0,
         epoch: spec.epoch,
-        node: "node-z".parse().unwrap(),
+        node: z.clone(),
         body: ok_snapshot(),
     };
+    let refusal = |sender: Option<&NodeId>, claimed: &NodeId| Command::RecordRefusedReport {
+        node: sender.unwrap_or(claimed).clone(),
+        claimed_node: claimed.clone(),
+        dispatched_to: Some(node()),
+        job,
+        step: step.id,
+    };
+    // Node z names itself, for a step dispatched to another node (in-process or on its own
+    // subject).
     assert_eq!(
-        super::jobs::reported_by_another_node(&w.state, &forged),
-        Some(node())
+        super::jobs::refused_report(&w.state, &forged, None),
+        Some(refusal(None, &z))
+    );
+    assert_eq!(
+        super::jobs::refused_report(&w.state, &forged, Some(&z)),
+        Some(refusal(Some(&z), &z))
     );
     assert!(on_report(&w.state, &w.cfg, &forged, w.now).is_empty());
-    // The same report from the step's own node is taken.
+    // The report names the step's own node, but came on node z's subject: forged.
     let own = Report {
         node: node(),
         ..forged
     };
-    assert_eq!(super::jobs::reported_by_another_node(&w.state, &own), None);
+    assert_eq!(
+        super::jobs::refused_report(&w.state, &own, Some(&z)),
+        Some(refusal(Some(&z), &node()))
+    );
+    // From the step's own node, on its own subject, it is taken.
+    assert_eq!(super::jobs::refused_report(&w.state, &own, None), None);
+    assert_eq!(
+        super::jobs::refused_report(&w.state, &own, Some(&node())),
+        None
+    );
     assert!(!on_report(&w.state, &w.cfg, &own, w.now).is_empty());
+    // A report for a step that does not exist, from another node's subject, is refused too.
+    let unknown = Report {
+        step: StepId::new_v7(1, [9; 10]),
+        ..own.clone()
+    };
+    assert!(matches!(
+        super::jobs::refused_report(&w.state, &unknown, Some(&z)),
+        Some(Command::RecordRefusedReport {
+            dispatched_to: None,
+            ..
+        })
+    ));
+
+    // Recorded on node z, the refusal raises a Critical alert naming both nodes.
+    w.submit(Command::RegisterNode {
+        node: z.clone(),
+        cluster: "lab".into(),
+        worker_version: "1".into(),
+    })
+    .unwrap();
+    w.submit(refusal(Some(&z), &node())).unwrap();
+    let alert = w
+        .state
+        .alerts
+        .active
+        .values()
+        .find(|a| a.kind == crate::policy::alerts::AlertKind::ForeignReport)
+        .expect("a foreign-report alert");
+    assert_eq!(alert.severity, crate::policy::alerts::Severity::Critical);
+    assert_eq!(alert.subject, "node-z");
+    assert!(
+        alert
+            .message
+            .starts_with(&format!("Node node-z reported for node {}", node())),
+        "{}",
+        alert.message
+    );
 }
 
 #[test]

@@ -36,6 +36,8 @@ pub enum AlertKind {
     MaintenanceFailed,
     StorageLow,
     CheckRepaired,
+    /// A node's identity sent a report about another node's work.
+    ForeignReport,
 }
 
 /// One alert.
@@ -332,6 +334,42 @@ pub fn on_event(state: &mut State, aggregate: &Aggregate, event: &Event, at: u64
                     at,
                 );
             }
+        }
+        (
+            Aggregate::Node(node),
+            Event::Node(NodeEvent::ReportRefused {
+                claimed_node,
+                dispatched_to,
+                job,
+                step,
+            }),
+        ) => {
+            // The node whose work the report was about: the one it named, or (when it named
+            // its sender) the one its step was dispatched to.
+            let target = match dispatched_to {
+                Some(to) if claimed_node == node => to,
+                _ => claimed_node,
+            };
+            let whose = match dispatched_to {
+                Some(to) => format!("step {step} of job {job}, dispatched to node {to}"),
+                None => format!("step {step} of job {job}, which does not exist"),
+            };
+            state.alerts.raise(
+                AlertKind::ForeignReport,
+                Severity::Critical,
+                node.to_string(),
+                None,
+                format!(
+                    "Node {node} reported for node {target} (its report named node \
+                     {claimed_node}, for {whose}); the report was refused"
+                ),
+                format!(
+                    "Only node {node}'s NATS identity can publish on its report subject: check \
+                     that host for compromise, and if in doubt give the node new credentials \
+                     (`cairn ops nats-add-node {node} --renew`) and restart its worker"
+                ),
+                at,
+            );
         }
         _ => {}
     }

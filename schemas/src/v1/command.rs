@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::domain::{BackupMode, RecoveryOptions, RecoveryTarget, VmInventory};
 use super::policy::GroupPolicy;
 use super::token::Role;
-use crate::ids::{CommandId, GroupId, JobId, NodeId, RecoveryPointId, TokenId, VmId};
+use crate::ids::{CommandId, GroupId, JobId, NodeId, RecoveryPointId, StepId, TokenId, VmId};
 
 /// A command to the orchestrator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +168,22 @@ pub enum Command {
         names: Vec<String>,
         /// The node's app-owner roots (absolute folders, each inside a recovery root).
         app_owner_roots: Vec<String>,
+    },
+    /// An orchestrator refused a report that came on `node`'s subject (so from its NATS
+    /// identity) but was about another node's work: the report named another node, or its
+    /// step was dispatched to another node. Recorded on `node`, which raises a Critical
+    /// alert. Sent by orchestrators only; no node may send it and no API route makes it.
+    RecordRefusedReport {
+        /// The node whose identity sent the report.
+        node: NodeId,
+        /// The node the report claimed to come from.
+        claimed_node: NodeId,
+        /// The node the step was dispatched to, when the step exists.
+        dispatched_to: Option<NodeId>,
+        /// The job and step the report named.
+        job: JobId,
+        /// The step the report named.
+        step: StepId,
     },
 }
 

@@ -13,7 +13,7 @@ use super::domain::{
 use super::policy::GroupPolicy;
 use super::step::{PlannedStep, StepResult, StepSpec};
 use super::token::TokenEvent;
-use crate::ids::{DiskId, GroupId, NodeId, RecoveryPointId, StepId, VmId};
+use crate::ids::{DiskId, GroupId, JobId, NodeId, RecoveryPointId, StepId, VmId};
 
 /// Events of a protection group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +310,18 @@ pub enum NodeEvent {
         /// The node's app-owner roots, sorted: where recoveries asked by app owners may write.
         app_owner_roots: Vec<String>,
     },
+    /// A report that came from this node's NATS identity was about another node's work and
+    /// was refused (see `Command::RecordRefusedReport`).
+    ReportRefused {
+        /// The node the report claimed to come from.
+        claimed_node: NodeId,
+        /// The node the step was dispatched to, when the step exists.
+        dispatched_to: Option<NodeId>,
+        /// The job the report named.
+        job: JobId,
+        /// The step the report named.
+        step: StepId,
+    },
 }
 
 /// Any event, by aggregate kind. The payload of an [`Envelope`](super::Envelope).
@@ -384,6 +396,7 @@ impl Event {
                 NodeEvent::NodeInventoryReported { .. } => "NodeInventoryReported",
                 NodeEvent::RepositorySpaceReported { .. } => "RepositorySpaceReported",
                 NodeEvent::RepositoriesRegistered { .. } => "RepositoriesRegistered",
+                NodeEvent::ReportRefused { .. } => "ReportRefused",
             },
             Event::Token(event) => match event {
                 TokenEvent::TokenCreated { .. } => "TokenCreated",

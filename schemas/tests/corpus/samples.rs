@@ -93,11 +93,12 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Token(TokenEvent::TokenCreated { .. }) => (34, "token_created"),
         Event::Token(TokenEvent::TokenRevoked) => (35, "token_revoked"),
         Event::Node(NodeEvent::RepositoriesRegistered { .. }) => (36, "repositories_registered"),
+        Event::Node(NodeEvent::ReportRefused { .. }) => (37, "report_refused"),
     }
 }
 
 /// Number of event variants; bump it together with `event_variant`.
-pub const N_EVENT_VARIANTS: usize = 37;
+pub const N_EVENT_VARIANTS: usize = 38;
 
 /// Index and name of a step work variant (exhaustive, see `event_variant`).
 pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
@@ -177,11 +178,12 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::CreateToken { .. } => (14, "create_token"),
         Command::RevokeToken { .. } => (15, "revoke_token"),
         Command::RegisterRepositories { .. } => (16, "register_repositories"),
+        Command::RecordRefusedReport { .. } => (17, "record_refused_report"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 17;
+pub const N_COMMAND_VARIANTS: usize = 18;
 
 fn throttle() -> Throttle {
     Throttle {
@@ -792,6 +794,13 @@ fn events() -> Vec<Event> {
             app_owner_roots: vec!["/srv/recovered/apps".into()],
         }
         .into(),
+        NodeEvent::ReportRefused {
+            claimed_node: NodeId::new("kvm-02").unwrap(),
+            dispatched_to: Some(NodeId::new("kvm-02").unwrap()),
+            job: job(),
+            step: step(9),
+        }
+        .into(),
     ]
 }
 
@@ -902,6 +911,13 @@ fn commands() -> Vec<Command> {
             node: node(),
             names: vec!["default".into(), "offsite".into()],
             app_owner_roots: vec!["/srv/recovered/apps".into()],
+        },
+        Command::RecordRefusedReport {
+            node: node(),
+            claimed_node: NodeId::new("kvm-02").unwrap(),
+            dispatched_to: None,
+            job: job(),
+            step: step(9),
         },
     ]
 }
