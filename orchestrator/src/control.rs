@@ -37,13 +37,18 @@ pub enum ControlError {
     #[error("{message}")]
     NotFound { code: &'static str, message: String },
     /// The request is valid but conflicts with the current state (409). Codes:
-    /// `duplicate_group`, `job_running`, `job_finished`, `vm_in_group`, `conflict`.
+    /// `duplicate_group`, `job_running`, `job_finished`, `vm_in_group`, `conflict`,
+    /// `retention_locked`, `rp_deleted`, `rp_not_deleted`, `rp_purged`, `rp_in_use`.
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
     /// The request is malformed or invalid (400). Codes: `invalid_request`, `invalid_policy`,
     /// `invalid_id`, `invalid_path`.
     #[error("{message}")]
     Invalid { code: &'static str, message: String },
+    /// The issuer's role may not do this to this target, whatever its route allows (403).
+    /// Codes: `admin_required`.
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     /// The orchestrator failed (500); the message is for the log, not a user's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -59,6 +64,7 @@ impl ControlError {
             ControlError::NotFound { .. } => 404,
             ControlError::Conflict { .. } => 409,
             ControlError::Invalid { .. } => 400,
+            ControlError::Forbidden { .. } => 403,
             ControlError::Internal(_) => 500,
             ControlError::Unavailable(_) => 503,
         }
@@ -69,7 +75,8 @@ impl ControlError {
         match self {
             ControlError::NotFound { code, .. }
             | ControlError::Conflict { code, .. }
-            | ControlError::Invalid { code, .. } => code,
+            | ControlError::Invalid { code, .. }
+            | ControlError::Forbidden { code, .. } => code,
             ControlError::Internal(_) => "internal",
             ControlError::Unavailable(_) => "unavailable",
         }
