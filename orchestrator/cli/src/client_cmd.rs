@@ -1400,7 +1400,8 @@ fn render_job(job: &JobView) -> String {
 fn rp_delete(vm: &str, rps: &[String], opts: &ServerOpts, what: &str) -> Result<i32> {
     let client = Client::new(opts)?;
     let vm = resolve_vm(&client, vm)?;
-    let known: Vec<RpView> = from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
+    let known: Vec<RpView> =
+        from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
     let mut ids = Vec::with_capacity(rps.len());
     for arg in rps {
         if arg == "latest" {
@@ -1414,7 +1415,8 @@ fn rp_delete(vm: &str, rps: &[String], opts: &ServerOpts, what: &str) -> Result<
         print_json(&value);
         return Ok(0);
     }
-    let after: Vec<RpView> = from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
+    let after: Vec<RpView> =
+        from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
     for id in &ids {
         match after.iter().find(|r| &r.rp == id) {
             Some(RpView {
@@ -1448,10 +1450,9 @@ fn render_rps(rps: &[RpView]) -> String {
     ]);
     for rp in sorted {
         let state = match (&rp.deleted_by, rp.purge_after) {
-            (Some(by), Some(purge_after)) => format!(
-                "deleted by {by}, purged after {}",
-                format_ms(purge_after)
-            ),
+            (Some(by), Some(purge_after)) => {
+                format!("deleted by {by}, purged after {}", format_ms(purge_after))
+            }
             _ => rp.state.clone(),
         };
         table.row(vec![

@@ -32,7 +32,9 @@ fn parse_rps(request: &RpsRequest) -> Result<Vec<RecoveryPointId>, Error> {
         out.push(rp);
     }
     if out.is_empty() {
-        return Err(Error::invalid_request("rps: name at least one recovery point"));
+        return Err(Error::invalid_request(
+            "rps: name at least one recovery point",
+        ));
     }
     Ok(out)
 }

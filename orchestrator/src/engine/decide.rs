@@ -141,7 +141,10 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
                 super::softdelete::delete_all_of(
                     state,
                     &found.members,
-                    &format!("group {:?} was deleted with its recovery points", found.name),
+                    &format!(
+                        "group {:?} was deleted with its recovery points",
+                        found.name
+                    ),
                     now,
                 )?
             } else {
@@ -159,7 +162,9 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             out.extend(deletions);
             Ok(out)
         }
-        Command::DeleteRecoveryPoints { vm, rps } => super::softdelete::delete(state, *vm, rps, now),
+        Command::DeleteRecoveryPoints { vm, rps } => {
+            super::softdelete::delete(state, *vm, rps, now)
+        }
         Command::UndeleteRecoveryPoints { vm, rps } => {
             super::softdelete::undelete(state, *vm, rps, now)
         }

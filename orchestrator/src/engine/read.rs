@@ -176,7 +176,12 @@ pub fn rps(state: &State, vm: &cairn_schemas::VmId) -> Vec<RpView> {
                             bytes_stored: d.bytes_stored,
                         })
                         .collect(),
-                    state: if r.deleted.is_some() { "deleted" } else { "live" }.into(),
+                    state: if r.deleted.is_some() {
+                        "deleted"
+                    } else {
+                        "live"
+                    }
+                    .into(),
                     deleted_at: r.deleted.as_ref().map(|d| d.at),
                     purge_after: r.deleted.as_ref().map(|d| d.purge_after),
                     deleted_by: r.deleted.as_ref().map(|d| d.by.clone()),

@@ -1983,11 +1983,8 @@ fn a_deleted_recovery_point_is_listed_refused_for_recovery_and_can_be_undeleted(
     let (vm, _) = protected_vm_with_two_rps(&mut w, 30);
     let (old, newest) = (w.state.rps[&vm][0].rp, w.state.rps[&vm][1].rp);
     let deleted_at = w.now;
-    w.submit(Command::DeleteRecoveryPoints {
-        vm,
-        rps: vec![old],
-    })
-    .unwrap();
+    w.submit(Command::DeleteRecoveryPoints { vm, rps: vec![old] })
+        .unwrap();
     let deletion = w.state.rps[&vm][0].deleted.clone().expect("soft-deleted");
     assert_eq!(
         (deletion.at, deletion.purge_after, deletion.by.as_str()),
@@ -1996,7 +1993,11 @@ fn a_deleted_recovery_point_is_listed_refused_for_recovery_and_can_be_undeleted(
     );
     let view = super::read::rps(&w.state, &vm);
     assert_eq!(
-        (view[0].state.as_str(), view[0].purge_after, view[1].state.as_str()),
+        (
+            view[0].state.as_str(),
+            view[0].purge_after,
+            view[1].state.as_str()
+        ),
         ("deleted", Some(deleted_at + 14 * DAY), "live")
     );
     let alert = &w.state.alerts.active[&(
@@ -2029,10 +2030,7 @@ fn a_deleted_recovery_point_is_listed_refused_for_recovery_and_can_be_undeleted(
     let events = w.log.len();
     for (command, code) in [
         (
-            Command::DeleteRecoveryPoints {
-                vm,
-                rps: vec![old],
-            },
+            Command::DeleteRecoveryPoints { vm, rps: vec![old] },
             "rp_deleted",
         ),
         (
@@ -2068,14 +2066,15 @@ fn a_deleted_recovery_point_is_listed_refused_for_recovery_and_can_be_undeleted(
     // Retention does not count it (nothing is past retention), and nothing is purged yet.
     let known = w.state.vms[&vm].clone();
     let marks = super::protect::retention_marks(&w.state, &known, &[], w.now).unwrap();
-    assert_eq!(marks.len(), 1, "only the live point is retention's: {marks:?}");
+    assert_eq!(
+        marks.len(),
+        1,
+        "only the live point is retention's: {marks:?}"
+    );
     assert!(super::protect::removals(&w.state, &known, w.now).is_empty());
 
-    w.submit(Command::UndeleteRecoveryPoints {
-        vm,
-        rps: vec![old],
-    })
-    .unwrap();
+    w.submit(Command::UndeleteRecoveryPoints { vm, rps: vec![old] })
+        .unwrap();
     assert_eq!(w.state.rps[&vm][0].deleted, None);
     assert!(!deletion_alert_active(&w, vm), "resolved on undelete");
     let usable = restore_to_folder(&mut w, vm, old);
@@ -2089,11 +2088,8 @@ fn deleted_points_are_purged_by_prune_after_their_period_and_then_cannot_be_unde
     let old = w.state.rps[&vm][0].rp;
     w.submit(Command::SetSoftDeletePeriod { group, days: 3 })
         .unwrap();
-    w.submit(Command::DeleteRecoveryPoints {
-        vm,
-        rps: vec![old],
-    })
-    .unwrap();
+    w.submit(Command::DeleteRecoveryPoints { vm, rps: vec![old] })
+        .unwrap();
     let purge_after = w.now + 3 * DAY;
     assert_eq!(
         w.state.rps[&vm][0].deleted.as_ref().unwrap().purge_after,
@@ -2103,10 +2099,7 @@ fn deleted_points_are_purged_by_prune_after_their_period_and_then_cannot_be_unde
 
     w.now = purge_after;
     assert_eq!(super::protect::prune_candidates(&w.state, w.now), vec![vm]);
-    let late = w.submit(Command::UndeleteRecoveryPoints {
-        vm,
-        rps: vec![old],
-    });
+    let late = w.submit(Command::UndeleteRecoveryPoints { vm, rps: vec![old] });
     assert_eq!(late.unwrap_err().code(), "rp_purged");
 
     // The prune job removes it from the repository; the catalog forgets it.
@@ -2146,10 +2139,7 @@ fn deleted_points_are_purged_by_prune_after_their_period_and_then_cannot_be_unde
     assert_eq!(w.state.jobs[&prune].state, JobState::Succeeded);
     assert!(w.state.rps[&vm].iter().all(|r| r.rp != old), "purged");
     assert!(!deletion_alert_active(&w, vm), "resolved after the purge");
-    let gone = w.submit(Command::UndeleteRecoveryPoints {
-        vm,
-        rps: vec![old],
-    });
+    let gone = w.submit(Command::UndeleteRecoveryPoints { vm, rps: vec![old] });
     assert_eq!(gone.unwrap_err().code(), "rp_purged");
 }
 
@@ -2232,10 +2222,7 @@ fn a_retention_lock_holds_retention_and_deletions_and_is_lowered_only_later_by_a
     // Deleting younger points is refused, alone or with the group; nothing changes.
     let events = w.log.len();
     let refused = w
-        .submit(Command::DeleteRecoveryPoints {
-            vm,
-            rps: vec![old],
-        })
+        .submit(Command::DeleteRecoveryPoints { vm, rps: vec![old] })
         .unwrap_err();
     assert_eq!(refused.code(), "retention_locked");
     assert!(refused.to_string().contains("retention lock of 20 days"));
@@ -2249,10 +2236,7 @@ fn a_retention_lock_holds_retention_and_deletions_and_is_lowered_only_later_by_a
 
     // Lowering: not for an operator; for an admin, only after the old lock's period.
     let refused = w.submit(lock(5, false)).unwrap_err();
-    assert_eq!(
-        (refused.code(), refused.status()),
-        ("admin_required", 403)
-    );
+    assert_eq!((refused.code(), refused.status()), ("admin_required", 403));
     assert_eq!(w.log.len(), events);
     let asked_at = w.now;
     w.submit(lock(5, true)).unwrap();
@@ -2288,11 +2272,8 @@ fn a_retention_lock_holds_retention_and_deletions_and_is_lowered_only_later_by_a
     assert_eq!(w.state.groups[&group].lock_days(w.now), 5);
     w.submit(Command::ChangeGroupPolicy { group, policy })
         .unwrap();
-    w.submit(Command::DeleteRecoveryPoints {
-        vm,
-        rps: vec![old],
-    })
-    .unwrap();
+    w.submit(Command::DeleteRecoveryPoints { vm, rps: vec![old] })
+        .unwrap();
 
     // A raise cancels a pending lowering.
     w.submit(lock(8, false)).unwrap();

@@ -292,7 +292,10 @@ mod tests {
     #[test]
     fn rfc3339_of_unix_millis() {
         assert_eq!(rfc3339_utc(0), "1970-01-01T00:00Z");
-        assert_eq!(rfc3339_utc(1_767_225_600_000 + 90_061_000), "2026-01-02T01:01Z");
+        assert_eq!(
+            rfc3339_utc(1_767_225_600_000 + 90_061_000),
+            "2026-01-02T01:01Z"
+        );
     }
 
     #[test]
