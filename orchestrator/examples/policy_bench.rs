@@ -65,6 +65,9 @@ fn build(n_vms: usize, n_groups: usize, n_rps: usize) -> State {
                 policy: policy.clone(),
                 created_at: NOW - 400 * HOUR,
                 deleted: false,
+                lock_days: 0,
+                lock_pending: None,
+                soft_delete_days: 14,
             },
         );
     }
@@ -104,6 +107,7 @@ fn build(n_vms: usize, n_groups: usize, n_rps: usize) -> State {
                     taken_at,
                     consistency: Consistency::Crash,
                     repository: "default".into(),
+                    deleted: None,
                     disks: disks
                         .iter()
                         .map(|d| CommittedDisk {

@@ -11,6 +11,11 @@
 //! | `maintain` (consistency check, verify) | ✓ | ✓ | | |
 //! | `policy` (groups, policies, seeds) | ✓ | ✓ | | |
 //! | `tokens` (tokens and node settings) | ✓ | | | |
+//! | `delete` (soft-delete and undelete recovery points, delete groups) | ✓ | ✓ | | |
+//! | `settings` (a group's soft-delete period) | ✓ | | | |
+//!
+//! Lowering a group's retention lock needs the admin role too; the route needs `policy` (a
+//! raise is an operator's) and `decide` refuses a lowering without `by_admin`.
 
 use std::collections::BTreeSet;
 
@@ -37,11 +42,15 @@ pub enum Right {
     Policy,
     /// Make, list and revoke tokens; node settings.
     Tokens,
+    /// Soft-delete and undelete recovery points; delete groups.
+    Delete,
+    /// Settings that weaken protection: a group's soft-delete period.
+    Settings,
 }
 
 impl Right {
     /// Every right.
-    pub const ALL: [Right; 9] = [
+    pub const ALL: [Right; 11] = [
         Right::Authenticated,
         Right::Read,
         Right::Events,
@@ -51,6 +60,8 @@ impl Right {
         Right::Maintain,
         Right::Policy,
         Right::Tokens,
+        Right::Delete,
+        Right::Settings,
     ];
 
     /// The right's name, as 403 answers name it.
@@ -65,6 +76,8 @@ impl Right {
             Right::Maintain => "maintain",
             Right::Policy => "policy",
             Right::Tokens => "tokens",
+            Right::Delete => "delete",
+            Right::Settings => "settings",
         }
     }
 }
@@ -73,7 +86,7 @@ impl Right {
 pub const fn role_allows(role: Role, right: Right) -> bool {
     match role {
         Role::Admin => true,
-        Role::Operator => !matches!(right, Right::Tokens),
+        Role::Operator => !matches!(right, Right::Tokens | Right::Settings),
         Role::Viewer => matches!(
             right,
             Right::Authenticated | Right::Read | Right::Events | Right::Audit

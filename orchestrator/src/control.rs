@@ -37,7 +37,8 @@ pub enum ControlError {
     #[error("{message}")]
     NotFound { code: &'static str, message: String },
     /// The request is valid but conflicts with the current state (409). Codes:
-    /// `duplicate_group`, `job_running`, `job_finished`, `vm_in_group`, `conflict`.
+    /// `duplicate_group`, `job_running`, `job_finished`, `vm_in_group`, `conflict`,
+    /// `retention_locked`, `rp_deleted`, `rp_not_deleted`, `rp_purged`, `rp_in_use`.
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
     /// The request is malformed or invalid (400). Codes: `invalid_request`, `invalid_policy`,
@@ -45,7 +46,8 @@ pub enum ControlError {
     #[error("{message}")]
     Invalid { code: &'static str, message: String },
     /// The caller may not do this (403). Codes: `forbidden` (a node's command about another
-    /// node, or a command no node may send).
+    /// node, or a command no node may send), `admin_required` (the issuer's role may not do
+    /// this to this target, whatever its route allows).
     #[error("{message}")]
     Forbidden { code: &'static str, message: String },
     /// The orchestrator failed (500); the message is for the log, not a user's fault.

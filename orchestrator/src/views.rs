@@ -132,6 +132,23 @@ pub struct RpView {
     /// `CrashConsistent`, `FileConsistent`, `ApplicationConsistent`.
     pub consistency: String,
     pub disks: Vec<RpDiskView>,
+    /// `live`, or `deleted` (soft-deleted: refused for recovery, restorable until
+    /// `purge_after`).
+    #[serde(default = "live")]
+    pub state: String,
+    /// When it was deleted (Unix ms), if it is.
+    #[serde(default)]
+    pub deleted_at: Option<u64>,
+    /// From then on it is purged and can no longer be undeleted.
+    #[serde(default)]
+    pub purge_after: Option<u64>,
+    /// Who deleted it.
+    #[serde(default)]
+    pub deleted_by: Option<String>,
+}
+
+fn live() -> String {
+    "live".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +283,22 @@ pub struct GroupDetailView {
     pub next_sync: Option<u64>,
     pub next_recovery_point: Option<u64>,
     pub members: Vec<MemberView>,
+    /// The retention lock in force, in days (0 = none).
+    #[serde(default)]
+    pub retention_lock_days: u16,
+    /// A lowering of the lock recorded but not yet in force.
+    #[serde(default)]
+    pub retention_lock_pending: Option<PendingLockView>,
+    /// How long its VMs' deleted recovery points stay restorable.
+    #[serde(default)]
+    pub soft_delete_days: u16,
+}
+
+/// A retention lock change that takes effect later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingLockView {
+    pub days: u16,
+    pub effective_at: u64,
 }
 
 /// `GET /v1/groups/{group}/plan`: the disk allocation review.

@@ -168,6 +168,8 @@ pub enum GroupCommand {
         #[command(flatten)]
         policy: crate::policy_cmd::PolicyFlags,
         #[command(flatten)]
+        locks: crate::policy_cmd::LockFlags,
+        #[command(flatten)]
         opts: ServerOpts,
     },
     /// List protection groups.
@@ -194,6 +196,19 @@ pub enum GroupCommand {
         sync: Option<String>,
         #[command(flatten)]
         policy: crate::policy_cmd::PolicyFlags,
+        #[command(flatten)]
+        locks: crate::policy_cmd::LockFlags,
+        #[command(flatten)]
+        opts: ServerOpts,
+    },
+    /// Delete a group: its VMs are no longer protected. With --delete-recovery-points their
+    /// recovery points are soft-deleted too (refused while its retention lock holds any).
+    Delete {
+        /// The group (name or id).
+        name: String,
+        /// Also soft-delete the members' recovery points.
+        #[arg(long)]
+        delete_recovery_points: bool,
         #[command(flatten)]
         opts: ServerOpts,
     },
@@ -292,6 +307,28 @@ pub enum RpCommand {
     Browse(crate::items_cmd::RpBrowseArgs),
     /// Serve a recovery point's disk read-only over NBD (from the repository folder).
     Export(crate::items_cmd::RpExportArgs),
+    /// Soft-delete recovery points: they stay listed as deleted and restorable with
+    /// `cairn rp undelete` for the group's soft-delete period (14 days unless set), then are
+    /// purged. Points younger than a group's retention lock cannot be deleted.
+    Delete {
+        /// The VM (id or unique name).
+        vm: String,
+        /// Recovery points: ids or unique prefixes of at least 8 characters.
+        #[arg(required = true, value_name = "RP")]
+        rps: Vec<String>,
+        #[command(flatten)]
+        opts: ServerOpts,
+    },
+    /// Restore soft-deleted recovery points before they are purged.
+    Undelete {
+        /// The VM (id or unique name).
+        vm: String,
+        /// Recovery points: ids or unique prefixes of at least 8 characters.
+        #[arg(required = true, value_name = "RP")]
+        rps: Vec<String>,
+        #[command(flatten)]
+        opts: ServerOpts,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -356,6 +393,7 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 sync,
                 repository,
                 policy,
+                locks,
                 opts,
             } => {
                 let client = Client::new(&opts)?;
@@ -372,9 +410,11 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 if opts.json {
                     print_json(&value);
                 } else {
-                    let accepted: Accepted = from_value(value)?;
+                    let accepted: Accepted = from_value(value.clone())?;
                     println!("created group {name} ({})", accepted.id);
                 }
+                let accepted: Accepted = from_value(value)?;
+                crate::policy_cmd::apply_lock_flags(&client, &accepted.id, &locks, opts.json)?;
                 Ok(0)
             }
             GroupCommand::List { opts } => group_list(&opts),
@@ -384,8 +424,21 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 retention_days,
                 sync,
                 policy,
+                locks,
                 opts,
-            } => crate::policy_cmd::group_set_policy(&name, retention_days, sync, &policy, &opts),
+            } => crate::policy_cmd::group_set_policy(
+                &name,
+                retention_days,
+                sync,
+                &policy,
+                &locks,
+                &opts,
+            ),
+            GroupCommand::Delete {
+                name,
+                delete_recovery_points,
+                opts,
+            } => crate::policy_cmd::group_delete(&name, delete_recovery_points, &opts),
             GroupCommand::Plan { name, opts } => crate::policy_cmd::group_plan(&name, &opts),
         },
         ClientCommand::Check(args) => crate::policy_cmd::vm_job(&args, "check"),
@@ -437,6 +490,12 @@ pub fn run(command: ClientCommand) -> Result<i32> {
             }
             Ok(0)
         }
+        ClientCommand::Rp {
+            command: RpCommand::Delete { vm, rps, opts },
+        } => rp_delete(&vm, &rps, &opts, "delete"),
+        ClientCommand::Rp {
+            command: RpCommand::Undelete { vm, rps, opts },
+        } => rp_delete(&vm, &rps, &opts, "undelete"),
         ClientCommand::Rp {
             command: RpCommand::Browse(args),
         } => crate::items_cmd::rp_browse(&args),
@@ -1019,8 +1078,10 @@ pub(crate) fn resolve_vms(client: &Client, args: &[String]) -> Result<Vec<String
 /// at least 8 characters.
 pub(crate) fn pick_rp(rps: &[RpView], arg: &str) -> Result<String, String> {
     if arg == "latest" {
+        // The newest usable one: a deleted point cannot be recovered.
         return rps
             .iter()
+            .filter(|rp| rp.state != "deleted")
             .max_by_key(|rp| rp.taken_at)
             .map(|rp| rp.rp.clone())
             .ok_or_else(|| "the vm has no recovery point yet".to_owned());
@@ -1335,6 +1396,42 @@ fn render_job(job: &JobView) -> String {
     out
 }
 
+/// `cairn rp delete|undelete VM RP...` (`what` is the route's last part).
+fn rp_delete(vm: &str, rps: &[String], opts: &ServerOpts, what: &str) -> Result<i32> {
+    let client = Client::new(opts)?;
+    let vm = resolve_vm(&client, vm)?;
+    let known: Vec<RpView> =
+        from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
+    let mut ids = Vec::with_capacity(rps.len());
+    for arg in rps {
+        if arg == "latest" {
+            bail!("name recovery points by id (or a unique prefix), not `latest`");
+        }
+        ids.push(pick_rp(&known, arg).map_err(|message| anyhow::anyhow!(message))?);
+    }
+    let body = serde_json::json!({ "rps": ids });
+    let value = client.post(&format!("/v1/vms/{vm}/recovery-points/{what}"), Some(&body))?;
+    if opts.json {
+        print_json(&value);
+        return Ok(0);
+    }
+    let after: Vec<RpView> =
+        from_value(client.get(&format!("/v1/vms/{vm}/recovery-points"), &[])?)?;
+    for id in &ids {
+        match after.iter().find(|r| &r.rp == id) {
+            Some(RpView {
+                purge_after: Some(purge_after),
+                ..
+            }) if what == "delete" => println!(
+                "deleted {id}; `cairn rp undelete` restores it until {}",
+                format_ms(*purge_after)
+            ),
+            _ => println!("{what}d {id}"),
+        }
+    }
+    Ok(0)
+}
+
 fn render_rps(rps: &[RpView]) -> String {
     if rps.is_empty() {
         return "no recovery points\n".to_owned();
@@ -1349,8 +1446,15 @@ fn render_rps(rps: &[RpView]) -> String {
         "READ",
         "STORED",
         "JOB",
+        "STATE",
     ]);
     for rp in sorted {
+        let state = match (&rp.deleted_by, rp.purge_after) {
+            (Some(by), Some(purge_after)) => {
+                format!("deleted by {by}, purged after {}", format_ms(purge_after))
+            }
+            _ => rp.state.clone(),
+        };
         table.row(vec![
             rp.rp.clone(),
             format_ms(rp.taken_at),
@@ -1359,6 +1463,7 @@ fn render_rps(rps: &[RpView]) -> String {
             human(rp.disks.iter().map(|d| d.bytes_read).sum()),
             human(rp.disks.iter().map(|d| d.bytes_stored).sum()),
             rp.job.clone(),
+            state,
         ]);
     }
     table.render()
@@ -1537,6 +1642,10 @@ mod tests {
                 bytes_read: 3 << 30,
                 bytes_stored: 1 << 29,
             }],
+            state: "live".into(),
+            deleted_at: None,
+            purge_after: None,
+            deleted_by: None,
         }
     }
 

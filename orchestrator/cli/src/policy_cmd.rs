@@ -29,6 +29,75 @@ use crate::progress::Bar;
 use crate::repo_cmd::format_ms;
 use crate::units::human;
 
+/// A group's deletion protection (`group create`, `group set-policy`): set after the policy,
+/// each through its own route.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LockFlags {
+    /// Retention lock: retention cannot be set below it and younger recovery points cannot be
+    /// deleted, e.g. 30d (0 = none). Raising is immediate; lowering needs an admin and takes
+    /// effect after the current lock's period.
+    #[arg(long, value_name = "DAYS", value_parser = parse_days)]
+    retention_lock: Option<u32>,
+    /// How long deleted recovery points stay restorable, 1d to 90d (admin only; default 14d).
+    #[arg(long, value_name = "DAYS", value_parser = parse_days)]
+    soft_delete: Option<u32>,
+}
+
+/// `30d` or `30`: a number of days.
+fn parse_days(text: &str) -> std::result::Result<u32, String> {
+    let digits = text.strip_suffix('d').unwrap_or(text);
+    digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of days (e.g. 30d)"))
+}
+
+/// Sends the lock flags given for group `id`; says what changed unless `json`.
+pub fn apply_lock_flags(client: &Client, id: &str, flags: &LockFlags, json: bool) -> Result<()> {
+    if let Some(days) = flags.retention_lock {
+        let body = serde_json::json!({ "days": days });
+        client.post(&format!("/v1/groups/{id}/retention-lock"), Some(&body))?;
+        let g: GroupDetailView = from_value(client.get(&format!("/v1/groups/{id}"), &[])?)?;
+        if !json {
+            match &g.retention_lock_pending {
+                Some(p) => println!(
+                    "retention lock of {} days takes effect at {} (until then {} days hold)",
+                    p.days,
+                    format_ms(p.effective_at),
+                    g.retention_lock_days
+                ),
+                None => println!("retention lock {} days", g.retention_lock_days),
+            }
+        }
+    }
+    if let Some(days) = flags.soft_delete {
+        let body = serde_json::json!({ "days": days });
+        client.post(&format!("/v1/groups/{id}/soft-delete"), Some(&body))?;
+        if !json {
+            println!("deleted recovery points stay restorable for {days} days");
+        }
+    }
+    Ok(())
+}
+
+/// `cairn group delete GROUP [--delete-recovery-points]`.
+pub fn group_delete(name: &str, delete_rps: bool, opts: &ServerOpts) -> Result<i32> {
+    let client = Client::new(opts)?;
+    let id = resolve_group(&client, name)?;
+    let body = serde_json::json!({ "delete_recovery_points": delete_rps });
+    let value = client.post(&format!("/v1/groups/{id}/delete"), Some(&body))?;
+    if opts.json() {
+        print_json(&value);
+    } else if delete_rps {
+        println!(
+            "deleted group {name}; its recovery points are soft-deleted (`cairn rp list VM` \
+             shows until when `cairn rp undelete` restores them)"
+        );
+    } else {
+        println!("deleted group {name}; its recovery points stay until deleted");
+    }
+    Ok(0)
+}
+
 /// Policy settings beyond retention, sync and repository (`group create`, `group set-policy`).
 #[derive(Debug, Clone, Default, Args)]
 pub struct PolicyFlags {
@@ -248,6 +317,19 @@ pub fn group_show(name: &str, opts: &ServerOpts) -> Result<i32> {
     println!("group       {} ({})", g.name, g.group);
     println!("repository  {}", p.repository);
     println!("retention   {} days", p.retention_days);
+    match &g.retention_lock_pending {
+        Some(pending) => println!(
+            "retention lock   {} days; lowered to {} days at {} (pending)",
+            g.retention_lock_days,
+            pending.days,
+            format_ms(pending.effective_at)
+        ),
+        None if g.retention_lock_days > 0 => {
+            println!("retention lock   {} days", g.retention_lock_days)
+        }
+        None => println!("retention lock   none"),
+    }
+    println!("soft delete      {} days", g.soft_delete_days);
     println!(
         "recovery points  {} on {}   (times in {})",
         p.recovery_points.times.join(", "),
@@ -320,12 +402,15 @@ pub fn group_set_policy(
     retention_days: Option<u32>,
     sync: Option<String>,
     flags: &PolicyFlags,
+    locks: &LockFlags,
     opts: &ServerOpts,
 ) -> Result<i32> {
     let client = Client::new(opts)?;
     let id = resolve_group(&client, name)?;
     let current: GroupDetailView = from_value(client.get(&format!("/v1/groups/{id}"), &[])?)?;
     let mut view = current.policy;
+    let policy_given = retention_days.is_some() || sync.is_some() || flags.any();
+    let locks_given = locks.retention_lock.is_some() || locks.soft_delete.is_some();
     if let Some(days) = retention_days {
         view.retention_days = u16::try_from(days).context("--retention-days is out of range")?;
     }
@@ -333,16 +418,19 @@ pub fn group_set_policy(
         view.sync = sync;
     }
     flags.apply(&mut view)?;
-    let value = client.post(&format!("/v1/groups/{id}/policy"), Some(&view))?;
-    if opts.json() {
-        print_json(&value);
-    } else {
-        let accepted: Accepted = from_value(value)?;
-        println!(
-            "policy of group {name} changed (event {}); it applies from the next run",
-            accepted.seq
-        );
+    if policy_given || !locks_given {
+        let value = client.post(&format!("/v1/groups/{id}/policy"), Some(&view))?;
+        if opts.json() {
+            print_json(&value);
+        } else {
+            let accepted: Accepted = from_value(value)?;
+            println!(
+                "policy of group {name} changed (event {}); it applies from the next run",
+                accepted.seq
+            );
+        }
     }
+    apply_lock_flags(&client, &id, locks, opts.json())?;
     Ok(0)
 }
 

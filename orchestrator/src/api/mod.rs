@@ -32,6 +32,11 @@
 //! | POST | `/v1/jobs/{job}/cancel` | cancel a job (202) |
 //! | GET  | `/v1/events` | the event log from a sequence number, with long poll |
 //! | GET  | `/v1/audit/verify` | walk the log's hash chain |
+//! | POST | `/v1/vms/{vm}/recovery-points/delete` | soft-delete recovery points |
+//! | POST | `/v1/vms/{vm}/recovery-points/undelete` | restore soft-deleted recovery points |
+//! | POST | `/v1/groups/{group}/delete` | delete a group (and soft-delete its recovery points) |
+//! | POST | `/v1/groups/{group}/retention-lock` | set its retention lock (lowering: admin, deferred) |
+//! | POST | `/v1/groups/{group}/soft-delete` | set its soft-delete period (admin) |
 //!
 //! Every client fault is `{"error": {"code": "...", "message": "..."}}` with a 4xx status
 //! and a stable code (see [`Error`]); internal faults are 5xx and their details go to the log,
@@ -58,6 +63,7 @@ mod middleware;
 mod policy_handlers;
 pub mod recover;
 mod scope;
+mod softdelete;
 pub mod tls;
 mod tokens;
 pub mod wire;
@@ -293,6 +299,36 @@ fn routes() -> Vec<Route> {
             "/v1/vms/{vm}/recover-items",
             needs(Recover, T::Vm),
             items::recover_items,
+        ),
+        route(
+            "post",
+            "/v1/vms/{vm}/recovery-points/delete",
+            needs(Delete, T::Vm),
+            softdelete::delete_rps,
+        ),
+        route(
+            "post",
+            "/v1/vms/{vm}/recovery-points/undelete",
+            needs(Delete, T::Vm),
+            softdelete::undelete_rps,
+        ),
+        route(
+            "post",
+            "/v1/groups/{group}/delete",
+            needs(Delete, T::Group),
+            softdelete::delete_group,
+        ),
+        route(
+            "post",
+            "/v1/groups/{group}/retention-lock",
+            needs(Policy, T::Group),
+            softdelete::set_retention_lock,
+        ),
+        route(
+            "post",
+            "/v1/groups/{group}/soft-delete",
+            needs(Settings, T::Group),
+            softdelete::set_soft_delete,
         ),
         route(
             "get",

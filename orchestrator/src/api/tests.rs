@@ -164,6 +164,10 @@ impl Fake {
                     bytes_read: 1 << 30,
                     bytes_stored: 1 << 28,
                 }],
+                state: "live".into(),
+                deleted_at: None,
+                purge_after: None,
+                deleted_by: None,
             }],
         )]);
         Self {
@@ -1480,6 +1484,11 @@ const WHO_MAY: &[(&str, &str, &str)] = &[
     ("get", "/v1/audit/verify", "aov"),
     ("get", "/v1/vms/{vm}/browse", "aop"),
     ("post", "/v1/vms/{vm}/recover-items", "aop"),
+    ("post", "/v1/vms/{vm}/recovery-points/delete", "ao"),
+    ("post", "/v1/vms/{vm}/recovery-points/undelete", "ao"),
+    ("post", "/v1/groups/{group}/delete", "ao"),
+    ("post", "/v1/groups/{group}/retention-lock", "ao"),
+    ("post", "/v1/groups/{group}/soft-delete", "a"),
     ("get", "/v1/tokens", "a"),
     ("post", "/v1/tokens", "a"),
     ("post", "/v1/tokens/{token}/revoke", "a"),

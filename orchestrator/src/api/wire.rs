@@ -46,6 +46,38 @@ pub struct SeedRequest {
     pub seed: String,
 }
 
+/// `POST /v1/vms/{vm}/recovery-points/delete` and `.../undelete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpsRequest {
+    /// Recovery point ids.
+    pub rps: Vec<String>,
+}
+
+/// `POST /v1/groups/{group}/delete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteGroupRequest {
+    /// Also soft-delete the members' recovery points.
+    pub delete_recovery_points: bool,
+}
+
+/// `POST /v1/groups/{group}/retention-lock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionLockRequest {
+    /// The lock in days (0 = none).
+    pub days: u32,
+}
+
+/// `POST /v1/groups/{group}/soft-delete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoftDeleteRequest {
+    /// Days deleted recovery points stay restorable (1-90).
+    pub days: u32,
+}
+
 /// `GET /v1/alerts`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

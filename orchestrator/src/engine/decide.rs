@@ -115,6 +115,7 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             policy
                 .validate()
                 .map_err(|e| invalid("invalid_policy", e.to_string()))?;
+            super::softdelete::check_retention(current, policy.retention_days, now)?;
             // A policy that keeps its repository stays editable even if no node names it now.
             if current.policy.repository != policy.repository {
                 check_repository(state, &policy.repository)?;
@@ -133,8 +134,23 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             group,
             delete_recovery_points,
         } => {
-            live_group(state, *group)?;
-            Ok(vec![Emit::new(
+            let found = live_group(state, *group)?;
+            // With its recovery points: every member's live points are soft-deleted with the
+            // group (refused as a whole while the group's retention lock holds any of them).
+            let deletions = if *delete_recovery_points {
+                super::softdelete::delete_all_of(
+                    state,
+                    &found.members,
+                    &format!(
+                        "group {:?} was deleted with its recovery points",
+                        found.name
+                    ),
+                    now,
+                )?
+            } else {
+                Vec::new()
+            };
+            let mut out = vec![Emit::new(
                 Aggregate::Group(*group),
                 vec![
                     GroupEvent::GroupDeleted {
@@ -142,7 +158,23 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
                     }
                     .into(),
                 ],
-            )])
+            )];
+            out.extend(deletions);
+            Ok(out)
+        }
+        Command::DeleteRecoveryPoints { vm, rps } => {
+            super::softdelete::delete(state, *vm, rps, now)
+        }
+        Command::UndeleteRecoveryPoints { vm, rps } => {
+            super::softdelete::undelete(state, *vm, rps, now)
+        }
+        Command::SetRetentionLock {
+            group,
+            days,
+            by_admin,
+        } => super::softdelete::set_lock(state, *group, *days, *by_admin, now),
+        Command::SetSoftDeletePeriod { group, days } => {
+            super::softdelete::set_period(state, *group, *days)
         }
         Command::RequestBackup { job, vm, mode } => {
             request_backup(state, *job, *vm, *mode, JobReason::Manual, now).map(|e| vec![e])
@@ -217,16 +249,17 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             target,
         } => {
             let known = present_vm(state, *vm)?;
-            if !state
+            let Some(point) = state
                 .rps
                 .get(vm)
-                .is_some_and(|list| list.iter().any(|r| r.rp == *rp))
-            {
+                .and_then(|list| list.iter().find(|r| r.rp == *rp))
+            else {
                 return Err(not_found(
                     "unknown_rp",
                     format!("VM {} has no recovery point {rp}", known.name),
                 ));
-            }
+            };
+            super::softdelete::check_usable(point, &known.name)?;
             if state.jobs.contains_key(job) {
                 return Err(conflict("conflict", format!("job id {job} is taken")));
             }

@@ -13,6 +13,7 @@ pub mod read_policy;
 pub mod recovery;
 pub mod service;
 pub mod snapshot;
+pub mod softdelete;
 pub mod state;
 pub mod tokens;
 

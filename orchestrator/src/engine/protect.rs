@@ -59,7 +59,9 @@ pub fn rps_in_use(state: &State) -> Vec<RecoveryPointId> {
         .collect()
 }
 
-/// Retention marks of `vm`'s recovery points (oldest first), `None` when it has no policy.
+/// Retention marks of `vm`'s live recovery points (oldest first), `None` when it has no
+/// policy. Soft-deleted points are not retention's: they are neither counted (the newest live
+/// point is the protected one) nor marked; [`removals`] purges them when their period ends.
 pub fn retention_marks(
     state: &State,
     vm: &Vm,
@@ -67,7 +69,12 @@ pub fn retention_marks(
     now: u64,
 ) -> Option<Vec<(RecoveryPointId, RetentionMark)>> {
     let policy = policy_of(state, vm)?;
-    let rps = state.rps.get(&vm.id)?;
+    let rps: Vec<_> = state
+        .rps
+        .get(&vm.id)?
+        .iter()
+        .filter(|r| r.deleted.is_none())
+        .collect();
     let ages: Vec<RpAge> = rps
         .iter()
         .map(|r| RpAge {
@@ -84,14 +91,23 @@ pub fn retention_marks(
     Some(rps.iter().map(|r| r.rp).zip(marks).collect())
 }
 
-/// The recovery points of `vm` that retention removes now.
+/// The recovery points of `vm` that a prune removes now: those past retention, and the
+/// soft-deleted ones whose period ended. The repository keeps at least one point of a disk, so
+/// when that would be all of them the newest stays (deleted, purged once a newer one exists).
 pub fn removals(state: &State, vm: &Vm, now: u64) -> Vec<RecoveryPointId> {
-    retention_marks(state, vm, &rps_in_use(state), now)
+    let mut remove: Vec<RecoveryPointId> = retention_marks(state, vm, &rps_in_use(state), now)
         .unwrap_or_default()
         .into_iter()
         .filter(|(_, m)| *m == RetentionMark::Remove)
         .map(|(rp, _)| rp)
-        .collect()
+        .collect();
+    remove.extend(super::softdelete::purge_due(state, vm.id, now));
+    let all = state.rps.get(&vm.id).map_or(&[][..], |l| &l[..]);
+    if !all.is_empty() && all.iter().all(|r| remove.contains(&r.rp)) {
+        let newest = all.iter().max_by_key(|r| r.taken_at).map(|r| r.rp);
+        remove.retain(|rp| Some(*rp) != newest);
+    }
+    remove
 }
 
 /// Capacity planning's view of one VM.
@@ -187,27 +203,20 @@ pub fn due_runs(state: &State, tz: &TimeZone, now: u64) -> Vec<(VmId, JobKind, J
     out
 }
 
-/// One retention pass: the VMs (with no maintenance job running) that have recovery points
-/// past retention.
+/// One retention pass: the VMs (present, with no maintenance job running) that have recovery
+/// points past retention or soft-deleted ones past their period, in or out of a group.
 pub fn prune_candidates(state: &State, now: u64) -> Vec<VmId> {
-    let in_use = rps_in_use(state);
-    let mut out = Vec::new();
-    for group in state.groups.values().filter(|g| !g.deleted) {
-        for vm in &group.members {
-            let Some(known) = state.vms.get(vm).filter(|v| v.present) else {
-                continue;
-            };
-            let idle = state
+    state
+        .vms
+        .values()
+        .filter(|v| v.present)
+        .filter(|v| {
+            state
                 .protection
-                .get(vm)
-                .is_none_or(|p| p.maintenance_job.is_none());
-            if idle
-                && retention_marks(state, known, &in_use, now)
-                    .is_some_and(|marks| marks.iter().any(|(_, m)| *m == RetentionMark::Remove))
-            {
-                out.push(known.id);
-            }
-        }
-    }
-    out
+                .get(&v.id)
+                .is_none_or(|p| p.maintenance_job.is_none())
+        })
+        .filter(|v| !removals(state, v, now).is_empty())
+        .map(|v| v.id)
+        .collect()
 }

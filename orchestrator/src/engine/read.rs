@@ -176,6 +176,15 @@ pub fn rps(state: &State, vm: &cairn_schemas::VmId) -> Vec<RpView> {
                             bytes_stored: d.bytes_stored,
                         })
                         .collect(),
+                    state: if r.deleted.is_some() {
+                        "deleted"
+                    } else {
+                        "live"
+                    }
+                    .into(),
+                    deleted_at: r.deleted.as_ref().map(|d| d.at),
+                    purge_after: r.deleted.as_ref().map(|d| d.purge_after),
+                    deleted_by: r.deleted.as_ref().map(|d| d.by.clone()),
                 })
                 .collect()
         })
@@ -402,6 +411,18 @@ fn summary(event: &Event) -> String {
                 state,
                 reason,
             } => format!("disk {disk} is {state:?}: {reason}"),
+            VmEvent::RecoveryPointsDeleted {
+                rps,
+                purge_after,
+                reason,
+            } => format!(
+                "{} recovery points deleted ({reason}), purged after {}",
+                rps.len(),
+                crate::policy::tz::rfc3339_utc(*purge_after)
+            ),
+            VmEvent::RecoveryPointsUndeleted { rps } => {
+                format!("{} recovery points undeleted", rps.len())
+            }
         },
         Event::Group(group) => match group {
             GroupEvent::GroupCreated { name, members, .. } => {
@@ -411,7 +432,21 @@ fn summary(event: &Event) -> String {
                 format!("{} VMs added, {} removed", added.len(), removed.len())
             }
             GroupEvent::GroupPolicyChanged { .. } => "policy changed".into(),
-            GroupEvent::GroupDeleted { .. } => "deleted".into(),
+            GroupEvent::GroupDeleted {
+                delete_recovery_points,
+            } => if *delete_recovery_points {
+                "deleted with its recovery points"
+            } else {
+                "deleted"
+            }
+            .into(),
+            GroupEvent::RetentionLockChanged { days, effective_at } => format!(
+                "retention lock of {days} days from {}",
+                crate::policy::tz::rfc3339_utc(*effective_at)
+            ),
+            GroupEvent::SoftDeletePeriodChanged { days } => {
+                format!("soft-delete period {days} days")
+            }
         },
         Event::Node(node) => match node {
             NodeEvent::NodeRegistered {

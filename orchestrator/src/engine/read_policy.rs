@@ -76,6 +76,15 @@ pub fn group_detail(
         next_sync: schedule::next_sync(&group.policy, tz, now),
         next_recovery_point: schedule::next_wall_slot(&group.policy.recovery_points, tz, now),
         members,
+        retention_lock_days: group.lock_days(now),
+        retention_lock_pending: group
+            .lock_pending
+            .filter(|p| p.effective_at > now)
+            .map(|p| crate::views::PendingLockView {
+                days: p.days,
+                effective_at: p.effective_at,
+            }),
+        soft_delete_days: group.soft_delete_days,
     }
 }
 

@@ -38,16 +38,17 @@ pub fn decide_recovery(
     options: &RecoveryOptions,
 ) -> Result<Vec<Emit>, ControlError> {
     let known = present_vm(state, vm)?;
-    if !state
+    let Some(point) = state
         .rps
         .get(&vm)
-        .is_some_and(|list| list.iter().any(|r| r.rp == rp))
-    {
+        .and_then(|list| list.iter().find(|r| r.rp == rp))
+    else {
         return Err(not_found(
             "unknown_rp",
             format!("VM {} has no recovery point {rp}", known.name),
         ));
-    }
+    };
+    super::softdelete::check_usable(point, &known.name)?;
     if state.jobs.contains_key(&job) {
         return Err(conflict("conflict", format!("job id {job} is taken")));
     }

@@ -937,7 +937,12 @@ pub fn command_partition(state: &State, command: &Command, n: std::num::NonZeroU
         Command::CreateGroup { group, .. }
         | Command::ChangeGroupMembers { group, .. }
         | Command::ChangeGroupPolicy { group, .. }
-        | Command::DeleteGroup { group, .. } => partition_of(group, n),
+        | Command::DeleteGroup { group, .. }
+        | Command::SetRetentionLock { group, .. }
+        | Command::SetSoftDeletePeriod { group, .. } => partition_of(group, n),
+        Command::DeleteRecoveryPoints { vm, .. } | Command::UndeleteRecoveryPoints { vm, .. } => {
+            partition_of_vm(vm, n)
+        }
         Command::RequestBackup { vm, .. }
         | Command::RequestConsistencyCheck { vm, .. }
         | Command::RequestRestore { vm, .. }
@@ -961,7 +966,12 @@ fn created_id(command: &Command) -> String {
         Command::CreateGroup { group, .. }
         | Command::ChangeGroupMembers { group, .. }
         | Command::ChangeGroupPolicy { group, .. }
-        | Command::DeleteGroup { group, .. } => group.to_string(),
+        | Command::DeleteGroup { group, .. }
+        | Command::SetRetentionLock { group, .. }
+        | Command::SetSoftDeletePeriod { group, .. } => group.to_string(),
+        Command::DeleteRecoveryPoints { vm, .. } | Command::UndeleteRecoveryPoints { vm, .. } => {
+            vm.to_string()
+        }
         Command::RequestBackup { job, .. }
         | Command::RequestConsistencyCheck { job, .. }
         | Command::RequestRestore { job, .. }
@@ -1367,6 +1377,7 @@ impl<L> Handle<L> {
                 code: "unknown_rp",
                 message: format!("VM {} has no recovery point {rp_id}", found.name),
             })?;
+        super::softdelete::check_usable(point, &found.name)?;
         let disk_id = match disk {
             Some(d) => point
                 .disks

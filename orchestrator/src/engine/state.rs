@@ -36,6 +36,9 @@ pub struct State {
     pub recoveries: BTreeMap<JobId, Recovery>,
     /// API tokens (identities with roles).
     pub tokens: super::tokens::Tokens,
+    /// Soft-deleted recovery points that were purged, with the time their period ended, so
+    /// that an undelete after the purge is told so (not "unknown").
+    pub purged: BTreeMap<RecoveryPointId, u64>,
 }
 
 /// What the scheduler and the retention planner need to know about one VM, kept up to date
@@ -122,6 +125,39 @@ pub struct Group {
     pub policy: GroupPolicy,
     pub created_at: u64,
     pub deleted: bool,
+    /// The retention lock in force, in days (0 = none); see [`Group::lock_days`].
+    pub lock_days: u16,
+    /// A lowering of the lock that takes effect later.
+    pub lock_pending: Option<PendingLock>,
+    /// How long deleted recovery points of its VMs stay restorable, in days.
+    pub soft_delete_days: u16,
+}
+
+/// A retention lock lowering recorded but not yet in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingLock {
+    pub days: u16,
+    /// When it takes effect (Unix ms): the old lock's period after it was asked for.
+    pub effective_at: u64,
+}
+
+/// Soft-delete period of a group that never set one.
+pub const DEFAULT_SOFT_DELETE_DAYS: u16 = 14;
+/// Bounds of a group's soft-delete period, in days.
+pub const SOFT_DELETE_DAYS: std::ops::RangeInclusive<u16> = 1..=90;
+/// Longest retention lock, in days (the longest retention MABS offers).
+pub const MAX_LOCK_DAYS: u16 = 448;
+pub const DAY_MS: u64 = 86_400_000;
+
+impl Group {
+    /// The retention lock in force at `now`: a pending lowering counts from its effective
+    /// time on.
+    pub fn lock_days(&self, now: u64) -> u16 {
+        match self.lock_pending {
+            Some(pending) if now >= pending.effective_at => pending.days,
+            _ => self.lock_days,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +300,19 @@ pub struct RecoveryPoint {
     /// The repository it was written to (the one its job's commit step named); recoveries
     /// read it from there whatever the group names later. Empty when its job said none.
     pub repository: String,
+    /// Set while the point is soft-deleted.
+    pub deleted: Option<Deletion>,
+}
+
+/// A soft deletion of a recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deletion {
+    pub at: u64,
+    /// From then on it is purged from the repository and cannot be undeleted.
+    pub purge_after: u64,
+    /// The actor who deleted it.
+    pub by: String,
+    pub reason: String,
 }
 
 impl State {
@@ -279,7 +328,7 @@ impl State {
         let at = env.recorded_at;
         match (&env.aggregate, &env.payload) {
             (Aggregate::Group(id), Event::Group(e)) => self.apply_group(*id, e, at),
-            (Aggregate::Vm(id), Event::Vm(e)) => self.apply_vm(*id, e, at),
+            (Aggregate::Vm(id), Event::Vm(e)) => self.apply_vm(*id, e, &env.actor, at),
             (Aggregate::Job(id), Event::Job(e)) => {
                 self.apply_job(*id, e, at);
                 self.apply_job_protection(*id, e, at);
@@ -368,6 +417,11 @@ impl State {
             }
             JobEvent::RecoveryPointsPruned { vm, rps } => {
                 if let Some(list) = self.rps.get_mut(vm) {
+                    for gone in list.iter().filter(|r| rps.contains(&r.rp)) {
+                        if let Some(deletion) = &gone.deleted {
+                            self.purged.insert(gone.rp, deletion.purge_after);
+                        }
+                    }
                     list.retain(|r| !rps.contains(&r.rp));
                 }
             }
@@ -432,6 +486,9 @@ impl State {
                         policy: policy.clone(),
                         created_at: at,
                         deleted: false,
+                        lock_days: 0,
+                        lock_pending: None,
+                        soft_delete_days: DEFAULT_SOFT_DELETE_DAYS,
                     },
                 );
             }
@@ -460,6 +517,26 @@ impl State {
                     group.policy = policy.clone();
                 }
             }
+            GroupEvent::RetentionLockChanged { days, effective_at } => {
+                if let Some(group) = self.groups.get_mut(&id) {
+                    // A lowering that came due is in force from now on.
+                    group.lock_days = group.lock_days(at);
+                    if *effective_at <= at {
+                        group.lock_days = *days;
+                        group.lock_pending = None;
+                    } else {
+                        group.lock_pending = Some(PendingLock {
+                            days: *days,
+                            effective_at: *effective_at,
+                        });
+                    }
+                }
+            }
+            GroupEvent::SoftDeletePeriodChanged { days } => {
+                if let Some(group) = self.groups.get_mut(&id) {
+                    group.soft_delete_days = *days;
+                }
+            }
             GroupEvent::GroupDeleted { .. } => {
                 if let Some(group) = self.groups.get_mut(&id) {
                     group.deleted = true;
@@ -473,7 +550,7 @@ impl State {
         }
     }
 
-    fn apply_vm(&mut self, id: VmId, event: &VmEvent, at: u64) {
+    fn apply_vm(&mut self, id: VmId, event: &VmEvent, actor: &str, at: u64) {
         match event {
             VmEvent::VmDiscovered { node, name, disks } => {
                 let group = self
@@ -553,6 +630,29 @@ impl State {
             }
             VmEvent::DataSourceStateChanged { disk, state, .. } => {
                 self.set_disk_state(id, disk, *state, at);
+            }
+            VmEvent::RecoveryPointsDeleted {
+                rps,
+                purge_after,
+                reason,
+            } => {
+                for point in self.rps.entry(id).or_default() {
+                    if rps.contains(&point.rp) && point.deleted.is_none() {
+                        point.deleted = Some(Deletion {
+                            at,
+                            purge_after: *purge_after,
+                            by: actor.to_string(),
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+            }
+            VmEvent::RecoveryPointsUndeleted { rps } => {
+                for point in self.rps.entry(id).or_default() {
+                    if rps.contains(&point.rp) {
+                        point.deleted = None;
+                    }
+                }
             }
         }
     }
@@ -824,6 +924,7 @@ impl State {
                         consistency: *consistency,
                         disks: disks.clone(),
                         repository,
+                        deleted: None,
                     });
                 }
                 // A backup makes an inconsistent replica no better (only a consistency check

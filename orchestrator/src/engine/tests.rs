@@ -1994,3 +1994,376 @@ fn a_policy_naming_a_repository_no_node_registers_is_refused() {
         .unwrap();
     let _ = vms;
 }
+
+const DAY: u64 = 86_400_000;
+
+/// A VM in group "g" (retention `retention_days`) with two recovery points, a day apart.
+fn protected_vm_with_two_rps(w: &mut World, retention_days: u16) -> (VmId, GroupId) {
+    let vm = setup(w, 1)[0];
+    let group = w.id(GroupId::new_v7);
+    let mut policy = GroupPolicy::with_defaults("/repo");
+    policy.retention_days = retention_days;
+    w.submit(Command::CreateGroup {
+        group,
+        name: "g".into(),
+        members: vec![vm],
+        policy,
+    })
+    .unwrap();
+    for _ in 0..2 {
+        let job = backup(w, vm);
+        run_backup_to_success(w, job);
+        w.now += DAY;
+    }
+    assert_eq!(w.state.rps[&vm].len(), 2);
+    (vm, group)
+}
+
+fn restore_to_folder(w: &mut World, vm: VmId, rp: cairn_schemas::RecoveryPointId) -> Command {
+    Command::RequestRestore {
+        job: w.id(JobId::new_v7),
+        vm,
+        rp,
+        target: RecoveryTarget::CopyToFolder {
+            node: node(),
+            path: "/restore".into(),
+        },
+    }
+}
+
+fn deletion_alert_active(w: &World, vm: VmId) -> bool {
+    w.state.alerts.active.contains_key(&(
+        crate::policy::alerts::AlertKind::RecoveryPointsDeleted,
+        vm.to_string(),
+    ))
+}
+
+#[test]
+fn a_deleted_recovery_point_is_listed_refused_for_recovery_and_can_be_undeleted() {
+    let mut w = World::new();
+    let (vm, _) = protected_vm_with_two_rps(&mut w, 30);
+    let (old, newest) = (w.state.rps[&vm][0].rp, w.state.rps[&vm][1].rp);
+    let deleted_at = w.now;
+    w.submit(Command::DeleteRecoveryPoints { vm, rps: vec![old] })
+        .unwrap();
+    let deletion = w.state.rps[&vm][0].deleted.clone().expect("soft-deleted");
+    assert_eq!(
+        (deletion.at, deletion.purge_after, deletion.by.as_str()),
+        (deleted_at, deleted_at + 14 * DAY, "test"),
+        "14 days by default, and who deleted it"
+    );
+    let view = super::read::rps(&w.state, &vm);
+    assert_eq!(
+        (
+            view[0].state.as_str(),
+            view[0].purge_after,
+            view[1].state.as_str()
+        ),
+        ("deleted", Some(deleted_at + 14 * DAY), "live")
+    );
+    let alert = &w.state.alerts.active[&(
+        crate::policy::alerts::AlertKind::RecoveryPointsDeleted,
+        vm.to_string(),
+    )];
+    assert_eq!(alert.severity, crate::policy::alerts::Severity::Warning);
+    assert!(
+        alert.message.contains("deleted by test") && alert.message.contains("purged after"),
+        "{}",
+        alert.message
+    );
+
+    // Not usable while deleted; the newest point still is.
+    let refused = restore_to_folder(&mut w, vm, old);
+    assert_eq!(w.submit(refused).unwrap_err().code(), "rp_deleted");
+    let recovery = Command::RequestRecovery {
+        job: w.id(JobId::new_v7),
+        vm,
+        rp: old,
+        target: RecoveryTarget::CopyToFolder {
+            node: node(),
+            path: "/restore".into(),
+        },
+        options: Default::default(),
+    };
+    assert_eq!(w.submit(recovery).unwrap_err().code(), "rp_deleted");
+
+    // Refusals that change nothing.
+    let events = w.log.len();
+    for (command, code) in [
+        (
+            Command::DeleteRecoveryPoints { vm, rps: vec![old] },
+            "rp_deleted",
+        ),
+        (
+            Command::UndeleteRecoveryPoints {
+                vm,
+                rps: vec![newest],
+            },
+            "rp_not_deleted",
+        ),
+        (
+            Command::DeleteRecoveryPoints { vm, rps: vec![] },
+            "invalid_request",
+        ),
+        (
+            Command::DeleteRecoveryPoints {
+                vm,
+                rps: vec![newest, newest],
+            },
+            "invalid_request",
+        ),
+        (
+            Command::DeleteRecoveryPoints {
+                vm,
+                rps: vec![cairn_schemas::RecoveryPointId::new_v7(1, [9; 10])],
+            },
+            "unknown_rp",
+        ),
+    ] {
+        assert_eq!(w.submit(command).unwrap_err().code(), code);
+    }
+    assert_eq!(w.log.len(), events);
+
+    // Retention does not count it (nothing is past retention), and nothing is purged yet.
+    let known = w.state.vms[&vm].clone();
+    let marks = super::protect::retention_marks(&w.state, &known, &[], w.now).unwrap();
+    assert_eq!(
+        marks.len(),
+        1,
+        "only the live point is retention's: {marks:?}"
+    );
+    assert!(super::protect::removals(&w.state, &known, w.now).is_empty());
+
+    w.submit(Command::UndeleteRecoveryPoints { vm, rps: vec![old] })
+        .unwrap();
+    assert_eq!(w.state.rps[&vm][0].deleted, None);
+    assert!(!deletion_alert_active(&w, vm), "resolved on undelete");
+    let usable = restore_to_folder(&mut w, vm, old);
+    w.submit(usable).unwrap();
+}
+
+#[test]
+fn deleted_points_are_purged_by_prune_after_their_period_and_then_cannot_be_undeleted() {
+    let mut w = World::new();
+    let (vm, group) = protected_vm_with_two_rps(&mut w, 30);
+    let old = w.state.rps[&vm][0].rp;
+    w.submit(Command::SetSoftDeletePeriod { group, days: 3 })
+        .unwrap();
+    w.submit(Command::DeleteRecoveryPoints { vm, rps: vec![old] })
+        .unwrap();
+    let purge_after = w.now + 3 * DAY;
+    assert_eq!(
+        w.state.rps[&vm][0].deleted.as_ref().unwrap().purge_after,
+        purge_after
+    );
+    assert!(super::protect::prune_candidates(&w.state, purge_after - 1).is_empty());
+
+    w.now = purge_after;
+    assert_eq!(super::protect::prune_candidates(&w.state, w.now), vec![vm]);
+    let late = w.submit(Command::UndeleteRecoveryPoints { vm, rps: vec![old] });
+    assert_eq!(late.unwrap_err().code(), "rp_purged");
+
+    // The prune job removes it from the repository; the catalog forgets it.
+    let prune = w.id(JobId::new_v7);
+    let emit = super::decide::request_job(
+        &w.state,
+        prune,
+        vm,
+        cairn_schemas::JobKind::Prune,
+        cairn_schemas::JobReason::Scheduled,
+    )
+    .unwrap();
+    w.commit(emit);
+    w.settle();
+    for kind in w.dispatched(prune) {
+        let StepKind::Prune { disk } = &kind else {
+            panic!("a prune job prunes: {kind:?}");
+        };
+        let spec = w.state.jobs[&prune]
+            .steps
+            .iter()
+            .find(|s| s.kind == kind)
+            .and_then(|s| s.spec.clone())
+            .unwrap();
+        let StepWork::Prune { remove, .. } = &spec.work else {
+            panic!("{spec:?}");
+        };
+        assert_eq!(remove, &vec![old], "only the purge-due point goes");
+        let body = ReportBody::Succeeded {
+            result: StepResult::Prune {
+                disk: disk.clone(),
+                removed: vec![old],
+            },
+        };
+        w.report(prune, &kind, body);
+    }
+    assert_eq!(w.state.jobs[&prune].state, JobState::Succeeded);
+    assert!(w.state.rps[&vm].iter().all(|r| r.rp != old), "purged");
+    assert!(!deletion_alert_active(&w, vm), "resolved after the purge");
+    let gone = w.submit(Command::UndeleteRecoveryPoints { vm, rps: vec![old] });
+    assert_eq!(gone.unwrap_err().code(), "rp_purged");
+}
+
+#[test]
+fn the_last_point_of_a_vm_stays_in_the_repository_when_every_point_is_deleted() {
+    let mut w = World::new();
+    let (vm, group) = protected_vm_with_two_rps(&mut w, 30);
+    let rps: Vec<_> = w.state.rps[&vm].iter().map(|r| r.rp).collect();
+    w.submit(Command::DeleteGroup {
+        group,
+        delete_recovery_points: true,
+    })
+    .unwrap();
+    assert!(w.state.groups[&group].deleted);
+    assert!(w.state.rps[&vm].iter().all(|r| r.deleted.is_some()));
+    assert!(deletion_alert_active(&w, vm));
+    w.now += 15 * DAY;
+    let known = w.state.vms[&vm].clone();
+    assert_eq!(
+        super::protect::removals(&w.state, &known, w.now),
+        vec![rps[0]],
+        "a disk keeps one point: the newest stays (deleted) until a newer one exists"
+    );
+}
+
+#[test]
+fn soft_delete_periods_are_validated() {
+    let mut w = World::new();
+    let (_, group) = protected_vm_with_two_rps(&mut w, 30);
+    let events = w.log.len();
+    for days in [0, 91] {
+        let refused = w.submit(Command::SetSoftDeletePeriod { group, days });
+        assert_eq!(refused.unwrap_err().code(), "invalid_request");
+    }
+    let unknown = w.submit(Command::SetSoftDeletePeriod {
+        group: GroupId::new_v7(1, [3; 10]),
+        days: 7,
+    });
+    assert_eq!(unknown.unwrap_err().code(), "unknown_group");
+    assert_eq!(w.log.len(), events);
+    w.submit(Command::SetSoftDeletePeriod { group, days: 90 })
+        .unwrap();
+    assert_eq!(w.state.groups[&group].soft_delete_days, 90);
+}
+
+#[test]
+fn a_retention_lock_holds_retention_and_deletions_and_is_lowered_only_later_by_an_admin() {
+    let mut w = World::new();
+    let (vm, group) = protected_vm_with_two_rps(&mut w, 30);
+    let old = w.state.rps[&vm][0].rp;
+    let lock = |days, by_admin| Command::SetRetentionLock {
+        group,
+        days,
+        by_admin,
+    };
+    // An operator may raise it: immediate.
+    w.submit(lock(20, false)).unwrap();
+    assert_eq!(w.state.groups[&group].lock_days(w.now), 20);
+    assert_eq!(
+        w.submit(lock(31, false)).unwrap_err().code(),
+        "lock_above_retention"
+    );
+    assert_eq!(
+        w.submit(lock(449, true)).unwrap_err().code(),
+        "invalid_request"
+    );
+
+    // Retention below the lock is refused, naming the lock; at the lock is fine.
+    let mut policy = w.state.groups[&group].policy.clone();
+    policy.retention_days = 19;
+    let refused = w
+        .submit(Command::ChangeGroupPolicy {
+            group,
+            policy: policy.clone(),
+        })
+        .unwrap_err();
+    assert_eq!(refused.code(), "retention_locked");
+    assert!(refused.to_string().contains("lock of 20 days"), "{refused}");
+
+    // Deleting younger points is refused, alone or with the group; nothing changes.
+    let events = w.log.len();
+    let refused = w
+        .submit(Command::DeleteRecoveryPoints { vm, rps: vec![old] })
+        .unwrap_err();
+    assert_eq!(refused.code(), "retention_locked");
+    assert!(refused.to_string().contains("retention lock of 20 days"));
+    let refused = w.submit(Command::DeleteGroup {
+        group,
+        delete_recovery_points: true,
+    });
+    assert_eq!(refused.unwrap_err().code(), "retention_locked");
+    assert_eq!(w.log.len(), events);
+    assert!(!w.state.groups[&group].deleted);
+
+    // Lowering: not for an operator; for an admin, only after the old lock's period.
+    let refused = w.submit(lock(5, false)).unwrap_err();
+    assert_eq!((refused.code(), refused.status()), ("admin_required", 403));
+    assert_eq!(w.log.len(), events);
+    let asked_at = w.now;
+    w.submit(lock(5, true)).unwrap();
+    let g = &w.state.groups[&group];
+    assert_eq!(g.lock_days(w.now), 20, "the old lock still holds");
+    assert_eq!(
+        g.lock_pending.map(|p| (p.days, p.effective_at)),
+        Some((5, asked_at + 20 * DAY))
+    );
+    let view = super::read_policy::group_detail(
+        &w.state,
+        g,
+        "/repo",
+        &crate::policy::tz::TimeZone::UTC,
+        w.now,
+    );
+    assert_eq!(
+        (
+            view.retention_lock_days,
+            view.retention_lock_pending.map(|p| p.days)
+        ),
+        (20, Some(5))
+    );
+    policy.retention_days = 10;
+    let still = w.submit(Command::ChangeGroupPolicy {
+        group,
+        policy: policy.clone(),
+    });
+    assert_eq!(still.unwrap_err().code(), "retention_locked");
+
+    // Once the period passed the lower lock is in force.
+    w.now = asked_at + 20 * DAY;
+    assert_eq!(w.state.groups[&group].lock_days(w.now), 5);
+    w.submit(Command::ChangeGroupPolicy { group, policy })
+        .unwrap();
+    w.submit(Command::DeleteRecoveryPoints { vm, rps: vec![old] })
+        .unwrap();
+
+    // A raise cancels a pending lowering.
+    w.submit(lock(8, false)).unwrap();
+    w.submit(lock(2, true)).unwrap();
+    w.submit(lock(8, false)).unwrap();
+    let g = &w.state.groups[&group];
+    assert_eq!((g.lock_days(w.now + 30 * DAY), g.lock_pending), (8, None));
+}
+
+#[test]
+fn the_lock_of_the_group_a_point_was_made_for_outlives_the_group() {
+    let mut w = World::new();
+    let (vm, group) = protected_vm_with_two_rps(&mut w, 30);
+    w.submit(Command::SetRetentionLock {
+        group,
+        days: 30,
+        by_admin: false,
+    })
+    .unwrap();
+    // Deleting the group without its points, then deleting them one by one, is still refused.
+    w.submit(Command::DeleteGroup {
+        group,
+        delete_recovery_points: false,
+    })
+    .unwrap();
+    let newest = w.state.rps[&vm][1].rp;
+    let refused = w.submit(Command::DeleteRecoveryPoints {
+        vm,
+        rps: vec![newest],
+    });
+    assert_eq!(refused.unwrap_err().code(), "retention_locked");
+}

@@ -38,6 +38,9 @@ pub enum AlertKind {
     CheckRepaired,
     /// A node's identity sent a report about another node's work.
     ForeignReport,
+    /// Recovery points were soft-deleted; resolved when none of the VM's is deleted any more
+    /// (undeleted, or purged).
+    RecoveryPointsDeleted,
 }
 
 /// One alert.
@@ -159,6 +162,17 @@ fn auto_check(state: &State, vm: VmId) -> bool {
 pub fn on_event(state: &mut State, aggregate: &Aggregate, event: &Event, at: u64) {
     match (aggregate, event) {
         (Aggregate::Vm(vm), Event::Vm(e)) => {
+            if let VmEvent::RecoveryPointsDeleted {
+                rps, purge_after, ..
+            } = e
+            {
+                deletion_alert(state, *vm, rps.len(), *purge_after, at);
+                return;
+            }
+            if let VmEvent::RecoveryPointsUndeleted { .. } = e {
+                resolve_deletion(state, *vm, "the deleted recovery points were undeleted", at);
+                return;
+            }
             let reason = match e {
                 VmEvent::DataSourceStateChanged { disk, reason, .. } => format!("{disk}: {reason}"),
                 VmEvent::ChangeTrackingLost { disk, reason } => {
@@ -237,6 +251,9 @@ pub fn on_event(state: &mut State, aggregate: &Aggregate, event: &Event, at: u64
                             .alerts
                             .resolve(alert, &subject, format!("job {job} succeeded"), at);
                     }
+                }
+                JobEvent::RecoveryPointsPruned { .. } => {
+                    resolve_deletion(state, vm, "the deleted recovery points were purged", at);
                 }
                 JobEvent::RecoveryPointCommitted { rp, .. } => {
                     let by = format!("recovery point {rp} committed by job {job}");
@@ -372,6 +389,62 @@ pub fn on_event(state: &mut State, aggregate: &Aggregate, event: &Event, at: u64
             );
         }
         _ => {}
+    }
+}
+
+/// Announces a soft deletion: a Warning (deleting recovery points is what an attacker or a
+/// mistake does first), naming who deleted them and until when they can be undeleted. It
+/// reads the deletion from the projection, which `apply` updated just before.
+fn deletion_alert(state: &mut State, vm: VmId, n_rps: usize, purge_after: u64, at: u64) {
+    let name = vm_name(state, vm);
+    let by = state
+        .rps
+        .get(&vm)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.deleted.as_ref())
+        .filter(|d| d.at == at)
+        .map(|d| d.by.clone())
+        .next()
+        .unwrap_or_else(|| "unknown".into());
+    let n_deleted = state
+        .rps
+        .get(&vm)
+        .into_iter()
+        .flatten()
+        .filter(|r| r.deleted.is_some())
+        .count();
+    let until = crate::policy::tz::rfc3339_utc(purge_after);
+    state.alerts.raise(
+        AlertKind::RecoveryPointsDeleted,
+        Severity::Warning,
+        vm.to_string(),
+        Some(vm),
+        format!(
+            "{n_rps} recovery points of VM {name} deleted by {by}, purged after {until}              ({n_deleted} deleted in all)"
+        ),
+        format!(
+            "If this was not intended, `cairn rp list {name}` shows them and `cairn rp undelete              {name} RP` restores each until {until}"
+        ),
+        at,
+    );
+}
+
+/// Resolves the deletion alert of `vm` once none of its recovery points is deleted.
+fn resolve_deletion(state: &mut State, vm: VmId, why: &str, at: u64) {
+    let any_deleted = state
+        .rps
+        .get(&vm)
+        .into_iter()
+        .flatten()
+        .any(|r| r.deleted.is_some());
+    if !any_deleted {
+        state.alerts.resolve(
+            AlertKind::RecoveryPointsDeleted,
+            &vm.to_string(),
+            why.into(),
+            at,
+        );
     }
 }
 

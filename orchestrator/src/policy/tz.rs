@@ -235,6 +235,18 @@ pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
+/// `YYYY-MM-DDTHH:MMZ` of a Unix time in milliseconds (UTC), for messages.
+pub fn rfc3339_utc(unix_ms: u64) -> String {
+    let secs = (unix_ms / 1000) as i64;
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    let minute = secs.rem_euclid(86_400) / 60;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}Z",
+        minute / 60,
+        minute % 60
+    )
+}
+
 /// The date `(year, month, day)` of a day number.
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
@@ -275,6 +287,15 @@ mod tests {
 
     fn utc(y: i64, mo: u32, d: u32, h: i64, mi: i64) -> i64 {
         days_from_civil(y, mo, d) * DAY_MS + h * 3_600_000 + mi * MINUTE_MS
+    }
+
+    #[test]
+    fn rfc3339_of_unix_millis() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00Z");
+        assert_eq!(
+            rfc3339_utc(1_767_225_600_000 + 90_061_000),
+            "2026-01-02T01:01Z"
+        );
     }
 
     #[test]

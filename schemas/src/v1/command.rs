@@ -44,7 +44,8 @@ pub enum Command {
     DeleteGroup {
         /// The group.
         group: GroupId,
-        /// Also delete its recovery points (soft delete with a grace period).
+        /// Also delete its members' recovery points (a soft delete: they are purged after the
+        /// group's soft-delete period and can be undeleted until then).
         delete_recovery_points: bool,
     },
     /// Back up a VM now.
@@ -168,6 +169,38 @@ pub enum Command {
         names: Vec<String>,
         /// The node's app-owner roots (absolute folders, each inside a recovery root).
         app_owner_roots: Vec<String>,
+    },
+    /// Soft-delete recovery points of a VM (purged after the soft-delete period).
+    DeleteRecoveryPoints {
+        /// The VM.
+        vm: VmId,
+        /// The recovery points (at least one).
+        rps: Vec<RecoveryPointId>,
+    },
+    /// Restore soft-deleted recovery points of a VM before they are purged.
+    UndeleteRecoveryPoints {
+        /// The VM.
+        vm: VmId,
+        /// The recovery points (at least one).
+        rps: Vec<RecoveryPointId>,
+    },
+    /// Set a group's retention lock (0 = none). A raise is immediate; a lowering needs
+    /// `by_admin` and takes effect after the current lock's period.
+    SetRetentionLock {
+        /// The group.
+        group: GroupId,
+        /// The lock in days, 0-448.
+        days: u16,
+        /// Whether the issuer has the admin role; set by the API edge from the authenticated
+        /// principal, never taken from a request body.
+        by_admin: bool,
+    },
+    /// Set how long the group's deleted recovery points stay restorable (1-90 days).
+    SetSoftDeletePeriod {
+        /// The group.
+        group: GroupId,
+        /// Days.
+        days: u16,
     },
     /// An orchestrator refused a report that came on `node`'s subject (so from its NATS
     /// identity) but was about another node's work: the report named another node, or its

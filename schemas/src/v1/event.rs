@@ -41,8 +41,24 @@ pub enum GroupEvent {
     },
     /// The group was deleted.
     GroupDeleted {
-        /// Whether its recovery points are to be deleted too (after the grace period).
+        /// Whether its recovery points are to be deleted too. Since soft delete, the deletion
+        /// itself is a `RecoveryPointsDeleted` event of each member VM, recorded with this one.
         delete_recovery_points: bool,
+    },
+    /// The group's retention lock changed: retention may not be set below `days`, and no
+    /// recovery point younger than `days` may be deleted. A raise takes effect at once
+    /// (`effective_at` is the time it was recorded); a lowering only once the old lock's
+    /// period has passed (`effective_at` in the future: a pending change until then).
+    RetentionLockChanged {
+        /// The lock in days (0 = no lock).
+        days: u16,
+        /// When it takes effect (Unix milliseconds).
+        effective_at: u64,
+    },
+    /// How long recovery points of the group's VMs stay soft-deleted before they are purged.
+    SoftDeletePeriodChanged {
+        /// Days, 1-90.
+        days: u16,
     },
 }
 
@@ -92,6 +108,23 @@ pub enum VmEvent {
         state: DataSourceState,
         /// Why, for humans.
         reason: String,
+    },
+    /// Recovery points of the VM were soft-deleted: listed as deleted, refused for recovery,
+    /// not counted by retention, kept in the repository until `purge_after`, restorable until
+    /// then. The actor of the event is who deleted them.
+    RecoveryPointsDeleted {
+        /// The deleted recovery points.
+        rps: Vec<RecoveryPointId>,
+        /// From this time on (Unix milliseconds) they are purged (pruned from the repository)
+        /// and can no longer be undeleted.
+        purge_after: u64,
+        /// Why, for humans (`cairn rp delete`, the group was deleted, ...).
+        reason: String,
+    },
+    /// Soft-deleted recovery points were restored: usable again, counted by retention.
+    RecoveryPointsUndeleted {
+        /// The restored recovery points.
+        rps: Vec<RecoveryPointId>,
     },
 }
 
@@ -359,6 +392,8 @@ impl Event {
                 GroupEvent::GroupMembersChanged { .. } => "GroupMembersChanged",
                 GroupEvent::GroupPolicyChanged { .. } => "GroupPolicyChanged",
                 GroupEvent::GroupDeleted { .. } => "GroupDeleted",
+                GroupEvent::RetentionLockChanged { .. } => "RetentionLockChanged",
+                GroupEvent::SoftDeletePeriodChanged { .. } => "SoftDeletePeriodChanged",
             },
             Event::Vm(event) => match event {
                 VmEvent::VmDiscovered { .. } => "VmDiscovered",
@@ -367,6 +402,8 @@ impl Event {
                 VmEvent::DiskResized { .. } => "DiskResized",
                 VmEvent::ChangeTrackingLost { .. } => "ChangeTrackingLost",
                 VmEvent::DataSourceStateChanged { .. } => "DataSourceStateChanged",
+                VmEvent::RecoveryPointsDeleted { .. } => "RecoveryPointsDeleted",
+                VmEvent::RecoveryPointsUndeleted { .. } => "RecoveryPointsUndeleted",
             },
             Event::Job(event) => match event {
                 JobEvent::JobRequested { .. } => "JobRequested",

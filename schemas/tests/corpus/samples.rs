@@ -93,12 +93,18 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Token(TokenEvent::TokenCreated { .. }) => (34, "token_created"),
         Event::Token(TokenEvent::TokenRevoked) => (35, "token_revoked"),
         Event::Node(NodeEvent::RepositoriesRegistered { .. }) => (36, "repositories_registered"),
-        Event::Node(NodeEvent::ReportRefused { .. }) => (37, "report_refused"),
+        Event::Group(GroupEvent::RetentionLockChanged { .. }) => (37, "retention_lock_changed"),
+        Event::Group(GroupEvent::SoftDeletePeriodChanged { .. }) => {
+            (38, "soft_delete_period_changed")
+        }
+        Event::Vm(VmEvent::RecoveryPointsDeleted { .. }) => (39, "recovery_points_deleted"),
+        Event::Vm(VmEvent::RecoveryPointsUndeleted { .. }) => (40, "recovery_points_undeleted"),
+        Event::Node(NodeEvent::ReportRefused { .. }) => (41, "report_refused"),
     }
 }
 
 /// Number of event variants; bump it together with `event_variant`.
-pub const N_EVENT_VARIANTS: usize = 38;
+pub const N_EVENT_VARIANTS: usize = 42;
 
 /// Index and name of a step work variant (exhaustive, see `event_variant`).
 pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
@@ -178,12 +184,16 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::CreateToken { .. } => (14, "create_token"),
         Command::RevokeToken { .. } => (15, "revoke_token"),
         Command::RegisterRepositories { .. } => (16, "register_repositories"),
-        Command::RecordRefusedReport { .. } => (17, "record_refused_report"),
+        Command::DeleteRecoveryPoints { .. } => (17, "delete_recovery_points"),
+        Command::UndeleteRecoveryPoints { .. } => (18, "undelete_recovery_points"),
+        Command::SetRetentionLock { .. } => (19, "set_retention_lock"),
+        Command::SetSoftDeletePeriod { .. } => (20, "set_soft_delete_period"),
+        Command::RecordRefusedReport { .. } => (21, "record_refused_report"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 18;
+pub const N_COMMAND_VARIANTS: usize = 22;
 
 fn throttle() -> Throttle {
     Throttle {
@@ -794,6 +804,19 @@ fn events() -> Vec<Event> {
             app_owner_roots: vec!["/srv/recovered/apps".into()],
         }
         .into(),
+        GroupEvent::RetentionLockChanged {
+            days: 30,
+            effective_at: T0 + 30 * 86_400_000,
+        }
+        .into(),
+        GroupEvent::SoftDeletePeriodChanged { days: 14 }.into(),
+        VmEvent::RecoveryPointsDeleted {
+            rps: vec![rp(), parent_rp()],
+            purge_after: T0 + 14 * 86_400_000,
+            reason: "cairn rp delete".into(),
+        }
+        .into(),
+        VmEvent::RecoveryPointsUndeleted { rps: vec![rp()] }.into(),
         NodeEvent::ReportRefused {
             claimed_node: NodeId::new("kvm-02").unwrap(),
             dispatched_to: Some(NodeId::new("kvm-02").unwrap()),
@@ -911,6 +934,23 @@ fn commands() -> Vec<Command> {
             node: node(),
             names: vec!["default".into(), "offsite".into()],
             app_owner_roots: vec!["/srv/recovered/apps".into()],
+        },
+        Command::DeleteRecoveryPoints {
+            vm: vm(),
+            rps: vec![rp(), parent_rp()],
+        },
+        Command::UndeleteRecoveryPoints {
+            vm: vm(),
+            rps: vec![rp()],
+        },
+        Command::SetRetentionLock {
+            group: group(),
+            days: 30,
+            by_admin: true,
+        },
+        Command::SetSoftDeletePeriod {
+            group: group(),
+            days: 21,
         },
         Command::RecordRefusedReport {
             node: node(),
