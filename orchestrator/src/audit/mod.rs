@@ -15,6 +15,8 @@ pub mod sink;
 pub mod trigger;
 pub mod verify;
 pub mod writer;
+#[cfg(test)]
+mod tests;
 
 pub use self::chain::{RunningDigest, link_hash};
 pub use self::checkpoint::{Checkpoint, SignedCheckpoint, TrustedKey};

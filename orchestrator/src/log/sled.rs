@@ -523,6 +523,38 @@ impl SledLog {
     }
 }
 
+#[cfg(test)]
+impl SledLog {
+    /// Rewrites the whole log as an attacker who can write the database would: every event
+    /// through `edit`, every link recomputed with `key` (plain BLAKE3 without one), and the
+    /// chain tip in `meta` to match. `keyed_from` is left as it is.
+    pub(crate) fn rewrite_all(
+        &self,
+        key: Option<&AuditKey>,
+        mut edit: impl FnMut(u64, &mut Envelope),
+    ) {
+        let inner = &self.inner;
+        let mut prev = [0u8; 32];
+        let pages: Vec<(::sled::IVec, ::sled::IVec)> =
+            inner.events.iter().map(|item| item.unwrap()).collect();
+        for (page_key, page) in pages {
+            let mut rebuilt = Vec::new();
+            for record in records(&page) {
+                let record = record.unwrap();
+                let mut envelope: Envelope = cairn_schemas::decode(record.bytes).unwrap();
+                edit(record.seq, &mut envelope);
+                envelope.prev_hash = prev;
+                let bytes = cairn_schemas::encode(&envelope);
+                prev = link_hash(key, &bytes);
+                push_record(&mut rebuilt, record.seq, &bytes);
+            }
+            inner.events.insert(page_key, rebuilt).unwrap();
+        }
+        inner.meta.insert(META_LAST_HASH, &prev).unwrap();
+        inner.db.flush().unwrap();
+    }
+}
+
 /// The last durable sequence recorded in the meta tree (0 for an empty log).
 fn meta_last_seq(meta: &Tree) -> Result<u64, Error> {
     meta.get(META_LAST_SEQ)

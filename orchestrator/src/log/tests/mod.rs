@@ -5,6 +5,7 @@ mod basic;
 mod chain;
 mod conflict;
 mod crash;
+mod keyed;
 mod jetstream;
 mod props;
 
