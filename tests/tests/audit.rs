@@ -45,7 +45,11 @@ fn verify(data: &Path, key: &Path) -> (i32, Value, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), value, format!("{stdout}{stderr}"))
+    (
+        out.status.code().unwrap_or(-1),
+        value,
+        format!("{stdout}{stderr}"),
+    )
 }
 
 /// Rewrites every event of the sled log at `events` through `edit`, with links recomputed
@@ -107,13 +111,20 @@ fn an_intact_log_verifies_offline_with_its_checkpoints() {
     let data = dir.path().join("data");
     stopped_up(&data);
     for file in ["audit.key", "checkpoint.key"] {
-        let mode = std::fs::metadata(data.join(file)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(data.join(file))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "{file}");
     }
     let (code, report, text) = verify(&data, &data.join("audit.key"));
     assert_eq!(code, 0, "{text}");
     assert_eq!(report["ok"], true, "{text}");
-    assert!(report["checkpoints"]["matched"].as_u64().unwrap() >= 1, "{text}");
+    assert!(
+        report["checkpoints"]["matched"].as_u64().unwrap() >= 1,
+        "{text}"
+    );
     // A restart keeps the same keys and goes on verifying.
     stopped_up(&data);
     let (code, _, text) = verify(&data, &data.join("audit.key"));
@@ -133,7 +144,8 @@ fn one_changed_byte_is_caught_by_the_keyed_chain_alone() {
         // Event 2 of the first page: flip one byte of its actor text.
         let len1 = u32::from_be_bytes(page[8..12].try_into().unwrap()) as usize;
         let start = 12 + len1 + 12;
-        let len2 = u32::from_be_bytes(page[12 + len1 + 8..12 + len1 + 12].try_into().unwrap()) as usize;
+        let len2 =
+            u32::from_be_bytes(page[12 + len1 + 8..12 + len1 + 12].try_into().unwrap()) as usize;
         let event = &mut page[start..start + len2];
         let at = event
             .windows(5)
@@ -179,12 +191,21 @@ fn a_rewrite_with_the_audit_key_but_without_the_signing_key_is_caught_by_the_che
     rewrite(&data.join("events"), Some(key), forge_actor);
     let (code, report, text) = verify(&data, &data.join("audit.key"));
     assert_eq!(code, 3, "{text}");
-    assert_eq!(report["first_broken_seq"], Value::Null, "the chain alone passes: {text}");
+    assert_eq!(
+        report["first_broken_seq"],
+        Value::Null,
+        "the chain alone passes: {text}"
+    );
     let mismatch = &report["checkpoints"]["first_mismatch"];
     assert!(mismatch["seq"].as_u64().unwrap() >= 2, "{text}");
-    assert!(mismatch["file"].as_str().unwrap().ends_with("-local.json"), "{text}");
+    assert!(
+        mismatch["file"].as_str().unwrap().ends_with("-local.json"),
+        "{text}"
+    );
     // A checkpoint forged to match, signed with another key, is reported and not trusted.
-    let forged = data.join("checkpoints").join("00000000000000999999-local.json");
+    let forged = data
+        .join("checkpoints")
+        .join("00000000000000999999-local.json");
     let first = std::fs::read_dir(data.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -197,8 +218,10 @@ fn a_rewrite_with_the_audit_key_but_without_the_signing_key_is_caught_by_the_che
     assert_eq!(code, 3, "{text}");
     let rejected = report["checkpoints"]["rejected"].as_array().unwrap();
     assert!(
-        rejected.iter().any(|r| r["file"] == "00000000000000999999-local.json"
-            && r["reason"].as_str().unwrap().contains("signature")),
+        rejected
+            .iter()
+            .any(|r| r["file"] == "00000000000000999999-local.json"
+                && r["reason"].as_str().unwrap().contains("signature")),
         "{text}"
     );
 }

@@ -48,7 +48,10 @@ pub fn verify_offline(
                 trust_sink_keys: extra_keys.is_empty(),
                 extra_keys,
             };
-            let checked = trust.verify(&log).await.map_err(|err| anyhow::anyhow!(err))?;
+            let checked = trust
+                .verify(&log)
+                .await
+                .map_err(|err| anyhow::anyhow!(err))?;
             report.ok &= checked.ok;
             report.checkpoints = Some(checked);
         }

@@ -280,8 +280,9 @@ async fn serve(args: UpArgs) -> Result<i32> {
         tracing::info!(file = %data.join(AUDIT_KEY_FILE).display(), "made the audit key");
     }
     let (signing_key, _) = audit_keys::ensure_signing_key(&data.join(SIGNING_KEY_FILE))?;
-    let log = SledLog::open(SledLogConfig::new(data.join("events")).with_audit_key(Some(audit_key)))
-        .context("opening the event log")?;
+    let log =
+        SledLog::open(SledLogConfig::new(data.join("events")).with_audit_key(Some(audit_key)))
+            .context("opening the event log")?;
     let checkpoint_sink = FolderSink::new(
         args.checkpoints
             .clone()
@@ -433,7 +434,10 @@ async fn serve(args: UpArgs) -> Result<i32> {
                 cluster: "local".into(),
                 worker_version: env!("CARGO_PKG_VERSION").into(),
             };
-            if let Err(e) = inventory_handle.submit_as(format!("node:{node}"), register).await {
+            if let Err(e) = inventory_handle
+                .submit_as(format!("node:{node}"), register)
+                .await
+            {
                 tracing::error!(node = %node, error = %e, "could not register the node");
             }
             let repositories = repositories_command(node, &inventory_agents[*node]);

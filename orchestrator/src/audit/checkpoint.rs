@@ -126,8 +126,8 @@ impl SignedCheckpoint {
     /// Parses a file's bytes; the error says what is malformed. Says nothing about the
     /// signature: see [`SignedCheckpoint::check`].
     pub fn from_file(bytes: &[u8]) -> Result<Self, String> {
-        let file: CheckpointFile =
-            serde_json::from_slice(bytes).map_err(|err| format!("it is not a checkpoint: {err}"))?;
+        let file: CheckpointFile = serde_json::from_slice(bytes)
+            .map_err(|err| format!("it is not a checkpoint: {err}"))?;
         if file.version != CHECKPOINT_VERSION {
             return Err(format!(
                 "it is a version {} checkpoint, this build reads version {CHECKPOINT_VERSION}",
@@ -172,7 +172,12 @@ impl SignedCheckpoint {
         }
         key.key
             .verify_strict(&c.signed_bytes(), &Signature::from_bytes(&self.signature))
-            .map_err(|_| format!("its signature does not verify with {}'s key {}", key.signer, c.key_id))
+            .map_err(|_| {
+                format!(
+                    "its signature does not verify with {}'s key {}",
+                    key.signer, c.key_id
+                )
+            })
     }
 }
 
@@ -214,7 +219,8 @@ mod tests {
         let (key, trusted) = signer();
         let trusted = vec![trusted];
         let signed = checkpoint(&trusted[0]).sign(&key);
-        let mut changes: Vec<(&str, Box<dyn Fn(&mut Checkpoint)>)> = vec![
+        type Change = Box<dyn Fn(&mut Checkpoint)>;
+        let mut changes: Vec<(&str, Change)> = vec![
             ("seq", Box::new(|c| c.seq += 1)),
             ("digest", Box::new(|c| c.digest[0] ^= 1)),
             ("keyed_from", Box::new(|c| c.keyed_from = None)),
@@ -248,9 +254,18 @@ mod tests {
         let good = String::from_utf8(checkpoint(&trusted).sign(&key).to_file()).unwrap();
         for (text, detail) in [
             ("not json".to_string(), "not a checkpoint"),
-            (good.replace("\"version\": 1", "\"version\": 2"), "version 2"),
-            (good.replace("\"signer\": \"ctl-01\"", "\"signer\": \"../x\""), "not a valid name"),
-            (good.replace("\"digest\": \"09", "\"digest\": \"zz"), "digest"),
+            (
+                good.replace("\"version\": 1", "\"version\": 2"),
+                "version 2",
+            ),
+            (
+                good.replace("\"signer\": \"ctl-01\"", "\"signer\": \"../x\""),
+                "not a valid name",
+            ),
+            (
+                good.replace("\"digest\": \"09", "\"digest\": \"zz"),
+                "digest",
+            ),
         ] {
             let err = SignedCheckpoint::from_file(text.as_bytes()).unwrap_err();
             assert!(err.contains(detail), "{text}: {err}");

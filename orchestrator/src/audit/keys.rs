@@ -314,10 +314,7 @@ mod tests {
         let (again, created) = ensure_audit_key(&path).unwrap();
         assert!(!created);
         assert_eq!(again, key);
-        assert!(matches!(
-            create_audit_key(&path),
-            Err(Error::Exists { .. })
-        ));
+        assert!(matches!(create_audit_key(&path), Err(Error::Exists { .. })));
         assert_eq!(read_audit_key(&path).unwrap(), key);
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();

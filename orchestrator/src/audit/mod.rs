@@ -12,11 +12,11 @@ pub mod chain;
 pub mod checkpoint;
 pub mod keys;
 pub mod sink;
+#[cfg(test)]
+mod tests;
 pub mod trigger;
 pub mod verify;
 pub mod writer;
-#[cfg(test)]
-mod tests;
 
 pub use self::chain::{RunningDigest, link_hash};
 pub use self::checkpoint::{Checkpoint, SignedCheckpoint, TrustedKey};

@@ -33,7 +33,9 @@ pub enum Error {
     )]
     KeyConflict { path: PathBuf, signer: String },
     /// A signer name that cannot be a file name.
-    #[error("signer name {0:?} is not valid: use 1-64 of a-z A-Z 0-9 - _ . (not starting with a dot)")]
+    #[error(
+        "signer name {0:?} is not valid: use 1-64 of a-z A-Z 0-9 - _ . (not starting with a dot)"
+    )]
     BadSigner(String),
 }
 
@@ -112,7 +114,9 @@ impl FolderSink {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => return Err(self.io(&path)(err)),
         }
-        write_new(&path, content.as_bytes()).map(|_| ()).map_err(self.io(&path))
+        write_new(&path, content.as_bytes())
+            .map(|_| ())
+            .map_err(self.io(&path))
     }
 
     /// Writes a checkpoint as a new file; `Ok(false)` if this signer's checkpoint of that
@@ -209,8 +213,8 @@ pub fn read_public_key(path: &Path, name: &str) -> Result<TrustedKey, String> {
     };
     let bytes = read_small(path)?;
     let text = String::from_utf8_lossy(&bytes);
-    let key = unhex::<32>(text.trim_end())
-        .ok_or_else(|| "it does not hold 64 hex digits".to_string())?;
+    let key =
+        unhex::<32>(text.trim_end()).ok_or_else(|| "it does not hold 64 hex digits".to_string())?;
     let key = VerifyingKey::from_bytes(&key)
         .map_err(|_| "it does not hold a valid ed25519 public key".to_string())?;
     Ok(TrustedKey {

@@ -43,10 +43,9 @@ fn audit_key() -> AuditKey {
 
 fn lab() -> Lab {
     let dir = tempfile::tempdir().unwrap();
-    let log = SledLog::open(
-        SledLogConfig::new(dir.path().join("log")).with_audit_key(Some(audit_key())),
-    )
-    .unwrap();
+    let log =
+        SledLog::open(SledLogConfig::new(dir.path().join("log")).with_audit_key(Some(audit_key())))
+            .unwrap();
     let sink = FolderSink::new(dir.path().join("checkpoints"));
     let clock = Arc::new(ManualClock(AtomicU64::new(T0)));
     Lab {
@@ -87,7 +86,12 @@ impl Lab {
         }
     }
 
-    fn writer(&self, signer: &str, key: &SigningKey, policy: CheckpointPolicy) -> Checkpointer<SledLog> {
+    fn writer(
+        &self,
+        signer: &str,
+        key: &SigningKey,
+        policy: CheckpointPolicy,
+    ) -> Checkpointer<SledLog> {
         Checkpointer::new(
             self.log.clone(),
             self.clock.clone(),
@@ -135,7 +139,10 @@ async fn checkpoints_are_written_after_n_events_and_after_m_minutes_with_new_eve
     let mut writer = lab.writer("ctl-01", &key, policy(10, 10));
     assert!(writer.step(false).await.unwrap().is_none(), "empty log");
     lab.append(9).await;
-    assert!(writer.step(false).await.unwrap().is_none(), "9 events, 0 minutes");
+    assert!(
+        writer.step(false).await.unwrap().is_none(),
+        "9 events, 0 minutes"
+    );
     lab.append(1).await;
     let first = writer.step(false).await.unwrap().expect("10 events");
     assert_eq!(first.checkpoint.seq, 10);
@@ -144,12 +151,18 @@ async fn checkpoints_are_written_after_n_events_and_after_m_minutes_with_new_eve
     assert!(writer.step(false).await.unwrap().is_none(), "nothing new");
     lab.append(3).await;
     lab.clock.advance(9 * 60_000 + 59_999);
-    assert!(writer.step(false).await.unwrap().is_none(), "3 events, 9:59.999");
+    assert!(
+        writer.step(false).await.unwrap().is_none(),
+        "3 events, 9:59.999"
+    );
     lab.clock.advance(1);
     let second = writer.step(false).await.unwrap().expect("10 minutes");
     assert_eq!(second.checkpoint.seq, 13);
     lab.clock.advance(60 * 60_000);
-    assert!(writer.step(false).await.unwrap().is_none(), "an hour, but no new event");
+    assert!(
+        writer.step(false).await.unwrap().is_none(),
+        "an hour, but no new event"
+    );
     assert_eq!(
         lab.files(),
         vec![
@@ -165,7 +178,10 @@ async fn checkpoints_are_written_after_n_events_and_after_m_minutes_with_new_eve
     assert_eq!(mode, 0o600);
     // A restarted writer picks up after its last checkpoint.
     let mut again = lab.writer("ctl-01", &key, policy(10, 10));
-    assert!(again.step(true).await.unwrap().is_none(), "nothing new since 13");
+    assert!(
+        again.step(true).await.unwrap().is_none(),
+        "nothing new since 13"
+    );
     lab.append(1).await;
     assert_eq!(again.step(true).await.unwrap().unwrap().checkpoint.seq, 14);
     let report = lab.trust().verify(&lab.log).await.unwrap();
@@ -185,7 +201,10 @@ async fn the_writer_task_signs_on_its_trigger_and_at_shutdown() {
     lab.append(5).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while lab.files().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no checkpoint after 5 events");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint after 5 events"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     lab.append(2).await;
@@ -214,7 +233,11 @@ async fn a_rewrite_with_the_audit_key_but_without_the_signing_key_fails_the_chec
             envelope.actor = "user:mallory".into();
         }
     });
-    assert_eq!(lab.log.verify_chain().await.unwrap(), 30, "the chain alone passes");
+    assert_eq!(
+        lab.log.verify_chain().await.unwrap(),
+        30,
+        "the chain alone passes"
+    );
     let report = lab.trust().verify(&lab.log).await.unwrap();
     assert!(!report.ok);
     assert_eq!((report.matched, report.last_matched_seq), (1, Some(10)));
@@ -239,7 +262,11 @@ async fn forged_and_corrupt_checkpoint_files_are_reported_and_not_trusted() {
             envelope.actor = "user:mallory".into();
         }
     });
-    let digest = lab.log.extend_digest(RunningDigest::EMPTY, 20).await.unwrap();
+    let digest = lab
+        .log
+        .extend_digest(RunningDigest::EMPTY, 20)
+        .await
+        .unwrap();
     let mallory = SigningKey::from_bytes(&[66; 32]);
     let forged = Checkpoint {
         seq: 20,
@@ -251,7 +278,11 @@ async fn forged_and_corrupt_checkpoint_files_are_reported_and_not_trusted() {
     }
     .sign(&mallory);
     assert!(lab.sink.write(&forged).unwrap());
-    std::fs::write(lab.sink.dir().join("00000000000000000030-ctl-01.json"), b"{ broken").unwrap();
+    std::fs::write(
+        lab.sink.dir().join("00000000000000000030-ctl-01.json"),
+        b"{ broken",
+    )
+    .unwrap();
     std::fs::write(lab.sink.dir().join("notes.txt"), b"hello").unwrap();
     let report = lab.trust().verify(&lab.log).await.unwrap();
     assert!(!report.ok);
@@ -261,11 +292,24 @@ async fn forged_and_corrupt_checkpoint_files_are_reported_and_not_trusted() {
         .map(|r| (r.file.as_str(), r.reason.as_str()))
         .collect();
     assert_eq!(rejected.len(), 3, "{rejected:?}");
-    assert!(rejected.iter().any(|(file, reason)| *file == "00000000000000000020-ctl-01.json"
-        && reason.contains("signature does not verify")), "{rejected:?}");
-    assert!(rejected.iter().any(|(file, reason)| *file == "00000000000000000030-ctl-01.json"
-        && reason.contains("not a checkpoint")), "{rejected:?}");
-    assert!(rejected.iter().any(|(file, _)| *file == "notes.txt"), "{rejected:?}");
+    assert!(
+        rejected
+            .iter()
+            .any(|(file, reason)| *file == "00000000000000000020-ctl-01.json"
+                && reason.contains("signature does not verify")),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected
+            .iter()
+            .any(|(file, reason)| *file == "00000000000000000030-ctl-01.json"
+                && reason.contains("not a checkpoint")),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected.iter().any(|(file, _)| *file == "notes.txt"),
+        "{rejected:?}"
+    );
     // The genuine checkpoint still catches the rewrite.
     let mismatch = report.first_mismatch.unwrap();
     assert_eq!(mismatch.seq, 10);
@@ -297,7 +341,11 @@ async fn a_log_shorter_than_a_checkpoint_is_named() {
     .unwrap();
     let report = lab.trust().verify(&short).await.unwrap();
     let mismatch = report.first_mismatch.unwrap();
-    assert!(mismatch.detail.contains("events were removed"), "{}", mismatch.detail);
+    assert!(
+        mismatch.detail.contains("events were removed"),
+        "{}",
+        mismatch.detail
+    );
 }
 
 #[tokio::test]

@@ -49,14 +49,14 @@ mod tests {
         let at = |last_seq, last_ms| TriggerState { last_seq, last_ms };
         // (state, log seq, now, due)
         let cases = [
-            (at(0, 0), 0, 10_000_000, false),      // nothing ever written
-            (at(0, 0), 999, 1, false),             // not yet 1000 events, not yet 10 min
-            (at(0, 0), 1000, 1, true),             // 1000 events
-            (at(5000, 0), 5999, 599_999, false),   // just below both
-            (at(5000, 0), 6000, 0, true),          // 1000 more events
-            (at(5000, 0), 5001, 600_000, true),    // 10 minutes and one new event
+            (at(0, 0), 0, 10_000_000, false),       // nothing ever written
+            (at(0, 0), 999, 1, false),              // not yet 1000 events, not yet 10 min
+            (at(0, 0), 1000, 1, true),              // 1000 events
+            (at(5000, 0), 5999, 599_999, false),    // just below both
+            (at(5000, 0), 6000, 0, true),           // 1000 more events
+            (at(5000, 0), 5001, 600_000, true),     // 10 minutes and one new event
             (at(5000, 0), 5000, 99_000_000, false), // 10 minutes but no new event
-            (at(5000, 700), 5001, 600_000, false), // clock: only 599.3 s since
+            (at(5000, 700), 5001, 600_000, false),  // clock: only 599.3 s since
             (at(5000, 0), 4000, 99_000_000, false), // a log behind the checkpoint
         ];
         for (state, log_seq, now, want) in cases {

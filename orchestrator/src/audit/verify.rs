@@ -8,8 +8,8 @@
 //! chain turns keyed. The first difference names the checkpoint; later ones are not looked
 //! at (the digest carries the difference on).
 
-use crate::log::{EventLog, Error as LogError};
 use crate::control::ControlError;
+use crate::log::{Error as LogError, EventLog};
 use crate::views::{AuditReport, CheckpointMismatch, CheckpointReport, RejectedCheckpoint};
 
 use super::chain::RunningDigest;
@@ -75,7 +75,8 @@ pub async fn verify_checkpoints<L: EventLog>(
         }
     }
     valid.sort_by(|a, b| {
-        (a.1.checkpoint.seq, &a.1.checkpoint.signer).cmp(&(b.1.checkpoint.seq, &b.1.checkpoint.signer))
+        (a.1.checkpoint.seq, &a.1.checkpoint.signer)
+            .cmp(&(b.1.checkpoint.seq, &b.1.checkpoint.signer))
     });
 
     let last_seq = log.last_seq().await?;

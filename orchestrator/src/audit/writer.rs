@@ -109,11 +109,9 @@ impl<L: EventLog> Checkpointer<L> {
         let to_write = signed.clone();
         let written = tokio::task::spawn_blocking(move || sink.write(&to_write))
             .await
-            .map_err(|err| {
-                sink::Error::Io {
-                    path: self.config.sink.dir().to_owned(),
-                    source: std::io::Error::other(err.to_string()),
-                }
+            .map_err(|err| sink::Error::Io {
+                path: self.config.sink.dir().to_owned(),
+                source: std::io::Error::other(err.to_string()),
             })??;
         self.state = TriggerState {
             last_seq: signed.checkpoint.seq,

@@ -1026,7 +1026,11 @@ impl Inner {
 
 impl Inner {
     /// The running digest over the stored events of every record, in stream order.
-    async fn extend_digest(&self, from: RunningDigest, to_seq: u64) -> Result<RunningDigest, Error> {
+    async fn extend_digest(
+        &self,
+        from: RunningDigest,
+        to_seq: u64,
+    ) -> Result<RunningDigest, Error> {
         let mut digest = from;
         let Some(last) = self.last_stream_seq().await? else {
             return Ok(digest);
@@ -1178,7 +1182,11 @@ impl EventLog for JetStreamLog {
         None
     }
 
-    async fn extend_digest(&self, from: RunningDigest, to_seq: u64) -> Result<RunningDigest, Error> {
+    async fn extend_digest(
+        &self,
+        from: RunningDigest,
+        to_seq: u64,
+    ) -> Result<RunningDigest, Error> {
         self.inner.extend_digest(from, to_seq).await
     }
 }

@@ -1189,7 +1189,11 @@ impl EventLog for SledLog {
         self.inner.keyed_from
     }
 
-    async fn extend_digest(&self, from: RunningDigest, to_seq: u64) -> Result<RunningDigest, Error> {
+    async fn extend_digest(
+        &self,
+        from: RunningDigest,
+        to_seq: u64,
+    ) -> Result<RunningDigest, Error> {
         self.blocking(move |inner| inner.extend_digest(from, to_seq))
             .await
     }

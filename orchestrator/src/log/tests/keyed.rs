@@ -60,10 +60,7 @@ async fn one_changed_byte_is_caught_by_the_keyed_chain_and_named() {
     let events = log.read_from(1, 40).await.unwrap();
     log.edit_page(7, |records| {
         let (_, bytes) = records.iter_mut().find(|(s, _)| *s == 7).unwrap();
-        let at = bytes
-            .windows(11)
-            .position(|w| w == b"system:test")
-            .unwrap();
+        let at = bytes.windows(11).position(|w| w == b"system:test").unwrap();
         bytes[at] ^= 0x01;
     });
     let (seq, detail) = broken_at(log.verify_chain().await);
@@ -172,15 +169,28 @@ async fn the_running_digest_extends_and_changes_with_any_event() {
             envelope.actor = "user:mallory".into();
         }
     });
-    assert_eq!(log.verify_chain().await.unwrap(), 70, "the key holder's rewrite passes the chain");
-    assert_eq!(log.extend_digest(RunningDigest::EMPTY, 49).await.unwrap().digest, {
-        let mut d = RunningDigest::EMPTY;
-        for event in by_hand_events(&log, 49).await {
-            d.push_bytes(event.0, &event.1);
+    assert_eq!(
+        log.verify_chain().await.unwrap(),
+        70,
+        "the key holder's rewrite passes the chain"
+    );
+    assert_eq!(
+        log.extend_digest(RunningDigest::EMPTY, 49)
+            .await
+            .unwrap()
+            .digest,
+        {
+            let mut d = RunningDigest::EMPTY;
+            for event in by_hand_events(&log, 49).await {
+                d.push_bytes(event.0, &event.1);
+            }
+            d.digest
         }
-        d.digest
-    });
-    assert_ne!(log.extend_digest(RunningDigest::EMPTY, 70).await.unwrap(), all);
+    );
+    assert_ne!(
+        log.extend_digest(RunningDigest::EMPTY, 70).await.unwrap(),
+        all
+    );
 }
 
 async fn by_hand_events(log: &SledLog, to: u64) -> Vec<(u64, Vec<u8>)> {

@@ -5,8 +5,8 @@ mod basic;
 mod chain;
 mod conflict;
 mod crash;
-mod keyed;
 mod jetstream;
+mod keyed;
 mod props;
 
 use std::path::Path;
