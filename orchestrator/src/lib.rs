@@ -1,6 +1,7 @@
 //! cairn's control plane. It owns every decision and never touches disk data.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod control;

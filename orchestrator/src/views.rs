@@ -185,6 +185,46 @@ pub struct AuditReport {
     pub first_broken_seq: Option<u64>,
     pub first_broken_event: Option<String>,
     pub detail: Option<String>,
+    /// The first event whose link is keyed with the audit key; links before it are plain
+    /// BLAKE3 (a log written before it had a key). `None`: the log is not keyed.
+    #[serde(default)]
+    pub keyed_from: Option<u64>,
+    /// The check of the log against signed checkpoints, when there is a checkpoint sink.
+    #[serde(default)]
+    pub checkpoints: Option<CheckpointReport>,
+}
+
+/// The log checked against the signed checkpoints of a sink.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    /// Where the checkpoints are (a folder).
+    pub sink: String,
+    /// Every checkpoint verified and matched the log, and no file of the sink was refused.
+    pub ok: bool,
+    /// Checkpoints whose signature verified and that the log matches.
+    pub matched: u64,
+    /// The highest event a matching checkpoint covers.
+    pub last_matched_seq: Option<u64>,
+    /// The first checkpoint (in log order) that the log no longer matches.
+    pub first_mismatch: Option<CheckpointMismatch>,
+    /// Files of the sink that were not trusted (malformed, unknown key, bad signature).
+    pub rejected: Vec<RejectedCheckpoint>,
+}
+
+/// A checkpoint that the log does not match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointMismatch {
+    pub file: String,
+    pub seq: u64,
+    pub signer: String,
+    pub detail: String,
+}
+
+/// A file of the checkpoint sink that was not trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedCheckpoint {
+    pub file: String,
+    pub reason: String,
 }
 
 /// What a command that was accepted returns.

@@ -371,10 +371,27 @@ pub enum EventsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Walk the event log's hash chain; exit 3 and name the first changed event when broken.
+    /// Walk the event log's keyed hash chain and check it against the signed checkpoints;
+    /// exit 3 and name the first changed event, or the first checkpoint the log no longer
+    /// matches. Through the server by default (which checks its own checkpoint folder), or
+    /// offline with --log, while no cairn runs on that log.
     Verify {
         #[command(flatten)]
         opts: ServerOpts,
+        /// Verify this sled event log folder directly (e.g. DATA/events of a stopped `cairn up`)
+        /// instead of asking the server.
+        #[arg(long, value_name = "DIR")]
+        log: Option<PathBuf>,
+        /// With --log: the audit key file the log is keyed with.
+        #[arg(long, value_name = "FILE", requires = "log")]
+        audit_key: Option<PathBuf>,
+        /// With --log: the checkpoint folder to check the log against (e.g. DATA/checkpoints).
+        #[arg(long, value_name = "DIR", requires = "log")]
+        checkpoints: Option<PathBuf>,
+        /// With --checkpoints: trust only these public key files (SIGNER.pub), not the keys
+        /// listed in the folder's keys/ (repeat).
+        #[arg(long = "trust-key", value_name = "FILE", requires = "checkpoints")]
+        trust_keys: Vec<PathBuf>,
     },
 }
 
@@ -515,10 +532,24 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 },
         } => events_tail(&opts, follow, from, lines),
         ClientCommand::Audit {
-            command: AuditCommand::Verify { opts },
+            command:
+                AuditCommand::Verify {
+                    opts,
+                    log,
+                    audit_key,
+                    checkpoints,
+                    trust_keys,
+                },
         } => {
-            let client = Client::new(&opts)?;
-            let value = client.get("/v1/audit/verify", &[])?;
+            let value = match log {
+                Some(log) => serde_json::to_value(crate::audit_cmd::verify_offline(
+                    &log,
+                    audit_key.as_deref(),
+                    checkpoints.as_deref(),
+                    &trust_keys,
+                )?)?,
+                None => Client::new(&opts)?.get("/v1/audit/verify", &[])?,
+            };
             let report: AuditReport = from_value(value.clone())?;
             if opts.json {
                 print_json(&value);
@@ -1482,7 +1513,48 @@ fn render_event(event: &EventView) -> String {
 }
 
 fn render_audit(report: &AuditReport) -> String {
-    if report.ok {
+    let mut text = render_chain(report);
+    if let Some(from) = report.keyed_from {
+        if from > 1 {
+            text.push_str(&format!(
+                "\n  keyed with the audit key from event {from}; the links of events 1 to {} \
+                 are plain BLAKE3 (written before the log had a key)",
+                from - 1
+            ));
+        } else {
+            text.push_str("\n  keyed with the audit key from the first event");
+        }
+    } else {
+        text.push_str("\n  the chain is not keyed (no audit key)");
+    }
+    if let Some(cp) = &report.checkpoints {
+        text.push_str(&format!("\ncheckpoints in {}: ", cp.sink));
+        match &cp.first_mismatch {
+            None => text.push_str(&format!(
+                "{} match the log{}",
+                cp.matched,
+                cp.last_matched_seq
+                    .map(|seq| format!(" (up to event {seq})"))
+                    .unwrap_or_default()
+            )),
+            Some(m) => text.push_str(&format!(
+                "BROKEN: the log no longer matches checkpoint {} (event {}, signed by {}): {}; \
+                 {} earlier checkpoints match",
+                m.file, m.seq, m.signer, m.detail, cp.matched
+            )),
+        }
+        for rejected in &cp.rejected {
+            text.push_str(&format!(
+                "\n  NOT TRUSTED: {}: {}",
+                rejected.file, rejected.reason
+            ));
+        }
+    }
+    text
+}
+
+fn render_chain(report: &AuditReport) -> String {
+    if report.first_broken_seq.is_none() && report.first_broken_event.is_none() {
         return format!(
             "ok: {} events checked, the hash chain is intact",
             report.events_checked
@@ -1991,19 +2063,43 @@ mod tests {
             first_broken_seq: None,
             first_broken_event: None,
             detail: None,
+            keyed_from: Some(1),
+            checkpoints: None,
         };
         assert_eq!(
             render_audit(&report),
-            "ok: 12 events checked, the hash chain is intact"
+            "ok: 12 events checked, the hash chain is intact\n  keyed with the audit key from \
+             the first event"
         );
         report.ok = false;
         report.first_broken_seq = Some(7);
         report.first_broken_event = Some("0190e000-0000-7000-8000-000000000007".into());
         report.detail = Some("prev_hash does not match".into());
+        report.keyed_from = Some(5);
+        report.checkpoints = Some(cairn_orchestrator::views::CheckpointReport {
+            sink: "/data/checkpoints".into(),
+            ok: false,
+            matched: 1,
+            last_matched_seq: Some(4),
+            first_mismatch: Some(cairn_orchestrator::views::CheckpointMismatch {
+                file: "00000000000000000010-local.json".into(),
+                seq: 10,
+                signer: "local".into(),
+                detail: "digests differ".into(),
+            }),
+            rejected: vec![cairn_orchestrator::views::RejectedCheckpoint {
+                file: "x.json".into(),
+                reason: "bad signature".into(),
+            }],
+        });
         assert_eq!(
             render_audit(&report),
             "BROKEN: the hash chain breaks at event 7 (0190e000-0000-7000-8000-000000000007): \
-             prev_hash does not match; 12 events checked"
+             prev_hash does not match; 12 events checked\n  keyed with the audit key from event \
+             5; the links of events 1 to 4 are plain BLAKE3 (written before the log had a key)\n\
+             checkpoints in /data/checkpoints: BROKEN: the log no longer matches checkpoint \
+             00000000000000000010-local.json (event 10, signed by local): digests differ; 1 \
+             earlier checkpoints match\n  NOT TRUSTED: x.json: bad signature"
         );
     }
 

@@ -2,6 +2,7 @@
 //! into the worker (data plane) and orchestrator (control plane) libraries.
 
 mod api_server;
+mod audit_cmd;
 mod client_cmd;
 mod config;
 mod demo;

@@ -4,7 +4,9 @@
 //!
 //! Data folder layout: `events/` (sled event log), `snapshot.bin` (projection snapshot),
 //! `repo/` (repository), `repo.key` (its generated key, when `cairn up` made it encrypted),
-//! `vms/` (this node's VM descriptors), `images/` (demo disks), `recovered/` (the default
+//! `audit.key` (the audit key that keys the event log's hash chain), `checkpoint.key` (this
+//! orchestrator's checkpoint signing key), `checkpoints/` (signed checkpoints of the log; move
+//! it elsewhere with `--checkpoints DIR`), `vms/` (this node's VM descriptors), `images/` (demo disks), `recovered/` (the default
 //! recovery root), `seeds/` (the default seed root), `nodes/NAME/vms/` (descriptors of the
 //! `--extra-node`s).
 //!
@@ -25,6 +27,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use cairn_orchestrator::audit::keys as audit_keys;
+use cairn_orchestrator::audit::{
+    CheckpointPolicy, CheckpointTrust, Checkpointer, CheckpointerConfig, FolderSink,
+};
 use cairn_orchestrator::control::BoxFuture;
 use cairn_orchestrator::engine::jobs::EngineConfig;
 use cairn_orchestrator::engine::service::{
@@ -115,7 +121,22 @@ pub struct UpArgs {
     /// (repeat).
     #[arg(long = "image-root", value_name = "DIR")]
     pub image_roots: Vec<PathBuf>,
+    /// Folder of the signed audit checkpoints (default `DATA/checkpoints`); best on another
+    /// disk or machine than the event log.
+    #[arg(long, env = "CAIRN_CHECKPOINTS", value_name = "DIR")]
+    pub checkpoints: Option<PathBuf>,
+    /// Sign a checkpoint of the event log after this many new events.
+    #[arg(long, default_value_t = 1000)]
+    pub checkpoint_every_events: u64,
+    /// Sign a checkpoint after this many minutes when there were new events.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_every_minutes: u64,
 }
+
+/// The audit key in the data folder, made at the first start.
+pub const AUDIT_KEY_FILE: &str = "audit.key";
+/// The checkpoint signing key in the data folder, made at the first start.
+pub const SIGNING_KEY_FILE: &str = "checkpoint.key";
 
 /// The name `cairn up` registers its repository (`DATA/repo`) under.
 pub const REPOSITORY_NAME: &str = "default";
@@ -211,6 +232,15 @@ async fn serve(args: UpArgs) -> Result<i32> {
     cairn_worker::perms::restrict_umask();
     // The key is checked before anything is created: a refused key changes nothing.
     let plan = RepoPlan::new(&args)?;
+    // So are existing audit keys.
+    let audit_path = args.data_dir.join(AUDIT_KEY_FILE);
+    if audit_path.symlink_metadata().is_ok() {
+        audit_keys::read_audit_key(&audit_path)?;
+    }
+    let signing_path = args.data_dir.join(SIGNING_KEY_FILE);
+    if signing_path.symlink_metadata().is_ok() {
+        audit_keys::read_signing_key(&signing_path)?;
+    }
     // So is the webhook CA file.
     let webhook_roots = match &args.webhook_ca_file {
         Some(path) => webhook::read_ca_file(path)?,
@@ -245,8 +275,34 @@ async fn serve(args: UpArgs) -> Result<i32> {
     let node = NodeId::new(args.node.clone())
         .map_err(|e| anyhow::anyhow!("--node {:?}: {e}", args.node))?;
 
+    let (audit_key, created) = audit_keys::ensure_audit_key(&data.join(AUDIT_KEY_FILE))?;
+    if created {
+        tracing::info!(file = %data.join(AUDIT_KEY_FILE).display(), "made the audit key");
+    }
+    let (signing_key, _) = audit_keys::ensure_signing_key(&data.join(SIGNING_KEY_FILE))?;
     let log =
-        SledLog::open(SledLogConfig::new(data.join("events"))).context("opening the event log")?;
+        SledLog::open(SledLogConfig::new(data.join("events")).with_audit_key(Some(audit_key)))
+            .context("opening the event log")?;
+    let checkpoint_sink = FolderSink::new(
+        args.checkpoints
+            .clone()
+            .unwrap_or_else(|| data.join("checkpoints")),
+    );
+    let checkpointer = Checkpointer::new(
+        log.clone(),
+        Arc::new(SystemClock),
+        CheckpointerConfig {
+            sink: checkpoint_sink.clone(),
+            signing_key,
+            signer: args.node.clone(),
+            policy: CheckpointPolicy {
+                every_events: args.checkpoint_every_events,
+                every_ms: args.checkpoint_every_minutes.saturating_mul(60_000),
+            },
+            poll: Duration::from_secs(1),
+        },
+    )
+    .context("starting the checkpoint writer")?;
     let epoch = SystemClock.now_ms();
     let options = EngineOptions {
         config: EngineConfig {
@@ -310,6 +366,11 @@ async fn serve(args: UpArgs) -> Result<i32> {
         agent: agent.clone(),
     });
     let (engine, handle) = Engine::start(log, options, Arc::new(SystemClock), bus).await?;
+    handle.set_checkpoint_trust(CheckpointTrust {
+        sink: checkpoint_sink,
+        extra_keys: Vec::new(),
+        trust_sink_keys: true,
+    });
     let from = args
         .smtp_from
         .clone()
@@ -327,6 +388,7 @@ async fn serve(args: UpArgs) -> Result<i32> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let engine_task = tokio::spawn(engine.run(wait_shutdown(shutdown_rx.clone())));
+    let checkpoint_task = tokio::spawn(checkpointer.run(wait_shutdown(shutdown_rx.clone())));
 
     // Worker: run each dispatched step on a blocking thread; forward its reports.
     let worker_handle = handle.clone();
@@ -372,12 +434,15 @@ async fn serve(args: UpArgs) -> Result<i32> {
                 cluster: "local".into(),
                 worker_version: env!("CARGO_PKG_VERSION").into(),
             };
-            if let Err(e) = inventory_handle.submit_as("worker".into(), register).await {
+            if let Err(e) = inventory_handle
+                .submit_as(format!("node:{node}"), register)
+                .await
+            {
                 tracing::error!(node = %node, error = %e, "could not register the node");
             }
             let repositories = repositories_command(node, &inventory_agents[*node]);
             if let Err(e) = inventory_handle
-                .submit_as("worker".into(), repositories)
+                .submit_as(format!("node:{node}"), repositories)
                 .await
             {
                 tracing::error!(node = %node, error = %e, "could not register the node's repositories");
@@ -450,6 +515,8 @@ async fn serve(args: UpArgs) -> Result<i32> {
     println!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = engine_task.await;
+    // After the engine: the last checkpoint covers everything it appended.
+    let _ = checkpoint_task.await;
     let _ = api.task.await;
     inventory_task.abort();
     worker_task.abort();
@@ -567,7 +634,7 @@ pub async fn report_inventory(handle: &Handle<SledLog>, agent: &Arc<Agent>, node
     let Some(command) = inventory_command(agent, node).await else {
         return;
     };
-    if let Err(e) = handle.submit_as("worker".into(), command).await {
+    if let Err(e) = handle.submit_as(format!("node:{node}"), command).await {
         tracing::warn!(error = %e, "inventory report refused");
     }
 }
@@ -578,7 +645,7 @@ pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &st
     let Some(command) = space_command(node, REPOSITORY_NAME, repo_dir).await else {
         return;
     };
-    if let Err(e) = handle.submit_as("worker".into(), command).await {
+    if let Err(e) = handle.submit_as(format!("node:{node}"), command).await {
         tracing::warn!(error = %e, "repository space report refused");
     }
 }

@@ -204,6 +204,8 @@ impl Fake {
                 first_broken_seq: None,
                 first_broken_event: None,
                 detail: None,
+                keyed_from: Some(1),
+                checkpoints: None,
             },
             next_id: AtomicU64::new(1),
             tokens: Mutex::new(Vec::new()),

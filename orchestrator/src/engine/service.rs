@@ -138,6 +138,8 @@ struct Shared<L> {
     steps: Arc<dyn StepSink>,
     ownership: Arc<Ownership>,
     router: std::sync::OnceLock<Arc<dyn CommandRouter>>,
+    /// Where `audit_verify` finds signed checkpoints (set once at start, when there is a sink).
+    checkpoints: std::sync::OnceLock<crate::audit::CheckpointTrust>,
 }
 
 /// A cheap, cloneable handle to a running engine.
@@ -242,6 +244,7 @@ impl<L: EventLog + 'static> Engine<L> {
             steps: steps.clone(),
             ownership,
             router: std::sync::OnceLock::new(),
+            checkpoints: std::sync::OnceLock::new(),
         });
         let engine = Engine {
             shared: shared.clone(),
@@ -1033,6 +1036,11 @@ impl<L: EventLog + 'static> Handle<L> {
         &self.shared.ownership
     }
 
+    /// Sets the checkpoint sink that `audit_verify` checks the log against (once).
+    pub fn set_checkpoint_trust(&self, trust: crate::audit::CheckpointTrust) {
+        let _ = self.shared.checkpoints.set(trust);
+    }
+
     /// Sets where commands for partitions owned elsewhere go (once).
     pub fn set_router(&self, router: Arc<dyn CommandRouter>) {
         let _ = self.shared.router.set(router);
@@ -1178,27 +1186,14 @@ impl<L: EventLog + 'static> Control for Handle<L> {
 
     fn audit_verify(&self) -> BoxFuture<'_, Result<AuditReport, ControlError>> {
         Box::pin(async move {
-            match self.shared.log.verify_chain().await {
-                Ok(n) => Ok(AuditReport {
-                    ok: true,
-                    events_checked: n,
-                    first_broken_seq: None,
-                    first_broken_event: None,
-                    detail: None,
-                }),
-                Err(crate::log::Error::ChainBroken {
-                    seq,
-                    event_id,
-                    detail,
-                }) => Ok(AuditReport {
-                    ok: false,
-                    events_checked: seq.saturating_sub(1),
-                    first_broken_seq: Some(seq),
-                    first_broken_event: event_id.map(|e| e.to_string()),
-                    detail: Some(detail),
-                }),
-                Err(e) => Err(ControlError::Internal(e.to_string())),
+            let log = &self.shared.log;
+            let mut report = crate::audit::verify::chain_report(log).await?;
+            if let Some(trust) = self.shared.checkpoints.get() {
+                let checkpoints = trust.verify(log).await.map_err(ControlError::Internal)?;
+                report.ok &= checkpoints.ok;
+                report.checkpoints = Some(checkpoints);
             }
+            Ok(report)
         })
     }
 

@@ -72,6 +72,7 @@ use self::record::{
     MAX_EVENTS, Record, SEQ_STRIDE, aggregate_filter, decode_record, encode_record,
 };
 use super::{AppendRequest, Error, EventLog, NextBatch, StoredEvent, Tail, TailSource, validate};
+use crate::audit::RunningDigest;
 
 /// Header that applies the expected-last-subject-sequence check to a wildcard subject
 /// (nats-server 2.11+).
@@ -1023,6 +1024,45 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The running digest over the stored events of every record, in stream order.
+    async fn extend_digest(
+        &self,
+        from: RunningDigest,
+        to_seq: u64,
+    ) -> Result<RunningDigest, Error> {
+        let mut digest = from;
+        let Some(last) = self.last_stream_seq().await? else {
+            return Ok(digest);
+        };
+        let first_stream = (from.seq / SEQ_STRIDE).max(1);
+        let last_stream = (to_seq / SEQ_STRIDE).min(last.stream_seq);
+        if first_stream > last_stream {
+            return Ok(digest);
+        }
+        let mut records = self.consume(first_stream, last_stream).await?;
+        let result = loop {
+            let raw = match records.next().await {
+                Ok(Some(raw)) => raw,
+                Ok(None) => break Ok(()),
+                Err(err) => break Err(err),
+            };
+            match raw.decode() {
+                Ok(record) => {
+                    for (event, hash) in record.events.iter().zip(&record.hashes) {
+                        if event.seq > digest.seq && event.seq <= to_seq {
+                            digest.push(event.seq, hash);
+                        }
+                    }
+                }
+                Err(err) => break Err(err),
+            }
+        };
+        records.finish().await;
+        result.map(|()| digest)
+    }
+}
+
 /// Reads records in order through a consumer without acks, up to a last stream sequence.
 struct RecordReader {
     stream: stream::Stream,
@@ -1136,6 +1176,18 @@ impl EventLog for JetStreamLog {
 
     async fn verify_chain(&self) -> Result<u64, Error> {
         self.inner.verify_chain().await
+    }
+
+    fn keyed_from(&self) -> Option<u64> {
+        None
+    }
+
+    async fn extend_digest(
+        &self,
+        from: RunningDigest,
+        to_seq: u64,
+    ) -> Result<RunningDigest, Error> {
+        self.inner.extend_digest(from, to_seq).await
     }
 }
 

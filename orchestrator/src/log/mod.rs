@@ -18,10 +18,16 @@
 //!   events". The JetStream log refuses an append of more than 1000 events.
 //! - **Idempotency**: an append carrying a [`CommandId`] that was already appended returns the
 //!   events stored the first time and appends nothing, whatever the new request contains.
-//! - **Hash chain**: each envelope's `prev_hash` is the BLAKE3 hash of the previous event's
-//!   stored bytes: of the previous event in the log (sled: one chain per log), or of the
-//!   previous event of the same aggregate (JetStream: one chain per aggregate, since several
-//!   orchestrators append to one stream concurrently).
+//! - **Hash chain**: each envelope's `prev_hash` is the link to the previous event's stored
+//!   bytes: to the previous event in the log (sled: one chain per log), or to the previous
+//!   event of the same aggregate (JetStream: one chain per aggregate, since several
+//!   orchestrators append to one stream concurrently). With an audit key the link is the
+//!   keyed BLAKE3 MAC ([`crate::audit::link_hash`]); a log opened with a key for the first time
+//!   records durably the first event whose link is keyed ([`EventLog::keyed_from`]; the links
+//!   before it stay plain BLAKE3), and refuses to open without the key from then on, so no
+//!   unkeyed link is ever written or accepted after that point.
+//! - **Running digest**: [`EventLog::extend_digest`] covers the stored bytes of every event in
+//!   log order ([`crate::audit::RunningDigest`]), what signed checkpoints record.
 //! - Time comes from the caller (`recorded_at`); the log reads no clock.
 //!
 //! If `append` fails with [`Error::Storage`] the outcome is unknown (the events may be stored
@@ -39,6 +45,8 @@ use std::pin::Pin;
 use cairn_schemas::{
     Aggregate, AggregateKind, CodecError, CommandId, Envelope, Event, EventId, JobId,
 };
+
+use crate::audit::RunningDigest;
 
 pub use self::jetstream::{JetStreamLog, JetStreamLogConfig};
 pub use self::sled::{SledLog, SledLogConfig, SledLogStats};
@@ -185,6 +193,17 @@ pub enum Error {
         /// The storage engine's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The log's chain is keyed, but no audit key was given.
+    #[error(
+        "event log {path} is keyed with an audit key from event {keyed_from} on, but no audit \
+         key was given (--audit-key FILE, or [audit] key_file); it was not opened"
+    )]
+    AuditKeyRequired {
+        /// Where the log is.
+        path: String,
+        /// The first keyed link.
+        keyed_from: u64,
+    },
     /// An append with more events than one append may hold.
     #[error("append to {aggregate} has {count} events, at most {max} are allowed in one append")]
     TooManyEvents {
@@ -263,6 +282,18 @@ pub trait EventLog: Send + Sync {
     /// Walks the whole hash chain. `Ok(n_events)`, or [`Error::ChainBroken`] naming the first
     /// event whose bytes were changed (or that is missing).
     fn verify_chain(&self) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    /// The first event whose link is keyed with the audit key; `None` for an unkeyed log.
+    fn keyed_from(&self) -> Option<u64>;
+
+    /// `from` (the running digest up to event `from.seq`) extended over every durable event
+    /// with `from.seq < seq <= to_seq`, in log order. It stops early at a missing event (its
+    /// `seq` then says how far it got).
+    fn extend_digest(
+        &self,
+        from: RunningDigest,
+        to_seq: u64,
+    ) -> impl Future<Output = Result<RunningDigest, Error>> + Send;
 }
 
 /// A boxed future of the next batch of a tail; `Ok(None)` once the log is closed.

@@ -8,10 +8,16 @@
 //! | `aggregates` | aggregate key ++ version (u64)   | global seq (u64)                        |
 //! | `heads`      | aggregate key                    | current version (u64)                   |
 //! | `commands`   | command id (16 bytes)            | first seq (u64) ++ event count (u32)    |
-//! | `meta`       | `layout`, `last_seq`, `last_hash`| layout name, u64, BLAKE3 hash of the last event's bytes |
+//! | `meta`       | `layout`, `last_seq`, `last_hash`, `keyed_from` | layout name, u64, link to the last event's bytes, u64 |
 //!
 //! An event record is its seq (u64), the length of its bytes (u32) and its stored bytes (the
 //! encoded envelope, version byte + postcard); the hash chain covers exactly those bytes.
+//!
+//! **Keyed chain.** Link `k` (event `k`'s `prev_hash`, or for `k = last + 1` the `last_hash`
+//! tip in `meta`) is the audit key's MAC of event `k - 1` when `k >= keyed_from`, else its
+//! plain BLAKE3 hash. A log opened with a key for the first time gets `keyed_from = last + 1`
+//! and its tip re-linked with the key, in one batch, flushed before open returns; a log with
+//! `keyed_from` refuses to open without a key ([`Error::AuditKeyRequired`]).
 //! Event `seq` lives in page `(seq - 1) / 32`. Pages rather than one sled entry per event,
 //! because sled's cost per entry (allocations, node walks, space) dominated replay: with one
 //! entry per event, replay of 1,000,000 events ran at 350,000-500,000 events/s on a 2-core
@@ -49,6 +55,9 @@ use ::sled::{Db, Transactional, Tree};
 use cairn_schemas::{Aggregate, Envelope};
 use tokio::sync::watch;
 
+use crate::audit::chain::{link_hash, link_is_keyed};
+use crate::audit::{AuditKey, RunningDigest};
+
 use super::{AppendRequest, Error, EventLog, NextBatch, StoredEvent, Tail, TailSource, validate};
 
 /// Name of this on-disk layout, stored in `meta` and checked on open.
@@ -60,6 +69,7 @@ const RECORD_HEADER: usize = 12;
 const META_LAYOUT: &[u8] = b"layout";
 const META_LAST_SEQ: &[u8] = b"last_seq";
 const META_LAST_HASH: &[u8] = b"last_hash";
+const META_KEYED_FROM: &[u8] = b"keyed_from";
 /// How long open waits for sled's file lock before giving up.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Events per read when a tail catches up.
@@ -72,6 +82,9 @@ pub struct SledLogConfig {
     pub path: PathBuf,
     /// Upper bound of sled's page cache, in bytes.
     pub cache_capacity_bytes: u64,
+    /// The audit key that keys the chain's links (`None`: plain BLAKE3, for a log that never
+    /// had a key).
+    pub audit_key: Option<AuditKey>,
 }
 
 impl SledLogConfig {
@@ -83,7 +96,14 @@ impl SledLogConfig {
         Self {
             path: path.into(),
             cache_capacity_bytes: 1 << 30,
+            audit_key: None,
         }
+    }
+
+    /// The same, with the chain keyed by `key`.
+    pub fn with_audit_key(mut self, key: Option<AuditKey>) -> Self {
+        self.audit_key = key;
+        self
     }
 }
 
@@ -134,6 +154,19 @@ struct Inner {
     durable: watch::Sender<u64>,
     n_appends: AtomicU64,
     n_flushes: AtomicU64,
+    /// The audit key (fixed at open).
+    key: Option<AuditKey>,
+    /// The first keyed link (fixed at open).
+    keyed_from: Option<u64>,
+}
+
+/// Link `k` of a log keyed from `keyed_from`: to `bytes`, the stored bytes of event `k - 1`.
+fn link(key: Option<&AuditKey>, keyed_from: Option<u64>, k: u64, bytes: &[u8]) -> [u8; 32] {
+    if link_is_keyed(keyed_from, k) {
+        link_hash(key, bytes)
+    } else {
+        link_hash(None, bytes)
+    }
 }
 
 fn storage(context: impl Into<String>, err: ::sled::Error) -> Error {
@@ -297,6 +330,18 @@ impl SledLog {
     ///
     /// Fails with [`Error::CorruptTail`] if the last event is damaged (see the module docs).
     pub fn open(config: SledLogConfig) -> Result<Self, Error> {
+        Self::open_with(config, false)
+    }
+
+    /// Opens the log to audit it (`cairn audit verify --log`): it writes nothing, not even the
+    /// layout entry of an empty database, and does not check the tail, so that a damaged log
+    /// can be examined. Appending to a log opened this way is a bug; call only the reads,
+    /// [`EventLog::verify_chain`] and [`EventLog::extend_digest`].
+    pub fn open_for_audit(config: SledLogConfig) -> Result<Self, Error> {
+        Self::open_with(config, true)
+    }
+
+    fn open_with(config: SledLogConfig, audit_only: bool) -> Result<Self, Error> {
         let path_text = config.path.display().to_string();
         let sled_config = ::sled::Config::new()
             .path(&config.path)
@@ -349,6 +394,7 @@ impl SledLog {
                     .into(),
                 });
             }
+            None if audit_only => {}
             None => {
                 if !events.is_empty() {
                     return Err(Error::CorruptTail {
@@ -362,7 +408,44 @@ impl SledLog {
             }
         }
 
-        let last_seq = check_tail(&path_text, &events, &meta)?;
+        let mut keyed_from = meta
+            .get(META_KEYED_FROM)
+            .map_err(|err| storage("reading meta", err))?
+            .map(|bytes| be_u64(&bytes, "meta keyed_from"))
+            .transpose()?;
+        let key = config.audit_key.clone();
+        let last_seq = if audit_only {
+            meta_last_seq(&meta)?
+        } else {
+            if let (Some(from), None) = (keyed_from, &key) {
+                return Err(Error::AuditKeyRequired {
+                    path: path_text,
+                    keyed_from: from,
+                });
+            }
+            let last_seq = check_tail(&path_text, &events, &meta, key.as_ref(), keyed_from)?;
+            if let (Some(key), None) = (&key, keyed_from) {
+                // From now on every link is keyed: record where that starts and re-link the
+                // tip (the link the next event will hold) with the key, in one batch.
+                let from = last_seq + 1;
+                let mut batch = ::sled::Batch::default();
+                batch.insert(META_KEYED_FROM, &from.to_be_bytes());
+                if last_seq > 0 {
+                    let bytes = event_bytes(&events, last_seq)?
+                        .ok_or_else(|| damaged(last_seq, "the last event is missing"))?;
+                    batch.insert(META_LAST_HASH, &link_hash(Some(key), &bytes));
+                }
+                meta.apply_batch(batch)
+                    .map_err(|err| storage("recording where the keyed chain starts", err))?;
+                db.flush()
+                    .map_err(|err| storage("recording where the keyed chain starts", err))?;
+                if last_seq > 0 {
+                    tracing::warn!(log = %path_text, keyed_from = from, "event log: the hash chain is keyed with the audit key from now on; the links of the events before are plain BLAKE3");
+                }
+                keyed_from = Some(from);
+            }
+            last_seq
+        };
         let (durable, _) = watch::channel(last_seq);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -379,6 +462,8 @@ impl SledLog {
                 durable,
                 n_appends: AtomicU64::new(0),
                 n_flushes: AtomicU64::new(0),
+                key,
+                keyed_from,
             }),
         })
     }
@@ -438,6 +523,38 @@ impl SledLog {
     }
 }
 
+#[cfg(test)]
+impl SledLog {
+    /// Rewrites the whole log as an attacker who can write the database would: every event
+    /// through `edit`, every link recomputed with `key` (plain BLAKE3 without one), and the
+    /// chain tip in `meta` to match. `keyed_from` is left as it is.
+    pub(crate) fn rewrite_all(
+        &self,
+        key: Option<&AuditKey>,
+        mut edit: impl FnMut(u64, &mut Envelope),
+    ) {
+        let inner = &self.inner;
+        let mut prev = [0u8; 32];
+        let pages: Vec<(::sled::IVec, ::sled::IVec)> =
+            inner.events.iter().map(|item| item.unwrap()).collect();
+        for (page_key, page) in pages {
+            let mut rebuilt = Vec::new();
+            for record in records(&page) {
+                let record = record.unwrap();
+                let mut envelope: Envelope = cairn_schemas::decode(record.bytes).unwrap();
+                edit(record.seq, &mut envelope);
+                envelope.prev_hash = prev;
+                let bytes = cairn_schemas::encode(&envelope);
+                prev = link_hash(key, &bytes);
+                push_record(&mut rebuilt, record.seq, &bytes);
+            }
+            inner.events.insert(page_key, rebuilt).unwrap();
+        }
+        inner.meta.insert(META_LAST_HASH, &prev).unwrap();
+        inner.db.flush().unwrap();
+    }
+}
+
 /// The last durable sequence recorded in the meta tree (0 for an empty log).
 fn meta_last_seq(meta: &Tree) -> Result<u64, Error> {
     meta.get(META_LAST_SEQ)
@@ -448,7 +565,13 @@ fn meta_last_seq(meta: &Tree) -> Result<u64, Error> {
 }
 
 /// Checks the last event on open; returns the last sequence number.
-fn check_tail(path: &str, events: &Tree, meta: &Tree) -> Result<u64, Error> {
+fn check_tail(
+    path: &str,
+    events: &Tree,
+    meta: &Tree,
+    key: Option<&AuditKey>,
+    keyed_from: Option<u64>,
+) -> Result<u64, Error> {
     let corrupt = |seq, detail: String| Error::CorruptTail {
         path: path.to_owned(),
         seq,
@@ -495,12 +618,14 @@ fn check_tail(path: &str, events: &Tree, meta: &Tree) -> Result<u64, Error> {
     let tip = meta
         .get(META_LAST_HASH)
         .map_err(|err| storage("reading meta", err))?;
-    if tip.as_deref() != Some(blake3::hash(last.bytes).as_bytes().as_slice()) {
-        return Err(corrupt(
-            seq,
+    if tip.as_deref() != Some(link(key, keyed_from, seq + 1, last.bytes).as_slice()) {
+        let why = if link_is_keyed(keyed_from, seq + 1) {
+            "its bytes do not match the keyed chain tip recorded in meta (changed after it was \
+             stored, rewritten without the audit key, or the audit key is not this log's)"
+        } else {
             "its bytes do not hash to the chain tip recorded in meta (changed after it was stored)"
-                .into(),
-        ));
+        };
+        return Err(corrupt(seq, why.into()));
     }
     let expected_prev = if seq == 1 {
         [0u8; 32]
@@ -510,7 +635,7 @@ fn check_tail(path: &str, events: &Tree, meta: &Tree) -> Result<u64, Error> {
             _ => event_bytes(events, seq - 1).map_err(|err| corrupt(seq - 1, err.to_string()))?,
         };
         match prev_bytes {
-            Some(prev) => *blake3::hash(&prev).as_bytes(),
+            Some(prev) => link(key, keyed_from, seq, &prev),
             None => {
                 return Err(corrupt(
                     seq - 1,
@@ -616,7 +741,9 @@ impl Inner {
                 payload: event.payload,
             };
             let bytes = cairn_schemas::encode(&envelope);
-            prev_hash = *blake3::hash(&bytes).as_bytes();
+            // Every link this process writes is keyed when it has the key: open made sure
+            // that `keyed_from` is at most the next sequence number.
+            prev_hash = link_hash(self.key.as_ref(), &bytes);
             if page_of(seq) != page_no {
                 pages.push((page_no, std::mem::take(&mut page)));
                 page_no = page_of(seq);
@@ -858,6 +985,21 @@ impl Inner {
     /// when the change hits `j`'s own `prev_hash`. So at the first broken link `k`: if link
     /// `k + 1` holds, event `k - 1` was changed; otherwise event `k` was.
     fn verify_chain(&self) -> Result<u64, Error> {
+        if let (Some(from), None) = (self.keyed_from, &self.key) {
+            return Err(Error::AuditKeyRequired {
+                path: self.path.display().to_string(),
+                keyed_from: from,
+            });
+        }
+        let (audit_key, keyed_from) = (self.key.as_ref(), self.keyed_from);
+        let keyed_note = |k: u64| {
+            if link_is_keyed(keyed_from, k) {
+                " (a keyed link: the event was changed, the log rewritten without the audit \
+                 key, or the key is not this log's)"
+            } else {
+                ""
+            }
+        };
         let anchor_seq = meta_last_seq(&self.meta)?;
         let anchor_hash = self
             .meta
@@ -884,14 +1026,20 @@ impl Inner {
                 changed(
                     k - 1,
                     id_before,
-                    &format!("its bytes no longer hash to the prev_hash stored in event {k}"),
+                    &format!(
+                        "its bytes no longer hash to the prev_hash stored in event {k}{}",
+                        keyed_note(k)
+                    ),
                 )
             } else {
                 changed(
                     k,
                     id_k,
-                    "its prev_hash does not match the event before it, and its own hash does \
-                     not match the event after it",
+                    &format!(
+                        "its prev_hash does not match the event before it, and its own hash \
+                         does not match the event after it{}",
+                        keyed_note(k)
+                    ),
                 )
             }
         };
@@ -943,7 +1091,7 @@ impl Inner {
                 if !link_ok {
                     first_broken = Some((record.seq, prev_id, event_id));
                 }
-                prev_hash = *blake3::hash(record.bytes).as_bytes();
+                prev_hash = link(audit_key, keyed_from, record.seq + 1, record.bytes);
                 prev_id = event_id;
                 expected_seq += 1;
             }
@@ -963,10 +1111,40 @@ impl Inner {
             return Err(changed(
                 n_events,
                 prev_id,
-                "its bytes no longer hash to the chain tip recorded in meta",
+                &format!(
+                    "its bytes no longer hash to the chain tip recorded in meta{}",
+                    keyed_note(n_events + 1)
+                ),
             ));
         }
         Ok(n_events)
+    }
+
+    /// The running digest of [`EventLog::extend_digest`] (blocking).
+    fn extend_digest(&self, from: RunningDigest, to_seq: u64) -> Result<RunningDigest, Error> {
+        let to_seq = to_seq.min(*self.durable.borrow());
+        let mut digest = from;
+        if to_seq <= from.seq {
+            return Ok(digest);
+        }
+        let first = from.seq + 1;
+        for item in self
+            .events
+            .range(page_of(first).to_be_bytes()..=page_of(to_seq).to_be_bytes())
+        {
+            let (_, page) = item.map_err(|err| storage("reading event pages", err))?;
+            for record in records(&page) {
+                let record = record.map_err(|detail| damaged(digest.seq + 1, detail))?;
+                if record.seq <= digest.seq {
+                    continue;
+                }
+                if record.seq != digest.seq + 1 || record.seq > to_seq {
+                    return Ok(digest);
+                }
+                digest.push_bytes(record.seq, record.bytes);
+            }
+        }
+        Ok(digest)
     }
 }
 
@@ -1005,6 +1183,19 @@ impl EventLog for SledLog {
 
     async fn verify_chain(&self) -> Result<u64, Error> {
         self.blocking(|inner| inner.verify_chain()).await
+    }
+
+    fn keyed_from(&self) -> Option<u64> {
+        self.inner.keyed_from
+    }
+
+    async fn extend_digest(
+        &self,
+        from: RunningDigest,
+        to_seq: u64,
+    ) -> Result<RunningDigest, Error> {
+        self.blocking(move |inner| inner.extend_digest(from, to_seq))
+            .await
     }
 }
 

@@ -6,6 +6,7 @@ mod chain;
 mod conflict;
 mod crash;
 mod jetstream;
+mod keyed;
 mod props;
 
 use std::path::Path;
