@@ -225,6 +225,112 @@ impl NatsCluster {
     }
 }
 
+/// A loopback port such that it and the `n - 1` ports after it were free a moment ago.
+pub fn free_ports(n: u16) -> u16 {
+    for _ in 0..200 {
+        let base = free_port();
+        if base > u16::MAX - n {
+            continue;
+        }
+        let listeners: Vec<_> = (base..base + n)
+            .map(|p| TcpListener::bind(("127.0.0.1", p)))
+            .collect();
+        if listeners.iter().all(Result::is_ok) {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free loopback ports");
+}
+
+/// A NATS deployment made by `cairn ops nats-init` on loopback: one server or a cluster, TLS,
+/// one user per identity with its permissions. [`SecureNats::config`] gives an identity's
+/// generated `cairn.toml`.
+pub struct SecureNats {
+    /// The folder `nats-init` wrote (`ca/`, `servers/`, `orchestrators/`, `nodes/`,
+    /// `automation/`).
+    pub dir: PathBuf,
+    /// The servers, started from their generated configurations.
+    pub servers: Vec<NatsServer>,
+}
+
+impl SecureNats {
+    /// Runs `cairn ops nats-init` under `parent` for these identities and starts its
+    /// `cluster` servers (1 or 3) on free loopback ports.
+    pub fn start(parent: &Path, cluster: usize, orchestrators: &[&str], nodes: &[&str]) -> Self {
+        let dir = parent.join("nats-pki");
+        let n = cluster as u16;
+        let base = free_ports(3 * n);
+        let (port, cluster_port, monitor_port) = (base, base + n, base + 2 * n);
+        let store = parent.join("nats-store");
+        let mut args = vec![
+            "ops".to_string(),
+            "nats-init".into(),
+            "--out".into(),
+            dir.display().to_string(),
+            "--orchestrators".into(),
+            orchestrators.join(","),
+            "--cluster".into(),
+            cluster.to_string(),
+            "--servers".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+            "--cluster-port".into(),
+            cluster_port.to_string(),
+            "--monitor-port".into(),
+            monitor_port.to_string(),
+            "--store-dir".into(),
+            store.display().to_string(),
+            "--days".into(),
+            "2".into(),
+        ];
+        if !nodes.is_empty() {
+            args.extend(["--nodes".to_string(), nodes.join(",")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::cairn_ok(&args);
+        let mut servers: Vec<NatsServer> = (0..n)
+            .map(|i| {
+                let dir = dir.join("servers").join(format!("nats-{}", i + 1));
+                NatsServer {
+                    child: None,
+                    port: port + i,
+                    monitor_port: monitor_port + i,
+                    config: dir.join("nats.conf"),
+                    dir,
+                }
+            })
+            .collect();
+        for server in &mut servers {
+            server.restart();
+        }
+        for server in &servers {
+            server.wait_healthy();
+        }
+        SecureNats { dir, servers }
+    }
+
+    /// Every server's URL (`tls://127.0.0.1:PORT`), comma separated.
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("tls://127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// An identity's folder: `orchestrators/NAME`, `nodes/NAME` or `automation`.
+    pub fn identity(&self, folder: &str) -> PathBuf {
+        self.dir.join(folder)
+    }
+
+    /// The `cairn.toml` (its `[nats]` section) that nats-init wrote for an identity.
+    pub fn config(&self, folder: &str) -> String {
+        std::fs::read_to_string(self.identity(folder).join("cairn.toml"))
+            .expect("a generated cairn.toml")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,14 +2,17 @@
 //! several `cairn orchestrator` processes sharing the partitions through leases, one
 //! `cairn worker` per node, VMs over real images, and a repository folder they share.
 //! Processes and servers are killed with SIGKILL while backups run; every job must end
-//! Succeeded with exactly one recovery point.
+//! Succeeded with exactly one recovery point. The suite runs on NATS as `cairn ops nats-init`
+//! sets it up (TLS, one identity per orchestrator and node, each process given its generated
+//! `cairn.toml`) and on a plain development server; a node that forges a report for another
+//! node through its own credentials is refused and alerted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use cairn_tests::nats::{NatsCluster, NatsServer};
+use cairn_tests::nats::{NatsServer, SecureNats};
 use cairn_tests::*;
 use serde_json::Value;
 
@@ -94,15 +97,24 @@ fn get(addr: &str, path: &str) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: bad JSON {body:?}: {e}"))
 }
 
+/// How the lab's processes reach NATS.
+enum LabNats {
+    /// A plain server: `--nats URL`.
+    Plain(String),
+    /// A deployment made by `cairn ops nats-init`: each process gets its identity's
+    /// generated `cairn.toml` (`[nats]` with TLS), which it reads with `--config`.
+    Secure(PathBuf),
+}
+
 struct Lab {
     dir: tempfile::TempDir,
     repo: PathBuf,
-    nats_url: String,
+    nats: LabNats,
 }
 
 impl Lab {
     /// `nodes` nodes with `per_node` VMs of one small random raw disk each, and a repository.
-    fn new(nats_url: String, nodes: usize, per_node: usize, dir: tempfile::TempDir) -> Lab {
+    fn new(nats: LabNats, nodes: usize, per_node: usize, dir: tempfile::TempDir) -> Lab {
         let repo = dir.path().join("repo");
         cairn_ok(&["repo", "init", s(&repo)]);
         for node in 0..nodes {
@@ -120,20 +132,44 @@ impl Lab {
                 );
             }
         }
-        Lab {
-            dir,
-            repo,
-            nats_url,
+        Lab { dir, repo, nats }
+    }
+
+    /// The lab on `nats`'s generated identities.
+    fn secure(nats: &SecureNats, nodes: usize, per_node: usize, dir: tempfile::TempDir) -> Lab {
+        Lab::new(LabNats::Secure(nats.dir.clone()), nodes, per_node, dir)
+    }
+
+    /// `--nats URL`, or `--config FILE` with the identity's generated `[nats]` section
+    /// followed by `extra` (the rest of a cairn.toml).
+    fn nats_args(&self, identity: &str, extra: &str) -> Vec<String> {
+        match &self.nats {
+            LabNats::Plain(url) => {
+                let mut args = vec!["--nats".to_string(), url.clone()];
+                if !extra.is_empty() {
+                    let file = self.dir.path().join(format!("{}.toml", identity.replace('/', "-")));
+                    std::fs::write(&file, extra).unwrap();
+                    args.extend(["--config".to_string(), s(&file).to_string()]);
+                }
+                args
+            }
+            LabNats::Secure(pki) => {
+                let generated =
+                    std::fs::read_to_string(pki.join(identity).join("cairn.toml")).unwrap();
+                let file = self.dir.path().join(format!("{}.toml", identity.replace('/', "-")));
+                std::fs::write(&file, format!("{generated}\n{extra}")).unwrap();
+                vec!["--config".to_string(), s(&file).to_string()]
+            }
         }
     }
 
     fn orchestrator(&self, index: usize, extra: &[&str]) -> Proc {
         let name = format!("o{index}");
         let data = self.dir.path().join(&name);
-        let mut args: Vec<String> = [
-            "orchestrator",
-            "--nats",
-            &self.nats_url,
+        let mut args: Vec<String> = vec!["orchestrator".to_string()];
+        args.extend(self.nats_args(&format!("orchestrators/{name}"), ""));
+        args.extend(
+            [
             "--listen",
             "127.0.0.1:0",
             "--instance",
@@ -148,8 +184,8 @@ impl Lab {
             s(&self.dir.path().join("admin.token")),
         ]
         .iter()
-        .map(|a| a.to_string())
-        .collect();
+        .map(|a| a.to_string()),
+        );
         args.extend(extra.iter().map(|a| a.to_string()));
         let log = self.dir.path().join(format!("{name}.log"));
         Proc::spawn(&name, &args, &log, &[])
@@ -157,20 +193,14 @@ impl Lab {
 
     fn worker(&self, node: usize, env: &[(&str, &str)]) -> Proc {
         let name = format!("kvm-{node}");
-        let args: Vec<String> = [
-            "worker",
-            "--nats",
-            &self.nats_url,
-            "--node",
-            &name,
-            "--vms",
-            s(&self_vms(self.dir.path(), node)),
-            "--config",
-            s(&worker_config(self.dir.path(), &self.repo)),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
+        let boundary =
+            std::fs::read_to_string(worker_config(self.dir.path(), &self.repo)).unwrap();
+        let mut args: Vec<String> = ["worker", "--node", &name, "--vms"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.push(s(&self_vms(self.dir.path(), node)).to_string());
+        args.extend(self.nats_args(&format!("nodes/{name}"), &boundary));
         let log = self.dir.path().join(format!("{name}.log"));
         Proc::spawn(&name, &args, &log, env)
     }
@@ -278,8 +308,8 @@ fn check_recovery_points(lab: &Lab, addr: &str, ids: &BTreeMap<String, String>, 
 #[test]
 fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nats = NatsServer::start(dir.path());
-    let lab = Lab::new(nats.url(), 3, 10, dir);
+    let mut nats = SecureNats::start(dir.path(), 1, &["o0", "o1", "o2"], &["kvm-0", "kvm-1", "kvm-2"]);
+    let lab = Lab::secure(&nats, 3, 10, dir);
     let mut orchestrators: Vec<Option<Proc>> =
         (0..3).map(|i| Some(lab.orchestrator(i, &[]))).collect();
     // Transfers take a second each, so kills land mid-backup.
@@ -368,8 +398,8 @@ fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
             round.push(request_backup(&addr(&orchestrators, i % 3), vm));
         }
     }
-    nats.kill9();
-    nats.restart();
+    nats.servers[0].kill9();
+    nats.servers[0].restart();
     wait_all_succeeded(&a0, &round, Duration::from_secs(300));
     check_recovery_points(&lab, &a0, &ids, 2);
     // Every orchestrator sees the same log.
@@ -388,8 +418,8 @@ fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
 #[test]
 fn a_three_node_nats_cluster_keeps_working_with_one_node_down() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = NatsCluster::start(dir.path());
-    let lab = Lab::new(cluster.urls(), 1, 3, dir);
+    let mut cluster = SecureNats::start(dir.path(), 3, &["o0"], &["kvm-0"]);
+    let lab = Lab::secure(&cluster, 1, 3, dir);
     let orchestrator = lab.orchestrator(0, &["--replicas", "3"]);
     let _worker = lab.worker(0, &[]);
     let addr = orchestrator.addr.clone().unwrap();
@@ -406,7 +436,7 @@ fn a_three_node_nats_cluster_keeps_working_with_one_node_down() {
 fn a_token_revoked_through_one_orchestrator_is_refused_by_the_other_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path());
-    let lab = Lab::new(nats.url(), 0, 0, dir);
+    let lab = Lab::new(LabNats::Plain(nats.url()), 0, 0, dir);
     let a = lab.orchestrator(0, &[]);
     let b = lab.orchestrator(1, &[]);
     let (a, b) = (a.addr.clone().unwrap(), b.addr.clone().unwrap());
@@ -468,4 +498,100 @@ fn a_token_revoked_through_one_orchestrator_is_refused_by_the_other_within_a_sec
         .find(|t| t["id"] == id.as_str())
         .unwrap();
     assert_eq!(row["live"], false, "{row}");
+}
+
+#[test]
+fn a_report_forged_for_another_node_with_a_nodes_own_credentials_is_refused_and_alerted() {
+    use cairn_schemas::{JobId, NodeId, Report, ReportBody, StepId, codec};
+    let dir = tempfile::tempdir().unwrap();
+    let nats = SecureNats::start(dir.path(), 1, &["o0"], &["kvm-0", "kvm-1"]);
+    let lab = Lab::secure(&nats, 2, 1, dir);
+    let orchestrator = lab.orchestrator(0, &[]);
+    let _worker = lab.worker(1, &[]);
+    let addr = orchestrator.addr.clone().unwrap();
+    let vm = vm_ids(&addr, 1)["vm-1-0"].clone();
+    let job = request_backup(&addr, &vm);
+    wait_all_succeeded(&addr, std::slice::from_ref(&job), Duration::from_secs(120));
+
+    // The attacker holds kvm-0's certificate and reports on kvm-1's job, once on its own
+    // subject (the server accepts it, the orchestrator refuses it) and once on kvm-1's (the
+    // server refuses it).
+    let identity = nats.identity("nodes/kvm-0");
+    let forged = Report {
+        step: StepId::from_bytes([7; 16]).unwrap(),
+        attempt: 1,
+        job: job.parse::<JobId>().unwrap(),
+        partition: 0,
+        epoch: 1,
+        node: NodeId::new("kvm-1").unwrap(),
+        body: ReportBody::Started,
+    };
+    let payload = codec::encode_report(&forged);
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = errors.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = async_nats::ConnectOptions::new()
+            .add_root_certificates(nats.dir.join("ca/server-ca.pem"))
+            .add_client_certificate(identity.join("cert.pem"), identity.join("key.pem"))
+            .require_tls(true)
+            .custom_inbox_prefix("_INBOX.node.kvm-0")
+            .event_callback(move |event| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(event.to_string());
+                }
+            })
+            .connect(nats.urls())
+            .await
+            .expect("kvm-0 connects with its certificate");
+        let js = async_nats::jetstream::new(client.clone());
+        js.publish("cairn.report.0.kvm-0", payload.clone().into())
+            .await
+            .unwrap()
+            .await
+            .expect("kvm-0 may publish on its own report subject");
+        client
+            .publish("cairn.report.0.kvm-1", payload.clone().into())
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !errors.lock().unwrap().iter().any(|e| {
+            e.contains("Permissions Violation for Publish to \"cairn.report.0.kvm-1\"")
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "no permissions violation: {:?}",
+                errors.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+
+    let alert = |alerts: &Value| {
+        alerts.as_array().and_then(|all| {
+            all.iter()
+                .find(|a| {
+                    a["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("Node kvm-0 reported for node kvm-1"))
+                })
+                .cloned()
+        })
+    };
+    wait_until(Duration::from_secs(30), "the forged report alerted", || {
+        alert(&get(&addr, "/v1/alerts")).is_some()
+    });
+    let found = alert(&get(&addr, "/v1/alerts")).unwrap();
+    assert_eq!(found["severity"], "Critical", "{found}");
+    // The refusal is recorded as node kvm-0's doing, and kvm-1's job is untouched.
+    let events = all_events(&addr);
+    let refused: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["name"] == "ReportRefused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(job_state(&addr, &job), "Succeeded");
+    check_recovery_points(&lab, &addr, &BTreeMap::from([("vm-1-0".to_string(), vm)]), 1);
 }

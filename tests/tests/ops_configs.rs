@@ -1,8 +1,9 @@
-//! The nats-server configurations shipped in `ops/nats/` start as written: each file is
-//! copied with its ports, store folder and certificate paths rewritten to free loopback ports
-//! and a temp folder (nothing else changes), started with the real `nats-server -c`, and
-//! checked through its monitoring port. The TLS file's user permissions are exercised with
-//! real client certificates.
+//! The nats-server configurations: the plain development file shipped in `ops/nats/` starts
+//! as written (ports and store folder rewritten to free loopback ports and a temp folder);
+//! the TLS files shipped there are exactly what `cairn ops nats-init` writes; and what
+//! nats-init writes runs on the real `nats-server`: a cluster forms over TLS routes, and each
+//! identity's certificate maps to a user that may do its own work and nothing else, every
+//! refusal answered as a permissions violation.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -11,7 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_tests::nats::{free_port, nats_server_bin};
+use cairn_tests::nats::{SecureNats, free_port, nats_server_bin};
+use cairn_tests::cairn_ok;
+use cairn_tests::hook::TestCa;
 
 fn ops_file(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -135,116 +138,119 @@ fn single_server_config_starts_with_jetstream_fsyncing_every_write() {
     assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
 
+/// The arguments that made the TLS files shipped in `ops/nats/`, and which file each server's
+/// configuration became.
+const SHIPPED: [(&str, &[&str]); 2] = [
+    (
+        "nats-auth.conf",
+        &["--servers", "nats.example.net"],
+    ),
+    (
+        "cluster/nats-{}.conf",
+        &[
+            "--cluster",
+            "3",
+            "--servers",
+            "nats-1.example.net,nats-2.example.net,nats-3.example.net",
+        ],
+    ),
+];
+
 #[test]
-fn cluster_configs_form_a_three_node_jetstream_cluster() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ports: Vec<(u16, u16, u16)> = (0..3)
-        .map(|_| (free_port(), free_port(), free_port()))
-        .collect();
-    let mut servers = Vec::new();
-    for (index, (port, monitor, route)) in ports.iter().enumerate() {
-        let name = format!("nats-{}.conf", index + 1);
-        let store = tmp.path().join(format!("store-{}", index + 1));
-        let mut pairs = vec![
-            ("0.0.0.0:4222", format!("127.0.0.1:{port}")),
-            ("127.0.0.1:8222", format!("127.0.0.1:{monitor}")),
-            ("0.0.0.0:6222", format!("127.0.0.1:{route}")),
-            (
-                "\"/var/lib/nats\"",
-                format!("{:?}", store.display().to_string()),
-            ),
+fn shipped_tls_configs_are_what_nats_init_writes() {
+    for (file, args) in SHIPPED {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let out_text = out.display().to_string();
+        let mut all = vec![
+            "ops",
+            "nats-init",
+            "--out",
+            &out_text,
+            "--orchestrators",
+            "ctl-01,ctl-02",
+            "--nodes",
+            "kvm-01,kvm-02",
+            "--server-dir",
+            "/etc/nats",
+            "--client-dir",
+            "/etc/cairn/nats",
         ];
-        let hosts = ["nats-1", "nats-2", "nats-3"].map(|h| format!("{h}.example.net:6222"));
-        for (host, (_, _, other_route)) in hosts.iter().zip(&ports) {
-            pairs.push((host.as_str(), format!("127.0.0.1:{other_route}")));
+        all.extend(args);
+        cairn_ok(&all);
+        let servers = if file.contains("{}") { 3 } else { 1 };
+        for i in 1..=servers {
+            let shipped = ops_file(&file.replace("{}", &i.to_string()));
+            let made = std::fs::read_to_string(out.join(format!("servers/nats-{i}/nats.conf")))
+                .unwrap();
+            // The shipped file is a preamble of comments, then nats-init's output unchanged.
+            let preamble = shipped.strip_suffix(made.as_str()).unwrap_or_else(|| {
+                panic!("ops/nats/{file} (server {i}) is not what nats-init writes (run ops/make-nats-examples):\n{made}")
+            });
+            assert!(
+                preamble.lines().all(|l| l.is_empty() || l.starts_with('#')),
+                "{preamble}"
+            );
         }
-        let config = rewrite(&ops_file(&format!("cluster/{name}")), &pairs);
-        servers.push(Server::start(tmp.path(), &name, &config, *monitor));
     }
-    for server in &mut servers {
-        server.wait_healthy();
-    }
-    for (index, server) in servers.iter().enumerate() {
-        let jsz = server.json("/jsz");
+}
+
+#[test]
+fn a_generated_cluster_forms_over_tls_routes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = SecureNats::start(tmp.path(), 3, &["ctl-01"], &["kvm-01"]);
+    for (index, server) in nats.servers.iter().enumerate() {
+        let (status, body) = http_get(server.monitor_port, "/jsz").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let jsz: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(jsz["meta_cluster"]["name"], "cairn", "{jsz}");
         assert_eq!(jsz["meta_cluster"]["cluster_size"], 3, "{jsz}");
         assert_eq!(jsz["config"]["sync_always"], true, "{jsz}");
-        let varz = server.json("/varz");
+        let (_, varz) = http_get(server.monitor_port, "/varz").unwrap();
+        let varz: serde_json::Value = serde_json::from_str(&varz).unwrap();
         assert_eq!(varz["server_name"], format!("nats-{}", index + 1));
+        assert_eq!(varz["tls_verify"], true, "{varz}");
+    }
+    let (_, routez) = http_get(nats.servers[0].monitor_port, "/routez").unwrap();
+    let routez: serde_json::Value = serde_json::from_str(&routez).unwrap();
+    assert!(routez["num_routes"].as_u64().unwrap() >= 2, "{routez}");
+}
+
+/// A client certificate and key: `dir/cert.pem` and `dir/key.pem` (as nats-init writes them).
+struct ClientCert {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl ClientCert {
+    fn of(dir: &Path) -> ClientCert {
+        ClientCert {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
     }
 }
 
-/// Runs `openssl` with `args` (split at spaces), failing with its output.
-fn openssl(dir: &Path, args: &str) {
-    let out = Command::new("openssl")
-        .args(args.split(' '))
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for 127.0.0.1 and client certificates for the two users and
-/// for a stranger; version 3 certificates (rustls refuses version 1), valid for two days.
-fn make_certificates(dir: &Path) {
-    openssl(
-        dir,
-        "req -x509 -newkey rsa:2048 -nodes -subj /CN=cairn-test-ca -keyout ca.key -out ca.pem \
-         -days 2",
-    );
-    let server = "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n\
-                  subjectAltName=IP:127.0.0.1\n";
-    std::fs::write(dir.join("server.ext"), server).unwrap();
-    let client = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
-    std::fs::write(dir.join("client.ext"), client).unwrap();
-    for (name, ext) in [
-        ("server", "server.ext"),
-        ("cairn-orchestrator", "client.ext"),
-        ("cairn-worker", "client.ext"),
-        ("stranger", "client.ext"),
-    ] {
-        let subject = if name == "server" { "127.0.0.1" } else { name };
-        openssl(
-            dir,
-            &format!(
-                "req -new -newkey rsa:2048 -nodes -subj /CN={subject} -keyout {name}.key \
-                 -out {name}.csr"
-            ),
-        );
-        openssl(
-            dir,
-            &format!(
-                "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-                 -out {name}.pem -days 2 -extfile {ext}"
-            ),
-        );
-    }
-}
-
-/// A NATS client session over TLS with the certificate `user` (none: no certificate): sends
-/// CONNECT, the protocol lines, then PING, and returns what the server answered up to PONG
-/// (or the connection's end).
-fn nats_session(dir: &Path, port: u16, user: Option<&str>, lines: &[&str]) -> String {
+/// A NATS client session over TLS trusting `ca`, with the client certificate `client` (none:
+/// no certificate): sends CONNECT, the protocol lines, then PING, and returns what the server
+/// answered up to PONG (or the connection's end).
+fn nats_session(ca: &Path, port: u16, client: Option<&ClientCert>, lines: &[&str]) -> String {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+        .add(CertificateDer::from_pem_file(ca).unwrap())
         .unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
-    let config = match user {
-        Some(user) => builder
+    let config = match client {
+        Some(client) => builder
             .with_client_auth_cert(
-                vec![CertificateDer::from_pem_file(dir.join(format!("{user}.pem"))).unwrap()],
-                PrivateKeyDer::from_pem_file(dir.join(format!("{user}.key"))).unwrap(),
+                vec![CertificateDer::from_pem_file(&client.cert).unwrap()],
+                PrivateKeyDer::from_pem_file(&client.key).unwrap(),
             )
             .unwrap(),
         None => builder.with_no_client_auth(),
@@ -292,102 +298,139 @@ fn nats_session(dir: &Path, port: u16, user: Option<&str>, lines: &[&str]) -> St
     answer
 }
 
-#[test]
-fn auth_config_maps_certificates_to_users_with_their_permissions() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tls = tmp.path().join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
-    make_certificates(&tls);
-    let (port, monitor) = (free_port(), free_port());
-    let store = tmp.path().join("store");
-    let config = rewrite(
-        &ops_file("nats-auth.conf"),
-        &[
-            ("0.0.0.0:4222", format!("127.0.0.1:{port}")),
-            ("127.0.0.1:8222", format!("127.0.0.1:{monitor}")),
-            (
-                "\"/var/lib/nats\"",
-                format!("{:?}", store.display().to_string()),
-            ),
-            ("/etc/nats/tls/", format!("{}/", tls.display())),
-        ],
-    );
-    let mut server = Server::start(tmp.path(), "nats-auth.conf", &config, monitor);
-    server.wait_healthy();
+/// `PUB subject` with a two-byte body.
+fn publish(subject: &str) -> String {
+    format!("PUB {subject} 2\r\nok\r\n")
+}
 
-    let denied =
-        |answer: &str, what: &str| answer.contains(&format!("Permissions Violation for {what}"));
-    // The worker reports and registers, takes steps; it may not write the event log, delete
-    // a stream, take over a lease or listen to commands.
-    let worker = nats_session(
-        &tls,
-        port,
-        Some("cairn-worker"),
-        &[
-            "PUB cairn.report.3 2\r\nok\r\n",
-            "PUB cairn.api.cmd 2\r\nok\r\n",
-            "PUB $JS.ACK.CAIRN_STEPS.worker-kvm-01.1.1.1.1.1.0 4\r\n+WPI\r\n",
-            "PUB cairn.evt.3.vm.x 2\r\nno\r\n",
-            "PUB $JS.API.STREAM.DELETE.CAIRN_EVENTS 0\r\n\r\n",
-            "PUB $KV.CAIRN_LEASES.partition.3 2\r\nno\r\n",
-            "SUB cairn.browse.kvm-01 1\r\n",
-            "SUB cairn.cmd.3 2\r\n",
-        ],
-    );
-    assert!(worker.contains("PONG"), "{worker}");
-    for subject in [
-        "Publish to \"cairn.evt.3.vm.x\"",
-        "Publish to \"$JS.API.STREAM.DELETE.CAIRN_EVENTS\"",
-        "Publish to \"$KV.CAIRN_LEASES.partition.3\"",
-        "Subscription to \"cairn.cmd.3\"",
-    ] {
+/// Runs a session as `client` whose `allowed` lines must pass and whose `denied` lines must
+/// each be answered as a permissions violation naming its subject ("Publish to" or
+/// "Subscription to"), and nothing else.
+fn check_session(
+    nats: &SecureNats,
+    who: &str,
+    client: &ClientCert,
+    allowed: &[String],
+    denied: &[(String, String)],
+) {
+    let mut lines: Vec<&str> = allowed.iter().map(String::as_str).collect();
+    lines.extend(denied.iter().map(|(line, _)| line.as_str()));
+    let ca = nats.dir.join("ca/server-ca.pem");
+    let answer = nats_session(&ca, nats.servers[0].port, Some(client), &lines);
+    assert!(answer.contains("PONG"), "{who}: {answer}");
+    for (line, subject) in denied {
         assert!(
-            denied(&worker, subject),
-            "worker: {subject} allowed:\n{worker}"
+            answer.contains(&format!("Permissions Violation for {subject}")),
+            "{who}: {line:?} was not refused:\n{answer}"
         );
     }
     assert_eq!(
-        worker.matches("Permissions Violation").count(),
-        4,
-        "{worker}"
+        answer.matches("Permissions Violation").count(),
+        denied.len(),
+        "{who}: something allowed was refused:\n{answer}"
+    );
+}
+
+#[test]
+fn each_identity_may_do_its_own_work_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = SecureNats::start(tmp.path(), 1, &["ctl-01"], &["kvm-01", "kvm-02"]);
+    let pub_denied = |subject: &str| (publish(subject), format!("Publish to \"{subject}\""));
+    let sub_denied =
+        |subject: &str, sid: u32| (format!("SUB {subject} {sid}\r\n"), format!("Subscription to \"{subject}\""));
+
+    // kvm-01 takes its own steps, reports on them, writes its heartbeat, registers itself and
+    // answers browse requests for itself.
+    let node = ClientCert::of(&nats.identity("nodes/kvm-01"));
+    let allowed = [
+        publish("cairn.report.3.kvm-01"),
+        publish("cairn.node.kvm-01.cmd"),
+        publish("$KV.CAIRN_NODES.kvm-01"),
+        publish("$JS.API.CONSUMER.CREATE.CAIRN_STEPS.worker-kvm-01.cairn.step.kvm-01"),
+        publish("$JS.API.CONSUMER.MSG.NEXT.CAIRN_STEPS.worker-kvm-01"),
+        "PUB $JS.ACK.CAIRN_STEPS.worker-kvm-01.1.1.1.1.1.0 4\r\n+WPI\r\n".to_string(),
+        publish("$JS.API.DIRECT.GET.KV_CAIRN_LEASES.$KV.CAIRN_LEASES.partition.3"),
+        "SUB cairn.browse.kvm-01 1\r\n".into(),
+        "SUB _INBOX.node.kvm-01.> 2\r\n".into(),
+        "SUB cairn.cancel 3\r\n".into(),
+    ];
+    // It cannot pull kvm-02's steps, publish kvm-02's reports or heartbeats, publish events
+    // or leases, send an admin command, or delete or purge a stream.
+    let denied = [
+        pub_denied("$JS.API.CONSUMER.CREATE.CAIRN_STEPS.worker-kvm-02.cairn.step.kvm-02"),
+        pub_denied("$JS.API.CONSUMER.CREATE.CAIRN_STEPS.worker-kvm-01.cairn.step.kvm-02"),
+        pub_denied("$JS.API.CONSUMER.DURABLE.CREATE.CAIRN_STEPS.worker-kvm-01"),
+        pub_denied("$JS.API.CONSUMER.MSG.NEXT.CAIRN_STEPS.worker-kvm-02"),
+        pub_denied("$JS.API.DIRECT.GET.CAIRN_STEPS"),
+        pub_denied("cairn.report.3.kvm-02"),
+        pub_denied("$KV.CAIRN_NODES.kvm-02"),
+        pub_denied("cairn.evt.3.vm.x"),
+        pub_denied("$KV.CAIRN_LEASES.partition.3"),
+        pub_denied("cairn.cmd.3"),
+        pub_denied("cairn.node.kvm-02.cmd"),
+        pub_denied("cairn.step.kvm-01"),
+        pub_denied("$JS.API.STREAM.DELETE.CAIRN_EVENTS"),
+        pub_denied("$JS.API.STREAM.PURGE.CAIRN_EVENTS"),
+        pub_denied("$JS.API.STREAM.PURGE.CAIRN_STEPS"),
+        pub_denied("$JS.API.STREAM.MSG.DELETE.CAIRN_EVENTS"),
+        sub_denied("cairn.browse.kvm-02", 10),
+        sub_denied("cairn.step.kvm-02", 11),
+        sub_denied("_INBOX.>", 12),
+        sub_denied("cairn.evt.>", 13),
+    ];
+    check_session(&nats, "kvm-01", &node, &allowed, &denied);
+
+    // The orchestrator appends, dispatches, takes leases and commands; it forges no report
+    // and no node command, and deletes or purges no stream.
+    let orchestrator = ClientCert::of(&nats.identity("orchestrators/ctl-01"));
+    let allowed = [
+        publish("cairn.evt.3.vm.x"),
+        publish("cairn.step.kvm-01"),
+        publish("$KV.CAIRN_LEASES.partition.3"),
+        publish("$JS.API.STREAM.INFO.CAIRN_EVENTS"),
+        publish("cairn.browse.kvm-01"),
+        "SUB cairn.cmd.3 1\r\n".into(),
+        "SUB cairn.node.*.cmd orchestrators 2\r\n".into(),
+    ];
+    let denied = [
+        pub_denied("cairn.report.3.kvm-01"),
+        pub_denied("cairn.node.kvm-01.cmd"),
+        pub_denied("$JS.API.STREAM.DELETE.CAIRN_EVENTS"),
+        pub_denied("$JS.API.STREAM.PURGE.CAIRN_REPORTS"),
+        pub_denied("$KV.CAIRN_NODES.kvm-01"),
+    ];
+    check_session(&nats, "ctl-01", &orchestrator, &allowed, &denied);
+
+    // Automation only listens to the public events.
+    let automation = ClientCert::of(&nats.identity("automation"));
+    let denied = [
+        pub_denied("cairn.public.job"),
+        sub_denied("cairn.evt.>", 2),
+        sub_denied("_INBOX.>", 3),
+    ];
+    check_session(
+        &nats,
+        "automation",
+        &automation,
+        &["SUB cairn.public.> 1\r\n".to_string()],
+        &denied,
     );
 
-    // The orchestrator appends, dispatches, takes leases and commands; it does not forge
-    // worker reports.
-    let orchestrator = nats_session(
-        &tls,
-        port,
-        Some("cairn-orchestrator"),
-        &[
-            "PUB cairn.evt.3.vm.x 2\r\nok\r\n",
-            "PUB cairn.step.kvm-01 2\r\nok\r\n",
-            "PUB $KV.CAIRN_LEASES.partition.3 2\r\nok\r\n",
-            "PUB $JS.API.STREAM.INFO.CAIRN_EVENTS 0\r\n\r\n",
-            "SUB cairn.cmd.3 1\r\n",
-            "SUB cairn.api.cmd orchestrators 2\r\n",
-            "PUB cairn.report.3 2\r\nno\r\n",
-        ],
-    );
-    assert!(orchestrator.contains("PONG"), "{orchestrator}");
-    assert!(
-        denied(&orchestrator, "Publish to \"cairn.report.3\""),
-        "{orchestrator}"
-    );
-    assert_eq!(
-        orchestrator.matches("Permissions Violation").count(),
-        1,
-        "{orchestrator}"
-    );
-
-    // A certificate of the right CA but of no user, and no certificate at all, get nothing.
-    let stranger = nats_session(
-        &tls,
-        port,
-        Some("stranger"),
-        &["PUB cairn.evt.3.vm.x 2\r\nno\r\n"],
-    );
-    assert!(stranger.contains("Authorization Violation"), "{stranger}");
-    assert!(!stranger.contains("PONG"), "{stranger}");
-    let anonymous = nats_session(&tls, port, None, &["PUB cairn.evt.3.vm.x 2\r\nno\r\n"]);
-    assert!(!anonymous.contains("PONG"), "{anonymous}");
+    // A certificate of another CA, a server's certificate (the server CA, not the client CA)
+    // and no certificate at all get no session.
+    let ca = nats.dir.join("ca/server-ca.pem");
+    let port = nats.servers[0].port;
+    let other = TestCa::new().write_server_files(tmp.path());
+    let stranger = ClientCert {
+        cert: other.cert,
+        key: other.key,
+    };
+    let server = ClientCert {
+        cert: nats.dir.join("servers/nats-1/server.pem"),
+        key: nats.dir.join("servers/nats-1/server-key.pem"),
+    };
+    for (who, client) in [("stranger", Some(&stranger)), ("server", Some(&server)), ("anonymous", None)] {
+        let answer = nats_session(&ca, port, client, &[&publish("cairn.evt.3.vm.x")]);
+        assert!(!answer.contains("PONG"), "{who}: {answer}");
+    }
 }

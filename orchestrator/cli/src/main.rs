@@ -7,7 +7,9 @@ mod client_cmd;
 mod config;
 mod demo;
 mod docs_cmd;
+mod files;
 mod items_cmd;
+mod ops;
 mod orchestrator_cmd;
 mod policy_cmd;
 mod progress;
@@ -48,6 +50,12 @@ enum Command {
     /// backup, jobs, job, rp, restore, recover, events, audit, check, verify, alerts, seed.
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
+    /// Set up a deployment: `nats-init` makes the NATS servers' configurations, a CA and one
+    /// certificate per orchestrator and node; `nats-add-node` adds a node later.
+    Ops {
+        #[command(subcommand)]
+        command: ops::OpsCommand,
+    },
     /// Print the completion script of a shell (bash, zsh, fish, elvish, powershell).
     Completions(docs_cmd::CompletionsArgs),
     /// Print cairn's man page (roff), or write it and every subcommand's page into a folder.
@@ -69,6 +77,7 @@ fn main() {
         Command::Orchestrator(args) => orchestrator_cmd::run(args),
         Command::Repo { command } => repo_cmd::run(command),
         Command::Client(command) => client_cmd::run(command),
+        Command::Ops { command } => ops::run(command),
         Command::Completions(args) => docs_cmd::run_completions(args, Cli::command()),
         Command::Man(args) => docs_cmd::run_man(args, Cli::command()),
     };

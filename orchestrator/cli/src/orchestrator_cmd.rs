@@ -227,6 +227,7 @@ fn settings(args: OrchestratorArgs) -> Result<Settings> {
             tls_cert: pick_opt(args.nats_tls_cert, nats_file.tls_cert),
             tls_key: pick_opt(args.nats_tls_key, nats_file.tls_key),
             name: format!("cairn-orchestrator-{instance}"),
+            inbox_prefix: None,
         },
         api,
         data_dir: pick(

@@ -7,8 +7,7 @@
 //! `~/.config`), which `cairn up` writes for the address it serves. A token file must be
 //! private to its owner (0600), like a key file.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -301,34 +300,10 @@ pub fn write_token_file(path: &Path, secret: &str) -> Result<()> {
         .parent()
         .with_context(|| format!("{} has no folder", path.display()))?;
     if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("making {}", dir.display()))?;
+        crate::files::make_dir(dir, 0o700).with_context(|| format!("making {}", dir.display()))?;
     }
-    let mut random = [0u8; 8];
-    getrandom::getrandom(&mut random).context("randomness for a temp name")?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        random
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    ));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(format!("{secret}\n").as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    crate::files::write_atomic(path, format!("{secret}\n").as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Makes sure an admin token exists whose secret is in `file`: the secret is written first

@@ -221,6 +221,7 @@ async fn serve(args: WorkerSettings) -> Result<i32> {
         tls_cert: args.tls_cert.clone(),
         tls_key: args.tls_key.clone(),
         name: format!("cairn-worker-{node}"),
+        inbox_prefix: Some(bus::node_inbox_prefix(&node)),
     })
     .await?;
     let bus = Arc::new(WorkerBus::connect(client, node.clone(), args.parallel).await?);

@@ -19,6 +19,7 @@ pub mod commands;
 pub mod lease;
 pub mod lease_value;
 pub mod nodes;
+pub mod permissions;
 pub mod reports;
 pub mod steps;
 pub mod worker;
@@ -34,7 +35,7 @@ pub use worker::{StepLease, WorkerBus, WorkerBusConfig};
 
 /// Work-queue stream of step specs, subjects `cairn.step.<node>`.
 pub const STEPS_STREAM: &str = "CAIRN_STEPS";
-/// Work-queue stream of worker reports, subjects `cairn.report.<partition>`.
+/// Work-queue stream of worker reports, subjects `cairn.report.<partition>.<node>`.
 pub const REPORTS_STREAM: &str = "CAIRN_REPORTS";
 /// KV bucket of worker heartbeats: key = [`Heartbeat::key`], value = [`Heartbeat`].
 pub const NODES_BUCKET: &str = "CAIRN_NODES";
@@ -76,6 +77,18 @@ pub struct NatsOptions {
     pub tls_key: Option<PathBuf>,
     /// Connection name shown by the server (`cairn-worker-kvm-01`).
     pub name: String,
+    /// Prefix of the connection's reply subjects instead of `_INBOX`: a node's worker uses
+    /// [`node_inbox_prefix`], so that its NATS user may subscribe to its own replies only.
+    pub inbox_prefix: Option<String>,
+}
+
+/// `_INBOX.node.<node token>`: the reply subjects of a node's worker. A node user's
+/// permissions (`cairn ops nats-init`) allow subscribing to this prefix and no other inbox.
+pub fn node_inbox_prefix(node: &cairn_schemas::NodeId) -> String {
+    format!(
+        "_INBOX.node.{}",
+        cairn_schemas::subjects::subject_token(node.as_str())
+    )
 }
 
 /// What went wrong on the bus.
@@ -185,6 +198,9 @@ pub async fn connect(options: &NatsOptions) -> Result<async_nats::Client, Error>
         });
     if !options.name.is_empty() {
         connect = connect.name(&options.name);
+    }
+    if let Some(prefix) = &options.inbox_prefix {
+        connect = connect.custom_inbox_prefix(prefix);
     }
     if let Some(creds) = &options.creds {
         readable("credentials file", creds)?;
