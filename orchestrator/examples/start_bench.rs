@@ -342,7 +342,7 @@ impl JobMaker {
         self.record(
             job,
             events.into_iter().map(Event::from).collect(),
-            &format!("node/{}", report.node),
+            &format!("node:{}", report.node),
             out,
         );
         self.settle(job, out);
@@ -594,7 +594,7 @@ async fn install(log: &SledLog) -> (State, Vec<Appended>) {
                 cluster: "prod-east".into(),
                 worker_version: "0.1.0".into(),
             },
-            &format!("node/{NODE}"),
+            &format!("node:{NODE}"),
         )
         .await,
     );
@@ -627,7 +627,7 @@ async fn install(log: &SledLog) -> (State, Vec<Appended>) {
                 node: node_id(),
                 vms,
             },
-            &format!("node/{NODE}"),
+            &format!("node:{NODE}"),
         )
         .await,
     );

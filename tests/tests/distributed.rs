@@ -518,7 +518,7 @@ fn a_report_forged_for_another_node_with_a_nodes_own_credentials_is_refused_and_
     // server refuses it).
     let identity = nats.identity("nodes/kvm-0");
     let forged = Report {
-        step: StepId::from_bytes([7; 16]).unwrap(),
+        step: StepId::new_v7(1_700_000_000_000, [7; 10]),
         attempt: 1,
         job: job.parse::<JobId>().unwrap(),
         partition: 0,

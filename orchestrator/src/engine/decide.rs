@@ -372,12 +372,8 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             job,
             step,
         } => {
-            if !state.nodes.contains_key(node) {
-                return Err(not_found(
-                    "unknown_node",
-                    format!("node {node} is not registered"),
-                ));
-            }
+            // Recorded whether or not the node ever registered: a NATS identity that never
+            // ran a worker sending reports is as alarming as one that did.
             Ok(vec![Emit::new(
                 Aggregate::Node(node.clone()),
                 vec![

@@ -424,7 +424,7 @@ impl<L: EventLog + 'static> Engine<L> {
                 vm_events.into_iter().map(Event::from).collect(),
             );
             if let Err(e) = self
-                .commit(emit, &format!("node/{}", report.node), None)
+                .commit(emit, &format!("node:{}", report.node), None)
                 .await
             {
                 tracing::error!(job = %report.job, error = %e, "could not record lost change tracking");
@@ -436,7 +436,7 @@ impl<L: EventLog + 'static> Engine<L> {
                 events.iter().cloned().map(Event::from).collect(),
             );
             if let Err(e) = self
-                .commit(emit, &format!("node/{}", report.node), None)
+                .commit(emit, &format!("node:{}", report.node), None)
                 .await
             {
                 tracing::error!(job = %report.job, error = %e, "could not record a worker report");

@@ -1014,14 +1014,11 @@ fn a_report_from_another_node_than_the_steps_is_refused_and_recorded() {
         })
     ));
 
-    // Recorded on node z, the refusal raises a Critical alert naming both nodes.
-    w.submit(Command::RegisterNode {
-        node: z.clone(),
-        cluster: "lab".into(),
-        worker_version: "1".into(),
-    })
-    .unwrap();
+    // Recorded on node z (registered or not), the refusal raises a Critical alert naming
+    // both nodes.
+    assert!(!w.state.nodes.contains_key(&z));
     w.submit(refusal(Some(&z), &node())).unwrap();
+    assert!(!w.state.nodes.contains_key(&z), "a refusal registers nothing");
     let alert = w
         .state
         .alerts
