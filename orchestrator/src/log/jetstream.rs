@@ -36,10 +36,16 @@
 //! the publish and the KV write leaves the command to the duplicate window. (The envelopes carry
 //! the command id, so the index could be rebuilt from the stream; nothing does that yet.)
 //!
-//! **Hash chain.** Per aggregate: an envelope's `prev_hash` is the BLAKE3 hash of the previous
-//! event of the same aggregate (zeros for its first event). [`EventLog::verify_chain`] walks
-//! the stream and names the first missing record (a gap in stream sequences: deleted or
-//! purged) or broken link (a version gap or a `prev_hash` mismatch).
+//! **Hash chain.** Per aggregate: an envelope's `prev_hash` is the link to the previous event
+//! of the same aggregate (zeros for its first event): its BLAKE3 hash, or, in a log opened with
+//! the audit key (`audit_key`, a file every orchestrator shares), the key's keyed BLAKE3 MAC,
+//! in records of format 2. The first orchestrator that opens the log with the key records in
+//! `CAIRN_COMMANDS` (key `audit-keyed-from`) the first event sequence whose records must be
+//! keyed; from then on the log does not open without the key, and an orchestrator without it
+//! refuses to append after a keyed record. [`EventLog::verify_chain`] walks the stream and names
+//! the first missing record (a gap in stream sequences: deleted or purged), broken link (a
+//! version gap or a `prev_hash` mismatch: with a keyed log, also any rewrite made without the
+//! key) or unkeyed record after the log was keyed.
 //!
 //! **Reads** go to the stream leader (`STREAM.MSG.GET`) or to consumers, never to a possibly
 //! stale replica, so an append is visible to the reads that follow it. `read_from` reads a few
@@ -69,10 +75,11 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use self::record::{
-    MAX_EVENTS, Record, SEQ_STRIDE, aggregate_filter, decode_record, encode_record,
+    MAX_EVENTS, Record, SEQ_STRIDE, aggregate_filter, decode_record, decode_record_with,
+    encode_keyed_record, encode_record,
 };
 use super::{AppendRequest, Error, EventLog, NextBatch, StoredEvent, Tail, TailSource, validate};
-use crate::audit::RunningDigest;
+use crate::audit::{AuditKey, RunningDigest, link_hash};
 
 /// Header that applies the expected-last-subject-sequence check to a wildcard subject
 /// (nats-server 2.11+).
@@ -103,6 +110,8 @@ pub struct JetStreamLogConfig {
     pub duplicate_window: Duration,
     /// The KV bucket of processed commands (`CAIRN_COMMANDS`).
     pub commands_bucket: String,
+    /// The audit key that keys the hash chain's links (see the module's "Hash chain").
+    pub audit_key: Option<AuditKey>,
 }
 
 impl Default for JetStreamLogConfig {
@@ -114,6 +123,7 @@ impl Default for JetStreamLogConfig {
             retry_for: Duration::from_secs(20),
             duplicate_window: Duration::from_secs(120),
             commands_bucket: "CAIRN_COMMANDS".into(),
+            audit_key: None,
         }
     }
 }
@@ -139,15 +149,22 @@ struct Head {
     version: u64,
     /// Stream sequence of its last record (0 = none).
     stream_seq: u64,
-    /// BLAKE3 hash of its last event's bytes (zeros = none).
+    /// The link to its last event's bytes (zeros = none).
     hash: [u8; 32],
+    /// Whether its last record's links are keyed.
+    keyed: bool,
 }
 
 const EMPTY_HEAD: Head = Head {
     version: 0,
     stream_seq: 0,
     hash: [0; 32],
+    keyed: false,
 };
+
+/// The `CAIRN_COMMANDS` key that holds the first event sequence of the keyed chain (8 bytes,
+/// big-endian). Command ids are UUIDs, so it cannot clash with one.
+const KEYED_FROM_KEY: &str = "audit-keyed-from";
 
 /// State shared by every handle. Dropping it (with the last handle) ends the tails.
 struct Inner {
@@ -158,6 +175,8 @@ struct Inner {
     /// The KV bucket's stream, for reads from its leader.
     commands_stream: stream::Stream,
     heads: Mutex<HashMap<Aggregate, Head>>,
+    /// The first event sequence whose record must be keyed (`None`: an unkeyed log).
+    keyed_from: Option<u64>,
     /// Never sent on; tails watch it to learn that the log was dropped.
     closed: watch::Sender<()>,
 }
@@ -272,8 +291,14 @@ impl From<jetstream::message::StreamMessage> for RawRecord {
 }
 
 impl RawRecord {
+    /// The record, for its events (a keyed record's links are not computed).
     fn decode(&self) -> Result<Record, Error> {
         decode_record(&self.subject, self.stream_seq, &self.payload)
+    }
+
+    /// The record with its links, keyed ones computed with `key`.
+    fn decode_links(&self, key: Option<&AuditKey>) -> Result<Record, Error> {
+        decode_record_with(&self.subject, self.stream_seq, &self.payload, key)
     }
 }
 
@@ -377,8 +402,9 @@ impl JetStreamLog {
             || js.get_stream(commands_stream_name.clone()),
         )
         .await?;
+        let keyed_from = keyed_from(&config, &stream, &commands).await?;
         let (closed, _) = watch::channel(());
-        tracing::info!(stream = %config.stream, replicas = config.replicas, "event log on JetStream opened");
+        tracing::info!(stream = %config.stream, replicas = config.replicas, ?keyed_from, "event log on JetStream opened");
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -387,6 +413,7 @@ impl JetStreamLog {
                 commands,
                 commands_stream,
                 heads: Mutex::new(HashMap::new()),
+                keyed_from,
                 closed,
             }),
         })
@@ -396,6 +423,59 @@ impl JetStreamLog {
     #[cfg(test)]
     pub(crate) fn stream(&self) -> &stream::Stream {
         &self.inner.stream
+    }
+}
+
+/// The first event sequence of the keyed chain, recorded by the first orchestrator that opens
+/// the log with the audit key (`None` while nobody did); refuses a keyed log without the key.
+async fn keyed_from(
+    config: &JetStreamLogConfig,
+    stream: &stream::Stream,
+    commands: &kv::Store,
+) -> Result<Option<u64>, Error> {
+    let context = || format!("reading {KEYED_FROM_KEY} in {}", config.commands_bucket);
+    let decode = |value: &[u8]| -> Result<u64, Error> {
+        <[u8; 8]>::try_from(value)
+            .map(u64::from_be_bytes)
+            .map_err(|_| storage(context(), format!("{} bytes, not 8", value.len())))
+    };
+    let read = || async {
+        match commands.entry(KEYED_FROM_KEY).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                decode(&entry.value).map(Some)
+            }
+            Ok(_) => Ok(None),
+            Err(err) => Err(storage(context(), err)),
+        }
+    };
+    let known = read().await?;
+    match (known, &config.audit_key) {
+        (Some(from), None) => Err(Error::AuditKeyRequired {
+            path: format!("stream {}", config.stream),
+            keyed_from: from,
+        }),
+        (known @ Some(_), Some(_)) | (known @ None, None) => Ok(known),
+        (None, Some(_)) => {
+            let mut stream = stream.clone();
+            let info = stream
+                .info()
+                .await
+                .map_err(|err| storage(format!("reading stream {}", config.stream), err))?;
+            let from = (info.state.last_sequence + 1).saturating_mul(SEQ_STRIDE);
+            match commands
+                .create(KEYED_FROM_KEY, Bytes::copy_from_slice(&from.to_be_bytes()))
+                .await
+            {
+                Ok(_) => {
+                    tracing::warn!(stream = %config.stream, keyed_from = from, "event log: the hash chain is keyed with the audit key from now on; the links of the events before are plain BLAKE3");
+                    Ok(Some(from))
+                }
+                // Another orchestrator recorded it first.
+                Err(_) => read().await?.map(Some).ok_or_else(|| {
+                    storage(context(), "it could neither be created nor read")
+                }),
+            }
+        }
     }
 }
 
@@ -475,11 +555,12 @@ impl Inner {
         let Some(raw) = self.last_record(&aggregate_filter(aggregate)).await? else {
             return Ok((EMPTY_HEAD, None));
         };
-        let record = raw.decode()?;
+        let record = raw.decode_links(self.config.audit_key.as_ref())?;
         let head = Head {
             version: record.last_version(),
             stream_seq: raw.stream_seq,
             hash: record.last_hash(),
+            keyed: record.keyed,
         };
         self.remember_head(aggregate, head);
         Ok((head, Some(raw)))
@@ -698,6 +779,14 @@ impl Inner {
                     });
                 }
             }
+            let key = self.config.audit_key.as_ref();
+            if head.keyed && key.is_none() {
+                // Appending plain links after keyed ones would break the chain.
+                return Err(Error::AuditKeyRequired {
+                    path: format!("stream {}", self.config.stream),
+                    keyed_from: self.keyed_from.unwrap_or(head.stream_seq * SEQ_STRIDE),
+                });
+            }
             let mut prev_hash = head.hash;
             let mut encoded = Vec::with_capacity(n_events);
             let mut envelopes = Vec::with_capacity(n_events);
@@ -716,11 +805,15 @@ impl Inner {
                     payload: event.payload.clone(),
                 };
                 let bytes = cairn_schemas::encode(&envelope);
-                prev_hash = *blake3::hash(&bytes).as_bytes();
+                prev_hash = link_hash(key, &bytes);
                 encoded.push(bytes);
                 envelopes.push(envelope);
             }
-            let payload = Bytes::from(encode_record(&encoded));
+            let payload = Bytes::from(if key.is_some() {
+                encode_keyed_record(&encoded)
+            } else {
+                encode_record(&encoded)
+            });
             let mut headers = HeaderMap::new();
             headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
             headers.insert(
@@ -757,6 +850,7 @@ impl Inner {
                             version: request.expected_version + n_events as u64,
                             stream_seq,
                             hash: prev_hash,
+                            keyed: key.is_some(),
                         },
                     );
                     let mut stored = Vec::with_capacity(n_events);
@@ -964,7 +1058,7 @@ impl Inner {
                 break Err(missing(expected_stream_seq));
             }
             expected_stream_seq += 1;
-            let record = match raw.decode() {
+            let record = match raw.decode_links(self.config.audit_key.as_ref()) {
                 Ok(record) => record,
                 Err(err) => {
                     break Err(Error::ChainBroken {
@@ -974,6 +1068,18 @@ impl Inner {
                     });
                 }
             };
+            let first_seq = raw.stream_seq.saturating_mul(SEQ_STRIDE);
+            if !record.keyed && self.keyed_from.is_some_and(|from| first_seq >= from) {
+                break Err(Error::ChainBroken {
+                    seq: first_seq,
+                    event_id: record.events.first().map(|e| e.envelope.event_id),
+                    detail: format!(
+                        "its links are not keyed, but the log is keyed from event {}: it was \
+                         written without the audit key, or rewritten",
+                        self.keyed_from.unwrap_or_default()
+                    ),
+                });
+            }
             let mut broken = None;
             for (event, hash) in record.events.iter().zip(&record.hashes) {
                 let (version, prev_hash, prev_seq) = chains
@@ -1047,7 +1153,7 @@ impl Inner {
                 Ok(None) => break Ok(()),
                 Err(err) => break Err(err),
             };
-            match raw.decode() {
+            match raw.decode_links(self.config.audit_key.as_ref()) {
                 Ok(record) => {
                     for (event, hash) in record.events.iter().zip(&record.hashes) {
                         if event.seq > digest.seq && event.seq <= to_seq {
@@ -1179,7 +1285,7 @@ impl EventLog for JetStreamLog {
     }
 
     fn keyed_from(&self) -> Option<u64> {
-        None
+        self.inner.keyed_from
     }
 
     async fn extend_digest(

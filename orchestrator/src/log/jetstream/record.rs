@@ -1,7 +1,9 @@
 //! The record format of the JetStream log: one JetStream message per append. Pure: bytes in,
 //! bytes out, no NATS.
 //!
-//! A record is a format version byte (1), then the postcard encoding of the list of the
+//! A record is a format version byte (1, or 2 when its links are keyed with the audit key:
+//! each event's hash, what the aggregate's next event chains to, is then the audit key's
+//! keyed BLAKE3 MAC of its bytes), then the postcard encoding of the list of the
 //! append's encoded envelopes (each one `cairn_schemas::encode` bytes: its own version byte
 //! and postcard), in order: a varint count, then per envelope a varint length and its bytes.
 //! The hash chain covers exactly the envelope bytes, so a record can be re-framed in a later
@@ -15,10 +17,14 @@ use cairn_schemas::Aggregate;
 use cairn_schemas::subjects::event_subject;
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditKey;
+use crate::audit::chain::link_hash;
 use crate::log::{Error, StoredEvent};
 
-/// The record format version this build writes and reads.
+/// The record format version of records whose links are plain BLAKE3.
 pub(crate) const RECORD_VERSION: u8 = 1;
+/// The same body, its links keyed with the audit key.
+pub(crate) const KEYED_RECORD_VERSION: u8 = 2;
 
 /// Events per record at most; event sequence numbers are `stream_seq * SEQ_STRIDE + index`.
 pub(crate) const SEQ_STRIDE: u64 = 1000;
@@ -42,10 +48,19 @@ struct RecordV1<'a> {
     envelopes: Vec<&'a [u8]>,
 }
 
-/// Encodes a record of already encoded envelopes.
+/// Encodes a record of already encoded envelopes whose links are plain.
 pub(crate) fn encode_record(envelopes: &[Vec<u8>]) -> Vec<u8> {
+    encode_versioned(envelopes, RECORD_VERSION)
+}
+
+/// Encodes a record of already encoded envelopes whose links are keyed.
+pub(crate) fn encode_keyed_record(envelopes: &[Vec<u8>]) -> Vec<u8> {
+    encode_versioned(envelopes, KEYED_RECORD_VERSION)
+}
+
+fn encode_versioned(envelopes: &[Vec<u8>], version: u8) -> Vec<u8> {
     let body: Vec<EnvelopeBytes<'_>> = envelopes.iter().map(|e| EnvelopeBytes(e)).collect();
-    let out = vec![RECORD_VERSION];
+    let out = vec![version];
     // A list of byte strings always serializes into a Vec.
     postcard::to_extend(&body, out).expect("a list of byte strings serializes with postcard")
 }
@@ -64,8 +79,12 @@ pub(crate) struct Record {
     pub aggregate: Aggregate,
     /// The events, by version.
     pub events: Vec<StoredEvent>,
-    /// `hashes[i]` = BLAKE3 of `events[i]`'s stored bytes (what the next event chains to).
+    /// `hashes[i]` = the link to `events[i]`'s stored bytes (what the next event chains to):
+    /// plain BLAKE3, or in a keyed record the audit key's MAC (plain when decoded without
+    /// the key, and then useless for the chain).
     pub hashes: Vec<[u8; 32]>,
+    /// Whether the record's links are keyed (format version 2).
+    pub keyed: bool,
 }
 
 impl Record {
@@ -90,6 +109,16 @@ pub(crate) fn decode_record(
     stream_seq: u64,
     payload: &[u8],
 ) -> Result<Record, Error> {
+    decode_record_with(subject, stream_seq, payload, None)
+}
+
+/// [`decode_record`], computing a keyed record's links with `key`.
+pub(crate) fn decode_record_with(
+    subject: &str,
+    stream_seq: u64,
+    payload: &[u8],
+    key: Option<&AuditKey>,
+) -> Result<Record, Error> {
     let first_seq = event_seq(stream_seq, 0).ok_or_else(|| Error::Corrupt {
         seq: u64::MAX,
         detail: format!("stream sequence {stream_seq} is too large for event sequence numbers"),
@@ -101,11 +130,14 @@ pub(crate) fn decode_record(
     let (&version, body) = payload
         .split_first()
         .ok_or_else(|| corrupt("the message is empty".into()))?;
-    if version != RECORD_VERSION {
+    if version != RECORD_VERSION && version != KEYED_RECORD_VERSION {
         return Err(corrupt(format!(
-            "unknown record format version {version} (this build reads {RECORD_VERSION})"
+            "unknown record format version {version} (this build reads {RECORD_VERSION} and \
+             {KEYED_RECORD_VERSION})"
         )));
     }
+    let keyed = version == KEYED_RECORD_VERSION;
+    let link_key = if keyed { key } else { None };
     let (record, rest) = postcard::take_from_bytes::<RecordV1<'_>>(body)
         .map_err(|err| corrupt(format!("malformed record body: {err}")))?;
     if !rest.is_empty() {
@@ -150,7 +182,7 @@ pub(crate) fn decode_record(
                 });
             }
         }
-        hashes.push(*blake3::hash(bytes).as_bytes());
+        hashes.push(link_hash(link_key, bytes));
         events.push(StoredEvent { seq, envelope });
     }
     let aggregate = events[0].envelope.aggregate.clone();
@@ -163,6 +195,7 @@ pub(crate) fn decode_record(
         aggregate,
         events,
         hashes,
+        keyed,
     })
 }
 

@@ -756,3 +756,146 @@ async fn a_tail_whose_next_is_dropped_keeps_one_consumer_and_every_event() {
         .unwrap();
     assert_eq!(got, second[0]);
 }
+
+fn audit_key(byte: u8) -> crate::audit::AuditKey {
+    crate::audit::AuditKey::from_bytes([byte; 32])
+}
+
+fn keyed_config(byte: u8) -> JetStreamLogConfig {
+    JetStreamLogConfig {
+        audit_key: Some(audit_key(byte)),
+        ..fast_config()
+    }
+}
+
+fn chain_broken(result: Result<u64, Error>) -> (u64, String) {
+    match result {
+        Err(Error::ChainBroken { seq, detail, .. }) => (seq, detail),
+        other => panic!("expected a broken chain, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_log_opened_with_the_audit_key_is_keyed_from_then_on_and_needs_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path());
+    // Written without a key first: those links stay plain.
+    let plain = open_log(&server.url(), fast_config()).await;
+    assert_eq!(plain.keyed_from(), None);
+    plain
+        .append(request(&job(1), 0, vec![progress(1), progress(2)]))
+        .await
+        .unwrap();
+    let old_handle = plain.clone();
+    drop(plain);
+
+    let keyed = open_log(&server.url(), keyed_config(1)).await;
+    let from = keyed.keyed_from().expect("keyed from now on");
+    assert_eq!(from, 2 * 1000, "the first record after the plain one");
+    // The same aggregate continues across the switch; a new one starts keyed.
+    keyed
+        .append(request(&job(1), 2, vec![progress(3)]))
+        .await
+        .unwrap();
+    keyed
+        .append(request(&job(2), 0, vec![progress(4)]))
+        .await
+        .unwrap();
+    assert_eq!(keyed.verify_chain().await.unwrap(), 4);
+    // A second orchestrator with the key learns the same starting point.
+    let other = open_log(&server.url(), keyed_config(1)).await;
+    assert_eq!(other.keyed_from(), Some(from));
+    other
+        .append(request(&job(2), 1, vec![progress(5)]))
+        .await
+        .unwrap();
+    assert_eq!(keyed.verify_chain().await.unwrap(), 5);
+
+    // Without the key the log does not open, and a handle opened before the switch refuses
+    // to append plain links after keyed ones.
+    let refused = JetStreamLog::open(connect(&server.url()).await, fast_config()).await;
+    match refused {
+        Err(Error::AuditKeyRequired { keyed_from, .. }) => assert_eq!(keyed_from, from),
+        other => panic!("opened without the audit key: {other:?}"),
+    }
+    let err = old_handle
+        .append(request(&job(2), 2, vec![progress(6)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AuditKeyRequired { .. }), "{err:?}");
+    assert_eq!(keyed.verify_chain().await.unwrap(), 5);
+
+    // Another key: the first link to a keyed event (job 2's second event, to its first) does
+    // not match. (The first keyed record links to a plain event with a plain hash.)
+    let wrong = open_log(&server.url(), keyed_config(2)).await;
+    let (seq, detail) = chain_broken(wrong.verify_chain().await);
+    assert_eq!(seq, from + 2000, "{detail}");
+    assert!(detail.contains("prev_hash"), "{detail}");
+}
+
+#[tokio::test]
+async fn a_record_rewritten_without_the_key_breaks_a_keyed_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path());
+    let log = open_log(&server.url(), keyed_config(1)).await;
+    log.append(request(&job(1), 0, vec![progress(1)]))
+        .await
+        .unwrap();
+    // Someone with the bus's credentials but not the audit key publishes the aggregate's next
+    // event with a plain link, as a rewrite with recomputed hashes would.
+    let first = log.read_from(1, 1).await.unwrap().remove(0);
+    let forged = {
+        let new = progress(2);
+        let envelope = cairn_schemas::Envelope {
+            event_id: new.event_id,
+            aggregate: job(1),
+            aggregate_version: 2,
+            recorded_at: T0,
+            actor: new.actor,
+            correlation: None,
+            causation: None,
+            command: None,
+            traceparent: None,
+            prev_hash: *blake3::hash(&cairn_schemas::encode(&first.envelope)).as_bytes(),
+            payload: new.payload,
+        };
+        crate::log::jetstream::record::encode_record(&[cairn_schemas::encode(&envelope)])
+    };
+    let js = jetstream::new(connect(&server.url()).await);
+    js.publish(event_subject(0, &job(1)), forged.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (seq, detail) = chain_broken(log.verify_chain().await);
+    assert_eq!(seq, 2000, "{detail}");
+    assert!(detail.contains("not keyed"), "{detail}");
+}
+
+#[tokio::test]
+async fn checkpoints_of_a_jetstream_log_cover_its_keyed_digest() {
+    use crate::audit::RunningDigest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path());
+    let log = open_log(&server.url(), keyed_config(1)).await;
+    for n in 0..5u64 {
+        log.append(request(&job(n as u8), 0, vec![progress(n), progress(n + 10)]))
+            .await
+            .unwrap();
+    }
+    let last = log.last_seq().await.unwrap();
+    let whole = log.extend_digest(RunningDigest::EMPTY, last).await.unwrap();
+    assert_eq!(whole.seq, last);
+    // Extending in two steps gives the same digest as in one.
+    let events = log.read_from(1, 100).await.unwrap();
+    let middle = events[4].seq;
+    let half = log.extend_digest(RunningDigest::EMPTY, middle).await.unwrap();
+    assert_eq!(half.seq, middle);
+    assert_eq!(log.extend_digest(half, last).await.unwrap(), whole);
+    // Another key gives another digest: a rewrite with another key does not match it.
+    let other = open_log(&server.url(), keyed_config(9)).await;
+    assert_ne!(
+        other.extend_digest(RunningDigest::EMPTY, last).await.unwrap(),
+        whole
+    );
+}
