@@ -147,7 +147,10 @@ impl Lab {
             LabNats::Plain(url) => {
                 let mut args = vec!["--nats".to_string(), url.clone()];
                 if !extra.is_empty() {
-                    let file = self.dir.path().join(format!("{}.toml", identity.replace('/', "-")));
+                    let file = self
+                        .dir
+                        .path()
+                        .join(format!("{}.toml", identity.replace('/', "-")));
                     std::fs::write(&file, extra).unwrap();
                     args.extend(["--config".to_string(), s(&file).to_string()]);
                 }
@@ -156,7 +159,10 @@ impl Lab {
             LabNats::Secure(pki) => {
                 let generated =
                     std::fs::read_to_string(pki.join(identity).join("cairn.toml")).unwrap();
-                let file = self.dir.path().join(format!("{}.toml", identity.replace('/', "-")));
+                let file = self
+                    .dir
+                    .path()
+                    .join(format!("{}.toml", identity.replace('/', "-")));
                 std::fs::write(&file, format!("{generated}\n{extra}")).unwrap();
                 vec!["--config".to_string(), s(&file).to_string()]
             }
@@ -170,21 +176,21 @@ impl Lab {
         args.extend(self.nats_args(&format!("orchestrators/{name}"), ""));
         args.extend(
             [
-            "--listen",
-            "127.0.0.1:0",
-            "--instance",
-            &name,
-            "--data-dir",
-            s(&data),
-            "--repository",
-            s(&self.repo),
-            "--heartbeat-timeout-secs",
-            "15",
-            "--bootstrap-token",
-            s(&self.dir.path().join("admin.token")),
-        ]
-        .iter()
-        .map(|a| a.to_string()),
+                "--listen",
+                "127.0.0.1:0",
+                "--instance",
+                &name,
+                "--data-dir",
+                s(&data),
+                "--repository",
+                s(&self.repo),
+                "--heartbeat-timeout-secs",
+                "15",
+                "--bootstrap-token",
+                s(&self.dir.path().join("admin.token")),
+            ]
+            .iter()
+            .map(|a| a.to_string()),
         );
         args.extend(extra.iter().map(|a| a.to_string()));
         let log = self.dir.path().join(format!("{name}.log"));
@@ -193,8 +199,7 @@ impl Lab {
 
     fn worker(&self, node: usize, env: &[(&str, &str)]) -> Proc {
         let name = format!("kvm-{node}");
-        let boundary =
-            std::fs::read_to_string(worker_config(self.dir.path(), &self.repo)).unwrap();
+        let boundary = std::fs::read_to_string(worker_config(self.dir.path(), &self.repo)).unwrap();
         let mut args: Vec<String> = ["worker", "--node", &name, "--vms"]
             .iter()
             .map(|a| a.to_string())
@@ -308,10 +313,24 @@ fn check_recovery_points(lab: &Lab, addr: &str, ids: &BTreeMap<String, String>, 
 #[test]
 fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nats = SecureNats::start(dir.path(), 1, &["o0", "o1", "o2"], &["kvm-0", "kvm-1", "kvm-2"]);
+    let mut nats = SecureNats::start(
+        dir.path(),
+        1,
+        &["o0", "o1", "o2"],
+        &["kvm-0", "kvm-1", "kvm-2"],
+    );
     let lab = Lab::secure(&nats, 3, 10, dir);
+    // The orchestrators share one checkpoint folder; their generated cairn.toml gives them
+    // the deployment's audit key.
+    let checkpoints = lab.dir.path().join("checkpoints");
+    let audit = [
+        "--checkpoints",
+        s(&checkpoints),
+        "--checkpoint-every-events",
+        "40",
+    ];
     let mut orchestrators: Vec<Option<Proc>> =
-        (0..3).map(|i| Some(lab.orchestrator(i, &[]))).collect();
+        (0..3).map(|i| Some(lab.orchestrator(i, &audit))).collect();
     // Transfers take a second each, so kills land mid-backup.
     let slow = [("CAIRN_FAULT_STEP_DELAY_MS", "Transfer=1000")];
     let mut workers: Vec<Option<Proc>> = (0..3).map(|n| Some(lab.worker(n, &slow))).collect();
@@ -365,7 +384,7 @@ fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
     );
 
     // The killed orchestrator comes back and gets a share again.
-    orchestrators[1] = Some(lab.orchestrator(1, &[]));
+    orchestrators[1] = Some(lab.orchestrator(1, &audit));
 
     // A worker killed mid-transfer: its step is retried on that node when it returns.
     let node0_vm = &ids["vm-0-0"];
@@ -410,8 +429,13 @@ fn three_orchestrators_and_three_workers_survive_kills_and_a_nats_restart() {
             all_events(&other).len() == n
         });
     }
-    let audit = get(&a0, "/v1/audit/verify");
-    assert_eq!(audit["ok"], true, "{audit:#}");
+    // The log is keyed, and matches the checkpoints the orchestrators signed while it grew.
+    let report = get(&a0, "/v1/audit/verify");
+    assert_eq!(report["ok"], true, "{report:#}");
+    assert!(report["keyed_from"].is_u64(), "{report:#}");
+    let signed = &report["checkpoints"];
+    assert_eq!(signed["ok"], true, "{report:#}");
+    assert!(signed["matched"].as_u64().unwrap() >= 2, "{report:#}");
     drop(workers);
 }
 
@@ -557,9 +581,12 @@ fn a_report_forged_for_another_node_with_a_nodes_own_credentials_is_refused_and_
             .unwrap();
         client.flush().await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !errors.lock().unwrap().iter().any(|e| {
-            e.contains("Permissions Violation for Publish to \"cairn.report.0.kvm-1\"")
-        }) {
+        while !errors
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.contains("Permissions Violation for Publish to \"cairn.report.0.kvm-1\""))
+        {
             assert!(
                 Instant::now() < deadline,
                 "no permissions violation: {:?}",
@@ -593,5 +620,10 @@ fn a_report_forged_for_another_node_with_a_nodes_own_credentials_is_refused_and_
         .collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(job_state(&addr, &job), "Succeeded");
-    check_recovery_points(&lab, &addr, &BTreeMap::from([("vm-1-0".to_string(), vm)]), 1);
+    check_recovery_points(
+        &lab,
+        &addr,
+        &BTreeMap::from([("vm-1-0".to_string(), vm)]),
+        1,
+    );
 }

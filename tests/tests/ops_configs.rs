@@ -12,9 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_tests::nats::{SecureNats, free_port, nats_server_bin};
 use cairn_tests::cairn_ok;
 use cairn_tests::hook::TestCa;
+use cairn_tests::nats::{SecureNats, free_port, nats_server_bin};
 
 fn ops_file(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -141,10 +141,7 @@ fn single_server_config_starts_with_jetstream_fsyncing_every_write() {
 /// The arguments that made the TLS files shipped in `ops/nats/`, and which file each server's
 /// configuration became.
 const SHIPPED: [(&str, &[&str]); 2] = [
-    (
-        "nats-auth.conf",
-        &["--servers", "nats.example.net"],
-    ),
+    ("nats-auth.conf", &["--servers", "nats.example.net"]),
     (
         "cluster/nats-{}.conf",
         &[
@@ -181,8 +178,8 @@ fn shipped_tls_configs_are_what_nats_init_writes() {
         let servers = if file.contains("{}") { 3 } else { 1 };
         for i in 1..=servers {
             let shipped = ops_file(&file.replace("{}", &i.to_string()));
-            let made = std::fs::read_to_string(out.join(format!("servers/nats-{i}/nats.conf")))
-                .unwrap();
+            let made =
+                std::fs::read_to_string(out.join(format!("servers/nats-{i}/nats.conf"))).unwrap();
             // The shipped file is a preamble of comments, then nats-init's output unchanged.
             let preamble = shipped.strip_suffix(made.as_str()).unwrap_or_else(|| {
                 panic!("ops/nats/{file} (server {i}) is not what nats-init writes (run ops/make-nats-examples):\n{made}")
@@ -336,8 +333,12 @@ fn each_identity_may_do_its_own_work_and_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
     let nats = SecureNats::start(tmp.path(), 1, &["ctl-01"], &["kvm-01", "kvm-02"]);
     let pub_denied = |subject: &str| (publish(subject), format!("Publish to \"{subject}\""));
-    let sub_denied =
-        |subject: &str, sid: u32| (format!("SUB {subject} {sid}\r\n"), format!("Subscription to \"{subject}\""));
+    let sub_denied = |subject: &str, sid: u32| {
+        (
+            format!("SUB {subject} {sid}\r\n"),
+            format!("Subscription to \"{subject}\""),
+        )
+    };
 
     // kvm-01 takes its own steps, reports on them, writes its heartbeat, registers itself and
     // answers browse requests for itself.
@@ -429,7 +430,11 @@ fn each_identity_may_do_its_own_work_and_nothing_else() {
         cert: nats.dir.join("servers/nats-1/server.pem"),
         key: nats.dir.join("servers/nats-1/server-key.pem"),
     };
-    for (who, client) in [("stranger", Some(&stranger)), ("server", Some(&server)), ("anonymous", None)] {
+    for (who, client) in [
+        ("stranger", Some(&stranger)),
+        ("server", Some(&server)),
+        ("anonymous", None),
+    ] {
         let answer = nats_session(&ca, port, client, &[&publish("cairn.evt.3.vm.x")]);
         assert!(!answer.contains("PONG"), "{who}: {answer}");
     }

@@ -151,6 +151,11 @@ pub struct OrchestratorConfig {
     pub webhook_allow: Option<AllowList>,
     /// Extra CA certificates (PEM) for webhooks' servers.
     pub webhook_ca_file: Option<PathBuf>,
+    /// The audit key file that keys the event log's hash chain (the same on every
+    /// orchestrator).
+    pub audit_key: Option<PathBuf>,
+    /// Folder of signed audit checkpoints.
+    pub checkpoints: Option<PathBuf>,
 }
 
 /// `[worker]`.
@@ -283,6 +288,8 @@ struct RawOrchestrator {
     smtp_from: Option<String>,
     webhook_allow: Option<Vec<String>>,
     webhook_ca_file: Option<String>,
+    audit_key: Option<String>,
+    checkpoints: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -604,6 +611,8 @@ impl RawFile {
                 o.webhook_ca_file,
                 path_value,
             )?,
+            audit_key: c.text("orchestrator.audit_key", o.audit_key, path_value)?,
+            checkpoints: c.text("orchestrator.checkpoints", o.checkpoints, path_value)?,
         };
         match (&orchestrator.tls_cert, &orchestrator.tls_key) {
             (Some(cert), None) => {

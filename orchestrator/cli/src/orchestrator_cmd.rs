@@ -14,6 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use cairn_orchestrator::audit::keys as audit_keys;
+use cairn_orchestrator::audit::{
+    CheckpointPolicy, CheckpointTrust, Checkpointer, CheckpointerConfig, FolderSink,
+};
 use cairn_orchestrator::bus::commands::{self, Decider, Entry, NatsRouter, QUEUE_GROUP};
 use cairn_orchestrator::bus::lease::{LeaseChange, LeaseConfig, LeaseManager, lease_bucket};
 use cairn_orchestrator::bus::{self, NatsOptions};
@@ -92,6 +96,21 @@ pub struct OrchestratorArgs {
     /// later starts the file's token is made again if the cluster does not know it.
     #[arg(long, env = "CAIRN_BOOTSTRAP_TOKEN", value_name = "FILE")]
     pub bootstrap_token: Option<PathBuf>,
+    /// The audit key file (32 bytes, 0600) that keys the event log's hash chain; the same
+    /// file on every orchestrator (`cairn ops audit-key --out FILE`). Without it the chain's
+    /// links are plain BLAKE3, which a rewrite of the whole log can recompute.
+    #[arg(long, env = "CAIRN_AUDIT_KEY", value_name = "FILE")]
+    pub audit_key: Option<PathBuf>,
+    /// Folder of the signed audit checkpoints (default DATA/checkpoints); best one every
+    /// orchestrator shares and no single host can rewrite.
+    #[arg(long, env = "CAIRN_CHECKPOINTS", value_name = "DIR")]
+    pub checkpoints: Option<PathBuf>,
+    /// Sign a checkpoint of the event log after this many new events.
+    #[arg(long, default_value_t = 1000)]
+    pub checkpoint_every_events: u64,
+    /// Sign a checkpoint after this many minutes when there were new events.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_every_minutes: u64,
     /// NATS credentials file.
     #[arg(long, env = "CAIRN_NATS_CREDS")]
     pub creds: Option<PathBuf>,
@@ -109,6 +128,9 @@ pub struct OrchestratorArgs {
 /// The settings after merging flags, environment, the configuration file and defaults.
 struct Settings {
     nats: NatsOptions,
+    audit_key: Option<PathBuf>,
+    checkpoints: Option<PathBuf>,
+    checkpoint_policy: CheckpointPolicy,
     api: crate::api_server::ApiServer,
     instance: String,
     data_dir: PathBuf,
@@ -219,7 +241,18 @@ fn settings(args: OrchestratorArgs) -> Result<Settings> {
             },
         },
     )?;
+    if args.checkpoint_every_events == 0 || args.checkpoint_every_minutes == 0 {
+        anyhow::bail!(
+            "--checkpoint-every-events and --checkpoint-every-minutes must be at least 1"
+        );
+    }
     Ok(Settings {
+        audit_key: pick_opt(args.audit_key, orch.audit_key),
+        checkpoints: pick_opt(args.checkpoints, orch.checkpoints),
+        checkpoint_policy: CheckpointPolicy {
+            every_events: args.checkpoint_every_events,
+            every_ms: args.checkpoint_every_minutes.saturating_mul(60_000),
+        },
         nats: NatsOptions {
             url,
             creds: pick_opt(args.creds, nats_file.creds),
@@ -283,6 +316,18 @@ struct PartitionWork {
 async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i32> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+    // Keys before anything connects: a refused key changes nothing.
+    let audit_key = match &settings.audit_key {
+        Some(path) => Some(audit_keys::read_audit_key(path)?),
+        None => {
+            tracing::warn!(
+                "no audit key (--audit-key FILE): the event log's hash chain is not keyed"
+            );
+            None
+        }
+    };
+    let (signing_key, _) =
+        audit_keys::ensure_signing_key(&settings.data_dir.join(crate::up::SIGNING_KEY_FILE))?;
     let client = bus::connect(&settings.nats).await?;
     let js = bus::jetstream(&client);
     bus::ensure_bus(&js, settings.replicas).await?;
@@ -290,11 +335,30 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
         client.clone(),
         JetStreamLogConfig {
             replicas: settings.replicas,
+            audit_key,
             ..JetStreamLogConfig::default()
         },
     )
     .await
     .context("opening the event log on JetStream")?;
+    let checkpoint_sink = FolderSink::new(
+        settings
+            .checkpoints
+            .clone()
+            .unwrap_or_else(|| settings.data_dir.join("checkpoints")),
+    );
+    let checkpointer = Checkpointer::new(
+        log.clone(),
+        Arc::new(SystemClock),
+        CheckpointerConfig {
+            sink: checkpoint_sink.clone(),
+            signing_key,
+            signer: settings.instance.clone(),
+            policy: settings.checkpoint_policy,
+            poll: Duration::from_secs(1),
+        },
+    )
+    .context("starting the checkpoint writer")?;
     let ownership = Arc::new(Ownership::none(settings.partitions));
     let sink = Arc::new(bus::NatsStepSink::new(client.clone()));
     let options = EngineOptions {
@@ -321,6 +385,11 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
         .await
         .context("replaying the event log")?;
     handle.set_router(Arc::new(NatsRouter::new(client.clone())));
+    handle.set_checkpoint_trust(CheckpointTrust {
+        sink: checkpoint_sink,
+        extra_keys: Vec::new(),
+        trust_sink_keys: true,
+    });
     let from = settings
         .smtp_from
         .clone()
@@ -336,7 +405,8 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let (engine_stop_tx, engine_stop_rx) = watch::channel(false);
-    let engine_task = tokio::spawn(engine.run(wait_shutdown(engine_stop_rx)));
+    let engine_task = tokio::spawn(engine.run(wait_shutdown(engine_stop_rx.clone())));
+    let checkpoint_task = tokio::spawn(checkpointer.run(wait_shutdown(engine_stop_rx)));
 
     // Commands that arrive over NATS: decided here, or routed to the owner.
     let decider: Decider = {
@@ -470,6 +540,8 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
     let _ = tokio::time::timeout(Duration::from_secs(10), lease_task).await;
     let _ = engine_stop_tx.send(true);
     let _ = engine_task.await;
+    // After the engine: the last checkpoint covers everything it appended.
+    let _ = checkpoint_task.await;
     let _ = api.task.await;
     partition_task.abort();
     api_cmd_task.abort();

@@ -32,6 +32,8 @@ pub struct RunningDigest {
     pub seq: u64,
     /// `D(seq)`.
     pub digest: [u8; 32],
+    /// How many events it covers (sequence numbers need not be consecutive).
+    pub events: u64,
 }
 
 impl RunningDigest {
@@ -39,6 +41,7 @@ impl RunningDigest {
     pub const EMPTY: RunningDigest = RunningDigest {
         seq: 0,
         digest: [0; 32],
+        events: 0,
     };
 
     /// Covers one more event, whose stored bytes hash (plain BLAKE3) to `event_hash`.
@@ -50,6 +53,7 @@ impl RunningDigest {
         hasher.update(event_hash);
         self.digest = *hasher.finalize().as_bytes();
         self.seq = seq;
+        self.events += 1;
     }
 
     /// Covers one more event with these stored bytes.

@@ -19,20 +19,20 @@ impl Default for CheckpointPolicy {
     }
 }
 
-/// What the trigger remembers: the last checkpoint's sequence and when it was made (or when
-/// the writer started, before its first checkpoint).
+/// What the trigger remembers: how many events the last checkpoint covered and when it was
+/// made (or when the writer started, before its first checkpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TriggerState {
-    pub last_seq: u64,
+    pub last_events: u64,
     pub last_ms: u64,
 }
 
-/// Whether a checkpoint is due now, with the log at `log_seq`.
-pub fn due(policy: &CheckpointPolicy, state: &TriggerState, log_seq: u64, now_ms: u64) -> bool {
-    if log_seq <= state.last_seq {
+/// Whether a checkpoint is due now, with `events` events in the log.
+pub fn due(policy: &CheckpointPolicy, state: &TriggerState, events: u64, now_ms: u64) -> bool {
+    if events <= state.last_events {
         return false;
     }
-    log_seq - state.last_seq >= policy.every_events.max(1)
+    events - state.last_events >= policy.every_events.max(1)
         || now_ms.saturating_sub(state.last_ms) >= policy.every_ms
 }
 
@@ -46,7 +46,10 @@ mod tests {
             every_events: 1000,
             every_ms: 600_000,
         };
-        let at = |last_seq, last_ms| TriggerState { last_seq, last_ms };
+        let at = |last_events, last_ms| TriggerState {
+            last_events,
+            last_ms,
+        };
         // (state, log seq, now, due)
         let cases = [
             (at(0, 0), 0, 10_000_000, false),       // nothing ever written
@@ -59,11 +62,11 @@ mod tests {
             (at(5000, 700), 5001, 600_000, false),  // clock: only 599.3 s since
             (at(5000, 0), 4000, 99_000_000, false), // a log behind the checkpoint
         ];
-        for (state, log_seq, now, want) in cases {
+        for (state, events, now, want) in cases {
             assert_eq!(
-                due(&policy, &state, log_seq, now),
+                due(&policy, &state, events, now),
                 want,
-                "{state:?} log {log_seq} now {now}"
+                "{state:?} log {events} now {now}"
             );
         }
     }
@@ -75,7 +78,7 @@ mod tests {
             every_ms: u64::MAX,
         };
         let state = TriggerState {
-            last_seq: 3,
+            last_events: 3,
             last_ms: 0,
         };
         assert!(!due(&policy, &state, 3, 1));

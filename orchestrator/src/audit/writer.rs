@@ -47,6 +47,8 @@ pub struct Checkpointer<L> {
     config: CheckpointerConfig,
     key_id: String,
     state: TriggerState,
+    /// The sequence number the last checkpoint covers.
+    checkpointed_seq: u64,
     digest: RunningDigest,
 }
 
@@ -66,7 +68,7 @@ impl<L: EventLog> Checkpointer<L> {
             .max()
             .unwrap_or(0);
         let state = TriggerState {
-            last_seq,
+            last_events: 0,
             last_ms: clock.now_ms(),
         };
         Ok(Self {
@@ -75,6 +77,7 @@ impl<L: EventLog> Checkpointer<L> {
             key_id: key_id(&public),
             config,
             state,
+            checkpointed_seq: last_seq,
             digest: RunningDigest::EMPTY,
         })
     }
@@ -83,19 +86,29 @@ impl<L: EventLog> Checkpointer<L> {
     pub async fn step(&mut self, force: bool) -> Result<Option<SignedCheckpoint>, Error> {
         let log_seq = self.log.last_seq().await?;
         let now = self.clock.now_ms();
-        let due = if force {
-            log_seq > self.state.last_seq
-        } else {
-            trigger::due(&self.config.policy, &self.state, log_seq, now)
-        };
-        if !due {
+        if log_seq <= self.checkpointed_seq {
             return Ok(None);
         }
         if log_seq < self.digest.seq {
             // Only a log replaced under a running orchestrator moves back; start over.
             self.digest = RunningDigest::EMPTY;
         }
-        self.digest = self.log.extend_digest(self.digest, log_seq).await?;
+        if self.digest.seq < self.checkpointed_seq {
+            // After a restart: new events count from this signer's last checkpoint.
+            self.digest = self
+                .log
+                .extend_digest(self.digest, self.checkpointed_seq)
+                .await?;
+            self.state.last_events = self.digest.events;
+        }
+        if self.digest.seq < log_seq {
+            self.digest = self.log.extend_digest(self.digest, log_seq).await?;
+        }
+        // Counted in events, not sequence numbers (which need not be consecutive).
+        let due = force || trigger::due(&self.config.policy, &self.state, self.digest.events, now);
+        if !due {
+            return Ok(None);
+        }
         let signed = Checkpoint {
             seq: self.digest.seq,
             digest: self.digest.digest,
@@ -113,8 +126,9 @@ impl<L: EventLog> Checkpointer<L> {
                 path: self.config.sink.dir().to_owned(),
                 source: std::io::Error::other(err.to_string()),
             })??;
+        self.checkpointed_seq = signed.checkpoint.seq;
         self.state = TriggerState {
-            last_seq: signed.checkpoint.seq,
+            last_events: self.digest.events,
             last_ms: now,
         };
         if written {

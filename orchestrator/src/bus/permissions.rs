@@ -17,8 +17,9 @@
 //! name is written as its subject token ([`subject_token`]).
 
 use cairn_schemas::NodeId;
-use cairn_schemas::subjects::{ALL_EVENTS, ALL_NODE_COMMANDS, node_command_subject, step_subject,
-    subject_token};
+use cairn_schemas::subjects::{
+    ALL_EVENTS, ALL_NODE_COMMANDS, node_command_subject, step_subject, subject_token,
+};
 
 use super::{
     CANCEL_SUBJECT, Heartbeat, LEASES_BUCKET, NODES_BUCKET, REPORTS_STREAM, STEPS_STREAM,

@@ -1018,7 +1018,10 @@ fn a_report_from_another_node_than_the_steps_is_refused_and_recorded() {
     // both nodes.
     assert!(!w.state.nodes.contains_key(&z));
     w.submit(refusal(Some(&z), &node())).unwrap();
-    assert!(!w.state.nodes.contains_key(&z), "a refusal registers nothing");
+    assert!(
+        !w.state.nodes.contains_key(&z),
+        "a refusal registers nothing"
+    );
     let alert = w
         .state
         .alerts

@@ -31,6 +31,17 @@ pub enum OpsCommand {
     NatsInit(NatsInitArgs),
     /// Add a node (its certificate and user) to a folder made by nats-init.
     NatsAddNode(AddNodeArgs),
+    /// Make a new audit key file (32 random bytes, 0600) for `--audit-key`: give every
+    /// orchestrator the same file.
+    AuditKey(AuditKeyArgs),
+}
+
+/// `cairn ops audit-key`.
+#[derive(Debug, Args)]
+pub struct AuditKeyArgs {
+    /// The new file (refused if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// `cairn ops nats-init`.
@@ -50,7 +61,12 @@ pub struct NatsInitArgs {
     pub cluster: usize,
     /// Host of each server, comma separated (one host: every server on it, on consecutive
     /// ports).
-    #[arg(long, value_name = "HOSTS", value_delimiter = ',', default_value = "localhost")]
+    #[arg(
+        long,
+        value_name = "HOSTS",
+        value_delimiter = ',',
+        default_value = "localhost"
+    )]
     pub servers: Vec<String>,
     /// Client port.
     #[arg(long, default_value_t = 4222)]
@@ -94,6 +110,15 @@ pub fn run(command: OpsCommand) -> Result<i32> {
     match command {
         OpsCommand::NatsInit(args) => nats_init(args),
         OpsCommand::NatsAddNode(args) => add_node(args),
+        OpsCommand::AuditKey(args) => {
+            cairn_orchestrator::audit::keys::create_audit_key(&args.out)?;
+            println!(
+                "made the audit key {}: give every orchestrator this file (--audit-key, or \
+                 [orchestrator] audit_key) before it starts, and keep a copy offline",
+                args.out.display()
+            );
+            Ok(())
+        }
     }
     .map(|()| 0)
 }
@@ -150,9 +175,17 @@ fn nats_init(args: NatsInitArgs) -> Result<()> {
     let (client_ca, client_ca_files) = Authority::create(CLIENT_CA, manifest.days)?;
     let ca = layout.ca_dir();
     write(&ca.join("server-ca.pem"), &server_ca_files.cert_pem, 0o644)?;
-    write(&ca.join("server-ca-key.pem"), &server_ca_files.key_pem, 0o600)?;
+    write(
+        &ca.join("server-ca-key.pem"),
+        &server_ca_files.key_pem,
+        0o600,
+    )?;
     write(&ca.join("client-ca.pem"), &client_ca_files.cert_pem, 0o644)?;
-    write(&ca.join("client-ca-key.pem"), &client_ca_files.key_pem, 0o600)?;
+    write(
+        &ca.join("client-ca-key.pem"),
+        &client_ca_files.key_pem,
+        0o600,
+    )?;
 
     for slot in manifest.slots()? {
         let folder = layout.server_dir(&slot);
@@ -162,8 +195,16 @@ fn nats_init(args: NatsInitArgs) -> Result<()> {
         let cert = server_ca.issue_server(&slot.name, &hosts, manifest.days)?;
         write(&folder.join("server.pem"), &cert.cert_pem, 0o644)?;
         write(&folder.join("server-key.pem"), &cert.key_pem, 0o600)?;
-        write(&folder.join("server-ca.pem"), &server_ca_files.cert_pem, 0o644)?;
-        write(&folder.join("client-ca.pem"), &client_ca_files.cert_pem, 0o644)?;
+        write(
+            &folder.join("server-ca.pem"),
+            &server_ca_files.cert_pem,
+            0o644,
+        )?;
+        write(
+            &folder.join("client-ca.pem"),
+            &client_ca_files.cert_pem,
+            0o644,
+        )?;
     }
     write_server_configs(&manifest, &layout)?;
     for identity in manifest.identities() {
@@ -174,6 +215,18 @@ fn nats_init(args: NatsInitArgs) -> Result<()> {
             &server_ca_files.cert_pem,
             &identity,
         )?;
+    }
+    // One audit key that every orchestrator shares, in each orchestrator's folder.
+    let audit_key = layout.ca_dir().join("audit.key");
+    cairn_orchestrator::audit::keys::create_audit_key(&audit_key)?;
+    let audit_bytes =
+        std::fs::read(&audit_key).with_context(|| format!("reading {}", audit_key.display()))?;
+    for identity in manifest.identities() {
+        if matches!(identity, Identity::Orchestrator(_)) {
+            let path = layout.client_dir(&identity).join("audit.key");
+            write_atomic(&path, &audit_bytes, 0o600)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     write_manifest(&manifest, &layout)?;
     let slots = manifest.slots()?;
@@ -341,6 +394,9 @@ mod tests {
         for key in [
             "ca/server-ca-key.pem",
             "ca/client-ca-key.pem",
+            "ca/audit.key",
+            "orchestrators/ctl-01/audit.key",
+            "orchestrators/ctl-02/audit.key",
             "servers/nats-1/server-key.pem",
             "orchestrators/ctl-01/key.pem",
             "orchestrators/ctl-02/key.pem",
@@ -352,7 +408,10 @@ mod tests {
         assert_eq!(mode(&out.join("ca")), 0o700);
         let conf = read_text(&out.join("servers/nats-1/nats.conf")).unwrap();
         assert!(conf.contains("CN=cairn-node-kvm-01"), "{conf}");
-        assert!(conf.contains(&format!("{}", out.join("servers/nats-1/server.pem").display())));
+        assert!(conf.contains(&format!(
+            "{}",
+            out.join("servers/nats-1/server.pem").display()
+        )));
         // Each process's file is a cairn.toml that cairn reads.
         let node_toml = out.join("nodes/kvm-01/cairn.toml");
         let config = crate::config::load(&node_toml).unwrap();
@@ -363,6 +422,21 @@ mod tests {
         assert_eq!(config.nats.tls_key, Some(out.join("nodes/kvm-01/key.pem")));
         let orch = crate::config::load(&out.join("orchestrators/ctl-01/cairn.toml")).unwrap();
         assert_eq!(orch.nats.replicas, Some(1));
+        assert_eq!(
+            orch.orchestrator.audit_key,
+            Some(out.join("orchestrators/ctl-01/audit.key"))
+        );
+        // Every orchestrator has the same audit key; the key file reads as one.
+        let key = std::fs::read(out.join("orchestrators/ctl-01/audit.key")).unwrap();
+        assert_eq!(
+            std::fs::read(out.join("orchestrators/ctl-02/audit.key")).unwrap(),
+            key
+        );
+        cairn_orchestrator::audit::keys::read_audit_key(
+            &out.join("orchestrators/ctl-02/audit.key"),
+        )
+        .unwrap();
+        assert!(!out.join("nodes/kvm-01/audit.key").exists());
         // A second run never replaces the CA.
         let ca = read_text(&out.join("ca/client-ca-key.pem")).unwrap();
         let err = nats_init(init_args(&out)).unwrap_err().to_string();

@@ -12,8 +12,8 @@
 use std::net::IpAddr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
 /// A certificate or key that could not be made or read.
@@ -146,12 +146,14 @@ impl Authority {
         for host in hosts {
             let san = match host.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(host.as_str().try_into().map_err(
-                    |e: rcgen::Error| Error::BadHost {
-                        host: host.clone(),
-                        reason: e.to_string(),
-                    },
-                )?),
+                Err(_) => {
+                    SanType::DnsName(host.as_str().try_into().map_err(|e: rcgen::Error| {
+                        Error::BadHost {
+                            host: host.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?)
+                }
             };
             if !params.subject_alt_names.contains(&san) {
                 params.subject_alt_names.push(san);

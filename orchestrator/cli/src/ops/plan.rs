@@ -90,11 +90,7 @@ pub struct Slot {
 impl Slot {
     /// Whether the server is only reachable from its own machine.
     fn loopback(&self) -> bool {
-        self.host == "localhost"
-            || self
-                .host
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+        self.host == "localhost" || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
     /// `host:port` with IPv6 addresses in brackets.
@@ -119,7 +115,9 @@ fn check_host(host: &str) -> Result<(), String> {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     if labels_ok {
         Ok(())
@@ -449,14 +447,15 @@ pub fn client_config(
     identity: &Identity,
     dir: &Path,
 ) -> Result<String, Error> {
-    let toml_path = |file: &str| {
-        toml::Value::String(dir.join(file).to_string_lossy().into_owned()).to_string()
-    };
+    let toml_path =
+        |file: &str| toml::Value::String(dir.join(file).to_string_lossy().into_owned()).to_string();
     let mut out = String::new();
     let (who, note) = match identity {
         Identity::Orchestrator(name) => (
             format!("orchestrator {name}"),
-            "Add the [orchestrator] section below.".to_string(),
+            format!(
+                "Add your other [orchestrator] settings at the end; run it as --instance {name}."
+            ),
         ),
         Identity::Node(name) => (
             format!("node {name}"),
@@ -480,6 +479,12 @@ pub fn client_config(
     let _ = writeln!(out, "tls_key = {}", toml_path("key.pem"));
     if matches!(identity, Identity::Orchestrator(_)) {
         let _ = writeln!(out, "replicas = {}", manifest.replicas());
+        let _ = writeln!(
+            out,
+            "\n# The audit key every orchestrator shares (it keys the event log's hash chain).\n\
+             [orchestrator]\naudit_key = {}",
+            toml_path("audit.key")
+        );
     }
     Ok(out)
 }
@@ -520,7 +525,10 @@ mod tests {
             .iter()
             .map(|s| (s.port, s.cluster_port, s.monitor_port))
             .collect();
-        assert_eq!(ports, [(4222, 6222, 8222), (4223, 6223, 8223), (4224, 6224, 8224)]);
+        assert_eq!(
+            ports,
+            [(4222, 6222, 8222), (4223, 6223, 8223), (4224, 6224, 8224)]
+        );
         assert_eq!(
             m.urls().unwrap(),
             "tls://127.0.0.1:4222,tls://127.0.0.1:4223,tls://127.0.0.1:4224"
@@ -631,13 +639,20 @@ mod tests {
             assert!(text.contains(&format!("user: \"{user}\"")), "{user}");
         }
         assert!(text.contains("\"cairn.report.*.kvm-02\""));
-        assert_eq!(text, server_config(&m, slot, Path::new("/etc/nats/cairn")).unwrap());
+        assert_eq!(
+            text,
+            server_config(&m, slot, Path::new("/etc/nats/cairn")).unwrap()
+        );
     }
 
     #[test]
     fn a_cluster_config_routes_to_every_server_over_tls() {
         let m = Manifest {
-            servers: vec!["n1.example".into(), "n2.example".into(), "n3.example".into()],
+            servers: vec![
+                "n1.example".into(),
+                "n2.example".into(),
+                "n3.example".into(),
+            ],
             ..manifest()
         };
         let slots = m.slots().unwrap();
