@@ -41,6 +41,7 @@ const NOT_HOST: &[&str] = &[
     "metrics",
     "jsz",
     "varz",
+    "routez",
     "hooks",
     "disk",
     "EFI",
