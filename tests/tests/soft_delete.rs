@@ -2,7 +2,8 @@
 //! with `cairn rp delete` is listed as deleted, refused for recovery, survives the
 //! repository's gc, comes back with `cairn rp undelete` and restores byte-identical to the
 //! disk it was taken of; a retention lock refuses a shorter retention and the deletion of
-//! younger points.
+//! younger points; a VM removed from its group with its data has its points soft-deleted,
+//! and comes back.
 
 use std::path::Path;
 use std::time::Duration;
@@ -190,5 +191,86 @@ fn a_deleted_point_survives_gc_and_is_restored_byte_identical_after_undelete() {
         shown.contains("retention lock   7 days; lowered to 0 days"),
         "{shown}"
     );
+    server.stop();
+}
+
+#[test]
+fn a_vm_removed_from_its_group_with_its_data_is_soft_deleted_and_can_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = root.join("data");
+    for (name, uuid, seed) in [
+        ("alpha", "3c1d9a52-6b7e-4f80-9a1b-2c3d4e5f6a01", 1),
+        ("beta", "3c1d9a52-6b7e-4f80-9a1b-2c3d4e5f6a02", 2),
+    ] {
+        let disk = root.join(format!("{name}.raw"));
+        random_file(&disk, 4 << 20, seed);
+        write_vm(&data.join("vms"), name, uuid, &[("boot", &disk)]);
+    }
+    let server = UpServer::start(&data, &[], &[]);
+    let url = server.url();
+    wait_until(Duration::from_secs(60), "both VMs in the inventory", || {
+        server.get("/v1/vms").as_array().unwrap().len() == 2
+    });
+    let listed = |name: &str, field: &str| {
+        server
+            .get("/v1/vms")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()[field]
+            .clone()
+    };
+    let beta = &listed("beta", "vm").as_str().unwrap().to_string();
+    cairn_ok(&[
+        "group", "create", "gold", "--vm", "alpha", "--vm", "beta", "--sync", "1h", "--server",
+        &url,
+    ]);
+    wait_until(
+        Duration::from_secs(120),
+        "a recovery point of each VM",
+        || rps(&server, beta).len() == 1 && no_open_job(&server),
+    );
+
+    let out = cairn_ok(&[
+        "group",
+        "remove-vm",
+        "gold",
+        "--vm",
+        "beta",
+        "--delete-recovery-points",
+        "--server",
+        &url,
+    ]);
+    assert!(out.contains("soft-deleted"), "{out}");
+    let point = rps(&server, beta)[0].clone();
+    assert_eq!(point["state"], "deleted", "{point}");
+    let group = listed("beta", "group");
+    assert!(group.is_null(), "beta is no longer protected: {group}");
+    let alerts = cairn_ok(&["alerts", "--server", &url]);
+    assert!(alerts.contains("beta"), "{alerts}");
+
+    // Not a member any more: refused, nothing changes.
+    let again = cairn(&[
+        "group",
+        "remove-vm",
+        "gold",
+        "--vm",
+        "beta",
+        "--server",
+        &url,
+    ]);
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("not a member"), "{stderr}");
+
+    // Back into the group, and its point restored.
+    cairn_ok(&["group", "add-vm", "gold", "--vm", "beta", "--server", &url]);
+    let rp = point["rp"].as_str().unwrap();
+    cairn_ok(&["rp", "undelete", "beta", rp, "--server", &url]);
+    assert_eq!(rps(&server, beta)[0]["state"], "live");
+    let group = listed("beta", "group");
+    assert!(!group.is_null(), "beta is protected again: {group}");
     server.stop();
 }

@@ -212,6 +212,31 @@ pub enum GroupCommand {
         #[command(flatten)]
         opts: ServerOpts,
     },
+    /// Protect more VMs in a group (from its next run).
+    AddVm {
+        /// The group (name or id).
+        name: String,
+        /// A VM (id or unique name); repeat for more.
+        #[arg(long = "vm", value_name = "VM", required = true)]
+        vms: Vec<String>,
+        #[command(flatten)]
+        opts: ServerOpts,
+    },
+    /// Stop protecting members of a group. Their recovery points stay, unless
+    /// --delete-recovery-points: then they are soft-deleted (restorable with `cairn rp
+    /// undelete` until the group's soft-delete period ends).
+    RemoveVm {
+        /// The group (name or id).
+        name: String,
+        /// A member (id or unique name); repeat for more.
+        #[arg(long = "vm", value_name = "VM", required = true)]
+        vms: Vec<String>,
+        /// Also soft-delete their recovery points.
+        #[arg(long)]
+        delete_recovery_points: bool,
+        #[command(flatten)]
+        opts: ServerOpts,
+    },
     /// Disk allocation review: data size, recommended space, free space, what is missing.
     Plan {
         /// The group (name or id).
@@ -457,6 +482,15 @@ pub fn run(command: ClientCommand) -> Result<i32> {
                 opts,
             } => crate::policy_cmd::group_delete(&name, delete_recovery_points, &opts),
             GroupCommand::Plan { name, opts } => crate::policy_cmd::group_plan(&name, &opts),
+            GroupCommand::AddVm { name, vms, opts } => {
+                crate::policy_cmd::group_members(&name, &vms, &[], false, &opts)
+            }
+            GroupCommand::RemoveVm {
+                name,
+                vms,
+                delete_recovery_points,
+                opts,
+            } => crate::policy_cmd::group_members(&name, &[], &vms, delete_recovery_points, &opts),
         },
         ClientCommand::Check(args) => crate::policy_cmd::vm_job(&args, "check"),
         ClientCommand::Verify(args) => crate::policy_cmd::vm_job(&args, "verify"),

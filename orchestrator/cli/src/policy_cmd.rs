@@ -98,6 +98,46 @@ pub fn group_delete(name: &str, delete_rps: bool, opts: &ServerOpts) -> Result<i
     Ok(0)
 }
 
+/// `cairn group add-vm` and `remove-vm`.
+pub fn group_members(
+    name: &str,
+    add: &[String],
+    remove: &[String],
+    delete_rps: bool,
+    opts: &ServerOpts,
+) -> Result<i32> {
+    let client = Client::new(opts)?;
+    let id = resolve_group(&client, name)?;
+    let add = crate::client_cmd::resolve_vms(&client, add)?;
+    let remove = crate::client_cmd::resolve_vms(&client, remove)?;
+    let body = serde_json::json!({
+        "add": add,
+        "remove": remove,
+        "delete_recovery_points": delete_rps,
+    });
+    let value = client.post(&format!("/v1/groups/{id}/members"), Some(&body))?;
+    if opts.json() {
+        print_json(&value);
+    } else if !add.is_empty() {
+        println!(
+            "group {name} protects {} more VM(s) from its next run",
+            add.len()
+        );
+    } else if delete_rps {
+        println!(
+            "group {name} no longer protects {} VM(s); their recovery points are soft-deleted \
+             (`cairn rp list VM` shows until when `cairn rp undelete` restores them)",
+            remove.len()
+        );
+    } else {
+        println!(
+            "group {name} no longer protects {} VM(s); their recovery points stay until deleted",
+            remove.len()
+        );
+    }
+    Ok(0)
+}
+
 /// Policy settings beyond retention, sync and repository (`group create`, `group set-policy`).
 #[derive(Debug, Clone, Default, Args)]
 pub struct PolicyFlags {

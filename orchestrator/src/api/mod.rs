@@ -35,6 +35,7 @@
 //! | POST | `/v1/vms/{vm}/recovery-points/delete` | soft-delete recovery points |
 //! | POST | `/v1/vms/{vm}/recovery-points/undelete` | restore soft-deleted recovery points |
 //! | POST | `/v1/groups/{group}/delete` | delete a group (and soft-delete its recovery points) |
+//! | POST | `/v1/groups/{group}/members` | add VMs, remove members (with their recovery points: soft delete) |
 //! | POST | `/v1/groups/{group}/retention-lock` | set its retention lock (lowering: admin, deferred) |
 //! | POST | `/v1/groups/{group}/soft-delete` | set its soft-delete period (admin) |
 //!
@@ -317,6 +318,12 @@ fn routes() -> Vec<Route> {
             "/v1/groups/{group}/delete",
             needs(Delete, T::Group),
             softdelete::delete_group,
+        ),
+        route(
+            "post",
+            "/v1/groups/{group}/members",
+            needs(Policy, T::Group),
+            softdelete::edit_members,
         ),
         route(
             "post",

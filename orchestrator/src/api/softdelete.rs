@@ -11,8 +11,11 @@ use axum::http::StatusCode;
 use cairn_schemas::{Command, GroupId, RecoveryPointId, Role, VmId};
 
 use super::extract::{Actor, Caller, IdPath, JsonBody};
-use super::wire::{DeleteGroupRequest, RetentionLockRequest, RpsRequest, SoftDeleteRequest};
+use super::wire::{
+    DeleteGroupRequest, MembersRequest, RetentionLockRequest, RpsRequest, SoftDeleteRequest,
+};
 use super::{AppState, Error};
+use crate::auth::Right;
 use crate::views::Accepted;
 
 type Done = Result<(StatusCode, Json<Accepted>), Error>;
@@ -74,6 +77,56 @@ pub(super) async fn delete_group(
 ) -> Done {
     let command = Command::DeleteGroup {
         group,
+        delete_recovery_points: request.delete_recovery_points,
+    };
+    let accepted = state.control.submit(actor.0, command).await?;
+    Ok((StatusCode::OK, Json(accepted)))
+}
+
+fn parse_vms(field: &str, texts: &[String]) -> Result<Vec<VmId>, Error> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(idx, text)| {
+            text.parse()
+                .map_err(|err| Error::invalid_id(format!("{field}[{idx}]: {err}")))
+        })
+        .collect()
+}
+
+/// `POST /v1/groups/{group}/members`: add VMs, remove members, the latter with their
+/// recovery points (a soft delete, which needs the right `delete` besides `policy`). Every
+/// VM named must be visible to the caller.
+pub(super) async fn edit_members(
+    State(state): State<AppState>,
+    actor: Actor,
+    Caller(caller): Caller,
+    IdPath(group): IdPath<GroupId>,
+    JsonBody(request): JsonBody<MembersRequest>,
+) -> Done {
+    let add = parse_vms("add", &request.add)?;
+    let remove = parse_vms("remove", &request.remove)?;
+    if add.is_empty() && remove.is_empty() {
+        return Err(Error::invalid_request(
+            "name at least one VM in add or remove",
+        ));
+    }
+    if request.delete_recovery_points && !caller.may(Right::Delete) {
+        return Err(Error::forbidden(
+            Right::Delete,
+            "removing VMs with their recovery points",
+        ));
+    }
+    if let Some(vm) = add.iter().chain(&remove).find(|vm| !caller.sees_vm(vm)) {
+        return Err(Error::forbidden(
+            Right::Policy,
+            format_args!("changing the protection of VM {vm}, outside this token's scope,"),
+        ));
+    }
+    let command = Command::EditGroupMembers {
+        group,
+        add,
+        remove,
         delete_recovery_points: request.delete_recovery_points,
     };
     let accepted = state.control.submit(actor.0, command).await?;

@@ -1489,6 +1489,7 @@ const WHO_MAY: &[(&str, &str, &str)] = &[
     ("post", "/v1/vms/{vm}/recovery-points/delete", "ao"),
     ("post", "/v1/vms/{vm}/recovery-points/undelete", "ao"),
     ("post", "/v1/groups/{group}/delete", "ao"),
+    ("post", "/v1/groups/{group}/members", "ao"),
     ("post", "/v1/groups/{group}/retention-lock", "ao"),
     ("post", "/v1/groups/{group}/soft-delete", "a"),
     ("get", "/v1/tokens", "a"),

@@ -62,6 +62,21 @@ pub struct DeleteGroupRequest {
     pub delete_recovery_points: bool,
 }
 
+/// `POST /v1/groups/{group}/members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersRequest {
+    /// VMs (ids) to protect in the group.
+    #[serde(default)]
+    pub add: Vec<String>,
+    /// Members (ids) to stop protecting.
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Also soft-delete the removed members' recovery points (needs the right `delete`).
+    #[serde(default)]
+    pub delete_recovery_points: bool,
+}
+
 /// `POST /v1/groups/{group}/retention-lock`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -110,6 +110,12 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
                 vec![GroupEvent::GroupMembersChanged { added, removed }.into()],
             )])
         }
+        Command::EditGroupMembers {
+            group,
+            add,
+            remove,
+            delete_recovery_points,
+        } => edit_members(state, *group, add, remove, *delete_recovery_points, now),
         Command::ChangeGroupPolicy { group, policy } => {
             let current = live_group(state, *group)?;
             policy
@@ -654,6 +660,100 @@ fn live_group(state: &State, group: GroupId) -> Result<&super::state::Group, Con
         .get(&group)
         .filter(|g| !g.deleted)
         .ok_or_else(|| not_found("unknown_group", format!("no protection group {group}")))
+}
+
+/// Most VMs one membership change may name.
+const MAX_MEMBER_CHANGES: usize = 1000;
+
+/// `EditGroupMembers`: the new members are checked as at creation, the removed ones must be
+/// members; with `delete_recovery_points` the removed members' points are soft-deleted in the
+/// same decision (all or nothing).
+fn edit_members(
+    state: &State,
+    group: GroupId,
+    add: &[VmId],
+    remove: &[VmId],
+    delete_recovery_points: bool,
+    now: u64,
+) -> Result<Vec<Emit>, ControlError> {
+    let current = live_group(state, group)?;
+    if add.is_empty() && remove.is_empty() {
+        return Err(invalid(
+            "invalid_request",
+            "name at least one VM to add or remove".into(),
+        ));
+    }
+    if add.len() + remove.len() > MAX_MEMBER_CHANGES {
+        return Err(invalid(
+            "invalid_request",
+            format!("at most {MAX_MEMBER_CHANGES} VMs per change"),
+        ));
+    }
+    if delete_recovery_points && remove.is_empty() {
+        return Err(invalid(
+            "invalid_request",
+            "delete_recovery_points applies to removed VMs; none is removed".into(),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for vm in remove {
+        if !seen.insert(*vm) {
+            return Err(invalid(
+                "invalid_request",
+                format!("VM {vm} is listed twice"),
+            ));
+        }
+        if !current.members.contains(vm) {
+            let name = state
+                .vms
+                .get(vm)
+                .map_or_else(|| vm.to_string(), |v| v.name.clone());
+            return Err(invalid(
+                "not_a_member",
+                format!("VM {name} is not a member of group {:?}", current.name),
+            ));
+        }
+    }
+    if let Some(both) = add.iter().find(|vm| seen.contains(*vm)) {
+        return Err(invalid(
+            "invalid_request",
+            format!("VM {both} is both added and removed"),
+        ));
+    }
+    let added: Vec<VmId> = add
+        .iter()
+        .filter(|vm| !current.members.contains(vm))
+        .copied()
+        .collect();
+    check_members(state, &added, Some(group))?;
+    if added.is_empty() && remove.is_empty() {
+        return Ok(vec![]);
+    }
+    let deletions = if delete_recovery_points {
+        super::softdelete::delete_all_of(
+            state,
+            remove,
+            &format!(
+                "removed from group {:?} with its recovery points",
+                current.name
+            ),
+            now,
+        )?
+    } else {
+        Vec::new()
+    };
+    let mut out = vec![Emit::new(
+        Aggregate::Group(group),
+        vec![
+            GroupEvent::GroupMembersChanged {
+                added,
+                removed: remove.to_vec(),
+            }
+            .into(),
+        ],
+    )];
+    out.extend(deletions);
+    Ok(out)
 }
 
 fn check_members(

@@ -942,7 +942,8 @@ pub fn command_partition(state: &State, command: &Command, n: std::num::NonZeroU
         | Command::ChangeGroupPolicy { group, .. }
         | Command::DeleteGroup { group, .. }
         | Command::SetRetentionLock { group, .. }
-        | Command::SetSoftDeletePeriod { group, .. } => partition_of(group, n),
+        | Command::SetSoftDeletePeriod { group, .. }
+        | Command::EditGroupMembers { group, .. } => partition_of(group, n),
         Command::DeleteRecoveryPoints { vm, .. } | Command::UndeleteRecoveryPoints { vm, .. } => {
             partition_of_vm(vm, n)
         }
@@ -971,7 +972,8 @@ fn created_id(command: &Command) -> String {
         | Command::ChangeGroupPolicy { group, .. }
         | Command::DeleteGroup { group, .. }
         | Command::SetRetentionLock { group, .. }
-        | Command::SetSoftDeletePeriod { group, .. } => group.to_string(),
+        | Command::SetSoftDeletePeriod { group, .. }
+        | Command::EditGroupMembers { group, .. } => group.to_string(),
         Command::DeleteRecoveryPoints { vm, .. } | Command::UndeleteRecoveryPoints { vm, .. } => {
             vm.to_string()
         }

@@ -2367,3 +2367,73 @@ fn the_lock_of_the_group_a_point_was_made_for_outlives_the_group() {
     });
     assert_eq!(refused.unwrap_err().code(), "retention_locked");
 }
+
+#[test]
+fn a_member_removed_with_its_data_has_its_points_soft_deleted_and_restorable() {
+    let mut w = World::new();
+    let (vm, group) = protected_vm_with_two_rps(&mut w, 30);
+    let other = setup(&mut w, 1)[0];
+    let edit =
+        |add: Vec<VmId>, remove: Vec<VmId>, delete_recovery_points| Command::EditGroupMembers {
+            group,
+            add,
+            remove,
+            delete_recovery_points,
+        };
+    // Refusals change nothing.
+    let events = w.log.len();
+    for (command, code) in [
+        (edit(vec![], vec![], false), "invalid_request"),
+        (edit(vec![], vec![other], false), "not_a_member"),
+        (edit(vec![other], vec![], true), "invalid_request"),
+        (edit(vec![vm], vec![vm], false), "invalid_request"),
+        (edit(vec![], vec![vm, vm], true), "invalid_request"),
+    ] {
+        assert_eq!(w.submit(command).unwrap_err().code(), code);
+    }
+    assert_eq!(w.log.len(), events);
+
+    // Added, then removed with its data: both points soft-deleted, the VM unprotected.
+    w.submit(edit(vec![other], vec![], false)).unwrap();
+    assert_eq!(w.state.vms[&other].group, Some(group));
+    w.submit(edit(vec![], vec![vm], true)).unwrap();
+    assert_eq!(w.state.vms[&vm].group, None);
+    assert!(w.state.groups[&group].members == vec![other]);
+    assert!(w.state.rps[&vm].iter().all(|r| r.deleted.is_some()));
+    assert!(deletion_alert_active(&w, vm));
+    let rps: Vec<_> = w.state.rps[&vm].iter().map(|r| r.rp).collect();
+    w.submit(Command::UndeleteRecoveryPoints { vm, rps })
+        .unwrap();
+    assert!(w.state.rps[&vm].iter().all(|r| r.deleted.is_none()));
+
+    // Without its data: the points stay live.
+    let job = backup(&mut w, other);
+    run_backup_to_success(&mut w, job);
+    w.submit(edit(vec![], vec![other], false)).unwrap();
+    assert_eq!(w.state.vms[&other].group, None);
+    assert!(w.state.rps[&other].iter().all(|r| r.deleted.is_none()));
+}
+
+#[test]
+fn a_retention_lock_refuses_removing_a_member_with_its_data() {
+    let mut w = World::new();
+    let (vm, group) = protected_vm_with_two_rps(&mut w, 30);
+    w.submit(Command::SetRetentionLock {
+        group,
+        days: 7,
+        by_admin: false,
+    })
+    .unwrap();
+    let events = w.log.len();
+    let err = w
+        .submit(Command::EditGroupMembers {
+            group,
+            add: vec![],
+            remove: vec![vm],
+            delete_recovery_points: true,
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), "retention_locked", "{err}");
+    assert_eq!(w.log.len(), events, "the whole change was refused");
+    assert_eq!(w.state.vms[&vm].group, Some(group));
+}

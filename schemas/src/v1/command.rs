@@ -218,6 +218,20 @@ pub enum Command {
         /// The step the report named.
         step: StepId,
     },
+    /// Add VMs to a group and stop protecting others (as MABS's "modify protection group").
+    /// A removed VM keeps its recovery points unless `delete_recovery_points`: then they are
+    /// soft-deleted (purged after the group's soft-delete period, restorable until then;
+    /// refused as a whole while the group's retention lock holds any of them).
+    EditGroupMembers {
+        /// The group.
+        group: GroupId,
+        /// VMs to protect in it (each in no other group).
+        add: Vec<VmId>,
+        /// Members to stop protecting.
+        remove: Vec<VmId>,
+        /// Also soft-delete the removed members' recovery points.
+        delete_recovery_points: bool,
+    },
 }
 
 /// A command with its id and origin.

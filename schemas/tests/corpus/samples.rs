@@ -189,11 +189,12 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::SetRetentionLock { .. } => (19, "set_retention_lock"),
         Command::SetSoftDeletePeriod { .. } => (20, "set_soft_delete_period"),
         Command::RecordRefusedReport { .. } => (21, "record_refused_report"),
+        Command::EditGroupMembers { .. } => (22, "edit_group_members"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 22;
+pub const N_COMMAND_VARIANTS: usize = 23;
 
 fn throttle() -> Throttle {
     Throttle {
@@ -958,6 +959,12 @@ fn commands() -> Vec<Command> {
             dispatched_to: None,
             job: job(),
             step: step(9),
+        },
+        Command::EditGroupMembers {
+            group: group(),
+            add: vec![vm()],
+            remove: vec![VmId::new_v7(T0, rand(0x33))],
+            delete_recovery_points: true,
         },
     ]
 }
