@@ -654,7 +654,9 @@ fn kill_9_mid_recovery_then_restart_continues_where_it_stopped() {
     wait_job(&server, &job, "Running", Duration::from_secs(30));
     let out = cairn_ok(&["job", "cancel", &job, "--server", &server.url()]);
     assert!(out.contains("cancel"), "{out}");
-    wait_job(&server, &job, "Cancelled", Duration::from_secs(60));
+    // A deadline, not a wait: on a loaded 2-core machine running the other recovery tests
+    // beside this one, the cancelled step's report can take longer than a minute.
+    wait_job(&server, &job, "Cancelled", Duration::from_secs(180));
 }
 
 #[test]
