@@ -97,7 +97,9 @@ impl std::fmt::Display for ApiHost {
     }
 }
 
-fn is_dns_name(host: &str) -> bool {
+/// Whether `host` is a DNS name: labels of letters, digits and inner '-', up to 63 bytes
+/// each and 253 in all (a trailing '.' allowed).
+pub fn is_dns_name(host: &str) -> bool {
     let host = host.strip_suffix('.').unwrap_or(host);
     !host.is_empty()
         && host.len() <= 253
