@@ -11,6 +11,7 @@ use std::pin::Pin;
 use cairn_schemas::Command;
 
 use crate::auth::Principal;
+pub use crate::error_code::ErrorCode;
 use crate::views::{
     Accepted, AlertView, AuditReport, BrowseView, CalendarDayView, CapacityView, EventView,
     GroupDetailView, GroupView, JobView, NodeView, RpView, TokenView, VmView,
@@ -35,21 +36,21 @@ pub enum ControlError {
     /// The thing named does not exist (404). Codes: `unknown_vm`, `unknown_job`, `unknown_group`,
     /// `unknown_rp`, `unknown_node`.
     #[error("{message}")]
-    NotFound { code: &'static str, message: String },
+    NotFound { code: ErrorCode, message: String },
     /// The request is valid but conflicts with the current state (409). Codes:
     /// `duplicate_group`, `job_running`, `job_finished`, `vm_in_group`, `conflict`,
     /// `retention_locked`, `rp_deleted`, `rp_not_deleted`, `rp_purged`, `rp_in_use`.
     #[error("{message}")]
-    Conflict { code: &'static str, message: String },
+    Conflict { code: ErrorCode, message: String },
     /// The request is malformed or invalid (400). Codes: `invalid_request`, `invalid_policy`,
     /// `invalid_id`, `invalid_path`.
     #[error("{message}")]
-    Invalid { code: &'static str, message: String },
+    Invalid { code: ErrorCode, message: String },
     /// The caller may not do this (403). Codes: `forbidden` (a node's command about another
     /// node, or a command no node may send), `admin_required` (the issuer's role may not do
     /// this to this target, whatever its route allows).
     #[error("{message}")]
-    Forbidden { code: &'static str, message: String },
+    Forbidden { code: ErrorCode, message: String },
     /// The orchestrator failed (500); the message is for the log, not a user's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -72,14 +73,14 @@ impl ControlError {
     }
 
     /// The stable machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             ControlError::NotFound { code, .. }
             | ControlError::Conflict { code, .. }
             | ControlError::Invalid { code, .. }
-            | ControlError::Forbidden { code, .. } => code,
-            ControlError::Internal(_) => "internal",
-            ControlError::Unavailable(_) => "unavailable",
+            | ControlError::Forbidden { code, .. } => *code,
+            ControlError::Internal(_) => ErrorCode::Internal,
+            ControlError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod bus;
 pub mod control;
 pub mod engine;
+pub mod error_code;
 pub mod log;
 pub mod notify;
 pub mod policy;

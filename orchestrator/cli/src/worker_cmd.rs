@@ -362,7 +362,7 @@ async fn send(bus: &WorkerBus, command: Command) -> bool {
             Ok(Err(refused)) => {
                 tracing::error!(
                     command = what,
-                    code = refused.code(),
+                    code = %refused.code(),
                     "the orchestrators refused the command: {refused}"
                 );
                 false

@@ -10,6 +10,7 @@
 //!   consistency check window opens and the automatic check repairs the replica (what differed
 //!   is reported), the alert resolves, and the repaired recovery point restores byte-identical.
 
+use cairn_orchestrator::error_code::ErrorCode;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -592,7 +593,7 @@ async fn a_corrupted_replica_is_caught_paused_and_repaired_by_an_automatic_check
         )
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), "replica_inconsistent");
+    assert_eq!(refused.code(), ErrorCode::ReplicaInconsistent);
 
     // Two days later, before the window opens: far past the 1-day retention, yet the clock
     // is paused, so nothing is marked for removal and nothing is pruned.

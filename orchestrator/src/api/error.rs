@@ -4,6 +4,7 @@
 //! which value; internal faults (5xx) are logged in full and answered with a generic message,
 //! because their details (paths, database errors) are for the operator, not the caller.
 
+use crate::error_code::ErrorCode;
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -68,25 +69,25 @@ impl Error {
 
     /// 400 `invalid_request`: a malformed body, query or header.
     pub fn invalid_request(message: impl Into<String>) -> Self {
-        Self::invalid("invalid_request", message)
+        Self::invalid(ErrorCode::InvalidRequest, message)
     }
 
     /// 400 `invalid_id`: an id that does not parse.
     pub fn invalid_id(message: impl Into<String>) -> Self {
-        Self::invalid("invalid_id", message)
+        Self::invalid(ErrorCode::InvalidId, message)
     }
 
     /// 400 `invalid_path`: a target path that is not absolute or climbs out with `..`.
     pub fn invalid_path(message: impl Into<String>) -> Self {
-        Self::invalid("invalid_path", message)
+        Self::invalid(ErrorCode::InvalidPath, message)
     }
 
     /// 400 `invalid_policy`: a group policy that does not validate.
     pub fn invalid_policy(message: impl Into<String>) -> Self {
-        Self::invalid("invalid_policy", message)
+        Self::invalid(ErrorCode::InvalidPolicy, message)
     }
 
-    fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+    fn invalid(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::Control(ControlError::Invalid {
             code,
             message: message.into(),
@@ -108,14 +109,14 @@ impl Error {
     }
 
     /// The stable machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             Error::Control(err) => err.code(),
-            Error::PayloadTooLarge { .. } => "payload_too_large",
-            Error::NoRoute { .. } => "not_found",
-            Error::MethodNotAllowed { .. } => "method_not_allowed",
-            Error::Unauthenticated(_) => "unauthenticated",
-            Error::Forbidden { .. } => "forbidden",
+            Error::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Error::NoRoute { .. } => ErrorCode::NotFound,
+            Error::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
+            Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Error::Forbidden { .. } => ErrorCode::Forbidden,
         }
     }
 
@@ -129,7 +130,7 @@ impl Error {
         };
         ErrorBody {
             error: ErrorDetail {
-                code: self.code().to_owned(),
+                code: self.code().to_string(),
                 message,
             },
         }
@@ -140,7 +141,7 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            tracing::error!(code = self.code(), error = %self, "request failed");
+            tracing::error!(code = %self.code(), error = %self, "request failed");
         }
         if status == StatusCode::UNAUTHORIZED {
             // RFC 6750: say which scheme is wanted.

@@ -2,6 +2,7 @@
 //! or build a command and submit it, answer in JSON. No decision is made here beyond input
 //! validation; whether a command is allowed is `decide`'s business.
 
+use crate::error_code::ErrorCode;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -223,7 +224,7 @@ pub(super) fn vm_node(state: &AppState, vm: VmId) -> Result<NodeId, Error> {
         .into_iter()
         .find(|view| view.vm == vm_text)
         .ok_or_else(|| ControlError::NotFound {
-            code: "unknown_vm",
+            code: ErrorCode::UnknownVm,
             message: format!("no vm {vm_text}"),
         })?;
     NodeId::new(view.node.as_str()).map_err(|err| {

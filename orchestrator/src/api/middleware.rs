@@ -10,6 +10,7 @@
 //!
 //! Handlers read only the [`Principal`] and [`Actor`] extensions, never headers.
 
+use crate::error_code::ErrorCode;
 use std::time::Instant;
 
 use axum::extract::{RawPathParams, Request, State};
@@ -137,7 +138,7 @@ pub(super) async fn authorize(
 /// For an app owner: 404 unless the path's thing is in its scope. A malformed id is let
 /// through, for the handler to refuse with 400 as it does for everyone.
 fn in_scope(access: &RouteAccess, principal: &Principal, value: &str) -> Result<(), Error> {
-    let not_found = |code: &'static str, what: &str| {
+    let not_found = |code: ErrorCode, what: &str| {
         Err(Error::Control(ControlError::NotFound {
             code,
             message: format!("no {what} {value}"),
@@ -146,15 +147,17 @@ fn in_scope(access: &RouteAccess, principal: &Principal, value: &str) -> Result<
     match access.target {
         Target::None | Target::Token => Ok(()),
         Target::Vm => match value.parse() {
-            Ok(vm) if !principal.sees_vm(&vm) => not_found("unknown_vm", "VM"),
+            Ok(vm) if !principal.sees_vm(&vm) => not_found(ErrorCode::UnknownVm, "VM"),
             _ => Ok(()),
         },
         Target::Group => match value.parse() {
-            Ok(group) if !principal.sees_group(&group) => not_found("unknown_group", "group"),
+            Ok(group) if !principal.sees_group(&group) => {
+                not_found(ErrorCode::UnknownGroup, "group")
+            }
             _ => Ok(()),
         },
         Target::Job => match access.state.control.job(value) {
-            Ok(job) if !principal.sees_vm_text(&job.vm) => not_found("unknown_job", "job"),
+            Ok(job) if !principal.sees_vm_text(&job.vm) => not_found(ErrorCode::UnknownJob, "job"),
             _ => Ok(()),
         },
     }

@@ -2,6 +2,7 @@
 //! refusals, through the router in memory (`tower::ServiceExt::oneshot`) and over a real TCP
 //! socket on port 0.
 
+use crate::error_code::ErrorCode;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -236,7 +237,7 @@ impl Fake {
                 Ok(())
             } else {
                 Err(ControlError::NotFound {
-                    code: "unknown_vm",
+                    code: ErrorCode::UnknownVm,
                     message: format!("no vm {text}"),
                 })
             }
@@ -265,7 +266,7 @@ impl Fake {
                 let mut tokens = self.tokens.lock().unwrap();
                 let found = tokens.iter_mut().find(|t| t.id == text).ok_or_else(|| {
                     ControlError::NotFound {
-                        code: "unknown_token",
+                        code: ErrorCode::UnknownToken,
                         message: format!("no token {text}"),
                     }
                 })?;
@@ -276,7 +277,7 @@ impl Fake {
             Command::CreateGroup { group, name, .. } => {
                 if self.groups.iter().any(|g| &g.name == name) {
                     return Err(ControlError::Conflict {
-                        code: "duplicate_group",
+                        code: ErrorCode::DuplicateGroup,
                         message: format!("a group named {name:?} exists"),
                     });
                 }
@@ -292,11 +293,11 @@ impl Fake {
                 let text = job.to_string();
                 match self.jobs.iter().find(|j| j.job == text) {
                     None => Err(ControlError::NotFound {
-                        code: "unknown_job",
+                        code: ErrorCode::UnknownJob,
                         message: format!("no job {text}"),
                     }),
                     Some(j) if j.state == "Succeeded" => Err(ControlError::Conflict {
-                        code: "job_finished",
+                        code: ErrorCode::JobFinished,
                         message: format!("job {text} is already over"),
                     }),
                     Some(_) => Ok(text),
@@ -326,7 +327,7 @@ impl Control for Fake {
             .find(|j| j.job == job)
             .cloned()
             .ok_or_else(|| ControlError::NotFound {
-                code: "unknown_job",
+                code: ErrorCode::UnknownJob,
                 message: format!("no job {job}"),
             })
     }
@@ -334,7 +335,7 @@ impl Control for Fake {
     fn recovery_points(&self, vm: &str) -> Result<Vec<RpView>, ControlError> {
         if !self.vms.iter().any(|v| v.vm == vm) {
             return Err(ControlError::NotFound {
-                code: "unknown_vm",
+                code: ErrorCode::UnknownVm,
                 message: format!("no vm {vm}"),
             });
         }
@@ -889,7 +890,7 @@ async fn backup_requests_a_job() {
 
     // A conflict from `decide` passes through with its code.
     *fake.submit_error.lock().unwrap() = Some(ControlError::Conflict {
-        code: "job_running",
+        code: ErrorCode::JobRunning,
         message: format!("vm {VM_WEB} already has a backup running"),
     });
     let answer = call(&app, "POST", &format!("/v1/vms/{VM_WEB}/backup"), None).await;

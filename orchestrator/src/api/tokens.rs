@@ -2,6 +2,7 @@
 //! secret is made here, from the operating system's randomness, and answered once; the engine
 //! sees only its hash.
 
+use crate::error_code::ErrorCode;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -86,7 +87,7 @@ fn find(state: &AppState, token: &TokenId) -> Result<TokenView, Error> {
         .find(|t| t.id == id)
         .ok_or_else(|| {
             Error::Control(ControlError::NotFound {
-                code: "unknown_token",
+                code: ErrorCode::UnknownToken,
                 message: format!("no token {id}"),
             })
         })

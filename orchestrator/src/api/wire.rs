@@ -386,8 +386,9 @@ pub struct ErrorDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error_code::ErrorCode;
 
-    fn code(err: Error) -> &'static str {
+    fn code(err: Error) -> ErrorCode {
         err.code()
     }
 
@@ -418,7 +419,7 @@ mod tests {
                 }
                 None => {
                     let err = parse_sync(text).unwrap_err();
-                    assert_eq!(err.code(), "invalid_policy", "{text}");
+                    assert_eq!(err.code(), ErrorCode::InvalidPolicy, "{text}");
                     assert!(err.to_string().contains("sync"), "{err}");
                 }
             }
@@ -479,7 +480,7 @@ mod tests {
         ];
         for (request, default_repository, field) in cases {
             let err = request.policy(default_repository).unwrap_err();
-            assert_eq!(err.code(), "invalid_policy");
+            assert_eq!(err.code(), ErrorCode::InvalidPolicy);
             assert!(err.to_string().contains(field), "{err} should name {field}");
         }
     }
@@ -495,7 +496,7 @@ mod tests {
         for bad in ["", " web", "web\n", &"n".repeat(129)] {
             assert_eq!(
                 code(named(bad).check_name().unwrap_err()),
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 "{bad:?}"
             );
         }
@@ -515,7 +516,7 @@ mod tests {
             &format!("/{}", "a".repeat(MAX_PATH_BYTES)),
         ] {
             let err = check_target_path("to", bad).unwrap_err();
-            assert_eq!(err.code(), "invalid_path", "{bad:?}");
+            assert_eq!(err.code(), ErrorCode::InvalidPath, "{bad:?}");
             assert!(err.to_string().starts_with("to "), "{err}");
         }
     }

@@ -18,8 +18,9 @@
 //!
 //! Must not: decide commands (the engine does); keep state beyond subscriptions.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use crate::error_code::ErrorCode;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
@@ -54,10 +55,21 @@ const REPLY_FORMAT: u8 = 1;
 pub struct WireError {
     /// HTTP status (400, 404, 409, 500, 503).
     pub status: u16,
-    /// Stable code.
-    pub code: String,
+    /// Stable code; one this build does not know arrives as [`ErrorCode::RemoteError`].
+    pub code: ErrorCode,
     /// For humans.
     pub message: String,
+}
+
+/// Why the bytes of a command reply are not a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("empty command reply")]
+    Empty,
+    #[error("command reply in unknown format {0}")]
+    UnknownFormat(u8),
+    #[error("malformed command reply: {0}")]
+    Malformed(String),
 }
 
 /// The reply to a command request.
@@ -76,7 +88,7 @@ impl WireReply {
             Ok(accepted) => WireReply::Accepted(accepted.clone()),
             Err(e) => WireReply::Refused(WireError {
                 status: e.status(),
-                code: e.code().to_string(),
+                code: e.code(),
                 message: match e {
                     ControlError::Internal(m) | ControlError::Unavailable(m) => m.clone(),
                     other => other.to_string(),
@@ -93,13 +105,13 @@ impl WireReply {
     }
 
     /// Decodes a reply; bad bytes are an error naming what is wrong.
-    pub fn decode(bytes: &[u8]) -> Result<WireReply, String> {
+    pub fn decode(bytes: &[u8]) -> Result<WireReply, ReplyError> {
         match bytes.split_first() {
             Some((&REPLY_FORMAT, rest)) => {
-                serde_json::from_slice(rest).map_err(|e| format!("malformed command reply: {e}"))
+                serde_json::from_slice(rest).map_err(|e| ReplyError::Malformed(e.to_string()))
             }
-            Some((other, _)) => Err(format!("command reply in unknown format {other}")),
-            None => Err("empty command reply".into()),
+            Some((&other, _)) => Err(ReplyError::UnknownFormat(other)),
+            None => Err(ReplyError::Empty),
         }
     }
 
@@ -112,41 +124,22 @@ impl WireReply {
     }
 }
 
-/// Codes travel as text; `ControlError` keeps `&'static str`. Known codes map to themselves;
-/// others are interned in a small bounded table (a peer cannot grow it without bound).
-fn intern(code: &str) -> &'static str {
-    static TABLE: Mutex<BTreeMap<String, &'static str>> = Mutex::new(BTreeMap::new());
-    let mut table = TABLE.lock().expect("code table");
-    if let Some(code) = table.get(code) {
-        return code;
-    }
-    let valid = !code.is_empty()
-        && code.len() <= 40
-        && code.chars().all(|c| c.is_ascii_lowercase() || c == '_');
-    if !valid || table.len() >= 256 {
-        return "remote_error";
-    }
-    let leaked: &'static str = Box::leak(code.to_string().into_boxed_str());
-    table.insert(code.to_string(), leaked);
-    leaked
-}
-
 fn control_error(e: WireError) -> ControlError {
     match e.status {
         404 => ControlError::NotFound {
-            code: intern(&e.code),
+            code: e.code,
             message: e.message,
         },
         409 => ControlError::Conflict {
-            code: intern(&e.code),
+            code: e.code,
             message: e.message,
         },
         400 => ControlError::Invalid {
-            code: intern(&e.code),
+            code: e.code,
             message: e.message,
         },
         403 => ControlError::Forbidden {
-            code: intern(&e.code),
+            code: e.code,
             message: e.message,
         },
         503 => ControlError::Unavailable(e.message),
@@ -203,7 +196,7 @@ pub async fn request_command(
                     Err(ControlError::Unavailable(m)) => m,
                     other => return other,
                 },
-                Err(e) => return Err(ControlError::Internal(e)),
+                Err(e) => return Err(ControlError::Internal(e.to_string())),
             },
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no reply within {request_timeout:?}"),
@@ -273,7 +266,7 @@ pub fn node_of_command(command: &Command) -> Option<&NodeId> {
 /// the command's actor. Pure.
 pub fn check_node_command(subject: &str, command: &Command) -> Result<String, ControlError> {
     let forbidden = |message: String| ControlError::Forbidden {
-        code: "forbidden",
+        code: ErrorCode::Forbidden,
         message,
     };
     let Some(sender) = node_of_command_subject(subject) else {
@@ -302,7 +295,7 @@ pub async fn serve(mut sub: async_nats::Subscriber, client: Client, decide: Deci
         };
         let result = if message.payload.len() > MAX_REQUEST {
             Err(ControlError::Invalid {
-                code: "invalid_request",
+                code: ErrorCode::InvalidRequest,
                 message: format!(
                     "command of {} bytes is larger than {MAX_REQUEST}",
                     message.payload.len()
@@ -339,7 +332,7 @@ pub async fn serve(mut sub: async_nats::Subscriber, client: Client, decide: Deci
                     }
                 }
                 Err(e) => Err(ControlError::Invalid {
-                    code: "invalid_request",
+                    code: ErrorCode::InvalidRequest,
                     message: format!("undecodable command on {}: {e}", message.subject),
                 }),
             }
@@ -364,7 +357,7 @@ mod tests {
         let back = WireReply::decode(&WireReply::of(&ok).encode()).unwrap();
         assert_eq!(back.into_result(), ok);
         let refused: Result<Accepted, ControlError> = Err(ControlError::Conflict {
-            code: "duplicate_group",
+            code: ErrorCode::DuplicateGroup,
             message: "a group named \"a\" exists".into(),
         });
         let back = WireReply::decode(&WireReply::of(&refused).encode()).unwrap();
@@ -387,7 +380,7 @@ mod tests {
             "node:kvm-01.lab"
         );
         let other = check_node_command("cairn.node.kvm-01.cmd", &register("kvm-02")).unwrap_err();
-        assert_eq!((other.status(), other.code()), (403, "forbidden"));
+        assert_eq!((other.status(), other.code()), (403, ErrorCode::Forbidden));
         assert!(
             other.to_string().contains("not about node kvm-02"),
             "{other}"
@@ -396,7 +389,7 @@ mod tests {
             token: cairn_schemas::TokenId::new_v7(1, [0; 10]),
         };
         let refused = check_node_command("cairn.node.kvm-01.cmd", &admin).unwrap_err();
-        assert_eq!(refused.code(), "forbidden");
+        assert_eq!(refused.code(), ErrorCode::Forbidden);
         assert!(
             refused.to_string().contains("only node commands"),
             "{refused}"
@@ -408,7 +401,7 @@ mod tests {
             .unwrap()
             .into_result()
             .unwrap_err();
-        assert_eq!((back.status(), back.code()), (403, "forbidden"));
+        assert_eq!((back.status(), back.code()), (403, ErrorCode::Forbidden));
     }
 
     #[test]
@@ -416,14 +409,19 @@ mod tests {
         assert!(WireReply::decode(b"").is_err());
         assert!(WireReply::decode(b"\x07{}").is_err());
         assert!(WireReply::decode(b"\x01not json").is_err());
-        let weird = WireError {
-            status: 409,
-            code: "NOT A CODE".repeat(10),
-            message: "m".into(),
+        // A code this build does not know (a newer peer's) keeps its status.
+        let weird = [
+            &[REPLY_FORMAT][..],
+            br#"{"Refused":{"status":409,"code":"from_the_future","message":"m"}}"#,
+        ]
+        .concat();
+        let refused = WireReply::decode(&weird)
+            .unwrap()
+            .into_result()
+            .unwrap_err();
+        let ControlError::Conflict { code, .. } = refused else {
+            panic!("status 409 is a conflict: {refused:?}");
         };
-        let ControlError::Conflict { code, .. } = control_error(weird) else {
-            panic!("status 409 is a conflict");
-        };
-        assert_eq!(code, "remote_error");
+        assert_eq!(code, ErrorCode::RemoteError);
     }
 }

@@ -1,6 +1,7 @@
 //! `decide`: commands → events, or a rejection with a stable code. Pure: no IO, no clock (the
 //! caller passes `now`), no randomness (ids of created things come in the command).
 
+use crate::error_code::ErrorCode;
 use std::collections::BTreeSet;
 
 use cairn_schemas::{
@@ -25,15 +26,15 @@ impl Emit {
     }
 }
 
-pub(super) fn not_found(code: &'static str, message: String) -> ControlError {
+pub(super) fn not_found(code: ErrorCode, message: String) -> ControlError {
     ControlError::NotFound { code, message }
 }
 
-pub(super) fn conflict(code: &'static str, message: String) -> ControlError {
+pub(super) fn conflict(code: ErrorCode, message: String) -> ControlError {
     ControlError::Conflict { code, message }
 }
 
-pub(super) fn invalid(code: &'static str, message: String) -> ControlError {
+pub(super) fn invalid(code: ErrorCode, message: String) -> ControlError {
     ControlError::Invalid { code, message }
 }
 
@@ -55,26 +56,26 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             let name = name.trim();
             if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
                 return Err(invalid(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     format!("group name {name:?} must be 1 to 64 printable characters"),
                 ));
             }
             if let Some(existing) = state.groups.values().find(|g| !g.deleted && g.name == name) {
                 return Err(conflict(
-                    "duplicate_group",
+                    ErrorCode::DuplicateGroup,
                     format!("a protection group named {name:?} exists ({})", existing.id),
                 ));
             }
             if state.groups.contains_key(group) {
                 return Err(conflict(
-                    "duplicate_group",
+                    ErrorCode::DuplicateGroup,
                     format!("group id {group} is taken"),
                 ));
             }
             check_members(state, members, None)?;
             policy
                 .validate()
-                .map_err(|e| invalid("invalid_policy", e.to_string()))?;
+                .map_err(|e| invalid(ErrorCode::InvalidPolicy, e.to_string()))?;
             check_repository(state, &policy.repository)?;
             Ok(vec![Emit::new(
                 Aggregate::Group(*group),
@@ -120,7 +121,7 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             let current = live_group(state, *group)?;
             policy
                 .validate()
-                .map_err(|e| invalid("invalid_policy", e.to_string()))?;
+                .map_err(|e| invalid(ErrorCode::InvalidPolicy, e.to_string()))?;
             super::softdelete::check_retention(current, policy.retention_days, now)?;
             // A policy that keeps its repository stays editable even if no node names it now.
             if current.policy.repository != policy.repository {
@@ -215,13 +216,13 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
         } => {
             if !state.nodes.contains_key(node) {
                 return Err(not_found(
-                    "unknown_node",
+                    ErrorCode::UnknownNode,
                     format!("node {node} reported repository space before registering"),
                 ));
             }
             if repository.is_empty() || repository.len() > 4096 || free_bytes > total_bytes {
                 return Err(invalid(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     format!(
                         "node {node}: repository space report for {repository:?} is invalid \
                          ({free_bytes} free of {total_bytes})"
@@ -261,18 +262,21 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
                 .and_then(|list| list.iter().find(|r| r.rp == *rp))
             else {
                 return Err(not_found(
-                    "unknown_rp",
+                    ErrorCode::UnknownRp,
                     format!("VM {} has no recovery point {rp}", known.name),
                 ));
             };
             super::softdelete::check_usable(point, &known.name)?;
             if state.jobs.contains_key(job) {
-                return Err(conflict("conflict", format!("job id {job} is taken")));
+                return Err(conflict(
+                    ErrorCode::Conflict,
+                    format!("job id {job} is taken"),
+                ));
             }
             match target {
                 RecoveryTarget::CopyToFolder { node, path } => {
                     if !state.nodes.contains_key(node) {
-                        return Err(not_found("unknown_node", format!("no node {node}")));
+                        return Err(not_found(ErrorCode::UnknownNode, format!("no node {node}")));
                     }
                     check_path(path)?;
                 }
@@ -283,7 +287,7 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
                     path,
                 } => {
                     if !state.nodes.contains_key(node) {
-                        return Err(not_found("unknown_node", format!("no node {node}")));
+                        return Err(not_found(ErrorCode::UnknownNode, format!("no node {node}")));
                     }
                     check_path(path)?;
                     check_items(items)?;
@@ -293,7 +297,7 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
                     });
                     if !rp_has_disk {
                         return Err(not_found(
-                            "unknown_disk",
+                            ErrorCode::UnknownDisk,
                             format!(
                                 "recovery point {rp} of VM {} has no disk {disk}",
                                 known.name
@@ -303,7 +307,7 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
                 }
                 other => {
                     return Err(invalid(
-                        "unsupported",
+                        ErrorCode::Unsupported,
                         format!("recovery target {other:?} is not available in this release"),
                     ));
                 }
@@ -329,10 +333,10 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             let found = state
                 .jobs
                 .get(job)
-                .ok_or_else(|| not_found("unknown_job", format!("no job {job}")))?;
+                .ok_or_else(|| not_found(ErrorCode::UnknownJob, format!("no job {job}")))?;
             if found.state.is_terminal() {
                 return Err(conflict(
-                    "job_finished",
+                    ErrorCode::JobFinished,
                     format!("job {job} already ended ({:?})", found.state),
                 ));
             }
@@ -400,7 +404,7 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
         } => {
             if names.len() > MAX_REPOSITORIES_PER_NODE {
                 return Err(invalid(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     format!(
                         "node {node} registers {} repositories, at most {MAX_REPOSITORIES_PER_NODE}",
                         names.len()
@@ -409,13 +413,13 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             }
             if let Some(bad) = names.iter().find(|n| !is_repository_name(n)) {
                 return Err(invalid(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     format!("{bad:?} is not a repository name (A-Z a-z 0-9 . _ -, 1 to 64)"),
                 ));
             }
             if app_owner_roots.len() > MAX_REPOSITORIES_PER_NODE {
                 return Err(invalid(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     format!(
                         "node {node} registers {} app-owner roots, at most {MAX_REPOSITORIES_PER_NODE}",
                         app_owner_roots.len()
@@ -424,7 +428,7 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             }
             if let Some(bad) = app_owner_roots.iter().find(|r| !is_root_folder(r)) {
                 return Err(invalid(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     format!(
                         "app-owner root {bad:?} is not an absolute folder (no .., at most 4096 bytes)"
                     ),
@@ -498,7 +502,10 @@ pub fn request_job(
 ) -> Result<Emit, ControlError> {
     let known = present_vm(state, vm)?;
     if state.jobs.contains_key(&job) {
-        return Err(conflict("conflict", format!("job id {job} is taken")));
+        return Err(conflict(
+            ErrorCode::Conflict,
+            format!("job id {job} is taken"),
+        ));
     }
     let protection = state.protection.get(&vm);
     let has_rps = state.rps.get(&vm).is_some_and(|l| !l.is_empty());
@@ -526,7 +533,7 @@ pub fn request_job(
             "maintenance job"
         };
         return Err(conflict(
-            "job_running",
+            ErrorCode::JobRunning,
             format!(
                 "a {what} of VM {} is already queued or running (job {})",
                 known.name, active.id
@@ -539,7 +546,7 @@ pub fn request_job(
                 && !only_tracking_lost(known) =>
         {
             return Err(conflict(
-                "replica_inconsistent",
+                ErrorCode::ReplicaInconsistent,
                 format!(
                     "the replica of VM {} is inconsistent: backups wait for a consistency check \
                      (`cairn check {}`)",
@@ -549,7 +556,7 @@ pub fn request_job(
         }
         JobKind::ConsistencyCheck | JobKind::Verify | JobKind::Prune if !has_rps => {
             return Err(conflict(
-                "no_replica",
+                ErrorCode::NoReplica,
                 format!(
                     "VM {} has no replica yet; its initial replication (or a seed import) makes one",
                     known.name
@@ -558,7 +565,7 @@ pub fn request_job(
         }
         JobKind::SeedImport { .. } if has_rps => {
             return Err(conflict(
-                "has_replica",
+                ErrorCode::HasReplica,
                 format!(
                     "VM {} already has a replica; seeding is only for VMs without one",
                     known.name
@@ -585,11 +592,11 @@ pub fn request_job(
 pub(super) fn present_vm(state: &State, vm: VmId) -> Result<&super::state::Vm, ControlError> {
     match state.vms.get(&vm) {
         None => Err(not_found(
-            "unknown_vm",
+            ErrorCode::UnknownVm,
             format!("no VM {vm} in the inventory"),
         )),
         Some(v) if !v.present => Err(conflict(
-            "vm_absent",
+            ErrorCode::VmAbsent,
             format!(
                 "VM {} ({vm}) is no longer reported by node {}",
                 v.name, v.node
@@ -642,7 +649,7 @@ fn check_repository(state: &State, repository: &str) -> Result<(), ControlError>
     known.sort();
     known.dedup();
     Err(invalid(
-        "unknown_repository",
+        ErrorCode::UnknownRepository,
         format!(
             "no node registers a repository named {repository:?} (registered: {})",
             if known.is_empty() {
@@ -659,7 +666,12 @@ fn live_group(state: &State, group: GroupId) -> Result<&super::state::Group, Con
         .groups
         .get(&group)
         .filter(|g| !g.deleted)
-        .ok_or_else(|| not_found("unknown_group", format!("no protection group {group}")))
+        .ok_or_else(|| {
+            not_found(
+                ErrorCode::UnknownGroup,
+                format!("no protection group {group}"),
+            )
+        })
 }
 
 /// Most VMs one membership change may name.
@@ -679,19 +691,19 @@ fn edit_members(
     let current = live_group(state, group)?;
     if add.is_empty() && remove.is_empty() {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "name at least one VM to add or remove".into(),
         ));
     }
     if add.len() + remove.len() > MAX_MEMBER_CHANGES {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("at most {MAX_MEMBER_CHANGES} VMs per change"),
         ));
     }
     if delete_recovery_points && remove.is_empty() {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "delete_recovery_points applies to removed VMs; none is removed".into(),
         ));
     }
@@ -699,7 +711,7 @@ fn edit_members(
     for vm in remove {
         if !seen.insert(*vm) {
             return Err(invalid(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!("VM {vm} is listed twice"),
             ));
         }
@@ -709,14 +721,14 @@ fn edit_members(
                 .get(vm)
                 .map_or_else(|| vm.to_string(), |v| v.name.clone());
             return Err(invalid(
-                "not_a_member",
+                ErrorCode::NotAMember,
                 format!("VM {name} is not a member of group {:?}", current.name),
             ));
         }
     }
     if let Some(both) = add.iter().find(|vm| seen.contains(*vm)) {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("VM {both} is both added and removed"),
         ));
     }
@@ -765,20 +777,19 @@ fn check_members(
     for vm in members {
         if !seen.insert(vm) {
             return Err(invalid(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!("VM {vm} is listed twice"),
             ));
         }
-        let known = state
-            .vms
-            .get(vm)
-            .ok_or_else(|| not_found("unknown_vm", format!("no VM {vm} in the inventory")))?;
+        let known = state.vms.get(vm).ok_or_else(|| {
+            not_found(ErrorCode::UnknownVm, format!("no VM {vm} in the inventory"))
+        })?;
         if let Some(other) = known.group.filter(|g| Some(*g) != group)
             && state.groups.get(&other).is_some_and(|g| !g.deleted)
         {
             let other_name = &state.groups[&other].name;
             return Err(conflict(
-                "vm_in_group",
+                ErrorCode::VmInGroup,
                 format!(
                     "VM {} is already protected by group {other_name:?}",
                     known.name
@@ -797,7 +808,7 @@ pub(super) fn check_path(path: &str) -> Result<(), ControlError> {
         || path.contains('\0')
     {
         return Err(invalid(
-            "invalid_path",
+            ErrorCode::InvalidPath,
             format!("{path:?} must be an absolute path without '..'"),
         ));
     }
@@ -812,7 +823,7 @@ const MAX_ITEMS: usize = 1000;
 fn check_items(items: &[String]) -> Result<(), ControlError> {
     if items.is_empty() || items.len() > MAX_ITEMS {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("name 1 to {MAX_ITEMS} items (got {})", items.len()),
         ));
     }
@@ -824,7 +835,7 @@ fn check_items(items: &[String]) -> Result<(), ControlError> {
             || item.split('/').all(str::is_empty);
         if bad {
             return Err(invalid(
-                "invalid_path",
+                ErrorCode::InvalidPath,
                 format!(
                     "item {item:?} must look like /p2/etc/hosts: a volume, then a path, without . or .."
                 ),
@@ -838,13 +849,13 @@ fn check_items(items: &[String]) -> Result<(), ControlError> {
 fn inventory(state: &State, node: &NodeId, vms: &[VmInventory]) -> Result<Vec<Emit>, ControlError> {
     if !state.nodes.contains_key(node) {
         return Err(not_found(
-            "unknown_node",
+            ErrorCode::UnknownNode,
             format!("node {node} reported inventory before registering"),
         ));
     }
     if vms.len() > MAX_VMS_PER_NODE {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!(
                 "node {node} reported {} VMs; the limit is {MAX_VMS_PER_NODE}",
                 vms.len()
@@ -856,7 +867,7 @@ fn inventory(state: &State, node: &NodeId, vms: &[VmInventory]) -> Result<Vec<Em
     for inv in vms {
         if !reported.insert(inv.vm) {
             return Err(invalid(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!("node {node} reported VM {} twice", inv.vm),
             ));
         }
@@ -866,7 +877,7 @@ fn inventory(state: &State, node: &NodeId, vms: &[VmInventory]) -> Result<Vec<Em
             || inv.name.len() > 128
         {
             return Err(invalid(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!(
                     "node {node}: VM {} has an invalid name or disk list",
                     inv.vm
@@ -888,7 +899,7 @@ fn inventory(state: &State, node: &NodeId, vms: &[VmInventory]) -> Result<Vec<Em
                     && let Some(cluster) = moved_across_clusters(state, &known.node, node)
                 {
                     return Err(invalid(
-                        "vm_moved_across_clusters",
+                        ErrorCode::VmMovedAcrossClusters,
                         format!(
                             "node {node} (cluster {}) reports VM {} ({}), which cairn protects on \
                              node {} of cluster {cluster}; VMs move only within a cluster. Remove \

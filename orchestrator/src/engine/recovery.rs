@@ -13,6 +13,7 @@
 //!
 //! Must not: do IO or read the clock.
 
+use crate::error_code::ErrorCode;
 use cairn_schemas::{
     Aggregate, ImageFormat, JobEvent, JobId, JobKind, JobReason, RecoveryOptions, RecoveryPointId,
     RecoveryTarget, VmId,
@@ -44,19 +45,22 @@ pub fn decide_recovery(
         .and_then(|list| list.iter().find(|r| r.rp == rp))
     else {
         return Err(not_found(
-            "unknown_rp",
+            ErrorCode::UnknownRp,
             format!("VM {} has no recovery point {rp}", known.name),
         ));
     };
     super::softdelete::check_usable(point, &known.name)?;
     if state.jobs.contains_key(&job) {
-        return Err(conflict("conflict", format!("job id {job} is taken")));
+        return Err(conflict(
+            ErrorCode::Conflict,
+            format!("job id {job} is taken"),
+        ));
     }
     let node_known = |node| {
         if state.nodes.contains_key(node) {
             Ok(())
         } else {
-            Err(not_found("unknown_node", format!("no node {node}")))
+            Err(not_found(ErrorCode::UnknownNode, format!("no node {node}")))
         }
     };
     match target {
@@ -67,7 +71,7 @@ pub fn decide_recovery(
                 .find(|j| j.vm == vm && !j.state.is_terminal() && super::jobs::writes_original(j))
             {
                 return Err(conflict(
-                    "job_running",
+                    ErrorCode::JobRunning,
                     format!(
                         "a recovery over VM {}'s disks is already queued or running (job {})",
                         known.name, active.id
@@ -76,7 +80,7 @@ pub fn decide_recovery(
             }
             if options.new_name.is_some() {
                 return Err(invalid(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     "a new name applies only to a recovery to another host".into(),
                 ));
             }
@@ -86,7 +90,7 @@ pub fn decide_recovery(
             check_path(path)?;
             if *format == ImageFormat::Vhd {
                 return Err(invalid(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     "format vhd cannot be written; choose raw, qcow2 or vhdx".into(),
                 ));
             }
@@ -97,7 +101,7 @@ pub fn decide_recovery(
         }
         RecoveryTarget::ItemLevel { .. } => {
             return Err(invalid(
-                "unsupported",
+                ErrorCode::Unsupported,
                 "item-level recovery is requested with its own command".into(),
             ));
         }
@@ -130,25 +134,25 @@ pub fn check_options(options: &RecoveryOptions) -> Result<(), ControlError> {
     if let Some(throttle) = &options.throttle {
         throttle
             .validate()
-            .map_err(|e| invalid("invalid_request", format!("throttle: {e}")))?;
+            .map_err(|e| invalid(ErrorCode::InvalidRequest, format!("throttle: {e}")))?;
     }
     if options.notify_email.len() > MAX_EMAILS {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("at most {MAX_EMAILS} e-mail addresses"),
         ));
     }
     for address in &options.notify_email {
-        check_email(address).map_err(|e| invalid("invalid_request", e))?;
+        check_email(address).map_err(|e| invalid(ErrorCode::InvalidRequest, e))?;
     }
     if options.webhooks.len() > MAX_WEBHOOKS {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("at most {MAX_WEBHOOKS} webhooks"),
         ));
     }
     for url in &options.webhooks {
-        check_webhook(url).map_err(|e| invalid("invalid_request", e))?;
+        check_webhook(url).map_err(|e| invalid(ErrorCode::InvalidRequest, e))?;
     }
     if let Some(name) = &options.new_name
         && (name.trim().is_empty()
@@ -156,7 +160,7 @@ pub fn check_options(options: &RecoveryOptions) -> Result<(), ControlError> {
             || name.chars().any(|c| c.is_control() || c == '/'))
     {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("new VM name {name:?} must be 1 to 100 printable characters without '/'"),
         ));
     }

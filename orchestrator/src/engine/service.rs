@@ -6,6 +6,7 @@
 //! cheap [`Handle`]; [`Engine::run`] runs until its shutdown future resolves, then writes a
 //! snapshot. Callers talk to the engine through the handle only.
 
+use crate::error_code::ErrorCode;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
@@ -867,7 +868,7 @@ impl<L: EventLog + 'static> Engine<L> {
         }
         let stored = self.shared.log.append(request).await.map_err(|e| match e {
             crate::log::Error::Conflict { .. } => ControlError::Conflict {
-                code: "version_conflict",
+                code: ErrorCode::VersionConflict,
                 message: e.to_string(),
             },
             e => ControlError::Internal(e.to_string()),
@@ -926,7 +927,7 @@ fn is_version_conflict(e: &ControlError) -> bool {
     matches!(
         e,
         ControlError::Conflict {
-            code: "version_conflict",
+            code: ErrorCode::VersionConflict,
             ..
         }
     )
@@ -1103,7 +1104,7 @@ impl<L: EventLog + 'static> Handle<L> {
 
 fn parse_id<T: std::str::FromStr>(what: &'static str, text: &str) -> Result<T, ControlError> {
     text.parse().map_err(|_| ControlError::Invalid {
-        code: "invalid_id",
+        code: ErrorCode::InvalidId,
         message: format!("{text:?} is not a valid {what} id"),
     })
 }
@@ -1128,7 +1129,7 @@ impl<L: EventLog + 'static> Control for Handle<L> {
                 .get(&id)
                 .map(|j| read::job(s, j))
                 .ok_or_else(|| ControlError::NotFound {
-                    code: "unknown_job",
+                    code: ErrorCode::UnknownJob,
                     message: format!("no job {id}"),
                 })
         })
@@ -1139,7 +1140,7 @@ impl<L: EventLog + 'static> Control for Handle<L> {
         self.read(|s| {
             if !s.vms.contains_key(&id) {
                 return Err(ControlError::NotFound {
-                    code: "unknown_vm",
+                    code: ErrorCode::UnknownVm,
                     message: format!("no VM {id}"),
                 });
             }
@@ -1286,7 +1287,7 @@ impl<L: EventLog + 'static> Control for Handle<L> {
         self.read(|s| {
             if !s.vms.contains_key(&id) {
                 return Err(ControlError::NotFound {
-                    code: "unknown_vm",
+                    code: ErrorCode::UnknownVm,
                     message: format!("no VM {id}"),
                 });
             }
@@ -1310,7 +1311,7 @@ impl<L: EventLog + 'static> Control for Handle<L> {
                 .browse(node, request.clone())
                 .await
                 .map_err(|message| ControlError::Invalid {
-                    code: "browse_failed",
+                    code: ErrorCode::BrowseFailed,
                     message,
                 })?;
             Ok(BrowseView {
@@ -1326,7 +1327,7 @@ impl<L: EventLog + 'static> Control for Handle<L> {
 
 fn unknown_group(id: GroupId) -> ControlError {
     ControlError::NotFound {
-        code: "unknown_group",
+        code: ErrorCode::UnknownGroup,
         message: format!("no protection group {id}"),
     }
 }
@@ -1354,7 +1355,7 @@ impl<L> Handle<L> {
         let rp_id: cairn_schemas::RecoveryPointId = parse_id("recovery point", rp)?;
         if !path.starts_with('/') || path.len() > 4096 || path.contains('\0') {
             return Err(ControlError::Invalid {
-                code: "invalid_path",
+                code: ErrorCode::InvalidPath,
                 message: format!("path {path:?} must start with / and be at most 4096 bytes"),
             });
         }
@@ -1363,7 +1364,7 @@ impl<L> Handle<L> {
             .vms
             .get(&vm_id)
             .ok_or_else(|| ControlError::NotFound {
-                code: "unknown_vm",
+                code: ErrorCode::UnknownVm,
                 message: format!("no VM {vm_id}"),
             })?;
         let point = state
@@ -1371,7 +1372,7 @@ impl<L> Handle<L> {
             .get(&vm_id)
             .and_then(|list| list.iter().find(|r| r.rp == rp_id))
             .ok_or_else(|| ControlError::NotFound {
-                code: "unknown_rp",
+                code: ErrorCode::UnknownRp,
                 message: format!("VM {} has no recovery point {rp_id}", found.name),
             })?;
         super::softdelete::check_usable(point, &found.name)?;
@@ -1384,7 +1385,7 @@ impl<L> Handle<L> {
             None => point.disks.first().map(|c| c.disk.clone()),
         }
         .ok_or_else(|| ControlError::NotFound {
-            code: "unknown_disk",
+            code: ErrorCode::UnknownDisk,
             message: format!(
                 "recovery point {rp_id} has no disk {}",
                 disk.unwrap_or("(none at all)")

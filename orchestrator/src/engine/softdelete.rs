@@ -16,6 +16,7 @@
 //!
 //! Must not: read a clock (`now` comes in) or know who the issuer is beyond `by_admin`.
 
+use crate::error_code::ErrorCode;
 use std::collections::BTreeMap;
 
 use cairn_schemas::{Aggregate, GroupEvent, GroupId, RecoveryPointId, VmEvent, VmId};
@@ -84,7 +85,7 @@ fn check_unlocked(
         let until = point.taken_at.saturating_add(u64::from(days) * DAY_MS);
         if now < until {
             return Err(conflict(
-                "retention_locked",
+                ErrorCode::RetentionLocked,
                 format!(
                     "recovery point {} is held by the retention lock of {days} days of group \
                      {:?} until {}: it cannot be deleted before then",
@@ -103,13 +104,13 @@ fn vm_name(state: &State, vm: VmId) -> Result<&str, ControlError> {
         .vms
         .get(&vm)
         .map(|v| v.name.as_str())
-        .ok_or_else(|| not_found("unknown_vm", format!("no VM {vm} in the inventory")))
+        .ok_or_else(|| not_found(ErrorCode::UnknownVm, format!("no VM {vm} in the inventory")))
 }
 
 fn check_list(rps: &[RecoveryPointId]) -> Result<(), ControlError> {
     if rps.is_empty() || rps.len() > MAX_RPS_PER_COMMAND {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!(
                 "name 1 to {MAX_RPS_PER_COMMAND} recovery points (got {})",
                 rps.len()
@@ -119,7 +120,7 @@ fn check_list(rps: &[RecoveryPointId]) -> Result<(), ControlError> {
     let mut seen = std::collections::BTreeSet::new();
     if let Some(twice) = rps.iter().find(|rp| !seen.insert(**rp)) {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("recovery point {twice} is listed twice"),
         ));
     }
@@ -142,7 +143,7 @@ fn find<'s>(
     }
     if let Some(purge_after) = state.purged.get(&rp) {
         return Err(conflict(
-            "rp_purged",
+            ErrorCode::RpPurged,
             format!(
                 "recovery point {rp} of VM {name} was deleted and purged after {}; it is gone",
                 crate::policy::tz::rfc3339_utc(*purge_after)
@@ -150,7 +151,7 @@ fn find<'s>(
         ));
     }
     Err(not_found(
-        "unknown_rp",
+        ErrorCode::UnknownRp,
         format!("VM {name} has no recovery point {rp}"),
     ))
 }
@@ -159,7 +160,7 @@ fn find<'s>(
 pub fn check_usable(point: &RecoveryPoint, vm_name: &str) -> Result<(), ControlError> {
     match &point.deleted {
         Some(deletion) => Err(conflict(
-            "rp_deleted",
+            ErrorCode::RpDeleted,
             format!(
                 "recovery point {} of VM {vm_name} was deleted by {} and cannot be used for a \
                  recovery; `cairn rp undelete {}` restores it until {}",
@@ -222,7 +223,7 @@ pub fn delete(
         let point = find(state, vm, name, *rp)?;
         if let Some(deletion) = &point.deleted {
             return Err(conflict(
-                "rp_deleted",
+                ErrorCode::RpDeleted,
                 format!(
                     "recovery point {rp} of VM {name} is already deleted (by {}; purged after {})",
                     deletion.by,
@@ -232,7 +233,7 @@ pub fn delete(
         }
         if in_use.contains(rp) {
             return Err(conflict(
-                "rp_in_use",
+                ErrorCode::RpInUse,
                 format!(
                     "recovery point {rp} of VM {name} is being recovered; delete it once the \
                      recovery has ended"
@@ -264,13 +265,13 @@ pub fn undelete(
         let point = find(state, vm, name, *rp)?;
         let Some(deletion) = &point.deleted else {
             return Err(conflict(
-                "rp_not_deleted",
+                ErrorCode::RpNotDeleted,
                 format!("recovery point {rp} of VM {name} is not deleted"),
             ));
         };
         if now >= deletion.purge_after {
             return Err(conflict(
-                "rp_purged",
+                ErrorCode::RpPurged,
                 format!(
                     "recovery point {rp} of VM {name} was deleted by {}; its soft-delete period \
                      ended at {} and it is being purged: it can no longer be undeleted",
@@ -308,7 +309,7 @@ pub fn delete_all_of(
             check_unlocked(state, *vm, point, now)?;
             if in_use.contains(&point.rp) {
                 return Err(conflict(
-                    "rp_in_use",
+                    ErrorCode::RpInUse,
                     format!(
                         "recovery point {} of VM {} is being recovered; delete once the \
                          recovery has ended",
@@ -328,7 +329,12 @@ fn live_group(state: &State, group: GroupId) -> Result<&Group, ControlError> {
         .groups
         .get(&group)
         .filter(|g| !g.deleted)
-        .ok_or_else(|| not_found("unknown_group", format!("no protection group {group}")))
+        .ok_or_else(|| {
+            not_found(
+                ErrorCode::UnknownGroup,
+                format!("no protection group {group}"),
+            )
+        })
 }
 
 /// `SetRetentionLock`.
@@ -342,7 +348,7 @@ pub fn set_lock(
     let found = live_group(state, group)?;
     if days > MAX_LOCK_DAYS {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("a retention lock of {days} days is longer than {MAX_LOCK_DAYS} days"),
         ));
     }
@@ -351,7 +357,7 @@ pub fn set_lock(
     let effective_at = if days >= current {
         if days > found.policy.retention_days {
             return Err(invalid(
-                "lock_above_retention",
+                ErrorCode::LockAboveRetention,
                 format!(
                     "a retention lock of {days} days is longer than group {:?}'s retention of \
                      {} days; raise its retention first",
@@ -366,7 +372,7 @@ pub fn set_lock(
     } else {
         if !by_admin {
             return Err(ControlError::Forbidden {
-                code: "admin_required",
+                code: ErrorCode::AdminRequired,
                 message: format!(
                     "lowering group {:?}'s retention lock from {current} to {days} days needs \
                      the admin role",
@@ -390,7 +396,7 @@ pub fn set_period(state: &State, group: GroupId, days: u16) -> Result<Vec<Emit>,
     let found = live_group(state, group)?;
     if !SOFT_DELETE_DAYS.contains(&days) {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!(
                 "a soft-delete period of {days} days is outside {} to {} days",
                 SOFT_DELETE_DAYS.start(),
@@ -412,7 +418,7 @@ pub fn check_retention(group: &Group, retention_days: u16, now: u64) -> Result<(
     let lock = group.lock_days(now);
     if retention_days < lock {
         return Err(conflict(
-            "retention_locked",
+            ErrorCode::RetentionLocked,
             format!(
                 "retention of {retention_days} days is below group {:?}'s retention lock of \
                  {lock} days",

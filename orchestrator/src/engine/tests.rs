@@ -2,6 +2,7 @@
 //! projection laws: replay is deterministic, incremental = full rebuild, duplicates are no-ops,
 //! snapshot + tail = full replay.
 
+use crate::error_code::ErrorCode;
 use cairn_schemas::{
     Aggregate, BackupMode, Command, Consistency, DiskInfo, Envelope, Event, FailureClass, GroupId,
     GroupPolicy, ImageFormat, JobEvent, JobId, JobState, NodeId, PowerState, RecoveryTarget,
@@ -370,7 +371,7 @@ fn inventory_discovers_moves_and_removes_vms() {
             vms: vec![],
         })
         .unwrap_err();
-    assert_eq!(err.code(), "unknown_node");
+    assert_eq!(err.code(), ErrorCode::UnknownNode);
 }
 
 #[test]
@@ -393,14 +394,14 @@ fn groups_reject_duplicates_unknown_vms_and_bad_policies() {
         members: vec![vms[1]],
         policy: policy.clone(),
     });
-    assert_eq!(dup.unwrap_err().code(), "duplicate_group");
+    assert_eq!(dup.unwrap_err().code(), ErrorCode::DuplicateGroup);
     let taken = w.submit(Command::CreateGroup {
         group: g2,
         name: "silver".into(),
         members: vec![vms[0]],
         policy: policy.clone(),
     });
-    assert_eq!(taken.unwrap_err().code(), "vm_in_group");
+    assert_eq!(taken.unwrap_err().code(), ErrorCode::VmInGroup);
     let ghost = w.id(VmId::new_v7);
     let unknown = w.submit(Command::CreateGroup {
         group: g2,
@@ -408,7 +409,7 @@ fn groups_reject_duplicates_unknown_vms_and_bad_policies() {
         members: vec![ghost],
         policy: policy.clone(),
     });
-    assert_eq!(unknown.unwrap_err().code(), "unknown_vm");
+    assert_eq!(unknown.unwrap_err().code(), ErrorCode::UnknownVm);
     let mut bad = policy;
     bad.retention_days = 0;
     let invalid = w.submit(Command::CreateGroup {
@@ -417,7 +418,7 @@ fn groups_reject_duplicates_unknown_vms_and_bad_policies() {
         members: vec![vms[1]],
         policy: bad,
     });
-    assert_eq!(invalid.unwrap_err().code(), "invalid_policy");
+    assert_eq!(invalid.unwrap_err().code(), ErrorCode::InvalidPolicy);
     assert_eq!(w.state.vms[&vms[0]].group, Some(g1));
 }
 
@@ -666,7 +667,7 @@ fn cancel_stops_new_steps_releases_and_ends_cancelled() {
         })
         .unwrap_err()
         .code(),
-        "job_finished"
+        ErrorCode::JobFinished
     );
 }
 
@@ -720,7 +721,7 @@ fn per_node_limit_queues_the_fourth_backup_with_a_reason() {
         })
         .unwrap_err()
         .code(),
-        "job_running"
+        ErrorCode::JobRunning
     );
     run_backup_to_success(&mut w, jobs[0]);
     assert_eq!(
@@ -747,7 +748,7 @@ fn restore_requests_are_validated_and_planned_per_disk() {
             path: "relative/x".into(),
         },
     });
-    assert_eq!(bad.unwrap_err().code(), "invalid_path");
+    assert_eq!(bad.unwrap_err().code(), ErrorCode::InvalidPath);
     let other_rp = cairn_schemas::RecoveryPointId::new_v7(1, [9; 10]);
     let unknown = w.submit(Command::RequestRestore {
         job: restore,
@@ -758,7 +759,7 @@ fn restore_requests_are_validated_and_planned_per_disk() {
             path: "/restore".into(),
         },
     });
-    assert_eq!(unknown.unwrap_err().code(), "unknown_rp");
+    assert_eq!(unknown.unwrap_err().code(), ErrorCode::UnknownRp);
     w.submit(Command::RequestRestore {
         job: restore,
         vm,
@@ -881,7 +882,7 @@ fn recovery_to_the_original_vm_overwrites_its_disks_and_excludes_backups() {
     );
     // A second recovery over the same disks is refused while the first is open.
     let again = recover(&mut w, vm, RecoveryTarget::OriginalVm, options.clone());
-    assert_eq!(again.unwrap_err().code(), "job_running");
+    assert_eq!(again.unwrap_err().code(), ErrorCode::JobRunning);
     run_backup_to_success(&mut w, running);
     w.settle();
     assert_eq!(w.state.jobs[&job].state, JobState::Running);
@@ -1096,7 +1097,7 @@ fn recovery_to_another_host_names_a_new_vm_and_runs_there() {
         recover(&mut w, vm, target.clone(), Default::default())
             .unwrap_err()
             .code(),
-        "unknown_node"
+        ErrorCode::UnknownNode
     );
     w.submit(Command::RegisterNode {
         node: other.clone(),
@@ -1110,7 +1111,7 @@ fn recovery_to_another_host_names_a_new_vm_and_runs_there() {
     };
     assert_eq!(
         recover(&mut w, vm, target.clone(), bad).unwrap_err().code(),
-        "invalid_request"
+        ErrorCode::InvalidRequest
     );
     let job = recover(&mut w, vm, target, Default::default()).unwrap();
     let prepare = w.state.jobs[&job].steps[0].spec.clone().unwrap();
@@ -1172,11 +1173,11 @@ fn item_recoveries_are_validated_and_planned_as_one_extract_step() {
     };
     let recovery = w.id(JobId::new_v7);
     for (items, disk_name, code) in [
-        (vec!["/p2/../etc"], disk.as_str(), "invalid_path"),
-        (vec!["etc/hosts"], disk.as_str(), "invalid_path"),
-        (vec!["/"], disk.as_str(), "invalid_path"),
-        (vec![], disk.as_str(), "invalid_request"),
-        (vec!["/p2/etc/hosts"], "nodisk", "unknown_disk"),
+        (vec!["/p2/../etc"], disk.as_str(), ErrorCode::InvalidPath),
+        (vec!["etc/hosts"], disk.as_str(), ErrorCode::InvalidPath),
+        (vec!["/"], disk.as_str(), ErrorCode::InvalidPath),
+        (vec![], disk.as_str(), ErrorCode::InvalidRequest),
+        (vec!["/p2/etc/hosts"], "nodisk", ErrorCode::UnknownDisk),
     ] {
         let refused = w.submit(Command::RequestRestore {
             job: recovery,
@@ -1633,7 +1634,7 @@ fn vms_move_within_a_cluster_with_their_tracking_and_never_across() {
             assert_eq!(here, other);
         } else {
             let err = result.unwrap_err();
-            assert_eq!(err.code(), "vm_moved_across_clusters", "{err:?}");
+            assert_eq!(err.code(), ErrorCode::VmMovedAcrossClusters, "{err:?}");
             assert!(
                 err.to_string().contains("move only within a cluster"),
                 "{err}"
@@ -1675,14 +1676,17 @@ fn policy_commands_are_validated_and_jobs_fail_early_without_space() {
             vm: vms[0],
         },
     ] {
-        assert_eq!(w.submit(command).unwrap_err().code(), "no_replica");
+        assert_eq!(w.submit(command).unwrap_err().code(), ErrorCode::NoReplica);
     }
     let bad_seed = Command::ImportSeed {
         job: w.id(JobId::new_v7),
         vm: vms[0],
         seed: "relative/seed".into(),
     };
-    assert_eq!(w.submit(bad_seed).unwrap_err().code(), "invalid_path");
+    assert_eq!(
+        w.submit(bad_seed).unwrap_err().code(),
+        ErrorCode::InvalidPath
+    );
 
     // Space reports: recorded, small changes not worth an event, nonsense refused.
     w.submit(space_report(1 << 20)).unwrap();
@@ -1698,7 +1702,7 @@ fn policy_commands_are_validated_and_jobs_fail_early_without_space() {
             free_bytes: 11,
         })
         .unwrap_err();
-    assert_eq!(err.code(), "invalid_request");
+    assert_eq!(err.code(), ErrorCode::InvalidRequest);
 
     // A first backup of 2 GiB into 1 MiB fails before it starts, saying why.
     let job = backup(&mut w, vms[0]);
@@ -1784,7 +1788,7 @@ fn a_crash_mid_backup_makes_the_replica_inconsistent_until_a_check_repairs_it() 
         vm,
         mode: BackupMode::Incremental,
     });
-    assert_eq!(refused.unwrap_err().code(), "replica_inconsistent");
+    assert_eq!(refused.unwrap_err().code(), ErrorCode::ReplicaInconsistent);
     let due = super::protect::due_runs(&w.state, &crate::policy::tz::TimeZone::UTC, w.now);
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].1, cairn_schemas::JobKind::ConsistencyCheck);
@@ -1929,7 +1933,7 @@ fn a_policy_naming_a_repository_no_node_registers_is_refused() {
         .map(|_| group)
     };
     let err = create(&mut w, "g1", "default").unwrap_err();
-    assert_eq!(err.code(), "unknown_repository");
+    assert_eq!(err.code(), ErrorCode::UnknownRepository);
     assert!(err.to_string().contains("registered: none"), "{err}");
     // Bad registrations change nothing.
     for names in [
@@ -1944,7 +1948,7 @@ fn a_policy_naming_a_repository_no_node_registers_is_refused() {
                 app_owner_roots: vec![],
             })
             .unwrap_err();
-        assert_eq!(err.code(), "invalid_request");
+        assert_eq!(err.code(), ErrorCode::InvalidRequest);
     }
     w.submit(Command::RegisterRepositories {
         node: node(),
@@ -1967,7 +1971,7 @@ fn a_policy_naming_a_repository_no_node_registers_is_refused() {
     );
     let group = create(&mut w, "g1", "default").unwrap();
     let err = create(&mut w, "g2", "elsewhere").unwrap_err();
-    assert_eq!(err.code(), "unknown_repository");
+    assert_eq!(err.code(), ErrorCode::UnknownRepository);
     assert!(
         err.to_string().contains("registered: default, offsite"),
         "{err}"
@@ -1981,7 +1985,7 @@ fn a_policy_naming_a_repository_no_node_registers_is_refused() {
             policy: GroupPolicy::with_defaults("elsewhere"),
         })
         .unwrap_err();
-    assert_eq!(err.code(), "unknown_repository");
+    assert_eq!(err.code(), ErrorCode::UnknownRepository);
     w.submit(Command::RegisterRepositories {
         node: node(),
         names: vec![],
@@ -2074,7 +2078,7 @@ fn a_deleted_recovery_point_is_listed_refused_for_recovery_and_can_be_undeleted(
 
     // Not usable while deleted; the newest point still is.
     let refused = restore_to_folder(&mut w, vm, old);
-    assert_eq!(w.submit(refused).unwrap_err().code(), "rp_deleted");
+    assert_eq!(w.submit(refused).unwrap_err().code(), ErrorCode::RpDeleted);
     let recovery = Command::RequestRecovery {
         job: w.id(JobId::new_v7),
         vm,
@@ -2085,39 +2089,39 @@ fn a_deleted_recovery_point_is_listed_refused_for_recovery_and_can_be_undeleted(
         },
         options: Default::default(),
     };
-    assert_eq!(w.submit(recovery).unwrap_err().code(), "rp_deleted");
+    assert_eq!(w.submit(recovery).unwrap_err().code(), ErrorCode::RpDeleted);
 
     // Refusals that change nothing.
     let events = w.log.len();
     for (command, code) in [
         (
             Command::DeleteRecoveryPoints { vm, rps: vec![old] },
-            "rp_deleted",
+            ErrorCode::RpDeleted,
         ),
         (
             Command::UndeleteRecoveryPoints {
                 vm,
                 rps: vec![newest],
             },
-            "rp_not_deleted",
+            ErrorCode::RpNotDeleted,
         ),
         (
             Command::DeleteRecoveryPoints { vm, rps: vec![] },
-            "invalid_request",
+            ErrorCode::InvalidRequest,
         ),
         (
             Command::DeleteRecoveryPoints {
                 vm,
                 rps: vec![newest, newest],
             },
-            "invalid_request",
+            ErrorCode::InvalidRequest,
         ),
         (
             Command::DeleteRecoveryPoints {
                 vm,
                 rps: vec![cairn_schemas::RecoveryPointId::new_v7(1, [9; 10])],
             },
-            "unknown_rp",
+            ErrorCode::UnknownRp,
         ),
     ] {
         assert_eq!(w.submit(command).unwrap_err().code(), code);
@@ -2161,7 +2165,7 @@ fn deleted_points_are_purged_by_prune_after_their_period_and_then_cannot_be_unde
     w.now = purge_after;
     assert_eq!(super::protect::prune_candidates(&w.state, w.now), vec![vm]);
     let late = w.submit(Command::UndeleteRecoveryPoints { vm, rps: vec![old] });
-    assert_eq!(late.unwrap_err().code(), "rp_purged");
+    assert_eq!(late.unwrap_err().code(), ErrorCode::RpPurged);
 
     // The prune job removes it from the repository; the catalog forgets it.
     let prune = w.id(JobId::new_v7);
@@ -2201,7 +2205,7 @@ fn deleted_points_are_purged_by_prune_after_their_period_and_then_cannot_be_unde
     assert!(w.state.rps[&vm].iter().all(|r| r.rp != old), "purged");
     assert!(!deletion_alert_active(&w, vm), "resolved after the purge");
     let gone = w.submit(Command::UndeleteRecoveryPoints { vm, rps: vec![old] });
-    assert_eq!(gone.unwrap_err().code(), "rp_purged");
+    assert_eq!(gone.unwrap_err().code(), ErrorCode::RpPurged);
 }
 
 #[test]
@@ -2233,13 +2237,13 @@ fn soft_delete_periods_are_validated() {
     let events = w.log.len();
     for days in [0, 91] {
         let refused = w.submit(Command::SetSoftDeletePeriod { group, days });
-        assert_eq!(refused.unwrap_err().code(), "invalid_request");
+        assert_eq!(refused.unwrap_err().code(), ErrorCode::InvalidRequest);
     }
     let unknown = w.submit(Command::SetSoftDeletePeriod {
         group: GroupId::new_v7(1, [3; 10]),
         days: 7,
     });
-    assert_eq!(unknown.unwrap_err().code(), "unknown_group");
+    assert_eq!(unknown.unwrap_err().code(), ErrorCode::UnknownGroup);
     assert_eq!(w.log.len(), events);
     w.submit(Command::SetSoftDeletePeriod { group, days: 90 })
         .unwrap();
@@ -2261,11 +2265,11 @@ fn a_retention_lock_holds_retention_and_deletions_and_is_lowered_only_later_by_a
     assert_eq!(w.state.groups[&group].lock_days(w.now), 20);
     assert_eq!(
         w.submit(lock(31, false)).unwrap_err().code(),
-        "lock_above_retention"
+        ErrorCode::LockAboveRetention
     );
     assert_eq!(
         w.submit(lock(449, true)).unwrap_err().code(),
-        "invalid_request"
+        ErrorCode::InvalidRequest
     );
 
     // Retention below the lock is refused, naming the lock; at the lock is fine.
@@ -2277,7 +2281,7 @@ fn a_retention_lock_holds_retention_and_deletions_and_is_lowered_only_later_by_a
             policy: policy.clone(),
         })
         .unwrap_err();
-    assert_eq!(refused.code(), "retention_locked");
+    assert_eq!(refused.code(), ErrorCode::RetentionLocked);
     assert!(refused.to_string().contains("lock of 20 days"), "{refused}");
 
     // Deleting younger points is refused, alone or with the group; nothing changes.
@@ -2285,19 +2289,22 @@ fn a_retention_lock_holds_retention_and_deletions_and_is_lowered_only_later_by_a
     let refused = w
         .submit(Command::DeleteRecoveryPoints { vm, rps: vec![old] })
         .unwrap_err();
-    assert_eq!(refused.code(), "retention_locked");
+    assert_eq!(refused.code(), ErrorCode::RetentionLocked);
     assert!(refused.to_string().contains("retention lock of 20 days"));
     let refused = w.submit(Command::DeleteGroup {
         group,
         delete_recovery_points: true,
     });
-    assert_eq!(refused.unwrap_err().code(), "retention_locked");
+    assert_eq!(refused.unwrap_err().code(), ErrorCode::RetentionLocked);
     assert_eq!(w.log.len(), events);
     assert!(!w.state.groups[&group].deleted);
 
     // Lowering: not for an operator; for an admin, only after the old lock's period.
     let refused = w.submit(lock(5, false)).unwrap_err();
-    assert_eq!((refused.code(), refused.status()), ("admin_required", 403));
+    assert_eq!(
+        (refused.code(), refused.status()),
+        (ErrorCode::AdminRequired, 403)
+    );
     assert_eq!(w.log.len(), events);
     let asked_at = w.now;
     w.submit(lock(5, true)).unwrap();
@@ -2326,7 +2333,7 @@ fn a_retention_lock_holds_retention_and_deletions_and_is_lowered_only_later_by_a
         group,
         policy: policy.clone(),
     });
-    assert_eq!(still.unwrap_err().code(), "retention_locked");
+    assert_eq!(still.unwrap_err().code(), ErrorCode::RetentionLocked);
 
     // Once the period passed the lower lock is in force.
     w.now = asked_at + 20 * DAY;
@@ -2365,7 +2372,7 @@ fn the_lock_of_the_group_a_point_was_made_for_outlives_the_group() {
         vm,
         rps: vec![newest],
     });
-    assert_eq!(refused.unwrap_err().code(), "retention_locked");
+    assert_eq!(refused.unwrap_err().code(), ErrorCode::RetentionLocked);
 }
 
 #[test]
@@ -2383,11 +2390,11 @@ fn a_member_removed_with_its_data_has_its_points_soft_deleted_and_restorable() {
     // Refusals change nothing.
     let events = w.log.len();
     for (command, code) in [
-        (edit(vec![], vec![], false), "invalid_request"),
-        (edit(vec![], vec![other], false), "not_a_member"),
-        (edit(vec![other], vec![], true), "invalid_request"),
-        (edit(vec![vm], vec![vm], false), "invalid_request"),
-        (edit(vec![], vec![vm, vm], true), "invalid_request"),
+        (edit(vec![], vec![], false), ErrorCode::InvalidRequest),
+        (edit(vec![], vec![other], false), ErrorCode::NotAMember),
+        (edit(vec![other], vec![], true), ErrorCode::InvalidRequest),
+        (edit(vec![vm], vec![vm], false), ErrorCode::InvalidRequest),
+        (edit(vec![], vec![vm, vm], true), ErrorCode::InvalidRequest),
     ] {
         assert_eq!(w.submit(command).unwrap_err().code(), code);
     }
@@ -2433,7 +2440,7 @@ fn a_retention_lock_refuses_removing_a_member_with_its_data() {
             delete_recovery_points: true,
         })
         .unwrap_err();
-    assert_eq!(err.code(), "retention_locked", "{err}");
+    assert_eq!(err.code(), ErrorCode::RetentionLocked, "{err}");
     assert_eq!(w.log.len(), events, "the whole change was refused");
     assert_eq!(w.state.vms[&vm].group, Some(group));
 }

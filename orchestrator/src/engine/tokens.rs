@@ -2,6 +2,7 @@
 //! and the decisions of `CreateToken`/`RevokeToken`. Pure, like the rest of the engine: time
 //! comes in as `now`, and the secret never reaches it (only its BLAKE3 hash).
 
+use crate::error_code::ErrorCode;
 use std::collections::BTreeMap;
 
 use cairn_schemas::{Aggregate, Command, GroupId, Role, TokenEvent, TokenId, VmId};
@@ -210,11 +211,11 @@ fn create(
     expires_in_secs: Option<u64>,
     now: u64,
 ) -> Result<Vec<Emit>, ControlError> {
-    check_name(name).map_err(|m| invalid("invalid_request", m))?;
+    check_name(name).map_err(|m| invalid(ErrorCode::InvalidRequest, m))?;
     let tokens = &state.tokens;
     if tokens.by_id.contains_key(&token) {
         return Err(conflict(
-            "duplicate_token",
+            ErrorCode::DuplicateToken,
             format!("token {token} exists already"),
         ));
     }
@@ -224,13 +225,13 @@ fn create(
         .any(|t| t.name == name && t.is_live(now))
     {
         return Err(conflict(
-            "duplicate_token",
+            ErrorCode::DuplicateToken,
             format!("a live token is named {name:?} already; revoke it or choose another name"),
         ));
     }
     if tokens.by_hash.contains_key(secret_hash) || *secret_hash == [0; 32] {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "the token's secret hash is not usable".into(),
         ));
     }
@@ -238,14 +239,14 @@ fn create(
     match role {
         Role::AppOwner if !scoped => {
             return Err(invalid(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 "an app-owner token needs at least one VM or group in its scope (--vm, --group)"
                     .into(),
             ));
         }
         Role::Admin | Role::Operator | Role::Viewer if scoped => {
             return Err(invalid(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!("a {role} token has no scope; VMs and groups are for app-owner tokens"),
             ));
         }
@@ -253,31 +254,34 @@ fn create(
     }
     if vms.len() + groups.len() > MAX_SCOPE {
         return Err(invalid(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("a scope holds at most {MAX_SCOPE} VMs and groups"),
         ));
     }
     for vm in vms {
         if !state.vms.contains_key(vm) {
-            return Err(not_found("unknown_vm", format!("no VM {vm}")));
+            return Err(not_found(ErrorCode::UnknownVm, format!("no VM {vm}")));
         }
     }
     for group in groups {
         if !state.groups.contains_key(group) {
-            return Err(not_found("unknown_group", format!("no group {group}")));
+            return Err(not_found(
+                ErrorCode::UnknownGroup,
+                format!("no group {group}"),
+            ));
         }
     }
     let expires_at = match expires_in_secs {
         None => None,
         Some(0) => {
             return Err(invalid(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 "a token's lifetime must be at least one second".into(),
             ));
         }
         Some(secs) if secs > MAX_LIFETIME_SECS => {
             return Err(invalid(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!(
                     "a token's lifetime is at most {} days",
                     MAX_LIFETIME_SECS / 86_400
@@ -313,7 +317,7 @@ fn revoke(state: &State, token: TokenId) -> Result<Vec<Emit>, ControlError> {
         .tokens
         .by_id
         .get(&token)
-        .ok_or_else(|| not_found("unknown_token", format!("no token {token}")))?;
+        .ok_or_else(|| not_found(ErrorCode::UnknownToken, format!("no token {token}")))?;
     if found.revoked_at.is_some() {
         // Revoking twice changes nothing and is not an error: the wanted state holds.
         return Ok(vec![]);
@@ -418,22 +422,25 @@ mod tests {
         let made = decide(&state, &create("ci", Role::Viewer, 1, None), NOW).unwrap();
         commit(&mut state, made, NOW);
         let code = |command: Command| decide(&state, &command, NOW).unwrap_err().code();
-        assert_eq!(code(create("ci", Role::Viewer, 2, None)), "duplicate_token");
+        assert_eq!(
+            code(create("ci", Role::Viewer, 2, None)),
+            ErrorCode::DuplicateToken
+        );
         assert_eq!(
             code(create("bad name", Role::Viewer, 3, None)),
-            "invalid_request"
+            ErrorCode::InvalidRequest
         );
         assert_eq!(
             code(create(".hidden", Role::Viewer, 3, None)),
-            "invalid_request"
+            ErrorCode::InvalidRequest
         );
         assert_eq!(
             code(create("other", Role::Viewer, 1, None)),
-            "invalid_request"
+            ErrorCode::InvalidRequest
         );
         assert_eq!(
             code(create("other", Role::Viewer, 3, Some(0))),
-            "invalid_request"
+            ErrorCode::InvalidRequest
         );
         assert_eq!(
             code(create(
@@ -442,11 +449,11 @@ mod tests {
                 3,
                 Some(MAX_LIFETIME_SECS + 1)
             )),
-            "invalid_request"
+            ErrorCode::InvalidRequest
         );
         assert_eq!(
             code(create("owner", Role::AppOwner, 4, None)),
-            "invalid_request"
+            ErrorCode::InvalidRequest
         );
         let vm = VmId::new_v7(NOW, [9; 10]);
         let scoped = |role| Command::CreateToken {
@@ -458,13 +465,13 @@ mod tests {
             secret_hash: [5; 32],
             expires_in_secs: None,
         };
-        assert_eq!(code(scoped(Role::Operator)), "invalid_request");
-        assert_eq!(code(scoped(Role::AppOwner)), "unknown_vm");
+        assert_eq!(code(scoped(Role::Operator)), ErrorCode::InvalidRequest);
+        assert_eq!(code(scoped(Role::AppOwner)), ErrorCode::UnknownVm);
         assert_eq!(
             code(Command::RevokeToken {
                 token: TokenId::new_v7(NOW, [7; 10])
             }),
-            "unknown_token"
+            ErrorCode::UnknownToken
         );
         // A revoked token's name may be used again.
         let revoke = Command::RevokeToken {
