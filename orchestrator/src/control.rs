@@ -95,9 +95,12 @@ pub trait Control: Send + Sync + 'static {
     fn nodes(&self) -> Vec<NodeView>;
 
     /// Runs a command through `decide` and appends its events; `actor` is recorded on them.
+    /// With an `id` (from the client's `Idempotency-Key`) a repeat of the command returns the
+    /// first answer, marked [`Accepted::replayed`], and appends nothing.
     fn submit(
         &self,
         actor: String,
+        id: Option<cairn_schemas::CommandId>,
         command: Command,
     ) -> BoxFuture<'_, Result<Accepted, ControlError>>;
 

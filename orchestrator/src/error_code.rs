@@ -95,6 +95,9 @@ codes! {
     JobFinished = "job_finished",
     /// The group's retention lock forbids the change.
     RetentionLocked = "retention_locked",
+    /// A token-creating request was repeated with its idempotency key; the secret was shown
+    /// only in the first answer.
+    SecretShownOnce = "secret_shown_once",
     /// The recovery point is soft-deleted.
     RpDeleted = "rp_deleted",
     /// The recovery point is not soft-deleted.

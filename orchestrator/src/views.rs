@@ -234,6 +234,10 @@ pub struct Accepted {
     pub id: String,
     /// Sequence of the last event the command appended (read-your-writes for `events tail`).
     pub seq: u64,
+    /// The command was made before under the same idempotency key: this is the first answer,
+    /// and nothing new happened.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }
 
 /// Times of day (`HH:MM`) on days of the week (`mon` ... `sun`).

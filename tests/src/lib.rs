@@ -535,14 +535,29 @@ pub fn http_as(
     path: &str,
     body: Option<&str>,
 ) -> (u16, String) {
+    http_with(addr, token, &[], method, path, body)
+}
+
+/// [`http_as`] with extra request headers (`("Idempotency-Key", "k")`).
+pub fn http_with(
+    addr: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     let body = body.unwrap_or("");
-    let authorization =
+    let mut authorization =
         token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    for (name, value) in headers {
+        authorization.push_str(&format!("{name}: {value}\r\n"));
+    }
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

@@ -218,6 +218,108 @@ fn kill_9_during_the_commit_step_then_restart_finishes_the_job() {
     check_one_recovery_point(&lab, &server, &vm, &job_id);
 }
 
+/// POST a backup with an `Idempotency-Key`; the status and the JSON answer.
+fn keyed_backup(server: &UpServer, vm: &str, key: &str) -> (u16, Value) {
+    let (status, body) = http_with(
+        &server.addr,
+        token_for(&server.addr).as_deref(),
+        &[("Idempotency-Key", key)],
+        "POST",
+        &format!("/v1/vms/{vm}/backup"),
+        Some("{}"),
+    );
+    let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body:?}: {e}"));
+    (status, value)
+}
+
+fn backup_jobs(server: &UpServer, vm: &str) -> Vec<String> {
+    server
+        .get("/v1/jobs")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["vm"] == vm && j["kind"] == "Backup")
+        .map(|j| j["job"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_repeated_post_makes_one_job_even_across_a_kill_9() {
+    let lab = lab(8);
+    // The snapshot step waits, so the job is still running when the repeats come.
+    let server = UpServer::start(
+        &lab.data,
+        &[],
+        &[("CAIRN_FAULT_STEP_DELAY_MS", "Snapshot=30000")],
+    );
+    let vm = vm_id(&server, "alpha");
+    let (status, first) = keyed_backup(&server, &vm, "nightly-alpha-1");
+    assert_eq!(status, 202, "{first}");
+    let job_id = first["id"].as_str().unwrap().to_string();
+    assert!(first.get("replayed").is_none(), "{first}");
+
+    let (status, again) = keyed_backup(&server, &vm, "nightly-alpha-1");
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["id"], job_id.as_str(), "the first answer: {again}");
+    assert_eq!(again["replayed"], true, "{again}");
+    // The replay names the first command's own events, not anything newer.
+    assert!(
+        again["seq"].as_u64().unwrap() <= first["seq"].as_u64().unwrap(),
+        "{again} after {first}"
+    );
+
+    // Without the key the same request is a new command, refused while the job runs.
+    let (status, body) = server.http("POST", &format!("/v1/vms/{vm}/backup"), Some("{}"));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("job_running"), "{body}");
+    // A malformed key is refused before anything is decided.
+    for bad in ["has space", &"k".repeat(300)] {
+        let (status, body) = http_with(
+            &server.addr,
+            token_for(&server.addr).as_deref(),
+            &[("Idempotency-Key", bad)],
+            "POST",
+            &format!("/v1/vms/{vm}/backup"),
+            Some("{}"),
+        );
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body.contains("invalid_request") && body.contains("Idempotency-Key"),
+            "{body}"
+        );
+    }
+    assert_eq!(backup_jobs(&server, &vm), vec![job_id.clone()]);
+
+    // The client retries after the server died: the restarted server remembers the key.
+    server.kill9();
+    let server = UpServer::start(&lab.data, &[], &[]);
+    let (status, after) = keyed_backup(&server, &vm, "nightly-alpha-1");
+    assert_eq!(status, 202, "{after}");
+    assert_eq!(after["id"], job_id.as_str(), "{after}");
+    assert_eq!(after["replayed"], true, "{after}");
+    check_one_recovery_point(&lab, &server, &vm, &job_id);
+    assert_eq!(backup_jobs(&server, &vm), vec![job_id.clone()]);
+
+    // The CLI: a script that runs the same command twice with one key gets one job.
+    let url = server.url();
+    let args = [
+        "backup",
+        "alpha",
+        "--idempotency-key",
+        "cli-run-7",
+        "--server",
+        url.as_str(),
+    ];
+    let out = cairn_ok(&args);
+    assert!(out.contains("accepted for vm alpha"), "{out}");
+    let again = cairn_ok(&args);
+    assert!(again.contains("same idempotency key"), "{again}");
+    let cli_job = |out: &str| out.split_whitespace().nth(2).unwrap().to_string();
+    assert_eq!(cli_job(&out), cli_job(&again));
+    assert_eq!(backup_jobs(&server, &vm).len(), 2);
+    server.stop();
+}
+
 #[test]
 fn the_cli_drives_groups_backups_restores_and_events() {
     let lab = lab(8);

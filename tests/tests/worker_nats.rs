@@ -195,6 +195,7 @@ async fn a_backup_runs_through_the_worker_over_nats() {
         let accepted = WireReply::of(&Ok(Accepted {
             id: String::new(),
             seq: 1,
+            replayed: false,
         }));
         client
             .publish(request.reply.unwrap(), accepted.encode().into())

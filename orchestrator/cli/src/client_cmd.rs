@@ -135,6 +135,11 @@ pub struct ServerOpts {
     /// saved for this server in ~/.config/cairn/tokens/.
     #[arg(long, env = "CAIRN_TOKEN_FILE")]
     pub(crate) token_file: Option<std::path::PathBuf>,
+    /// Name this invocation's request (1-240 visible ASCII characters), so that running the
+    /// same command again with the same key does nothing twice. Without it each invocation
+    /// makes a key of its own, which its retries reuse.
+    #[arg(long, env = "CAIRN_IDEMPOTENCY_KEY", value_name = "KEY")]
+    pub(crate) idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -636,14 +641,33 @@ fn backup(args: &BackupArgs) -> Result<i32> {
         if args.opts.json {
             print_json(&value);
         } else {
-            println!("backup job {} accepted for vm {}", accepted.id, args.vm);
+            println!(
+                "backup job {} accepted for vm {}{}",
+                accepted.id,
+                args.vm,
+                replay_note(&accepted)
+            );
         }
         return Ok(0);
     }
     if !args.opts.json {
-        println!("backup job {} accepted for vm {}", accepted.id, args.vm);
+        println!(
+            "backup job {} accepted for vm {}{}",
+            accepted.id,
+            args.vm,
+            replay_note(&accepted)
+        );
     }
     wait_for_job(&client, &accepted, &args.wait, args.opts.json)
+}
+
+/// What an answer replayed for a repeated idempotency key says about itself.
+fn replay_note(accepted: &Accepted) -> &'static str {
+    if accepted.replayed {
+        " (an earlier request with the same idempotency key made it; nothing new was done)"
+    } else {
+        ""
+    }
 }
 
 fn jobs(args: &JobsArgs) -> Result<i32> {
@@ -872,17 +896,91 @@ pub(crate) struct Client {
     base: String,
     /// The API token sent as `Authorization: Bearer`, if one was found.
     token: Option<String>,
+    /// Where each POST's `Idempotency-Key` comes from.
+    keys: RequestKeys,
+}
+
+/// The `Idempotency-Key`s of one invocation: its first POST is sent with the invocation's
+/// key, the n-th with `key/n`; a POST's retries reuse its key.
+#[derive(Debug)]
+struct RequestKeys {
+    base: String,
+    sent: std::sync::atomic::AtomicU32,
+}
+
+/// Longest `--idempotency-key` (the server takes 255 bytes; room is left for `/n`).
+const MAX_KEY_LEN: usize = 240;
+
+impl RequestKeys {
+    /// `given`, checked, or a fresh random key.
+    fn new(given: Option<&str>) -> Result<RequestKeys> {
+        let base = match given {
+            Some(key) => {
+                if key.is_empty()
+                    || key.len() > MAX_KEY_LEN
+                    || !key.bytes().all(|b| (0x21..=0x7e).contains(&b))
+                {
+                    bail!(
+                        "--idempotency-key {key:?} must be 1-{MAX_KEY_LEN} visible ASCII \
+                         characters (no spaces)"
+                    );
+                }
+                key.to_owned()
+            }
+            None => {
+                let mut random = [0u8; 16];
+                getrandom::getrandom(&mut random).context("no randomness for a request key")?;
+                random.iter().map(|b| format!("{b:02x}")).collect()
+            }
+        };
+        Ok(RequestKeys {
+            base,
+            sent: std::sync::atomic::AtomicU32::new(0),
+        })
+    }
+
+    fn next(&self) -> String {
+        match self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+            0 => self.base.clone(),
+            n => format!("{}/{}", self.base, n + 1),
+        }
+    }
+}
+
+/// How often a request is sent at most when the server's answer is lost or it is briefly
+/// unavailable (with its key, a repeat cannot act twice).
+const SEND_ATTEMPTS: u32 = 4;
+
+/// Whether a failed exchange may be sent again: the connection broke after the request went
+/// out, no answer came in time, or a proxy or the orchestrator said it is briefly unable.
+/// A refused connection is not retried: nothing was sent, and the hint to start the server
+/// should come at once.
+fn is_transient(result: &Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> bool {
+    match result {
+        Ok(response) => matches!(response.status().as_u16(), 502..=504),
+        Err(ureq::Error::Timeout(_)) => true,
+        Err(ureq::Error::Io(io)) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        Err(_) => false,
+    }
 }
 
 impl Client {
     /// A client of `opts.server` with the token that `opts` names or that is found for it,
     /// verifying an https:// server with `opts.ca_file`.
     pub(crate) fn new(opts: &ServerOpts) -> Result<Client> {
-        Client::connect(
+        let mut client = Client::connect(
             &opts.server,
             opts.ca_file.as_deref(),
             opts.token_file.as_deref(),
-        )
+        )?;
+        client.keys = RequestKeys::new(opts.idempotency_key.as_deref())?;
+        Ok(client)
     }
 
     /// A client of `server` (`http://` or `https://`) with the token of `token_file`, else the
@@ -911,7 +1009,12 @@ impl Client {
         let agent: ureq::Agent = config.build().into();
         let env_file = std::env::var_os("CAIRN_TOKEN_FILE").map(std::path::PathBuf::from);
         let token = crate::token_cmd::discover(&base, token_file.or(env_file.as_deref()))?;
-        Ok(Client { agent, base, token })
+        Ok(Client {
+            agent,
+            base,
+            token,
+            keys: RequestKeys::new(None)?,
+        })
     }
 
     fn authorize<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -929,18 +1032,45 @@ impl Client {
         self.finish(request.call())
     }
 
+    /// Sends a command with an `Idempotency-Key`, again (with the same key) while the
+    /// exchange fails in a way that leaves its outcome unknown ([`is_transient`]).
     pub(crate) fn post<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<Value> {
-        let request = self.authorize(self.agent.post(format!("{}{path}", self.base)));
-        let result = match body {
-            Some(body) => {
-                let bytes = serde_json::to_vec(body).context("encoding the request")?;
-                request
+        let bytes = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .context("encoding the request")?;
+        let key = self.keys.next();
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let request = self
+                .authorize(self.agent.post(format!("{}{path}", self.base)))
+                .header("idempotency-key", &key);
+            let result = match &bytes {
+                Some(bytes) => request
                     .header("content-type", "application/json")
-                    .send(&bytes[..])
+                    .send(&bytes[..]),
+                None => request.send_empty(),
+            };
+            if attempt < SEND_ATTEMPTS && is_transient(&result) {
+                tracing::warn!(
+                    path,
+                    attempt,
+                    "no usable answer from {} ({}); sending the request again with the same \
+                     idempotency key",
+                    self.base,
+                    match &result {
+                        Ok(response) => format!("status {}", response.status()),
+                        Err(err) => err.to_string(),
+                    }
+                );
+                std::thread::sleep(delay);
+                delay *= 2;
+                continue;
             }
-            None => request.send_empty(),
-        };
-        self.finish(result)
+            return self.finish(result);
+        }
     }
 
     fn finish(
@@ -2152,6 +2282,107 @@ mod tests {
         assert!(segment(VM_1).is_ok());
     }
 
+    /// Reads one HTTP request (head and announced body) from `stream`.
+    fn read_request(stream: &mut std::net::TcpStream) -> String {
+        use std::io::Read;
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).unwrap();
+            request.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&request);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_owned)
+                    })
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    break;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&request).into_owned()
+    }
+
+    fn header_of(request: &str, name: &str) -> Option<String> {
+        request.lines().find_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            key.eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_owned())
+        })
+    }
+
+    #[test]
+    fn a_lost_answer_is_asked_again_with_the_same_key() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            // 1: the request arrives and the connection drops before any answer.
+            let (mut stream, _) = listener.accept().unwrap();
+            seen.push(read_request(&mut stream));
+            drop(stream);
+            // 2: a proxy in front says the orchestrator is briefly unavailable.
+            let (mut stream, _) = listener.accept().unwrap();
+            seen.push(read_request(&mut stream));
+            let body = r#"{"error":{"code":"unavailable","message":"moving"}}"#;
+            write!(
+                stream,
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            drop(stream);
+            // 3: the answer.
+            let (mut stream, _) = listener.accept().unwrap();
+            seen.push(read_request(&mut stream));
+            let body = r#"{"id":"j","seq":4,"replayed":true}"#;
+            write!(
+                stream,
+                "HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            seen
+        });
+        let client = Client::connect(&url, None, None).unwrap();
+        let value = client
+            .post::<BackupRequest>(&format!("/v1/vms/{VM_1}/backup"), None)
+            .unwrap();
+        assert_eq!(value["id"], "j");
+        let seen = server.join().unwrap();
+        let keys: Vec<_> = seen
+            .iter()
+            .map(|r| header_of(r, "idempotency-key").expect("every attempt has a key"))
+            .collect();
+        assert_eq!(keys.len(), 3);
+        assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+        assert_eq!(keys[0].len(), 32, "a random key of 16 bytes in hex");
+    }
+
+    #[test]
+    fn an_invocation_key_names_each_post_and_bad_keys_are_refused() {
+        let keys = RequestKeys::new(Some("nightly-2026-12-03")).unwrap();
+        assert_eq!(keys.next(), "nightly-2026-12-03");
+        assert_eq!(keys.next(), "nightly-2026-12-03/2");
+        assert_eq!(keys.next(), "nightly-2026-12-03/3");
+        let random = RequestKeys::new(None).unwrap();
+        assert_ne!(random.next(), RequestKeys::new(None).unwrap().next());
+        for bad in ["", "has space", "tab\t", &"k".repeat(MAX_KEY_LEN + 1)] {
+            let message = RequestKeys::new(Some(bad)).unwrap_err().to_string();
+            assert!(message.contains("--idempotency-key"), "{message}");
+        }
+    }
+
     /// Serves one canned HTTP answer on a loopback port; returns the URL and the thread that
     /// hands back the request it read.
     fn one_shot_server(
@@ -2162,38 +2393,14 @@ mod tests {
             "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        use std::io::{Read, Write};
+        use std::io::Write;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let handle = std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            // Read the head and, when announced, the body.
-            loop {
-                let n = stream.read(&mut buf).unwrap();
-                request.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&request);
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let length = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length: ")
-                                .map(str::to_owned)
-                        })
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    if body.len() >= length {
-                        break;
-                    }
-                }
-                if n == 0 {
-                    break;
-                }
-            }
+            let request = read_request(&mut stream);
             stream.write_all(answer.as_bytes()).unwrap();
-            String::from_utf8_lossy(&request).into_owned()
+            request
         });
         (url, handle)
     }

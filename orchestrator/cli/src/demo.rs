@@ -107,6 +107,7 @@ pub async fn run(
         handle
             .submit_as(
                 "demo".into(),
+                None,
                 Command::CreateGroup {
                     group,
                     name: GROUP.into(),

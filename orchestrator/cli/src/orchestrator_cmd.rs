@@ -411,13 +411,13 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
     // Commands that arrive over NATS: decided here, or routed to the owner.
     let decider: Decider = {
         let handle = handle.clone();
-        Arc::new(move |actor, command, local_only| {
+        Arc::new(move |actor, id, command, local_only| {
             let handle = handle.clone();
             Box::pin(async move {
                 if local_only {
-                    handle.submit_local(actor, command).await
+                    handle.submit_local(actor, id, command).await
                 } else {
-                    handle.submit_as(actor, command).await
+                    handle.submit_as(actor, id, command).await
                 }
             })
         })

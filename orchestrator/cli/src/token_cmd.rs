@@ -347,7 +347,7 @@ pub async fn bootstrap(control: &dyn Control, file: &Path, actor: &str) -> Resul
         secret_hash: hash,
         expires_in_secs: None,
     };
-    match control.submit(actor.to_string(), command).await {
+    match control.submit(actor.to_string(), None, command).await {
         Ok(_) => {
             tracing::info!(file = %file.display(), "made the admin token");
             Ok(secret)

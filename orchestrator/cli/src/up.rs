@@ -435,14 +435,14 @@ async fn serve(args: UpArgs) -> Result<i32> {
                 worker_version: env!("CARGO_PKG_VERSION").into(),
             };
             if let Err(e) = inventory_handle
-                .submit_as(format!("node:{node}"), register)
+                .submit_as(format!("node:{node}"), None, register)
                 .await
             {
                 tracing::error!(node = %node, error = %e, "could not register the node");
             }
             let repositories = repositories_command(node, &inventory_agents[*node]);
             if let Err(e) = inventory_handle
-                .submit_as(format!("node:{node}"), repositories)
+                .submit_as(format!("node:{node}"), None, repositories)
                 .await
             {
                 tracing::error!(node = %node, error = %e, "could not register the node's repositories");
@@ -634,7 +634,10 @@ pub async fn report_inventory(handle: &Handle<SledLog>, agent: &Arc<Agent>, node
     let Some(command) = inventory_command(agent, node).await else {
         return;
     };
-    if let Err(e) = handle.submit_as(format!("node:{node}"), command).await {
+    if let Err(e) = handle
+        .submit_as(format!("node:{node}"), None, command)
+        .await
+    {
         tracing::warn!(error = %e, "inventory report refused");
     }
 }
@@ -645,7 +648,10 @@ pub async fn report_space(handle: &Handle<SledLog>, node: &NodeId, repo_dir: &st
     let Some(command) = space_command(node, REPOSITORY_NAME, repo_dir).await else {
         return;
     };
-    if let Err(e) = handle.submit_as(format!("node:{node}"), command).await {
+    if let Err(e) = handle
+        .submit_as(format!("node:{node}"), None, command)
+        .await
+    {
         tracing::warn!(error = %e, "repository space report refused");
     }
 }

@@ -179,6 +179,7 @@ impl World {
         handle
             .submit_as(
                 "worker".into(),
+                None,
                 Command::RegisterNode {
                     node: node.clone(),
                     cluster: "local".into(),
@@ -193,6 +194,7 @@ impl World {
         handle
             .submit_as(
                 "worker".into(),
+                None,
                 Command::ReportInventory {
                     node,
                     vms: inventory.vms,
@@ -225,6 +227,7 @@ impl World {
         self.handle
             .submit_as(
                 "user:test".into(),
+                None,
                 Command::CreateGroup {
                     group,
                     name: "gold".into(),
@@ -557,6 +560,7 @@ async fn a_corrupted_replica_is_caught_paused_and_repaired_by_an_automatic_check
         .handle
         .submit_as(
             "user:test".into(),
+            None,
             Command::RequestVerify { job, vm: world.vm },
         )
         .await
@@ -585,6 +589,7 @@ async fn a_corrupted_replica_is_caught_paused_and_repaired_by_an_automatic_check
         .handle
         .submit_as(
             "user:test".into(),
+            None,
             Command::RequestBackup {
                 job: world.handle.new_job_id(),
                 vm: world.vm,

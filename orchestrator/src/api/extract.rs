@@ -14,10 +14,16 @@ use serde::de::DeserializeOwned;
 
 use super::{AppState, Error};
 
-/// Who issued a request: recorded as the actor of the events its command appends. Set by
-/// the authentication layer ([`super::middleware::authenticate`]) from the token.
+/// Who issued a request: recorded as the actor of the events its command appends, and the
+/// command id its `Idempotency-Key` names, if it sent one. Set by the authentication layer
+/// ([`super::middleware::authenticate`]) from the token and the header.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actor(pub String);
+pub struct Actor {
+    /// The principal's actor text (`user:alice (token …)`).
+    pub name: String,
+    /// The command id of the request's idempotency key ([`super::idempotency`]).
+    pub command_id: Option<cairn_schemas::CommandId>,
+}
 
 /// A JSON request body that must be present.
 #[derive(Debug)]

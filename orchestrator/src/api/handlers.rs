@@ -163,7 +163,10 @@ pub(super) async fn create_group(
         members,
         policy,
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::CREATED, Json(accepted)))
 }
 
@@ -178,7 +181,10 @@ pub(super) async fn request_backup(
         vm,
         mode: request.mode.unwrap_or_default().into(),
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
@@ -211,7 +217,10 @@ pub(super) async fn request_restore(
         rp,
         target,
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
@@ -242,14 +251,17 @@ pub(super) async fn cancel_job(
 ) -> Created {
     let reason = request
         .reason
-        .unwrap_or_else(|| format!("cancelled by {}", actor.0));
+        .unwrap_or_else(|| format!("cancelled by {}", actor.name));
     if reason.chars().count() > MAX_REASON_CHARS {
         return Err(Error::invalid_request(format!(
             "reason is longer than {MAX_REASON_CHARS} characters"
         )));
     }
     let command = Command::CancelJob { job, reason };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 

@@ -121,6 +121,9 @@ pub(super) async fn recover_items(
         rp,
         target,
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }

@@ -8,6 +8,7 @@
 //!   principal's role lacks is 403 `forbidden`, naming it; for an app owner, a VM, group or
 //!   job outside its scope is 404, exactly as if it did not exist, so names do not leak.
 //!
+//! It also reads `Idempotency-Key` into the [`Actor`] (400 `invalid_request` if malformed).
 //! Handlers read only the [`Principal`] and [`Actor`] extensions, never headers.
 
 use crate::error_code::ErrorCode;
@@ -63,9 +64,30 @@ pub(super) async fn authenticate(
             return err.into_response();
         }
     };
-    request.extensions_mut().insert(Actor(principal.actor()));
+    let name = principal.actor();
+    let command_id = match idempotency_key(&request) {
+        Ok(key) => key.map(|key| super::idempotency::command_id(&name, key)),
+        Err(err) => {
+            let err = Error::invalid_request(err.to_string());
+            tracing::info!(target: "cairn::api", path = request.uri().path(), error = %err, "request refused");
+            return err.into_response();
+        }
+    };
+    request.extensions_mut().insert(Actor { name, command_id });
     request.extensions_mut().insert(principal);
     next.run(request).await
+}
+
+/// The request's `Idempotency-Key`, checked.
+fn idempotency_key(request: &Request) -> Result<Option<&str>, super::idempotency::KeyError> {
+    let mut values = request.headers().get_all(super::idempotency::HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(super::idempotency::KeyError::Repeated);
+    }
+    super::idempotency::check(value.as_bytes()).map(Some)
 }
 
 fn principal_of(state: &AppState, request: &Request) -> Result<Principal, Error> {

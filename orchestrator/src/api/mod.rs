@@ -58,6 +58,7 @@ mod error;
 mod extract;
 mod handlers;
 pub mod host;
+pub mod idempotency;
 mod items;
 mod json_only;
 mod middleware;

@@ -36,7 +36,10 @@ pub(super) async fn set_policy(
     state.control.group(&group.to_string())?;
     let policy = policy_from_view(&view, None, &state.control.default_repository())?;
     let command = Command::ChangeGroupPolicy { group, policy };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::OK, Json(accepted)))
 }
 
@@ -56,7 +59,10 @@ pub(super) async fn request_check(
         job: state.control.new_job_id(),
         vm,
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
@@ -69,7 +75,10 @@ pub(super) async fn request_verify(
         job: state.control.new_job_id(),
         vm,
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
@@ -85,7 +94,10 @@ pub(super) async fn import_seed(
         vm,
         seed: request.seed,
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 

@@ -239,7 +239,10 @@ pub(super) async fn request_recover(
             new_name: request.name,
         },
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 

@@ -51,7 +51,10 @@ pub(super) async fn delete_rps(
 ) -> Done {
     let rps = parse_rps(&request)?;
     let command = Command::DeleteRecoveryPoints { vm, rps };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::OK, Json(accepted)))
 }
 
@@ -64,7 +67,10 @@ pub(super) async fn undelete_rps(
 ) -> Done {
     let rps = parse_rps(&request)?;
     let command = Command::UndeleteRecoveryPoints { vm, rps };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::OK, Json(accepted)))
 }
 
@@ -79,7 +85,10 @@ pub(super) async fn delete_group(
         group,
         delete_recovery_points: request.delete_recovery_points,
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::OK, Json(accepted)))
 }
 
@@ -129,7 +138,10 @@ pub(super) async fn edit_members(
         remove,
         delete_recovery_points: request.delete_recovery_points,
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::OK, Json(accepted)))
 }
 
@@ -149,7 +161,10 @@ pub(super) async fn set_retention_lock(
         days,
         by_admin: caller.role == Role::Admin,
     };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::OK, Json(accepted)))
 }
 
@@ -163,6 +178,9 @@ pub(super) async fn set_soft_delete(
     let days = u16::try_from(request.days)
         .map_err(|_| Error::invalid_request(format!("days {} is too large", request.days)))?;
     let command = Command::SetSoftDeletePeriod { group, days };
-    let accepted = state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
     Ok((StatusCode::OK, Json(accepted)))
 }

@@ -75,6 +75,8 @@ struct Fake {
     /// poll is parked without sleeping.
     waiting: Notify,
     submitted: Mutex<Vec<(String, Command)>>,
+    /// The command id of each submitted command (from its `Idempotency-Key`).
+    command_ids: Mutex<Vec<Option<cairn_schemas::CommandId>>>,
     /// When set, `submit` answers with this error.
     submit_error: Mutex<Option<ControlError>>,
     audit: AuditReport,
@@ -198,6 +200,7 @@ impl Fake {
             event_added: Notify::new(),
             waiting: Notify::new(),
             submitted: Mutex::new(Vec::new()),
+            command_ids: Mutex::new(Vec::new()),
             submit_error: Mutex::new(None),
             audit: AuditReport {
                 ok: true,
@@ -349,6 +352,7 @@ impl Control for Fake {
     fn submit(
         &self,
         actor: String,
+        command_id: Option<cairn_schemas::CommandId>,
         command: Command,
     ) -> BoxFuture<'_, Result<Accepted, ControlError>> {
         Box::pin(async move {
@@ -358,9 +362,11 @@ impl Control for Fake {
             let id = self.check(&command)?;
             let mut submitted = self.submitted.lock().unwrap();
             submitted.push((actor, command));
+            self.command_ids.lock().unwrap().push(command_id);
             Ok(Accepted {
                 id,
                 seq: 100 + submitted.len() as u64,
+                replayed: false,
             })
         })
     }

@@ -51,7 +51,22 @@ pub(super) async fn create_token(
         secret_hash: auth::secret_hash(&secret),
         expires_in_secs: request.expires_in_secs,
     };
-    state.control.submit(actor.0, command).await?;
+    let accepted = state
+        .control
+        .submit(actor.name, actor.command_id, command)
+        .await?;
+    if accepted.replayed {
+        // The secret exists only in the first answer; it is never stored.
+        return Err(Error::Control(ControlError::Conflict {
+            code: ErrorCode::SecretShownOnce,
+            message: format!(
+                "token {} was made by the first request with this Idempotency-Key, and its \
+                 secret was shown only in that answer; if it is lost, revoke the token and \
+                 make another",
+                accepted.id
+            ),
+        }));
+    }
     let view = find(&state, &token)?;
     tracing::info!(target: "cairn::api", token = %token, name = %view.name, role = %view.role, "token created");
     Ok((
@@ -70,7 +85,7 @@ pub(super) async fn revoke_token(
 ) -> Result<Json<TokenView>, Error> {
     state
         .control
-        .submit(actor.0, Command::RevokeToken { token })
+        .submit(actor.name, actor.command_id, Command::RevokeToken { token })
         .await?;
     let view = find(&state, &token)?;
     tracing::info!(target: "cairn::api", token = %token, name = %view.name, "token revoked");

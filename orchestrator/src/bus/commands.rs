@@ -214,17 +214,20 @@ pub async fn request_command(
 }
 
 impl CommandRouter for NatsRouter {
+    /// A command without an id gets a fresh one here, so the retries below (and the owner's
+    /// retries of its append) cannot make it twice.
     fn forward(
         &self,
         partition: u16,
         actor: String,
+        id: Option<CommandId>,
         command: Command,
     ) -> BoxFuture<'static, Result<Accepted, ControlError>> {
         let client = self.client.clone();
         let timeout = self.request_timeout;
         Box::pin(async move {
             let envelope = CommandEnvelope {
-                id: new_command_id(),
+                id: id.unwrap_or_else(new_command_id),
                 actor,
                 traceparent: None,
                 command,
@@ -234,9 +237,16 @@ impl CommandRouter for NatsRouter {
     }
 }
 
-/// What decides a command that arrived over NATS: `(actor, command, local_only)`.
+/// What decides a command that arrived over NATS: `(actor, id, command, local_only)`. The id
+/// is the envelope's for commands forwarded by an orchestrator (idempotent at the owner), and
+/// `None` for a node's own commands (registrations and reports, which repeat harmlessly).
 pub type Decider = Arc<
-    dyn Fn(String, Command, bool) -> BoxFuture<'static, Result<Accepted, ControlError>>
+    dyn Fn(
+            String,
+            Option<CommandId>,
+            Command,
+            bool,
+        ) -> BoxFuture<'static, Result<Accepted, ControlError>>
         + Send
         + Sync,
 >;
@@ -305,18 +315,18 @@ pub async fn serve(mut sub: async_nats::Subscriber, client: Client, decide: Deci
             match codec::decode_command(&message.payload) {
                 Ok(envelope) => {
                     let checked = match entry {
-                        Entry::Owner => Ok((envelope.actor.clone(), true)),
+                        Entry::Owner => Ok((envelope.actor.clone(), Some(envelope.id), true)),
                         Entry::Node => check_node_command(&message.subject, &envelope.command)
-                            .map(|actor| (actor, false)),
+                            .map(|actor| (actor, None, false)),
                     };
                     match checked {
-                        Ok((actor, local_only)) => {
+                        Ok((actor, id, local_only)) => {
                             let decide = decide.clone();
                             // Each command on a task of its own: a forwarded one may wait for
                             // its owner while others are served.
                             let client = client.clone();
                             tokio::spawn(async move {
-                                let result = decide(actor, envelope.command, local_only).await;
+                                let result = decide(actor, id, envelope.command, local_only).await;
                                 let reply = WireReply::of(&result).encode();
                                 if let Err(e) = client.publish(reply_to, reply.into()).await {
                                     tracing::debug!(error = %e, "could not send a command reply");
@@ -353,6 +363,7 @@ mod tests {
         let ok: Result<Accepted, ControlError> = Ok(Accepted {
             id: "x".into(),
             seq: 7,
+            replayed: true,
         });
         let back = WireReply::decode(&WireReply::of(&ok).encode()).unwrap();
         assert_eq!(back.into_result(), ok);

@@ -73,11 +73,13 @@ pub trait StepSink: Send + Sync {
 /// Where commands for partitions this instance does not own go (distributed: a NATS request
 /// to the owner). Without one, such commands are refused as unavailable.
 pub trait CommandRouter: Send + Sync {
-    /// Submits `command` as `actor` to the owner of `partition`.
+    /// Submits `command` as `actor` to the owner of `partition`, under `id` (the client's,
+    /// for an idempotent command) or a fresh id.
     fn forward(
         &self,
         partition: u16,
         actor: String,
+        id: Option<CommandId>,
         command: Command,
     ) -> BoxFuture<'static, Result<Accepted, ControlError>>;
 }
@@ -111,6 +113,7 @@ pub enum Error {
 enum Input {
     Submit {
         actor: String,
+        id: Option<CommandId>,
         command: Command,
         reply: oneshot::Sender<Result<Accepted, ControlError>>,
     },
@@ -286,8 +289,8 @@ impl<L: EventLog + 'static> Engine<L> {
             tokio::select! {
                 _ = &mut shutdown => break,
                 input = self.rx.recv() => match input {
-                    Some(Input::Submit { actor, command, reply }) => {
-                        let result = self.submit(&actor, command).await;
+                    Some(Input::Submit { actor, id, command, reply }) => {
+                        let result = self.submit(&actor, id, command).await;
                         let _ = reply.send(result);
                     }
                     Some(Input::Report(report, sender, done)) => {
@@ -327,7 +330,17 @@ impl<L: EventLog + 'static> Engine<L> {
     /// Decides and commits a command of a partition this instance owns. A version conflict
     /// (another instance wrote one of the aggregates since this one read it) catches up with
     /// the log and decides again, a few times.
-    async fn submit(&mut self, actor: &str, command: Command) -> Result<Accepted, ControlError> {
+    ///
+    /// With an `id` the command is idempotent: if an append carrying that id was made before
+    /// (by this instance or any other, at any time the log remembers), the first answer is
+    /// returned, marked as replayed, and nothing is decided or appended. The id goes on the
+    /// command's first append; the log refuses to store it twice.
+    async fn submit(
+        &mut self,
+        actor: &str,
+        id: Option<CommandId>,
+        command: Command,
+    ) -> Result<Accepted, ControlError> {
         let partition = {
             let state = self.shared.state.read().expect("state lock");
             command_partition(&state, &command, self.shared.config.partitions)
@@ -340,7 +353,14 @@ impl<L: EventLog + 'static> Engine<L> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.submit_once(actor, &command).await {
+            if let Some(id) = id {
+                match self.shared.log.processed(id).await {
+                    Ok(Some(earlier)) => return Ok(replayed_answer(&command, &earlier)),
+                    Ok(None) => {}
+                    Err(e) => return Err(ControlError::Internal(e.to_string())),
+                }
+            }
+            match self.submit_once(actor, id, &command).await {
                 Err(e) if is_version_conflict(&e) && attempt < 4 => {
                     tracing::debug!(attempt, error = %e, "version conflict; catching up");
                     self.catch_up_to_log().await;
@@ -353,24 +373,26 @@ impl<L: EventLog + 'static> Engine<L> {
     async fn submit_once(
         &mut self,
         actor: &str,
+        command_id: Option<CommandId>,
         command: &Command,
     ) -> Result<Accepted, ControlError> {
-        let command = command.clone();
         let now = self.now();
-        let command_id = command_id_of(&command);
         let emits = {
             let state = self.shared.state.read().expect("state lock");
-            decide(&state, &command, now)?
+            decide(&state, command, now)?
         };
-        let id = created_id(&command);
-        let single = emits.len() == 1;
+        let id = created_id(command);
         let mut jobs = BTreeSet::new();
-        for emit in emits {
+        for (idx, emit) in emits.into_iter().enumerate() {
             if let Aggregate::Job(job) = emit.aggregate {
                 jobs.insert(job);
             }
-            self.commit(emit, actor, if single { command_id } else { None })
-                .await?;
+            let tagged = if idx == 0 { command_id } else { None };
+            if let Some(earlier) = self.commit(emit, actor, tagged).await?.earlier {
+                // The log had the command already (it raced past the check above, e.g. a
+                // crash between the append and its index entry): the first answer stands.
+                return Ok(replayed_answer(command, &earlier));
+            }
         }
         for job in jobs {
             self.reconcile_job(job).await;
@@ -378,6 +400,7 @@ impl<L: EventLog + 'static> Engine<L> {
         Ok(Accepted {
             id,
             seq: *self.shared.seq.borrow(),
+            replayed: false,
         })
     }
 
@@ -479,12 +502,12 @@ impl<L: EventLog + 'static> Engine<L> {
         let partition =
             cairn_schemas::subjects::partition_of_node(node, self.shared.config.partitions);
         if self.shared.ownership.get(partition).is_some() {
-            if let Err(e) = self.submit(&actor, command).await {
+            if let Err(e) = self.submit(&actor, None, command).await {
                 tracing::warn!(error = %e, "could not record a refused report");
             }
         } else if let Some(router) = self.shared.router.get().cloned() {
             tokio::spawn(async move {
-                if let Err(e) = router.forward(partition, actor, command).await {
+                if let Err(e) = router.forward(partition, actor, None, command).await {
                     tracing::warn!(error = %e, "could not record a refused report");
                 }
             });
@@ -818,12 +841,14 @@ impl<L: EventLog + 'static> Engine<L> {
     }
 
     /// Appends one aggregate's events, applies them, then dispatches the steps they decided.
+    /// When the log already had `command`, nothing is appended and the earlier events come
+    /// back in [`Committed::earlier`].
     async fn commit(
         &mut self,
         emit: Emit,
         actor: &str,
         command: Option<CommandId>,
-    ) -> Result<u64, ControlError> {
+    ) -> Result<Committed, ControlError> {
         let now = self.now();
         let correlation = match &emit.aggregate {
             Aggregate::Job(job) => Some(*job),
@@ -836,7 +861,7 @@ impl<L: EventLog + 'static> Engine<L> {
                 state.partition_of(&emit.aggregate, &emit.events, self.shared.config.partitions),
             )
         };
-        let events = emit
+        let events: Vec<NewEvent> = emit
             .events
             .into_iter()
             .map(|payload| NewEvent {
@@ -848,6 +873,7 @@ impl<L: EventLog + 'static> Engine<L> {
                 payload,
             })
             .collect();
+        let first_event = events.first().map(|e| e.event_id);
         let request = AppendRequest {
             aggregate: emit.aggregate,
             partition,
@@ -873,6 +899,11 @@ impl<L: EventLog + 'static> Engine<L> {
             },
             e => ControlError::Internal(e.to_string()),
         })?;
+        if command.is_some() && stored.first().map(|s| s.envelope.event_id) != first_event {
+            return Ok(Committed {
+                earlier: Some(stored),
+            });
+        }
         let mut specs = Vec::new();
         let mut cancels = Vec::new();
         for s in &stored {
@@ -894,7 +925,7 @@ impl<L: EventLog + 'static> Engine<L> {
             tracing::info!(job = %spec.job, step = %spec.step, attempt = spec.attempt, node = %spec.node, "dispatching step");
             self.steps.dispatch(spec);
         }
-        Ok(last)
+        Ok(Committed { earlier: None })
     }
 
     async fn maybe_snapshot(&mut self, force: bool) {
@@ -919,8 +950,36 @@ impl<L: EventLog + 'static> Engine<L> {
     }
 }
 
-fn command_id_of(_command: &Command) -> Option<CommandId> {
-    None
+/// What [`Engine::commit`] did.
+struct Committed {
+    /// The events an earlier append of the same command stored; nothing was appended.
+    earlier: Option<Vec<crate::log::StoredEvent>>,
+}
+
+/// The answer a command gave the first time, from the events its first append stored: the
+/// created thing's id (for commands that create, the aggregate the first time created; for
+/// the others, the one the command names) and the last of those events.
+fn replayed_answer(command: &Command, earlier: &[crate::log::StoredEvent]) -> Accepted {
+    let creates = matches!(
+        command,
+        Command::CreateGroup { .. }
+            | Command::RequestBackup { .. }
+            | Command::RequestConsistencyCheck { .. }
+            | Command::RequestRestore { .. }
+            | Command::RequestRecovery { .. }
+            | Command::ImportSeed { .. }
+            | Command::RequestVerify { .. }
+            | Command::CreateToken { .. }
+    );
+    let id = match earlier.first() {
+        Some(first) if creates => first.envelope.aggregate.id_string(),
+        _ => created_id(command),
+    };
+    Accepted {
+        id,
+        seq: earlier.last().map_or(0, |s| s.seq),
+        replayed: true,
+    }
 }
 
 fn is_version_conflict(e: &ControlError) -> bool {
@@ -1055,19 +1114,21 @@ impl<L: EventLog + 'static> Handle<L> {
     }
 
     /// Submits a command as `actor`: to this instance's engine when it owns the command's
-    /// partition, otherwise through the router to the owner.
+    /// partition, otherwise through the router to the owner. With an `id` the command is
+    /// idempotent wherever it is decided: a repeat returns the first answer.
     pub async fn submit_as(
         &self,
         actor: String,
+        id: Option<CommandId>,
         command: Command,
     ) -> Result<Accepted, ControlError> {
         let partition = self.command_partition(&command);
         if self.shared.ownership.get(partition).is_none()
             && let Some(router) = self.shared.router.get()
         {
-            return router.forward(partition, actor, command).await;
+            return router.forward(partition, actor, id, command).await;
         }
-        self.submit_local(actor, command).await
+        self.submit_local(actor, id, command).await
     }
 
     /// Submits a command to this instance's engine only (a command forwarded here by
@@ -1076,6 +1137,7 @@ impl<L: EventLog + 'static> Handle<L> {
     pub async fn submit_local(
         &self,
         actor: String,
+        id: Option<CommandId>,
         command: Command,
     ) -> Result<Accepted, ControlError> {
         let (reply, rx) = oneshot::channel();
@@ -1083,6 +1145,7 @@ impl<L: EventLog + 'static> Handle<L> {
             .tx
             .send(Input::Submit {
                 actor,
+                id,
                 command,
                 reply,
             })
@@ -1155,9 +1218,10 @@ impl<L: EventLog + 'static> Control for Handle<L> {
     fn submit(
         &self,
         actor: String,
+        id: Option<CommandId>,
         command: Command,
     ) -> BoxFuture<'_, Result<Accepted, ControlError>> {
-        Box::pin(self.submit_as(actor, command))
+        Box::pin(self.submit_as(actor, id, command))
     }
 
     fn events(

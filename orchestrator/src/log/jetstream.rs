@@ -1258,6 +1258,17 @@ impl EventLog for JetStreamLog {
         self.inner.append(request).await
     }
 
+    async fn processed(&self, command: CommandId) -> Result<Option<Vec<StoredEvent>>, Error> {
+        match self.inner.command_record(command).await? {
+            Some(stream_seq) => self
+                .inner
+                .earlier_append(stream_seq, Some(command))
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
     async fn read_from(&self, from_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
         self.inner.read_from(from_seq, limit).await
     }

@@ -259,6 +259,13 @@ pub trait EventLog: Send + Sync {
         request: AppendRequest,
     ) -> impl Future<Output = Result<Vec<StoredEvent>, Error>> + Send;
 
+    /// The events an earlier append carrying `command` stored, once durable; `None` if no
+    /// append carried it. The index behind it outlives the log's own deduplication windows.
+    fn processed(
+        &self,
+        command: CommandId,
+    ) -> impl Future<Output = Result<Option<Vec<StoredEvent>>, Error>> + Send;
+
     /// Up to `limit` durable events with `seq >= from_seq`, in order.
     fn read_from(
         &self,

@@ -52,7 +52,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use ::sled::{Db, Transactional, Tree};
-use cairn_schemas::{Aggregate, Envelope};
+use cairn_schemas::{Aggregate, CommandId, Envelope};
 use tokio::sync::watch;
 
 use crate::audit::chain::{link_hash, link_is_keyed};
@@ -838,6 +838,24 @@ impl Inner {
         }
     }
 
+    /// The events of an earlier append of `command`, once durable (blocking).
+    fn processed(&self, command: CommandId) -> Result<Option<Vec<StoredEvent>>, Error> {
+        let Some(entry) = self
+            .commands
+            .get(command.as_bytes())
+            .map_err(|err| storage("reading the command index", err))?
+        else {
+            return Ok(None);
+        };
+        let (first_seq, count) = parse_command_entry(&entry).ok_or_else(|| Error::Storage {
+            context: format!("reading the command index entry of {command}"),
+            source: "malformed entry".into(),
+        })?;
+        let last = first_seq + u64::from(count) - 1;
+        self.wait_durable(last)?;
+        self.read_range(first_seq, last, count as usize).map(Some)
+    }
+
     /// Commits, then waits until the events are durable (blocking).
     fn append(&self, request: AppendRequest) -> Result<Vec<StoredEvent>, Error> {
         let stored = match self.commit(request)? {
@@ -1154,6 +1172,10 @@ impl EventLog for SledLog {
         // Commit and flush on one blocking thread: every thread hop costs more than the
         // commit itself on small machines.
         self.blocking(move |inner| inner.append(request)).await
+    }
+
+    async fn processed(&self, command: CommandId) -> Result<Option<Vec<StoredEvent>>, Error> {
+        self.blocking(move |inner| inner.processed(command)).await
     }
 
     async fn read_from(&self, from_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, Error> {
