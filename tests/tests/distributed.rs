@@ -456,6 +456,71 @@ fn a_three_node_nats_cluster_keeps_working_with_one_node_down() {
     check_recovery_points(&lab, &addr, &ids, 2);
 }
 
+/// POST a backup of `vm` through `addr` with `key`; the job id and whether it was replayed.
+fn keyed_backup(addr: &str, vm: &str, key: &str) -> (String, bool) {
+    let (status, body) = http_with(
+        addr,
+        token_for(addr).as_deref(),
+        &[("Idempotency-Key", key)],
+        "POST",
+        &format!("/v1/vms/{vm}/backup"),
+        Some("{}"),
+    );
+    assert_eq!(status, 202, "keyed backup of {vm} via {addr}: {body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    (
+        answer["id"].as_str().unwrap().to_string(),
+        answer["replayed"] == true,
+    )
+}
+
+#[test]
+fn a_post_repeated_through_each_of_two_orchestrators_makes_one_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path());
+    let lab = Lab::new(LabNats::Plain(nats.url()), 1, 4, dir);
+    let orchestrators = [lab.orchestrator(0, &[]), lab.orchestrator(1, &[])];
+    let _worker = lab.worker(0, &[]);
+    let [a, b] = orchestrators.each_ref().map(|o| o.addr.clone().unwrap());
+    let ids = vm_ids(&a, 4);
+    wait_until(
+        Duration::from_secs(60),
+        "both orchestrators owning partitions",
+        || {
+            orchestrators.iter().all(|o| {
+                std::fs::read_to_string(&o.log).is_ok_and(|log| log.contains("owning partition"))
+            })
+        },
+    );
+    // Each VM's partition has one owner, so for every VM one of the two requests is
+    // forwarded over NATS: first through A then B for half of them, the other way round for
+    // the rest. Then once more through the first.
+    let mut jobs = Vec::new();
+    for (i, vm) in ids.values().enumerate() {
+        let (first, second) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let key = format!("run-42-{i}");
+        let (job, replayed) = keyed_backup(first, vm, &key);
+        assert!(!replayed, "the first request of {vm} is new");
+        assert_eq!(keyed_backup(second, vm, &key), (job.clone(), true), "{vm}");
+        assert_eq!(keyed_backup(first, vm, &key), (job.clone(), true), "{vm}");
+        jobs.push(job);
+    }
+    wait_all_succeeded(&a, &jobs, Duration::from_secs(120));
+    let backups: Vec<String> = get(&b, "/v1/jobs")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["kind"] == "Backup")
+        .map(|j| j["job"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        backups.iter().collect::<BTreeSet<_>>(),
+        jobs.iter().collect::<BTreeSet<_>>(),
+        "one job per VM, whichever orchestrator was asked"
+    );
+    assert_eq!(backups.len(), 4, "{backups:?}");
+}
+
 #[test]
 fn a_token_revoked_through_one_orchestrator_is_refused_by_the_other_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
