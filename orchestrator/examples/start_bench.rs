@@ -23,9 +23,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cairn_orchestrator::clock::SystemClock;
 use cairn_orchestrator::engine::decide::{Emit, decide, request_backup};
 use cairn_orchestrator::engine::jobs::{EngineConfig, Liveness, on_report, reconcile};
-use cairn_orchestrator::engine::service::{Engine, EngineOptions, StepSink, SystemClock};
+use cairn_orchestrator::engine::ports::StepSink;
+use cairn_orchestrator::engine::service::{Engine, EngineOptions};
 use cairn_orchestrator::engine::snapshot;
 use cairn_orchestrator::engine::state::{State, StepStatus};
 use cairn_orchestrator::log::{
@@ -792,7 +794,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

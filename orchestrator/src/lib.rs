@@ -4,6 +4,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod bus;
+pub mod clock;
 pub mod control;
 pub mod engine;
 pub mod error_code;

@@ -27,11 +27,13 @@ fn dependencies(manifest: &str) -> Vec<String> {
             }
             continue;
         }
-        if in_deps && !line.is_empty() && !line.starts_with('#') {
-            if let Some((key, _)) = line.split_once('=') {
-                let key = key.trim();
-                names.push(key.split('.').next().unwrap_or(key).trim().to_owned());
-            }
+        if in_deps
+            && !line.is_empty()
+            && !line.starts_with('#')
+            && let Some((key, _)) = line.split_once('=')
+        {
+            let key = key.trim();
+            names.push(key.split('.').next().unwrap_or(key).trim().to_owned());
         }
     }
     names

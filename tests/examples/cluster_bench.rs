@@ -28,7 +28,7 @@ use std::path::Path;
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cairn_orchestrator::bus::{self, LeaseValue, NatsOptions, WorkerBus};
@@ -64,10 +64,7 @@ fn main() -> Result<()> {
 // Processes and measurements
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
+    cairn_orchestrator::clock::wall_ms()
 }
 
 fn machine_load() -> String {
@@ -729,11 +726,11 @@ fn load_in(secs: u64, nodes: usize, per_node: usize, root: &Path) -> Result<()> 
             while !stop.load(Ordering::Relaxed) {
                 for e in reader.poll()? {
                     event_count.fetch_add(1, Ordering::Relaxed);
-                    if e["name"] == "JobSucceeded" {
-                        if let Some(job) = e["correlation"].as_str() {
-                            let at = e["recorded_at"].as_u64().unwrap_or(0);
-                            succeeded.lock().expect("map").insert(job.to_string(), at);
-                        }
+                    if e["name"] == "JobSucceeded"
+                        && let Some(job) = e["correlation"].as_str()
+                    {
+                        let at = e["recorded_at"].as_u64().unwrap_or(0);
+                        succeeded.lock().expect("map").insert(job.to_string(), at);
                     }
                 }
                 std::thread::sleep(Duration::from_secs(1));

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use cairn_orchestrator::bus::commands::WireReply;
 use cairn_orchestrator::bus::{self, NatsOptions, NatsStepSink, ReportCallback, ReportConsumer};
-use cairn_orchestrator::engine::service::StepSink;
+use cairn_orchestrator::engine::ports::StepSink;
 use cairn_orchestrator::views::Accepted;
 use cairn_schemas::{
     BrowseRequest, Command as CairnCommand, Consistency, ConsistencyWanted, DiskSource, JobId,

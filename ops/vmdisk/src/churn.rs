@@ -33,7 +33,7 @@ impl ChurnSpec {
                 self.percent
             )));
         }
-        if self.block == 0 || self.block % 512 != 0 {
+        if self.block == 0 || !self.block.is_multiple_of(512) {
             return Err(Error::Spec(format!(
                 "churn block must be a positive multiple of 512 bytes, not {}",
                 self.block

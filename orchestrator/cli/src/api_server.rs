@@ -93,13 +93,13 @@ impl ApiServer {
     /// name the certificate is likely made for), else the bound address, with 127.0.0.1 (or
     /// ::1) in place of a wildcard address.
     pub fn client_url(&self, bound: SocketAddr) -> String {
-        if self.tls.is_some() {
-            if let Some(name) = self.api_hosts.first() {
-                return match name.port() {
-                    Some(_) => format!("https://{name}"),
-                    None => format!("https://{name}:{}", bound.port()),
-                };
-            }
+        if self.tls.is_some()
+            && let Some(name) = self.api_hosts.first()
+        {
+            return match name.port() {
+                Some(_) => format!("https://{name}"),
+                None => format!("https://{name}:{}", bound.port()),
+            };
         }
         let mut addr = bound;
         if addr.ip().is_unspecified() {

@@ -21,10 +21,11 @@ use cairn_orchestrator::audit::{
 use cairn_orchestrator::bus::commands::{self, Decider, Entry, NatsRouter, QUEUE_GROUP};
 use cairn_orchestrator::bus::lease::{LeaseChange, LeaseConfig, LeaseManager, lease_bucket};
 use cairn_orchestrator::bus::{self, NatsOptions};
+use cairn_orchestrator::clock::SystemClock;
 use cairn_orchestrator::control::Control;
 use cairn_orchestrator::engine::jobs::EngineConfig;
 use cairn_orchestrator::engine::ownership::Ownership;
-use cairn_orchestrator::engine::service::{Engine, EngineOptions, SystemClock};
+use cairn_orchestrator::engine::service::{Engine, EngineOptions};
 use cairn_orchestrator::log::{JetStreamLog, JetStreamLogConfig};
 use cairn_orchestrator::notify::address::{AllowEntry, AllowList};
 use cairn_orchestrator::notify::webhook::{self, CertificateDer};
@@ -503,9 +504,7 @@ async fn serve(settings: Settings, args_bootstrap: Option<PathBuf>) -> Result<i3
         let mut every = tokio::time::interval(Duration::from_secs(2));
         loop {
             every.tick().await;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let now = cairn_orchestrator::clock::wall_ms();
             let silent = watcher.silent_nodes(now, 10_000);
             liveness_handle.nodes_silent(silent).await;
         }

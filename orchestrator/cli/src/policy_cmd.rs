@@ -636,7 +636,7 @@ pub fn render_calendar(days: &[CalendarDayView]) -> String {
                 .get(&d)
                 .map_or_else(|| ".".to_owned(), |n| n.to_string());
             line.push_str(&format!("{cell:>4}"));
-            if (lead + d as usize) % 7 == 0 {
+            if (lead + d as usize).is_multiple_of(7) {
                 out.push_str(line.trim_end());
                 out.push('\n');
                 line = format!("{:<12}", "");
@@ -743,9 +743,7 @@ pub fn seed_export(args: &SeedExportArgs) -> Result<i32> {
             source.as_mut(),
             &repo::BackupOptions {
                 disk: lineage,
-                now_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
+                now_ms: cairn_orchestrator::clock::wall_ms(),
                 threads: 0,
                 rp: None,
                 unchanged_since: None,

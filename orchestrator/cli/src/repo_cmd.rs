@@ -151,9 +151,7 @@ pub(crate) fn key_file_for(dir: &Path, given: Option<&Path>) -> Option<PathBuf> 
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    cairn_orchestrator::clock::wall_ms()
 }
 
 fn rate(bytes: u64, started: Instant) -> String {

@@ -31,11 +31,11 @@ use cairn_orchestrator::audit::keys as audit_keys;
 use cairn_orchestrator::audit::{
     CheckpointPolicy, CheckpointTrust, Checkpointer, CheckpointerConfig, FolderSink,
 };
+use cairn_orchestrator::clock::{Clock, SystemClock};
 use cairn_orchestrator::control::BoxFuture;
 use cairn_orchestrator::engine::jobs::EngineConfig;
-use cairn_orchestrator::engine::service::{
-    Clock, Engine, EngineOptions, Handle, StepSink, SystemClock,
-};
+use cairn_orchestrator::engine::ports::StepSink;
+use cairn_orchestrator::engine::service::{Engine, EngineOptions, Handle};
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
 use cairn_orchestrator::notify::address::{AllowEntry, AllowList};
 use cairn_orchestrator::notify::webhook;

@@ -16,9 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use cairn_orchestrator::clock::Clock;
 use cairn_orchestrator::control::Control;
 use cairn_orchestrator::engine::jobs::EngineConfig;
-use cairn_orchestrator::engine::service::{Clock, Engine, EngineOptions, Handle, StepSink};
+use cairn_orchestrator::engine::ports::StepSink;
+use cairn_orchestrator::engine::service::{Engine, EngineOptions, Handle};
 use cairn_orchestrator::engine::state::State;
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
 use cairn_orchestrator::policy::retention::RetentionMark;

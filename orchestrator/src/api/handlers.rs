@@ -88,13 +88,13 @@ pub(super) async fn list_jobs(
     Caller(caller): Caller,
     QueryParams(query): QueryParams<JobsQuery>,
 ) -> Answer<Vec<JobView>> {
-    if let Some(wanted) = &query.state {
-        if !JOB_STATES.contains(&wanted.as_str()) {
-            return Err(Error::invalid_request(format!(
-                "state {wanted:?} is not a job state, use one of {}",
-                JOB_STATES.join(", ")
-            )));
-        }
+    if let Some(wanted) = &query.state
+        && !JOB_STATES.contains(&wanted.as_str())
+    {
+        return Err(Error::invalid_request(format!(
+            "state {wanted:?} is not a job state, use one of {}",
+            JOB_STATES.join(", ")
+        )));
     }
     let vm = query
         .vm

@@ -63,10 +63,10 @@ impl ApiHost {
         let (host, port) = split_host_port(text).ok_or_else(|| {
             bad("not NAME, NAME:PORT, an IP address or [IPv6]:PORT (e.g. cairn.example.net:7480)")
         })?;
-        if let Some(port) = port {
-            if port == 0 {
-                return Err(bad("port 0 is not a port a client can use"));
-            }
+        if let Some(port) = port
+            && port == 0
+        {
+            return Err(bad("port 0 is not a port a client can use"));
         }
         let host = host.to_ascii_lowercase();
         if host.parse::<IpAddr>().is_err() && !is_dns_name(&host) {

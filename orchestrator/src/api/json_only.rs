@@ -31,10 +31,10 @@ pub(super) async fn require_json(request: Request, next: Next) -> Response {
     let has_content_type = request.headers().contains_key(CONTENT_TYPE);
     // `upper() == Some(0)`: the body is known to be empty (no body, or `Content-Length: 0`).
     let has_body = request.body().size_hint().upper() != Some(0);
-    if has_content_type || has_body {
-        if let Err(err) = check_json_content_type(request.headers()) {
-            return err.into_response();
-        }
+    if (has_content_type || has_body)
+        && let Err(err) = check_json_content_type(request.headers())
+    {
+        return err.into_response();
     }
     next.run(request).await
 }

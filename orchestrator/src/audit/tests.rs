@@ -9,7 +9,7 @@ use cairn_schemas::{Aggregate, EventId, JobEvent, JobId, StepId};
 use ed25519_dalek::SigningKey;
 
 use super::*;
-use crate::engine::service::Clock;
+use crate::clock::Clock;
 use crate::log::{AppendRequest, EventLog, NewEvent, SledLog, SledLogConfig};
 
 const T0: u64 = 1_767_225_600_000;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 
-use crate::engine::service::Clock;
+use crate::clock::Clock;
 use crate::log::EventLog;
 
 use super::chain::RunningDigest;

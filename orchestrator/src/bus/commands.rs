@@ -31,7 +31,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::control::{BoxFuture, ControlError};
-use crate::engine::service::CommandRouter;
+use crate::engine::ports::CommandRouter;
 use crate::views::Accepted;
 
 /// Queue group of the orchestrators on the node command subjects
@@ -165,12 +165,7 @@ impl NatsRouter {
 }
 
 fn new_command_id() -> CommandId {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let mut rand = [0u8; 10];
-    getrandom::getrandom(&mut rand).expect("the OS random source works");
-    CommandId::new_v7(now, rand)
+    CommandId::new_v7(crate::clock::wall_ms(), crate::clock::random10())
 }
 
 /// Sends one command request to `subject` and retries while nobody owns the partition (no

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{Error, NODES_BUCKET};
-use crate::engine::service::Clock;
+use crate::clock::Clock;
 
 /// Longest accepted heartbeat value.
 const MAX_HEARTBEAT_LEN: usize = 4096;

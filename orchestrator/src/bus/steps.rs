@@ -16,7 +16,7 @@ use cairn_schemas::{BrowseEntry, BrowseRequest, JobId, NodeId, StepSpec, codec};
 
 use super::{CANCEL_SUBJECT, Error, backoff, browse_subject};
 use crate::control::BoxFuture;
-use crate::engine::service::StepSink;
+use crate::engine::ports::StepSink;
 
 /// How long a step publish is retried before the step is left to the heartbeat timeout.
 const PUBLISH_FOR: Duration = Duration::from_secs(20);

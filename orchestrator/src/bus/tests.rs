@@ -16,7 +16,8 @@ use cairn_tests::nats::NatsServer;
 use futures::StreamExt;
 
 use super::*;
-use crate::engine::service::{Clock, StepSink, SystemClock};
+use crate::clock::{Clock, SystemClock};
+use crate::engine::ports::StepSink;
 
 struct Lab {
     _dir: tempfile::TempDir,

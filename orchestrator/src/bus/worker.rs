@@ -29,8 +29,8 @@ use super::{
     CANCEL_SUBJECT, Error, LEASES_BUCKET, LeaseValue, NODES_BUCKET, STEPS_STREAM, backoff,
     browse_subject, lease_key,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::control::BoxFuture;
-use crate::engine::service::{Clock, SystemClock};
 
 /// Browse requests answered at the same time, at most (each reads the repository).
 const MAX_CONCURRENT_BROWSES: usize = 4;
@@ -134,7 +134,7 @@ where
         match get().await {
             Ok(found) => return found,
             Err(e) => {
-                if waited % 30 == 0 {
+                if waited.is_multiple_of(30) {
                     tracing::warn!(error = %e,
                         "waiting for {what} (an orchestrator creates it at start)");
                 }
@@ -540,10 +540,8 @@ impl WorkerBus {
         command: Command,
         give_up_after: Duration,
     ) -> Result<bytes::Bytes, Error> {
-        let mut rand = [0u8; 10];
-        getrandom::getrandom(&mut rand).expect("the OS random source works");
         let envelope = CommandEnvelope {
-            id: CommandId::new_v7(self.config.clock.now_ms(), rand),
+            id: CommandId::new_v7(self.config.clock.now_ms(), crate::clock::random10()),
             actor: format!("node:{}", self.node),
             traceparent: None,
             command,

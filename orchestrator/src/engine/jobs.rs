@@ -297,10 +297,10 @@ fn start(state: &State, cfg: &EngineConfig, epoch: u64, job: &Job, now: u64) -> 
         }];
     }
     let policy = super::protect::policy_of(state, vm);
-    if job.makes_rp() {
-        if let Some(reason) = out_of_space(state, cfg, job, vm) {
-            return vec![JobEvent::JobFailed { reason }];
-        }
+    if job.makes_rp()
+        && let Some(reason) = out_of_space(state, cfg, job, vm)
+    {
+        return vec![JobEvent::JobFailed { reason }];
     }
     // Backups and checks write a VM's lineages, verify and prune need them to themselves: one
     // waits for the other rather than failing on the repository's lock and retrying.

@@ -7,6 +7,7 @@
 pub mod decide;
 pub mod jobs;
 pub mod ownership;
+pub mod ports;
 pub mod protect;
 pub mod read;
 pub mod read_policy;

@@ -14,8 +14,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use cairn_schemas::{
-    Aggregate, BrowseEntry, BrowseRequest, Command, CommandId, Event, EventId, GroupId, JobEvent,
-    JobId, JobKind, JobReason, NodeId, Report, StepSpec, VmId,
+    Aggregate, BrowseRequest, Command, CommandId, Event, EventId, GroupId, JobEvent, JobId,
+    JobKind, JobReason, NodeId, Report, VmId,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -24,9 +24,11 @@ use super::jobs::{
     EngineConfig, Liveness, on_report, reconcile, retry_superseded, tracking_events,
 };
 use super::ownership::Ownership;
+use super::ports::{CommandRouter, StepSink};
 use super::protect;
 use super::state::State;
 use super::{read, read_policy, snapshot};
+use crate::clock::{Clock, random10};
 use crate::control::{BoxFuture, Control, ControlError};
 use crate::log::{AppendRequest, EventLog, NewEvent, StoredEvent, Tail};
 use crate::notify::{self, Notifier, NotifyConfig};
@@ -35,54 +37,6 @@ use crate::views::{
     Accepted, AlertView, AuditReport, BrowseView, CalendarDayView, CapacityView, EventView,
     GroupDetailView, GroupView, JobView, NodeView, RpView, VmView,
 };
-
-/// Where time comes from; tests use a manual clock.
-pub trait Clock: Send + Sync {
-    fn now_ms(&self) -> u64;
-}
-
-/// The wall clock.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    }
-}
-
-/// Where dispatched steps go: the in-process bus of `cairn up`, or NATS.
-pub trait StepSink: Send + Sync {
-    fn dispatch(&self, spec: StepSpec);
-    /// Asks the workers to stop the running steps of `job` (it was cancelled).
-    fn cancel(&self, _job: JobId) {}
-    /// Asks the worker of `node` to list a folder inside a recovery point (item-level
-    /// recovery). A quick query on the same seam as steps; nothing is logged. The default
-    /// answers that no worker can be asked.
-    fn browse(
-        &self,
-        node: NodeId,
-        _request: BrowseRequest,
-    ) -> BoxFuture<'static, Result<Vec<BrowseEntry>, String>> {
-        Box::pin(async move { Err(format!("no worker of node {node} can be asked to browse")) })
-    }
-}
-
-/// Where commands for partitions this instance does not own go (distributed: a NATS request
-/// to the owner). Without one, such commands are refused as unavailable.
-pub trait CommandRouter: Send + Sync {
-    /// Submits `command` as `actor` to the owner of `partition`, under `id` (the client's,
-    /// for an idempotent command) or a fresh id.
-    fn forward(
-        &self,
-        partition: u16,
-        actor: String,
-        id: Option<CommandId>,
-        command: Command,
-    ) -> BoxFuture<'static, Result<Accepted, ControlError>>;
-}
 
 /// Options of an engine instance.
 #[derive(Debug, Clone)]
@@ -183,12 +137,6 @@ pub struct Engine<L> {
 
 /// Notifications of jobs that ended longer ago than this are not sent after a restart.
 const NOTIFY_WITHIN_MS: u64 = 24 * 3600 * 1000;
-
-fn random10() -> [u8; 10] {
-    let mut bytes = [0u8; 10];
-    getrandom::getrandom(&mut bytes).expect("the OS random source works");
-    bytes
-}
 
 impl<L: EventLog + 'static> Engine<L> {
     /// Rebuilds the projections from the snapshot (if usable) and the log after it.

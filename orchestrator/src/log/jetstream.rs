@@ -204,21 +204,21 @@ fn is_transient(err: &(dyn std::error::Error + 'static)) -> bool {
                     | PublishErrorKind::BrokenPipe
             ) || std::error::Error::source(err).is_some_and(is_transient);
         }
-        if let Some(err) = err.downcast_ref::<jetstream::context::RequestError>() {
-            if matches!(
+        if let Some(err) = err.downcast_ref::<jetstream::context::RequestError>()
+            && matches!(
                 err.kind(),
                 RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
-            ) {
-                return true;
-            }
+            )
+        {
+            return true;
         }
-        if let Some(err) = err.downcast_ref::<async_nats::RequestError>() {
-            if matches!(
+        if let Some(err) = err.downcast_ref::<async_nats::RequestError>()
+            && matches!(
                 err.kind(),
                 async_nats::RequestErrorKind::TimedOut | async_nats::RequestErrorKind::NoResponders
-            ) {
-                return true;
-            }
+            )
+        {
+            return true;
         }
         if let Some(err) = err.downcast_ref::<jetstream::Error>() {
             // 503: JetStream temporarily unavailable (recovering after a restart, no leader);
@@ -693,17 +693,17 @@ impl Inner {
                 ),
             })?;
         let record = raw.decode()?;
-        if let Some(command) = command {
-            if record.events[0].envelope.command != Some(command) {
-                return Err(Error::Corrupt {
-                    seq: record.events[0].seq,
-                    detail: format!(
-                        "command {command} leads to the record at stream sequence \
+        if let Some(command) = command
+            && record.events[0].envelope.command != Some(command)
+        {
+            return Err(Error::Corrupt {
+                seq: record.events[0].seq,
+                detail: format!(
+                    "command {command} leads to the record at stream sequence \
                          {stream_seq} (by the command index or the stream's msg id \
                          deduplication), but that record's events belong to another command"
-                    ),
-                });
-            }
+                ),
+            });
         }
         Ok(record.events)
     }
@@ -749,11 +749,11 @@ impl Inner {
                 max: MAX_EVENTS,
             });
         }
-        if let Some(command) = request.command {
-            if let Some(stream_seq) = self.command_record(command).await? {
-                tracing::debug!(%command, stream_seq, "event log: command already appended");
-                return self.earlier_append(stream_seq, Some(command)).await;
-            }
+        if let Some(command) = request.command
+            && let Some(stream_seq) = self.command_record(command).await?
+        {
+            tracing::debug!(%command, stream_seq, "event log: command already appended");
+            return self.earlier_append(stream_seq, Some(command)).await;
         }
 
         let aggregate = &request.aggregate;
@@ -937,10 +937,10 @@ impl Inner {
                 .buffered(SMALL_RANGE as usize);
             while let Some(raw) = reads.next().await {
                 // A missing record (deleted) is a gap; verify_chain reports it.
-                if let Some(raw) = raw? {
-                    if push(&raw, &mut out)? {
-                        break;
-                    }
+                if let Some(raw) = raw?
+                    && push(&raw, &mut out)?
+                {
+                    break;
                 }
             }
             return Ok(out);

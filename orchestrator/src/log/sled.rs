@@ -670,19 +670,17 @@ impl Inner {
         // Outside the transaction (we hold the commit lock, so nothing changes meanwhile):
         // the quick refusals, then the events with their final places and hashes, so the
         // transaction below only checks and writes.
-        if let Some(command) = request.command {
-            if let Some(entry) = self
+        if let Some(command) = request.command
+            && let Some(entry) = self
                 .commands
                 .get(command.as_bytes())
                 .map_err(|err| storage("reading the command index", err))?
-            {
-                let (first_seq, count) =
-                    parse_command_entry(&entry).ok_or_else(|| Error::Storage {
-                        context: format!("reading the command index entry of {command}"),
-                        source: "malformed entry".into(),
-                    })?;
-                return Ok(Committed::Duplicate { first_seq, count });
-            }
+        {
+            let (first_seq, count) = parse_command_entry(&entry).ok_or_else(|| Error::Storage {
+                context: format!("reading the command index entry of {command}"),
+                source: "malformed entry".into(),
+            })?;
+            return Ok(Committed::Duplicate { first_seq, count });
         }
         let actual = self
             .heads
@@ -775,18 +773,18 @@ impl Inner {
             .transaction(|(events, aggregates, heads, commands, meta)| {
                 // Check again what was read above, so that the transaction alone guarantees
                 // that exactly one of two appends with the same expected version wins.
-                if let Some((command, _)) = &command_entry {
-                    if let Some(entry) = commands.get(command.as_bytes())? {
-                        let (first_seq, count) = parse_command_entry(&entry).ok_or_else(|| {
-                            ConflictableTransactionError::Abort(Refusal::Corrupt(format!(
-                                "malformed command index entry of {command}"
-                            )))
-                        })?;
-                        return Err(ConflictableTransactionError::Abort(Refusal::Duplicate {
-                            first_seq,
-                            count,
-                        }));
-                    }
+                if let Some((command, _)) = &command_entry
+                    && let Some(entry) = commands.get(command.as_bytes())?
+                {
+                    let (first_seq, count) = parse_command_entry(&entry).ok_or_else(|| {
+                        ConflictableTransactionError::Abort(Refusal::Corrupt(format!(
+                            "malformed command index entry of {command}"
+                        )))
+                    })?;
+                    return Err(ConflictableTransactionError::Abort(Refusal::Duplicate {
+                        first_seq,
+                        count,
+                    }));
                 }
                 let head = tx_u64(heads, &agg_key)?.unwrap_or(0);
                 if head != request.expected_version {

@@ -976,7 +976,7 @@ pub fn samples() -> Vec<Sample> {
         let idx = idx as u64;
         let (_, name) = event_variant(&payload);
         // Alternate present and absent optional fields so both encodings are covered.
-        let full = idx % 2 == 0;
+        let full = idx.is_multiple_of(2);
         let envelope = Envelope {
             event_id: EventId::new_v7(T0 + 1_000 + idx, rand(0x80 + idx as u8)),
             aggregate: aggregate_for(&payload),

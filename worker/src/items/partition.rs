@@ -128,7 +128,7 @@ fn gpt_at(view: &dyn DiskView, lba: u64) -> Result<Vec<Partition>, String> {
             "{n_entries} partition entries is more than {MAX_GPT_ENTRIES}"
         ));
     }
-    if !(128..=4096).contains(&entry_len) || entry_len % 8 != 0 {
+    if !(128..=4096).contains(&entry_len) || !entry_len.is_multiple_of(8) {
         return Err(format!("partition entry size {entry_len} is invalid"));
     }
     let table_len = n_entries as u64 * entry_len as u64;

@@ -152,7 +152,7 @@ fn random_bytes_never_panic() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            *b = if x % 3 == 0 { x as u8 } else { 0 };
+            *b = if x.is_multiple_of(3) { x as u8 } else { 0 };
         }
         match round % 3 {
             0 => {

@@ -403,7 +403,7 @@ impl Client {
         match offset.checked_add(len) {
             Some(end) if end <= size => {
                 let min = u64::from(self.info.min_block);
-                if offset % min != 0 || (len % min != 0 && end != size) {
+                if !offset.is_multiple_of(min) || (!len.is_multiple_of(min) && end != size) {
                     return Err(Error::Unaligned {
                         offset,
                         len,

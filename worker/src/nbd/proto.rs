@@ -413,7 +413,7 @@ pub fn parse_block_status(
     payload: &[u8],
     request_len: u64,
 ) -> Result<(u32, Vec<(u64, u32)>), String> {
-    if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+    if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
         return Err(format!(
             "block status chunk of {} bytes is not 4 + a positive multiple of 8",
             payload.len()

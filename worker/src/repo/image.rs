@@ -305,10 +305,11 @@ impl ChunkCache {
     }
 
     fn put(&mut self, pos: u64, chunk: Plain) {
-        if self.entries.len() >= self.cap && !self.entries.contains_key(&pos) {
-            if let Some((&oldest, _)) = self.entries.iter().min_by_key(|(_, (used, _))| *used) {
-                self.entries.remove(&oldest);
-            }
+        if self.entries.len() >= self.cap
+            && !self.entries.contains_key(&pos)
+            && let Some((&oldest, _)) = self.entries.iter().min_by_key(|(_, (used, _))| *used)
+        {
+            self.entries.remove(&oldest);
         }
         self.tick += 1;
         self.entries.insert(pos, (self.tick, chunk));

@@ -57,7 +57,7 @@ impl MappedWindow {
     /// `offset + len` must not pass the end of the file.
     pub fn map(file: &File, offset: u64, len: usize) -> Option<MappedWindow> {
         let page = page_size()?;
-        if len == 0 || offset % page as u64 != 0 || !guard_installed() {
+        if len == 0 || !offset.is_multiple_of(page as u64) || !guard_installed() {
             return None;
         }
         let slot = claim_slot()?;

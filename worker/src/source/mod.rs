@@ -149,7 +149,7 @@ pub fn open_source(path: &Path, format: Option<ImageFormat>) -> Result<Box<dyn S
 /// overwrite an existing file. qcow2, VHDX (dynamic) and VHD (dynamic, exact size) are created
 /// with `qemu-img create` and written through a writable `qemu-nbd`.
 pub fn create_sink(path: &Path, format: ImageFormat, size: u64) -> Result<Box<dyn Sink>, Error> {
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(Error::Invalid {
             path: path.to_path_buf(),
             reason: format!("disk size {size} is not a multiple of 512"),
@@ -181,7 +181,7 @@ pub fn create_sink_on(
     format: ImageFormat,
     size: u64,
 ) -> Result<Box<dyn Sink>, Error> {
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(Error::Invalid {
             path: shown.to_path_buf(),
             reason: format!("disk size {size} is not a multiple of 512"),

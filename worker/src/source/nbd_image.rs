@@ -236,11 +236,11 @@ impl Drop for NbdImage {
             return;
         };
         let mut clean = true;
-        if self.writable {
-            if let Err(e) = client.flush() {
-                tracing::warn!(path = %self.path.display(), "final NBD flush failed: {e}");
-                clean = false;
-            }
+        if self.writable
+            && let Err(e) = client.flush()
+        {
+            tracing::warn!(path = %self.path.display(), "final NBD flush failed: {e}");
+            clean = false;
         }
         if let Err(e) = client.disconnect() {
             tracing::warn!(path = %self.path.display(), "NBD disconnect failed: {e}");

@@ -157,9 +157,9 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option
 
 /// Whether an I/O of `buf` at `offset` meets direct I/O's alignment.
 fn is_aligned(offset: u64, buf: &[u8]) -> bool {
-    offset % DIRECT_ALIGN as u64 == 0
-        && buf.len() % DIRECT_ALIGN == 0
-        && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
+    offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && buf.len().is_multiple_of(DIRECT_ALIGN)
+        && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
 }
 
 /// Appends an extent, merging it into the previous one if it has the same kind.
@@ -253,14 +253,14 @@ impl Source for RawImage {
 impl Sink for RawImage {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
         check_range(&self.path, self.size, offset, data.len() as u64)?;
-        if let Some(direct) = &self.direct {
-            if is_aligned(offset, data) {
-                match direct.write_all_at(data, offset) {
-                    Ok(()) => return Ok(()),
-                    // Some file systems accept O_DIRECT at open but not the write.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
-                    Err(e) => return Err(io_error(&self.path, e)),
-                }
+        if let Some(direct) = &self.direct
+            && is_aligned(offset, data)
+        {
+            match direct.write_all_at(data, offset) {
+                Ok(()) => return Ok(()),
+                // Some file systems accept O_DIRECT at open but not the write.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                Err(e) => return Err(io_error(&self.path, e)),
             }
         }
         self.file

@@ -24,6 +24,7 @@ pub trait PaceClock: Send + Sync {
 pub struct WallClock;
 
 impl PaceClock for WallClock {
+    #[allow(clippy::disallowed_methods)] // reason: the worker's one reading of the system clock
     fn now_ms(&self) -> u64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -11,7 +11,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cairn_schemas::JobId;
 
@@ -35,10 +35,7 @@ fn run_appender(dir: &str) -> ! {
     runtime.block_on(async {
         let log = SledLog::open(SledLogConfig::new(dir)).unwrap();
         // Fresh aggregates per run, so versions start at 0 after every restart.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
+        let now = crate::clock::wall_ms();
         for task_idx in 0..4u8 {
             let log = log.clone();
             tokio::spawn(async move {
