@@ -27,7 +27,7 @@ use cairn_schemas::{
     ConsistencyCheckWindow, GroupPolicy, ReplicaCreation, Schedule, SyncFrequency,
 };
 
-use super::tz::{TimeZone, weekday};
+use super::tz::{TimeZone, add_days, weekday};
 
 const MINUTE_MS: u64 = 60_000;
 const DAY_MS: u64 = 86_400_000;
@@ -94,7 +94,7 @@ pub fn group_slots(policy: &GroupPolicy, tz: &TimeZone, now: u64) -> GroupSlots 
     let sync = match policy.sync {
         SyncFrequency::EveryMinutes(minutes) => {
             let every = u64::from(minutes.max(1)) * MINUTE_MS;
-            let std = i64::from(tz.std_offset_minutes) * MINUTE_MS as i64;
+            let std = i64::from(tz.standard_offset_minutes(now as i64)) * MINUTE_MS as i64;
             let shifted = now as i64 + std;
             let grid = shifted - shifted.rem_euclid(every as i64) - std;
             let grid = u64::try_from(grid).ok();
@@ -191,11 +191,12 @@ pub fn latest_wall_slot(schedule: &Schedule, tz: &TimeZone, now: u64) -> Option<
     let (today, _) = tz.local(now as i64);
     // Two extra days cover offsets and DST: a slot of "yesterday" may be later in UTC than
     // one of "today" only across a change, never by more than a day.
-    (today - 8..=today + 1)
+    (-8..=1)
         .rev()
+        .filter_map(|n| add_days(today, n))
         .filter(|day| schedule.days.contains(weekday(*day)))
         .flat_map(|day| schedule.times.iter().map(move |t| (day, t.minute_of_day)))
-        .map(|(day, minute)| tz.to_utc(day, minute))
+        .filter_map(|(day, minute)| tz.to_utc(day, minute))
         .filter(|utc| *utc >= 0 && *utc as u64 <= now)
         .max()
         .map(|utc| utc as u64)
@@ -207,10 +208,11 @@ pub fn next_wall_slot(schedule: &Schedule, tz: &TimeZone, now: u64) -> Option<u6
         return None;
     }
     let (today, _) = tz.local(now as i64);
-    (today - 1..=today + 8)
+    (-1..=8)
+        .filter_map(|n| add_days(today, n))
         .filter(|day| schedule.days.contains(weekday(*day)))
         .flat_map(|day| schedule.times.iter().map(move |t| (day, t.minute_of_day)))
-        .map(|(day, minute)| tz.to_utc(day, minute))
+        .filter_map(|(day, minute)| tz.to_utc(day, minute))
         .filter(|utc| *utc > now as i64)
         .min()
         .map(|utc| utc as u64)
@@ -222,7 +224,7 @@ pub fn next_sync(policy: &GroupPolicy, tz: &TimeZone, now: u64) -> Option<u64> {
     match policy.sync {
         SyncFrequency::EveryMinutes(minutes) => {
             let every = u64::from(minutes.max(1)) * MINUTE_MS;
-            let std = i64::from(tz.std_offset_minutes) * MINUTE_MS as i64;
+            let std = i64::from(tz.standard_offset_minutes(now as i64)) * MINUTE_MS as i64;
             let shifted = now as i64 + std;
             let grid = (shifted - shifted.rem_euclid(every as i64) - std) as u64 + every;
             Some(rp.map_or(grid, |rp| rp.min(grid)))
@@ -245,11 +247,13 @@ fn open_window(window: &ConsistencyCheckWindow, tz: &TimeZone, now: u64) -> Opti
 mod tests {
     use cairn_schemas::{ConsistencyCheckPolicy, TimeOfDay, Weekdays};
 
-    use super::super::tz::days_from_civil;
+    use jiff::civil::date;
+
+    use super::super::tz::utc_midnight_ms;
     use super::*;
 
-    fn at(y: i64, mo: u32, d: u32, h: u64, mi: u64) -> u64 {
-        days_from_civil(y, mo, d) as u64 * DAY_MS + h * 3_600_000 + mi * MINUTE_MS
+    fn at(y: i16, mo: i8, d: i8, h: u64, mi: u64) -> u64 {
+        utc_midnight_ms(date(y, mo, d)) as u64 + h * 3_600_000 + mi * MINUTE_MS
     }
 
     fn policy(sync: SyncFrequency, rp_times: &[(u16, u16)]) -> GroupPolicy {
@@ -299,7 +303,7 @@ mod tests {
         type Case<'a> = (
             &'a str,
             &'a GroupPolicy,
-            TimeZone,
+            &'a TimeZone,
             VmHistory,
             u64,
             Option<Due>,
@@ -308,7 +312,7 @@ mod tests {
             (
                 "first sync on the grid",
                 &every15,
-                utc,
+                &utc,
                 protected(None),
                 day(10, 7),
                 sync(day(10, 0)),
@@ -316,7 +320,7 @@ mod tests {
             (
                 "slot already served",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(10, 1))),
                 day(10, 14),
                 None,
@@ -324,7 +328,7 @@ mod tests {
             (
                 "next slot",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(10, 1))),
                 day(10, 15),
                 sync(day(10, 15)),
@@ -332,7 +336,7 @@ mod tests {
             (
                 "downtime of 5 hours: one catch-up for the latest slot",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(5, 0))),
                 day(10, 7),
                 sync(day(10, 0)),
@@ -340,7 +344,7 @@ mod tests {
             (
                 "clock jumped back an hour: slots up to the last request count as served",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(11, 2))),
                 day(10, 20),
                 None,
@@ -348,7 +352,7 @@ mod tests {
             (
                 "clock jumped forward a day: one catch-up",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(10, 0))),
                 at(2026, 6, 11, 10, 3),
                 sync(at(2026, 6, 11, 10, 0)),
@@ -356,7 +360,7 @@ mod tests {
             (
                 "a running backup blocks",
                 &every15,
-                utc,
+                &utc,
                 VmHistory {
                     active: true,
                     ..protected(None)
@@ -367,7 +371,7 @@ mod tests {
             (
                 "before RP: waits for 08:00",
                 &before_rp,
-                utc,
+                &utc,
                 protected(Some(at(2026, 6, 9, 20, 0))),
                 day(7, 59),
                 None,
@@ -375,7 +379,7 @@ mod tests {
             (
                 "before RP: 08:00",
                 &before_rp,
-                utc,
+                &utc,
                 protected(Some(at(2026, 6, 9, 20, 0))),
                 day(8, 0),
                 sync(day(8, 0)),
@@ -383,7 +387,7 @@ mod tests {
             (
                 "before RP: missed 08:00 and 20:00, one run",
                 &before_rp,
-                utc,
+                &utc,
                 protected(Some(at(2026, 6, 9, 20, 0))),
                 day(21, 0),
                 sync(day(20, 0)),
@@ -391,7 +395,7 @@ mod tests {
             (
                 "hourly grid plus a 20:30 RP",
                 &hourly_rp_half,
-                utc,
+                &utc,
                 protected(Some(day(20, 0))),
                 day(20, 31),
                 sync(day(20, 30)),
@@ -399,7 +403,7 @@ mod tests {
             (
                 "daily sync on the standard-time grid",
                 &daily,
-                utc,
+                &utc,
                 protected(Some(day(0, 0))),
                 day(23, 0),
                 sync(day(20, 0)),
@@ -407,7 +411,7 @@ mod tests {
             (
                 "Berlin summer: 20:00 wall is 18:00 UTC",
                 &before_rp,
-                berlin,
+                &berlin,
                 protected(Some(day(6, 0))),
                 day(18, 1),
                 sync(day(18, 0)),
@@ -415,7 +419,7 @@ mod tests {
             (
                 "Berlin winter: 20:00 wall is 19:00 UTC",
                 &before_rp,
-                berlin,
+                &berlin,
                 protected(Some(at(2026, 12, 10, 7, 0))),
                 at(2026, 12, 10, 18, 30),
                 None,
@@ -423,7 +427,7 @@ mod tests {
             (
                 "DST spring: 02:30 does not exist, runs at 03:30 CEST",
                 &at_0230,
-                berlin,
+                &berlin,
                 protected(Some(at(2026, 3, 28, 1, 30))),
                 at(2026, 3, 29, 1, 30),
                 sync(at(2026, 3, 29, 1, 30)),
@@ -431,7 +435,7 @@ mod tests {
             (
                 "DST autumn: 02:30 happens twice, runs once (first)",
                 &at_0230,
-                berlin,
+                &berlin,
                 protected(Some(at(2026, 10, 25, 0, 30))),
                 at(2026, 10, 25, 1, 30),
                 None,
@@ -439,14 +443,14 @@ mod tests {
             (
                 "DST autumn: 15-minute grid keeps running through the repeated hour",
                 &every15,
-                berlin,
+                &berlin,
                 protected(Some(at(2026, 10, 25, 0, 45))),
                 at(2026, 10, 25, 1, 2),
                 sync(at(2026, 10, 25, 1, 0)),
             ),
         ];
         for (name, policy, tz, history, now, expected) in cases {
-            assert_eq!(due(policy, &tz, &history, now), expected, "{name}");
+            assert_eq!(due(policy, tz, &history, now), expected, "{name}");
         }
     }
 
