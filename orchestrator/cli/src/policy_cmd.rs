@@ -42,12 +42,12 @@ pub struct LockFlags {
     soft_delete: Option<u32>,
 }
 
-/// `30d` or `30`: a number of days.
-fn parse_days(text: &str) -> std::result::Result<u32, String> {
-    let digits = text.strip_suffix('d').unwrap_or(text);
-    digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of days (e.g. 30d)"))
+/// `30d`, `30` or another whole number of days (`2w`, `48h`): a number of days.
+fn parse_days(text: &str) -> std::result::Result<u32, crate::units::Error> {
+    let days = crate::units::parse_whole(text, std::time::Duration::from_secs(86_400), "days")?;
+    u32::try_from(days).map_err(|_| crate::units::Error::TooLarge {
+        text: text.to_owned(),
+    })
 }
 
 /// Sends the lock flags given for group `id`; says what changed unless `json`.

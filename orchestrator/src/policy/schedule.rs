@@ -454,6 +454,165 @@ mod tests {
         }
     }
 
+    /// The next two offset changes after 1 January 2026, from jiff's copy of the IANA
+    /// database: (instant, new offset in minutes).
+    fn changes_in_2026(zone: &TimeZone) -> Vec<(String, i32)> {
+        let start = jiff::Timestamp::from_millisecond(at(2026, 1, 1, 0, 0) as i64).unwrap();
+        zone.jiff()
+            .following(start)
+            .take(2)
+            .map(|t| (t.timestamp().to_string(), t.offset().seconds() / 60))
+            .collect()
+    }
+
+    #[test]
+    fn southern_hemisphere_schedules_across_their_dst_changes() {
+        let sydney = TimeZone::parse("Australia/Sydney").unwrap();
+        let santiago = TimeZone::parse("America/Santiago").unwrap();
+        // Sydney: back on the first Sunday of April (03:00 AEDT -> 02:00 AEST on 5 April),
+        // forward on the first Sunday of October (02:00 AEST -> 03:00 AEDT on 4 October).
+        assert_eq!(
+            changes_in_2026(&sydney),
+            [
+                ("2026-04-04T16:00:00Z".to_owned(), 600),
+                ("2026-10-03T16:00:00Z".to_owned(), 660)
+            ]
+        );
+        // Santiago: back at 00:00 on Sunday 5 April (to 23:00 on Saturday 4 April), forward
+        // at 00:00 on Sunday 6 September (to 01:00): the first Sundays on or after the 2nd.
+        assert_eq!(
+            changes_in_2026(&santiago),
+            [
+                ("2026-04-05T03:00:00Z".to_owned(), -240),
+                ("2026-09-06T04:00:00Z".to_owned(), -180)
+            ]
+        );
+        let at_0230 = policy(SyncFrequency::JustBeforeRecoveryPoint, &[(2, 30)]);
+        let at_2000 = policy(SyncFrequency::JustBeforeRecoveryPoint, &[(20, 0)]);
+        let at_2330 = policy(SyncFrequency::JustBeforeRecoveryPoint, &[(23, 30)]);
+        let at_0030 = policy(SyncFrequency::JustBeforeRecoveryPoint, &[(0, 30)]);
+        let every15 = policy(SyncFrequency::EveryMinutes(15), &[(20, 0)]);
+        // (name, policy, zone, last request, now, expected)
+        type Case<'a> = (
+            &'a str,
+            &'a GroupPolicy,
+            &'a TimeZone,
+            u64,
+            u64,
+            Option<Due>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "Sydney summer: 20:00 AEDT is 09:00 UTC",
+                &at_2000,
+                &sydney,
+                at(2026, 1, 9, 9, 0),
+                at(2026, 1, 10, 9, 0),
+                sync(at(2026, 1, 10, 9, 0)),
+            ),
+            (
+                "Sydney winter: 20:00 AEST is 10:00 UTC",
+                &at_2000,
+                &sydney,
+                at(2026, 7, 9, 10, 0),
+                at(2026, 7, 10, 9, 59),
+                None,
+            ),
+            (
+                "Sydney April: 02:30 happens twice, the first (AEDT) runs",
+                &at_0230,
+                &sydney,
+                at(2026, 4, 3, 15, 30),
+                at(2026, 4, 4, 15, 30),
+                sync(at(2026, 4, 4, 15, 30)),
+            ),
+            (
+                "Sydney April: the second 02:30 (AEST) does not run again",
+                &at_0230,
+                &sydney,
+                at(2026, 4, 4, 15, 30),
+                at(2026, 4, 4, 16, 30),
+                None,
+            ),
+            (
+                "Sydney October: 02:30 does not exist, nothing at 02:00 AEST + 30 min",
+                &at_0230,
+                &sydney,
+                at(2026, 10, 2, 16, 30),
+                at(2026, 10, 3, 16, 29),
+                None,
+            ),
+            (
+                "Sydney October: 02:30 does not exist, runs at 03:30 AEDT",
+                &at_0230,
+                &sydney,
+                at(2026, 10, 2, 16, 30),
+                at(2026, 10, 3, 16, 30),
+                sync(at(2026, 10, 3, 16, 30)),
+            ),
+            (
+                "Sydney April: a 15-minute grid runs through the repeated hour",
+                &every15,
+                &sydney,
+                at(2026, 4, 4, 15, 45),
+                at(2026, 4, 4, 16, 2),
+                sync(at(2026, 4, 4, 16, 0)),
+            ),
+            (
+                "Santiago April: 23:30 on Saturday happens twice, the first (-03) runs",
+                &at_2330,
+                &santiago,
+                at(2026, 4, 4, 2, 30),
+                at(2026, 4, 5, 2, 30),
+                sync(at(2026, 4, 5, 2, 30)),
+            ),
+            (
+                "Santiago April: the second 23:30 (-04) does not run again",
+                &at_2330,
+                &santiago,
+                at(2026, 4, 5, 2, 30),
+                at(2026, 4, 5, 3, 30),
+                None,
+            ),
+            (
+                "Santiago September: 00:30 on Sunday does not exist, not yet at 04:29 UTC",
+                &at_0030,
+                &santiago,
+                at(2026, 9, 5, 4, 30),
+                at(2026, 9, 6, 4, 29),
+                None,
+            ),
+            (
+                "Santiago September: 00:30 does not exist, runs at 01:30 -03",
+                &at_0030,
+                &santiago,
+                at(2026, 9, 5, 4, 30),
+                at(2026, 9, 6, 4, 30),
+                sync(at(2026, 9, 6, 4, 30)),
+            ),
+            (
+                "Santiago September: the next day's 00:30 is at -03",
+                &at_0030,
+                &santiago,
+                at(2026, 9, 6, 4, 30),
+                at(2026, 9, 7, 3, 30),
+                sync(at(2026, 9, 7, 3, 30)),
+            ),
+        ];
+        for (name, policy, tz, last, now, expected) in cases {
+            assert_eq!(
+                due(policy, tz, &protected(Some(last)), now),
+                expected,
+                "{name}"
+            );
+        }
+        // Views: the next 02:30 in Sydney after the April change is the AEST one.
+        assert_eq!(
+            next_wall_slot(&at_0230.recovery_points, &sydney, at(2026, 4, 4, 15, 30)),
+            Some(at(2026, 4, 5, 16, 30))
+        );
+    }
+
     #[test]
     fn express_full_wins_its_slot() {
         let mut p = policy(SyncFrequency::EveryMinutes(60), &[(20, 0)]);
