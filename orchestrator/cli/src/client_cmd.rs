@@ -1870,7 +1870,7 @@ mod tests {
             assert!(parse(ok).is_ok(), "{ok:?}");
         }
         for bad in [
-            &["group", "create", "web", "--sync", "20 minutes"][..],
+            &["group", "create", "web", "--sync", "20 parsecs"][..],
             &["backup"],
             &["backup", "web-01", "--mode", "full"],
             &["backup", "web-01", "--timeout", "soon"],
