@@ -127,6 +127,12 @@ pub trait Control: Send + Sync + 'static {
         String::new()
     }
 
+    /// The zone of schedules and, by default, of recovery throttles' work hours
+    /// (`--timezone`). The default is UTC.
+    fn timezone(&self) -> crate::policy::tz::TimeZone {
+        crate::policy::tz::TimeZone::UTC
+    }
+
     /// The principal of the live token whose secret hashes to `secret_hash`. App owners'
     /// scopes come resolved: the VMs listed and the current members of the groups listed.
     fn authenticate(&self, secret_hash: &[u8; 32]) -> Result<Principal, AuthRefusal>;

@@ -1310,27 +1310,9 @@ fn check_sync(text: &str) -> Result<String, String> {
         .map_err(|err| err.to_string())
 }
 
-/// Parses `90`, `90s`, `30m`, `6h`, `2d`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 90s, 30m, 6h)"))?;
-    let seconds_per_unit = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{text:?} is not a duration (e.g. 90s, 30m, 6h)")),
-    };
-    value
-        .checked_mul(seconds_per_unit)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
+/// Parses `90`, `90s`, `30m`, `6h`, `2d`, `1h30m` (see [`crate::units::parse_duration`]).
+fn parse_duration(text: &str) -> Result<Duration, crate::units::Error> {
+    crate::units::parse_duration(text)
 }
 
 // ---- rendering ---------------------------------------------------------------------------
@@ -2018,7 +2000,7 @@ mod tests {
             assert!(parse(ok).is_ok(), "{ok:?}");
         }
         for bad in [
-            &["group", "create", "web", "--sync", "20 minutes"][..],
+            &["group", "create", "web", "--sync", "20 parsecs"][..],
             &["backup"],
             &["backup", "web-01", "--mode", "full"],
             &["backup", "web-01", "--timeout", "soon"],
@@ -2036,7 +2018,8 @@ mod tests {
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(6 * 3600)));
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(2 * 86_400)));
-        for bad in ["", "m", "5 weeks", "-5s", "99999999999999999999d"] {
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "m", "5 parsecs", "-5s", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
         assert_eq!(format_duration(Duration::from_millis(4_200)), "4.2s");

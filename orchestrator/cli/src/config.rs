@@ -306,9 +306,17 @@ struct RawWorker {
     image_roots: Option<Vec<String>>,
     allow_block_devices: Option<bool>,
     max_item_entries: Option<i64>,
-    max_item_bytes: Option<i64>,
-    max_item_file_size: Option<i64>,
+    max_item_bytes: Option<RawSize>,
+    max_item_file_size: Option<RawSize>,
     max_item_depth: Option<i64>,
+}
+
+/// A size in the file: a number of bytes or a text like `1TiB`, `1.5GiB`, `500MB`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 /// Most roots of one kind.
@@ -377,6 +385,19 @@ impl Checker<'_> {
     }
 
     /// Checks that a number, when set, lies in `range`.
+    /// A size of at least one byte, as a number or a text ([`crate::units::parse_size`]).
+    fn size(&self, key: &'static str, raw: Option<RawSize>) -> Result<Option<u64>, Error> {
+        match raw {
+            None => Ok(None),
+            Some(RawSize::Bytes(bytes)) => self.number(key, Some(bytes), 1..=u64::MAX),
+            Some(RawSize::Text(text)) => match crate::units::parse_size(&text) {
+                Ok(0) => Err(self.invalid(key, &text, "must be at least 1 byte".into())),
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(err) => Err(self.invalid(key, &text, err.to_string())),
+            },
+        }
+    }
+
     fn number<T>(
         &self,
         key: &'static str,
@@ -640,12 +661,8 @@ impl RawFile {
                 w.max_item_entries,
                 1..=u64::MAX,
             )?,
-            max_item_bytes: c.number("worker.max_item_bytes", w.max_item_bytes, 1..=u64::MAX)?,
-            max_item_file_size: c.number(
-                "worker.max_item_file_size",
-                w.max_item_file_size,
-                1..=u64::MAX,
-            )?,
+            max_item_bytes: c.size("worker.max_item_bytes", w.max_item_bytes)?,
+            max_item_file_size: c.size("worker.max_item_file_size", w.max_item_file_size)?,
             max_item_depth: c.number("worker.max_item_depth", w.max_item_depth, 1..=4096)?,
         };
         if let (Some(owner_roots), Some(recovery_roots)) =
@@ -717,6 +734,31 @@ mod tests {
         parse(Path::new("/etc/cairn/cairn.toml"), text)
             .expect_err("refused")
             .to_string()
+    }
+
+    #[test]
+    fn zones_and_sizes_as_people_write_them() {
+        let config = parse(
+            Path::new("/etc/cairn/cairn.toml"),
+            "[orchestrator]\ntimezone = \"australia/sydney\"\n\
+             [worker]\nmax_item_bytes = \"1.5GiB\"\nmax_item_file_size = \"500MB\"\n",
+        )
+        .unwrap();
+        let zone = config.orchestrator.timezone.unwrap();
+        assert_eq!(zone.to_string(), "Australia/Sydney");
+        assert_eq!(config.worker.max_item_bytes, Some(3 << 29));
+        assert_eq!(config.worker.max_item_file_size, Some(500_000_000));
+        // The older forms still work.
+        let config = parse(
+            Path::new("/etc/cairn/cairn.toml"),
+            "[orchestrator]\ntimezone = \"+01:00/eu\"\n[worker]\nmax_item_bytes = 4096\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.orchestrator.timezone.unwrap().to_string(),
+            "Europe/Berlin"
+        );
+        assert_eq!(config.worker.max_item_bytes, Some(4096));
     }
 
     #[test]
@@ -1050,6 +1092,26 @@ mod tests {
                 "[orchestrator]\ntimezone = \"Mars/Olympus\"",
                 "orchestrator.timezone",
                 "is not understood",
+            ),
+            (
+                "[orchestrator]\ntimezone = \"Europe/Pariss\"",
+                "orchestrator.timezone",
+                "\"Europe/Pariss\" is not understood",
+            ),
+            (
+                "[orchestrator]\ntimezone = \"+01:00/xx\"",
+                "orchestrator.timezone",
+                "is not understood",
+            ),
+            (
+                "[worker]\nmax_item_bytes = \"1 parsec\"",
+                "worker.max_item_bytes",
+                "is not a size",
+            ),
+            (
+                "[worker]\nmax_item_file_size = \"0KiB\"",
+                "worker.max_item_file_size",
+                "at least 1 byte",
             ),
             (
                 "[orchestrator]\nbackups_per_node = -1",

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use cairn_orchestrator::api::wire::{CreateGroupRequest, SeedRequest};
-use cairn_orchestrator::policy::tz::days_from_civil;
 use cairn_orchestrator::views::{
     Accepted, AlertView, CalendarDayView, CapacityView, CheckWindowView, GroupDetailView,
     GroupView, PolicyView, ScheduleView,
@@ -43,12 +42,12 @@ pub struct LockFlags {
     soft_delete: Option<u32>,
 }
 
-/// `30d` or `30`: a number of days.
-fn parse_days(text: &str) -> std::result::Result<u32, String> {
-    let digits = text.strip_suffix('d').unwrap_or(text);
-    digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of days (e.g. 30d)"))
+/// `30d`, `30` or another whole number of days (`2w`, `48h`): a number of days.
+fn parse_days(text: &str) -> std::result::Result<u32, crate::units::Error> {
+    let days = crate::units::parse_whole(text, std::time::Duration::from_secs(86_400), "days")?;
+    u32::try_from(days).map_err(|_| crate::units::Error::TooLarge {
+        text: text.to_owned(),
+    })
 }
 
 /// Sends the lock flags given for group `id`; says what changed unless `json`.
@@ -273,26 +272,12 @@ impl PolicyFlags {
     }
 }
 
-/// `YYYY-MM-DDTHH:MMZ` (UTC) as Unix milliseconds.
+/// `YYYY-MM-DDTHH:MMZ` (UTC; the `Z` may be left out, seconds may be given) as Unix
+/// milliseconds.
 fn parse_utc(text: &str) -> Option<u64> {
-    let text = text.strip_suffix('Z').unwrap_or(text);
-    let (date, time) = text.split_once('T')?;
-    let mut date = date.split('-');
-    let (y, m, d): (i64, u32, u32) = (
-        date.next()?.parse().ok()?,
-        date.next()?.parse().ok()?,
-        date.next()?.parse().ok()?,
-    );
-    let (h, mi) = time.split_once(':')?;
-    let (h, mi): (i64, i64) = (h.parse().ok()?, mi.parse().ok()?);
-    if !(1..=12).contains(&m)
-        || !(1..=31).contains(&d)
-        || !(0..24).contains(&h)
-        || !(0..60).contains(&mi)
-    {
-        return None;
-    }
-    u64::try_from((days_from_civil(y, m, d) * 1440 + h * 60 + mi) * 60_000).ok()
+    let civil: jiff::civil::DateTime = text.strip_suffix('Z').unwrap_or(text).parse().ok()?;
+    let zoned = civil.to_zoned(jiff::tz::TimeZone::UTC).ok()?;
+    u64::try_from(zoned.timestamp().as_millisecond()).ok()
 }
 
 /// The policy JSON of `group create` when policy flags are given: the server's defaults
@@ -618,15 +603,10 @@ pub fn render_calendar(days: &[CalendarDayView]) -> String {
     }
     let mut out = String::new();
     for (month, counts) in months {
-        let (y, m) = month.split_once('-').unwrap_or(("1970", "01"));
-        let (y, m): (i64, u32) = (y.parse().unwrap_or(1970), m.parse().unwrap_or(1));
-        let first = days_from_civil(y, m, 1);
-        let next = if m == 12 {
-            days_from_civil(y + 1, 1, 1)
-        } else {
-            days_from_civil(y, m + 1, 1)
-        };
-        let n_days = (next - first) as u32;
+        let first: jiff::civil::Date = format!("{month}-01")
+            .parse()
+            .unwrap_or(jiff::civil::Date::constant(1970, 1, 1));
+        let n_days = first.days_in_month() as u32;
         out.push_str(&format!("{month}      Mo  Tu  We  Th  Fr  Sa  Su\n"));
         let lead = cairn_orchestrator::policy::tz::weekday(first) as usize;
         let mut line = format!("{:<12}", "");

@@ -7,6 +7,7 @@ use anyhow::{Result, anyhow};
 use cairn_orchestrator::api::recover::{
     FormatWire, RecoverRequest, RecoverTargetWire, ThrottleWire,
 };
+use cairn_orchestrator::policy::tz::{Error as TimeZoneError, TimeZone};
 use cairn_orchestrator::views::{Accepted, JobView, RpView};
 use clap::{ArgGroup, Args, ValueEnum};
 
@@ -55,20 +56,25 @@ pub struct RecoverArgs {
     /// Limit outside work hours (default: as --throttle; 0 = unlimited).
     #[arg(long, value_name = "RATE", value_parser = parse_size, requires = "throttle")]
     throttle_off_hours: Option<u64>,
-    /// Work hours of the throttle, local to --utc-offset.
+    /// Work hours of the throttle, wall time of --timezone.
     #[arg(long, default_value = "08:00-18:00", requires = "throttle")]
     work_hours: String,
     /// Work days of the throttle, e.g. mon-fri or sat,sun.
     #[arg(long, default_value = "mon-fri", requires = "throttle")]
     work_days: String,
-    /// Time zone of the work schedule as minutes from UTC (e.g. 60, -300).
+    /// Time zone of the work hours: an IANA name like Europe/Paris (daylight-saving changes
+    /// included), UTC or +02:00 (default: the server's --timezone).
+    #[arg(long, value_name = "ZONE", value_parser = parse_zone, requires = "throttle")]
+    timezone: Option<String>,
+    /// Time zone of the work hours as a fixed offset in minutes from UTC (e.g. 60, -300),
+    /// instead of --timezone.
     #[arg(
         long,
-        default_value_t = 0,
         allow_hyphen_values = true,
-        requires = "throttle"
+        requires = "throttle",
+        conflicts_with = "timezone"
     )]
-    utc_offset: i16,
+    utc_offset: Option<i16>,
     /// E-mail this address when the recovery ends (the server's --smtp relay). Repeat.
     #[arg(long = "notify-email", value_name = "ADDRESS")]
     notify_email: Vec<String>,
@@ -79,6 +85,11 @@ pub struct RecoverArgs {
     wait: WaitOpts,
     #[command(flatten)]
     opts: ServerOpts,
+}
+
+/// A `--timezone` the server will understand, in its canonical spelling.
+fn parse_zone(text: &str) -> Result<String, TimeZoneError> {
+    TimeZone::parse(text).map(|zone| zone.to_string())
 }
 
 /// The request `args` make (without the recovery point, which needs the server).
@@ -127,7 +138,8 @@ fn request(args: &RecoverArgs, rp: String) -> Result<RecoverRequest> {
             off_bytes_per_sec: args.throttle_off_hours,
             work_hours: Some(args.work_hours.clone()),
             work_days: Some(args.work_days.clone()),
-            utc_offset_minutes: Some(args.utc_offset),
+            utc_offset_minutes: args.utc_offset,
+            timezone: args.timezone.clone(),
         }),
         notify_email: args.notify_email.clone(),
         webhooks: args.webhooks.clone(),
@@ -236,5 +248,36 @@ mod tests {
         assert!(parse(&["web01", "--rp", "x", "--to-original", "--folder", "/f"]).is_err());
         assert!(parse(&["web01", "--rp", "x", "--path", "/p"]).is_err());
         assert!(parse(&["web01", "--rp", "x", "--folder", "/f", "--throttle", "fast"]).is_err());
+    }
+
+    #[test]
+    fn throttle_work_hours_in_a_named_zone() {
+        let base = [
+            "web01",
+            "--rp",
+            "x",
+            "--to-original",
+            "--throttle",
+            "1.5MiB",
+        ];
+        let args = parse(&[&base[..], &["--timezone", "europe/paris"]].concat()).unwrap();
+        let throttle = request(&args, "x".into()).unwrap().throttle.unwrap();
+        assert_eq!(throttle.timezone.as_deref(), Some("Europe/Paris"));
+        assert_eq!(throttle.utc_offset_minutes, None);
+        assert_eq!(throttle.work_bytes_per_sec, 1_572_864);
+        // Neither flag: the server's zone.
+        let args = parse(&base).unwrap();
+        let throttle = request(&args, "x".into()).unwrap().throttle.unwrap();
+        assert_eq!(
+            (throttle.timezone, throttle.utc_offset_minutes),
+            (None, None)
+        );
+        // A bad name is refused before anything is sent, naming it.
+        let err = parse(&[&base[..], &["--timezone", "Europe/Pariss"]].concat()).unwrap_err();
+        assert!(err.to_string().contains("\"Europe/Pariss\""), "{err}");
+        // Not both.
+        assert!(
+            parse(&[&base[..], &["--timezone", "UTC", "--utc-offset", "60"]].concat()).is_err()
+        );
     }
 }

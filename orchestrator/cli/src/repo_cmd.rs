@@ -569,25 +569,9 @@ fn format_from_name(path: &Path) -> ImageFormat {
     }
 }
 
-/// Unix milliseconds as `2026-11-25 16:04:05` (UTC), without a date crate.
+/// Unix milliseconds as `2026-11-25 16:04:05` (UTC).
 pub fn format_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil-from-days (proleptic Gregorian), after Howard Hinnant's published algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    cairn_orchestrator::policy::tz::timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
+        .strftime("%Y-%m-%d %H:%M:%S")
+        .to_string()
 }

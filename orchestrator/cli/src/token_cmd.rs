@@ -189,25 +189,16 @@ fn revoke(opts: &ServerOpts, token: &str) -> Result<i32> {
 
 /// `90d`, `12h`, `30m`, `45s`, `2w` → seconds.
 pub fn parse_lifetime(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} needs a unit: s, m, h, d or w (e.g. 90d)"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number (e.g. 90d)"))?;
-    let per = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        other => return Err(format!("unit {other:?} is not one of s, m, h, d, w")),
-    };
-    match n.checked_mul(per) {
-        Some(0) | None => Err(format!("{text:?} is not a usable lifetime")),
-        Some(secs) => Ok(secs),
+    let trimmed = text.trim();
+    if trimmed.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{trimmed:?} needs a unit: s, m, h, d or w (e.g. 90d, 1h30m)"
+        ));
+    }
+    match crate::units::parse_whole(trimmed, std::time::Duration::from_secs(1), "seconds") {
+        Ok(0) => Err(format!("{trimmed:?} is not a usable lifetime")),
+        Ok(secs) => Ok(secs),
+        Err(err) => Err(err.to_string()),
     }
 }
 
@@ -398,7 +389,17 @@ mod tests {
         assert_eq!(parse_lifetime("90d"), Ok(90 * 86_400));
         assert_eq!(parse_lifetime("12h"), Ok(43_200));
         assert_eq!(parse_lifetime("2w"), Ok(14 * 86_400));
-        for bad in ["", "d", "90", "0d", "5y", "-1d", "99999999999999999999w"] {
+        assert_eq!(parse_lifetime("1h30m"), Ok(5400));
+        for bad in [
+            "",
+            "d",
+            "90",
+            "0d",
+            "5 parsecs",
+            "-1d",
+            "99999999999999999999w",
+            "1500ms",
+        ] {
             assert!(parse_lifetime(bad).is_err(), "{bad:?}");
         }
     }

@@ -24,7 +24,7 @@ use cairn_orchestrator::engine::service::{Engine, EngineOptions, Handle};
 use cairn_orchestrator::engine::state::State;
 use cairn_orchestrator::log::{SledLog, SledLogConfig};
 use cairn_orchestrator::policy::retention::RetentionMark;
-use cairn_orchestrator::policy::tz::{TimeZone, days_from_civil};
+use cairn_orchestrator::policy::tz::{TimeZone, utc_midnight_ms};
 use cairn_schemas::{
     Command, ConsistencyCheckPolicy, ConsistencyCheckWindow, DataSourceState, GroupPolicy, JobKind,
     JobState, NodeId, Report, Schedule, StepSpec, SyncFrequency, TimeOfDay, VmId, Weekdays,
@@ -341,8 +341,8 @@ impl World {
     }
 }
 
-fn utc(y: i64, m: u32, d: u32, h: u64) -> u64 {
-    days_from_civil(y, m, d) as u64 * 24 * HOUR + h * HOUR
+fn utc(y: i16, m: i8, d: i8, h: u64) -> u64 {
+    utc_midnight_ms(jiff::civil::date(y, m, d)) as u64 + h * HOUR
 }
 
 fn hourly_policy(repo: &Path) -> GroupPolicy {

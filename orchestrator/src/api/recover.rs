@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::extract::{Actor, Caller, IdPath, JsonBody};
 use super::wire::check_target_path;
 use super::{AppState, Error};
+use crate::policy::tz::TimeZone;
 use crate::views::Accepted;
 
 /// Where a recovery writes.
@@ -61,9 +62,14 @@ pub struct ThrottleWire {
     /// `mon-fri` (default), `mon-sun`, or a list like `mon,wed,fri`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_days: Option<String>,
-    /// The schedule's offset from UTC in minutes (default 0).
+    /// The schedule's fixed offset from UTC in minutes (older clients; not with `timezone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub utc_offset_minutes: Option<i16>,
+    /// The schedule's time zone: an IANA name like `Europe/Paris` (work hours follow its
+    /// daylight-saving changes), `UTC` or a fixed offset like `+02:00`. Default: the
+    /// orchestrator's zone (`--timezone`), unless `utc_offset_minutes` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
 }
 
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
@@ -129,6 +135,36 @@ impl ThrottleWire {
         };
         throttle.validate()?;
         Ok(throttle)
+    }
+
+    /// The throttle and the zone of its work hours, as `RequestRecoveryInZone` carries it
+    /// (`None`: the fixed `utc_offset_minutes` says it all). `default_zone` is the
+    /// orchestrator's; `now` (Unix ms) gives the offset written into the throttle for workers
+    /// that cannot read the zone.
+    pub fn to_throttle_in_zone(
+        &self,
+        default_zone: &TimeZone,
+        now: u64,
+    ) -> Result<(Throttle, Option<String>), Error> {
+        let bad = |message: String| Error::invalid_request(format!("throttle: {message}"));
+        let zone = match (&self.timezone, self.utc_offset_minutes) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "give timezone or utc_offset_minutes, not both".to_owned()
+                ));
+            }
+            (Some(name), None) => Some(TimeZone::parse(name).map_err(|e| bad(e.to_string()))?),
+            (None, Some(_)) => None,
+            (None, None) => Some(default_zone.clone()),
+        };
+        let mut throttle = self.to_throttle().map_err(bad)?;
+        let Some(zone) = zone else {
+            return Ok((throttle, None));
+        };
+        let offset = zone.offset_at(i64::try_from(now).unwrap_or(i64::MAX));
+        throttle.utc_offset_minutes = i16::try_from(offset).unwrap_or(0);
+        throttle.validate().map_err(bad)?;
+        Ok((throttle, zone.wire_name()))
     }
 }
 
@@ -220,23 +256,36 @@ pub(super) async fn request_recover(
         }
     };
     super::scope::check_recovery_target(&caller, state.control.as_ref(), &target)?;
-    let throttle = match &request.throttle {
-        Some(wire) => Some(
-            wire.to_throttle()
-                .map_err(|e| Error::invalid_request(format!("throttle: {e}")))?,
-        ),
-        None => None,
+    let job = state.control.new_job_id();
+    let (throttle, timezone) = match &request.throttle {
+        Some(wire) => {
+            let (throttle, zone) =
+                wire.to_throttle_in_zone(&state.control.timezone(), job.unix_millis())?;
+            (Some(throttle), zone)
+        }
+        None => (None, None),
     };
-    let command = Command::RequestRecovery {
-        job: state.control.new_job_id(),
-        vm,
-        rp,
-        target,
-        options: RecoveryOptions {
-            throttle,
-            notify_email: request.notify_email,
-            webhooks: request.webhooks,
-            new_name: request.name,
+    let options = RecoveryOptions {
+        throttle,
+        notify_email: request.notify_email,
+        webhooks: request.webhooks,
+        new_name: request.name,
+    };
+    let command = match timezone {
+        Some(timezone) => Command::RequestRecoveryInZone {
+            job,
+            vm,
+            rp,
+            target,
+            options,
+            timezone,
+        },
+        None => Command::RequestRecovery {
+            job,
+            vm,
+            rp,
+            target,
+            options,
         },
     };
     let accepted = state

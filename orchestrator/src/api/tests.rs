@@ -288,7 +288,8 @@ impl Fake {
             }
             Command::RequestBackup { job, vm, .. }
             | Command::RequestRestore { job, vm, .. }
-            | Command::RequestRecovery { job, vm, .. } => {
+            | Command::RequestRecovery { job, vm, .. }
+            | Command::RequestRecoveryInZone { job, vm, .. } => {
                 known_vm(vm)?;
                 Ok(job.to_string())
             }
@@ -434,6 +435,10 @@ impl Control for Fake {
 
     fn default_repository(&self) -> String {
         "local".into()
+    }
+
+    fn timezone(&self) -> crate::policy::tz::TimeZone {
+        crate::policy::tz::TimeZone::parse("Europe/Paris").unwrap()
     }
 
     fn authenticate(
@@ -983,6 +988,75 @@ async fn restore_copies_to_a_folder() {
     .await;
     assert_error(&answer, StatusCode::NOT_FOUND, "unknown_vm", &[VM_UNKNOWN]);
     assert_eq!(fake.submitted().len(), 2);
+}
+
+#[tokio::test]
+async fn recover_throttle_work_hours_in_a_named_zone() {
+    let fake = Arc::new(Fake::new());
+    let app = app(&fake);
+    let uri = format!("/v1/vms/{VM_DB}/recover");
+    let throttle = |extra: serde_json::Value| {
+        let mut throttle = json!({"work_bytes_per_sec": 1048576});
+        for (key, value) in extra.as_object().unwrap() {
+            throttle[key] = value.clone();
+        }
+        json!({"rp": RP_1, "target": "original", "throttle": throttle}).to_string()
+    };
+    // (throttle fields, the zone carried, the fixed offset written into the throttle)
+    let accepted = [
+        (
+            json!({"timezone": "america/santiago"}),
+            Some("America/Santiago"),
+        ),
+        // Without a zone or offset: the orchestrator's (the fake's Europe/Paris).
+        (json!({}), Some("Europe/Paris")),
+        // A fixed offset as a zone is the old form.
+        (json!({"timezone": "+05:30"}), None),
+        (json!({"utc_offset_minutes": 60}), None),
+    ];
+    for (fields, zone) in &accepted {
+        let (status, body) = call(&app, "POST", &uri, Some(&throttle(fields.clone()))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{fields}: {body}");
+        let (_, command) = fake.submitted().last().cloned().unwrap();
+        match (&command, zone) {
+            (
+                Command::RequestRecoveryInZone {
+                    timezone, options, ..
+                },
+                Some(zone),
+            ) => {
+                assert_eq!(timezone, zone, "{fields}");
+                let offset = options.throttle.as_ref().unwrap().utc_offset_minutes;
+                let expected = crate::policy::tz::TimeZone::parse(zone)
+                    .unwrap()
+                    .offset_at(1_800_000_000_000);
+                assert_eq!(i32::from(offset), expected, "{fields}");
+            }
+            (Command::RequestRecovery { options, .. }, None) => {
+                let offset = options.throttle.as_ref().unwrap().utc_offset_minutes;
+                assert!(offset == 330 || offset == 60, "{fields}: {offset}");
+            }
+            (other, _) => panic!("{fields}: unexpected {other:?}"),
+        }
+    }
+    let n_submitted = fake.submitted().len();
+    for (fields, says) in [
+        (
+            json!({"timezone": "Mars/Olympus"}),
+            "\"Mars/Olympus\" is not understood",
+        ),
+        (json!({"timezone": "Europe/Pariss"}), "\"Europe/Pariss\""),
+        (
+            json!({"timezone": "UTC", "utc_offset_minutes": 60}),
+            "not both",
+        ),
+    ] {
+        let (status, body) = call(&app, "POST", &uri, Some(&throttle(fields.clone()))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{fields}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{fields}: {body}");
+    }
+    assert_eq!(fake.submitted().len(), n_submitted, "nothing submitted");
 }
 
 #[tokio::test]

@@ -177,28 +177,25 @@ impl CreateGroupRequest {
 pub fn parse_sync(text: &str) -> Result<SyncFrequency, Error> {
     let bad = || {
         Error::invalid_policy(format!(
-            "sync {text:?} is not a frequency; use e.g. 15m, 1h, 1d or before-recovery-point"
+            "sync {text:?} is not a frequency; use e.g. 15m, 1h, 1h30m, 1d or before-recovery-point"
         ))
     };
     let text_trimmed = text.trim();
     if text_trimmed == "before-recovery-point" {
         return Ok(SyncFrequency::JustBeforeRecoveryPoint);
     }
-    let split = text_trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text_trimmed.len());
-    let (digits, unit) = text_trimmed.split_at(split);
-    let value: u32 = digits.parse().map_err(|_| bad())?;
-    let minutes_per_unit = match unit {
-        "" | "m" | "min" => 1,
-        "h" => 60,
-        "d" => 1440,
-        _ => return Err(bad()),
+    // A bare number counts minutes; anything else is a humantime duration (`15m`, `1h30m`,
+    // `1d`) of whole minutes.
+    let minutes: u64 = if text_trimmed.bytes().all(|b| b.is_ascii_digit()) {
+        text_trimmed.parse().map_err(|_| bad())?
+    } else {
+        let duration = humantime::parse_duration(text_trimmed).map_err(|_| bad())?;
+        if duration.as_nanos() % 60_000_000_000 != 0 {
+            return Err(bad());
+        }
+        duration.as_secs() / 60
     };
-    let minutes = value
-        .checked_mul(minutes_per_unit)
-        .and_then(|m| u16::try_from(m).ok())
-        .ok_or_else(bad)?;
+    let minutes = u16::try_from(minutes).map_err(|_| bad())?;
     Ok(SyncFrequency::EveryMinutes(minutes))
 }
 
@@ -394,7 +391,11 @@ mod tests {
 
     #[test]
     fn sync_frequencies_parse() {
-        let cases: [(&str, Option<SyncFrequency>); 12] = [
+        let cases: [(&str, Option<SyncFrequency>); 16] = [
+            ("1h30m", Some(SyncFrequency::EveryMinutes(90))),
+            ("15min", Some(SyncFrequency::EveryMinutes(15))),
+            ("120s", Some(SyncFrequency::EveryMinutes(2))),
+            ("90s", None),
             ("15m", Some(SyncFrequency::EveryMinutes(15))),
             ("60m", Some(SyncFrequency::EveryMinutes(60))),
             ("1h", Some(SyncFrequency::EveryMinutes(60))),

@@ -464,7 +464,17 @@ pub fn decide(state: &State, command: &Command, now: u64) -> Result<Vec<Emit>, C
             rp,
             target,
             options,
-        } => super::recovery::decide_recovery(state, *job, *vm, *rp, target, options),
+        } => super::recovery::decide_recovery(state, *job, *vm, *rp, target, options, None),
+        Command::RequestRecoveryInZone {
+            job,
+            vm,
+            rp,
+            target,
+            options,
+            timezone,
+        } => {
+            super::recovery::decide_recovery(state, *job, *vm, *rp, target, options, Some(timezone))
+        }
     }
 }
 

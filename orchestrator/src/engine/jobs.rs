@@ -1046,10 +1046,9 @@ fn recovery_work(
     let rps = state.rps.get(&job.vm).map_or(&[][..], |l| l.as_slice());
     let disks = recovery_disks(vm, rp, rps);
     let new_name = recovered_vm_name(state, job, &vm.name);
-    let throttle = state
-        .recoveries
-        .get(&job.id)
-        .and_then(|r| r.options.throttle.clone());
+    let recovery = state.recoveries.get(&job.id);
+    let throttle = recovery.and_then(|r| r.options.throttle.clone());
+    let timezone = recovery.and_then(|r| r.timezone.clone());
     // Where each disk goes, and in which format.
     let placed = |disk: &DiskId| -> Result<DiskSource, String> {
         let current = vm.disks.iter().find(|d| &d.disk == disk);
@@ -1106,14 +1105,30 @@ fn recovery_work(
                 .into_iter()
                 .find(|d| &d.disk == disk)
                 .ok_or_else(|| format!("recovery point {rp} has no disk {disk}"))?;
-            StepWork::RestoreDisk {
-                disk: disk.clone(),
-                repository,
-                rp,
-                target_path: placed.image_path,
-                target_format: placed.format,
-                overwrite: matches!(target, RecoveryTarget::OriginalVm),
-                throttle,
+            let overwrite = matches!(target, RecoveryTarget::OriginalVm);
+            match timezone {
+                // Work hours in a named zone need a worker that knows the variant; without a
+                // throttle the zone changes nothing, so the old variant keeps old workers
+                // working.
+                Some(timezone) if throttle.is_some() => StepWork::RestoreDiskInZone {
+                    disk: disk.clone(),
+                    repository,
+                    rp,
+                    target_path: placed.image_path,
+                    target_format: placed.format,
+                    overwrite,
+                    throttle,
+                    timezone,
+                },
+                _ => StepWork::RestoreDisk {
+                    disk: disk.clone(),
+                    repository,
+                    rp,
+                    target_path: placed.image_path,
+                    target_format: placed.format,
+                    overwrite,
+                    throttle,
+                },
             }
         }
         _ => StepWork::FinishRecovery {

@@ -147,8 +147,8 @@ pub fn group_capacity(
     capacity::plan(&usages, policy.retention_days, free, now)
 }
 
-/// Recovery points per local day of `tz`: (day number since 1970-01-01, count).
-pub fn calendar(state: &State, vm: VmId, tz: &TimeZone) -> BTreeMap<i64, u32> {
+/// Recovery points per local day of `tz`: (date, count).
+pub fn calendar(state: &State, vm: VmId, tz: &TimeZone) -> BTreeMap<jiff::civil::Date, u32> {
     let mut days = BTreeMap::new();
     for rp in state.rps.get(&vm).into_iter().flatten() {
         let (day, _) = tz.local(rp.taken_at as i64);

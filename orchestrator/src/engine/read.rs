@@ -377,7 +377,10 @@ fn summary(event: &Event) -> String {
                 disks.len(),
                 rps.len()
             ),
-            JobEvent::RecoveryOptionsSet { options } => recovery_options_summary(options),
+            JobEvent::RecoveryOptionsSet { options } => recovery_options_summary(options, None),
+            JobEvent::RecoveryTimeZoneSet { timezone } => {
+                format!("throttle work hours in time zone {timezone}")
+            }
             JobEvent::NotificationSent {
                 target,
                 delivered,
@@ -517,7 +520,10 @@ fn summary(event: &Event) -> String {
 
 /// `throttle 10.0 MiB/s in work hours (Mon-Fri 08:00-18:00 UTC+60 min), unlimited otherwise;
 /// notify mailto:ops@example.com`.
-pub fn recovery_options_summary(options: &cairn_schemas::RecoveryOptions) -> String {
+pub fn recovery_options_summary(
+    options: &cairn_schemas::RecoveryOptions,
+    timezone: Option<&str>,
+) -> String {
     let rate = |bps: u64| {
         if bps == 0 {
             "unlimited".to_string()
@@ -527,15 +533,18 @@ pub fn recovery_options_summary(options: &cairn_schemas::RecoveryOptions) -> Str
     };
     let mut parts = Vec::new();
     if let Some(t) = &options.throttle {
+        let zone = timezone.map_or_else(
+            || format!("UTC{:+} min", t.utc_offset_minutes),
+            str::to_owned,
+        );
         parts.push(format!(
-            "throttle {} in work hours ({:02}:{:02}-{:02}:{:02}, days {:#09b}, UTC{:+} min), {} otherwise",
+            "throttle {} in work hours ({:02}:{:02}-{:02}:{:02}, days {:#09b}, {zone}), {} otherwise",
             rate(t.work_bytes_per_sec),
             t.work_start_minute / 60,
             t.work_start_minute % 60,
             t.work_end_minute / 60,
             t.work_end_minute % 60,
             t.work_days,
-            t.utc_offset_minutes,
             rate(t.off_bytes_per_sec)
         ));
     }
@@ -578,7 +587,7 @@ fn recovery_view(state: &State, job: &Job) -> Option<crate::views::RecoveryView>
         node: node.map(|n| n.to_string()),
         options: recovery.map_or_else(
             || "no recovery options".into(),
-            |r| recovery_options_summary(&r.options),
+            |r| recovery_options_summary(&r.options, r.timezone.as_deref()),
         ),
         bytes_written: recovery.map_or(0, |r| r.bytes_written),
         written: recovery.and_then(|r| r.written.clone()),

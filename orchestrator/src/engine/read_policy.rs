@@ -9,7 +9,7 @@ use super::state::{Group, State};
 use crate::policy::alerts::Alert;
 use crate::policy::retention::RetentionMark;
 use crate::policy::schedule;
-use crate::policy::tz::{TimeZone, civil_from_days};
+use crate::policy::tz::TimeZone;
 use crate::views::{
     AlertView, CalendarDayView, CapacityView, GroupDetailView, MemberView, PolicyView,
 };
@@ -160,12 +160,9 @@ pub fn alerts(state: &State, all: bool, now: u64) -> Vec<AlertView> {
 pub fn calendar(state: &State, vm: VmId, tz: &TimeZone) -> Vec<CalendarDayView> {
     protect::calendar(state, vm, tz)
         .into_iter()
-        .map(|(day, count)| {
-            let (y, m, d) = civil_from_days(day);
-            CalendarDayView {
-                date: format!("{y:04}-{m:02}-{d:02}"),
-                recovery_points: count,
-            }
+        .map(|(day, count)| CalendarDayView {
+            date: day.strftime("%Y-%m-%d").to_string(),
+            recovery_points: count,
         })
         .collect()
 }

@@ -1,5 +1,6 @@
-//! Recovery requests: validation of a `RequestRecovery` command (target, options) into the
-//! `JobRequested` + `RecoveryOptionsSet` events of a new recovery job. Pure, like `decide`.
+//! Recovery requests: validation of a `RequestRecovery` or `RequestRecoveryInZone` command
+//! (target, options, the throttle's zone) into the `JobRequested` + `RecoveryOptionsSet` (+
+//! `RecoveryTimeZoneSet`) events of a new recovery job. Pure, like `decide`.
 //!
 //! What each target means (MABS's Recovery Wizard, see README):
 //! - `OriginalVm`: the VM's own disks are overwritten by a delta restore on the VM's node. The
@@ -37,6 +38,7 @@ pub fn decide_recovery(
     rp: RecoveryPointId,
     target: &RecoveryTarget,
     options: &RecoveryOptions,
+    timezone: Option<&str>,
 ) -> Result<Vec<Emit>, ControlError> {
     let known = present_vm(state, vm)?;
     let Some(point) = state
@@ -107,9 +109,19 @@ pub fn decide_recovery(
         }
     }
     check_options(options)?;
+    if let Some(name) = timezone {
+        crate::policy::tz::TimeZone::jiff_from_wire(name)
+            .map_err(|e| invalid(ErrorCode::InvalidRequest, format!("throttle: {e}")))?;
+    }
+    let zone_event = timezone.map(|name| {
+        JobEvent::RecoveryTimeZoneSet {
+            timezone: name.to_owned(),
+        }
+        .into()
+    });
     Ok(vec![Emit::new(
         Aggregate::Job(job),
-        vec![
+        [
             JobEvent::JobRequested {
                 kind: JobKind::Recovery {
                     rp,
@@ -125,7 +137,10 @@ pub fn decide_recovery(
                 options: options.clone(),
             }
             .into(),
-        ],
+        ]
+        .into_iter()
+        .chain(zone_event)
+        .collect(),
     )])
 }
 

@@ -676,7 +676,7 @@ impl<L: EventLog + 'static> Engine<L> {
     /// with recovery points past retention.
     async fn schedule_runs(&mut self) {
         let now = self.now();
-        let tz = self.shared.config.timezone;
+        let tz = self.shared.config.timezone.clone();
         let retention_due = now >= self.next_retention_at
             || self.next_retention_at > now + self.shared.config.retention_every_ms;
         if retention_due {
@@ -959,6 +959,7 @@ pub fn command_partition(state: &State, command: &Command, n: std::num::NonZeroU
         | Command::RequestConsistencyCheck { vm, .. }
         | Command::RequestRestore { vm, .. }
         | Command::RequestRecovery { vm, .. }
+        | Command::RequestRecoveryInZone { vm, .. }
         | Command::ImportSeed { vm, .. }
         | Command::RequestVerify { vm, .. } => partition_of_vm(vm, n),
         Command::CancelJob { job, .. } => state.partition_of(&Aggregate::Job(*job), &[], n),
@@ -989,6 +990,7 @@ fn created_id(command: &Command) -> String {
         | Command::RequestConsistencyCheck { job, .. }
         | Command::RequestRestore { job, .. }
         | Command::RequestRecovery { job, .. }
+        | Command::RequestRecoveryInZone { job, .. }
         | Command::CancelJob { job, .. } => job.to_string(),
         Command::RegisterNode { node, .. }
         | Command::ReportInventory { node, .. }
@@ -1260,6 +1262,10 @@ impl<L: EventLog + 'static> Control for Handle<L> {
         self.shared.config.repository.clone()
     }
 
+    fn timezone(&self) -> crate::policy::tz::TimeZone {
+        self.shared.config.timezone.clone()
+    }
+
     fn group(&self, group: &str) -> Result<GroupDetailView, ControlError> {
         let id: GroupId = parse_id("group", group)?;
         let now = self.shared.clock.now_ms();
@@ -1295,7 +1301,7 @@ impl<L: EventLog + 'static> Control for Handle<L> {
 
     fn calendar(&self, vm: &str) -> Result<Vec<CalendarDayView>, ControlError> {
         let id: cairn_schemas::VmId = parse_id("VM", vm)?;
-        let tz = self.shared.config.timezone;
+        let tz = self.shared.config.timezone.clone();
         self.read(|s| {
             if !s.vms.contains_key(&id) {
                 return Err(ControlError::NotFound {

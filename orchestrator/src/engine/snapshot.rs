@@ -9,7 +9,7 @@ use std::path::Path;
 use super::state::State;
 
 const MAGIC: &[u8; 8] = b"CAIRNSNP";
-const VERSION: u8 = 5;
+const VERSION: u8 = 6;
 
 pub fn encode(state: &State) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 << 16);

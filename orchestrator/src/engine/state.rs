@@ -82,6 +82,9 @@ pub struct RepositorySpace {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recovery {
     pub options: RecoveryOptions,
+    /// The named zone of the throttle's work hours (`RecoveryTimeZoneSet`): an IANA name or a
+    /// POSIX TZ rule; `None` = the throttle's fixed `utc_offset_minutes`.
+    pub timezone: Option<String>,
     /// Notification targets already handled (delivered or given up), with the outcome.
     pub notified: Vec<Notified>,
     /// Bytes its restore steps wrote.
@@ -969,6 +972,9 @@ impl State {
             }
             JobEvent::RecoveryOptionsSet { options } => {
                 self.recoveries.entry(id).or_default().options = options.clone();
+            }
+            JobEvent::RecoveryTimeZoneSet { timezone } => {
+                self.recoveries.entry(id).or_default().timezone = Some(timezone.clone());
             }
             JobEvent::NotificationSent {
                 target,

@@ -854,6 +854,61 @@ fn run_recovery_to_success(w: &mut World, job: JobId) {
 }
 
 #[test]
+fn a_throttle_in_a_named_zone_reaches_the_restore_steps() {
+    let mut w = World::new();
+    let vm = setup(&mut w, 1)[0];
+    let first = backup(&mut w, vm);
+    run_backup_to_success(&mut w, first);
+    let options = cairn_schemas::RecoveryOptions {
+        throttle: Some(cairn_schemas::Throttle {
+            work_bytes_per_sec: 1 << 20,
+            off_bytes_per_sec: 0,
+            work_days: cairn_schemas::Throttle::WEEKDAYS,
+            work_start_minute: 480,
+            work_end_minute: 1080,
+            utc_offset_minutes: 600,
+        }),
+        ..Default::default()
+    };
+    let rp = w.state.rps[&vm].last().unwrap().rp;
+    let in_zone = |job, timezone: &str| Command::RequestRecoveryInZone {
+        job,
+        vm,
+        rp,
+        target: RecoveryTarget::OriginalVm,
+        options: options.clone(),
+        timezone: timezone.into(),
+    };
+    // A zone the orchestrator cannot read is refused, naming it.
+    let bad = w.id(JobId::new_v7);
+    let err = w.submit(in_zone(bad, "Mars/Olympus")).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidRequest);
+    assert!(err.to_string().contains("\"Mars/Olympus\""), "{err}");
+    // Refused, the id is still free.
+    let job = bad;
+    w.submit(in_zone(job, "Australia/Sydney")).unwrap();
+    w.settle();
+    assert_eq!(
+        w.state.recoveries[&job].timezone.as_deref(),
+        Some("Australia/Sydney")
+    );
+    w.report(job, &StepKind::PrepareRecovery, ok_prepare());
+    let zones: Vec<&str> = w.state.jobs[&job]
+        .steps
+        .iter()
+        .filter_map(|step| match step.spec.as_ref().map(|s| &s.work) {
+            Some(StepWork::RestoreDiskInZone { timezone, .. }) => Some(timezone.as_str()),
+            Some(StepWork::RestoreDisk { .. }) => panic!("a restore step without its zone"),
+            _ => None,
+        })
+        .collect();
+    assert!(!zones.is_empty());
+    assert!(zones.iter().all(|z| *z == "Australia/Sydney"), "{zones:?}");
+    run_recovery_to_success(&mut w, job);
+    assert_eq!(w.state.jobs[&job].state, JobState::Succeeded);
+}
+
+#[test]
 fn recovery_to_the_original_vm_overwrites_its_disks_and_excludes_backups() {
     let mut w = World::new();
     let vm = setup(&mut w, 1)[0];

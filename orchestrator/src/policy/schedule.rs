@@ -27,7 +27,7 @@ use cairn_schemas::{
     ConsistencyCheckWindow, GroupPolicy, ReplicaCreation, Schedule, SyncFrequency,
 };
 
-use super::tz::{TimeZone, weekday};
+use super::tz::{TimeZone, add_days, weekday};
 
 const MINUTE_MS: u64 = 60_000;
 const DAY_MS: u64 = 86_400_000;
@@ -94,7 +94,7 @@ pub fn group_slots(policy: &GroupPolicy, tz: &TimeZone, now: u64) -> GroupSlots 
     let sync = match policy.sync {
         SyncFrequency::EveryMinutes(minutes) => {
             let every = u64::from(minutes.max(1)) * MINUTE_MS;
-            let std = i64::from(tz.std_offset_minutes) * MINUTE_MS as i64;
+            let std = i64::from(tz.standard_offset_minutes(now as i64)) * MINUTE_MS as i64;
             let shifted = now as i64 + std;
             let grid = shifted - shifted.rem_euclid(every as i64) - std;
             let grid = u64::try_from(grid).ok();
@@ -191,11 +191,12 @@ pub fn latest_wall_slot(schedule: &Schedule, tz: &TimeZone, now: u64) -> Option<
     let (today, _) = tz.local(now as i64);
     // Two extra days cover offsets and DST: a slot of "yesterday" may be later in UTC than
     // one of "today" only across a change, never by more than a day.
-    (today - 8..=today + 1)
+    (-8..=1)
         .rev()
+        .filter_map(|n| add_days(today, n))
         .filter(|day| schedule.days.contains(weekday(*day)))
         .flat_map(|day| schedule.times.iter().map(move |t| (day, t.minute_of_day)))
-        .map(|(day, minute)| tz.to_utc(day, minute))
+        .filter_map(|(day, minute)| tz.to_utc(day, minute))
         .filter(|utc| *utc >= 0 && *utc as u64 <= now)
         .max()
         .map(|utc| utc as u64)
@@ -207,10 +208,11 @@ pub fn next_wall_slot(schedule: &Schedule, tz: &TimeZone, now: u64) -> Option<u6
         return None;
     }
     let (today, _) = tz.local(now as i64);
-    (today - 1..=today + 8)
+    (-1..=8)
+        .filter_map(|n| add_days(today, n))
         .filter(|day| schedule.days.contains(weekday(*day)))
         .flat_map(|day| schedule.times.iter().map(move |t| (day, t.minute_of_day)))
-        .map(|(day, minute)| tz.to_utc(day, minute))
+        .filter_map(|(day, minute)| tz.to_utc(day, minute))
         .filter(|utc| *utc > now as i64)
         .min()
         .map(|utc| utc as u64)
@@ -222,7 +224,7 @@ pub fn next_sync(policy: &GroupPolicy, tz: &TimeZone, now: u64) -> Option<u64> {
     match policy.sync {
         SyncFrequency::EveryMinutes(minutes) => {
             let every = u64::from(minutes.max(1)) * MINUTE_MS;
-            let std = i64::from(tz.std_offset_minutes) * MINUTE_MS as i64;
+            let std = i64::from(tz.standard_offset_minutes(now as i64)) * MINUTE_MS as i64;
             let shifted = now as i64 + std;
             let grid = (shifted - shifted.rem_euclid(every as i64) - std) as u64 + every;
             Some(rp.map_or(grid, |rp| rp.min(grid)))
@@ -245,11 +247,13 @@ fn open_window(window: &ConsistencyCheckWindow, tz: &TimeZone, now: u64) -> Opti
 mod tests {
     use cairn_schemas::{ConsistencyCheckPolicy, TimeOfDay, Weekdays};
 
-    use super::super::tz::days_from_civil;
+    use jiff::civil::date;
+
+    use super::super::tz::utc_midnight_ms;
     use super::*;
 
-    fn at(y: i64, mo: u32, d: u32, h: u64, mi: u64) -> u64 {
-        days_from_civil(y, mo, d) as u64 * DAY_MS + h * 3_600_000 + mi * MINUTE_MS
+    fn at(y: i16, mo: i8, d: i8, h: u64, mi: u64) -> u64 {
+        utc_midnight_ms(date(y, mo, d)) as u64 + h * 3_600_000 + mi * MINUTE_MS
     }
 
     fn policy(sync: SyncFrequency, rp_times: &[(u16, u16)]) -> GroupPolicy {
@@ -299,7 +303,7 @@ mod tests {
         type Case<'a> = (
             &'a str,
             &'a GroupPolicy,
-            TimeZone,
+            &'a TimeZone,
             VmHistory,
             u64,
             Option<Due>,
@@ -308,7 +312,7 @@ mod tests {
             (
                 "first sync on the grid",
                 &every15,
-                utc,
+                &utc,
                 protected(None),
                 day(10, 7),
                 sync(day(10, 0)),
@@ -316,7 +320,7 @@ mod tests {
             (
                 "slot already served",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(10, 1))),
                 day(10, 14),
                 None,
@@ -324,7 +328,7 @@ mod tests {
             (
                 "next slot",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(10, 1))),
                 day(10, 15),
                 sync(day(10, 15)),
@@ -332,7 +336,7 @@ mod tests {
             (
                 "downtime of 5 hours: one catch-up for the latest slot",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(5, 0))),
                 day(10, 7),
                 sync(day(10, 0)),
@@ -340,7 +344,7 @@ mod tests {
             (
                 "clock jumped back an hour: slots up to the last request count as served",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(11, 2))),
                 day(10, 20),
                 None,
@@ -348,7 +352,7 @@ mod tests {
             (
                 "clock jumped forward a day: one catch-up",
                 &every15,
-                utc,
+                &utc,
                 protected(Some(day(10, 0))),
                 at(2026, 6, 11, 10, 3),
                 sync(at(2026, 6, 11, 10, 0)),
@@ -356,7 +360,7 @@ mod tests {
             (
                 "a running backup blocks",
                 &every15,
-                utc,
+                &utc,
                 VmHistory {
                     active: true,
                     ..protected(None)
@@ -367,7 +371,7 @@ mod tests {
             (
                 "before RP: waits for 08:00",
                 &before_rp,
-                utc,
+                &utc,
                 protected(Some(at(2026, 6, 9, 20, 0))),
                 day(7, 59),
                 None,
@@ -375,7 +379,7 @@ mod tests {
             (
                 "before RP: 08:00",
                 &before_rp,
-                utc,
+                &utc,
                 protected(Some(at(2026, 6, 9, 20, 0))),
                 day(8, 0),
                 sync(day(8, 0)),
@@ -383,7 +387,7 @@ mod tests {
             (
                 "before RP: missed 08:00 and 20:00, one run",
                 &before_rp,
-                utc,
+                &utc,
                 protected(Some(at(2026, 6, 9, 20, 0))),
                 day(21, 0),
                 sync(day(20, 0)),
@@ -391,7 +395,7 @@ mod tests {
             (
                 "hourly grid plus a 20:30 RP",
                 &hourly_rp_half,
-                utc,
+                &utc,
                 protected(Some(day(20, 0))),
                 day(20, 31),
                 sync(day(20, 30)),
@@ -399,7 +403,7 @@ mod tests {
             (
                 "daily sync on the standard-time grid",
                 &daily,
-                utc,
+                &utc,
                 protected(Some(day(0, 0))),
                 day(23, 0),
                 sync(day(20, 0)),
@@ -407,7 +411,7 @@ mod tests {
             (
                 "Berlin summer: 20:00 wall is 18:00 UTC",
                 &before_rp,
-                berlin,
+                &berlin,
                 protected(Some(day(6, 0))),
                 day(18, 1),
                 sync(day(18, 0)),
@@ -415,7 +419,7 @@ mod tests {
             (
                 "Berlin winter: 20:00 wall is 19:00 UTC",
                 &before_rp,
-                berlin,
+                &berlin,
                 protected(Some(at(2026, 12, 10, 7, 0))),
                 at(2026, 12, 10, 18, 30),
                 None,
@@ -423,7 +427,7 @@ mod tests {
             (
                 "DST spring: 02:30 does not exist, runs at 03:30 CEST",
                 &at_0230,
-                berlin,
+                &berlin,
                 protected(Some(at(2026, 3, 28, 1, 30))),
                 at(2026, 3, 29, 1, 30),
                 sync(at(2026, 3, 29, 1, 30)),
@@ -431,7 +435,7 @@ mod tests {
             (
                 "DST autumn: 02:30 happens twice, runs once (first)",
                 &at_0230,
-                berlin,
+                &berlin,
                 protected(Some(at(2026, 10, 25, 0, 30))),
                 at(2026, 10, 25, 1, 30),
                 None,
@@ -439,15 +443,174 @@ mod tests {
             (
                 "DST autumn: 15-minute grid keeps running through the repeated hour",
                 &every15,
-                berlin,
+                &berlin,
                 protected(Some(at(2026, 10, 25, 0, 45))),
                 at(2026, 10, 25, 1, 2),
                 sync(at(2026, 10, 25, 1, 0)),
             ),
         ];
         for (name, policy, tz, history, now, expected) in cases {
-            assert_eq!(due(policy, &tz, &history, now), expected, "{name}");
+            assert_eq!(due(policy, tz, &history, now), expected, "{name}");
         }
+    }
+
+    /// The next two offset changes after 1 January 2026, from jiff's copy of the IANA
+    /// database: (instant, new offset in minutes).
+    fn changes_in_2026(zone: &TimeZone) -> Vec<(String, i32)> {
+        let start = jiff::Timestamp::from_millisecond(at(2026, 1, 1, 0, 0) as i64).unwrap();
+        zone.jiff()
+            .following(start)
+            .take(2)
+            .map(|t| (t.timestamp().to_string(), t.offset().seconds() / 60))
+            .collect()
+    }
+
+    #[test]
+    fn southern_hemisphere_schedules_across_their_dst_changes() {
+        let sydney = TimeZone::parse("Australia/Sydney").unwrap();
+        let santiago = TimeZone::parse("America/Santiago").unwrap();
+        // Sydney: back on the first Sunday of April (03:00 AEDT -> 02:00 AEST on 5 April),
+        // forward on the first Sunday of October (02:00 AEST -> 03:00 AEDT on 4 October).
+        assert_eq!(
+            changes_in_2026(&sydney),
+            [
+                ("2026-04-04T16:00:00Z".to_owned(), 600),
+                ("2026-10-03T16:00:00Z".to_owned(), 660)
+            ]
+        );
+        // Santiago: back at 00:00 on Sunday 5 April (to 23:00 on Saturday 4 April), forward
+        // at 00:00 on Sunday 6 September (to 01:00): the first Sundays on or after the 2nd.
+        assert_eq!(
+            changes_in_2026(&santiago),
+            [
+                ("2026-04-05T03:00:00Z".to_owned(), -240),
+                ("2026-09-06T04:00:00Z".to_owned(), -180)
+            ]
+        );
+        let at_0230 = policy(SyncFrequency::JustBeforeRecoveryPoint, &[(2, 30)]);
+        let at_2000 = policy(SyncFrequency::JustBeforeRecoveryPoint, &[(20, 0)]);
+        let at_2330 = policy(SyncFrequency::JustBeforeRecoveryPoint, &[(23, 30)]);
+        let at_0030 = policy(SyncFrequency::JustBeforeRecoveryPoint, &[(0, 30)]);
+        let every15 = policy(SyncFrequency::EveryMinutes(15), &[(20, 0)]);
+        // (name, policy, zone, last request, now, expected)
+        type Case<'a> = (
+            &'a str,
+            &'a GroupPolicy,
+            &'a TimeZone,
+            u64,
+            u64,
+            Option<Due>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "Sydney summer: 20:00 AEDT is 09:00 UTC",
+                &at_2000,
+                &sydney,
+                at(2026, 1, 9, 9, 0),
+                at(2026, 1, 10, 9, 0),
+                sync(at(2026, 1, 10, 9, 0)),
+            ),
+            (
+                "Sydney winter: 20:00 AEST is 10:00 UTC",
+                &at_2000,
+                &sydney,
+                at(2026, 7, 9, 10, 0),
+                at(2026, 7, 10, 9, 59),
+                None,
+            ),
+            (
+                "Sydney April: 02:30 happens twice, the first (AEDT) runs",
+                &at_0230,
+                &sydney,
+                at(2026, 4, 3, 15, 30),
+                at(2026, 4, 4, 15, 30),
+                sync(at(2026, 4, 4, 15, 30)),
+            ),
+            (
+                "Sydney April: the second 02:30 (AEST) does not run again",
+                &at_0230,
+                &sydney,
+                at(2026, 4, 4, 15, 30),
+                at(2026, 4, 4, 16, 30),
+                None,
+            ),
+            (
+                "Sydney October: 02:30 does not exist, nothing at 02:00 AEST + 30 min",
+                &at_0230,
+                &sydney,
+                at(2026, 10, 2, 16, 30),
+                at(2026, 10, 3, 16, 29),
+                None,
+            ),
+            (
+                "Sydney October: 02:30 does not exist, runs at 03:30 AEDT",
+                &at_0230,
+                &sydney,
+                at(2026, 10, 2, 16, 30),
+                at(2026, 10, 3, 16, 30),
+                sync(at(2026, 10, 3, 16, 30)),
+            ),
+            (
+                "Sydney April: a 15-minute grid runs through the repeated hour",
+                &every15,
+                &sydney,
+                at(2026, 4, 4, 15, 45),
+                at(2026, 4, 4, 16, 2),
+                sync(at(2026, 4, 4, 16, 0)),
+            ),
+            (
+                "Santiago April: 23:30 on Saturday happens twice, the first (-03) runs",
+                &at_2330,
+                &santiago,
+                at(2026, 4, 4, 2, 30),
+                at(2026, 4, 5, 2, 30),
+                sync(at(2026, 4, 5, 2, 30)),
+            ),
+            (
+                "Santiago April: the second 23:30 (-04) does not run again",
+                &at_2330,
+                &santiago,
+                at(2026, 4, 5, 2, 30),
+                at(2026, 4, 5, 3, 30),
+                None,
+            ),
+            (
+                "Santiago September: 00:30 on Sunday does not exist, not yet at 04:29 UTC",
+                &at_0030,
+                &santiago,
+                at(2026, 9, 5, 4, 30),
+                at(2026, 9, 6, 4, 29),
+                None,
+            ),
+            (
+                "Santiago September: 00:30 does not exist, runs at 01:30 -03",
+                &at_0030,
+                &santiago,
+                at(2026, 9, 5, 4, 30),
+                at(2026, 9, 6, 4, 30),
+                sync(at(2026, 9, 6, 4, 30)),
+            ),
+            (
+                "Santiago September: the next day's 00:30 is at -03",
+                &at_0030,
+                &santiago,
+                at(2026, 9, 6, 4, 30),
+                at(2026, 9, 7, 3, 30),
+                sync(at(2026, 9, 7, 3, 30)),
+            ),
+        ];
+        for (name, policy, tz, last, now, expected) in cases {
+            assert_eq!(
+                due(policy, tz, &protected(Some(last)), now),
+                expected,
+                "{name}"
+            );
+        }
+        // Views: the next 02:30 in Sydney after the April change is the AEST one.
+        assert_eq!(
+            next_wall_slot(&at_0230.recovery_points, &sydney, at(2026, 4, 4, 15, 30)),
+            Some(at(2026, 4, 5, 16, 30))
+        );
     }
 
     #[test]

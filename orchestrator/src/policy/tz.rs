@@ -1,21 +1,31 @@
-//! The time zone that protection-group schedules are written in: a fixed UTC offset plus an
-//! optional daylight-saving rule (the EU's or the US's), so "20:00 every day" means 20:00 on
-//! the administrator's wall clock all year round, without a time zone database.
+//! The time zone that protection-group schedules (and the displayed times of the calendar)
+//! are written in, backed by jiff and its compiled-in copy of the IANA time zone database: any
+//! IANA name (`Europe/Paris`, `Australia/Sydney`, `America/Santiago`), `UTC`, or a fixed offset
+//! (`+02:00`, `-05:30`). So "20:00 every day" means 20:00 on the administrator's wall clock all
+//! year round, on hosts with or without /usr/share/zoneinfo.
 //!
-//! Conversions from wall time to UTC follow the usual conventions: a wall time that does not
-//! exist (skipped by the spring change, e.g. 02:30 in Berlin on the last Sunday of March) runs
-//! at the same distance after the change (03:30 summer time); a wall time that happens twice
-//! (the autumn change) runs at its first occurrence only.
+//! The older forms `+HH:MM/eu` and `+HH:MM/us` (an offset with the EU's or the US's
+//! daylight-saving rule) are still read: an offset that stood for a zone is that zone
+//! (`+01:00/eu` is Europe/Berlin, `-05:00/us` America/New_York), any other becomes the same
+//! rule as a POSIX TZ rule and is shown as written.
 //!
-//! Owns: parsing and naming zones, civil-date arithmetic. Must not read the system clock or
-//! the system's time zone: the zone is configuration, time is a parameter.
+//! Conversions from wall time to UTC follow the usual conventions (jiff's "compatible"
+//! disambiguation, as in RFC 5545): a wall time that does not exist (skipped by the spring
+//! change, e.g. 02:30 in Berlin on the last Sunday of March) runs at the same distance after
+//! the change (03:30 summer time); a wall time that happens twice (the autumn change) runs at
+//! its first occurrence only.
+//!
+//! Owns: parsing and naming zones, local dates and times, the `YYYY-MM-DDTHH:MMZ` form of
+//! messages. Civil-date arithmetic is jiff's; there is no other copy. Must not read the system
+//! clock or the system's time zone: the zone is configuration, time is a parameter.
 
 use std::fmt;
 
-const MINUTE_MS: i64 = 60_000;
-const DAY_MS: i64 = 86_400_000;
+use jiff::civil::{Date, Time};
+use jiff::tz::{self, Offset};
+use jiff::{Timestamp, ToSpan};
 
-/// A daylight-saving rule: when summer time (one hour ahead of standard time) applies.
+/// A daylight-saving rule of the older `+HH:MM/eu|us` form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DstRule {
     /// European Union: last Sunday of March 01:00 UTC to last Sunday of October 01:00 UTC.
@@ -25,50 +35,33 @@ pub enum DstRule {
     Us,
 }
 
-/// A time zone for schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A time zone for schedules and displayed times.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TimeZone {
-    /// Standard (winter) offset from UTC, in minutes east.
-    pub std_offset_minutes: i32,
-    /// Summer time, if the zone has it.
-    pub dst: Option<DstRule>,
+    zone: tz::TimeZone,
+    /// The standard offset (minutes) and rule of an older `+HH:MM/eu|us` zone that no IANA
+    /// name stands for; it is shown as written.
+    legacy: Option<(i32, DstRule)>,
 }
 
 /// A zone name that [`TimeZone::parse`] does not understand.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "time zone {0:?} is not understood: use UTC, a fixed offset like +02:00 or -05:30, an offset \
-     with a daylight-saving rule like +01:00/eu or -05:00/us, or one of the names {names}",
-    names = NAMED.iter().map(|(n, _, _)| *n).collect::<Vec<_>>().join(", ")
+    "time zone {0:?} is not understood: use UTC, an IANA time zone name like Europe/Paris, \
+     Australia/Sydney or America/New_York, or a fixed offset like +02:00 or -05:30"
 )]
 pub struct Error(pub String);
 
-/// Zone names accepted as shorthands.
-const NAMED: &[(&str, i32, Option<DstRule>)] = &[
-    ("UTC", 0, None),
-    ("Europe/London", 0, Some(DstRule::Eu)),
-    ("Europe/Lisbon", 0, Some(DstRule::Eu)),
-    ("Europe/Dublin", 0, Some(DstRule::Eu)),
-    ("Europe/Berlin", 60, Some(DstRule::Eu)),
-    ("Europe/Paris", 60, Some(DstRule::Eu)),
-    ("Europe/Amsterdam", 60, Some(DstRule::Eu)),
-    ("Europe/Madrid", 60, Some(DstRule::Eu)),
-    ("Europe/Rome", 60, Some(DstRule::Eu)),
-    ("Europe/Vienna", 60, Some(DstRule::Eu)),
-    ("Europe/Zurich", 60, Some(DstRule::Eu)),
-    ("Europe/Stockholm", 60, Some(DstRule::Eu)),
-    ("Europe/Warsaw", 60, Some(DstRule::Eu)),
-    ("Europe/Helsinki", 120, Some(DstRule::Eu)),
-    ("Europe/Athens", 120, Some(DstRule::Eu)),
-    ("America/New_York", -300, Some(DstRule::Us)),
-    ("America/Chicago", -360, Some(DstRule::Us)),
-    ("America/Denver", -420, Some(DstRule::Us)),
-    ("America/Phoenix", -420, None),
-    ("America/Los_Angeles", -480, Some(DstRule::Us)),
-    ("Asia/Tokyo", 540, None),
-    ("Asia/Kolkata", 330, None),
-    ("Asia/Singapore", 480, None),
-    ("Australia/Brisbane", 600, None),
+/// Old `+HH:MM/rule` forms that stood for a zone, and the zone (the name the old parser
+/// showed them as).
+const LEGACY_NAMES: &[(i32, DstRule, &str)] = &[
+    (0, DstRule::Eu, "Europe/London"),
+    (60, DstRule::Eu, "Europe/Berlin"),
+    (120, DstRule::Eu, "Europe/Helsinki"),
+    (-300, DstRule::Us, "America/New_York"),
+    (-360, DstRule::Us, "America/Chicago"),
+    (-420, DstRule::Us, "America/Denver"),
+    (-480, DstRule::Us, "America/Los_Angeles"),
 ];
 
 impl Default for TimeZone {
@@ -80,213 +73,261 @@ impl Default for TimeZone {
 impl TimeZone {
     /// Coordinated Universal Time.
     pub const UTC: TimeZone = TimeZone {
-        std_offset_minutes: 0,
-        dst: None,
+        zone: tz::TimeZone::UTC,
+        legacy: None,
     };
 
-    /// Parses `UTC`, `+HH:MM`, `-HH:MM`, either followed by `/eu` or `/us`, or a known name.
+    /// Parses `UTC`, `Z`, `+HH:MM`, `-HH:MM`, an IANA name (any case), or the older
+    /// `+HH:MM/eu` and `+HH:MM/us`.
     pub fn parse(text: &str) -> Result<TimeZone, Error> {
         let bad = || Error(text.to_owned());
         let trimmed = text.trim();
-        if let Some((_, offset, dst)) = NAMED
-            .iter()
-            .find(|(n, _, _)| n.eq_ignore_ascii_case(trimmed))
+        if trimmed.eq_ignore_ascii_case("utc") || trimmed == "Z" {
+            return Ok(TimeZone::UTC);
+        }
+        if let Some((head, rule)) = trimmed.split_once('/')
+            && (head.eq_ignore_ascii_case("utc") || head == "Z")
         {
-            return Ok(TimeZone {
-                std_offset_minutes: *offset,
-                dst: *dst,
-            });
+            // The old parser read `UTC/eu` as `+00:00/eu`.
+            return match rule.to_ascii_lowercase().as_str() {
+                "eu" => legacy(0, DstRule::Eu).ok_or_else(bad),
+                "us" => legacy(0, DstRule::Us).ok_or_else(bad),
+                _ => Err(bad()),
+            };
         }
-        let (offset, rule) = match trimmed.split_once('/') {
-            Some((offset, rule)) => (offset, Some(rule)),
-            None => (trimmed, None),
-        };
-        let dst = match rule.map(str::to_ascii_lowercase).as_deref() {
-            None => None,
-            Some("eu") => Some(DstRule::Eu),
-            Some("us") => Some(DstRule::Us),
-            Some(_) => return Err(bad()),
-        };
-        let (sign, rest) = match offset.as_bytes().first() {
-            Some(b'+') => (1, &offset[1..]),
-            Some(b'-') => (-1, &offset[1..]),
-            _ if offset.eq_ignore_ascii_case("utc") || offset == "Z" => (1, "00:00"),
-            _ => return Err(bad()),
-        };
-        let (hours, minutes) = rest.split_once(':').ok_or_else(bad)?;
-        let all_digits = |s: &str| s.len() == 2 && s.bytes().all(|b| b.is_ascii_digit());
-        if !all_digits(hours) || !all_digits(minutes) {
+        if let Some(rest) = trimmed.strip_prefix(['+', '-']) {
+            let (offset, rule) = match rest.split_once('/') {
+                Some((offset, rule)) => (offset, Some(rule)),
+                None => (rest, None),
+            };
+            let sign = if trimmed.starts_with('-') { -1 } else { 1 };
+            let minutes = sign * parse_hh_mm(offset).ok_or_else(bad)?;
+            return match rule.map(str::to_ascii_lowercase).as_deref() {
+                None => Ok(TimeZone::fixed(minutes)),
+                Some("eu") => legacy(minutes, DstRule::Eu).ok_or_else(bad),
+                Some("us") => legacy(minutes, DstRule::Us).ok_or_else(bad),
+                Some(_) => Err(bad()),
+            };
+        }
+        // Only names that look like IANA names reach the database (no POSIX rules, no paths).
+        let plausible = !trimmed.is_empty()
+            && !trimmed.starts_with('/')
+            && !trimmed.contains("..")
+            && trimmed
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/_-+".contains(&b));
+        if !plausible {
             return Err(bad());
         }
-        let (hours, minutes): (i32, i32) = (
-            hours.parse().map_err(|_| bad())?,
-            minutes.parse().map_err(|_| bad())?,
-        );
-        if hours > 14 || minutes >= 60 {
-            return Err(bad());
-        }
-        Ok(TimeZone {
-            std_offset_minutes: sign * (hours * 60 + minutes),
-            dst,
-        })
+        let zone = tz::db().get(trimmed).map_err(|_| bad())?;
+        Ok(TimeZone { zone, legacy: None })
     }
 
-    /// The offset from UTC in force at `utc_ms`, in minutes.
+    /// A zone at a fixed offset from UTC, in minutes east.
+    pub fn fixed(offset_minutes: i32) -> TimeZone {
+        if offset_minutes == 0 {
+            return TimeZone::UTC;
+        }
+        let offset = Offset::from_seconds(offset_minutes * 60).unwrap_or(Offset::UTC);
+        TimeZone {
+            zone: tz::TimeZone::fixed(offset),
+            legacy: None,
+        }
+    }
+
+    /// How a recovery throttle carries this zone to the worker (`RestoreDiskInZone`): its
+    /// IANA name, or the POSIX TZ rule of an older `+HH:MM/eu|us` form. `None` for UTC and
+    /// fixed offsets, which the throttle's `utc_offset_minutes` already says.
+    pub fn wire_name(&self) -> Option<String> {
+        if let Some((std_offset, rule)) = self.legacy {
+            return Some(legacy_posix(std_offset, rule));
+        }
+        if self.zone.to_fixed_offset().is_ok() {
+            return None;
+        }
+        self.zone.iana_name().map(str::to_owned)
+    }
+
+    /// The jiff zone of a [`TimeZone::wire_name`]: an IANA name or a POSIX TZ rule.
+    pub fn jiff_from_wire(name: &str) -> Result<tz::TimeZone, Error> {
+        if let Ok(zone) = TimeZone::parse(name) {
+            return Ok(zone.zone);
+        }
+        tz::TimeZone::posix(name).map_err(|_| Error(name.to_owned()))
+    }
+
+    /// The jiff zone, for callers that format or compute with jiff directly.
+    pub fn jiff(&self) -> &tz::TimeZone {
+        &self.zone
+    }
+
+    /// The offset from UTC in force at `utc_ms`, in minutes east.
     pub fn offset_at(&self, utc_ms: i64) -> i32 {
-        match self.dst {
-            None => self.std_offset_minutes,
-            Some(rule) => {
-                let (year, _, _) = civil_from_days(utc_ms.div_euclid(DAY_MS));
-                let (start, end) = self.dst_bounds(rule, year);
-                if (start..end).contains(&utc_ms) {
-                    self.std_offset_minutes + 60
-                } else {
-                    self.std_offset_minutes
-                }
-            }
-        }
+        self.zone.to_offset(timestamp(utc_ms)).seconds() / 60
     }
 
-    /// Summer time of `year` as a UTC interval `[start, end)`.
-    fn dst_bounds(&self, rule: DstRule, year: i64) -> (i64, i64) {
-        let std = i64::from(self.std_offset_minutes) * MINUTE_MS;
-        match rule {
-            DstRule::Eu => (
-                last_sunday(year, 3) * DAY_MS + 60 * MINUTE_MS,
-                last_sunday(year, 10) * DAY_MS + 60 * MINUTE_MS,
-            ),
-            DstRule::Us => (
-                nth_sunday(year, 3, 2) * DAY_MS + 120 * MINUTE_MS - std,
-                nth_sunday(year, 11, 1) * DAY_MS + 60 * MINUTE_MS - std,
-            ),
-        }
+    /// The zone's standard offset in the year of `utc_ms`, in minutes east: the smaller of
+    /// its offsets on 1 January and 1 July (summer time is ahead of standard time in both
+    /// hemispheres). Grids of elapsed time are anchored on it, so a DST change moves none of
+    /// their slots.
+    pub fn standard_offset_minutes(&self, utc_ms: i64) -> i32 {
+        let year = timestamp(utc_ms).to_zoned(tz::TimeZone::UTC).year();
+        [1, 7]
+            .into_iter()
+            .filter_map(|month| Date::new(year, month, 1).ok())
+            .filter_map(|date| date.to_zoned(tz::TimeZone::UTC).ok())
+            .map(|zoned| self.zone.to_offset(zoned.timestamp()).seconds() / 60)
+            .min()
+            .unwrap_or(0)
     }
 
-    /// The wall-clock date (days since 1970-01-01) and minute of day at `utc_ms`.
-    pub fn local(&self, utc_ms: i64) -> (i64, u16) {
-        let local = utc_ms + i64::from(self.offset_at(utc_ms)) * MINUTE_MS;
-        (
-            local.div_euclid(DAY_MS),
-            (local.rem_euclid(DAY_MS) / MINUTE_MS) as u16,
+    /// The wall-clock date and minute of day at `utc_ms`.
+    pub fn local(&self, utc_ms: i64) -> (Date, u16) {
+        let civil = self.zone.to_datetime(timestamp(utc_ms));
+        let minute = civil.hour() as u16 * 60 + civil.minute() as u16;
+        (civil.date(), minute)
+    }
+
+    /// The UTC instant (Unix ms) of wall time `minute_of_day` on local date `day`. Skipped wall
+    /// times move forward by the change; repeated ones take the first occurrence. `None` only
+    /// outside jiff's range of years (-9999 to 9999) or for a minute past the day.
+    pub fn to_utc(&self, day: Date, minute_of_day: u16) -> Option<i64> {
+        let time = Time::new(
+            i8::try_from(minute_of_day / 60).ok()?,
+            i8::try_from(minute_of_day % 60).ok()?,
+            0,
+            0,
         )
+        .ok()?;
+        self.zone
+            .to_ambiguous_timestamp(day.to_datetime(time))
+            .compatible()
+            .ok()
+            .map(|ts| ts.as_millisecond())
     }
+}
 
-    /// The UTC instant of wall time `minute_of_day` on local date `day` (days since
-    /// 1970-01-01). Skipped wall times move forward by the change; repeated ones take the
-    /// first occurrence.
-    pub fn to_utc(&self, day: i64, minute_of_day: u16) -> i64 {
-        let wall = day * DAY_MS + i64::from(minute_of_day) * MINUTE_MS;
-        let std = i64::from(self.std_offset_minutes) * MINUTE_MS;
-        if self.dst.is_none() {
-            return wall - std;
-        }
-        let summer = wall - std - 60 * MINUTE_MS;
-        let winter = wall - std;
-        let summer_ok = self.offset_at(summer) == self.std_offset_minutes + 60;
-        let winter_ok = self.offset_at(winter) == self.std_offset_minutes;
-        match (summer_ok, winter_ok) {
-            // Repeated hour: both readings exist; the summer one is earlier.
-            (true, true) | (true, false) => summer,
-            (false, true) => winter,
-            // Skipped hour: read it with the standard offset, i.e. one hour later on the
-            // summer-time clock.
-            (false, false) => winter,
-        }
+fn parse_hh_mm(text: &str) -> Option<i32> {
+    let (hours, minutes) = text.split_once(':')?;
+    let two_digits = |s: &str| s.len() == 2 && s.bytes().all(|b| b.is_ascii_digit());
+    if !two_digits(hours) || !two_digits(minutes) {
+        return None;
     }
+    let (hours, minutes): (i32, i32) = (hours.parse().ok()?, minutes.parse().ok()?);
+    (hours <= 14 && minutes < 60).then_some(hours * 60 + minutes)
+}
+
+/// The POSIX TZ rule of an older `+HH:MM/eu|us` form.
+fn legacy_posix(std_offset: i32, rule: DstRule) -> String {
+    // POSIX writes offsets west of UTC and the change times in local time: standard time for
+    // the start, summer time for the end.
+    let hh_mm = |minutes: i32| {
+        let sign = if minutes < 0 { "-" } else { "" };
+        let abs = minutes.abs();
+        format!("{sign}{}:{:02}", abs / 60, abs % 60)
+    };
+    let rules = match rule {
+        // 01:00 UTC both ways.
+        DstRule::Eu => format!(
+            "M3.5.0/{},M10.5.0/{}",
+            hh_mm(60 + std_offset),
+            hh_mm(120 + std_offset)
+        ),
+        DstRule::Us => "M3.2.0/2,M11.1.0/2".to_owned(),
+    };
+    format!(
+        "<STD>{}<DST>{},{rules}",
+        hh_mm(-std_offset),
+        hh_mm(-std_offset - 60)
+    )
+}
+
+/// The zone of an older `+HH:MM/eu|us` form: the IANA zone it stood for, or the same rule as
+/// a POSIX TZ rule.
+fn legacy(std_offset: i32, rule: DstRule) -> Option<TimeZone> {
+    if let Some((_, _, name)) = LEGACY_NAMES
+        .iter()
+        .find(|(offset, r, _)| *offset == std_offset && *r == rule)
+    {
+        let zone = tz::db().get(name).ok()?;
+        return Some(TimeZone { zone, legacy: None });
+    }
+    let posix = legacy_posix(std_offset, rule);
+    let zone = tz::TimeZone::posix(&posix).ok()?;
+    Some(TimeZone {
+        zone,
+        legacy: Some((std_offset, rule)),
+    })
 }
 
 impl fmt::Display for TimeZone {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some((name, _, _)) = NAMED
-            .iter()
-            .find(|(_, o, d)| *o == self.std_offset_minutes && *d == self.dst)
-        {
+        if let Some((std_offset, rule)) = self.legacy {
+            write_offset(f, std_offset)?;
+            return f.write_str(match rule {
+                DstRule::Eu => "/eu",
+                DstRule::Us => "/us",
+            });
+        }
+        if let Some(name) = self.zone.iana_name() {
             return f.write_str(name);
         }
-        let sign = if self.std_offset_minutes < 0 {
-            '-'
-        } else {
-            '+'
-        };
-        let abs = self.std_offset_minutes.abs();
-        write!(f, "{sign}{:02}:{:02}", abs / 60, abs % 60)?;
-        match self.dst {
-            None => Ok(()),
-            Some(DstRule::Eu) => f.write_str("/eu"),
-            Some(DstRule::Us) => f.write_str("/us"),
+        match self.zone.to_fixed_offset() {
+            Ok(offset) if offset == Offset::UTC => f.write_str("UTC"),
+            Ok(offset) => write_offset(f, offset.seconds() / 60),
+            Err(_) => f.write_str("UTC"),
         }
     }
 }
 
-/// Day of the week of a day number: 0 = Monday ... 6 = Sunday (1970-01-01 was a Thursday).
-pub fn weekday(day: i64) -> u8 {
-    (day + 3).rem_euclid(7) as u8
+fn write_offset(f: &mut fmt::Formatter<'_>, minutes: i32) -> fmt::Result {
+    let sign = if minutes < 0 { '-' } else { '+' };
+    let abs = minutes.abs();
+    write!(f, "{sign}{:02}:{:02}", abs / 60, abs % 60)
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month = i64::from(month);
-    let shifted_month = if month > 2 { month - 3 } else { month + 9 };
-    let day_of_year = (153 * shifted_month + 2) / 5 + i64::from(day) - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+/// The jiff timestamp of Unix milliseconds, clamped to jiff's range.
+pub fn timestamp(unix_ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(unix_ms).unwrap_or(if unix_ms < 0 {
+        Timestamp::MIN
+    } else {
+        Timestamp::MAX
+    })
+}
+
+/// Day of the week of a date: 0 = Monday ... 6 = Sunday (the bit of [`cairn_schemas::Weekdays`]).
+pub fn weekday(day: Date) -> u8 {
+    day.weekday().to_monday_zero_offset() as u8
+}
+
+/// `day` plus `n` days (negative: earlier), or `None` outside jiff's range.
+pub fn add_days(day: Date, n: i64) -> Option<Date> {
+    day.checked_add(n.days()).ok()
 }
 
 /// `YYYY-MM-DDTHH:MMZ` of a Unix time in milliseconds (UTC), for messages.
 pub fn rfc3339_utc(unix_ms: u64) -> String {
-    let secs = (unix_ms / 1000) as i64;
-    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
-    let minute = secs.rem_euclid(86_400) / 60;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}Z",
-        minute / 60,
-        minute % 60
-    )
+    timestamp(i64::try_from(unix_ms).unwrap_or(i64::MAX))
+        .strftime("%Y-%m-%dT%H:%MZ")
+        .to_string()
 }
 
-/// The date `(year, month, day)` of a day number.
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u32;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-fn last_sunday(year: i64, month: u32) -> i64 {
-    let (next_year, next_month) = if month == 12 {
-        (year + 1, 1)
-    } else {
-        (year, month + 1)
-    };
-    let last = days_from_civil(next_year, next_month, 1) - 1;
-    last - i64::from((weekday(last) + 1) % 7)
-}
-
-fn nth_sunday(year: i64, month: u32, n: i64) -> i64 {
-    let first = days_from_civil(year, month, 1);
-    first + i64::from((6 + 7 - weekday(first)) % 7) + 7 * (n - 1)
+/// The Unix milliseconds of midnight UTC starting `date`, for tests and tables.
+pub fn utc_midnight_ms(date: Date) -> i64 {
+    date.to_zoned(tz::TimeZone::UTC)
+        .map_or(0, |z| z.timestamp().as_millisecond())
 }
 
 #[cfg(test)]
 mod tests {
+    use jiff::civil::date;
+
     use super::*;
 
-    fn utc(y: i64, mo: u32, d: u32, h: i64, mi: i64) -> i64 {
-        days_from_civil(y, mo, d) * DAY_MS + h * 3_600_000 + mi * MINUTE_MS
+    const MINUTE_MS: i64 = 60_000;
+
+    fn utc(y: i16, mo: i8, d: i8, h: i64, mi: i64) -> i64 {
+        utc_midnight_ms(date(y, mo, d)) + h * 3_600_000 + mi * MINUTE_MS
     }
 
     #[test]
@@ -299,45 +340,132 @@ mod tests {
     }
 
     #[test]
-    fn civil_dates_round_trip() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(weekday(0), 3, "1970-01-01 was a Thursday");
-        assert_eq!(weekday(days_from_civil(2026, 11, 28)), 5, "a Saturday");
-        for day in [-800_000, -1, 0, 59, 365, 11_016, 20_454, 2_000_000] {
-            let (y, m, d) = civil_from_days(day);
-            assert_eq!(days_from_civil(y, m, d), day);
-        }
-        assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+    fn weekdays_and_day_steps() {
+        assert_eq!(weekday(date(1970, 1, 1)), 3, "1970-01-01 was a Thursday");
+        assert_eq!(weekday(date(2026, 11, 28)), 5, "a Saturday");
+        assert_eq!(add_days(date(2024, 2, 28), 1), Some(date(2024, 2, 29)));
+        assert_eq!(add_days(date(2026, 1, 1), -1), Some(date(2025, 12, 31)));
+        assert_eq!(utc_midnight_ms(date(1970, 1, 2)), 86_400_000);
     }
 
     #[test]
     fn parse_and_display() {
+        // (input, shown as, offset in January 2026, offset in July 2026)
         let cases = [
-            ("UTC", 0, None, "UTC"),
-            ("+02:00", 120, None, "+02:00"),
-            ("-05:30", -330, None, "-05:30"),
-            ("+01:00/eu", 60, Some(DstRule::Eu), "Europe/Berlin"),
-            ("europe/berlin", 60, Some(DstRule::Eu), "Europe/Berlin"),
-            ("-05:00/US", -300, Some(DstRule::Us), "America/New_York"),
-            ("+03:00/eu", 180, Some(DstRule::Eu), "+03:00/eu"),
+            ("UTC", "UTC", 0, 0),
+            ("Z", "UTC", 0, 0),
+            ("UTC/eu", "Europe/London", 0, 60),
+            ("+00:00", "UTC", 0, 0),
+            ("+02:00", "+02:00", 120, 120),
+            ("-05:30", "-05:30", -330, -330),
+            ("+01:00/eu", "Europe/Berlin", 60, 120),
+            ("europe/berlin", "Europe/Berlin", 60, 120),
+            ("Europe/Paris", "Europe/Paris", 60, 120),
+            ("-05:00/US", "America/New_York", -300, -240),
+            ("+03:00/eu", "+03:00/eu", 180, 240),
+            ("-03:30/us", "-03:30/us", -210, -150),
+            ("Australia/Sydney", "Australia/Sydney", 660, 600),
+            ("Pacific/Auckland", "Pacific/Auckland", 780, 720),
+            ("America/Santiago", "America/Santiago", -180, -240),
+            ("Asia/Kolkata", "Asia/Kolkata", 330, 330),
         ];
-        for (text, offset, dst, shown) in cases {
-            let zone = TimeZone::parse(text).unwrap();
-            assert_eq!((zone.std_offset_minutes, zone.dst), (offset, dst), "{text}");
-            assert_eq!(zone.to_string(), shown);
+        let january = utc(2026, 1, 15, 12, 0);
+        let july = utc(2026, 7, 15, 12, 0);
+        for (text, shown, winter, summer) in cases {
+            let zone = TimeZone::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(zone.to_string(), shown, "{text}");
+            assert_eq!(zone.offset_at(january), winter, "{text} in January");
+            assert_eq!(zone.offset_at(july), summer, "{text} in July");
+            // What is shown parses back to the same zone.
+            assert_eq!(TimeZone::parse(shown).unwrap(), zone, "{text}");
         }
         for bad in [
             "",
-            "CET",
             "+2",
             "+02:60",
             "+15:00",
             "+01:00/xx",
             "Mars/Olympus",
+            "Europe/Pariss",
+            "../../etc/passwd",
+            "/usr/share/zoneinfo/UTC",
+            "EST5EDT,M3.2.0,M11.1.0",
         ] {
             let err = TimeZone::parse(bad).unwrap_err();
-            assert!(err.to_string().contains("Europe/Berlin"), "{err}");
+            let message = err.to_string();
+            assert!(message.contains(&format!("{bad:?}")), "{message}");
+            assert!(message.contains("Europe/Paris"), "{message}");
         }
+    }
+
+    #[test]
+    fn wire_names_carry_the_rules() {
+        let instants = [
+            utc(2026, 1, 15, 12, 0),
+            utc(2026, 3, 29, 0, 59),
+            utc(2026, 3, 29, 1, 0),
+            utc(2026, 7, 15, 12, 0),
+            utc(2026, 10, 25, 1, 0),
+        ];
+        for text in [
+            "Europe/Paris",
+            "Australia/Sydney",
+            "+03:00/eu",
+            "-03:30/us",
+            "-05:00/eu",
+        ] {
+            let zone = TimeZone::parse(text).unwrap();
+            let wire = zone.wire_name().unwrap();
+            let back = TimeZone::jiff_from_wire(&wire).unwrap();
+            for at in instants {
+                assert_eq!(
+                    back.to_offset(timestamp(at)).seconds() / 60,
+                    zone.offset_at(at),
+                    "{text} as {wire}"
+                );
+            }
+        }
+        assert_eq!(
+            TimeZone::parse("Europe/Paris")
+                .unwrap()
+                .wire_name()
+                .unwrap(),
+            "Europe/Paris"
+        );
+        assert_eq!(TimeZone::UTC.wire_name(), None);
+        assert_eq!(TimeZone::parse("+02:00").unwrap().wire_name(), None);
+        assert!(TimeZone::jiff_from_wire("Mars/Olympus").is_err());
+    }
+
+    #[test]
+    fn standard_offsets_in_both_hemispheres() {
+        let now = utc(2026, 3, 1, 0, 0);
+        for (name, standard) in [
+            ("Europe/Paris", 60),
+            ("Australia/Sydney", 600),
+            ("America/Santiago", -240),
+            ("UTC", 0),
+            ("+05:30", 330),
+        ] {
+            let zone = TimeZone::parse(name).unwrap();
+            assert_eq!(zone.standard_offset_minutes(now), standard, "{name}");
+        }
+    }
+
+    #[test]
+    fn legacy_rules_change_at_the_old_instants() {
+        // +03:00/eu: the EU's instants, 01:00 UTC on the last Sundays of March and October.
+        let zone = TimeZone::parse("+03:00/eu").unwrap();
+        assert_eq!(zone.offset_at(utc(2026, 3, 29, 0, 59)), 180);
+        assert_eq!(zone.offset_at(utc(2026, 3, 29, 1, 0)), 240);
+        assert_eq!(zone.offset_at(utc(2026, 10, 25, 0, 59)), 240);
+        assert_eq!(zone.offset_at(utc(2026, 10, 25, 1, 0)), 180);
+        // -03:30/us: 02:00 local on the second Sunday of March and the first of November.
+        let zone = TimeZone::parse("-03:30/us").unwrap();
+        assert_eq!(zone.offset_at(utc(2026, 3, 8, 5, 29)), -210);
+        assert_eq!(zone.offset_at(utc(2026, 3, 8, 5, 30)), -150);
+        assert_eq!(zone.offset_at(utc(2026, 11, 1, 4, 29)), -150);
+        assert_eq!(zone.offset_at(utc(2026, 11, 1, 4, 30)), -210);
     }
 
     #[test]
@@ -359,8 +487,8 @@ mod tests {
     #[test]
     fn skipped_and_repeated_wall_times() {
         let berlin = TimeZone::parse("Europe/Berlin").unwrap();
-        let spring = days_from_civil(2026, 3, 29);
-        let autumn = days_from_civil(2026, 10, 25);
+        let spring = date(2026, 3, 29);
+        let autumn = date(2026, 10, 25);
         // (local day, wall minute, expected UTC)
         let cases = [
             (spring, 60, utc(2026, 3, 29, 0, 0)),    // 01:00 CET
@@ -373,13 +501,36 @@ mod tests {
         for (day, minute, expected) in cases {
             assert_eq!(
                 berlin.to_utc(day, minute),
-                expected,
-                "day {day} minute {minute}"
+                Some(expected),
+                "{day} minute {minute}"
             );
         }
         assert_eq!(
             berlin.local(utc(2026, 7, 1, 18, 0)),
-            (days_from_civil(2026, 7, 1), 20 * 60)
+            (date(2026, 7, 1), 20 * 60)
+        );
+        assert_eq!(berlin.to_utc(spring, 1440), None);
+    }
+
+    #[test]
+    fn southern_hemisphere_changes() {
+        // Australia/Sydney 2026: summer time ends on the first Sunday of April (5 April,
+        // 03:00 AEDT -> 02:00 AEST, 16:00 UTC the day before) and starts on the first
+        // Sunday of October (4 October, 02:00 AEST -> 03:00 AEDT, 16:00 UTC the day before).
+        let sydney = TimeZone::parse("Australia/Sydney").unwrap();
+        assert_eq!(sydney.offset_at(utc(2026, 4, 4, 15, 59)), 660);
+        assert_eq!(sydney.offset_at(utc(2026, 4, 4, 16, 0)), 600);
+        assert_eq!(sydney.offset_at(utc(2026, 10, 3, 15, 59)), 600);
+        assert_eq!(sydney.offset_at(utc(2026, 10, 3, 16, 0)), 660);
+        // 02:30 on 5 April happens twice: the first, summer-time one (15:30 UTC).
+        assert_eq!(
+            sydney.to_utc(date(2026, 4, 5), 150),
+            Some(utc(2026, 4, 4, 15, 30))
+        );
+        // 02:30 on 4 October does not exist: 03:30 AEDT (16:30 UTC).
+        assert_eq!(
+            sydney.to_utc(date(2026, 10, 4), 150),
+            Some(utc(2026, 10, 3, 16, 30))
         );
     }
 }

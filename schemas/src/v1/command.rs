@@ -232,6 +232,24 @@ pub enum Command {
         /// Also soft-delete the removed members' recovery points.
         delete_recovery_points: bool,
     },
+    /// [`Command::RequestRecovery`] whose throttle's work hours follow a named time zone
+    /// (with its daylight-saving changes) instead of the throttle's fixed
+    /// `utc_offset_minutes`. A variant of its own because `Throttle` is a frozen struct.
+    RequestRecoveryInZone {
+        /// Id of the new job.
+        job: JobId,
+        /// The VM the recovery point belongs to.
+        vm: VmId,
+        /// The recovery point.
+        rp: RecoveryPointId,
+        /// Where to write.
+        target: RecoveryTarget,
+        /// Throttle, notifications, new name.
+        options: RecoveryOptions,
+        /// The zone of the throttle's work hours: an IANA name (`Europe/Paris`) or a POSIX
+        /// TZ rule (`<STD>-3<DST>-4,M3.5.0/4:00,M10.5.0/5:00`).
+        timezone: String,
+    },
 }
 
 /// A command with its id and origin.

@@ -238,7 +238,9 @@ pub struct Throttle {
     pub work_start_minute: u16,
     /// End of work hours, in minutes after local midnight (1–1440), after the start.
     pub work_end_minute: u16,
-    /// The schedule's time zone as an offset from UTC in minutes (e.g. 60 for CET).
+    /// The schedule's time zone as an offset from UTC in minutes (e.g. 60 for CET); for
+    /// work hours in a named zone (`RestoreDiskInZone`), the zone's offset when the recovery
+    /// was requested, used only by a worker that cannot read the zone.
     pub utc_offset_minutes: i16,
 }
 
@@ -288,21 +290,21 @@ impl Throttle {
         Ok(())
     }
 
-    /// Whether `unix_ms` falls in work hours.
-    pub fn is_work_time(&self, unix_ms: u64) -> bool {
-        let local_min = (unix_ms / 60_000) as i64 + i64::from(self.utc_offset_minutes);
-        let day = local_min.div_euclid(1440);
-        let minute = local_min.rem_euclid(1440) as u16;
-        // 1970-01-01 was a Thursday (weekday 3 with Monday = 0).
-        let weekday = (day + 3).rem_euclid(7) as u8;
-        self.work_days & (1 << weekday) != 0
-            && minute >= self.work_start_minute
-            && minute < self.work_end_minute
+    /// Whether local wall time `minute_of_day` (0–1439) on `weekday` (0 = Monday … 6 =
+    /// Sunday) falls in work hours. The caller turns an instant into local time with the
+    /// zone of the schedule (the fixed `utc_offset_minutes`, or the named zone of a
+    /// `RestoreDiskInZone` step): this crate has no calendar.
+    pub fn is_work_minute(&self, weekday: u8, minute_of_day: u16) -> bool {
+        weekday < 7
+            && self.work_days & (1 << weekday) != 0
+            && minute_of_day >= self.work_start_minute
+            && minute_of_day < self.work_end_minute
     }
 
-    /// The limit in force at `unix_ms`, in bytes per second (0 = unlimited).
-    pub fn limit_at(&self, unix_ms: u64) -> u64 {
-        if self.is_work_time(unix_ms) {
+    /// The limit in force at local wall time `minute_of_day` on `weekday`, in bytes per
+    /// second (0 = unlimited).
+    pub fn limit_in(&self, weekday: u8, minute_of_day: u16) -> u64 {
+        if self.is_work_minute(weekday, minute_of_day) {
             self.work_bytes_per_sec
         } else {
             self.off_bytes_per_sec

@@ -304,6 +304,13 @@ pub enum JobEvent {
         /// The receiver's answer or the error, for humans.
         detail: String,
     },
+    /// The time zone of a recovery's throttle work hours (recorded right after
+    /// `RecoveryOptionsSet` by `RequestRecoveryInZone`); it replaces the throttle's fixed
+    /// `utc_offset_minutes`.
+    RecoveryTimeZoneSet {
+        /// An IANA name or a POSIX TZ rule, as in `Command::RequestRecoveryInZone`.
+        timezone: String,
+    },
 }
 
 /// Events of a node.
@@ -425,6 +432,7 @@ impl Event {
                 JobEvent::ConsistencyChecked { .. } => "ConsistencyChecked",
                 JobEvent::ReplicaDamageFound { .. } => "ReplicaDamageFound",
                 JobEvent::RecoveryOptionsSet { .. } => "RecoveryOptionsSet",
+                JobEvent::RecoveryTimeZoneSet { .. } => "RecoveryTimeZoneSet",
                 JobEvent::NotificationSent { .. } => "NotificationSent",
             },
             Event::Node(event) => match event {

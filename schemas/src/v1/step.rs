@@ -277,6 +277,26 @@ pub enum StepWork {
         /// Target folder; nothing is written outside it.
         target_path: String,
     },
+    /// [`StepWork::RestoreDisk`] whose throttle's work hours follow a named time zone.
+    RestoreDiskInZone {
+        /// The disk.
+        disk: DiskId,
+        /// Repository location.
+        repository: String,
+        /// The recovery point to read.
+        rp: RecoveryPointId,
+        /// Image path to write.
+        target_path: String,
+        /// Format to write.
+        target_format: ImageFormat,
+        /// The target is the original VM's disk (a delta restore, as in `RestoreDisk`).
+        overwrite: bool,
+        /// Bandwidth limit of the writes.
+        throttle: Option<Throttle>,
+        /// The zone of the throttle's work hours: an IANA name or a POSIX TZ rule. A worker
+        /// that cannot read it falls back to the throttle's `utc_offset_minutes`.
+        timezone: String,
+    },
 }
 
 /// One attempt of one step, as dispatched to a worker.
@@ -317,9 +337,9 @@ impl StepSpec {
             StepWork::Prune { disk, .. } => StepKind::Prune { disk: disk.clone() },
             StepWork::CollectGarbage { .. } => StepKind::CollectGarbage,
             StepWork::ImportSeed { disk, .. } => StepKind::ImportSeed { disk: disk.clone() },
-            StepWork::Restore { disk, .. } | StepWork::RestoreDisk { disk, .. } => {
-                StepKind::Restore { disk: disk.clone() }
-            }
+            StepWork::Restore { disk, .. }
+            | StepWork::RestoreDisk { disk, .. }
+            | StepWork::RestoreDiskInZone { disk, .. } => StepKind::Restore { disk: disk.clone() },
             StepWork::PrepareRecovery { .. } => StepKind::PrepareRecovery,
             StepWork::FinishRecovery { .. } => StepKind::FinishRecovery,
             StepWork::ExtractItems { disk, .. } => StepKind::ExtractItems { disk: disk.clone() },

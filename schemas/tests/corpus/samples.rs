@@ -100,11 +100,12 @@ pub fn event_variant(event: &Event) -> (usize, &'static str) {
         Event::Vm(VmEvent::RecoveryPointsDeleted { .. }) => (39, "recovery_points_deleted"),
         Event::Vm(VmEvent::RecoveryPointsUndeleted { .. }) => (40, "recovery_points_undeleted"),
         Event::Node(NodeEvent::ReportRefused { .. }) => (41, "report_refused"),
+        Event::Job(JobEvent::RecoveryTimeZoneSet { .. }) => (42, "recovery_time_zone_set"),
     }
 }
 
 /// Number of event variants; bump it together with `event_variant`.
-pub const N_EVENT_VARIANTS: usize = 42;
+pub const N_EVENT_VARIANTS: usize = 43;
 
 /// Index and name of a step work variant (exhaustive, see `event_variant`).
 pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
@@ -123,11 +124,12 @@ pub fn work_variant(work: &StepWork) -> (usize, &'static str) {
         StepWork::PrepareRecovery { .. } => (11, "prepare_recovery"),
         StepWork::FinishRecovery { .. } => (12, "finish_recovery"),
         StepWork::ExtractItems { .. } => (13, "extract_items"),
+        StepWork::RestoreDiskInZone { .. } => (14, "restore_disk_in_zone"),
     }
 }
 
 /// Number of step work variants.
-pub const N_WORK_VARIANTS: usize = 14;
+pub const N_WORK_VARIANTS: usize = 15;
 
 /// Index and name of a report variant, by body and, for successes, by result kind.
 pub fn report_variant(body: &ReportBody) -> (usize, &'static str) {
@@ -190,11 +192,12 @@ pub fn command_variant(command: &Command) -> (usize, &'static str) {
         Command::SetSoftDeletePeriod { .. } => (20, "set_soft_delete_period"),
         Command::RecordRefusedReport { .. } => (21, "record_refused_report"),
         Command::EditGroupMembers { .. } => (22, "edit_group_members"),
+        Command::RequestRecoveryInZone { .. } => (23, "request_recovery_in_zone"),
     }
 }
 
 /// Number of command variants.
-pub const N_COMMAND_VARIANTS: usize = 23;
+pub const N_COMMAND_VARIANTS: usize = 24;
 
 fn throttle() -> Throttle {
     Throttle {
@@ -452,6 +455,19 @@ fn specs() -> Vec<StepSpec> {
                 rp: parent_rp(),
                 items: vec!["/p2/etc/hosts".into(), "/p1/EFI".into()],
                 target_path: "/restore/items".into(),
+            },
+        ),
+        with(
+            15,
+            StepWork::RestoreDiskInZone {
+                disk: disk("vda"),
+                repository: "/srv/cairn/repo".into(),
+                rp: rp(),
+                target_path: "/var/lib/libvirt/images/web-01-vda.qcow2".into(),
+                target_format: ImageFormat::Qcow2,
+                overwrite: false,
+                throttle: Some(throttle()),
+                timezone: "Australia/Sydney".into(),
             },
         ),
     ]
@@ -825,6 +841,10 @@ fn events() -> Vec<Event> {
             step: step(9),
         }
         .into(),
+        JobEvent::RecoveryTimeZoneSet {
+            timezone: "America/Santiago".into(),
+        }
+        .into(),
     ]
 }
 
@@ -965,6 +985,14 @@ fn commands() -> Vec<Command> {
             add: vec![vm()],
             remove: vec![VmId::new_v7(T0, rand(0x33))],
             delete_recovery_points: true,
+        },
+        Command::RequestRecoveryInZone {
+            job: job(),
+            vm: vm(),
+            rp: rp(),
+            target: RecoveryTarget::OriginalVm,
+            options: recovery_options(),
+            timezone: "Europe/Paris".into(),
         },
     ]
 }

@@ -108,7 +108,9 @@ impl FaultDelays {
             StepWork::Transfer { .. } => 1,
             StepWork::ReleaseSnapshot { .. } => 2,
             StepWork::CommitRecoveryPoint { .. } => 3,
-            StepWork::Restore { .. } | StepWork::RestoreDisk { .. } => 4,
+            StepWork::Restore { .. }
+            | StepWork::RestoreDisk { .. }
+            | StepWork::RestoreDiskInZone { .. } => 4,
             StepWork::VerifyDisk { .. } => 5,
             StepWork::CheckDisk { .. } => 6,
             StepWork::Prune { .. } => 7,

@@ -36,7 +36,7 @@ use crate::repo::index::{IndexFile, IndexHeader};
 use crate::repo::restore::RestoreOptions;
 use crate::repo::{self, BackupOptions, Repository};
 use crate::source;
-use crate::source::throttle::{ThrottledSink, WallClock};
+use crate::source::throttle::{ThrottledSink, WallClock, WorkSchedule};
 
 /// Prefix (and version) of the snapshot handles this adapter makes.
 const HANDLE_PREFIX: &str = "image1";
@@ -477,6 +477,9 @@ pub(crate) struct RestoreWork<'a> {
     pub(crate) overwrite: bool,
     /// Bandwidth limit of the writes.
     pub(crate) throttle: Option<&'a Throttle>,
+    /// The named zone of the throttle's work hours (`RestoreDiskInZone`); `None` = the
+    /// throttle's fixed offset.
+    pub(crate) timezone: Option<&'a str>,
 }
 
 pub(crate) fn restore(
@@ -605,7 +608,11 @@ pub(crate) fn restore(
         }
         Some(schedule) => {
             let cancelled = || progress.is_cancelled();
-            let mut throttled = ThrottledSink::new(sink, schedule.clone(), &WallClock, &cancelled);
+            let schedule = match work.timezone {
+                Some(zone) => WorkSchedule::in_zone(schedule.clone(), zone),
+                None => WorkSchedule::fixed(schedule.clone()),
+            };
+            let mut throttled = ThrottledSink::new(sink, schedule, &WallClock, &cancelled);
             let summary = repo::restore(&repo, &options, &mut throttled, progress);
             tracing::info!(waited_ms = throttled.waited_ms, "throttled restore");
             summary

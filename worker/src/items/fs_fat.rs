@@ -32,15 +32,23 @@ fn damaged(path: &[Vec<u8>], e: std::io::Error) -> Error {
     Error::Damaged(format!("FAT {}: {e}", display(path)))
 }
 
-/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Unix seconds of a FAT timestamp (FAT stores local time without a zone; it is read as
+/// UTC), or `None` for a date that does not exist.
+fn fat_unix_secs(m: &fatfs::DateTime) -> Option<i64> {
+    let civil = jiff::civil::DateTime::new(
+        i16::try_from(m.date.year).ok()?,
+        i8::try_from(m.date.month).ok()?,
+        i8::try_from(m.date.day).ok()?,
+        i8::try_from(m.time.hour).ok()?,
+        i8::try_from(m.time.min).ok()?,
+        i8::try_from(m.time.sec).ok()?,
+        0,
+    )
+    .ok()?;
+    civil
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .ok()
+        .map(|z| z.timestamp().as_second())
 }
 
 fn node(entry: &Entry<'_>) -> Node {
@@ -53,16 +61,7 @@ fn node(entry: &Entry<'_>) -> Node {
         },
     );
     node.size = if entry.is_dir() { 0 } else { entry.len() };
-    let m = entry.modified();
-    if (1..=12).contains(&m.date.month) && (1..=31).contains(&m.date.day) {
-        let days = days_from_civil(m.date.year.into(), m.date.month.into(), m.date.day.into());
-        node.mtime = Some(
-            days * 86_400
-                + i64::from(m.time.hour) * 3600
-                + i64::from(m.time.min) * 60
-                + i64::from(m.time.sec),
-        );
-    }
+    node.mtime = fat_unix_secs(&entry.modified());
     let read_only = entry
         .attributes()
         .contains(fatfs::FileAttributes::READ_ONLY);

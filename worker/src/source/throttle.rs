@@ -1,6 +1,9 @@
 //! Bandwidth throttling of restore writes: a [`Sink`] wrapper that paces `write_at` and
 //! `write_zeroes` with a token bucket whose rate follows a work-hours schedule
-//! ([`Throttle`]: one limit in work hours, another outside them).
+//! ([`Throttle`]: one limit in work hours, another outside them). The work hours are wall
+//! times of a zone ([`WorkSchedule`]): the throttle's fixed `utc_offset_minutes`, or a named
+//! zone with its daylight-saving changes (jiff with its compiled-in time zone database, so a
+//! node without /usr/share/zoneinfo reads the same rules as the orchestrator).
 //!
 //! The bucket ([`TokenBucket`]) is pure: it is given the time and the rate and answers how long
 //! to wait, so it is tested with made-up time. Time and sleeping come from a [`PaceClock`]; the
@@ -9,8 +12,67 @@
 //! Must not: reorder or change writes, or sleep while the caller's cancel check says stop.
 
 use cairn_schemas::v1::Throttle;
+use jiff::Timestamp;
+use jiff::tz::{Offset, TimeZone};
 
 use super::{Error, Extent, Sink, Source};
+
+/// A throttle's work hours with the zone their wall times are in.
+#[derive(Debug, Clone)]
+pub struct WorkSchedule {
+    pub throttle: Throttle,
+    zone: TimeZone,
+}
+
+impl WorkSchedule {
+    /// Work hours at the throttle's fixed `utc_offset_minutes`.
+    pub fn fixed(throttle: Throttle) -> WorkSchedule {
+        let offset = Offset::from_seconds(i32::from(throttle.utc_offset_minutes) * 60)
+            .unwrap_or(Offset::UTC);
+        WorkSchedule {
+            throttle,
+            zone: TimeZone::fixed(offset),
+        }
+    }
+
+    /// Work hours in `zone`: an IANA name (`Europe/Paris`) or a POSIX TZ rule, as
+    /// `RestoreDiskInZone` carries it. A zone this worker cannot read (a name newer than its
+    /// database) falls back to the fixed offset, which the orchestrator set to the zone's
+    /// offset when the recovery was requested.
+    pub fn in_zone(throttle: Throttle, zone: &str) -> WorkSchedule {
+        match jiff::tz::db().get(zone).or_else(|_| TimeZone::posix(zone)) {
+            Ok(zone) => WorkSchedule { throttle, zone },
+            Err(err) => {
+                tracing::warn!(
+                    zone,
+                    %err,
+                    utc_offset_minutes = throttle.utc_offset_minutes,
+                    "time zone of the throttle's work hours unknown here; using its fixed offset"
+                );
+                WorkSchedule::fixed(throttle)
+            }
+        }
+    }
+
+    /// Whether `unix_ms` falls in work hours (local wall time of the zone).
+    pub fn is_work_time(&self, unix_ms: u64) -> bool {
+        let at = Timestamp::from_millisecond(i64::try_from(unix_ms).unwrap_or(i64::MAX))
+            .unwrap_or(Timestamp::MAX);
+        let local = self.zone.to_datetime(at);
+        let weekday = local.weekday().to_monday_zero_offset() as u8;
+        let minute = local.hour() as u16 * 60 + local.minute() as u16;
+        self.throttle.is_work_minute(weekday, minute)
+    }
+
+    /// The limit in force at `unix_ms`, in bytes per second (0 = unlimited).
+    pub fn limit_at(&self, unix_ms: u64) -> u64 {
+        if self.is_work_time(unix_ms) {
+            self.throttle.work_bytes_per_sec
+        } else {
+            self.throttle.off_bytes_per_sec
+        }
+    }
+}
 
 /// Where a throttle gets the time (Unix milliseconds, for the work-hours schedule and the
 /// bucket) and how it waits.
@@ -80,10 +142,10 @@ impl TokenBucket {
     }
 }
 
-/// A sink whose writes are paced by a [`Throttle`] schedule.
+/// A sink whose writes are paced by a [`WorkSchedule`].
 pub struct ThrottledSink<'a> {
     inner: Box<dyn Sink + 'a>,
-    schedule: Throttle,
+    schedule: WorkSchedule,
     bucket: TokenBucket,
     clock: &'a dyn PaceClock,
     cancelled: &'a (dyn Fn() -> bool + Sync),
@@ -94,7 +156,7 @@ pub struct ThrottledSink<'a> {
 impl<'a> ThrottledSink<'a> {
     pub fn new(
         inner: Box<dyn Sink + 'a>,
-        schedule: Throttle,
+        schedule: WorkSchedule,
         clock: &'a dyn PaceClock,
         cancelled: &'a (dyn Fn() -> bool + Sync),
     ) -> ThrottledSink<'a> {
@@ -234,8 +296,8 @@ mod tests {
 
     #[test]
     fn the_schedule_knows_work_hours_in_its_time_zone() {
-        let s = schedule();
-        assert!(s.validate().is_ok());
+        assert!(schedule().validate().is_ok());
+        let s = WorkSchedule::fixed(schedule());
         // 07:30 UTC on Monday is 08:30 at UTC+1: work time.
         assert!(s.is_work_time(MONDAY_MIDNIGHT_UTC + 7 * HOUR + HOUR / 2));
         // 06:30 UTC is 07:30 local: not yet.
@@ -251,6 +313,61 @@ mod tests {
         let mut bad = schedule();
         bad.work_end_minute = bad.work_start_minute;
         assert!(bad.validate().unwrap_err().contains("work_end_minute"));
+    }
+
+    fn utc_ms(text: &str) -> u64 {
+        text.parse::<Timestamp>().unwrap().as_millisecond() as u64
+    }
+
+    #[test]
+    fn work_hours_follow_a_named_zone_across_its_dst_changes() {
+        // Europe/Paris, 08:00-18:00 Monday to Friday. Summer time begins on Sunday 29 March
+        // 2026: on Friday 27 March work starts at 07:00 UTC, on Monday 30 March at 06:00 UTC.
+        let paris = WorkSchedule::in_zone(schedule(), "Europe/Paris");
+        let fixed = WorkSchedule::fixed(schedule());
+        let cases = [
+            ("2026-03-27T06:30Z", false, false),
+            ("2026-03-27T07:00Z", true, true),
+            ("2026-03-27T16:59Z", true, true),
+            ("2026-03-27T17:00Z", false, false),
+            // After the change the fixed +01:00 is an hour late; the zone is not.
+            ("2026-03-30T06:30Z", true, false),
+            ("2026-03-30T15:59Z", true, true),
+            ("2026-03-30T16:00Z", false, true),
+            // Autumn: back to +01:00 on Sunday 25 October.
+            ("2026-10-23T06:00Z", true, false),
+            ("2026-10-26T06:30Z", false, false),
+            ("2026-10-26T07:00Z", true, true),
+        ];
+        for (at, in_paris, at_fixed_offset) in cases {
+            assert_eq!(paris.is_work_time(utc_ms(at)), in_paris, "Paris at {at}");
+            assert_eq!(
+                fixed.is_work_time(utc_ms(at)),
+                at_fixed_offset,
+                "+01:00 at {at}"
+            );
+        }
+        // Australia/Sydney: +11:00 until Sunday 5 April 2026, then +10:00.
+        let sydney = WorkSchedule::in_zone(schedule(), "Australia/Sydney");
+        assert!(
+            sydney.is_work_time(utc_ms("2026-04-02T21:00Z")),
+            "Fri 08:00 AEDT"
+        );
+        assert!(
+            !sydney.is_work_time(utc_ms("2026-04-05T21:30Z")),
+            "Mon 07:30 AEST"
+        );
+        assert!(
+            sydney.is_work_time(utc_ms("2026-04-05T22:00Z")),
+            "Mon 08:00 AEST"
+        );
+        // A POSIX rule (an older `+01:00/eu`-style zone) works too.
+        let posix = WorkSchedule::in_zone(schedule(), "<STD>-1<DST>-2,M3.5.0/2,M10.5.0/3");
+        assert!(posix.is_work_time(utc_ms("2026-03-30T06:30Z")));
+        // An unknown zone falls back to the fixed offset.
+        let unknown = WorkSchedule::in_zone(schedule(), "Mars/Olympus");
+        assert!(!unknown.is_work_time(utc_ms("2026-03-30T06:30Z")));
+        assert!(unknown.is_work_time(utc_ms("2026-03-30T07:00Z")));
     }
 
     #[test]
@@ -277,7 +394,7 @@ mod tests {
             let never = || false;
             let mut sink = ThrottledSink::new(
                 Box::new(MemSink(vec![0; 8 << 20])),
-                schedule(),
+                WorkSchedule::fixed(schedule()),
                 &clock,
                 &never,
             );
@@ -303,7 +420,7 @@ mod tests {
         let cancelled = || true;
         let mut sink = ThrottledSink::new(
             Box::new(MemSink(vec![0; 4 << 20])),
-            schedule(),
+            WorkSchedule::fixed(schedule()),
             &clock,
             &cancelled,
         );
