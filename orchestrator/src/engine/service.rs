@@ -904,23 +904,44 @@ struct Committed {
     earlier: Option<Vec<crate::log::StoredEvent>>,
 }
 
+/// Whether `command` creates the thing it names, with an id the client's request chose (so
+/// a repeat names a new id, and the first one is the answer). Exhaustive on purpose: a new
+/// command must say which it is.
+fn creates(command: &Command) -> bool {
+    match command {
+        Command::CreateGroup { .. }
+        | Command::RequestBackup { .. }
+        | Command::RequestConsistencyCheck { .. }
+        | Command::RequestRestore { .. }
+        | Command::RequestRecovery { .. }
+        | Command::RequestRecoveryInZone { .. }
+        | Command::ImportSeed { .. }
+        | Command::RequestVerify { .. }
+        | Command::CreateToken { .. } => true,
+        Command::ChangeGroupMembers { .. }
+        | Command::ChangeGroupPolicy { .. }
+        | Command::DeleteGroup { .. }
+        | Command::CancelJob { .. }
+        | Command::RegisterNode { .. }
+        | Command::ReportInventory { .. }
+        | Command::ReportRepositorySpace { .. }
+        | Command::RevokeToken { .. }
+        | Command::RegisterRepositories { .. }
+        | Command::DeleteRecoveryPoints { .. }
+        | Command::UndeleteRecoveryPoints { .. }
+        | Command::SetRetentionLock { .. }
+        | Command::SetSoftDeletePeriod { .. }
+        | Command::RecordRefusedReport { .. }
+        | Command::EditGroupMembers { .. } => false,
+    }
+}
+
 /// The answer a command gave the first time, from the events its first append stored: the
 /// created thing's id (for commands that create, the aggregate the first time created; for
 /// the others, the one the command names) and the last of those events.
 fn replayed_answer(command: &Command, earlier: &[crate::log::StoredEvent]) -> Accepted {
-    let creates = matches!(
-        command,
-        Command::CreateGroup { .. }
-            | Command::RequestBackup { .. }
-            | Command::RequestConsistencyCheck { .. }
-            | Command::RequestRestore { .. }
-            | Command::RequestRecovery { .. }
-            | Command::ImportSeed { .. }
-            | Command::RequestVerify { .. }
-            | Command::CreateToken { .. }
-    );
     let id = match earlier.first() {
-        Some(first) if creates => first.envelope.aggregate.id_string(),
+        Some(first) if creates(command) => first.envelope.aggregate.id_string(),
         _ => created_id(command),
     };
     Accepted {
@@ -1430,5 +1451,76 @@ impl<L> Handle<L> {
                 path: path.to_string(),
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use cairn_schemas::{Envelope, RecoveryOptions, RecoveryPointId, RecoveryTarget};
+
+    use super::*;
+    use crate::log::StoredEvent;
+
+    fn stored(aggregate: Aggregate, seq: u64) -> StoredEvent {
+        StoredEvent {
+            seq,
+            envelope: Envelope {
+                event_id: EventId::new_v7(1, [1; 10]),
+                aggregate,
+                aggregate_version: 1,
+                recorded_at: 1,
+                actor: "user:test".into(),
+                correlation: None,
+                causation: None,
+                command: Some(CommandId::new_v7(1, [2; 10])),
+                traceparent: None,
+                prev_hash: [0; 32],
+                payload: Event::Job(JobEvent::JobCancelRequested {
+                    reason: "any event".into(),
+                }),
+            },
+        }
+    }
+
+    #[test]
+    fn a_replayed_creating_command_names_what_the_first_one_created() {
+        let first = JobId::new_v7(1, [3; 10]);
+        let retried = JobId::new_v7(2, [4; 10]);
+        let vm = VmId::new_v7(1, [5; 10]);
+        let earlier = [
+            stored(Aggregate::Job(first), 7),
+            stored(Aggregate::Job(first), 8),
+        ];
+        let options = RecoveryOptions {
+            throttle: None,
+            notify_email: vec![],
+            webhooks: vec![],
+            new_name: None,
+        };
+        for command in [
+            Command::RequestBackup {
+                job: retried,
+                vm,
+                mode: cairn_schemas::BackupMode::Incremental,
+            },
+            Command::RequestRecoveryInZone {
+                job: retried,
+                vm,
+                rp: RecoveryPointId::new_v7(1, [6; 10]),
+                target: RecoveryTarget::OriginalVm,
+                options: options.clone(),
+                timezone: "Europe/Paris".into(),
+            },
+        ] {
+            let answer = replayed_answer(&command, &earlier);
+            assert_eq!(answer.id, first.to_string(), "{command:?}");
+            assert_eq!((answer.seq, answer.replayed), (8, true));
+        }
+        // A command about an existing thing names it, whatever its first append's aggregate.
+        let cancel = Command::CancelJob {
+            job: first,
+            reason: "x".into(),
+        };
+        assert_eq!(replayed_answer(&cancel, &earlier).id, first.to_string());
     }
 }
